@@ -1,0 +1,36 @@
+# Two commands do all the set-up: `make demo` and `make test` (see README.md).
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+RUN_DIR ?= $(CURDIR)/runs/demo
+
+.PHONY: install demo test ui mlflow-ui clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch first: `pip install torch==2.13.0` takes the CPU build from local disk; installing
+# anything that depends on torch before it would let the resolver fetch CUDA wheels.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/tve demo --run-dir "$(RUN_DIR)"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+ui: $(STAMP)
+	DAGSTER_HOME="$(RUN_DIR)/dagster" TVE_RUN_DIR="$(RUN_DIR)" $(BIN)/dagster dev -w workspace.yaml
+
+mlflow-ui: $(STAMP)
+	$(BIN)/mlflow ui --backend-store-uri "sqlite:///$(RUN_DIR)/mlflow.db"
+
+clean:
+	rm -rf runs .pytest_cache

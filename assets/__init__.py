@@ -1,0 +1,1 @@
+"""The Dagster layer: partitions, assets (thin shells over ``tve_pipeline``), sensors, definitions."""

@@ -1,0 +1,51 @@
+"""The code location: every asset, resource and sensor of the pipeline.
+
+Settings come from the run folder (``TVE_RUN_DIR``, default ``./runs/default``): its
+``recipe.json`` (``{"profile": ..., "overrides": {...}}``) picks the recipe, and its
+``mlflow.db`` is the embedded MLflow store unless ``MLFLOW_TRACKING_URI`` is set.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import dagster as dg
+
+from assets.database_assets import raw_tables, temporal_windows, traversal_graph
+from assets.registry import datasets_folder_sensor
+from assets.target_assets import tve_targets
+from assets.training_assets import finetuned_models, metrics, pretrained_checkpoint
+from resources import DeviceResource, MLflowTracking, RecipeResource, TVEStorage
+
+ASSETS = [raw_tables, temporal_windows, traversal_graph, tve_targets, pretrained_checkpoint, finetuned_models, metrics]
+
+
+def default_run_dir() -> Path:
+    return Path(os.environ.get("TVE_RUN_DIR", Path.cwd() / "runs" / "default")).resolve()
+
+
+def build_resources(run_dir: str | Path, *, profile: str | None = None, overrides: dict | None = None, device: str = "auto") -> dict:
+    run_dir = Path(run_dir).resolve()
+    settings_file = run_dir / "recipe.json"
+    settings = json.loads(settings_file.read_text()) if settings_file.exists() else {}
+    return {
+        "storage": TVEStorage(run_dir=str(run_dir)),
+        "recipe": RecipeResource(
+            profile=profile or settings.get("profile", "reference"),
+            overrides_json=json.dumps(overrides if overrides is not None else settings.get("overrides", {})),
+        ),
+        "device": DeviceResource(device=os.environ.get("TVE_DEVICE", device)),
+        "mlflow": MLflowTracking(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{run_dir}/mlflow.db")),
+        "io_manager": dg.FilesystemIOManager(base_dir=str(run_dir / "storage")),
+    }
+
+
+def build_definitions(run_dir: str | Path | None = None, **kwargs) -> dg.Definitions:
+    return dg.Definitions(
+        assets=ASSETS,
+        sensors=[datasets_folder_sensor],
+        resources=build_resources(run_dir or default_run_dir(), **kwargs),
+    )
+
+
+defs = build_definitions()

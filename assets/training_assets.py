@@ -1,0 +1,166 @@
+"""Learning assets: the pre-trained checkpoint, fine-tuned models and their metrics."""
+
+import dagster as dg
+import pandas as pd
+
+from assets.database_assets import _fail
+from assets.partitions import by_database, database_partitions, database_task_partitions
+from resources import DeviceResource, MLflowTracking, RecipeResource, TVEStorage
+from tve_pipeline import database as tdb
+from tve_pipeline import training
+
+
+def _graph(storage: TVEStorage, summary, dataset):
+    db = dataset.get_db()
+    return training.build_graph(db, summary.column_types, storage.graph_cache(summary.name, summary.fingerprint))
+
+
+@dg.asset(
+    partitions_def=database_partitions,
+    ins={
+        "tve_targets": dg.AssetIn(partition_mapping=by_database, metadata={"allow_missing_partitions": True}),
+    },
+    group_name="learning",
+    kinds={"pytorch", "mlflow"},
+    pool="gpu",
+)
+def pretrained_checkpoint(
+    context: dg.AssetExecutionContext,
+    raw_tables,
+    traversal_graph,
+    tve_targets,
+    storage: TVEStorage,
+    recipe: RecipeResource,
+    device: DeviceResource,
+    mlflow: MLflowTracking,
+) -> dg.Output:
+    """Backbone state_dict (CPU) pre-trained with TVE per entity table, plus its normaliser."""
+    r = recipe.recipe()
+    dataset = tdb.open_dataset(raw_tables.dataset_dir)
+    data, col_stats = _graph(storage, raw_tables, dataset)
+    checkpoint = {"recipe": r.model_dump(mode="json"), "column_types": raw_tables.column_types, "entities": {}}
+    meta = {"windows_loaded": len(tve_targets)}
+    with mlflow.run(context, "pretrain") as run:
+        run.log_params({"profile": r.profile, **{f"pretrain.{k}": v for k, v in r.pretrain.model_dump().items()},
+                        **{f"backbone.{k}": v for k, v in r.backbone.model_dump().items()}})
+        for entity, defs in traversal_graph.items():
+            frames = [w[entity] for w in tve_targets.values() if entity in w and len(w[entity])]
+            if not frames:
+                raise dg.Failure(
+                    description=f"no tve_targets for entity table {entity!r} of {context.partition_key!r}: "
+                    "materialise tve_targets for the windows holding training seed times first"
+                )
+            raw = pd.concat(frames, ignore_index=True).sort_values(["timestamp"], kind="stable").reset_index(drop=True)
+            entity_col = dataset.manifest.tables[entity].pkey
+            context.log.info(f"pre-training on {entity}: {len(raw)} seeds, {len(defs)} targets")
+            try:
+                result = training.pretrain(
+                    data, col_stats, entity, entity_col, raw, {d["name"]: d["aggregation"] for d in defs},
+                    r, device.torch_device(), log=lambda m, step, e=entity: run.log_metrics({f"{e}.{k}": v for k, v in m.items()}, step),
+                )
+            except ValueError as exc:
+                raise _fail(exc) from exc
+            checkpoint["entities"][entity] = result
+            meta[f"{entity}_seeds"] = len(raw)
+            meta[f"{entity}_best_epoch"] = result["best_epoch"]
+            meta[f"{entity}_best_val_loss"] = result["best_val_loss"]
+            meta[f"{entity}_vector_width"] = len(result["normaliser"]["scalers"])
+        run.log_torch({e: v["backbone"] for e, v in checkpoint["entities"].items()}, "backbone.pt")
+        meta["mlflow_run_id"] = run.run_id
+    return dg.Output(checkpoint, metadata=meta)
+
+
+def _task_of(context, raw_tables):
+    keys = context.partition_key.keys_by_dimension
+    if keys["task"] not in raw_tables.task_names:
+        raise dg.Failure(
+            description=f"database {keys['database']!r} has no task {keys['task']!r}; "
+            f"its tasks: {', '.join(raw_tables.task_names) or '(none)'}"
+        )
+    dataset = tdb.open_dataset(raw_tables.dataset_dir)
+    task = dataset.load_task(keys["task"])
+    db = task.get_db(upto_test_timestamp=False)
+    tables = {split: task.get_table(split, db=db) for split in ("train", "val", "test")}
+    return dataset, task, tables
+
+
+@dg.asset(
+    partitions_def=database_task_partitions,
+    ins={
+        "raw_tables": dg.AssetIn(partition_mapping=by_database),
+        "pretrained_checkpoint": dg.AssetIn(partition_mapping=by_database),
+    },
+    group_name="learning",
+    kinds={"pytorch", "mlflow"},
+    pool="gpu",
+)
+def finetuned_models(
+    context: dg.AssetExecutionContext,
+    raw_tables,
+    pretrained_checkpoint,
+    storage: TVEStorage,
+    recipe: RecipeResource,
+    device: DeviceResource,
+    mlflow: MLflowTracking,
+) -> dg.Output:
+    """Per-task models, from the TVE checkpoint and from scratch, for each seed (CPU states)."""
+    r = recipe.recipe()
+    dataset, task, tables = _task_of(context, raw_tables)
+    data, col_stats = _graph(storage, raw_tables, dataset)
+    pre = pretrained_checkpoint["entities"].get(task.entity_table)
+    models, meta = {}, {"n_train": len(tables["train"].df), "n_val": len(tables["val"].df), "n_test": len(tables["test"].df)}
+    for method in r.finetune.methods:
+        if method == "tve" and pre is None:
+            context.log.warning(f"no pre-trained backbone for {task.entity_table}: skipping method 'tve'")
+            continue
+        for seed in r.finetune.seeds:
+            with mlflow.run(context, f"finetune {method} seed={seed}") as run:
+                run.log_params({"method": method, "seed": seed, **{f"finetune.{k}": v for k, v in r.finetune.model_dump().items()}})
+                result = training.finetune(
+                    data, col_stats, task, tables, r, device.torch_device(), seed=seed,
+                    backbone=pre["backbone"] if method == "tve" else None, log=run.log_metrics,
+                )
+                result["mlflow_run_id"] = run.run_id
+            models[(method, seed)] = result
+            for k, v in result["val_metrics"].items():
+                meta[f"{method}_seed{seed}_val_{k}"] = float(v)
+    return dg.Output(models, metadata=meta)
+
+
+@dg.asset(
+    partitions_def=database_task_partitions,
+    ins={"raw_tables": dg.AssetIn(partition_mapping=by_database)},
+    group_name="learning",
+    kinds={"mlflow"},
+)
+def metrics(
+    context: dg.AssetExecutionContext,
+    raw_tables,
+    finetuned_models,
+    storage: TVEStorage,
+    recipe: RecipeResource,
+    device: DeviceResource,
+    mlflow: MLflowTracking,
+) -> dg.Output:
+    """RelBench's evaluator on val and test for every fine-tuned model; one row per metric."""
+    r = recipe.recipe()
+    dataset, task, tables = _task_of(context, raw_tables)
+    data, col_stats = _graph(storage, raw_tables, dataset)
+    keys = context.partition_key.keys_by_dimension
+    rows = []
+    with mlflow.run(context, "metrics") as run:
+        for (method, seed), model in finetuned_models.items():
+            scores = training.evaluate(data, col_stats, task, tables, model["state_dict"], r, device.torch_device(), seed=seed)
+            for split, values in scores.items():
+                for metric, value in values.items():
+                    rows.append({"database": keys["database"], "task": keys["task"], "method": method, "seed": seed,
+                                 "split": split, "metric": metric, "value": float(value)})
+                    run.log_metrics({f"{method}.seed{seed}.{split}.{metric}": value})
+        meta_run = run.run_id
+    frame = pd.DataFrame(rows)
+    summary = (frame.groupby(["method", "split", "metric"])["value"].agg(["mean", "std", "count"]).reset_index()
+               if len(frame) else frame)
+    return dg.Output(
+        frame,
+        metadata={"mlflow_run_id": meta_run, "summary": dg.MetadataValue.md(summary.to_markdown(index=False))},
+    )

@@ -1,0 +1,19 @@
+"""The compute device, injected: ``cpu``, ``cuda`` or ``auto`` (CUDA when present)."""
+
+from typing import Literal
+
+import dagster as dg
+
+
+class DeviceResource(dg.ConfigurableResource):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def torch_device(self):
+        # Resolved here, never written back: resource fields are frozen.
+        import torch
+
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise dg.Failure(description="device resource asks for 'cuda' but no CUDA device is available")
+        return torch.device(self.device)

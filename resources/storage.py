@@ -1,0 +1,47 @@
+"""Where a deployment keeps its databases and caches, and which recipe it runs.
+
+One *run folder* holds everything of a deployment: ``datasets/<database>/`` (RelBench 3
+dataset folders; the folder name is the database partition key), ``storage/`` (asset
+values), ``cache/`` (materialised tensor frames), ``mlflow.db`` and ``dagster/``.
+"""
+
+import json
+from pathlib import Path
+
+import dagster as dg
+
+from tve_pipeline.config import Recipe, make_recipe
+
+
+class TVEStorage(dg.ConfigurableResource):
+    run_dir: str
+
+    @property
+    def datasets_dir(self) -> Path:
+        return Path(self.run_dir) / "datasets"
+
+    def dataset_dir(self, database: str) -> Path:
+        path = self.datasets_dir / database
+        if not (path / "manifest.yaml").exists():
+            known = sorted(p.name for p in self.datasets_dir.glob("*") if (p / "manifest.yaml").exists())
+            raise dg.Failure(
+                description=f"unknown database {database!r}: no dataset folder {path}; "
+                f"known databases: {', '.join(known) or '(none)'}"
+            )
+        return path
+
+    def graph_cache(self, database: str, fingerprint: str) -> Path:
+        return Path(self.run_dir) / "cache" / database / fingerprint[:16]
+
+
+class RecipeResource(dg.ConfigurableResource):
+    """The method's configuration: a named profile plus JSON overrides (see tve_pipeline.config)."""
+
+    profile: str = "reference"
+    overrides_json: str = "{}"
+
+    def recipe(self) -> Recipe:
+        try:
+            return make_recipe(self.profile, json.loads(self.overrides_json))
+        except ValueError as exc:
+            raise dg.Failure(description=f"recipe resource: {exc}".splitlines()[0]) from exc

@@ -1,0 +1,58 @@
+"""The command lines a user types: `dagster definitions validate`, `dagster asset materialize`, `tve`."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from tests.conftest import load_asset
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _run(args, env=None, cwd=ROOT):
+    return subprocess.run(args, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=300)
+
+
+def test_definitions_validate(tmp_path):
+    home = tmp_path / "dagster"
+    home.mkdir()
+    r = _run([str(BIN / "dagster"), "definitions", "validate", "-w", "workspace.yaml"],
+             env={"DAGSTER_HOME": str(home), "TVE_RUN_DIR": str(tmp_path / "run")})
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_asset_materialize_cli_on_registered_database(pipeline_run):
+    """The README's command: materialise one tve_targets partition from the command line."""
+    run = pipeline_run
+    windows = sorted(p.name for p in (run["run_dir"] / "storage" / "tve_targets" / "tiny").iterdir())
+    window = windows[len(windows) // 2]
+    before = load_asset(run, "tve_targets", f"tiny/{window}")["customers"]
+    target = run["run_dir"] / "storage" / "tve_targets" / "tiny" / window
+    target.unlink()
+    r = _run([str(BIN / "dagster"), "asset", "materialize", "--select", "tve_targets",
+              "--partition", f"tiny|{window}", "-m", "assets.definitions"],
+             env={"DAGSTER_HOME": str(run["run_dir"] / "dagster"), "TVE_RUN_DIR": str(run["run_dir"])})
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    after = load_asset(run, "tve_targets", f"tiny/{window}")["customers"]
+    pd.testing.assert_frame_equal(before, after)
+
+
+def test_tve_errors_are_one_line(tmp_path):
+    r = _run([str(BIN / "tve"), "register", str(tmp_path / "nope"), "--run-dir", str(tmp_path / "run")])
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "no manifest.yaml" in r.stderr and "Traceback" not in r.stderr
+    r = _run([str(BIN / "tve"), "validate", str(tmp_path)])
+    assert r.returncode == 2 and "not a RelBench dataset folder" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_unknown_database_partition_is_a_one_line_error(pipeline_run):
+    run = pipeline_run
+    r = _run([str(BIN / "dagster"), "asset", "materialize", "--select", "raw_tables",
+              "--partition", "no-such-db", "-m", "assets.definitions"],
+             env={"DAGSTER_HOME": str(run["run_dir"] / "dagster"), "TVE_RUN_DIR": str(run["run_dir"])})
+    assert r.returncode != 0
+    assert "no-such-db" in (r.stdout + r.stderr)

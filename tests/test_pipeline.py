@@ -1,0 +1,170 @@
+"""The whole asset graph, materialised on the tiny synthetic database, checked from outside.
+
+Every check compares with something the pipeline did not compute: labels and targets
+recomputed with pandas from the parquet files, sklearn's metrics, the MLflow store read
+back through its own client.
+"""
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import mean_absolute_error, roc_auc_score
+
+from assets.definitions import ASSETS
+from assets.partitions import window_key
+from tests.conftest import load_asset
+from tve_pipeline import training
+from tve_pipeline.database import open_dataset
+
+DELTA = pd.Timedelta("30 days")
+
+
+def _tables(run):
+    db = run["dataset_dir"] / "db"
+    return {n: pd.read_parquet(db / f"{n}.parquet") for n in ("customers", "products", "orders")}
+
+
+def test_every_asset_materialised(pipeline_run):
+    inst = pipeline_run["instance"]
+    for asset in ASSETS:
+        assert inst.get_latest_materialization_event(asset.key) is not None, asset.key
+
+
+def test_metrics_cover_methods_tasks_and_splits(pipeline_run):
+    m = pipeline_run["metrics"]
+    assert set(m["task"]) == {"customer-churn", "customer-spend"}
+    assert set(m["method"]) == {"tve", "scratch"}
+    assert set(m["split"]) == {"val", "test"}
+    assert set(m.loc[m["task"] == "customer-churn", "metric"]) == {"roc_auc"}
+    assert set(m.loc[m["task"] == "customer-spend", "metric"]) == {"nmae"}
+    assert m["value"].notna().all()
+
+
+def _brute_labels(run, timestamps):
+    """customer-churn / customer-spend labels by a plain loop over customers and seed times."""
+    t = _tables(run)
+    rows = []
+    for ts in timestamps:
+        for _, c in t["customers"].iterrows():
+            if c["signup_time"] > ts:
+                continue
+            o = t["orders"][(t["orders"]["customer_id"] == c["customer_id"]) & (t["orders"]["order_time"] > ts)
+                            & (t["orders"]["order_time"] <= ts + DELTA)]
+            rows.append({"timestamp": ts, "customer_id": c["customer_id"], "churn": int(len(o) == 0),
+                         "spend": float(o["amount"].sum())})
+    return pd.DataFrame(rows)
+
+
+def _predict(run, task_name, table, method="scratch", seed=0):
+    """Predictions of a stored fine-tuned model, re-run outside the metrics asset."""
+    ds = open_dataset(run["dataset_dir"])
+    models = load_asset(run, "finetuned_models", f"tiny/{task_name}")
+    recipe = run["resources"]["recipe"].recipe()
+    summary = load_asset(run, "raw_tables", "tiny")
+    data, col_stats = training.build_graph(ds.get_db(), summary.column_types)
+    model = training.RDLModel(data, col_stats, recipe.backbone, out_channels=1)
+    model.load_state_dict(models[(method, seed)]["state_dict"])
+    sampler = training.TemporalNeighborSampler(data, list(recipe.backbone.num_neighbors))
+    nodes, times = training.seed_tensors(table["customer_id"], table["timestamp"])
+    return training.predict(model, sampler, "customers", nodes, times, 64, torch.device("cpu"), seed=seed).view(-1)
+
+
+def _metric(run, task, method, split):
+    m = run["metrics"]
+    sel = m[(m["task"] == task) & (m["method"] == method) & (m["split"] == split)]
+    assert len(sel) == 1
+    return sel["value"].iloc[0]
+
+
+def test_test_auroc_matches_sklearn_on_bruteforce_labels(pipeline_run):
+    """The metrics asset's test score equals sklearn's on labels we recompute by hand."""
+    run = pipeline_run
+    test = open_dataset(run["dataset_dir"]).load_task("customer-churn").get_table("test").df  # masked
+    labels = _brute_labels(run, sorted(test["timestamp"].unique()))
+    merged = test.merge(labels, on=["timestamp", "customer_id"], how="left")
+    assert merged["churn"].notna().all() and len(merged) == len(test)
+    for method in ("scratch", "tve"):
+        pred = torch.sigmoid(_predict(run, "customer-churn", test, method)).numpy()
+        assert _metric(run, "customer-churn", method, "test") == pytest.approx(roc_auc_score(merged["churn"], pred), abs=1e-9)
+
+
+def test_val_nmae_is_mae_over_bruteforce_train_std(pipeline_run):
+    run = pipeline_run
+    task = open_dataset(run["dataset_dir"]).load_task("customer-spend")
+    train, val = task.get_table("train").df, task.get_table("val").df
+    train_labels = _brute_labels(run, sorted(train["timestamp"].unique()))
+    assert len(train_labels) == len(train)  # every existing customer, every training seed time
+    std = train_labels["spend"].std(ddof=1)
+    merged = val.drop(columns=[task.target_col]).merge(_brute_labels(run, sorted(val["timestamp"].unique())),
+                                                      on=["timestamp", "customer_id"])
+    pred = _predict(run, "customer-spend", val, "tve").numpy()
+    expected = mean_absolute_error(merged["spend"], pred) / std
+    assert _metric(run, "customer-spend", "tve", "val") == pytest.approx(expected, rel=1e-9)
+
+
+def test_tve_targets_match_pandas_oracle_and_never_pass_val(pipeline_run):
+    run = pipeline_run
+    t = _tables(run)
+    graph = load_asset(run, "traversal_graph", "tiny")["customers"]
+    count_def = next(d for d in graph if len(d["path"]) == 1 and d["column"] is None and d["aggregation"] == "count")
+    sum_def = next(d for d in graph if len(d["path"]) == 1 and d["column"] == "amount" and d["aggregation"] == "sum")
+    val = pd.Timestamp(open_dataset(run["dataset_dir"]).val_timestamp)
+    seen = 0
+    for path in sorted((run["run_dir"] / "storage" / "tve_targets" / "tiny").iterdir()):
+        frame = load_asset(run, "tve_targets", f"tiny/{path.name}").get("customers")
+        if frame is None or frame.empty:
+            continue
+        assert (frame["timestamp"] + DELTA <= val).all(), "a pre-training window reaches past the validation timestamp"
+        assert {window_key(ts) for ts in frame["timestamp"]} == {path.name}
+        for _, row in frame.sample(min(len(frame), 40), random_state=0).iterrows():
+            ts, cid = row["timestamp"], row["customer_id"]
+            o = t["orders"][(t["orders"]["customer_id"] == cid) & (t["orders"]["order_time"] > ts) & (t["orders"]["order_time"] <= ts + DELTA)]
+            assert row[count_def["name"]] == len(o)
+            assert row["inactive"] == int(len(o) == 0)
+            if len(o):
+                assert row[sum_def["name"]] == pytest.approx(o["amount"].sum())
+            seen += 1
+        # every customer that exists at t has a row, and no other customer
+        for ts, g in frame.groupby("timestamp"):
+            exists = set(t["customers"].loc[t["customers"]["signup_time"] <= ts, "customer_id"])
+            assert set(g["customer_id"]) == exists
+    assert seen > 50
+
+
+def test_checkpoint_is_cpu_backbone_state(pipeline_run):
+    ckpt = load_asset(pipeline_run, "pretrained_checkpoint", "tiny")
+    entry = ckpt["entities"]["customers"]
+    assert entry["backbone"], "empty backbone"
+    for k, v in entry["backbone"].items():
+        assert k.split(".")[0] in {"encoder", "temporal_encoder", "gnn"}
+        assert isinstance(v, torch.Tensor) and v.device.type == "cpu"
+    assert entry["n_train_seeds"] > 0 and entry["n_val_seeds"] > 0
+
+
+def test_mlflow_runs_tagged_with_dagster_run_and_partition(pipeline_run):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{pipeline_run['run_dir']}/mlflow.db")
+    exp = client.get_experiment_by_name("tve-pipeline")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    partitions = {r.data.tags.get("dagster.partition") for r in runs}
+    assert "tiny" in partitions and "tiny|customer-churn" in partitions
+    assert all(r.data.tags.get("dagster.run_id") for r in runs)
+    pre = [r for r in runs if r.data.tags.get("dagster.asset") == "pretrained_checkpoint"]
+    assert pre and any(k.endswith("train_loss") for k in pre[0].data.metrics)
+    assert any(a.path == "backbone.pt" for a in client.list_artifacts(pre[0].info.run_id))
+
+
+def test_task_not_of_database_is_a_one_line_failure(pipeline_run):
+    run = pipeline_run
+    run["instance"].add_dynamic_partitions("task", ["no-such-task"])
+    by_name = {a.key.to_user_string(): a for a in ASSETS}
+    result = dg.materialize(ASSETS, selection=[by_name["finetuned_models"]], instance=run["instance"],
+                            partition_key=dg.MultiPartitionKey({"database": "tiny", "task": "no-such-task"}),
+                            resources=run["resources"], raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    msg = failure.step_failure_data.user_failure_data.description
+    assert "no task 'no-such-task'" in msg and "customer-churn" in msg and "\n" not in msg

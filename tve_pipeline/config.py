@@ -1,0 +1,123 @@
+"""Every number that affects results, in one place.
+
+A :class:`Recipe` is a typed, frozen configuration of the whole method: the traversal
+depth, the pre-training objective and its budget, the backbone and the fine-tuning. The
+defaults reproduce the reference recipe of TVE (../shared/notes/anchors.md). Named
+profiles shrink the *budget* (steps, epochs, fan-out, width) for the demo and the test
+suite without changing the method, so a reader can always see how far a run is from the
+reference.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class BackboneConfig(BaseModel):
+    """RelBench's RDL backbone: torch_frame ResNet per table + time encoding + hetero SAGE."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    channels: int = 128
+    encoder_layers: int = 4
+    gnn_layers: int = 2
+    num_neighbors: tuple[int, ...] = (128, 64)
+    sampling: Literal["uniform", "last"] = "uniform"
+    aggr: Literal["mean", "sum", "max"] = "sum"
+
+
+class TargetConfig(BaseModel):
+    """How task vectors are derived from the schema (DESIGN.md section 1)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    hops: Literal[1, 2] = 2
+    # Next-window length; None means "the downstream tasks' window for this database".
+    timedelta: str | None = None
+    duckdb_memory_limit: str = "4GB"
+    # One-hot width of a categorical MODE target (most frequent training values; the rest
+    # share one 'other' slot).
+    max_mode_categories: int = 10
+
+
+class PretrainConfig(BaseModel):
+    """TVE pre-training (scaled cosine error over the normalised task vector)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    objective: Literal["tve"] = "tve"
+    sce_alpha: float = 2.0
+    inactive_weight: float = 0.2  # w for inactive rows, 1 - w for active rows
+    corruption_rate: float = 0.15  # input cells swapped within their column
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    epochs: int = 81
+    steps_per_epoch: int = 1000
+    batch_size: int = 512
+    lr_step_epochs: int = 50
+    lr_gamma: float = 0.1
+    val_fraction: float = 0.1  # held-out training seeds for choosing the best epoch
+
+
+class FinetuneConfig(BaseModel):
+    """Transfer: copy encoder, temporal encoder and GNN; new head; full fine-tuning."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    lr: float = 0.005
+    epochs: int = 20
+    steps_per_epoch: int | None = None  # None: one pass over the training table
+    batch_size: int = 512
+    seeds: tuple[int, ...] = (0,)
+    label_fraction: float = 1.0
+    methods: tuple[Literal["tve", "scratch"], ...] = ("tve", "scratch")
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    profile: str = "reference"
+    seed: int = 0
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    targets: TargetConfig = Field(default_factory=TargetConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+
+
+# Budgets only: the method (loss, corruption, aggregations, normalisation) is unchanged.
+_PROFILES: dict[str, dict] = {
+    "reference": {},
+    # `make demo`: the whole pipeline on rel-flights in a few minutes on 2 CPU cores.
+    "demo": {
+        "backbone": {"channels": 64, "encoder_layers": 2, "num_neighbors": (32, 8)},
+        "pretrain": {"epochs": 4, "steps_per_epoch": 25, "batch_size": 256, "lr_step_epochs": 3},
+        "finetune": {"epochs": 4, "steps_per_epoch": 25, "batch_size": 256},
+    },
+    # The test suite: seconds, on a tiny database.
+    "test": {
+        "backbone": {"channels": 16, "encoder_layers": 1, "num_neighbors": (8, 4)},
+        "pretrain": {"epochs": 2, "steps_per_epoch": 3, "batch_size": 64, "lr_step_epochs": 1},
+        "finetune": {"epochs": 2, "steps_per_epoch": 3, "batch_size": 64},
+    },
+}
+
+PROFILES = tuple(_PROFILES)
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def make_recipe(profile: str = "reference", overrides: dict | None = None) -> Recipe:
+    """The recipe of a named profile, with optional nested overrides (validated)."""
+    if profile not in _PROFILES:
+        raise ValueError(f"unknown recipe profile {profile!r}; expected one of {', '.join(PROFILES)}")
+    return Recipe.model_validate(_merge({"profile": profile, **_PROFILES[profile]}, overrides or {}))

@@ -1,0 +1,209 @@
+"""A tiny, deterministic e-commerce database for fast tests.
+
+Three tables (``customers`` -> ``orders`` <- ``products``) generated from one seeded
+NumPy generator, so one seed always gives the same rows and byte-identical parquet.
+The dynamics are chosen so that the future is learnable from the past: each customer
+has a latent daily order rate (set by a per-customer level and their segment) that
+drifts as a slow random walk, and at some point may lapse for good; active customers
+keep ordering at roughly their recent rate, lapsed ones never come back. Products are
+picked with a per-customer favourite category and global popularity, channels with a
+per-customer preference. Two thirds of customers sign up in the first month, the rest
+later (after the first training seed times), so "exists at t" matters. Splits are
+derived from ``n_days`` (val = start + n_days - 100 days, test = start + n_days - 60
+days) so that 30-day windows give RelBench at least three training seed times and a
+val and test window inside the data (RelBench wants val + 30 days to end at or before
+the last row before test, hence a gap of more than 30 days). Tasks: ``customer-churn`` (no order in the next
+30 days) and ``customer-spend`` (amount spent in the next 30 days), both over the
+customers that have signed up by the seed time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from relbench.manifest import KIND_FORECAST, TableSpec, TaskManifest
+
+from tve_pipeline.datasets.writer import write_dataset
+
+START = pd.Timestamp("2020-01-01")
+TIMEDELTA = "30 days"
+SEGMENTS = np.array(["consumer", "business", "student"])
+SEGMENT_RATE = np.array([1.0, 1.6, 0.6])  # multiplies the daily order rate
+CATEGORIES = np.array(["books", "games", "garden", "kitchen", "toys"])
+CHANNELS = np.array(["web", "app", "store"])
+
+CHURN_SQL = """
+SELECT
+    t."timestamp" AS "timestamp",
+    c."customer_id" AS "customer_id",
+    CAST(
+        NOT EXISTS (
+            SELECT 1
+            FROM orders o
+            WHERE o."customer_id" = c."customer_id"
+                AND o."order_time" > t."timestamp"
+                AND o."order_time" <= t."timestamp" + INTERVAL '{timedelta}'
+        ) AS INTEGER
+    ) AS "churn"
+FROM timestamps t
+JOIN customers c
+    ON c."signup_time" <= t."timestamp"
+"""
+
+SPEND_SQL = """
+SELECT
+    t."timestamp" AS "timestamp",
+    c."customer_id" AS "customer_id",
+    COALESCE(SUM(o."amount"), 0) AS "spend"
+FROM timestamps t
+JOIN customers c
+    ON c."signup_time" <= t."timestamp"
+LEFT JOIN orders o
+    ON o."customer_id" = c."customer_id"
+    AND o."order_time" > t."timestamp"
+    AND o."order_time" <= t."timestamp" + INTERVAL '{timedelta}'
+GROUP BY t."timestamp", c."customer_id"
+"""
+
+TASKS = [
+    TaskManifest(
+        name="customer-churn",
+        kind=KIND_FORECAST,
+        task_type="binary_classification",
+        description="1 if a customer who has signed up by the seed time places no order in the next 30 days.",
+        entity_table="customers",
+        entity_col="customer_id",
+        target_col="churn",
+        time_col="timestamp",
+        timedelta=TIMEDELTA,
+        sql=CHURN_SQL,
+    ),
+    TaskManifest(
+        name="customer-spend",
+        kind=KIND_FORECAST,
+        task_type="regression",
+        description="Total order amount in the next 30 days (0 if none), for customers signed up by the seed time.",
+        entity_table="customers",
+        entity_col="customer_id",
+        target_col="spend",
+        time_col="timestamp",
+        timedelta=TIMEDELTA,
+        sql=SPEND_SQL,
+    ),
+]
+
+
+def _pick(rng: np.random.Generator, weights: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """One categorical draw per entry of ``rows`` from the row's weights (rows of ``weights``)."""
+    cumulative = np.cumsum(weights / weights.sum(axis=1, keepdims=True), axis=1)
+    u = rng.random(len(rows))
+    return np.minimum((cumulative[rows] < u[:, None]).sum(axis=1), weights.shape[1] - 1)
+
+
+def build_synthetic(
+    out_dir: str | Path,
+    *,
+    name: str = "tiny",
+    n_customers: int = 60,
+    n_products: int = 25,
+    n_days: int = 360,
+    seed: int = 0,
+) -> Path:
+    """Generate the database and write it as a RelBench 3 folder at ``out_dir``."""
+    if n_days < 200:
+        raise ValueError(f"n_days={n_days}: need >= 200 for 3 training windows of 30 days before val")
+    if n_customers < 3 or n_products < 1:
+        raise ValueError("need at least 3 customers and 1 product")
+    rng = np.random.default_rng(seed)
+    seconds_per_day = 86_400
+
+    # Customers, keyed in signup order (a keyed table with a time column must be sorted).
+    n_early = n_customers - n_customers // 3
+    signup_day = np.sort(
+        np.concatenate([rng.uniform(0.5, 30, n_early), rng.uniform(30, n_days - 120, n_customers - n_early)])
+    )
+    signup_seconds = np.round(signup_day * seconds_per_day).astype("int64")
+    segment = rng.integers(0, len(SEGMENTS), n_customers)
+    customers = pd.DataFrame(
+        {
+            "customer_id": np.arange(n_customers, dtype="int64"),
+            "signup_time": (START + pd.to_timedelta(signup_seconds, unit="s")).astype("datetime64[ns]"),
+            "segment": SEGMENTS[segment],
+            "age": rng.integers(18, 76, n_customers).astype("int64"),
+        }
+    )
+
+    category = rng.integers(0, len(CATEGORIES), n_products)
+    products = pd.DataFrame(
+        {
+            "product_id": np.arange(n_products, dtype="int64"),
+            "price": np.round(np.exp(rng.normal(3.0, 0.7, n_products)), 2),
+            "category": CATEGORIES[category],
+        }
+    )
+
+    # Daily order rate: level x segment, a slow multiplicative random walk, zero before
+    # the first full day after signup and from the (possibly never) lapse day on.
+    level = np.exp(rng.normal(np.log(0.08), 0.6, n_customers)) * SEGMENT_RATE[segment]
+    drift = np.cumsum(rng.normal(0.0, 0.04, (n_customers, n_days)), axis=1)
+    lapse_day = signup_day + rng.exponential(300.0, n_customers)
+    day = np.arange(n_days)
+    alive = (day[None, :] >= np.ceil(signup_day)[:, None]) & (day[None, :] < lapse_day[:, None])
+    counts = rng.poisson(level[:, None] * np.exp(drift) * alive)
+
+    order_customer, order_day = np.nonzero(counts)
+    repeats = counts[order_customer, order_day]
+    order_customer = np.repeat(order_customer, repeats)
+    order_day = np.repeat(order_day, repeats)
+    n_orders = len(order_customer)
+
+    favourite = rng.integers(0, len(CATEGORIES), n_customers)
+    popularity = rng.dirichlet(np.ones(n_products))
+    product_weights = popularity[None, :] * np.where(category[None, :] == favourite[:, None], 4.0, 1.0)
+    product = _pick(rng, product_weights, order_customer)
+    channel = _pick(rng, rng.dirichlet(np.ones(len(CHANNELS)), n_customers), order_customer)
+    quantity = 1 + rng.poisson(0.5, n_orders)
+    order_seconds = order_day * seconds_per_day + rng.integers(0, seconds_per_day, n_orders)
+
+    orders = pd.DataFrame(
+        {
+            "order_time": (START + pd.to_timedelta(order_seconds, unit="s")).astype("datetime64[ns]"),
+            "customer_id": order_customer.astype("int64"),
+            "product_id": product.astype("int64"),
+            "quantity": quantity.astype("int64"),
+            "amount": np.round(products["price"].to_numpy()[product] * quantity, 2),
+            "channel": CHANNELS[channel],
+        }
+    )
+    orders = orders.sort_values(["order_time", "customer_id", "product_id"], kind="stable").reset_index(drop=True)
+    orders.insert(0, "order_id", np.arange(n_orders, dtype="int64"))
+
+    # RelBench needs val + 30 days <= the last row at or before test, so test - val must
+    # exceed 30 days (with exactly 30, it would need a row stamped exactly at test).
+    val = START + pd.Timedelta(days=n_days - 100)
+    test = START + pd.Timedelta(days=n_days - 60)
+    return write_dataset(
+        out_dir,
+        name,
+        {
+            "customers": (customers, TableSpec(pkey="customer_id", time_col="signup_time")),
+            "products": (products, TableSpec(pkey="product_id")),
+            "orders": (
+                orders,
+                TableSpec(
+                    pkey="order_id",
+                    time_col="order_time",
+                    fkeys={"customer_id": "customers", "product_id": "products"},
+                ),
+            ),
+        },
+        val,
+        test,
+        TASKS,
+        description=(
+            f"Synthetic e-commerce database from tve_pipeline.datasets.synthetic "
+            f"(seed={seed}, n_customers={n_customers}, n_products={n_products}, n_days={n_days})."
+        ),
+    )

@@ -1,0 +1,418 @@
+"""Exact disjoint temporal neighbour sampling in vectorised PyTorch.
+
+PyG's temporal ``NeighborLoader`` needs ``pyg-lib``, which cannot be installed here
+(DESIGN.md section 2), so this module re-implements the "disjoint temporal" sampling that
+RelBench relies on. At construction every edge type ``(S, rel, D)`` is turned into a CSC
+structure: for each destination row ``v`` the contiguous segment of its source rows,
+sorted by source time (untimed sources count as -inf, ties by source id). For a frontier
+node ``v`` of a subgraph whose seed time is ``s``, the eligible candidates (``time <= s``)
+are therefore a *prefix* of ``v``'s segment, and the prefix lengths of a whole frontier
+come from ONE ``torch.searchsorted`` over a composite int64 key ``v * span + time_rank``
+(times are rank-compressed per edge type so that the key cannot overflow; a vectorised
+segmented bisection is the fallback if it still would). Choosing ``k`` of the ``n``
+eligible candidates is exact and vectorised over all frontier nodes at once: take all
+when ``n <= k``; ``last`` takes the ``k`` most recent (the tail of the prefix); ``uniform``
+shuffles small segments (``n <= 2k``) with one global ``randperm`` plus a stable sort by
+segment, and for large segments draws ``k`` slots with replacement and re-draws the
+duplicated slots until ``k`` distinct remain (accepting the first ``k`` distinct values
+of an i.i.d. stream is sampling without replacement, so this is exact, and because
+``n > 2k`` a re-draw collides with probability < 1/2, so few rounds are needed). Work is
+thus O(k) per frontier node whatever its degree. Each seed owns its own subgraph: node
+identity inside the batch is ``(seed index, type, row id)``, deduplicated per hop with the
+composite key ``batch * num_rows + id`` (``torch.unique`` for the new candidates,
+``searchsorted`` against the sorted keys of the nodes already in the batch). Python loops
+run only over hops, edge types and the few re-draw rounds, never over seeds or nodes.
+
+Semantics (matching pyg-lib's disjoint temporal sampling as RelBench uses it):
+
+* Seeds are the first ``len(nodes)`` rows of ``entity_table`` in input order; they are
+  included whatever their own time.
+* Hop ``i`` expands exactly the nodes first added at hop ``i - 1`` along every edge type
+  whose destination is the node's type, sampling at most ``num_neighbors[i]`` PER EDGE
+  TYPE (a negative value means "all eligible").
+* A source row of a timed table is eligible iff ``time <= seed_time`` of its subgraph;
+  rows of untimed tables are always eligible.
+* A row already in a seed's subgraph is not added again nor re-expanded, but the edge to
+  it is still recorded. Within a hop, new nodes get local indices in order of first
+  occurrence (edge types in ``data.edge_types`` order, then frontier order, then the
+  order in which a frontier node's neighbours were drawn).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch_geometric.data import HeteroData
+
+__all__ = ["TemporalNeighborSampler"]
+
+# A composite int64 key must stay below this (keeps a factor-2 margin under 2**63).
+_KEY_LIMIT = 2**62
+# Uniform sampling of k from n > _SHUFFLE_RATIO * k uses re-draw of duplicates; below,
+# a full shuffle of the (at most _SHUFFLE_RATIO * k) candidates is cheaper and exact.
+_SHUFFLE_RATIO = 2
+_STRATEGIES = ("uniform", "last")
+
+
+def _exclusive_cumsum(x: Tensor) -> Tensor:
+    out = torch.zeros_like(x)
+    if x.numel() > 1:
+        torch.cumsum(x[:-1], dim=0, out=out[1:])
+    return out
+
+
+def _segment_arange(counts: Tensor) -> tuple[Tensor, Tensor]:
+    """For segments of the given sizes: (segment id, position within segment) per element."""
+    seg = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+    pos = torch.arange(seg.numel(), device=counts.device) - _exclusive_cumsum(counts)[seg]
+    return seg, pos
+
+
+def _randbelow(n: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Uniform integers in [0, n) elementwise (modulo bias <= n / 2**62: negligible)."""
+    r = torch.randint(0, 2**62, n.shape, generator=generator, device=n.device)
+    return r % n
+
+
+@dataclass
+class _CSC:
+    """One edge type (src_type, rel, dst_type), grouped by destination, time-sorted.
+
+    ``mode`` says how eligible prefixes are found: ``"untimed"`` (source table has no
+    time: every candidate is eligible), ``"offset"`` (key = dst * span + time - tmin + 1),
+    ``"rank"`` (same with rank-compressed times, when the raw time span would overflow
+    the key) or ``"bisect"`` (segmented bisection over ``row_time``, last resort).
+    """
+
+    src_type: str
+    dst_type: str
+    colptr: Tensor  # [num_dst + 1] segment boundaries into `row`
+    row: Tensor  # [E] source row ids, per segment sorted by (source time, source id)
+    mode: str
+    key: Tensor | None = None  # [E] composite key, non-decreasing ("offset"/"rank")
+    span: int = 0
+    tmin: int = 0
+    utimes: Tensor | None = None  # sorted distinct source times ("rank")
+    row_time: Tensor | None = None  # [E] source time per edge ("bisect")
+
+    @property
+    def timed(self) -> bool:
+        return self.mode != "untimed"
+
+    @classmethod
+    def build(cls, src_type: str, dst_type: str, edge_index: Tensor, num_dst: int, src_time: Tensor | None) -> _CSC:
+        src, dst = edge_index[0].long(), edge_index[1].long()
+        n_dst = max(num_dst, 1)
+        # Ties (equal time) are broken by source id, so that `last` and the uniform draws
+        # are deterministic: every later sort is stable over a source-sorted edge list.
+        # relbench's edge lists are already sorted by source; then this costs one pass.
+        if src.numel() > 1 and not bool((src[1:] >= src[:-1]).all()):
+            p = torch.argsort(src, stable=True)
+            src, dst = src[p], dst[p]
+        fields: dict = {}
+        if src_time is None:
+            mode, key = "untimed", dst
+        else:
+            t = src_time[src].long()
+            tmin, tmax = (int(t.min()), int(t.max())) if t.numel() else (0, 0)
+            span = tmax - tmin + 2  # offsets 1..span-1; 0 = "before every row"
+            if n_dst * span < _KEY_LIMIT:
+                mode, key = "offset", dst * span + (t - tmin + 1)
+                fields = dict(span=span, tmin=tmin)
+            else:
+                # Rank-compress the times: the key then needs num_dst * (#distinct + 1).
+                utimes, rank = torch.unique(t, sorted=True, return_inverse=True)
+                span = utimes.numel() + 1
+                if n_dst * span < _KEY_LIMIT:
+                    mode, key = "rank", dst * span + (rank + 1)
+                    fields = dict(span=span, utimes=utimes)
+                else:
+                    p = torch.argsort(t, stable=True)
+                    src, dst, t = src[p], dst[p], t[p]
+                    mode, key = "bisect", dst
+        perm = torch.argsort(key, stable=True)
+        row = src[perm]
+        if mode in ("offset", "rank"):
+            fields["key"] = key[perm]
+        elif mode == "bisect":
+            fields["row_time"] = t[perm]
+        colptr = torch.zeros(num_dst + 1, dtype=torch.long, device=src.device)
+        torch.cumsum(torch.bincount(dst, minlength=num_dst), dim=0, out=colptr[1:])
+        return cls(src_type, dst_type, colptr, row, mode, **fields)
+
+    def eligible_count(self, v: Tensor, seed_time: Tensor) -> tuple[Tensor, Tensor]:
+        """(segment start, number of eligible sources) for frontier nodes v at seed_time."""
+        start = self.colptr[v]
+        end = self.colptr[v + 1]
+        if self.mode == "untimed":
+            return start, end - start
+        if self.mode in ("offset", "rank"):
+            # r = largest eligible time code: sources with code <= r are eligible, and
+            # 0 <= r <= span - 1 keeps the query inside v's own key range [v*span, (v+1)*span).
+            if self.mode == "offset":
+                r = seed_time.clamp(self.tmin - 1, self.tmin + self.span - 2) - (self.tmin - 1)
+            else:
+                r = torch.searchsorted(self.utimes, seed_time, right=True)
+            stop = torch.searchsorted(self.key, v * self.span + r, right=True)
+            return start, stop - start
+        # "bisect": vectorised bisection over every segment at once; the loop runs
+        # log2(max degree) times, not once per node.
+        lo, hi = start.clone(), end.clone()
+        last = max(self.row.numel() - 1, 0)
+        while True:
+            active = lo < hi
+            if not bool(active.any()):
+                break
+            mid = (lo + hi) // 2
+            ok = self.row_time[mid.clamp(max=last)] <= seed_time
+            lo = torch.where(active & ok, mid + 1, lo)
+            hi = torch.where(active & ~ok, mid, hi)
+        return start, lo - start
+
+
+def _choose(start: Tensor, n: Tensor, k: int, strategy: str, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """Pick min(n, k) of each eligible prefix [start, start + n).
+
+    Returns (frontier row, CSC position) per pick, grouped by frontier row in order.
+    """
+    if k == 0:
+        return n[:0], n[:0]
+    c = n if k < 0 else n.clamp(max=k)
+    rows, slot = _segment_arange(c)
+    if strategy == "last":
+        # The eligible prefix is time-sorted, so the k most recent are its tail.
+        return rows, start[rows] + (n - c)[rows] + slot
+    offs = _exclusive_cumsum(c)
+    pos = start[rows] + slot  # correct for every segment with n <= k (take all)
+    if k < 0:
+        return rows, pos
+
+    # Medium segments (k < n <= 2k): shuffle each segment exactly with ONE global random
+    # permutation followed by a stable sort by segment id -- the relative order inside
+    # every segment is then a uniform permutation; keep its first k.
+    med = torch.nonzero((n > k) & (n <= _SHUFFLE_RATIO * k)).flatten()
+    if med.numel():
+        seg, within = _segment_arange(n[med])
+        perm = torch.randperm(seg.numel(), generator=generator, device=n.device)
+        shuffled = perm[torch.argsort(seg[perm], stable=True)]  # grouped like `seg`
+        keep = within < k
+        r = med[seg[keep]]
+        pos[offs[r] + within[keep]] = start[r] + within[shuffled[keep]]
+
+    # Large segments (n > 2k): k draws with replacement, then re-draw every slot holding
+    # a value already present in its row. Accepted values are the first k distinct ones of
+    # an i.i.d. uniform stream => a uniform k-subset. Sorting each row puts duplicates
+    # side by side; only rows that still have duplicates take part in the next round.
+    big = torch.nonzero(n > _SHUFFLE_RATIO * k).flatten()
+    if big.numel():
+        nb = n[big].unsqueeze(1).expand(-1, k)
+        picks = _randbelow(nb, generator)
+        active = torch.arange(big.numel(), device=n.device)
+        while active.numel():
+            sub = picks[active].sort(dim=1).values
+            dup = torch.zeros_like(sub, dtype=torch.bool)
+            dup[:, 1:] = sub[:, 1:] == sub[:, :-1]
+            has_dup = dup.any(dim=1)
+            sub[dup] = _randbelow(nb[active][dup], generator)
+            picks[active] = sub
+            active = active[has_dup]
+        r = big.unsqueeze(1).expand(-1, k)
+        pos[offs[r] + torch.arange(k, device=n.device)] = start[r] + picks
+    return rows, pos
+
+
+class TemporalNeighborSampler:
+    """Disjoint temporal neighbour sampler over a RelBench ``make_pkey_fkey_graph`` graph.
+
+    Args:
+        data: the full graph (``data[table].tf``, optional ``data[table].time`` in unix
+            seconds, edge types ``(src, rel, dst)`` with ``edge_index = [src; dst]``).
+        num_neighbors: fan-out per hop, applied per (frontier node, edge type); a negative
+            value takes every eligible neighbour.
+        strategy: ``"uniform"`` (k without replacement) or ``"last"`` (k most recent).
+    """
+
+    def __init__(self, data: HeteroData, num_neighbors: list[int], *, strategy: str = "uniform"):
+        if strategy not in _STRATEGIES:
+            raise ValueError(f"strategy must be one of {_STRATEGIES}, got {strategy!r}")
+        self.data = data
+        self.num_neighbors = [int(k) for k in num_neighbors]
+        self.strategy = strategy
+        self.node_types: list[str] = list(data.node_types)
+        self.edge_types = list(data.edge_types)
+        self.num_rows: dict[str, int] = {}
+        for nt in self.node_types:
+            store = data[nt]
+            n = store.tf.num_rows if "tf" in store else store.num_nodes
+            self.num_rows[nt] = int(n or 0)
+        self.time: dict[str, Tensor] = {nt: data[nt].time.long() for nt in self.node_types if "time" in data[nt]}
+        self.csc: dict[tuple, _CSC] = {}
+        for et in self.edge_types:
+            s, _, d = et
+            self.csc[et] = _CSC.build(s, d, data[et].edge_index, self.num_rows[d], self.time.get(s))
+
+    # ------------------------------------------------------------------ sampling
+    def sample(
+        self,
+        entity_table: str,
+        nodes: Tensor,
+        seed_time: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> HeteroData:
+        """Sample one disjoint temporal subgraph per seed ``(nodes[i], seed_time[i])``."""
+        nodes = torch.as_tensor(nodes, dtype=torch.long).flatten()
+        seed_time = torch.as_tensor(seed_time, dtype=torch.long).flatten()
+        if nodes.numel() != seed_time.numel():
+            raise ValueError("nodes and seed_time must have the same length")
+        if entity_table not in self.num_rows:
+            raise KeyError(f"unknown node type {entity_table!r}")
+        if nodes.numel() and (int(nodes.min()) < 0 or int(nodes.max()) >= self.num_rows[entity_table]):
+            raise IndexError(f"seed ids out of range for {entity_table!r}")
+        device = nodes.device
+        num_seeds = nodes.numel()
+        empty = torch.empty(0, dtype=torch.long, device=device)
+
+        # Per node type: chunks of (global id, seed index) in local-index order; and the
+        # sorted composite keys (batch * num_rows + id) of all nodes so far with their
+        # local index, for "already in this seed's subgraph?" look-ups.
+        ids_chunks: dict[str, list[Tensor]] = {nt: [] for nt in self.node_types}
+        batch_chunks: dict[str, list[Tensor]] = {nt: [] for nt in self.node_types}
+        count = {nt: 0 for nt in self.node_types}
+        keys: dict[str, Tensor] = {nt: empty for nt in self.node_types}
+        key_local: dict[str, Tensor] = {nt: empty for nt in self.node_types}
+        n_sampled_nodes = {nt: [0] for nt in self.node_types}
+        n_sampled_edges = {et: [] for et in self.edge_types}
+        edge_chunks: dict[tuple, list[Tensor]] = {et: [] for et in self.edge_types}
+
+        seed_batch = torch.arange(num_seeds, device=device)
+        ids_chunks[entity_table].append(nodes)
+        batch_chunks[entity_table].append(seed_batch)
+        count[entity_table] = num_seeds
+        n_sampled_nodes[entity_table][0] = num_seeds
+        keys[entity_table], key_local[entity_table] = torch.sort(seed_batch * self.num_rows[entity_table] + nodes)
+        # frontier: type -> (global id, seed index, local index) of the nodes new last hop
+        frontier = {entity_table: (nodes, seed_batch, seed_batch)} if num_seeds else {}
+
+        for hop, k in enumerate(self.num_neighbors):
+            last_hop = hop == len(self.num_neighbors) - 1
+            # 1) sample per edge type; group candidates by source type.
+            per_src: dict[str, list[tuple]] = {}
+            for et, csc in self.csc.items():
+                if csc.dst_type not in frontier:
+                    continue
+                f_id, f_batch, f_local = frontier[csc.dst_type]
+                start, n = csc.eligible_count(f_id, seed_time[f_batch])
+                rows, pos = _choose(start, n, k, self.strategy, generator)
+                per_src.setdefault(csc.src_type, []).append((et, csc.row[pos], f_batch[rows], f_local[rows]))
+
+            # 2) per source type: map candidates to local indices, appending new nodes.
+            new_frontier = {}
+            hop_edges: dict[tuple, int] = {}
+            for nt in self.node_types:
+                parts = per_src.get(nt)
+                if not parts:
+                    n_sampled_nodes[nt].append(0)
+                    continue
+                cand_id = torch.cat([p[1] for p in parts])
+                cand_batch = torch.cat([p[2] for p in parts])
+                local, new = self._assign_local(nt, cand_id, cand_batch, count, keys, key_local, not last_hop)
+                n_new = new[0].numel()
+                n_sampled_nodes[nt].append(n_new)
+                if n_new:
+                    new_local = torch.arange(count[nt], count[nt] + n_new, device=device)
+                    ids_chunks[nt].append(new[0])
+                    batch_chunks[nt].append(new[1])
+                    count[nt] += n_new
+                    new_frontier[nt] = (new[0], new[1], new_local)
+                offset = 0
+                for et, src, _, dst_local in parts:
+                    m = src.numel()
+                    # messages flow neighbour (src) -> frontier node (dst)
+                    edge_chunks[et].append(torch.stack([local[offset : offset + m], dst_local]))
+                    hop_edges[et] = m
+                    offset += m
+            for et in self.edge_types:
+                n_sampled_edges[et].append(hop_edges.get(et, 0))
+            frontier = new_frontier
+
+        return self._build_batch(
+            entity_table, seed_time, ids_chunks, batch_chunks, edge_chunks, n_sampled_nodes, n_sampled_edges, device
+        )
+
+    def _assign_local(self, nt, cand_id, cand_batch, count, keys, key_local, update: bool):
+        """Local index of each candidate of type nt, adding the ones new to their subgraph.
+
+        Returns (local index per candidate, (ids, seed index) of the new nodes). New nodes
+        are numbered in (seed index, row id) order -- grouped by seed, and the order the
+        sort produces anyway. ``update`` keeps the look-up table current (not needed
+        after the last hop).
+        """
+        n_rows = self.num_rows[nt]
+        ckey = cand_batch * n_rows + cand_id
+        old, old_local = keys[nt], key_local[nt]
+        miss = None
+        if old.numel():
+            # Already in the subgraph (a seed, or a node of an earlier hop)?
+            p = torch.searchsorted(old, ckey).clamp_(max=old.numel() - 1)
+            found = old[p] == ckey
+            local = old_local[p]
+            if bool(found.all()):
+                return local, (cand_id[:0], cand_batch[:0])
+            miss = torch.nonzero(~found).flatten()
+            ckey_new = ckey[miss]
+        else:
+            local = torch.empty_like(ckey)
+            ckey_new = ckey
+        # Deduplicate the rest with one sort: runs of equal keys are one new node.
+        sk, perm = torch.sort(ckey_new)
+        first = torch.ones_like(sk, dtype=torch.bool)
+        first[1:] = sk[1:] != sk[:-1]
+        uniq = sk[first]
+        new_local = torch.empty_like(sk)
+        new_local[perm] = count[nt] + torch.cumsum(first, 0) - 1
+        if miss is None:
+            local = new_local
+        else:
+            local[miss] = new_local
+        if update:
+            fresh_local = torch.arange(count[nt], count[nt] + uniq.numel(), device=sk.device)
+            if old.numel():
+                # Merge two sorted, disjoint key lists without a full re-sort.
+                size = old.numel() + uniq.numel()
+                at_new = torch.searchsorted(old, uniq) + torch.arange(uniq.numel(), device=sk.device)
+                at_old = torch.searchsorted(uniq, old) + torch.arange(old.numel(), device=sk.device)
+                merged, merged_local = sk.new_empty(size), sk.new_empty(size)
+                merged[at_new], merged_local[at_new] = uniq, fresh_local
+                merged[at_old], merged_local[at_old] = old, old_local
+                keys[nt], key_local[nt] = merged, merged_local
+            else:
+                keys[nt], key_local[nt] = uniq, fresh_local
+        return local, (uniq % n_rows, uniq // n_rows)
+
+    def _build_batch(self, entity_table, seed_time, ids_chunks, batch_chunks, edge_chunks, n_nodes, n_edges, device):
+        out = HeteroData()
+        for nt in self.node_types:
+            ids = torch.cat(ids_chunks[nt]) if ids_chunks[nt] else torch.empty(0, dtype=torch.long, device=device)
+            b = torch.cat(batch_chunks[nt]) if batch_chunks[nt] else torch.empty(0, dtype=torch.long, device=device)
+            store, src = out[nt], self.data[nt]
+            store.n_id = ids
+            store.batch = b
+            store.num_nodes = ids.numel()
+            if "tf" in src:
+                store.tf = src.tf[ids]
+            if "x" in src:
+                store.x = src.x[ids]
+            if nt in self.time:
+                store.time = self.time[nt][ids]
+            store.num_sampled_nodes = n_nodes[nt]
+        for et in self.edge_types:
+            chunks = edge_chunks[et]
+            out[et].edge_index = (
+                torch.cat(chunks, dim=1) if chunks else torch.empty(2, 0, dtype=torch.long, device=device)
+            )
+            out[et].num_sampled_edges = n_edges[et]
+        out[entity_table].seed_time = seed_time
+        return out
