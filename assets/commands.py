@@ -46,12 +46,16 @@ def register_dataset(dataset_dir: Path, run_dir: Path, instance: dg.DagsterInsta
     return name
 
 
+# Progress lines are ours; Dagster's per-event DEBUG lines stay in the run's event log (UI).
+_QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+
 def _materialize(assets_, selection, partition_key, instance, resources, label: str, step: list[int], total: int):
     step[0] += 1
     t0 = time.perf_counter()
     print(f"[{step[0]:>2}/{total}] {label} {partition_key} ...", flush=True)
     result = dg.materialize(assets_, selection=selection, partition_key=partition_key, instance=instance,
-                            resources=resources, raise_on_error=False)
+                            resources=resources, raise_on_error=False, run_config=_QUIET)
     if not result.success:
         for event in result.all_events:
             if event.is_failure and event.step_failure_data and event.step_failure_data.error:
@@ -65,16 +69,12 @@ def _materialize(assets_, selection, partition_key, instance, resources, label: 
 def run_pipeline(database: str, run_dir: Path, instance: dg.DagsterInstance, resources: dict) -> pd.DataFrame:
     """Materialise every asset of one database, in order; returns the metrics table."""
     from assets.definitions import ASSETS
-    from assets.partitions import window_key
+    from assets.training_assets import training_windows
     from tve_pipeline import database as tdb
 
     by_name = {a.key.to_user_string(): a for a in ASSETS}
     summary = tdb.summarise_database(run_dir / "datasets" / database)
-    recipe = resources["recipe"].recipe()
-    ds = tdb.open_dataset(summary.dataset_dir)
-    delta = pd.Timedelta(recipe.targets.timedelta) if recipe.targets.timedelta else tdb.task_timedelta(ds)
-    schedule = tdb.seed_schedule(summary, delta, tdb.num_eval_timestamps(ds))
-    windows = sorted({window_key(t) for t in schedule.loc[schedule["split"] == "train", "timestamp"]})
+    windows = training_windows(summary, resources["recipe"].recipe())
     tasks = list(summary.task_names)
     total = 2 + len(windows) + 1 + 2 * len(tasks)
     step = [0]

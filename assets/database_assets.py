@@ -87,7 +87,9 @@ def traversal_graph(context: dg.AssetExecutionContext, raw_tables, recipe: Recip
     graph = {}
     try:
         for entity in entities:
-            defs = build_traversal_graph(dataset.manifest.tables, raw_tables.column_types, entity, hops=r.targets.hops)
+            defs = build_traversal_graph(
+                dataset.manifest.tables, raw_tables.column_types, entity, hops=r.targets.hops, fact_key_fact=r.targets.fact_key_fact
+            )
             graph[entity] = [d.to_dict() for d in defs]
     except ValueError as exc:
         raise _fail(exc) from exc

@@ -3,11 +3,18 @@
 import dagster as dg
 import pandas as pd
 
-from assets.database_assets import _fail
-from assets.partitions import by_database, database_partitions, database_task_partitions
+from assets.database_assets import _fail, database_timedelta
+from assets.partitions import by_database, database_partitions, database_task_partitions, window_key
 from resources import DeviceResource, MLflowTracking, RecipeResource, TVEStorage
 from tve_pipeline import database as tdb
 from tve_pipeline import training
+
+
+def training_windows(summary, recipe) -> list[str]:
+    """The window partitions that hold this database's training seed times."""
+    dataset = tdb.open_dataset(summary.dataset_dir)
+    schedule = tdb.seed_schedule(summary, database_timedelta(summary, recipe), tdb.num_eval_timestamps(dataset))
+    return sorted({window_key(t) for t in schedule.loc[schedule["split"] == "train", "timestamp"]})
 
 
 def _graph(storage: TVEStorage, summary, dataset):
@@ -17,9 +24,7 @@ def _graph(storage: TVEStorage, summary, dataset):
 
 @dg.asset(
     partitions_def=database_partitions,
-    ins={
-        "tve_targets": dg.AssetIn(partition_mapping=by_database, metadata={"allow_missing_partitions": True}),
-    },
+    deps=[dg.AssetDep("tve_targets", partition_mapping=by_database)],
     group_name="learning",
     kinds={"pytorch", "mlflow"},
     pool="gpu",
@@ -28,7 +33,6 @@ def pretrained_checkpoint(
     context: dg.AssetExecutionContext,
     raw_tables,
     traversal_graph,
-    tve_targets,
     storage: TVEStorage,
     recipe: RecipeResource,
     device: DeviceResource,
@@ -39,16 +43,25 @@ def pretrained_checkpoint(
     dataset = tdb.open_dataset(raw_tables.dataset_dir)
     data, col_stats = _graph(storage, raw_tables, dataset)
     checkpoint = {"recipe": r.model_dump(mode="json"), "column_types": raw_tables.column_types, "entities": {}}
-    meta = {"windows_loaded": len(tve_targets)}
+    windows = training_windows(raw_tables, r)
+    meta = {"windows": ", ".join(windows)}
     with mlflow.run(context, "pretrain") as run:
         run.log_params({"profile": r.profile, **{f"pretrain.{k}": v for k, v in r.pretrain.model_dump().items()},
                         **{f"backbone.{k}": v for k, v in r.backbone.model_dump().items()}})
         for entity, defs in traversal_graph.items():
-            frames = [w[entity] for w in tve_targets.values() if entity in w and len(w[entity])]
-            if not frames:
+            files = [storage.targets_file(context.partition_key, w, entity) for w in windows]
+            missing = [w for w, f in zip(windows, files) if not f.exists()]
+            if missing:
                 raise dg.Failure(
-                    description=f"no tve_targets for entity table {entity!r} of {context.partition_key!r}: "
-                    "materialise tve_targets for the windows holding training seed times first"
+                    description=f"tve_targets of {context.partition_key!r} missing for {len(missing)} of {len(windows)} "
+                    f"training windows ({', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}): materialise them first"
+                )
+            frames = [pd.read_parquet(f) for f in files]
+            stale = [w for w, f in zip(windows, frames) if not {d["name"] for d in defs} <= set(f.columns)]
+            if stale:
+                raise dg.Failure(
+                    description=f"tve_targets of {context.partition_key!r} for {', '.join(stale[:4])} were computed "
+                    "with another traversal graph: re-materialise them"
                 )
             raw = pd.concat(frames, ignore_index=True).sort_values(["timestamp"], kind="stable").reset_index(drop=True)
             entity_col = dataset.manifest.tables[entity].pkey

@@ -2,7 +2,7 @@
 
 One *run folder* holds everything of a deployment: ``datasets/<database>/`` (RelBench 3
 dataset folders; the folder name is the database partition key), ``storage/`` (asset
-values), ``cache/`` (materialised tensor frames), ``mlflow.db`` and ``dagster/``.
+values), ``targets/`` (raw task vectors as parquet), ``cache/`` (materialised tensor frames), ``mlflow.db`` and ``dagster/``.
 """
 
 import json
@@ -29,6 +29,10 @@ class TVEStorage(dg.ConfigurableResource):
                 f"known databases: {', '.join(known) or '(none)'}"
             )
         return path
+
+    def targets_file(self, database: str, window: str, entity_table: str) -> Path:
+        """Raw task vectors of one window: ``targets/<database>/<window>/<entity>.parquet``."""
+        return Path(self.run_dir) / "targets" / database / window / f"{entity_table}.parquet"
 
     def graph_cache(self, database: str, fingerprint: str) -> Path:
         return Path(self.run_dir) / "cache" / database / fingerprint[:16]

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from tests.conftest import load_asset
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -28,16 +27,16 @@ def test_definitions_validate(tmp_path):
 def test_asset_materialize_cli_on_registered_database(pipeline_run):
     """The README's command: materialise one tve_targets partition from the command line."""
     run = pipeline_run
-    windows = sorted(p.name for p in (run["run_dir"] / "storage" / "tve_targets" / "tiny").iterdir())
+    windows = sorted(p.name for p in (run["run_dir"] / "targets" / "tiny").iterdir())
     window = windows[len(windows) // 2]
-    before = load_asset(run, "tve_targets", f"tiny/{window}")["customers"]
-    target = run["run_dir"] / "storage" / "tve_targets" / "tiny" / window
+    target = run["run_dir"] / "targets" / "tiny" / window / "customers.parquet"
+    before = pd.read_parquet(target)
     target.unlink()
     r = _run([str(BIN / "dagster"), "asset", "materialize", "--select", "tve_targets",
               "--partition", f"tiny|{window}", "-m", "assets.definitions"],
              env={"DAGSTER_HOME": str(run["run_dir"] / "dagster"), "TVE_RUN_DIR": str(run["run_dir"])})
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    after = load_asset(run, "tve_targets", f"tiny/{window}")["customers"]
+    after = pd.read_parquet(target)
     pd.testing.assert_frame_equal(before, after)
 
 

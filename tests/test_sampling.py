@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from relbench.base import Database, Table
 from relbench.modeling.graph import make_pkey_fkey_graph
 from scipy.stats import chisquare
+from torch import Tensor
 from torch_frame import stype
 from torch_geometric.data import HeteroData
 
@@ -65,8 +66,11 @@ def make_db(seed: int, n_users=12, n_products=8, n_events=120, n_posts=40, days=
             "length": rng.uniform(0, 100, n_posts),
         }
     )
+    n_tags = 30  # untimed table with an fkey: an untimed, multi-source edge type
+    tags = pd.DataFrame({"tag_id": np.arange(n_tags), "user_id": rng.integers(0, n_users, n_tags), "w": rng.random(n_tags)})
     return Database(
         {
+            "tags": Table(tags, {"user_id": "users"}, pkey_col="tag_id"),
             "users": Table(users, {}, pkey_col="user_id"),
             "products": Table(products, {}, pkey_col="product_id", time_col="listed"),
             "events": Table(events, {"user_id": "users", "product_id": "products"}, pkey_col="event_id", time_col="ts"),
@@ -77,6 +81,7 @@ def make_db(seed: int, n_users=12, n_products=8, n_events=120, n_posts=40, days=
 
 def col_to_stype():
     return {
+        "tags": {"tag_id": stype.numerical, "user_id": stype.numerical, "w": stype.numerical},
         "users": {"user_id": stype.numerical, "age": stype.numerical, "country": stype.categorical},
         "products": {"product_id": stype.numerical, "price": stype.numerical, "listed": stype.timestamp},
         "events": {
@@ -176,9 +181,6 @@ def node_hops(batch: HeteroData, nt: str) -> Tensor:
     return torch.repeat_interleave(torch.arange(counts.numel()), counts)
 
 
-Tensor = torch.Tensor
-
-
 def check_structure(data, batch, entity, nodes, seed_time):
     """Invariants every batch must satisfy, whatever the fan-out."""
     B = nodes.numel()
@@ -248,7 +250,7 @@ def check_fanout(data, brute, batch, num_neighbors, strategy):
 
 # --------------------------------------------------------------------------- tests
 @pytest.mark.parametrize("strategy", ["uniform", "last"])
-@pytest.mark.parametrize("entity", ["users", "events", "posts", "products"])
+@pytest.mark.parametrize("entity", ["users", "events", "posts", "products", "tags"])
 @pytest.mark.parametrize("graph_seed", [0, 1, 2])
 def test_full_fanout_equals_brute_force(graph_seed, entity, strategy):
     data, _ = make_graph(graph_seed)
@@ -269,7 +271,7 @@ def test_full_fanout_equals_brute_force(graph_seed, entity, strategy):
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     graph_seed=st.integers(0, 5),
-    entity=st.sampled_from(["users", "events", "posts", "products"]),
+    entity=st.sampled_from(["users", "events", "posts", "products", "tags"]),
     fan=st.lists(st.integers(0, 6), min_size=1, max_size=3),
     strategy=st.sampled_from(["uniform", "last"]),
     rng_seed=st.integers(0, 2**31),
@@ -444,10 +446,10 @@ def test_key_fallbacks_match_offset_key(monkeypatch, limit, mode):
     nodes, seed_time = random_seeds(data, "users", 32, 4)
     seed_time[:4] = torch.tensor([-(2**62), 0, 2**62, int(data["events"].time.max())])  # extreme seed times
     ref = TemporalNeighborSampler(data, [3, 2, 2], strategy="last")
-    assert {c.mode for c in ref.csc.values()} == {"offset", "untimed"}
+    assert {c.mode for c in ref.csc.values()} == {"offset", "parent", "untimed"}
     monkeypatch.setattr(sampling, "_KEY_LIMIT", limit)
     alt = TemporalNeighborSampler(data, [3, 2, 2], strategy="last")
-    assert {c.mode for c in alt.csc.values()} == {mode, "untimed"}
+    assert {c.mode for c in alt.csc.values()} == {mode, "parent", "untimed"}
     a = _batch_tensors(ref.sample("users", nodes, seed_time))
     b = _batch_tensors(alt.sample("users", nodes, seed_time))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
@@ -478,10 +480,6 @@ def test_relbench_model_forward():
     from relbench.modeling.nn import HeteroEncoder, HeteroGraphSAGE, HeteroTemporalEncoder
 
     data, col_stats = make_graph(0)
-    nodes, seed_time = random_seeds(data, "users", 16, 0)
-    batch = TemporalNeighborSampler(data, [8, 4]).sample(
-        "users", nodes, seed_time, generator=torch.Generator().manual_seed(0)
-    )
     C = 16
     torch.manual_seed(0)
     enc = HeteroEncoder(
@@ -492,11 +490,17 @@ def test_relbench_model_forward():
     )
     tenc = HeteroTemporalEncoder([nt for nt in data.node_types if "time" in data[nt]], C)
     gnn = HeteroGraphSAGE(data.node_types, data.edge_types, C)
-    x = enc(batch.collect("tf"))
-    rel = tenc(batch["users"].seed_time, batch.collect("time"), batch.collect("batch"))
-    for nt, t in rel.items():
-        x[nt] = x[nt] + t
-    out = gnn(x, batch.collect("edge_index"))
-    emb = out["users"][: nodes.numel()]
-    assert emb.shape == (nodes.numel(), C) and torch.isfinite(emb).all()
-    emb.sum().backward()
+    sampler = TemporalNeighborSampler(data, [8, 4])
+    nodes, seed_time = random_seeds(data, "users", 16, 0)
+    early = torch.zeros(2, dtype=torch.long)  # before every row: timed types come back empty
+    for nodes, seed_time in ((nodes, seed_time), (nodes[:2], early)):
+        batch = sampler.sample("users", nodes, seed_time, generator=torch.Generator().manual_seed(0))
+        x = enc(batch.collect("tf"))
+        rel = tenc(batch["users"].seed_time, batch.collect("time"), batch.collect("batch"))
+        for nt, t in rel.items():
+            x[nt] = x[nt] + t
+        out = gnn(x, batch.collect("edge_index"))
+        emb = out["users"][: nodes.numel()]
+        assert emb.shape == (nodes.numel(), C) and torch.isfinite(emb).all()
+        emb.sum().backward()
+    assert batch["events"].num_nodes == 0  # the second batch had empty node types

@@ -2,40 +2,45 @@
 
 PyG's temporal ``NeighborLoader`` needs ``pyg-lib``, which cannot be installed here
 (DESIGN.md section 2), so this module re-implements the "disjoint temporal" sampling that
-RelBench relies on. At construction every edge type ``(S, rel, D)`` is turned into a CSC
+RelBench relies on. At construction every edge type ``(S, rel, D)`` becomes a CSC
 structure: for each destination row ``v`` the contiguous segment of its source rows,
-sorted by source time (untimed sources count as -inf, ties by source id). For a frontier
-node ``v`` of a subgraph whose seed time is ``s``, the eligible candidates (``time <= s``)
-are therefore a *prefix* of ``v``'s segment, and the prefix lengths of a whole frontier
-come from ONE ``torch.searchsorted`` over a composite int64 key ``v * span + time_rank``
-(times are rank-compressed per edge type so that the key cannot overflow; a vectorised
-segmented bisection is the fallback if it still would). Choosing ``k`` of the ``n``
-eligible candidates is exact and vectorised over all frontier nodes at once: take all
-when ``n <= k``; ``last`` takes the ``k`` most recent (the tail of the prefix); ``uniform``
-shuffles small segments (``n <= 2k``) with one global ``randperm`` plus a stable sort by
-segment, and for large segments draws ``k`` slots with replacement and re-draws the
-duplicated slots until ``k`` distinct remain (accepting the first ``k`` distinct values
-of an i.i.d. stream is sampling without replacement, so this is exact, and because
-``n > 2k`` a re-draw collides with probability < 1/2, so few rounds are needed). Work is
-thus O(k) per frontier node whatever its degree. Each seed owns its own subgraph: node
-identity inside the batch is ``(seed index, type, row id)``, deduplicated per hop with the
-composite key ``batch * num_rows + id`` (``torch.unique`` for the new candidates,
-``searchsorted`` against the sorted keys of the nodes already in the batch). Python loops
-run only over hops, edge types and the few re-draw rounds, never over seeds or nodes.
+sorted by source time (ties by source id). For a frontier node ``v`` of a subgraph whose
+seed time is ``s``, the eligible candidates (``time <= s``) are therefore a *prefix* of
+``v``'s segment, and the prefix lengths of a whole frontier come from ONE
+``torch.searchsorted`` over a composite int64 key ``v * span + (time - tmin + 1)``
+(rank-compressed times if the raw span would overflow the key; a vectorised segmented
+bisection if even that would). Edge types in which every destination has at most one
+source (fact row -> the row its foreign key points to) skip the CSC: the candidate is a
+lookup. Choosing ``k`` of the ``n`` eligible candidates is exact and vectorised over all
+frontier nodes at once: take all when ``n <= k``; ``last`` takes the ``k`` most recent (the
+tail of the prefix); ``uniform`` shuffles mid-size segments (``k < n <= 2k``) with one
+global ``randperm`` plus a stable sort by segment, and for large segments draws ``k``
+slots with replacement and re-draws the duplicated slots until ``k`` distinct remain
+(accepting the first ``k`` distinct values of an i.i.d. uniform stream is sampling
+without replacement, so this is exact; as ``n > 2k`` a re-draw collides with probability
+< 1/2, so few rounds are needed). Work is thus O(k) per frontier node whatever its degree.
+Each seed owns its own subgraph: node identity inside the batch is ``(seed index, type,
+row id)``, deduplicated per hop with the composite key ``batch * num_rows + id`` (one sort
+of the new candidates, ``searchsorted`` against the sorted keys of the nodes already in
+the batch). Python loops run only over hops, edge types and the few re-draw rounds, never
+over seeds or nodes.
 
-Semantics (matching pyg-lib's disjoint temporal sampling as RelBench uses it):
+Semantics (those of pyg-lib's disjoint temporal sampling as RelBench uses it):
 
-* Seeds are the first ``len(nodes)`` rows of ``entity_table`` in input order; they are
-  included whatever their own time.
+* Seeds are the first ``len(nodes)`` rows of ``entity_table`` in input order
+  (``batch = arange``); they are included whatever their own time.
 * Hop ``i`` expands exactly the nodes first added at hop ``i - 1`` along every edge type
   whose destination is the node's type, sampling at most ``num_neighbors[i]`` PER EDGE
   TYPE (a negative value means "all eligible").
 * A source row of a timed table is eligible iff ``time <= seed_time`` of its subgraph;
   rows of untimed tables are always eligible.
 * A row already in a seed's subgraph is not added again nor re-expanded, but the edge to
-  it is still recorded. Within a hop, new nodes get local indices in order of first
-  occurrence (edge types in ``data.edge_types`` order, then frontier order, then the
-  order in which a frontier node's neighbours were drawn).
+  it is still recorded. Node order per type: by hop; within a hop, by (seed index, row
+  id). ``num_sampled_nodes`` (per type, per hop) and ``num_sampled_edges`` (per edge
+  type, per hop) are recorded as PyG's loaders do.
+* The sampler is meant for CPU tensors (a ``generator`` must live on the data's device).
+  On a machine whose cores are shared, torch's intra-op threads can make the small ops
+  used here far slower than one thread; DataLoader workers already run single-threaded.
 """
 
 from __future__ import annotations
@@ -80,10 +85,16 @@ def _randbelow(n: Tensor, generator: torch.Generator | None) -> Tensor:
 class _CSC:
     """One edge type (src_type, rel, dst_type), grouped by destination, time-sorted.
 
-    ``mode`` says how eligible prefixes are found: ``"untimed"`` (source table has no
-    time: every candidate is eligible), ``"offset"`` (key = dst * span + time - tmin + 1),
-    ``"rank"`` (same with rank-compressed times, when the raw time span would overflow
-    the key) or ``"bisect"`` (segmented bisection over ``row_time``, last resort).
+    ``mode`` says how the eligible candidates are found:
+
+    * ``"parent"``: every destination has at most one source (the direction from a fact
+      row to the row its foreign key names -- half the edge types of a pkey/fkey graph),
+      so no CSC is needed: ``parent[v]`` is the only candidate;
+    * ``"untimed"``: the source table has no time, every candidate is eligible;
+    * ``"offset"``: key = dst * span + (time - tmin + 1), one searchsorted;
+    * ``"rank"``: the same with rank-compressed times, when the raw time span would
+      overflow the key;
+    * ``"bisect"``: segmented bisection over ``row_time``, the last resort.
     """
 
     src_type: str
@@ -96,15 +107,23 @@ class _CSC:
     tmin: int = 0
     utimes: Tensor | None = None  # sorted distinct source times ("rank")
     row_time: Tensor | None = None  # [E] source time per edge ("bisect")
-
-    @property
-    def timed(self) -> bool:
-        return self.mode != "untimed"
+    parent: Tensor | None = None  # [num_dst] the single source row, -1 if none ("parent")
+    parent_time: Tensor | None = None  # [num_dst] its time, if the source table is timed
 
     @classmethod
     def build(cls, src_type: str, dst_type: str, edge_index: Tensor, num_dst: int, src_time: Tensor | None) -> _CSC:
         src, dst = edge_index[0].long(), edge_index[1].long()
         n_dst = max(num_dst, 1)
+        deg = torch.bincount(dst, minlength=num_dst)
+        colptr = torch.zeros(num_dst + 1, dtype=torch.long, device=src.device)
+        torch.cumsum(deg, dim=0, out=colptr[1:])
+        if deg.numel() == 0 or int(deg.max()) <= 1:
+            parent = torch.full((num_dst,), -1, dtype=torch.long, device=src.device)
+            parent[dst] = src
+            csc = cls(src_type, dst_type, colptr, src[:0], "parent", parent=parent)
+            if src_time is not None:
+                csc.parent_time = src_time.long()[parent.clamp(min=0)]
+            return csc
         # Ties (equal time) are broken by source id, so that `last` and the uniform draws
         # are deterministic: every later sort is stable over a source-sorted edge list.
         # relbench's edge lists are already sorted by source; then this costs one pass.
@@ -138,9 +157,22 @@ class _CSC:
             fields["key"] = key[perm]
         elif mode == "bisect":
             fields["row_time"] = t[perm]
-        colptr = torch.zeros(num_dst + 1, dtype=torch.long, device=src.device)
-        torch.cumsum(torch.bincount(dst, minlength=num_dst), dim=0, out=colptr[1:])
         return cls(src_type, dst_type, colptr, row, mode, **fields)
+
+    def sample(self, v: Tensor, seed_time: Tensor, k: int, strategy: str, generator) -> tuple[Tensor, Tensor]:
+        """Sampled neighbours of frontier nodes v: (frontier row, source row id) pairs."""
+        if k == 0:
+            return v[:0], v[:0]
+        if self.mode == "parent":
+            cand = self.parent[v]
+            ok = cand >= 0
+            if self.parent_time is not None:
+                ok &= self.parent_time[v] <= seed_time
+            rows = torch.nonzero(ok).flatten()
+            return rows, cand[rows]
+        start, n = self.eligible_count(v, seed_time)
+        rows, pos = _choose(start, n, k, strategy, generator)
+        return rows, self.row[pos]
 
     def eligible_count(self, v: Tensor, seed_time: Tensor) -> tuple[Tensor, Tensor]:
         """(segment start, number of eligible sources) for frontier nodes v at seed_time."""
@@ -177,8 +209,6 @@ def _choose(start: Tensor, n: Tensor, k: int, strategy: str, generator: torch.Ge
 
     Returns (frontier row, CSC position) per pick, grouped by frontier row in order.
     """
-    if k == 0:
-        return n[:0], n[:0]
     c = n if k < 0 else n.clamp(max=k)
     rows, slot = _segment_arange(c)
     if strategy == "last":
@@ -304,9 +334,8 @@ class TemporalNeighborSampler:
                 if csc.dst_type not in frontier:
                     continue
                 f_id, f_batch, f_local = frontier[csc.dst_type]
-                start, n = csc.eligible_count(f_id, seed_time[f_batch])
-                rows, pos = _choose(start, n, k, self.strategy, generator)
-                per_src.setdefault(csc.src_type, []).append((et, csc.row[pos], f_batch[rows], f_local[rows]))
+                rows, src = csc.sample(f_id, seed_time[f_batch], k, self.strategy, generator)
+                per_src.setdefault(csc.src_type, []).append((et, src, f_batch[rows], f_local[rows]))
 
             # 2) per source type: map candidates to local indices, appending new nodes.
             new_frontier = {}

@@ -49,6 +49,10 @@ def build_graph(db, column_types: dict[str, dict[str, str]], cache_dir: str | Pa
     columns are structure, not features. ``cache_dir`` keeps materialised tensor frames
     keyed by the column types, so repeated stages on one database do not redo it.
     """
+    # relbench's to_unix_time assumes nanoseconds; pandas 3 reads many timestamps as [us].
+    for table in db.table_dict.values():
+        if table.time_col is not None:
+            table.df[table.time_col] = table.df[table.time_col].astype("datetime64[ns]")
     col_to_stype = {
         table: {col: _STYPES[kind] for col, kind in cols.items() if kind in _STYPES}
         for table, cols in column_types.items()

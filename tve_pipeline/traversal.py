@@ -167,12 +167,14 @@ def traversal_paths(
     hops: int = 2,
     include_tables: Iterable[str] | None = None,
     exclude_tables: Iterable[str] | None = None,
+    fact_key_fact: bool = True,
 ) -> list[tuple[Hop, ...]]:
     """The paths of the traversal graph from ``entity_table``, in schema order.
 
     ``hops=1``: ``E <- F``. ``hops=2`` adds ``E <- F -> D`` and ``E <- F -> K <- F'``
     (the key table ``K`` is a pass-through, so this counts as two hops in the method's
-    terms although the path lists three steps).
+    terms although the path lists three steps). ``fact_key_fact=False`` leaves those
+    out: through a hub key (an airport, a carrier) they reach most of the fact table.
     """
     if hops not in (1, 2):
         raise ValueError(f"hops must be 1 or 2, got {hops!r}")
@@ -207,6 +209,8 @@ def traversal_paths(
                 continue
             out = Hop(ref, col, "out")
             paths.append((hop1, out))
+            if not fact_key_fact:
+                continue
             for fact2, via2 in _incoming_facts(tables, ref):
                 if fact2 in allowed:
                     paths.append((hop1, out, Hop(fact2, via2, "in")))
@@ -261,6 +265,7 @@ def build_traversal_graph(
     include_tables: Iterable[str] | None = None,
     exclude_tables: Iterable[str] | None = None,
     exclude_columns: Mapping[str, Iterable[str]] | None = None,
+    fact_key_fact: bool = True,
 ) -> list[TargetDef]:
     """Every target of the task vector of ``entity_table``: one row count per path, then
     each usable column of the path's last table with the aggregations of its type.
@@ -273,7 +278,12 @@ def build_traversal_graph(
     """
     exclude_columns = exclude_columns or {}
     paths = traversal_paths(
-        tables, entity_table, hops=hops, include_tables=include_tables, exclude_tables=exclude_tables
+        tables,
+        entity_table,
+        hops=hops,
+        include_tables=include_tables,
+        exclude_tables=exclude_tables,
+        fact_key_fact=fact_key_fact,
     )
     labels = [path_name(tables, entity_table, p) for p in paths]
     # Names are unique by construction unless table names themselves contain '>', '<' or
