@@ -124,3 +124,46 @@ def run_demo(run_dir: Path, profile: str = "demo") -> pd.DataFrame:
     print("Open the Dagster UI on them:  make ui          (http://127.0.0.1:3000)")
     print("Open the MLflow UI on them:   make mlflow-ui   (http://127.0.0.1:5000)")
     return frame
+
+
+def check_partition_key(asset, key: str, instance: dg.DagsterInstance, run_dir: Path):
+    """The partition key for ``asset``, or a one-line ValueError saying what was expected."""
+    from assets.partitions import database_partitions, task_partitions, window_partitions
+    from assets.registry import dataset_folders
+
+    databases = list(instance.get_dynamic_partitions(database_partitions.name))
+    known = ", ".join(databases) or "(none registered: tve register DATASET_DIR)"
+    pdef = asset.partitions_def
+    if not isinstance(pdef, dg.MultiPartitionsDefinition):
+        if key not in databases:
+            raise ValueError(f"unknown database {key!r} for {asset.key.to_user_string()}; registered databases: {known}")
+        return key
+    names = [d.name for d in pdef.partitions_defs]
+    parts = key.split("|")
+    if len(parts) != 2:
+        raise ValueError(f"partition of {asset.key.to_user_string()} must read '{names[0]}|{names[1]}', got {key!r}")
+    database, other = parts
+    if database not in databases:
+        raise ValueError(f"unknown database {database!r} in {key!r}; registered databases: {known}")
+    if "window" in names:
+        keys = window_partitions.get_partition_keys(dynamic_partitions_store=instance)
+        if other not in keys:
+            raise ValueError(f"unknown window {other!r} in {key!r}; windows are calendar months 'YYYY-MM-01' from {keys[0]} to {keys[-1]}")
+        return dg.MultiPartitionKey({"database": database, "window": other})
+    tasks = dataset_folders(run_dir / "datasets").get(database, [])
+    if other not in tasks or other not in instance.get_dynamic_partitions(task_partitions.name):
+        raise ValueError(f"database {database!r} has no task {other!r}; its tasks: {', '.join(tasks) or '(none)'}")
+    return dg.MultiPartitionKey({"database": database, "task": other})
+
+
+def materialize(asset_name: str, partition: str, run_dir: Path) -> None:
+    """Materialise one asset partition (upstream assets are read, not recomputed)."""
+    from assets.definitions import ASSETS, build_resources
+
+    run_dir = Path(run_dir).resolve()
+    by_name = {a.key.to_user_string(): a for a in ASSETS}
+    if asset_name not in by_name:
+        raise ValueError(f"unknown asset {asset_name!r}; expected one of {', '.join(by_name)}")
+    instance = prepare_run_dir(run_dir)
+    key = check_partition_key(by_name[asset_name], partition, instance, run_dir)
+    _materialize(ASSETS, [by_name[asset_name]], key, instance, build_resources(run_dir), asset_name, [0], 1)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from assets.partitions import database_window_partitions
 from assets.database_assets import raw_tables, temporal_windows, traversal_graph
 from assets.registry import datasets_folder_sensor
 from assets.target_assets import tve_targets
@@ -18,6 +19,13 @@ from assets.training_assets import finetuned_models, metrics, pretrained_checkpo
 from resources import DeviceResource, MLflowTracking, RecipeResource, TVEStorage
 
 ASSETS = [raw_tables, temporal_windows, traversal_graph, tve_targets, pretrained_checkpoint, finetuned_models, metrics]
+
+# Windows of every registered database, one run per (database, window): what a monthly
+# schedule or a UI backfill materialises as new data arrives.
+tve_targets_job = dg.define_asset_job(
+    "tve_targets_job", selection=[temporal_windows, tve_targets], partitions_def=database_window_partitions
+)
+tve_targets_schedule = dg.build_schedule_from_partitioned_job(tve_targets_job)
 
 
 def default_run_dir() -> Path:
@@ -43,6 +51,8 @@ def build_resources(run_dir: str | Path, *, profile: str | None = None, override
 def build_definitions(run_dir: str | Path | None = None, **kwargs) -> dg.Definitions:
     return dg.Definitions(
         assets=ASSETS,
+        jobs=[tve_targets_job],
+        schedules=[tve_targets_schedule],
         sensors=[datasets_folder_sensor],
         resources=build_resources(run_dir or default_run_dir(), **kwargs),
     )

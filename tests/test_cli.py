@@ -48,10 +48,27 @@ def test_tve_errors_are_one_line(tmp_path):
     assert r.returncode == 2 and "not a RelBench dataset folder" in r.stderr and r.stderr.count("\n") == 1
 
 
-def test_unknown_database_partition_is_a_one_line_error(pipeline_run):
+def test_dagster_cli_rejects_unregistered_database(pipeline_run):
     run = pipeline_run
     r = _run([str(BIN / "dagster"), "asset", "materialize", "--select", "raw_tables",
               "--partition", "no-such-db", "-m", "assets.definitions"],
              env={"DAGSTER_HOME": str(run["run_dir"] / "dagster"), "TVE_RUN_DIR": str(run["run_dir"])})
     assert r.returncode != 0
     assert "no-such-db" in (r.stdout + r.stderr)
+
+
+def test_tve_materialize_checks_partition_keys(pipeline_run):
+    run_dir = str(pipeline_run["run_dir"])
+    cases = [
+        (["raw_tables", "--partition", "no-such-db"], "unknown database 'no-such-db'", "tiny"),
+        (["tve_targets", "--partition", "tiny"], "must read 'database|window'", "tiny"),
+        (["tve_targets", "--partition", "tiny|2020-13-01"], "unknown window '2020-13-01'", "YYYY-MM-01"),
+        (["metrics", "--partition", "tiny|plane-active"], "has no task 'plane-active'", "customer-churn"),
+        (["no_asset", "--partition", "tiny"], "unknown asset 'no_asset'", "tve_targets"),
+    ]
+    for args, expected, hint in cases:
+        r = _run([str(BIN / "tve"), "materialize", *args, "--run-dir", run_dir])
+        assert r.returncode == 2, r.stderr
+        assert expected in r.stderr and hint in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    r = _run([str(BIN / "tve"), "materialize", "traversal_graph", "--partition", "tiny", "--run-dir", run_dir])
+    assert r.returncode == 0, r.stderr[-2000:]

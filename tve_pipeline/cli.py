@@ -43,6 +43,10 @@ def _cmd_register(args) -> None:
     print(f"registered database {name!r} in {run_dir} (DAGSTER_HOME={run_dir / 'dagster'})")
 
 
+def _cmd_materialize(args) -> None:
+    importlib.import_module("assets.commands").materialize(args.asset, args.partition, Path(args.run_dir))
+
+
 def _cmd_demo(args) -> None:
     importlib.import_module("assets.commands").run_demo(Path(args.run_dir), profile=args.profile)
 
@@ -68,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("dataset_dir")
     reg.add_argument("--run-dir", default=str(_default_run_dir()))
     reg.set_defaults(func=_cmd_register)
+
+    mat = sub.add_parser("materialize", help="materialise one asset partition, checking the key first")
+    mat.add_argument("asset")
+    mat.add_argument("--partition", required=True, help="'database', 'database|YYYY-MM-01' or 'database|task'")
+    mat.add_argument("--run-dir", default=str(_default_run_dir()))
+    mat.set_defaults(func=_cmd_materialize)
 
     demo = sub.add_parser("demo", help="run the whole pipeline on rel-flights")
     demo.add_argument("--run-dir", default=str(_default_run_dir()))
