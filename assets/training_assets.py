@@ -38,48 +38,55 @@ def pretrained_checkpoint(
     device: DeviceResource,
     mlflow: MLflowTracking,
 ) -> dg.Output:
-    """Backbone state_dict (CPU) pre-trained with TVE per entity table, plus its normaliser."""
+    """Backbone state_dicts (CPU) per pre-training objective and entity table, with the
+    task-vector normaliser each was trained with (fine-tuning and inference reuse it)."""
     r = recipe.recipe()
     dataset = tdb.open_dataset(raw_tables.dataset_dir)
-    data, col_stats = _graph(storage, raw_tables, dataset)
-    checkpoint = {"recipe": r.model_dump(mode="json"), "column_types": raw_tables.column_types, "entities": {}}
+    checkpoint = {"recipe": r.model_dump(mode="json"), "column_types": raw_tables.column_types, "objectives": {}}
     windows = training_windows(raw_tables, r)
     meta = {"windows": ", ".join(windows)}
-    with mlflow.run(context, "pretrain") as run:
-        run.log_params({"profile": r.profile, **{f"pretrain.{k}": v for k, v in r.pretrain.model_dump().items()},
-                        **{f"backbone.{k}": v for k, v in r.backbone.model_dump().items()}})
-        for entity, defs in traversal_graph.items():
-            files = [storage.targets_file(context.partition_key, w, entity) for w in windows]
-            missing = [w for w, f in zip(windows, files) if not f.exists()]
-            if missing:
-                raise dg.Failure(
-                    description=f"tve_targets of {context.partition_key!r} missing for {len(missing)} of {len(windows)} "
-                    f"training windows ({', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}): materialise them first"
-                )
-            frames = [pd.read_parquet(f) for f in files]
-            stale = [w for w, f in zip(windows, frames) if not {d["name"] for d in defs} <= set(f.columns)]
-            if stale:
-                raise dg.Failure(
-                    description=f"tve_targets of {context.partition_key!r} for {', '.join(stale[:4])} were computed "
-                    "with another traversal graph: re-materialise them"
-                )
-            raw = pd.concat(frames, ignore_index=True).sort_values(["timestamp"], kind="stable").reset_index(drop=True)
-            entity_col = dataset.manifest.tables[entity].pkey
-            context.log.info(f"pre-training on {entity}: {len(raw)} seeds, {len(defs)} targets")
-            try:
-                result = training.pretrain(
-                    data, col_stats, entity, entity_col, raw, {d["name"]: d["aggregation"] for d in defs},
-                    r, device.torch_device(), log=lambda m, step, e=entity: run.log_metrics({f"{e}.{k}": v for k, v in m.items()}, step),
-                )
-            except ValueError as exc:
-                raise _fail(exc) from exc
-            checkpoint["entities"][entity] = result
-            meta[f"{entity}_seeds"] = len(raw)
-            meta[f"{entity}_best_epoch"] = result["best_epoch"]
-            meta[f"{entity}_best_val_loss"] = result["best_val_loss"]
-            meta[f"{entity}_vector_width"] = len(result["normaliser"]["scalers"])
-        run.log_torch({e: v["backbone"] for e, v in checkpoint["entities"].items()}, "backbone.pt")
-        meta["mlflow_run_id"] = run.run_id
+    targets = {}
+    for entity, defs in traversal_graph.items():
+        files = [storage.targets_file(context.partition_key, w, entity) for w in windows]
+        missing = [w for w, f in zip(windows, files) if not f.exists()]
+        if missing:
+            raise dg.Failure(
+                description=f"tve_targets of {context.partition_key!r} missing for {len(missing)} of {len(windows)} "
+                f"training windows ({', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}): materialise them first"
+            )
+        frames = [pd.read_parquet(f) for f in files]
+        stale = [w for w, f in zip(windows, frames) if not {d["name"] for d in defs} <= set(f.columns)]
+        if stale:
+            raise dg.Failure(
+                description=f"tve_targets of {context.partition_key!r} for {', '.join(stale[:4])} were computed "
+                "with another traversal graph: re-materialise them"
+            )
+        targets[entity] = pd.concat(frames, ignore_index=True).sort_values("timestamp", kind="stable").reset_index(drop=True)
+    data, col_stats = _graph(storage, raw_tables, dataset)
+    for objective in r.pretrain.objectives:
+        checkpoint["objectives"][objective] = {}
+        with mlflow.run(context, f"pretrain {objective}") as run:
+            run.log_params({"objective": objective, "profile": r.profile,
+                            **{f"pretrain.{k}": v for k, v in r.pretrain.model_dump().items()},
+                            **{f"backbone.{k}": v for k, v in r.backbone.model_dump().items()}})
+            for entity, defs in traversal_graph.items():
+                raw = targets[entity]
+                context.log.info(f"pre-training {objective} on {entity}: {len(raw)} seeds, {len(defs)} targets")
+                try:
+                    result = training.pretrain(
+                        data, col_stats, entity, dataset.manifest.tables[entity].pkey, raw,
+                        {d["name"]: d["aggregation"] for d in defs}, r, device.torch_device(),
+                        log=lambda m, step, e=entity: run.log_metrics({f"{e}.{k}": v for k, v in m.items()}, step),
+                        objective=objective,
+                    )
+                except ValueError as exc:
+                    raise _fail(exc) from exc
+                checkpoint["objectives"][objective][entity] = result
+                meta[f"{objective}_{entity}_seeds"] = len(raw)
+                meta[f"{objective}_{entity}_best_epoch"] = result["best_epoch"]
+                meta[f"{objective}_{entity}_best_val_loss"] = result["best_val_loss"]
+            run.log_torch({e: v["backbone"] for e, v in checkpoint["objectives"][objective].items()}, "backbone.pt")
+            meta[f"{objective}_mlflow_run_id"] = run.run_id
     return dg.Output(checkpoint, metadata=meta)
 
 
@@ -120,18 +127,19 @@ def finetuned_models(
     r = recipe.recipe()
     dataset, task, tables = _task_of(context, raw_tables)
     data, col_stats = _graph(storage, raw_tables, dataset)
-    pre = pretrained_checkpoint["entities"].get(task.entity_table)
+    backbones = {"scratch": None}
+    for objective, by_entity in pretrained_checkpoint["objectives"].items():
+        if task.entity_table in by_entity:
+            backbones[objective] = by_entity[task.entity_table]["backbone"]
+        else:
+            context.log.warning(f"no {objective} backbone for entity table {task.entity_table!r}: skipping it")
     models, meta = {}, {"n_train": len(tables["train"].df), "n_val": len(tables["val"].df), "n_test": len(tables["test"].df)}
-    for method in r.finetune.methods:
-        if method == "tve" and pre is None:
-            context.log.warning(f"no pre-trained backbone for {task.entity_table}: skipping method 'tve'")
-            continue
+    for method, backbone in backbones.items():
         for seed in r.finetune.seeds:
             with mlflow.run(context, f"finetune {method} seed={seed}") as run:
                 run.log_params({"method": method, "seed": seed, **{f"finetune.{k}": v for k, v in r.finetune.model_dump().items()}})
                 result = training.finetune(
-                    data, col_stats, task, tables, r, device.torch_device(), seed=seed,
-                    backbone=pre["backbone"] if method == "tve" else None, log=run.log_metrics,
+                    data, col_stats, task, tables, r, device.torch_device(), seed=seed, backbone=backbone, log=run.log_metrics,
                 )
                 result["mlflow_run_id"] = run.run_id
             models[(method, seed)] = result

@@ -8,10 +8,16 @@ folder (MLflow 3 refuses plain file stores).
 """
 
 import contextlib
+import re
 import tempfile
 from pathlib import Path
 
 import dagster as dg
+
+
+def mlflow_key(name: str) -> str:
+    """MLflow keys allow letters, digits, ``_ - . / `` and space: 'tve+mae' -> 'tve_mae'."""
+    return re.sub(r"[^\w\-. /]", "_", name)
 
 
 class MLflowRun:
@@ -22,12 +28,12 @@ class MLflowRun:
 
     def log_params(self, params: dict) -> None:
         for key, value in params.items():
-            self.client.log_param(self.run_id, key, str(value)[:6000])
+            self.client.log_param(self.run_id, mlflow_key(key), str(value)[:6000])
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         for key, value in metrics.items():
             if value is not None:
-                self.client.log_metric(self.run_id, key.replace("|", "/"), float(value), step=step or 0)
+                self.client.log_metric(self.run_id, mlflow_key(key), float(value), step=step or 0)
 
     def log_dict(self, obj, name: str) -> None:
         self.client.log_dict(self.run_id, obj, name)

@@ -35,7 +35,7 @@ def test_every_asset_materialised(pipeline_run):
 def test_metrics_cover_methods_tasks_and_splits(pipeline_run):
     m = pipeline_run["metrics"]
     assert set(m["task"]) == {"customer-churn", "customer-spend"}
-    assert set(m["method"]) == {"tve", "scratch"}
+    assert set(m["method"]) == {"scratch", "tve", "mae", "ctr", "tve+mae", "tve+ctr"}
     assert set(m["split"]) == {"val", "test"}
     assert set(m.loc[m["task"] == "customer-churn", "metric"]) == {"roc_auc"}
     assert set(m.loc[m["task"] == "customer-spend", "metric"]) == {"nmae"}
@@ -85,7 +85,7 @@ def test_test_auroc_matches_sklearn_on_bruteforce_labels(pipeline_run):
     labels = _brute_labels(run, sorted(test["timestamp"].unique()))
     merged = test.merge(labels, on=["timestamp", "customer_id"], how="left")
     assert merged["churn"].notna().all() and len(merged) == len(test)
-    for method in ("scratch", "tve"):
+    for method in ("scratch", "tve", "tve+ctr"):
         pred = torch.sigmoid(_predict(run, "customer-churn", test, method)).numpy()
         assert _metric(run, "customer-churn", method, "test") == pytest.approx(roc_auc_score(merged["churn"], pred), abs=1e-9)
 
@@ -133,12 +133,20 @@ def test_tve_targets_match_pandas_oracle_and_never_pass_val(pipeline_run):
 
 def test_checkpoint_is_cpu_backbone_state(pipeline_run):
     ckpt = load_asset(pipeline_run, "pretrained_checkpoint", "tiny")
-    entry = ckpt["entities"]["customers"]
-    assert entry["backbone"], "empty backbone"
-    for k, v in entry["backbone"].items():
-        assert k.split(".")[0] in {"encoder", "temporal_encoder", "gnn"}
-        assert isinstance(v, torch.Tensor) and v.device.type == "cpu"
-    assert entry["n_train_seeds"] > 0 and entry["n_val_seeds"] > 0
+    assert set(ckpt["objectives"]) == {"tve", "mae", "ctr", "tve+mae", "tve+ctr"}
+    states = {}
+    for objective, by_entity in ckpt["objectives"].items():
+        entry = by_entity["customers"]
+        assert entry["backbone"], "empty backbone"
+        for k, v in entry["backbone"].items():
+            assert k.split(".")[0] in {"encoder", "temporal_encoder", "gnn"}
+            assert isinstance(v, torch.Tensor) and v.device.type == "cpu"
+        assert entry["n_train_seeds"] > 0 and entry["n_val_seeds"] > 0
+        states[objective] = entry["backbone"]
+    # different objectives train different backbones from the same initialisation
+    key = next(k for k in states["tve"] if k.startswith("gnn.") and k.endswith("weight"))
+    assert not torch.equal(states["tve"][key], states["mae"][key])
+    assert not torch.equal(states["tve"][key], states["ctr"][key])
 
 
 def test_mlflow_runs_tagged_with_dagster_run_and_partition(pipeline_run):

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from tve_pipeline.normalise import TaskVectorNormaliser
-from tve_pipeline.training import sce_loss, seed_tensors, split_pretrain_seeds
+from tve_pipeline.objectives import sce_loss
+from tve_pipeline.training import seed_tensors, split_pretrain_seeds
 
 
 @pytest.mark.parametrize("unit", ["s", "ms", "us", "ns"])
@@ -49,3 +50,29 @@ def test_pretrain_split_holds_out_latest_seed_times():
     train, val = split_pretrain_seeds(raw, 0.3)
     assert set(val["timestamp"]) == {pd.Timestamp("2020-03-01")}
     assert train["timestamp"].max() < val["timestamp"].min()
+
+
+def test_info_nce_hand_computed():
+    from tve_pipeline.objectives import info_nce
+
+    z = torch.eye(2)
+    # logits [[1, 0], [0, 1]] / tau=1: each row's CE is log(1 + e^-1)
+    assert info_nce(z, z, tau=1.0).item() == pytest.approx(np.log1p(np.exp(-1.0)), rel=1e-6)
+
+
+def test_corrupted_copy_leaves_the_batch_untouched_and_swaps_within_columns():
+    from torch_frame import TensorFrame, stype
+    from torch_geometric.data import HeteroData
+
+    from tve_pipeline.objectives import corrupted_copy
+
+    b = HeteroData()
+    values = torch.arange(200, dtype=torch.float32).view(100, 2)
+    b["t"].tf = TensorFrame({stype.numerical: values.clone()}, {stype.numerical: ["a", "b"]})
+    view = corrupted_copy(b, 0.5, torch.Generator().manual_seed(0))
+    assert torch.equal(b["t"].tf.feat_dict[stype.numerical], values)
+    new = view["t"].tf.feat_dict[stype.numerical]
+    changed = (new != values).float().mean().item()
+    assert 0.3 < changed < 0.6  # about rate x (1 - 1/n) of the cells
+    # a swapped cell takes a value of the same column: column a holds even, b odd numbers
+    assert (new[:, 0] % 2 == 0).all() and (new[:, 1] % 2 == 1).all()

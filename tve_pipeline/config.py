@@ -44,12 +44,25 @@ class TargetConfig(BaseModel):
     max_mode_categories: int = 10
 
 
+Objective = Literal["tve", "mae", "ctr", "tve+mae", "tve+ctr"]
+
+
 class PretrainConfig(BaseModel):
-    """TVE pre-training (scaled cosine error over the normalised task vector)."""
+    """Pre-training objectives on one backbone and budget (DESIGN.md section 1, step 4).
+
+    ``tve``: scaled cosine error over the normalised task vector, inputs corrupted.
+    ``mae``: masked-attribute reconstruction of the seed rows' own attributes.
+    ``ctr``: InfoNCE between a clean and a corrupted view of each seed's subgraph.
+    ``tve+mae`` / ``tve+ctr``: TVE plus ``aux_weight`` x the other loss.
+    Each objective in ``objectives`` yields its own pre-trained backbone.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    objective: Literal["tve"] = "tve"
+    objectives: tuple[Objective, ...] = ("tve",)
+    aux_weight: float = 0.1
+    ctr_tau: float = 0.1
+    ctr_corruption_rate: float = 0.25  # the contrastive baseline's view corruption
     sce_alpha: float = 2.0
     inactive_weight: float = 0.2  # w for inactive rows, 1 - w for active rows
     corruption_rate: float = 0.15  # input cells swapped within their column
@@ -64,7 +77,12 @@ class PretrainConfig(BaseModel):
 
 
 class FinetuneConfig(BaseModel):
-    """Transfer: copy encoder, temporal encoder and GNN; new head; full fine-tuning."""
+    """Transfer: copy encoder, temporal encoder and GNN; new head; full fine-tuning.
+
+    Every task is fine-tuned from scratch and from each pre-trained objective's backbone,
+    for every seed, on the same label sample (``label_fraction`` of the training table,
+    drawn with the seed).
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -74,7 +92,6 @@ class FinetuneConfig(BaseModel):
     batch_size: int = 512
     seeds: tuple[int, ...] = (0,)
     label_fraction: float = 1.0
-    methods: tuple[Literal["tve", "scratch"], ...] = ("tve", "scratch")
 
 
 class Recipe(BaseModel):
@@ -103,7 +120,8 @@ _PROFILES: dict[str, dict] = {
     # The test suite: seconds, on a tiny database.
     "test": {
         "backbone": {"channels": 16, "encoder_layers": 1, "num_neighbors": (8, 4)},
-        "pretrain": {"epochs": 2, "steps_per_epoch": 3, "batch_size": 64, "lr_step_epochs": 1},
+        "pretrain": {"epochs": 2, "steps_per_epoch": 3, "batch_size": 64, "lr_step_epochs": 1,
+                     "objectives": ("tve", "mae", "ctr", "tve+mae", "tve+ctr")},
         "finetune": {"epochs": 2, "steps_per_epoch": 3, "batch_size": 64},
     },
 }

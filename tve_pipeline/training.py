@@ -30,8 +30,9 @@ from torch_geometric.data import HeteroData
 
 from tve_pipeline.config import Recipe
 from tve_pipeline.database import CATEGORICAL, NUMERICAL, TIMESTAMP
-from tve_pipeline.model import RDLModel, backbone_state, corrupt_, load_backbone
+from tve_pipeline.model import RDLModel, backbone_state, load_backbone
 from tve_pipeline.normalise import INACTIVE, TaskVectorNormaliser
+from tve_pipeline.objectives import AttributeDecoder, corrupted_copy, info_nce, sce_loss
 from tve_pipeline.sampling import TemporalNeighborSampler
 
 LogFn = Callable[[dict, int], None]
@@ -113,13 +114,6 @@ def predict(model, sampler, entity_table, nodes, times, batch_size, device, *, s
 # --------------------------------------------------------------------------- pre-training
 
 
-def sce_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Scaled cosine error, per-row weighted mean: sum w (1 - cos)^alpha / sum w."""
-    cos = F.cosine_similarity(pred, target, dim=-1, eps=1e-8)
-    err = (1.0 - cos).clamp_min(0).pow(alpha)
-    return (weight * err).sum() / weight.sum().clamp_min(1e-12)
-
-
 def split_pretrain_seeds(raw: pd.DataFrame, val_fraction: float) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Hold out the latest seed times (a temporal split) for choosing the best epoch."""
     times = np.sort(raw["timestamp"].unique())
@@ -140,9 +134,16 @@ def pretrain(
     recipe: Recipe,
     device: torch.device,
     log: LogFn | None = None,
+    *,
+    objective: str = "tve",
 ) -> dict:
-    """TVE pre-training on raw task vectors; returns CPU states, normaliser and history."""
+    """Pre-train a backbone with one objective; returns CPU states, normaliser and history.
+
+    Seeds are the (entity, seed time) rows of ``raw_targets`` (training seed times only);
+    the latest seed times are held out to choose the best epoch by the objective's loss.
+    """
     cfg = recipe.pretrain
+    parts = set(objective.split("+"))
     torch.manual_seed(recipe.seed)
     train_raw, val_raw = split_pretrain_seeds(raw_targets, cfg.val_fraction)
     if len(train_raw) == 0:
@@ -151,40 +152,78 @@ def pretrain(
         train_raw, aggregations, max_mode_categories=recipe.targets.max_mode_categories
     )
     y_train = torch.from_numpy(normaliser.transform(train_raw))
-    y_val = torch.from_numpy(normaliser.transform(val_raw)) if len(val_raw) else None
+    y_val = torch.from_numpy(normaliser.transform(val_raw))
     n_train, t_train = seed_tensors(train_raw[entity_col], train_raw["timestamp"])
     n_val, t_val = seed_tensors(val_raw[entity_col], val_raw["timestamp"])
 
     model = RDLModel(data, col_stats, recipe.backbone, out_channels=normaliser.width).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    aux = torch.nn.ModuleDict()
+    if "mae" in parts:
+        aux["mae"] = AttributeDecoder(recipe.backbone.channels, data[entity_table].tf.col_names_dict, col_stats[entity_table])
+    if "ctr" in parts:
+        c = recipe.backbone.channels
+        aux["proj"] = torch.nn.Sequential(torch.nn.Linear(c, c), torch.nn.ReLU(), torch.nn.Linear(c, c))
+    aux.to(device)
+    params = list(model.parameters()) + list(aux.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step_epochs, gamma=cfg.lr_gamma)
     sampler = TemporalNeighborSampler(data, list(recipe.backbone.num_neighbors), strategy=recipe.backbone.sampling)
-    gen = torch.Generator().manual_seed(recipe.seed)
     w = cfg.inactive_weight
+    # The auxiliary loss is the whole objective when it stands alone, 0.1 x beside TVE.
+    aux_weight = cfg.aux_weight if "tve" in parts else 1.0
 
     def row_weight(y):
         return torch.where(y[:, 0] == 1, torch.tensor(w), torch.tensor(1.0 - w))
 
+    def objective_loss(batch, y, gen) -> torch.Tensor:
+        batch = _to_device(batch, device)
+        seeds = slice(0, batch[entity_table].seed_time.size(0))
+        noisy = corrupted_copy(batch, cfg.corruption_rate, gen)
+        z = model.embed(noisy, entity_table)
+        loss = torch.zeros((), device=device)
+        if "tve" in parts:
+            loss = loss + sce_loss(model.head(z), y.to(device), row_weight(y).to(device), cfg.sce_alpha)
+        if "mae" in parts:
+            loss = loss + aux_weight * aux["mae"].loss(z, batch[entity_table].tf[seeds])
+        if "ctr" in parts:
+            # TVE+CTR contrasts TVE's own corrupted view; CTR alone uses its stronger corruption.
+            view = noisy if "tve" in parts else corrupted_copy(batch, cfg.ctr_corruption_rate, gen)
+            z_view = z if "tve" in parts else model.embed(view, entity_table)
+            z_clean = model.embed(batch, entity_table)
+            loss = loss + aux_weight * info_nce(aux["proj"](z_clean), aux["proj"](z_view), cfg.ctr_tau)
+        return loss
+
+    @torch.no_grad()
+    def validation_loss() -> float:
+        model.eval()
+        aux.eval()
+        gen = torch.Generator().manual_seed(recipe.seed)  # same corruption every epoch
+        total, count = 0.0, 0
+        for start in range(0, len(n_val), cfg.batch_size):
+            sl = slice(start, start + cfg.batch_size)
+            batch = sampler.sample(entity_table, n_val[sl], t_val[sl], generator=gen)
+            total += objective_loss(batch, y_val[sl], gen).item() * len(n_val[sl])
+            count += len(n_val[sl])
+        return total / max(count, 1)
+
+    gen = torch.Generator().manual_seed(recipe.seed)
     best = {"val_loss": math.inf, "epoch": -1, "state": None}
     history = []
     for epoch in range(cfg.epochs):
         model.train()
+        aux.train()
         losses = []
         for idx in _batches(len(n_train), cfg.batch_size, gen, cfg.steps_per_epoch):
             batch = sampler.sample(entity_table, n_train[idx], t_train[idx], generator=gen)
-            corrupt_(batch, cfg.corruption_rate, generator=gen)
-            y = y_train[idx]
-            pred = model(_to_device(batch, device), entity_table)
-            loss = sce_loss(pred, y.to(device), row_weight(y).to(device), cfg.sce_alpha)
+            loss = objective_loss(batch, y_train[idx], gen)
             opt.zero_grad()
             loss.backward()
             opt.step()
             losses.append(loss.item())
         sched.step()
         row = {"epoch": epoch, "train_loss": float(np.mean(losses))}
-        if y_val is not None:
-            pred = predict(model, sampler, entity_table, n_val, t_val, cfg.batch_size, device, seed=recipe.seed)
-            row["val_loss"] = sce_loss(pred, y_val, row_weight(y_val), cfg.sce_alpha).item()
+        if len(n_val):
+            row["val_loss"] = validation_loss()
         history.append(row)
         if log:
             log({k: v for k, v in row.items() if k != "epoch"}, epoch)
@@ -193,6 +232,7 @@ def pretrain(
             best = {"val_loss": score, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
     model.load_state_dict(best["state"])
     return {
+        "objective": objective,
         "entity_table": entity_table,
         "backbone": backbone_state(model),
         "head": {k: v.cpu() for k, v in model.head.state_dict().items()},
