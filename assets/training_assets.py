@@ -42,7 +42,8 @@ def pretrained_checkpoint(
     task-vector normaliser each was trained with (fine-tuning and inference reuse it)."""
     r = recipe.recipe()
     dataset = tdb.open_dataset(raw_tables.dataset_dir)
-    checkpoint = {"recipe": r.model_dump(mode="json"), "column_types": raw_tables.column_types, "objectives": {}}
+    checkpoint = {"recipe": r.model_dump(mode="json"), "column_types": raw_tables.column_types, "objectives": {},
+                  "created": context.run_id}
     windows = training_windows(raw_tables, r)
     meta = {"windows": ", ".join(windows)}
     targets = {}
@@ -78,6 +79,11 @@ def pretrained_checkpoint(
                         {d["name"]: d["aggregation"] for d in defs}, r, device.torch_device(),
                         log=lambda m, step, e=entity: run.log_metrics({f"{e}.{k}": v for k, v in m.items()}, step),
                         objective=objective,
+                        checkpoint=training.Checkpointer(
+                            storage.checkpoint_file("pretrained_checkpoint", context.partition_key, f"{objective}-{entity}"),
+                            r.checkpoint_every,
+                            key=f"{raw_tables.fingerprint}:{r.model_dump_json()}",
+                        ),
                     )
                 except ValueError as exc:
                     raise _fail(exc) from exc
@@ -140,7 +146,14 @@ def finetuned_models(
                 run.log_params({"method": method, "seed": seed, **{f"finetune.{k}": v for k, v in r.finetune.model_dump().items()}})
                 result = training.finetune(
                     data, col_stats, task, tables, r, device.torch_device(), seed=seed, backbone=backbone, log=run.log_metrics,
+                    checkpoint=training.Checkpointer(
+                        storage.checkpoint_file("finetuned_models", context.partition_key, f"{method}-seed{seed}"),
+                        r.checkpoint_every,
+                        # a new pre-trained backbone makes an old fine-tuning checkpoint stale
+                        key=f"{raw_tables.fingerprint}:{r.model_dump_json()}:{pretrained_checkpoint.get('created', '')}",
+                    ),
                 )
+                run.log_torch(result["state_dict"], "model.pt")
                 result["mlflow_run_id"] = run.run_id
             models[(method, seed)] = result
             for k, v in result["val_metrics"].items():

@@ -34,6 +34,11 @@ class TVEStorage(dg.ConfigurableResource):
         """Raw task vectors of one window: ``targets/<database>/<window>/<entity>.parquet``."""
         return Path(self.run_dir) / "targets" / database / window / f"{entity_table}.parquet"
 
+    def checkpoint_file(self, asset: str, partition: str, name: str) -> Path:
+        """Resumable training state of one run: ``checkpoints/<asset>/<partition>/<name>.pt``."""
+        safe = str(partition).replace("|", "/")
+        return Path(self.run_dir) / "checkpoints" / asset / safe / f"{name.replace('+', '_')}.pt"
+
     def graph_cache(self, database: str, fingerprint: str) -> Path:
         return Path(self.run_dir) / "cache" / database / fingerprint[:16]
 

@@ -99,6 +99,8 @@ class Recipe(BaseModel):
 
     profile: str = "reference"
     seed: int = 0
+    # Training writes a resumable checkpoint every this many optimiser steps.
+    checkpoint_every: int = 200
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     targets: TargetConfig = Field(default_factory=TargetConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)

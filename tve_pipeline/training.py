@@ -11,10 +11,10 @@ L1). The best epoch is chosen on held-out seeds; state leaves this module as CPU
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -98,6 +98,124 @@ def _batches(n: int, batch_size: int, generator: torch.Generator, steps: int | N
             done += 1
 
 
+class Checkpointer:
+    """Atomic training checkpoints every ``every`` steps (temp file + ``os.replace``).
+
+    A run killed at any moment leaves either the previous checkpoint or the new one,
+    never a torn file; a restarted run resumes from it and, because batch order and
+    sampling draw from generators whose states are saved with the weights, ends exactly
+    where an uninterrupted run with the same seed ends.
+    """
+
+    def __init__(self, path: str | Path, every: int, key: str = ""):
+        # ``key`` names what the run is (recipe, data, objective): a checkpoint written
+        # under another key is stale and ignored rather than resumed.
+        self.path, self.every, self.key = Path(path), max(int(every), 1), key
+
+    def load(self) -> dict | None:
+        if not self.path.exists():
+            return None
+        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        return state if state.get("checkpoint_key") == self.key else None
+
+    def save(self, state: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        torch.save({**state, "checkpoint_key": self.key}, tmp)
+        os.replace(tmp, self.path)
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _fit(
+    modules: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    sched,
+    *,
+    n: int,
+    batch_size: int,
+    steps_per_epoch: int | None,
+    epochs: int,
+    seed: int,
+    step_loss: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+    evaluate_epoch: Callable[[], tuple[dict, float]],
+    log: LogFn | None = None,
+    checkpoint: Checkpointer | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> tuple[dict, list[dict]]:
+    """The training loop both stages share; returns (best, history).
+
+    Two generators of its own plus torch's global one (dropout): ``order`` shuffles the seeds of each epoch (its state at the start of
+    the epoch is enough to rebuild the epoch's batches), ``draws`` feeds sampling and
+    corruption. ``evaluate_epoch`` returns (metrics, score): the higher score wins.
+    """
+    order = torch.Generator().manual_seed(seed)
+    draws = torch.Generator().manual_seed(seed + 1)
+    best = {"score": -math.inf, "epoch": -1, "state": None, "metrics": None}
+    history: list[dict] = []
+    start_epoch, start_step, losses = 0, 0, []
+    global_step = 0
+    saved = checkpoint.load() if checkpoint else None
+    if saved is not None:
+        modules.load_state_dict(saved["modules"])
+        opt.load_state_dict(saved["opt"])
+        if sched is not None:
+            sched.load_state_dict(saved["sched"])
+        order.set_state(saved["order_state"])
+        draws.set_state(saved["draws_state"])
+        torch.set_rng_state(saved["global_rng_state"])
+        if saved.get("cuda_rng_state") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved["cuda_rng_state"])
+        best, history = saved["best"], saved["history"]
+        start_epoch, start_step, losses, global_step = saved["epoch"], saved["step"], saved["losses"], saved["global_step"]
+    for epoch in range(start_epoch, epochs):
+        if epoch != start_epoch or saved is None:
+            epoch_order_state = order.get_state()
+        else:
+            epoch_order_state = saved["epoch_order_state"]
+            order.set_state(epoch_order_state)
+        batches = list(_batches(n, batch_size, order, steps_per_epoch))
+        modules.train()
+        first = start_step if (saved is not None and epoch == start_epoch) else 0
+        if first == 0:
+            losses = []
+        for step in range(first, len(batches)):
+            loss = step_loss(batches[step], draws)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            global_step += 1
+            if checkpoint and global_step % checkpoint.every == 0:
+                checkpoint.save({
+                    "modules": modules.state_dict(), "opt": opt.state_dict(),
+                    "sched": sched.state_dict() if sched is not None else None,
+                    "order_state": order.get_state(), "epoch_order_state": epoch_order_state,
+                    "draws_state": draws.get_state(), "best": best, "history": history,
+                    # dropout (torch_frame's ResNet) draws from the global generator
+                    "global_rng_state": torch.get_rng_state(),
+                    "cuda_rng_state": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                    "epoch": epoch, "step": step + 1, "losses": losses, "global_step": global_step,
+                })
+            if on_step:
+                on_step(global_step)
+        if sched is not None:
+            sched.step()
+        metrics, score = evaluate_epoch()
+        row = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"), **metrics}
+        history.append(row)
+        if log:
+            log({k: v for k, v in row.items() if k != "epoch"}, epoch)
+        if score > best["score"]:
+            state = {k: v.detach().cpu().clone() for k, v in modules.state_dict().items()}
+            best = {"score": score, "epoch": epoch, "state": state, "metrics": metrics}
+        saved = None
+    if checkpoint:
+        checkpoint.clear()
+    return best, history
+
+
 @torch.no_grad()
 def predict(model, sampler, entity_table, nodes, times, batch_size, device, *, seed: int = 0) -> torch.Tensor:
     """Head outputs for every seed, in input order (sampling reproducible under ``seed``)."""
@@ -136,6 +254,8 @@ def pretrain(
     log: LogFn | None = None,
     *,
     objective: str = "tve",
+    checkpoint: Checkpointer | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> dict:
     """Pre-train a backbone with one objective; returns CPU states, normaliser and history.
 
@@ -206,31 +326,27 @@ def pretrain(
             count += len(n_val[sl])
         return total / max(count, 1)
 
-    gen = torch.Generator().manual_seed(recipe.seed)
-    best = {"val_loss": math.inf, "epoch": -1, "state": None}
-    history = []
-    for epoch in range(cfg.epochs):
-        model.train()
-        aux.train()
-        losses = []
-        for idx in _batches(len(n_train), cfg.batch_size, gen, cfg.steps_per_epoch):
-            batch = sampler.sample(entity_table, n_train[idx], t_train[idx], generator=gen)
-            loss = objective_loss(batch, y_train[idx], gen)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        sched.step()
-        row = {"epoch": epoch, "train_loss": float(np.mean(losses))}
-        if len(n_val):
-            row["val_loss"] = validation_loss()
-        history.append(row)
-        if log:
-            log({k: v for k, v in row.items() if k != "epoch"}, epoch)
-        score = row.get("val_loss", row["train_loss"])
-        if score < best["val_loss"]:
-            best = {"val_loss": score, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
-    model.load_state_dict(best["state"])
+    modules = torch.nn.ModuleDict({"model": model, "aux": aux})
+
+    def step_loss(idx, gen):
+        batch = sampler.sample(entity_table, n_train[idx], t_train[idx], generator=gen)
+        return objective_loss(batch, y_train[idx], gen)
+
+    epochs_done = []
+
+    def evaluate_epoch():
+        epochs_done.append(1)
+        if not len(n_val):
+            return {}, float(len(epochs_done))  # nothing held out: the last epoch wins
+        val_loss = validation_loss()
+        return {"val_loss": val_loss}, -val_loss
+
+    best, history = _fit(
+        modules, opt, sched, n=len(n_train), batch_size=cfg.batch_size, steps_per_epoch=cfg.steps_per_epoch,
+        epochs=cfg.epochs, seed=recipe.seed, step_loss=step_loss, evaluate_epoch=evaluate_epoch, log=log,
+        checkpoint=checkpoint, on_step=on_step,
+    )
+    modules.load_state_dict(best["state"])
     return {
         "objective": objective,
         "entity_table": entity_table,
@@ -239,7 +355,7 @@ def pretrain(
         "normaliser": normaliser.to_dict(),
         "history": history,
         "best_epoch": best["epoch"],
-        "best_val_loss": best["val_loss"],
+        "best_val_loss": (best["metrics"] or {}).get("val_loss"),
         "n_train_seeds": len(train_raw),
         "n_val_seeds": len(val_raw),
         "inactive_rate": float(raw_targets[INACTIVE].mean()),
@@ -271,6 +387,8 @@ def finetune(
     seed: int = 0,
     backbone: dict | None = None,
     log: LogFn | None = None,
+    checkpoint: Checkpointer | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> dict:
     """Train a task head (and the backbone) on the task's train table; best epoch by val.
 
@@ -293,36 +411,28 @@ def finetune(
         load_backbone(model, backbone)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sampler = TemporalNeighborSampler(data, list(recipe.backbone.num_neighbors), strategy=recipe.backbone.sampling)
-    gen = torch.Generator().manual_seed(seed)
     loss_fn = F.binary_cross_entropy_with_logits if _higher_is_better(task) else F.l1_loss
     sign = 1.0 if _higher_is_better(task) else -1.0
 
-    best = {"score": -math.inf, "epoch": -1, "state": None, "val": None}
-    history = []
-    for epoch in range(cfg.epochs):
-        model.train()
-        losses = []
-        for idx in _batches(len(n_tr), cfg.batch_size, gen, cfg.steps_per_epoch):
-            batch = sampler.sample(task.entity_table, n_tr[idx], t_tr[idx], generator=gen)
-            pred = model(_to_device(batch, device), task.entity_table).view(-1)
-            loss = loss_fn(pred, y_tr[idx].to(device))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+    def step_loss(idx, gen):
+        batch = sampler.sample(task.entity_table, n_tr[idx], t_tr[idx], generator=gen)
+        pred = model(_to_device(batch, device), task.entity_table).view(-1)
+        return loss_fn(pred, y_tr[idx].to(device))
+
+    def evaluate_epoch():
         out = predict(model, sampler, task.entity_table, n_va, t_va, cfg.batch_size, device, seed=seed)
         val_metrics = task.evaluate(_task_output(task, out), val)
-        row = {"epoch": epoch, "train_loss": float(np.mean(losses)), **{f"val_{k}": v for k, v in val_metrics.items()}}
-        history.append(row)
-        if log:
-            log({k: v for k, v in row.items() if k != "epoch"}, epoch)
-        score = sign * next(iter(val_metrics.values()))
-        if score > best["score"]:
-            best = {"score": score, "epoch": epoch, "state": copy.deepcopy(model.state_dict()), "val": val_metrics}
+        return {f"val_{k}": float(v) for k, v in val_metrics.items()}, sign * next(iter(val_metrics.values()))
+
+    best, history = _fit(
+        model, opt, None, n=len(n_tr), batch_size=cfg.batch_size, steps_per_epoch=cfg.steps_per_epoch,
+        epochs=cfg.epochs, seed=seed, step_loss=step_loss, evaluate_epoch=evaluate_epoch, log=log,
+        checkpoint=checkpoint, on_step=on_step,
+    )
     return {
-        "state_dict": {k: v.detach().cpu() for k, v in best["state"].items()},
+        "state_dict": best["state"],
         "best_epoch": best["epoch"],
-        "val_metrics": best["val"],
+        "val_metrics": {k.removeprefix("val_"): v for k, v in best["metrics"].items()},
         "history": history,
         "n_train": len(train),
     }
