@@ -96,8 +96,13 @@ def run_pipeline(database: str, run_dir: Path, instance: dg.DagsterInstance, res
 def metrics_table(frame: pd.DataFrame) -> str:
     if frame.empty:
         return "(no metrics)"
-    table = (frame.groupby(["database", "task", "metric", "split", "method"])["value"].mean().unstack("method").reset_index())
-    return table.to_markdown(index=False, floatfmt=".4f")
+    keys = ["database", "task", "metric", "split", "label_fraction"]
+    stats = frame.groupby([*keys, "method"])["value"].agg(["mean", "std", "count"])
+    cell = stats.apply(
+        lambda r: f"{r['mean']:.4f}" if r["count"] < 2 else f"{r['mean']:.4f} ± {r['std']:.4f}", axis=1
+    )
+    table = cell.unstack("method").reset_index()
+    return table.to_markdown(index=False)
 
 
 def run_demo(run_dir: Path, profile: str = "demo") -> pd.DataFrame:
@@ -118,7 +123,7 @@ def run_demo(run_dir: Path, profile: str = "demo") -> pd.DataFrame:
     register_dataset(flights_dir, run_dir, instance)
     resources = build_resources(run_dir)
     frame = run_pipeline("rel-flights", run_dir, instance, resources)
-    print(f"\nmetrics (recipe profile {profile!r}; RelBench evaluators; mean over seeds):\n")
+    print(f"\nmetrics (recipe profile {profile!r}; RelBench evaluators; mean ± std over seeds):\n")
     print(metrics_table(frame))
     print(f"\nwhole pipeline: {time.perf_counter() - t0:.0f}s. Results are in {run_dir}.")
     print("Open the Dagster UI on them:  make ui          (http://127.0.0.1:3000)")

@@ -8,6 +8,7 @@ from assets.partitions import by_database, database_partitions, database_task_pa
 from resources import DeviceResource, MLflowTracking, RecipeResource, TVEStorage
 from tve_pipeline import database as tdb
 from tve_pipeline import training
+from tve_pipeline.tasks import past_activity, restrict_to_most_active
 
 
 def training_windows(summary, recipe) -> list[str]:
@@ -96,7 +97,12 @@ def pretrained_checkpoint(
     return dg.Output(checkpoint, metadata=meta)
 
 
-def _task_of(context, raw_tables):
+def _task_of(context, raw_tables, recipe, *, with_test_labels: bool = False):
+    """The task of this partition and its tables (restricted when the recipe says so).
+
+    The test table is RelBench's masked one (entity + seed time); ``with_test_labels``
+    adds the labelled test table under ``"test_labels"``, for the evaluator only.
+    """
     keys = context.partition_key.keys_by_dimension
     if keys["task"] not in raw_tables.task_names:
         raise dg.Failure(
@@ -107,6 +113,15 @@ def _task_of(context, raw_tables):
     task = dataset.load_task(keys["task"])
     db = task.get_db(upto_test_timestamp=False)
     tables = {split: task.get_table(split, db=db) for split in ("train", "val", "test")}
+    if with_test_labels:
+        tables["test_labels"] = task.get_table("test", mask_input_cols=False, db=db)
+    k = recipe.finetune.restrict_top_k
+    if k is not None:
+        frames = {n: t.df for n, t in db.table_dict.items()}
+        for name, table in tables.items():
+            activity = past_activity(table.df, frames, dataset.manifest.tables, task.entity_table,
+                                     task.entity_col, task.time_col, task.timedelta)
+            table.df = restrict_to_most_active(table.df, activity, task.entity_col, task.time_col, k).reset_index(drop=True)
     return dataset, task, tables
 
 
@@ -129,9 +144,10 @@ def finetuned_models(
     device: DeviceResource,
     mlflow: MLflowTracking,
 ) -> dg.Output:
-    """Per-task models, from the TVE checkpoint and from scratch, for each seed (CPU states)."""
+    """Per-task models: from scratch and from each pre-trained objective's backbone, for every
+    label fraction and seed (CPU state_dicts keyed by (method, label fraction, seed))."""
     r = recipe.recipe()
-    dataset, task, tables = _task_of(context, raw_tables)
+    dataset, task, tables = _task_of(context, raw_tables, r)
     data, col_stats = _graph(storage, raw_tables, dataset)
     backbones = {"scratch": None}
     for objective, by_entity in pretrained_checkpoint["objectives"].items():
@@ -141,23 +157,27 @@ def finetuned_models(
             context.log.warning(f"no {objective} backbone for entity table {task.entity_table!r}: skipping it")
     models, meta = {}, {"n_train": len(tables["train"].df), "n_val": len(tables["val"].df), "n_test": len(tables["test"].df)}
     for method, backbone in backbones.items():
-        for seed in r.finetune.seeds:
-            with mlflow.run(context, f"finetune {method} seed={seed}") as run:
-                run.log_params({"method": method, "seed": seed, **{f"finetune.{k}": v for k, v in r.finetune.model_dump().items()}})
-                result = training.finetune(
-                    data, col_stats, task, tables, r, device.torch_device(), seed=seed, backbone=backbone, log=run.log_metrics,
-                    checkpoint=training.Checkpointer(
-                        storage.checkpoint_file("finetuned_models", context.partition_key, f"{method}-seed{seed}"),
-                        r.checkpoint_every,
-                        # a new pre-trained backbone makes an old fine-tuning checkpoint stale
-                        key=f"{raw_tables.fingerprint}:{r.model_dump_json()}:{pretrained_checkpoint.get('created', '')}",
-                    ),
-                )
-                run.log_torch(result["state_dict"], "model.pt")
-                result["mlflow_run_id"] = run.run_id
-            models[(method, seed)] = result
-            for k, v in result["val_metrics"].items():
-                meta[f"{method}_seed{seed}_val_{k}"] = float(v)
+        for fraction in r.finetune.label_fractions:
+            for seed in r.finetune.seeds:
+                name = f"{method} frac={fraction:g} seed={seed}"
+                with mlflow.run(context, f"finetune {name}") as run:
+                    run.log_params({"method": method, "seed": seed, "label_fraction": fraction,
+                                    **{f"finetune.{k}": v for k, v in r.finetune.model_dump().items()}})
+                    result = training.finetune(
+                        data, col_stats, task, tables, r, device.torch_device(), seed=seed, label_fraction=fraction,
+                        backbone=backbone, log=run.log_metrics,
+                        checkpoint=training.Checkpointer(
+                            storage.checkpoint_file("finetuned_models", context.partition_key, name.replace(" ", "_")),
+                            r.checkpoint_every,
+                            # a new pre-trained backbone makes an old fine-tuning checkpoint stale
+                            key=f"{raw_tables.fingerprint}:{r.model_dump_json()}:{pretrained_checkpoint.get('created', '')}",
+                        ),
+                    )
+                    run.log_torch(result["state_dict"], "model.pt")
+                    result["mlflow_run_id"] = run.run_id
+                models[(method, fraction, seed)] = result
+                for k, v in result["val_metrics"].items():
+                    meta[f"{name} val_{k}"] = float(v)
     return dg.Output(models, metadata=meta)
 
 
@@ -178,21 +198,22 @@ def metrics(
 ) -> dg.Output:
     """RelBench's evaluator on val and test for every fine-tuned model; one row per metric."""
     r = recipe.recipe()
-    dataset, task, tables = _task_of(context, raw_tables)
+    dataset, task, tables = _task_of(context, raw_tables, r, with_test_labels=True)
     data, col_stats = _graph(storage, raw_tables, dataset)
     keys = context.partition_key.keys_by_dimension
     rows = []
     with mlflow.run(context, "metrics") as run:
-        for (method, seed), model in finetuned_models.items():
+        for (method, fraction, seed), model in finetuned_models.items():
             scores = training.evaluate(data, col_stats, task, tables, model["state_dict"], r, device.torch_device(), seed=seed)
             for split, values in scores.items():
                 for metric, value in values.items():
-                    rows.append({"database": keys["database"], "task": keys["task"], "method": method, "seed": seed,
+                    rows.append({"database": keys["database"], "task": keys["task"], "method": method,
+                                 "label_fraction": fraction, "seed": seed,
                                  "split": split, "metric": metric, "value": float(value)})
-                    run.log_metrics({f"{method}.seed{seed}.{split}.{metric}": value})
+                    run.log_metrics({f"{method}.frac{fraction:g}.seed{seed}.{split}.{metric}": value})
         meta_run = run.run_id
     frame = pd.DataFrame(rows)
-    summary = (frame.groupby(["method", "split", "metric"])["value"].agg(["mean", "std", "count"]).reset_index()
+    summary = (frame.groupby(["label_fraction", "method", "split", "metric"])["value"].agg(["mean", "std", "count"]).reset_index()
                if len(frame) else frame)
     return dg.Output(
         frame,

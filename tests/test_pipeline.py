@@ -65,7 +65,7 @@ def _predict(run, task_name, table, method="scratch", seed=0):
     summary = load_asset(run, "raw_tables", "tiny")
     data, col_stats = training.build_graph(ds.get_db(), summary.column_types)
     model = training.RDLModel(data, col_stats, recipe.backbone, out_channels=1)
-    model.load_state_dict(models[(method, seed)]["state_dict"])
+    model.load_state_dict(models[(method, 1.0, seed)]["state_dict"])
     sampler = training.TemporalNeighborSampler(data, list(recipe.backbone.num_neighbors))
     nodes, times = training.seed_tensors(table["customer_id"], table["timestamp"])
     return training.predict(model, sampler, "customers", nodes, times, 64, torch.device("cpu"), seed=seed).view(-1)
@@ -73,7 +73,7 @@ def _predict(run, task_name, table, method="scratch", seed=0):
 
 def _metric(run, task, method, split):
     m = run["metrics"]
-    sel = m[(m["task"] == task) & (m["method"] == method) & (m["split"] == split)]
+    sel = m[(m["task"] == task) & (m["method"] == method) & (m["split"] == split) & (m["seed"] == 0) & (m["label_fraction"] == 1.0)]
     assert len(sel) == 1
     return sel["value"].iloc[0]
 
@@ -174,3 +174,16 @@ def test_task_not_of_database_is_a_one_line_failure(pipeline_run):
     failure = next(e for e in result.all_events if e.is_step_failure)
     msg = failure.step_failure_data.user_failure_data.description
     assert "no task 'no-such-task'" in msg and "customer-churn" in msg and "\n" not in msg
+
+
+def test_label_fractions_give_every_method_the_same_rows_and_seeds_aggregate(pipeline_run):
+    models = load_asset(pipeline_run, "finetuned_models", "tiny/customer-churn")
+    full = models[("scratch", 1.0, 0)]["n_train"]
+    for seed in (0, 1):
+        sizes = {m: v["n_train"] for (m, f, s), v in models.items() if f == 0.5 and s == seed}
+        assert len(sizes) == 6 and set(sizes.values()) == {round(full * 0.5)}
+    m = pipeline_run["metrics"]
+    assert set(m["seed"]) == {0, 1} and set(m["label_fraction"]) == {0.5, 1.0}
+    # two seeds of one method are two models, so they can disagree; the table reports both
+    per = m[(m["method"] == "tve") & (m["split"] == "val") & (m["task"] == "customer-churn")]
+    assert len(per) == 4

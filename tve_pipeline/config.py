@@ -80,8 +80,10 @@ class FinetuneConfig(BaseModel):
     """Transfer: copy encoder, temporal encoder and GNN; new head; full fine-tuning.
 
     Every task is fine-tuned from scratch and from each pre-trained objective's backbone,
-    for every seed, on the same label sample (``label_fraction`` of the training table,
-    drawn with the seed).
+    for every seed and label fraction, on the same label sample (that fraction of the
+    training table, drawn with the seed, identical for every method). ``restrict_top_k``
+    turns each task into its restricted variant: only the k entities with the most
+    first-hop rows in the window before each seed time (the reference's low-data setting).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -91,7 +93,8 @@ class FinetuneConfig(BaseModel):
     steps_per_epoch: int | None = None  # None: one pass over the training table
     batch_size: int = 512
     seeds: tuple[int, ...] = (0,)
-    label_fraction: float = 1.0
+    label_fractions: tuple[float, ...] = (1.0,)
+    restrict_top_k: int | None = None
 
 
 class Recipe(BaseModel):
@@ -124,7 +127,7 @@ _PROFILES: dict[str, dict] = {
         "backbone": {"channels": 16, "encoder_layers": 1, "num_neighbors": (8, 4)},
         "pretrain": {"epochs": 2, "steps_per_epoch": 3, "batch_size": 64, "lr_step_epochs": 1,
                      "objectives": ("tve", "mae", "ctr", "tve+mae", "tve+ctr")},
-        "finetune": {"epochs": 2, "steps_per_epoch": 3, "batch_size": 64},
+        "finetune": {"epochs": 2, "steps_per_epoch": 3, "batch_size": 64, "seeds": (0, 1), "label_fractions": (0.5, 1.0)},
     },
 }
 

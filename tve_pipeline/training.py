@@ -385,6 +385,7 @@ def finetune(
     device: torch.device,
     *,
     seed: int = 0,
+    label_fraction: float = 1.0,
     backbone: dict | None = None,
     log: LogFn | None = None,
     checkpoint: Checkpointer | None = None,
@@ -399,8 +400,11 @@ def finetune(
     cfg = recipe.finetune
     torch.manual_seed(seed)
     train = tables["train"].df
-    if cfg.label_fraction < 1.0:
-        train = train.sample(frac=cfg.label_fraction, random_state=seed).sort_index()
+    if not 0 < label_fraction <= 1:
+        raise ValueError(f"label fraction must be in (0, 1], got {label_fraction}")
+    if label_fraction < 1.0:
+        # Drawn with the seed alone: every method sees the same rows.
+        train = train.sample(frac=label_fraction, random_state=seed).sort_index()
     n_tr, t_tr = seed_tensors(train[task.entity_col], train[task.time_col])
     y_tr = torch.from_numpy(train[task.target_col].to_numpy(dtype=np.float32))
     val = tables["val"]
@@ -439,7 +443,11 @@ def finetune(
 
 
 def evaluate(data, col_stats, task, tables: dict, state_dict: dict, recipe: Recipe, device, *, seed: int = 0) -> dict:
-    """RelBench's evaluator on val and test for a fine-tuned model state."""
+    """RelBench's evaluator on val and test for a fine-tuned model state.
+
+    Predictions come from the masked tables; the labels from ``tables["val"]`` and
+    ``tables["test_labels"]`` (RelBench's own unmasked test table when absent).
+    """
     model = RDLModel(data, col_stats, recipe.backbone, out_channels=1)
     model.load_state_dict(state_dict)
     model.to(device)
@@ -449,6 +457,6 @@ def evaluate(data, col_stats, task, tables: dict, state_dict: dict, recipe: Reci
         table = tables[split]
         nodes, times = seed_tensors(table.df[task.entity_col], table.df[task.time_col])
         pred = _task_output(task, predict(model, sampler, task.entity_table, nodes, times, recipe.finetune.batch_size, device, seed=seed))
-        # The test table we hold is masked (no labels); RelBench's evaluate reads its own.
-        out[split] = task.evaluate(pred, table if split == "val" else None)
+        target = table if split == "val" else tables.get("test_labels")
+        out[split] = task.evaluate(pred, target)
     return out
