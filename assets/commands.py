@@ -78,7 +78,10 @@ def run_pipeline(database: str, run_dir: Path, instance: dg.DagsterInstance, res
     tasks = list(summary.task_names)
     total = 2 + len(windows) + 1 + 2 * len(tasks)
     step = [0]
-    mat = lambda names, key: _materialize(ASSETS, [by_name[n] for n in names], key, instance, resources, "+".join(names), step, total)  # noqa: E731
+
+    def mat(names, key):
+        return _materialize(ASSETS, [by_name[n] for n in names], key, instance, resources, "+".join(names), step, total)
+
     mat(["raw_tables"], database)
     mat(["traversal_graph"], database)
     for w in windows:
