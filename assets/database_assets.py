@@ -39,6 +39,9 @@ def raw_tables(context: dg.AssetExecutionContext, storage: TVEStorage) -> dg.Out
             "test_timestamp": summary.test_timestamp,
             "tasks": ", ".join(summary.task_names),
             "column_types": dg.MetadataValue.json(summary.column_types),
+            "changed_rows": dg.MetadataValue.json(summary.changed_rows or {}),
+            "warnings": dg.MetadataValue.md("\n".join(f"- {w}" for w in summary.warnings) or "(none)"),
+            "info": dg.MetadataValue.md("\n".join(f"- {i}" for i in summary.info) or "(none)"),
         },
     )
 

@@ -60,6 +60,7 @@ def raw():
         "planes": pd.read_csv(data / "planes.csv"),
         "airports": pd.read_csv(data / "airports.csv"),
         "airlines": pd.read_csv(data / "airlines.csv"),
+        "weather": pd.read_csv(data / "weather.csv"),
     }
 
 
@@ -126,6 +127,33 @@ def test_flights_rows_and_references_match_raw(full_db, raw):
     assert (t["airlines"].df["carrier"].to_numpy()[flights["carrier_id"]] == expected["carrier"].to_numpy()).all()
     for col in ["dep_delay", "arr_delay", "distance"]:
         assert np.array_equal(flights[col].to_numpy(float), expected[col].to_numpy(float), equal_nan=True)
+
+
+def test_weather_surrogate_key_times_and_origins_match_raw(flights_ds, full_db, raw, flights_dir):
+    """Weather's composite key (origin, hour) becomes weather_id; the hour is New York time,
+    here derived from the raw year/month/day/hour columns (the builder converts the UTC
+    time_hour), and each row's origin_id resolves to the raw origin."""
+    spec = flights_ds.manifest.tables["weather"]
+    assert (spec.pkey, spec.time_col, spec.fkeys) == ("weather_id", "time_hour", {"origin_id": "airports"})
+    w = full_db.table_dict["weather"].df
+    src = raw["weather"]
+    assert len(w) == len(src) == 26_115
+    assert w["weather_id"].tolist() == list(range(len(w)))
+    assert w["time_hour"].is_monotonic_increasing
+    features = ["temp", "dewp", "humid", "wind_dir", "wind_speed", "wind_gust", "precip", "pressure", "visib"]
+    assert list(w.columns) == ["weather_id", "time_hour", "origin_id", *features]
+    faa = full_db.table_dict["airports"].df["faa"].to_numpy()
+    got = w[features].assign(origin=faa[w["origin_id"]], hour=w["time_hour"])
+    local = pd.to_datetime(pd.DataFrame({"year": src["year"], "month": src["month"], "day": src["day"], "hour": src["hour"]}))
+    expected = src[features].assign(origin=src["origin"], hour=local.astype("datetime64[ns]"))
+    order = ["hour", "origin", *features]
+    got = got[order].sort_values(order).reset_index(drop=True)
+    expected = expected[order].sort_values(order).reset_index(drop=True)
+    pd.testing.assert_frame_equal(got, expected, check_dtype=False)
+    report = json.loads((flights_dir / IMPORT_REPORT_FILE).read_text())
+    assert report["raw_rows"]["weather"] == report["rows"]["weather"] == 26_115
+    assert report["null_fkeys"]["weather.origin_id"] == 0
+    assert report["added_parents"]["airports"] == 4  # weather names only the three NYC airports
 
 
 def _raw_window(raw, t):
@@ -405,3 +433,18 @@ def test_reindex_primary_keys_null_and_add_parents():
 def test_reindex_rejects_duplicate_original_ids():
     with pytest.raises(ValueError, match="table 'parents': original id column 'code'"):
         reindex_primary_keys({"parents": pd.DataFrame({"code": ["a", "a"]})}, {"parents": ("code", "parent_id")})
+
+
+def test_reindex_primary_keys_in_place():
+    """Same old and new names: ids replaced where they stand (RelBench's own reindexing)."""
+    parents = pd.DataFrame({"name": ["x", "y", "z"], "pid": [30, 10, 20]})
+    children = pd.DataFrame({"cid": [7, 5], "pid": [20, 99]})
+    out, report = reindex_primary_keys(
+        {"parents": parents, "children": children},
+        {"parents": ("pid", "pid"), "children": ("cid", "cid")},
+        {"children": [ForeignKey("pid", "parents", "pid")]},
+    )
+    assert out["parents"].columns.tolist() == ["name", "pid"] and out["parents"]["pid"].tolist() == [0, 1, 2]
+    assert out["children"].columns.tolist() == ["cid", "pid"] and out["children"]["cid"].tolist() == [0, 1]
+    assert out["children"]["pid"].tolist()[0] == 2 and pd.isna(out["children"]["pid"].tolist()[1])
+    assert report.unmatched_fkeys == {"children.pid": 1}

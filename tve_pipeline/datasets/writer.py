@@ -87,8 +87,11 @@ def reindex_primary_keys(
 
     ``pkeys`` maps a table to ``(original_id_column, new_pkey_column)``; an original
     column of ``None`` means the table has no natural key and gets a surrogate one. The
-    original id column is kept, the new key becomes the first column. Sort a table (for
-    instance by its time column) *before* calling this: row order is key order.
+    original id column is kept, the new key becomes the first column. When both names
+    are the same the ids are replaced in place (same column, same position), as
+    RelBench's own reindexing does; a ``ForeignKey`` whose ``column`` and
+    ``new_column`` are equal is likewise rewritten in place. Sort a table (for instance
+    by its time column) *before* calling this: row order is key order.
 
     ``fkeys`` maps a child table to its references. A non-null reference to an id its
     parent lacks is, under ``missing="null"``, set to null and counted; under
@@ -135,14 +138,17 @@ def reindex_primary_keys(
     id_maps: dict[str, pd.Series] = {}
     for name, (id_col, new_col) in pkeys.items():
         df = out[name].reset_index(drop=True)
-        if new_col in df.columns:
+        if new_col in df.columns and new_col != id_col:
             raise ValueError(f"table '{name}': new pkey column '{new_col}' already exists")
         if id_col is not None:
             ids = df[id_col]
             if ids.isna().any() or not ids.is_unique:
                 raise ValueError(f"table '{name}': original id column '{id_col}' has nulls or duplicates")
             id_maps[name] = pd.Series(np.arange(len(df), dtype="int64"), index=pd.Index(ids))
-        df.insert(0, new_col, np.arange(len(df), dtype="int64"))
+        if new_col == id_col:
+            df[new_col] = np.arange(len(df), dtype="int64")
+        else:
+            df.insert(0, new_col, np.arange(len(df), dtype="int64"))
         out[name] = df
 
     for child, refs in fkeys.items():
