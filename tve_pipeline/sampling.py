@@ -41,15 +41,35 @@ Semantics (those of pyg-lib's disjoint temporal sampling as RelBench uses it):
 * The sampler is meant for CPU tensors (a ``generator`` must live on the data's device).
   On a machine whose cores are shared, torch's intra-op threads can make the small ops
   used here far slower than one thread; DataLoader workers already run single-threaded.
+
+PyG integration: :class:`TemporalNeighborSampler` is a
+``torch_geometric.sampler.NeighborSampler`` whose ``sample_from_nodes`` returns a
+``HeteroSamplerOutput`` (global ids per type, local ``row``/``col`` per edge type,
+``batch``, ``num_sampled_nodes``/``num_sampled_edges``, ``metadata = (input_id,
+seed_time)``), so ``NodeLoader(data, node_sampler=sampler, input_nodes=(table, ids),
+input_time=times, batch_size=..., shuffle=...)`` -- or ``NeighborLoader(...,
+time_attr="time", neighbor_sampler=sampler)`` -- yields batches with ``tf``, ``time``,
+``n_id``, ``batch`` per type and ``seed_time``/``input_id``/``batch_size`` on the seed
+table, as RelBench's examples read them. :meth:`TemporalNeighborSampler.sample` is the
+same sampling joined with the features by the same code path as the loader
+(:meth:`~TemporalNeighborSampler.to_hetero_data`), so both give identical batches for the
+same seeds and generator. Loaders pass no generator: see the ``seed`` argument for how
+their batches are seeded.
 """
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torch_geometric.data import HeteroData
+from torch_geometric.loader import NodeLoader
+from torch_geometric.loader.utils import filter_hetero_data
+from torch_geometric.sampler import HeteroSamplerOutput, NeighborSampler, NodeSamplerInput
+from torch_geometric.sampler.base import DataType, SubgraphType
 
 __all__ = ["TemporalNeighborSampler"]
 
@@ -253,8 +273,14 @@ def _choose(start: Tensor, n: Tensor, k: int, strategy: str, generator: torch.Ge
     return rows, pos
 
 
-class TemporalNeighborSampler:
+class TemporalNeighborSampler(NeighborSampler):
     """Disjoint temporal neighbour sampler over a RelBench ``make_pkey_fkey_graph`` graph.
+
+    A :class:`torch_geometric.sampler.NeighborSampler`: PyG's loaders take it as
+    ``node_sampler=`` (:class:`~torch_geometric.loader.NodeLoader`) or
+    ``neighbor_sampler=`` (:class:`~torch_geometric.loader.NeighborLoader`, with
+    ``time_attr="time"``), and :meth:`sample` gives the same batch for one list of seeds
+    without a loader. See :meth:`loader` and the module docstring.
 
     Args:
         data: the full graph (``data[table].tf``, optional ``data[table].time`` in unix
@@ -262,14 +288,34 @@ class TemporalNeighborSampler:
         num_neighbors: fan-out per hop, applied per (frontier node, edge type); a negative
             value takes every eligible neighbour.
         strategy: ``"uniform"`` (k without replacement) or ``"last"`` (k most recent).
+        seed: how batches drawn through PyG's loaders (which pass no generator) are
+            seeded. ``None``: from torch's global generator (reproducible under
+            ``torch.manual_seed`` for a fixed ``num_workers``; the DataLoader seeds each
+            worker from it). An int: every batch gets its own generator, seeded from
+            ``(seed, epoch, the batch's input ids)`` (:meth:`generator_for`) -- the draw is
+            then a function of the batch alone, whatever the worker count, prefetching,
+            other users of the global generator, or a resume mid-epoch. Call
+            :meth:`set_epoch` each epoch for fresh draws of a recurring batch.
     """
 
-    def __init__(self, data: HeteroData, num_neighbors: list[int], *, strategy: str = "uniform"):
+    def __init__(
+        self,
+        data: HeteroData,
+        num_neighbors: list[int],
+        *,
+        strategy: str = "uniform",
+        seed: int | None = None,
+    ):
+        # NeighborSampler.__init__ is deliberately not called: it builds PyG's own CSC
+        # (unused here) and its sampling needs pyg-lib. The attributes PyG's loaders and
+        # NeighborSampler's properties read are set here instead.
         if strategy not in _STRATEGIES:
             raise ValueError(f"strategy must be one of {_STRATEGIES}, got {strategy!r}")
         self.data = data
-        self.num_neighbors = [int(k) for k in num_neighbors]
+        self.fanout = [int(k) for k in num_neighbors]
         self.strategy = strategy
+        self.seed = None if seed is None else int(seed)
+        self.epoch = 0
         self.node_types: list[str] = list(data.node_types)
         self.edge_types = list(data.edge_types)
         self.num_rows: dict[str, int] = {}
@@ -282,6 +328,90 @@ class TemporalNeighborSampler:
         for et in self.edge_types:
             s, _, d = et
             self.csc[et] = _CSC.build(s, d, data[et].edge_index, self.num_rows[d], self.time.get(s))
+        # --- NeighborSampler's state, as its own __init__ would leave it
+        self.data_type = DataType.heterogeneous
+        self.sample_direction = "forward"
+        self.num_nodes = dict(self.num_rows)
+        self.node_time = self.time or None  # timed => `is_temporal`, hence `disjoint`
+        self.edge_time = None
+        self.edge_weight = None
+        self.perm = None  # edge ids are not returned (RelBench graphs have no edge features)
+        self.num_neighbors = list(self.fanout)  # NeighborSampler's setter: a NumNeighbors
+        self.replace = False
+        self.subgraph_type = SubgraphType.directional
+        self.disjoint = True
+        self.temporal_strategy = strategy
+        self.keep_orig_edges = False
+
+    # ------------------------------------------------------------------ seeding
+    def set_epoch(self, epoch: int) -> None:
+        """Mixed into the per-batch seed (only when ``seed`` is set)."""
+        self.epoch = int(epoch)
+
+    def generator_for(self, input_id: Tensor) -> torch.Generator | None:
+        """The generator a loader batch with these input ids samples with.
+
+        ``None`` (torch's global generator) when ``seed`` is None; otherwise a fresh
+        generator seeded with a 64-bit hash of ``(seed, epoch, input_id)``.
+        """
+        if self.seed is None:
+            return None
+        h = hashlib.blake2b(digest_size=8)
+        h.update(struct.pack("<qq", self.seed, self.epoch))
+        h.update(torch.as_tensor(input_id).detach().cpu().long().contiguous().numpy().tobytes())
+        return torch.Generator().manual_seed(int.from_bytes(h.digest(), "little"))
+
+    # ------------------------------------------------------------------ PyG interface
+    def sample_from_nodes(self, inputs: NodeSamplerInput) -> HeteroSamplerOutput:
+        """PyG's entry point (NodeLoader / NeighborLoader): one subgraph per input seed.
+
+        Seed times come from ``inputs.time`` (the loader's ``input_time``); without them,
+        from the seed rows' own time, as PyG's temporal NeighborLoader does.
+        """
+        entity = inputs.input_type
+        if entity is None:
+            raise ValueError("TemporalNeighborSampler samples heterogeneous graphs: pass input_nodes=(node_type, ids)")
+        nodes = inputs.node
+        if inputs.time is not None:
+            seed_time = inputs.time
+        elif entity in self.time:
+            seed_time = self.time[entity][nodes.long()]
+        else:
+            raise ValueError(f"no seed times: pass input_time (table {entity!r} has no time column)")
+        input_id = inputs.input_id if inputs.input_id is not None else torch.arange(nodes.numel())
+        return self.sample_output(entity, nodes, seed_time, generator=self.generator_for(input_id), input_id=input_id)
+
+    def sample_from_edges(self, inputs, neg_sampling=None):
+        raise NotImplementedError("TemporalNeighborSampler samples from seed nodes only (no link-level sampling)")
+
+    def to_hetero_data(self, out: HeteroSamplerOutput, entity_table: str) -> HeteroData:
+        """Join a sampler output with the graph's features: what NodeLoader yields.
+
+        The same steps as ``NodeLoader.filter_fn`` (``filter_hetero_data`` copies every
+        node attribute -- ``tf``, ``time`` -- at ``out.node``; ``n_id``, ``batch``,
+        ``num_sampled_*`` per store; ``input_id``, ``seed_time``, ``batch_size`` on the
+        entity store), so :meth:`sample` and a loader give identical batches.
+        """
+        data = filter_hetero_data(self.data, dict(out.node), dict(out.row), dict(out.col), dict(out.edge or {}), self.perm)
+        for nt, node in out.node.items():
+            if "n_id" not in data[nt]:
+                data[nt].n_id = node
+        data.set_value_dict("batch", out.batch)
+        data.set_value_dict("num_sampled_nodes", out.num_sampled_nodes)
+        data.set_value_dict("num_sampled_edges", out.num_sampled_edges)
+        data[entity_table].input_id = out.metadata[0]
+        data[entity_table].seed_time = out.metadata[1]
+        data[entity_table].batch_size = out.metadata[0].size(0)
+        return data
+
+    def loader(self, entity_table: str, nodes: Tensor, seed_time: Tensor, **kwargs) -> NodeLoader:
+        """A PyG ``NodeLoader`` over seeds ``(nodes[i], seed_time[i])`` with this sampler.
+
+        ``kwargs`` go to the loader (``batch_size``, ``shuffle``, ``num_workers``, ...).
+        """
+        nodes = torch.as_tensor(nodes, dtype=torch.long).flatten()
+        seed_time = torch.as_tensor(seed_time, dtype=torch.long).flatten()
+        return NodeLoader(self.data, node_sampler=self, input_nodes=(entity_table, nodes), input_time=seed_time, **kwargs)
 
     # ------------------------------------------------------------------ sampling
     def sample(
@@ -292,7 +422,23 @@ class TemporalNeighborSampler:
         *,
         generator: torch.Generator | None = None,
     ) -> HeteroData:
-        """Sample one disjoint temporal subgraph per seed ``(nodes[i], seed_time[i])``."""
+        """Sample one disjoint temporal subgraph per seed ``(nodes[i], seed_time[i])``.
+
+        The batch a ``NodeLoader`` would yield for these seeds (``input_id`` = 0..B-1),
+        drawn with ``generator`` (torch's global generator if None).
+        """
+        return self.to_hetero_data(self.sample_output(entity_table, nodes, seed_time, generator=generator), entity_table)
+
+    def sample_output(
+        self,
+        entity_table: str,
+        nodes: Tensor,
+        seed_time: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        input_id: Tensor | None = None,
+    ) -> HeteroSamplerOutput:
+        """The sampling itself, without features: node ids, local edges, hops, metadata."""
         nodes = torch.as_tensor(nodes, dtype=torch.long).flatten()
         seed_time = torch.as_tensor(seed_time, dtype=torch.long).flatten()
         if nodes.numel() != seed_time.numel():
@@ -304,6 +450,8 @@ class TemporalNeighborSampler:
         device = nodes.device
         num_seeds = nodes.numel()
         empty = torch.empty(0, dtype=torch.long, device=device)
+        if input_id is None:
+            input_id = torch.arange(num_seeds, device=device)
 
         # Per node type: chunks of (global id, seed index) in local-index order; and the
         # sorted composite keys (batch * num_rows + id) of all nodes so far with their
@@ -326,8 +474,8 @@ class TemporalNeighborSampler:
         # frontier: type -> (global id, seed index, local index) of the nodes new last hop
         frontier = {entity_table: (nodes, seed_batch, seed_batch)} if num_seeds else {}
 
-        for hop, k in enumerate(self.num_neighbors):
-            last_hop = hop == len(self.num_neighbors) - 1
+        for hop, k in enumerate(self.fanout):
+            last_hop = hop == len(self.fanout) - 1
             # 1) sample per edge type; group candidates by source type.
             per_src: dict[str, list[tuple]] = {}
             for et, csc in self.csc.items():
@@ -360,15 +508,25 @@ class TemporalNeighborSampler:
                 for et, src, _, dst_local in parts:
                     m = src.numel()
                     # messages flow neighbour (src) -> frontier node (dst)
-                    edge_chunks[et].append(torch.stack([local[offset : offset + m], dst_local]))
+                    edge_chunks[et].append((local[offset : offset + m], dst_local))
                     hop_edges[et] = m
                     offset += m
             for et in self.edge_types:
                 n_sampled_edges[et].append(hop_edges.get(et, 0))
             frontier = new_frontier
 
-        return self._build_batch(
-            entity_table, seed_time, ids_chunks, batch_chunks, edge_chunks, n_sampled_nodes, n_sampled_edges, device
+        def cat(chunks):
+            return torch.cat(chunks) if chunks else empty
+
+        return HeteroSamplerOutput(
+            node={nt: cat(ids_chunks[nt]) for nt in self.node_types},
+            row={et: cat([c[0] for c in edge_chunks[et]]) for et in self.edge_types},
+            col={et: cat([c[1] for c in edge_chunks[et]]) for et in self.edge_types},
+            edge={et: None for et in self.edge_types},
+            batch={nt: cat(batch_chunks[nt]) for nt in self.node_types},
+            num_sampled_nodes=n_sampled_nodes,
+            num_sampled_edges=n_sampled_edges,
+            metadata=(input_id, seed_time),
         )
 
     def _assign_local(self, nt, cand_id, cand_batch, count, keys, key_local, update: bool):
@@ -420,28 +578,3 @@ class TemporalNeighborSampler:
             else:
                 keys[nt], key_local[nt] = uniq, fresh_local
         return local, (uniq % n_rows, uniq // n_rows)
-
-    def _build_batch(self, entity_table, seed_time, ids_chunks, batch_chunks, edge_chunks, n_nodes, n_edges, device):
-        out = HeteroData()
-        for nt in self.node_types:
-            ids = torch.cat(ids_chunks[nt]) if ids_chunks[nt] else torch.empty(0, dtype=torch.long, device=device)
-            b = torch.cat(batch_chunks[nt]) if batch_chunks[nt] else torch.empty(0, dtype=torch.long, device=device)
-            store, src = out[nt], self.data[nt]
-            store.n_id = ids
-            store.batch = b
-            store.num_nodes = ids.numel()
-            if "tf" in src:
-                store.tf = src.tf[ids]
-            if "x" in src:
-                store.x = src.x[ids]
-            if nt in self.time:
-                store.time = self.time[nt][ids]
-            store.num_sampled_nodes = n_nodes[nt]
-        for et in self.edge_types:
-            chunks = edge_chunks[et]
-            out[et].edge_index = (
-                torch.cat(chunks, dim=1) if chunks else torch.empty(2, 0, dtype=torch.long, device=device)
-            )
-            out[et].num_sampled_edges = n_edges[et]
-        out[entity_table].seed_time = seed_time
-        return out
