@@ -5,10 +5,15 @@ import os
 
 import dagster as dg
 import pytest
+import torch
 
 from assets.commands import prepare_run_dir, register_dataset, run_pipeline
 from assets.definitions import build_resources
 from tve_pipeline.datasets import build_synthetic
+
+# On a shared 2-core machine torch's intra-op threads make the suite's many tiny ops 10-20x
+# slower (a 2-thread scatter_add_ on a few hundred rows: ~50 ms; 1 thread: < 1 ms).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -76,3 +76,22 @@ def test_corrupted_copy_leaves_the_batch_untouched_and_swaps_within_columns():
     assert 0.3 < changed < 0.6  # about rate x (1 - 1/n) of the cells
     # a swapped cell takes a value of the same column: column a holds even, b odd numbers
     assert (new[:, 0] % 2 == 0).all() and (new[:, 1] % 2 == 1).all()
+
+
+def test_numerical_encoder_with_missing_cells_has_finite_gradients_and_stock_forward():
+    from torch_frame import stype
+    from torch_frame.data.stats import StatType
+    from torch_frame.nn import LinearEncoder
+
+    from tve_pipeline.model import SafeLinearEncoder
+
+    stats = [{StatType.MEAN: 1.0, StatType.STD: 2.0}, {StatType.MEAN: -1.0, StatType.STD: 0.5}]
+    feat = torch.tensor([[1.0, float("nan")], [3.0, 0.0], [float("nan"), 2.0]])
+    ours = SafeLinearEncoder(out_channels=4, stats_list=stats, stype=stype.numerical)
+    stock = LinearEncoder(out_channels=4, stats_list=stats, stype=stype.numerical)
+    stock.load_state_dict(ours.state_dict())
+    torch.testing.assert_close(ours(feat), stock(feat))  # torch_frame is the oracle for the forward
+    ours(feat).sum().backward()
+    stock(feat).sum().backward()
+    assert torch.isfinite(ours.weight.grad).all()
+    assert not torch.isfinite(stock.weight.grad).all()  # the trap this class avoids

@@ -11,13 +11,39 @@ from __future__ import annotations
 
 import torch
 import torch_frame
-from relbench.modeling.nn import HeteroEncoder, HeteroGraphSAGE, HeteroTemporalEncoder
+from relbench.modeling.nn import (
+    _DEFAULT_STYPE_ENCODER_CLS_KWARGS,
+    HeteroEncoder,
+    HeteroGraphSAGE,
+    HeteroTemporalEncoder,
+)
 from torch import Tensor
+from torch_frame.nn import LinearEncoder
 from torch_geometric.data import HeteroData
 
 from tve_pipeline.config import BackboneConfig
 
 BACKBONE_PREFIXES = ("encoder.", "temporal_encoder.", "gnn.")
+
+
+class SafeLinearEncoder(LinearEncoder):
+    """torch_frame's numerical ``LinearEncoder`` without its NaN-gradient trap.
+
+    The stock encoder lets a missing (NaN) cell flow through the linear map and zeroes the
+    *output* afterwards; the backward pass still multiplies by the NaN, so one step of Adam
+    turns that column's weights into NaN and the column is dead for good (seen on rel-f1's
+    ``results`` and rel-flights' delays). Masking the *input* gives the same forward (a
+    missing cell embeds to zero) with finite gradients, and the same state_dict keys.
+    """
+
+    def encode_forward(self, feat: Tensor, col_names: list[str] | None = None) -> Tensor:
+        z = (feat - self.mean) / self.std
+        ok = ~torch.isnan(z)
+        x = torch.einsum("ij,jk->ijk", torch.where(ok, z, torch.zeros_like(z)), self.weight) + self.bias
+        return x * ok.unsqueeze(-1)
+
+
+STYPE_ENCODERS = {**_DEFAULT_STYPE_ENCODER_CLS_KWARGS, torch_frame.numerical: (SafeLinearEncoder, {})}
 
 
 class RDLModel(torch.nn.Module):
@@ -28,6 +54,7 @@ class RDLModel(torch.nn.Module):
             node_to_col_names_dict={nt: data[nt].tf.col_names_dict for nt in data.node_types},
             node_to_col_stats=col_stats_dict,
             torch_frame_model_kwargs={"channels": cfg.channels, "num_layers": cfg.encoder_layers},
+            default_stype_encoder_cls_kwargs=STYPE_ENCODERS,
         )
         self.temporal_encoder = HeteroTemporalEncoder(
             node_types=[nt for nt in data.node_types if "time" in data[nt]], channels=cfg.channels
