@@ -118,6 +118,9 @@ def run_demo(run_dir: Path, profile: str = "demo") -> pd.DataFrame:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.json").write_text(json.dumps({"profile": profile, "overrides": {}}))
     instance = prepare_run_dir(run_dir)
+    # One torch thread unless told otherwise: on a shared 2-core machine two threads can be
+    # several times slower (bench/bench_training.py); TVE_THREADS=2 on a quiet one.
+    os.environ.setdefault("TVE_THREADS", "1")
     t0 = time.perf_counter()
     flights_dir = run_dir / "datasets" / "rel-flights"
     if not (flights_dir / "manifest.yaml").exists():
