@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--run-dir", default=str(_default_run_dir()))
     demo.add_argument("--profile", default="demo")
     demo.set_defaults(func=_cmd_demo)
+
+    from tve_pipeline.targets_cli import add_targets_parser  # tve targets: raw TVE task vectors
+
+    add_targets_parser(sub)
     return p
 
 

@@ -1,0 +1,283 @@
+"""Benchmark of ``tve targets`` (TVE task vectors in DuckDB) on the synthetic generator. Not a test.
+
+    cd /work/main && .venv/bin/python bench/bench_targets.py
+        [--rows 10000000] [--pandas-rows 1000000] [--fkf-rows 1000000] [--seeds 52]
+        [--repeat 3] [--memory-limit 2GB] [--data-dir DIR] [--skip-fkf] [--quick]
+
+Data: ``build_synthetic_at_scale`` (customers -> orders <- products, 10 customers and
+1,000 orders per product on average, popularity-skewed products, two years), generated
+once per size into ``--data-dir`` (default: ``$TMPDIR/tve-bench-targets``) and reused.
+Task: entity ``customers``, Δ = 7 days, the ``--seeds`` weekly seed times that end at the
+validation timestamp (val - 7 days, val - 14 days, ...); 1-hop ``orders`` and 2-hop
+``orders > products`` paths (``--no-fact-key-fact``): 29 targets, one row per customer
+that exists at each seed time (~47 million rows at 10 million orders).
+
+Each configuration runs in a fresh subprocess that runs ``tve targets`` in-process
+(:func:`tve_pipeline.targets_cli.run_targets_command`: column types, SQL, DuckDB, densify,
+parquet) and reports its wall time (the command, without interpreter start and imports)
+and its peak RSS (``getrusage`` max RSS of the subprocess: DuckDB's memory is native, so
+tracemalloc would miss it). Baselines, measured in the same run at ``--pandas-rows``:
+``pandas`` is a straightforward per-timestamp implementation (boolean window mask,
+``merge`` with products, ``groupby().agg`` with named aggregations, ``Series.mode`` per
+group for modes, reindex onto the customers that exist, ``concat``, ``to_parquet``);
+``pandas-vec`` is the same with a vectorised mode (value counts, sort, first per group),
+what a pandas user tuning it would write. Both are checked to give the same values as
+``tve targets``. Fact->key<-fact paths (``orders > products < orders``: every earlier
+order of the same product, per first-hop order) are reported on their own at
+``--fkf-rows``. Wall times are medians of ``--repeat`` runs (baselines and fkf: one run);
+on shared cores, compare ratios from the same run only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DELTA = "7 days"
+
+
+# --------------------------------------------------------------------------- children
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def child_ours(a) -> dict:
+    import duckdb  # noqa: F401  (imports are not timed: relbench alone, via sklearn and scipy, takes ~2 s)
+    import pyarrow.parquet  # noqa: F401
+    import relbench  # noqa: F401
+
+    from tve_pipeline.targets_cli import add_targets_parser
+
+    parser = argparse.ArgumentParser()
+    add_targets_parser(parser.add_subparsers(dest="command"))
+    argv = ["targets", a.dataset, "--entity", "customers", "--timedelta", DELTA, "--timestamps", a.timestamps,
+            "--hops", str(a.hops), "--out", a.out, "--memory-limit", a.memory_limit]
+    if not a.fkf:
+        argv.append("--no-fact-key-fact")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    summary = args.func(args)
+    return {"wall_s": time.perf_counter() - start, "rows": summary["rows"], "targets": summary["targets"]}
+
+
+def child_pandas(a, vectorised: bool) -> dict:
+    """The straightforward per-timestamp pandas implementation (same targets, same semantics)."""
+    import numpy as np
+    import pandas as pd
+
+    start = time.perf_counter()
+    db = Path(a.dataset) / "db"
+    customers = pd.read_parquet(db / "customers.parquet")
+    orders = pd.read_parquet(db / "orders.parquet")
+    products = pd.read_parquet(db / "products.parquet")
+    delta = pd.Timedelta(DELTA)
+    numerical, categorical = ["amount", "rating"], ["quantity", "channel"]
+    dim_num, dim_cat = ["price"], ["category"]
+
+    def mode(s: pd.Series):
+        m = s.mode()  # sorted: the first of the most frequent values is the smallest
+        return m.iloc[0] if len(m) else None
+
+    def vector_mode(frame: pd.DataFrame, column: str) -> pd.Series:
+        counts = frame.groupby(["customer_id", column]).size().rename("n").reset_index()
+        counts = counts.sort_values(["customer_id", "n", column], ascending=[True, False, True])
+        return counts.drop_duplicates("customer_id").set_index("customer_id")[column]
+
+    frames = []
+    for t in sorted(pd.to_datetime(a.timestamps.split(","))):
+        window = orders[(orders["order_time"] > t) & (orders["order_time"] <= t + delta)]
+        if a.hops == 2:
+            window = window.merge(products.rename(columns={"product_id": "p.product_id"}), how="left",
+                                  left_on="product_id", right_on="p.product_id")
+        spec = {"orders__count": ("order_id", "size")}
+        columns = [("orders", c, "categorical") if c in categorical else ("orders", c, "numerical")
+                   for c in ["quantity", "amount", "rating", "channel"]]
+        if a.hops == 2:
+            spec["orders>products__count"] = ("p.product_id", "count")
+            columns += [("orders>products", "price", "numerical"), ("orders>products", "category", "categorical")]
+        modes = []
+        for path, col, kind in columns:
+            name = f"{path}.{col}"
+            if kind == "numerical":
+                for agg in ("mean", "min", "max", "sum", "count", "std"):
+                    spec[f"{name}__{agg}"] = (col, agg)
+            else:
+                if not vectorised:
+                    spec[f"{name}__mode"] = (col, mode)
+                else:
+                    modes.append((f"{name}__mode", col))
+                spec[f"{name}__count"] = (col, "count")
+                spec[f"{name}__count_distinct"] = (col, "nunique")
+        agg = window.groupby("customer_id").agg(**spec)
+        for name, col in modes:
+            agg[name] = vector_mode(window, col)
+        for path, col, kind in columns:  # a sum over no values is null, not 0
+            if kind == "numerical":
+                agg.loc[agg[f"{path}.{col}__count"] == 0, f"{path}.{col}__sum"] = np.nan
+        exist = customers.loc[customers["signup_time"] <= t, ["customer_id"]]
+        out = exist.merge(agg, how="left", left_on="customer_id", right_index=True)
+        out.insert(1, "timestamp", t)
+        out.insert(2, "inactive", out["orders__count"].isna().astype("int64"))
+        for c in out.columns:
+            if c.endswith(("__count", "__count_distinct")):
+                out[c] = out[c].fillna(0).astype("int64")
+        frames.append(out)
+    result = pd.concat(frames, ignore_index=True)
+    result.to_parquet(Path(a.out) / "targets.parquet", index=False)
+    return {"wall_s": time.perf_counter() - start, "rows": len(result), "targets": result.shape[1] - 3}
+
+
+def run_child(argv: list[str]) -> dict:
+    """One measurement in a fresh interpreter: its JSON line plus the subprocess's total wall."""
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, __file__, "--child", *argv], capture_output=True, text=True, cwd=ROOT)
+    total = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"child {argv[:2]} failed:\n{proc.stderr[-3000:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["process_s"] = total
+    return out
+
+
+# --------------------------------------------------------------------------- parent
+
+
+def dataset(data_dir: Path, rows: int) -> Path:
+    from tve_pipeline.datasets.synthetic import build_synthetic_at_scale
+
+    path = data_dir / f"synthetic-{rows}"
+    if not (path / "manifest.yaml").exists():
+        start = time.perf_counter()
+        build_synthetic_at_scale(path, rows=rows)
+        print(f"  generated {path} in {time.perf_counter() - start:.1f} s", flush=True)
+    return path
+
+
+def seed_times(path: Path, n: int) -> str:
+    import pandas as pd
+    import yaml
+
+    val = pd.Timestamp(yaml.safe_load((path / "manifest.yaml").read_text())["val_timestamp"])
+    return ",".join(str(val - pd.Timedelta(DELTA) * k) for k in range(n, 0, -1))
+
+
+def measure(label: str, kind: str, path: Path, a, hops: int, repeat: int, fkf: bool = False) -> dict:
+    runs = []
+    for _ in range(repeat):
+        with tempfile.TemporaryDirectory(prefix="tve-bench-out-", dir=a.data_dir) as out:
+            argv = [kind, "--dataset", str(path), "--timestamps", seed_times(path, a.seeds), "--hops", str(hops),
+                    "--out", out, "--memory-limit", a.memory_limit] + (["--fkf"] if fkf else [])
+            if kind != "ours":
+                argv += ["--compare-to", str(Path(a.data_dir) / f"reference-{path.name}-{hops}.parquet")]
+            runs.append(run_child(argv))
+            if kind == "ours" and not fkf:  # keep one result to check the baselines against
+                ref = Path(a.data_dir) / f"reference-{path.name}-{hops}.parquet"
+                os.replace(Path(out) / "targets.parquet", ref)
+    walls = [r["wall_s"] for r in runs]
+    result = {
+        "label": label, "wall_s": statistics.median(walls), "walls": walls,
+        "peak_rss_gb": max(r["peak_rss_mb"] for r in runs) / 1024, "rows": runs[0]["rows"],
+        "targets": runs[0]["targets"], "process_s": statistics.median(r["process_s"] for r in runs),
+        "agree": runs[0].get("agree"),
+    }
+    walls_text = ", ".join(f"{w:.1f}" for w in walls)
+    print(f"  {label:<44} median {result['wall_s']:7.1f} s  (runs: {walls_text})  peak RSS {result['peak_rss_gb']:.2f} GB"
+          f"  {result['rows']:,} rows x {result['targets']} targets" + (f"  {result['agree']}" if result["agree"] else ""),
+          flush=True)
+    return result
+
+
+def compare(produced: Path, reference: Path) -> str:
+    """Check a baseline's parquet against tve targets' (same rows, same values)."""
+    import numpy as np
+    import pandas as pd
+
+    got = pd.read_parquet(produced).sort_values(["timestamp", "customer_id"], ignore_index=True)
+    want = pd.read_parquet(reference)
+    got["timestamp"] = got["timestamp"].astype("datetime64[us]")
+    assert sorted(got.columns) == sorted(want.columns), set(got.columns) ^ set(want.columns)
+    assert len(got) == len(want), (len(got), len(want))
+    assert (got["customer_id"].to_numpy() == want["customer_id"].to_numpy()).all()
+    assert (got["timestamp"].to_numpy() == want["timestamp"].to_numpy()).all()
+    for c in want.columns[2:]:
+        w, g = want[c], got[c]
+        if w.dtype.kind in "fiu" and g.dtype.kind in "fiu":
+            assert np.allclose(g.to_numpy(float), w.to_numpy(float), rtol=1e-9, atol=1e-9, equal_nan=True), c
+        else:
+            assert ((g.isna() & w.isna()) | (g.astype(object) == w.astype(object))).all(), c
+    return f"(same values as tve targets: {len(want):,} rows x {want.shape[1] - 3} targets)"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=10_000_000)
+    p.add_argument("--pandas-rows", type=int, default=1_000_000)
+    p.add_argument("--fkf-rows", type=int, default=1_000_000)
+    p.add_argument("--seeds", type=int, default=52)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--memory-limit", default="2GB")
+    p.add_argument("--data-dir", default=str(Path(tempfile.gettempdir()) / "tve-bench-targets"))
+    p.add_argument("--skip-fkf", action="store_true")
+    p.add_argument("--quick", action="store_true", help="1M rows, pandas at 100k, fkf at 100k, one run each")
+    # child mode (internal)
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--dataset"), p.add_argument("--timestamps"), p.add_argument("--hops", type=int, default=2)
+    p.add_argument("--out"), p.add_argument("--fkf", action="store_true"), p.add_argument("--compare-to")
+    a = p.parse_args()
+    if a.child:
+        result = child_ours(a) if a.child == "ours" else child_pandas(a, vectorised=a.child == "pandas-vec")
+        result["peak_rss_mb"] = _peak_rss_mb()  # before the check below reads both files
+        if a.child != "ours" and a.compare_to and Path(a.compare_to).exists():
+            result["agree"] = compare(Path(a.out) / "targets.parquet", Path(a.compare_to))
+        print(json.dumps(result))
+        return
+    if a.quick:
+        a.rows, a.pandas_rows, a.fkf_rows, a.repeat = 1_000_000, 100_000, 100_000, 1
+    Path(a.data_dir).mkdir(parents=True, exist_ok=True)
+    print(f"tve targets benchmark: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, "
+          f"DuckDB memory limit {a.memory_limit}, {a.seeds} weekly seed times, Δ = {DELTA}", flush=True)
+    big, small = dataset(Path(a.data_dir), a.rows), dataset(Path(a.data_dir), a.pandas_rows)
+
+    print(f"\n{a.rows:,} orders ({a.rows // 10:,} customers), 1-hop and 2-hop fact->dimension paths:")
+    r1 = measure("tve targets, hops 1", "ours", big, a, 1, a.repeat)
+    r2 = measure("tve targets, hops 2", "ours", big, a, 2, a.repeat)
+
+    print(f"\n{a.pandas_rows:,} orders, hops 2, against pandas per timestamp (same run):")
+    ours = measure("tve targets, hops 2", "ours", small, a, 2, a.repeat)
+    vec = measure("pandas-vec (vectorised mode)", "pandas-vec", small, a, 2, 1)
+    naive = measure("pandas (straightforward)", "pandas", small, a, 2, 1)
+
+    fkf = None
+    if not a.skip_fkf:
+        fkf_path = dataset(Path(a.data_dir), a.fkf_rows)
+        print(f"\n{a.fkf_rows:,} orders, hops 2 with fact->key<-fact paths (orders > products < orders):")
+        fkf = measure("tve targets, hops 2 + fact->key<-fact", "ours", fkf_path, a, 2, 1, fkf=True)
+
+    print("\nsummary:")
+    for r in (r1, r2):
+        ok = r["wall_s"] <= 60 and r["peak_rss_gb"] <= 4
+        print(f"  {a.rows:,} rows, {r['label']}: {r['wall_s']:.1f} s, {r['peak_rss_gb']:.2f} GB peak "
+              f"({'within' if ok else 'OVER'} 60 s / 4 GB)")
+    print(f"  {a.pandas_rows:,} rows: tve targets {ours['wall_s']:.1f} s; straightforward pandas "
+          f"{naive['wall_s']:.1f} s ({naive['wall_s'] / ours['wall_s']:.1f}x); vectorised pandas "
+          f"{vec['wall_s']:.1f} s ({vec['wall_s'] / ours['wall_s']:.1f}x)")
+    if fkf:
+        print(f"  {a.fkf_rows:,} rows with fact->key<-fact paths: {fkf['wall_s']:.1f} s, "
+              f"{fkf['peak_rss_gb']:.2f} GB peak, {fkf['targets']} targets")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,332 @@
+"""``tve targets``: raw TVE task vectors of one entity table, written as parquet + JSON.
+
+::
+
+    tve targets DATASET_DIR --entity TABLE [--timedelta "30 days"] [--timestamps T1,T2,...]
+                [--hops 2] --out OUT_DIR [--show-sql] [--exclude-tables T,...]
+                [--exclude-columns TABLE.COL,...] [--columns TABLE.COL,...] [--no-fact-key-fact]
+
+writes ``OUT_DIR/targets.json`` (the target definitions, :mod:`tve_pipeline.traversal`) and
+``OUT_DIR/targets.parquet``: one row per (entity, seed time) for every entity that exists
+at the seed time, in (timestamp, pkey) order; columns: the entity's primary key,
+``timestamp``, ``inactive`` and one column per target name holding the raw value. Both
+files are written under temporary names and moved into place.
+
+Design. The command reads the dataset's manifest (keys, time columns) and infers column
+types with :func:`tve_pipeline.database.column_types` from the non-key columns of the tables
+the traversal can reach; the data itself never goes through pandas: DuckDB reads the
+parquet files (:func:`tve_pipeline.targets.write_targets`), so a database of tens of
+millions of rows runs in a few gigabytes. Rows are read as stored (the whole folder, like
+``get_db(upto_test_timestamp=False)``): without ``--timestamps`` the seed times are the
+database's training seed times, whose windows end by the validation timestamp, so no row
+after it is read; explicit ``--timestamps`` get exactly the windows they ask for. A
+dangling foreign key (RelBench sets those to null on load) matches no row either way.
+
+Every mistake a user can make ends in a one-line ``ValueError`` naming the table or
+column: an unknown table or column, an entity table without an incoming time-stamped fact
+table, an explicitly requested column that cannot be aggregated (a key, a time, text), a
+requested column that no path reaches. A target set is never silently empty: every path
+has at least its row count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+# pandas, DuckDB and the library are imported when the command runs, not when ``tve``
+# builds its parser (every ``tve`` command builds it).
+
+#: DuckDB's memory limit for ``tve targets`` unless ``--memory-limit`` says otherwise. The
+#: process needs roughly this plus ~1 GB (Arrow slices, parquet writer, Python).
+DEFAULT_MEMORY_LIMIT = "2GB"
+
+
+def _split(value: str | None) -> list[str]:
+    return [part.strip() for part in (value or "").split(",") if part.strip()]
+
+
+def _parse_timedelta(value: str):
+    import pandas as pd
+
+    try:
+        td = pd.Timedelta(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"--timedelta {value!r} is not a duration (e.g. '30 days')") from exc
+    if td is pd.NaT or td <= pd.Timedelta(0):
+        raise ValueError(f"--timedelta {value!r} must be positive")
+    return td
+
+
+def _parse_timestamps(value: str) -> list:
+    import pandas as pd
+
+    out = []
+    for part in _split(value):
+        try:
+            ts = pd.Timestamp(part)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"--timestamps: {part!r} is not a timestamp") from exc
+        if ts is pd.NaT:
+            raise ValueError(f"--timestamps: {part!r} is not a timestamp")
+        if ts.tzinfo is not None:
+            raise ValueError(f"--timestamps: {part!r} has a time zone; RelBench times are naive")
+        out.append(ts)
+    if not out:
+        raise ValueError("--timestamps is empty: give comma-separated times, or leave it out for the training seed times")
+    return out
+
+
+def _table_columns(table_files: dict[str, Path], table: str) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return list(pq.read_schema(table_files[table]).names)
+
+
+def _parse_columns(option: str, value: str | None, table_files: dict[str, Path]) -> dict[str, list[str]]:
+    """``table.col,...`` -> {table: [col, ...]}, every table and column checked to exist."""
+    out: dict[str, list[str]] = {}
+    for item in _split(value):
+        table, dot, column = item.partition(".")
+        # Table names may hold dots: take the longest known table name that prefixes the item.
+        known = sorted((t for t in table_files if item.startswith(t + ".")), key=len, reverse=True)
+        if known:
+            table, column = known[0], item[len(known[0]) + 1:]
+        elif not dot or not column:
+            raise ValueError(f"{option}: {item!r} is not TABLE.COLUMN")
+        if table not in table_files:
+            raise ValueError(f"{option}: unknown table {table!r} in {item!r} (tables: {', '.join(table_files)})")
+        if column not in _table_columns(table_files, table):
+            raise ValueError(f"{option}: table {table!r} has no column {column!r}")
+        out.setdefault(table, []).append(column)
+    return out
+
+
+def _infer_types(manifest, table_files: dict[str, Path], tables: list[str]) -> dict[str, dict[str, str]]:
+    """Semantic types of the columns of ``tables``: keys and time columns ``key``, the rest by
+    :func:`tve_pipeline.database.column_types` on the non-key columns only (read one table
+    at a time, so the largest table's values are the most that is ever in memory)."""
+    import pandas as pd
+
+    from tve_pipeline import database as tdb
+
+    out: dict[str, dict[str, str]] = {}
+    for name in tables:
+        spec = manifest.tables[name]
+        keys = {c for c in [spec.pkey, spec.time_col, *spec.fkeys] if c}
+        names = _table_columns(table_files, name)
+        values = [c for c in names if c not in keys]
+        frame = pd.read_parquet(table_files[name], columns=values) if values else pd.DataFrame()
+        inferred = tdb.column_types({name: frame}, SimpleNamespace(tables={name: spec}))[name]
+        out[name] = {c: (tdb.KEY if c in keys else inferred[c]) for c in names}
+        del frame
+    return out
+
+
+def _min_timestamp(manifest, table_files: dict[str, Path]):
+    """The earliest time of any time column (``Database.min_timestamp``), from the files."""
+    import pandas as pd
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    lows = []
+    for name, spec in manifest.tables.items():
+        if spec.time_col is None:
+            continue
+        column = pq.read_table(table_files[name], columns=[spec.time_col]).column(0)
+        low = pc.min(column).as_py()
+        if low is not None:
+            lows.append(pd.Timestamp(low))
+    if not lows:
+        raise ValueError("the database has no time column with a value: give --timestamps")
+    return min(lows)
+
+
+def _duration(td) -> str:
+    """'7 days' rather than pandas' '7 days 00:00:00'."""
+    return f"{td.days} days" if td.value % (86_400 * 10**9) == 0 else str(td)
+
+
+def _write_json_atomic(defs, path: Path) -> None:
+    from tve_pipeline.traversal import save_targets_json
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_targets_json(defs, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def run_targets_command(args) -> dict:
+    """Run ``tve targets`` with parsed ``args``; returns a summary (also printed)."""
+    import pandas as pd
+
+    from tve_pipeline import database as tdb
+    from tve_pipeline.targets import DEFAULT_SEEDS_PER_QUERY, INACTIVE, write_targets
+    from tve_pipeline.traversal import AGGREGATIONS_BY_STYPE, build_traversal_graph, traversal_paths
+
+    dataset = tdb.open_dataset(args.dataset_dir)
+    manifest = dataset.manifest
+    table_files = {name: Path(dataset.db_dir) / f"{name}.parquet" for name in manifest.tables}
+    for name, path in table_files.items():
+        if not path.exists():
+            raise ValueError(f"table {name!r}: no file {path}")
+    entity = args.entity
+    if entity not in manifest.tables:
+        raise ValueError(f"unknown entity table {entity!r} (tables: {', '.join(manifest.tables)})")
+    if manifest.tables[entity].pkey is None:
+        raise ValueError(f"entity table {entity!r} has no primary key")
+
+    exclude_tables = _split(args.exclude_tables)
+    for table in exclude_tables:
+        if table not in manifest.tables:
+            raise ValueError(f"--exclude-tables: unknown table {table!r} (tables: {', '.join(manifest.tables)})")
+    include_tables = _split(args.include_tables) or None
+    for table in include_tables or ():
+        if table not in manifest.tables:
+            raise ValueError(f"--include-tables: unknown table {table!r} (tables: {', '.join(manifest.tables)})")
+    exclude_columns = _parse_columns("--exclude-columns", args.exclude_columns, table_files)
+    wanted = _parse_columns("--columns", args.columns, table_files)
+
+    # The tables the traversal reaches (raises, naming the entity table, when it reaches none).
+    paths = traversal_paths(manifest.tables, entity, hops=args.hops, include_tables=include_tables,
+                            exclude_tables=exclude_tables, fact_key_fact=args.fact_key_fact)
+    last_tables = list(dict.fromkeys(p[-1].table for p in paths))
+    types = _infer_types(manifest, table_files, sorted(set(last_tables) | set(wanted)))
+
+    if wanted:  # aggregate exactly these columns: each must be aggregatable and reached
+        for table, columns in wanted.items():
+            for column in columns:
+                stype = types[table][column]
+                if stype not in AGGREGATIONS_BY_STYPE:
+                    raise ValueError(
+                        f"--columns: {table}.{column} is a {stype} column; only numerical and "
+                        "categorical columns can be aggregated"
+                    )
+                if column in exclude_columns.get(table, ()):
+                    raise ValueError(f"--columns: {table}.{column} is also in --exclude-columns")
+            if table not in last_tables:
+                raise ValueError(
+                    f"--columns: no path from {entity!r} ends in table {table!r} "
+                    f"(paths end in: {', '.join(last_tables)})"
+                )
+        for table in last_tables:
+            others = [c for c in types[table] if c not in wanted.get(table, ())]
+            exclude_columns.setdefault(table, []).extend(others)
+
+    defs = build_traversal_graph(manifest.tables, types, entity, hops=args.hops, include_tables=include_tables,
+                                 exclude_tables=exclude_tables, exclude_columns=exclude_columns,
+                                 fact_key_fact=args.fact_key_fact)
+    if not defs:  # cannot happen (every path has its row count), but never write an empty set
+        raise ValueError(f"no targets for entity table {entity!r}")
+
+    if args.timedelta is not None:
+        delta = _parse_timedelta(args.timedelta)
+    else:
+        try:
+            delta = tdb.task_timedelta(dataset)
+        except tdb.DatabaseError as exc:
+            raise ValueError(f"{exc}; or pass --timedelta") from exc
+    if args.timestamps is not None:
+        seeds = _parse_timestamps(args.timestamps)
+    else:
+        seeds = list(tdb.training_seed_times(dataset.val_timestamp, _min_timestamp(manifest, table_files), delta))
+        if not seeds:
+            raise ValueError(
+                f"no training seed time between the first timestamp and val - {delta} "
+                f"({pd.Timestamp(dataset.val_timestamp) - delta}): give --timestamps"
+            )
+
+    out_dir = Path(args.out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} exists and is not a folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        import duckdb
+
+        duck_errors: tuple[type[BaseException], ...] = (duckdb.Error,)
+    except ImportError:  # pragma: no cover
+        duck_errors = ()
+    try:
+        stats = write_targets(out_dir / "targets.parquet", table_files, manifest.tables, defs, entity, seeds, delta,
+                              memory_limit=args.memory_limit, threads=args.threads, show_sql=args.show_sql,
+                              seeds_per_query=(DEFAULT_SEEDS_PER_QUERY if args.seeds_per_query is None
+                                               else args.seeds_per_query or None))
+    except duck_errors as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RuntimeError(f"DuckDB failed computing the targets of {entity!r}: {first}") from exc
+    _write_json_atomic(defs, out_dir / "targets.json")
+
+    summary = {
+        "entity_table": entity,
+        "targets": len(defs),
+        "seed_times": len(set(seeds)),
+        "timedelta": str(delta),
+        "rows": stats["rows"],
+        "inactive": stats["inactive"],
+        "parquet": str(out_dir / "targets.parquet"),
+        "json": str(out_dir / "targets.json"),
+    }
+    rate = stats["inactive"] / stats["rows"] if stats["rows"] else 0.0
+    print(f"wrote {summary['parquet']}: {stats['rows']} rows ({entity} x {summary['seed_times']} seed times, "
+          f"{rate:.1%} {INACTIVE}), {len(defs)} targets, window {_duration(delta)}; definitions in {summary['json']}")
+    if stats["rows"] == 0:
+        print(f"tve targets: warning: no {entity!r} row exists at any of the seed times; the file has no rows",
+              file=sys.stderr)
+    return summary
+
+
+def add_targets_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``targets`` on an ``argparse`` subparsers object (``tve targets ...``)."""
+    p = subparsers.add_parser(
+        "targets",
+        help="raw TVE task vectors of one entity table (targets.parquet + targets.json)",
+        description="Compute the raw next-window task vectors (TVE targets) of an entity table.",
+    )
+    p.add_argument("dataset_dir", help="a RelBench 3 dataset folder")
+    p.add_argument("--entity", required=True, help="entity table (a table with a primary key that facts reference)")
+    p.add_argument("--out", required=True, help="output folder for targets.parquet and targets.json")
+    p.add_argument("--timedelta", default=None,
+                   help="next-window length, e.g. '30 days' (default: the database's task window)")
+    p.add_argument("--timestamps", default=None,
+                   help="comma-separated seed times (default: the database's training seed times)")
+    p.add_argument("--hops", type=int, choices=(1, 2), default=2, help="traversal depth (default 2)")
+    p.add_argument("--no-fact-key-fact", dest="fact_key_fact", action="store_false",
+                   help="leave out fact->key<-fact paths (through a hub key they reach most of a fact table)")
+    p.add_argument("--include-tables", default=None, help="comma-separated: only these tables (plus the entity)")
+    p.add_argument("--exclude-tables", default=None, help="comma-separated tables to leave out")
+    p.add_argument("--exclude-columns", default=None, help="comma-separated TABLE.COLUMN not to aggregate")
+    p.add_argument("--columns", default=None,
+                   help="comma-separated TABLE.COLUMN: aggregate only these (row counts are always kept)")
+    p.add_argument("--memory-limit", default=DEFAULT_MEMORY_LIMIT,
+                   help=f"DuckDB memory limit; beyond it, it spills to disk (default {DEFAULT_MEMORY_LIMIT})")
+    p.add_argument("--threads", type=int, default=None, help="DuckDB threads (default: all cores)")
+    p.add_argument("--seeds-per-query", type=int, default=None,
+                   help="seed times per run of the query, 0 for all at once (default: "
+                        "tve_pipeline.targets.DEFAULT_SEEDS_PER_QUERY; bounds memory, overlaps writing)")
+    p.add_argument("--show-sql", action="store_true", help="print the generated SQL")
+    p.set_defaults(func=run_targets_command)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tve_pipeline.targets_cli ...``: the subcommand on its own (same errors as ``tve``)."""
+    parser = argparse.ArgumentParser(prog="tve")
+    add_targets_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["targets", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        run_targets_command(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"tve: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
