@@ -72,3 +72,15 @@ def test_tve_materialize_checks_partition_keys(pipeline_run):
         assert expected in r.stderr and hint in r.stderr and r.stderr.count("\n") == 1, r.stderr
     r = _run([str(BIN / "tve"), "materialize", "traversal_graph", "--partition", "tiny", "--run-dir", run_dir])
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_tve_import_synthetic_at_scale_loads_in_relbench(tmp_path):
+    import relbench
+
+    r = _run([str(BIN / "tve"), "import", "synthetic", "--rows", "20000", str(tmp_path / "shop")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    ds = relbench.load_dataset(tmp_path / "shop")
+    db = ds.get_db(upto_test_timestamp=False)
+    assert len(db.table_dict["orders"].df) == 20000
+    train = ds.load_task("customer-churn").get_table("train").df
+    assert len(train) > 0 and set(train["churn"].unique()) <= {0, 1}

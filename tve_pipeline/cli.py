@@ -32,7 +32,12 @@ def _cmd_import(args) -> None:
 
         path = build_from_files(Path(args.schema_yaml), Path(args.out_dir))
     else:
-        path = datasets.build_synthetic(Path(args.out_dir), seed=args.seed)
+        if args.rows:
+            from tve_pipeline.datasets.synthetic import build_synthetic_at_scale
+
+            path = build_synthetic_at_scale(Path(args.out_dir), rows=args.rows, seed=args.seed)
+        else:
+            path = datasets.build_synthetic(Path(args.out_dir), seed=args.seed)
     print(f"wrote {path}")
 
 
@@ -77,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     fi = imp_sub.add_parser("files", help="your own database: CSV/Parquet/SQLite/DuckDB tables + a schema YAML")
     fi.add_argument("schema_yaml", help="see tve_pipeline/datasets/files.py for the format")
     fi.add_argument("out_dir")
-    sy = imp_sub.add_parser("synthetic", help="a tiny deterministic e-commerce database")
+    sy = imp_sub.add_parser("synthetic", help="a deterministic e-commerce database: tiny, or --rows N orders")
+    sy.add_argument("--rows", type=int, default=0, help="orders to generate (vectorised; 10 million and more)")
     sy.add_argument("out_dir")
     sy.add_argument("--seed", type=int, default=0)
     imp.set_defaults(func=_cmd_import)
