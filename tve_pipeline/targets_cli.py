@@ -316,16 +316,9 @@ def add_targets_parser(subparsers) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m tve_pipeline.targets_cli ...``: the subcommand on its own (same errors as ``tve``)."""
-    parser = argparse.ArgumentParser(prog="tve")
-    add_targets_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["targets", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        run_targets_command(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"tve: error: {message}", file=sys.stderr)
-        return 2
-    return 0
+    from tve_pipeline.cli import main as tve_main
+
+    return tve_main(["targets", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
