@@ -102,6 +102,16 @@ def _pick(rng: np.random.Generator, weights: np.ndarray, rows: np.ndarray) -> np
     return np.minimum((cumulative[rows] < u[:, None]).sum(axis=1), weights.shape[1] - 1)
 
 
+def _shop_tables(customers: pd.DataFrame, products: pd.DataFrame, orders: pd.DataFrame) -> dict:
+    """The shop's schema (both generators write the same one)."""
+    return {
+        "customers": (customers, TableSpec(pkey="customer_id", time_col="signup_time")),
+        "products": (products, TableSpec(pkey="product_id")),
+        "orders": (orders, TableSpec(pkey="order_id", time_col="order_time",
+                                     fkeys={"customer_id": "customers", "product_id": "products"})),
+    }
+
+
 def build_synthetic(
     out_dir: str | Path,
     *,
@@ -187,18 +197,7 @@ def build_synthetic(
     return write_dataset(
         out_dir,
         name,
-        {
-            "customers": (customers, TableSpec(pkey="customer_id", time_col="signup_time")),
-            "products": (products, TableSpec(pkey="product_id")),
-            "orders": (
-                orders,
-                TableSpec(
-                    pkey="order_id",
-                    time_col="order_time",
-                    fkeys={"customer_id": "customers", "product_id": "products"},
-                ),
-            ),
-        },
+        _shop_tables(customers, products, orders),
         val,
         test,
         TASKS,
@@ -383,18 +382,7 @@ def build_synthetic_at_scale(
     return write_dataset(
         out_dir,
         name or f"synthetic-{rows}",
-        {
-            "customers": (customers_df, TableSpec(pkey="customer_id", time_col="signup_time")),
-            "products": (products_df, TableSpec(pkey="product_id")),
-            "orders": (
-                orders_df,
-                TableSpec(
-                    pkey="order_id",
-                    time_col="order_time",
-                    fkeys={"customer_id": "customers", "product_id": "products"},
-                ),
-            ),
-        },
+        _shop_tables(customers_df, products_df, orders_df),
         val,
         test,
         TASKS,
