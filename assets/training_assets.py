@@ -18,9 +18,10 @@ def training_windows(summary, recipe) -> list[str]:
     return sorted({window_key(t) for t in schedule.loc[schedule["split"] == "train", "timestamp"]})
 
 
-def _graph(storage: TVEStorage, summary, dataset):
+def _graph(storage: TVEStorage, summary, dataset, recipe):
     db = dataset.get_db()
-    return training.build_graph(db, summary.column_types, storage.graph_cache(summary.name, summary.fingerprint))
+    return training.build_graph(db, summary.column_types, storage.graph_cache(summary.name, summary.fingerprint),
+                                text_dim=recipe.backbone.text_dim)
 
 
 @dg.asset(
@@ -64,7 +65,7 @@ def pretrained_checkpoint(
                 "with another traversal graph: re-materialise them"
             )
         targets[entity] = pd.concat(frames, ignore_index=True).sort_values("timestamp", kind="stable").reset_index(drop=True)
-    data, col_stats = _graph(storage, raw_tables, dataset)
+    data, col_stats = _graph(storage, raw_tables, dataset, r)
     for objective in r.pretrain.objectives:
         checkpoint["objectives"][objective] = {}
         with mlflow.run(context, f"pretrain {objective}") as run:
@@ -148,7 +149,7 @@ def finetuned_models(
     label fraction and seed (CPU state_dicts keyed by (method, label fraction, seed))."""
     r = recipe.recipe()
     dataset, task, tables = _task_of(context, raw_tables, r)
-    data, col_stats = _graph(storage, raw_tables, dataset)
+    data, col_stats = _graph(storage, raw_tables, dataset, r)
     backbones = {"scratch": None}
     for objective, by_entity in pretrained_checkpoint["objectives"].items():
         if task.entity_table in by_entity:
@@ -199,7 +200,7 @@ def metrics(
     """RelBench's evaluator on val and test for every fine-tuned model; one row per metric."""
     r = recipe.recipe()
     dataset, task, tables = _task_of(context, raw_tables, r, with_test_labels=True)
-    data, col_stats = _graph(storage, raw_tables, dataset)
+    data, col_stats = _graph(storage, raw_tables, dataset, r)
     keys = context.partition_key.keys_by_dimension
     rows = []
     with mlflow.run(context, "metrics") as run:

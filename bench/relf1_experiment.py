@@ -45,11 +45,11 @@ def main() -> None:
     db = ds.get_db()
     tables = {n: t.df for n, t in db.table_dict.items()}
     types = column_types(tables, ds.manifest, ds.dataset_dir)
-    data, col_stats = training.build_graph(db, types)
     recipe = make_recipe("reference", {
         "finetune": {"epochs": a.epochs},
         "pretrain": {"epochs": a.pretrain_epochs, "steps_per_epoch": a.pretrain_steps, "lr_step_epochs": max(a.pretrain_epochs // 2, 1)},
     })
+    data, col_stats = training.build_graph(db, types, text_dim=recipe.backbone.text_dim)
     device = torch.device("cpu")
     backbone = None
     if not a.no_pretrain:

@@ -26,8 +26,8 @@ def setup(tmp_path_factory):
     delta = pd.Timedelta("30 days")
     raw = compute_targets(tables, ds.manifest.tables, defs, "customers",
                           training_seed_times(ds.val_timestamp, db.min_timestamp, delta), delta)
-    data, col_stats = training.build_graph(db, types)
     recipe = make_recipe("test", {"pretrain": {"epochs": 3, "steps_per_epoch": 4}, "finetune": {"epochs": 3, "steps_per_epoch": 4}})
+    data, col_stats = training.build_graph(db, types, text_dim=recipe.backbone.text_dim)
     return {"ds": ds, "raw": raw, "defs": defs, "data": data, "col_stats": col_stats, "recipe": recipe}
 
 

@@ -26,6 +26,8 @@ class BackboneConfig(BaseModel):
     num_neighbors: tuple[int, ...] = (128, 64)
     sampling: Literal["uniform", "last"] = "uniform"
     aggr: Literal["mean", "sum", "max"] = "sum"
+    # Width of each text column's offline embedding (tve_pipeline.text.HashingTextEmbedder).
+    text_dim: int = 64
 
 
 class TargetConfig(BaseModel):

@@ -19,8 +19,9 @@ from pathlib import Path
 import pandas as pd
 
 # Semantic types we distinguish. "numerical" and "categorical" are aggregated by TVE and
-# fed to the tabular encoder; "timestamp" is fed to the encoder only; "text" is neither
-# for now (no offline text embedder yet); "key" marks primary/foreign keys and time columns.
+# fed to the tabular encoder; "timestamp" is fed to the encoder only; "text" is not
+# aggregated but is fed to the encoder as an offline embedding (tve_pipeline.text, no
+# download); "key" marks primary/foreign keys and time columns.
 NUMERICAL, CATEGORICAL, TIMESTAMP, TEXT, KEY = "numerical", "categorical", "timestamp", "text", "key"
 
 # A string column with at most this many distinct values, each seen more than once on

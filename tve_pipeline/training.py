@@ -43,25 +43,62 @@ _STYPES = {NUMERICAL: stype.numerical, CATEGORICAL: stype.categorical, TIMESTAMP
 # --------------------------------------------------------------------------- graph
 
 
-def build_graph(db, column_types: dict[str, dict[str, str]], cache_dir: str | Path | None = None):
+def build_graph(
+    db,
+    column_types: dict[str, dict[str, str]],
+    cache_dir: str | Path | None = None,
+    *,
+    text_dim: int = 64,
+    text_embedder=None,
+):
     """The RelBench pkey-fkey graph with torch_frame features for every usable column.
 
-    Text columns are left out until an offline text embedder lands; keys and time
-    columns are structure, not features. ``cache_dir`` keeps materialised tensor frames
-    keyed by the column types, so repeated stages on one database do not redo it.
+    Keys and time columns are structure, not features. Text columns are embedded offline
+    (``stype.text_embedded``; torch_frame stores them under ``stype.embedding``) by
+    ``text_embedder``, by default :class:`~tve_pipeline.text.HashingTextEmbedder` with
+    ``text_dim`` dimensions (``recipe.backbone.text_dim``); any callable
+    ``list[str] -> Tensor [N, dim]`` with a ``cache_key`` naming its output will do.
+    ``cache_dir`` keeps materialised tensor frames keyed by the column types (and the
+    text embedder's ``cache_key`` when there are text columns), so repeated stages on
+    one database do not redo it.
     """
+    from relbench.base import Database, Table
+
+    from tve_pipeline.database import TEXT
+    from tve_pipeline.text import HashingTextEmbedder, text_embedder_config
+
     # relbench's to_unix_time assumes nanoseconds; pandas 3 reads many timestamps as [us].
     for table in db.table_dict.values():
         if table.time_col is not None:
             table.df[table.time_col] = table.df[table.time_col].astype("datetime64[ns]")
+    stypes = {**_STYPES, TEXT: stype.text_embedded}
     col_to_stype = {
-        table: {col: _STYPES[kind] for col, kind in cols.items() if kind in _STYPES}
+        table: {col: stypes[kind] for col, kind in cols.items() if kind in stypes}
         for table, cols in column_types.items()
     }
+    text_cols = {t: [c for c, kind in cols.items() if kind == TEXT] for t, cols in column_types.items()}
+    text_cols = {t: cols for t, cols in text_cols.items() if cols}
+    text_cfg, spec = None, column_types
+    if text_cols:
+        embedder = text_embedder if text_embedder is not None else HashingTextEmbedder(dim=text_dim)
+        if getattr(embedder, "cache_key", None) is None:
+            raise ValueError("text_embedder needs a cache_key (a string naming everything its output depends on)")
+        text_cfg = text_embedder_config(embedder)
+        spec = {"columns": column_types, "text_embedder": embedder.cache_key}
+        # torch_frame turns cells into str before embedding; under pandas 2 a missing cell
+        # would become the text "None"/"nan". Blank text embeds to zeros, like missing.
+        # (A copy of the affected tables: the caller's frames are left as they are.)
+        db = Database({
+            name: t if name not in text_cols else Table(
+                df=t.df.assign(**{c: t.df[c].astype(object).where(t.df[c].notna(), "") for c in text_cols[name]}),
+                fkey_col_to_pkey_table=t.fkey_col_to_pkey_table, pkey_col=t.pkey_col, time_col=t.time_col,
+            )
+            for name, t in db.table_dict.items()
+        })
     if cache_dir is not None:
-        key = hashlib.sha256(json.dumps(column_types, sort_keys=True).encode()).hexdigest()[:16]
+        key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
         cache_dir = str(Path(cache_dir) / key)
-    return make_pkey_fkey_graph(db, col_to_stype, cache_dir=cache_dir)
+    return make_pkey_fkey_graph(db, col_to_stype, text_cfg, cache_dir=cache_dir)
 
 
 def _to_device(batch: HeteroData, device: torch.device) -> HeteroData:
