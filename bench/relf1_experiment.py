@@ -5,7 +5,7 @@ training seed time in one set-based DuckDB query, pre-trains (unless --no-pretra
 fine-tunes each task for each seed and prints RelBench's test metrics (AUROC for
 driver-dnf / driver-top3, MAE and NMAE for driver-position) as mean ± std.
 
-    .venv/bin/python bench/relf1_experiment.py --tasks driver-dnf --seeds 0 --epochs 10
+    .venv/bin/python bench/relf1_experiment.py --tasks driver-dnf --seeds 0 [--epochs 10] [--no-pretrain] [--threads 1]
 """
 
 import argparse
@@ -31,7 +31,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tasks", default="driver-dnf,driver-top3,driver-position")
     p.add_argument("--seeds", default="0,1,2,3,4")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default: the recipe's, 20)")
     p.add_argument("--pretrain-epochs", type=int, default=10)
     p.add_argument("--pretrain-steps", type=int, default=50)
     p.add_argument("--no-pretrain", action="store_true")
@@ -46,10 +46,11 @@ def main() -> None:
     tables = {n: t.df for n, t in db.table_dict.items()}
     types = column_types(tables, ds.manifest, ds.dataset_dir)
     recipe = make_recipe("reference", {
-        "finetune": {"epochs": a.epochs},
+        "finetune": {"epochs": a.epochs} if a.epochs else {},
         "pretrain": {"epochs": a.pretrain_epochs, "steps_per_epoch": a.pretrain_steps, "lr_step_epochs": max(a.pretrain_epochs // 2, 1)},
     })
-    data, col_stats = training.build_graph(db, types, text_dim=recipe.backbone.text_dim)
+    data, col_stats = training.build_graph(db, types, text_dim=recipe.backbone.text_dim,
+                                           time_features=recipe.backbone.time_features)
     device = torch.device("cpu")
     backbone = None
     if not a.no_pretrain:
@@ -77,6 +78,7 @@ def main() -> None:
                 res = training.finetune(data, col_stats, task, tabs, recipe, device, seed=seed, backbone=bb)
                 scores = training.evaluate(data, col_stats, task, tabs, res["state_dict"], recipe, device, seed=seed)
                 row = {"task": name, "method": method, "seed": seed, "seconds": round(time.perf_counter() - t0),
+                       "best_epoch": res["best_epoch"],
                        **{f"test_{k}": v for k, v in scores["test"].items()}, **{f"val_{k}": v for k, v in scores["val"].items()}}
                 if "test_nmae" in row:
                     row["test_mae"] = row["test_nmae"] * task.nmae_std

@@ -28,6 +28,9 @@ class BackboneConfig(BaseModel):
     aggr: Literal["mean", "sum", "max"] = "sum"
     # Width of each text column's offline embedding (tve_pipeline.text.HashingTextEmbedder).
     text_dim: int = 64
+    # Each table's time column as a timestamp feature of its rows (RelBench's RDL does the
+    # same; the relative-time encoding alone loses the absolute date, e.g. the era of a race).
+    time_features: bool = True
 
 
 class TargetConfig(BaseModel):

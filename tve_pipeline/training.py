@@ -50,10 +50,13 @@ def build_graph(
     *,
     text_dim: int = 64,
     text_embedder=None,
+    time_features: bool = True,
 ):
     """The RelBench pkey-fkey graph with torch_frame features for every usable column.
 
-    Keys and time columns are structure, not features. Text columns are embedded offline
+    Keys are structure, not features. A table's time column is also a timestamp feature
+    of its rows when ``time_features`` (RelBench's RDL does this; a sampled row's time is
+    never later than its seed time, so nothing leaks). Text columns are embedded offline
     (``stype.text_embedded``; torch_frame stores them under ``stype.embedding``) by
     ``text_embedder``, by default :class:`~tve_pipeline.text.HashingTextEmbedder` with
     ``text_dim`` dimensions (``recipe.backbone.text_dim``); any callable
@@ -72,6 +75,12 @@ def build_graph(
         if table.time_col is not None:
             table.df[table.time_col] = table.df[table.time_col].astype("datetime64[ns]")
     stypes = {**_STYPES, TEXT: stype.text_embedded}
+    if time_features:
+        times = {name: t.time_col for name, t in db.table_dict.items() if t.time_col is not None}
+        column_types = {
+            name: {**cols, times[name]: TIMESTAMP} if times.get(name) in cols else cols
+            for name, cols in column_types.items()
+        }
     col_to_stype = {
         table: {col: stypes[kind] for col, kind in cols.items() if kind in stypes}
         for table, cols in column_types.items()
