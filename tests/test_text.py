@@ -287,7 +287,7 @@ def test_cache_key_follows_text_dim(text_db, tmp_path):
 def test_cache_key_unchanged_without_text_columns(text_db, tmp_path):
     """Databases without text keep the key they had before text was embedded."""
     types = {t: {c: ("key" if k == TEXT else k) for c, k in cols.items()} for t, cols in text_db["types"].items()}
-    data, _ = training.build_graph(text_db["db"], types, tmp_path, text_dim=8)
+    data, _ = training.build_graph(text_db["db"], types, tmp_path, text_dim=8, time_features=False)
     old_key = hashlib.sha256(json.dumps(types, sort_keys=True).encode()).hexdigest()[:16]
     assert [p.name for p in tmp_path.iterdir()] == [old_key]
     assert stype.embedding not in data["customers"].tf.col_names_dict

@@ -95,3 +95,27 @@ def test_numerical_encoder_with_missing_cells_has_finite_gradients_and_stock_for
     stock(feat).sum().backward()
     assert torch.isfinite(ours.weight.grad).all()
     assert not torch.isfinite(stock.weight.grad).all()  # the trap this class avoids
+
+
+def test_time_columns_become_timestamp_features_only_when_asked(tmp_path):
+    from test_sampling import make_db
+    from torch_frame import stype
+
+    from tve_pipeline import training
+
+    db = make_db(0)
+    types = {"events": {"event_id": "key", "user_id": "key", "product_id": "key", "ts": "key", "amount": "numerical"},
+             "users": {"user_id": "key", "age": "numerical", "country": "categorical"},
+             "products": {"product_id": "key", "price": "numerical", "listed": "key"},
+             "posts": {"post_id": "key", "user_id": "key", "parent_id": "key", "ts": "key", "length": "numerical"},
+             "tags": {"tag_id": "key", "user_id": "key", "w": "numerical"}}
+    with_time, _ = training.build_graph(db, types, tmp_path)
+    without, _ = training.build_graph(db, types, tmp_path, time_features=False)
+    assert with_time["events"].tf.col_names_dict[stype.timestamp] == ["ts"]
+    assert with_time["products"].tf.col_names_dict[stype.timestamp] == ["listed"]
+    assert stype.timestamp not in without["events"].tf.col_names_dict
+    assert stype.timestamp not in with_time["users"].tf.col_names_dict  # no time column there
+    # the feature is the row's own time (year in the first slot of torch_frame's timestamp tensor)
+    years = with_time["events"].tf.feat_dict[stype.timestamp][:, 0, 0]
+    assert torch.equal(years, torch.from_numpy(db.table_dict["events"].df["ts"].dt.year.to_numpy()).to(years.dtype))
+    assert len(list(tmp_path.iterdir())) == 2  # one tensor-frame cache each
