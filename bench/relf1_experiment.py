@@ -35,6 +35,7 @@ def main() -> None:
     p.add_argument("--pretrain-epochs", type=int, default=10)
     p.add_argument("--pretrain-steps", type=int, default=50)
     p.add_argument("--no-pretrain", action="store_true")
+    p.add_argument("--methods", default="scratch,tve", help="which of scratch,tve to fine-tune")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default="")
     a = p.parse_args()
@@ -72,7 +73,8 @@ def main() -> None:
         tabs = {s: task.get_table(s, db=full) for s in ("train", "val", "test")}
         test_labels = task.get_table("test", mask_input_cols=False, db=full)
         tabs["test_labels"] = test_labels
-        for method, bb in [("scratch", None)] + ([("tve", backbone)] if backbone is not None else []):
+        methods = [("scratch", None)] + ([("tve", backbone)] if backbone is not None else [])
+        for method, bb in [m for m in methods if m[0] in a.methods.split(",")]:
             for seed in [int(s) for s in a.seeds.split(",")]:
                 t0 = time.perf_counter()
                 res = training.finetune(data, col_stats, task, tabs, recipe, device, seed=seed, backbone=bb)
