@@ -22,22 +22,24 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from relbench.base import TaskType
+from relbench.base import Database, Table, TaskType
 from relbench.modeling.graph import make_pkey_fkey_graph
 from relbench.modeling.utils import to_unix_time
 from torch_frame import stype
 from torch_geometric.data import HeteroData
 
 from tve_pipeline.config import Recipe
-from tve_pipeline.database import CATEGORICAL, NUMERICAL, TIMESTAMP
+from tve_pipeline.database import CATEGORICAL, NUMERICAL, TEXT, TIMESTAMP
 from tve_pipeline.model import RDLModel, backbone_state, load_backbone
 from tve_pipeline.normalise import INACTIVE, TaskVectorNormaliser
 from tve_pipeline.objectives import AttributeDecoder, corrupted_copy, info_nce, sce_loss
 from tve_pipeline.sampling import TemporalNeighborSampler
+from tve_pipeline.text import HashingTextEmbedder, text_embedder_config
 
 LogFn = Callable[[dict, int], None]
 
-_STYPES = {NUMERICAL: stype.numerical, CATEGORICAL: stype.categorical, TIMESTAMP: stype.timestamp}
+_STYPES = {NUMERICAL: stype.numerical, CATEGORICAL: stype.categorical, TIMESTAMP: stype.timestamp,
+           TEXT: stype.text_embedded}
 
 
 # --------------------------------------------------------------------------- graph
@@ -65,16 +67,10 @@ def build_graph(
     text embedder's ``cache_key`` when there are text columns), so repeated stages on
     one database do not redo it.
     """
-    from relbench.base import Database, Table
-
-    from tve_pipeline.database import TEXT
-    from tve_pipeline.text import HashingTextEmbedder, text_embedder_config
-
     # relbench's to_unix_time assumes nanoseconds; pandas 3 reads many timestamps as [us].
     for table in db.table_dict.values():
         if table.time_col is not None:
             table.df[table.time_col] = table.df[table.time_col].astype("datetime64[ns]")
-    stypes = {**_STYPES, TEXT: stype.text_embedded}
     if time_features:
         times = {name: t.time_col for name, t in db.table_dict.items() if t.time_col is not None}
         column_types = {
@@ -82,7 +78,7 @@ def build_graph(
             for name, cols in column_types.items()
         }
     col_to_stype = {
-        table: {col: stypes[kind] for col, kind in cols.items() if kind in stypes}
+        table: {col: _STYPES[kind] for col, kind in cols.items() if kind in _STYPES}
         for table, cols in column_types.items()
     }
     text_cols = {t: [c for c, kind in cols.items() if kind == TEXT] for t, cols in column_types.items()}
