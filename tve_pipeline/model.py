@@ -217,8 +217,10 @@ class RDLModel(torch.nn.Module):
         aggregating when the source side has fewer rows (e.g. 512 seed drivers that 20k
         first-hop rows point to).
         """
-        stores = list(batch.node_stores) + list(batch.edge_stores)
-        if not self.fast or not all(("num_sampled_nodes" in s or "num_sampled_edges" in s) for s in stores):
+        laid_out = all("num_sampled_nodes" in s for s in batch.node_stores) and all(
+            "num_sampled_edges" in s for s in batch.edge_stores
+        )
+        if not self.fast or not laid_out:
             return self.gnn(x, batch.collect("edge_index"))
         n_layers = len(self.gnn.convs)
         nsn = {nt: batch[nt].num_sampled_nodes for nt in batch.node_types}
