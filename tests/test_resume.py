@@ -1,5 +1,6 @@
 """A training run killed mid-way and restarted ends exactly where an uninterrupted one ends."""
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -87,3 +88,90 @@ def test_checkpoint_of_another_run_is_not_resumed(tmp_path):
     training.Checkpointer(tmp_path / "c.pt", every=1, key="recipe A").save({"a": 1})
     assert training.Checkpointer(tmp_path / "c.pt", every=1, key="recipe B").load() is None
     assert training.Checkpointer(tmp_path / "c.pt", every=1, key="recipe A").load()["a"] == 1
+
+
+def test_prefetching_changes_nothing(setup, tmp_path):
+    # Sampling one step ahead on a worker thread draws exactly what the plain loop draws.
+    s = setup
+    task = s["ds"].load_task("customer-churn")
+    tables = {split: task.get_table(split) for split in ("train", "val")}
+    args = (s["data"], s["col_stats"], task, tables, s["recipe"], torch.device("cpu"))
+    threaded = training.finetune(*args, seed=5, prefetch=True)
+    plain = training.finetune(*args, seed=5, prefetch=False)
+    assert threaded["history"] == plain["history"]
+    _assert_same_states(threaded["state_dict"], plain["state_dict"])
+    pre = (s["data"], s["col_stats"], "customers", "customer_id", s["raw"],
+           {d.name: d.aggregation for d in s["defs"]}, s["recipe"], torch.device("cpu"))
+    a = training.pretrain(*pre, objective="tve+mae", prefetch=True)
+    b = training.pretrain(*pre, objective="tve+mae", prefetch=False)
+    _assert_same_states(a["backbone"], b["backbone"])
+
+
+def test_prefetcher_keeps_order_shares_generators_and_raises():
+    import threading
+
+    gen = torch.Generator().manual_seed(0)
+    threads = set()
+
+    def draw(i):
+        threads.add(threading.current_thread().name)
+        return i, torch.randint(0, 10**9, (3,), generator=gen)
+
+    threaded = list(training.Prefetcher(draw, range(6)))
+    assert any(t.startswith("tve-prefetch") for t in threads)  # really on the worker
+    gen.manual_seed(0)
+    plain = [draw(i) for i in range(6)]  # the plain loop, same generator
+    assert [i for i, _ in threaded] == list(range(6))
+    for (_, x), (_, y) in zip(threaded, plain):
+        assert torch.equal(x, y)
+
+    def boom(i):
+        if i == 2:
+            raise ValueError("bad batch 2")
+        return i
+
+    with pytest.raises(ValueError, match="bad batch 2"):
+        list(training.Prefetcher(boom, range(5)))
+    assert list(training.Prefetcher(boom, range(2), enabled=False)) == [0, 1]
+
+
+def test_step_generators_are_independent_of_history():
+    a = training.step_generator(7, 12, "sample")
+    torch.rand(5, generator=training.step_generator(7, 11, "sample"))  # another step's draws
+    b = training.step_generator(7, 12, "sample")
+    assert torch.equal(torch.rand(4, generator=a), torch.rand(4, generator=b))
+    c = training.step_generator(7, 12, "noise")
+    d = training.step_generator(8, 12, "sample")
+    x = torch.rand(4, generator=training.step_generator(7, 12, "sample"))
+    assert not torch.equal(x, torch.rand(4, generator=c)) and not torch.equal(x, torch.rand(4, generator=d))
+
+
+def test_regression_outputs_are_clamped_to_the_training_labels_percentiles(setup):
+    # RelBench's RDL clamps regression predictions to the 2nd-98th percentile of the
+    # training labels; ours takes them from the labels the run trained on (its fraction).
+    s = setup
+    task = s["ds"].load_task("customer-spend")
+    tables = {split: task.get_table(split) for split in ("train", "val")}
+    args = (s["data"], s["col_stats"], task, tables, s["recipe"], torch.device("cpu"))
+    res = training.finetune(*args, seed=1, label_fraction=0.5)
+    seen = tables["train"].df.sample(frac=0.5, random_state=1)[task.target_col].to_numpy()
+    lo, hi = np.percentile(seen, [2, 98])
+    assert res["output_range"] == pytest.approx((lo, hi))
+    assert lo < hi
+    # evaluate() with the range == RelBench's evaluator on predictions clamped by hand
+    tabs = {**tables, "test": task.get_table("test"), "test_labels": task.get_table("test", mask_input_cols=False)}
+    got = training.evaluate(s["data"], s["col_stats"], task, tabs, res["state_dict"], s["recipe"], torch.device("cpu"),
+                            seed=1, output_range=res["output_range"])
+    model = training.RDLModel(s["data"], s["col_stats"], s["recipe"].backbone, out_channels=1)
+    model.load_state_dict(res["state_dict"])
+    sampler = training.TemporalNeighborSampler(s["data"], list(s["recipe"].backbone.num_neighbors))
+    df = tables["val"].df
+    nodes, times = training.seed_tensors(df[task.entity_col], df[task.time_col])
+    raw = training.predict(model, sampler, task.entity_table, nodes, times, 512, torch.device("cpu"), seed=1).view(-1).numpy()
+    assert ((raw < lo) | (raw > hi)).any()  # the clamp has something to do here
+    assert got["val"] == pytest.approx(task.evaluate(np.clip(raw, lo, hi), tables["val"]))
+    assert got["val"] != pytest.approx(task.evaluate(raw, tables["val"]))
+    # classification is never clamped
+    churn = s["ds"].load_task("customer-churn")
+    assert training.finetune(s["data"], s["col_stats"], churn, {sp: churn.get_table(sp) for sp in ("train", "val")},
+                             s["recipe"], torch.device("cpu"), seed=1)["output_range"] is None

@@ -100,6 +100,9 @@ class FinetuneConfig(BaseModel):
     seeds: tuple[int, ...] = (0,)
     label_fractions: tuple[float, ...] = (1.0,)
     restrict_top_k: int | None = None
+    # Regression: predictions are clamped to these percentiles of the training labels
+    # (RelBench's RDL does 2 / 98 at inference); None leaves them as they are.
+    clamp_percentiles: tuple[float, float] | None = (2.0, 98.0)
 
 
 class Recipe(BaseModel):

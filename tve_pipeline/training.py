@@ -145,9 +145,13 @@ class Checkpointer:
 
     A run killed at any moment leaves either the previous checkpoint or the new one,
     never a torn file; a restarted run resumes from it and, because batch order and
-    sampling draw from generators whose states are saved with the weights, ends exactly
-    where an uninterrupted run with the same seed ends.
+    every random draw are functions of saved state (the order generator, the step count,
+    torch's global generator), ends exactly where an uninterrupted run with the same seed
+    ends.
     """
+
+    # Bumped when what a checkpoint means changes: older files are ignored, not resumed.
+    FORMAT = 2
 
     def __init__(self, path: str | Path, every: int, key: str = ""):
         # ``key`` names what the run is (recipe, data, objective): a checkpoint written
@@ -158,16 +162,61 @@ class Checkpointer:
         if not self.path.exists():
             return None
         state = torch.load(self.path, map_location="cpu", weights_only=False)
-        return state if state.get("checkpoint_key") == self.key else None
+        fresh = state.get("checkpoint_key") == self.key and state.get("checkpoint_format") == self.FORMAT
+        return state if fresh else None
 
     def save(self, state: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        torch.save({**state, "checkpoint_key": self.key}, tmp)
+        torch.save({**state, "checkpoint_key": self.key, "checkpoint_format": self.FORMAT}, tmp)
         os.replace(tmp, self.path)
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+def step_generator(seed: int, step: int, stream: str) -> torch.Generator:
+    """A generator of its own for one training step and one use (``"sample"``, ``"noise"``).
+
+    Seeded from a 64-bit hash of ``(seed, step, stream)``: a step's draws depend on nothing
+    but these, so batches can be sampled ahead on another thread, and a resumed run needs
+    no generator state to draw exactly what an uninterrupted one draws.
+    """
+    digest = hashlib.blake2b(f"{seed}:{step}:{stream}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+
+class Prefetcher:
+    """Runs ``fn(item)`` for the next item on a worker thread while the caller uses this one.
+
+    ``for out in Prefetcher(fn, items)``: results in order, at most one computed ahead.
+    The worker calls ``fn`` on the items one at a time, in order, so a generator that
+    ``fn`` shares across items is consumed exactly as in a plain loop: the results are the
+    same with or without the thread (``enabled=False`` is that plain loop). Sampling a
+    temporal subgraph is host work that releases the GIL in torch's kernels; on a GPU it
+    overlaps the device's step, on a CPU the spare core's.
+    """
+
+    def __init__(self, fn: Callable, items, enabled: bool = True):
+        self.fn, self.items, self.enabled = fn, list(items), enabled
+
+    def __iter__(self):
+        if not self.enabled or len(self.items) < 2:
+            for item in self.items:
+                yield self.fn(item)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tve-prefetch") as pool:
+            pending = pool.submit(self.fn, self.items[0])
+            try:
+                for i in range(len(self.items)):
+                    result = pending.result()
+                    if i + 1 < len(self.items):
+                        pending = pool.submit(self.fn, self.items[i + 1])
+                    yield result
+            finally:
+                pending.cancel()
 
 
 def _fit(
@@ -180,20 +229,26 @@ def _fit(
     steps_per_epoch: int | None,
     epochs: int,
     seed: int,
-    step_loss: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+    sample: Callable[[torch.Tensor, torch.Generator], object],
+    batch_loss: Callable[[object, torch.Tensor, torch.Generator], torch.Tensor],
     evaluate_epoch: Callable[[], tuple[dict, float]],
     log: LogFn | None = None,
     checkpoint: Checkpointer | None = None,
     on_step: Callable[[int], None] | None = None,
+    prefetch: bool = True,
 ) -> tuple[dict, list[dict]]:
     """The training loop both stages share; returns (best, history).
 
-    Two generators of its own plus torch's global one (dropout): ``order`` shuffles the seeds of each epoch (its state at the start of
-    the epoch is enough to rebuild the epoch's batches), ``draws`` feeds sampling and
-    corruption. ``evaluate_epoch`` returns (metrics, score): the higher score wins.
+    ``order`` (a generator seeded with ``seed``) shuffles the seeds of each epoch; its
+    state at the start of the epoch is enough to rebuild the epoch's batches. Step ``s``
+    samples its batch with ``step_generator(seed, s, "sample")`` (``sample(idx, gen)``, on
+    the prefetch thread, one step ahead) and draws its corruption with ``step_generator(
+    seed, s, "noise")`` (``batch_loss(batch, idx, gen)``); dropout draws from torch's
+    global generator, on this thread only. ``evaluate_epoch`` returns (metrics, score):
+    the higher score wins. Losses stay on the device until the epoch ends (no per-step
+    host sync).
     """
     order = torch.Generator().manual_seed(seed)
-    draws = torch.Generator().manual_seed(seed + 1)
     best = {"score": -math.inf, "epoch": -1, "state": None, "metrics": None}
     history: list[dict] = []
     start_epoch, start_step, losses = 0, 0, []
@@ -205,7 +260,6 @@ def _fit(
         if sched is not None:
             sched.load_state_dict(saved["sched"])
         order.set_state(saved["order_state"])
-        draws.set_state(saved["draws_state"])
         torch.set_rng_state(saved["global_rng_state"])
         if saved.get("cuda_rng_state") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(saved["cuda_rng_state"])
@@ -222,19 +276,26 @@ def _fit(
         first = start_step if (saved is not None and epoch == start_epoch) else 0
         if first == 0:
             losses = []
-        for step in range(first, len(batches)):
-            loss = step_loss(batches[step], draws)
+        epoch_start = global_step - first  # the global step number of this epoch's step 0
+
+        def draw(step: int, batches=batches, epoch_start=epoch_start):
+            return sample(batches[step], step_generator(seed, epoch_start + step, "sample"))
+
+        steps = range(first, len(batches))
+        for step, batch in zip(steps, Prefetcher(draw, steps, enabled=prefetch)):
+            loss = batch_loss(batch, batches[step], step_generator(seed, epoch_start + step, "noise"))
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.append(loss.item())
+            losses.append(loss.detach())
             global_step += 1
             if checkpoint and global_step % checkpoint.every == 0:
+                losses = [float(v) for v in losses]
                 checkpoint.save({
                     "modules": modules.state_dict(), "opt": opt.state_dict(),
                     "sched": sched.state_dict() if sched is not None else None,
                     "order_state": order.get_state(), "epoch_order_state": epoch_order_state,
-                    "draws_state": draws.get_state(), "best": best, "history": history,
+                    "best": best, "history": history,
                     # dropout (torch_frame's ResNet) draws from the global generator
                     "global_rng_state": torch.get_rng_state(),
                     "cuda_rng_state": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -244,6 +305,7 @@ def _fit(
                 on_step(global_step)
         if sched is not None:
             sched.step()
+        losses = [float(v) for v in losses]
         metrics, score = evaluate_epoch()
         row = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"), **metrics}
         history.append(row)
@@ -259,15 +321,22 @@ def _fit(
 
 
 @torch.no_grad()
-def predict(model, sampler, entity_table, nodes, times, batch_size, device, *, seed: int = 0) -> torch.Tensor:
-    """Head outputs for every seed, in input order (sampling reproducible under ``seed``)."""
+def predict(model, sampler, entity_table, nodes, times, batch_size, device, *, seed: int = 0,
+            prefetch: bool = True) -> torch.Tensor:
+    """Head outputs for every seed, in input order (sampling reproducible under ``seed``).
+
+    Batches are sampled one ahead on a worker thread (:class:`Prefetcher`), in order and
+    from one generator: the same draws as a plain loop.
+    """
     model.eval()
     gen = torch.Generator().manual_seed(seed)
-    outs = []
-    for start in range(0, len(nodes), batch_size):
+    starts = range(0, len(nodes), batch_size)
+
+    def draw(start: int):
         sl = slice(start, start + batch_size)
-        batch = sampler.sample(entity_table, nodes[sl], times[sl], generator=gen)
-        outs.append(model(_to_device(batch, device), entity_table).float().cpu())
+        return sampler.sample(entity_table, nodes[sl], times[sl], generator=gen)
+
+    outs = [model(_to_device(batch, device), entity_table).float().cpu() for batch in Prefetcher(draw, starts, prefetch)]
     return torch.cat(outs) if outs else torch.empty(0)
 
 
@@ -298,6 +367,7 @@ def pretrain(
     objective: str = "tve",
     checkpoint: Checkpointer | None = None,
     on_step: Callable[[int], None] | None = None,
+    prefetch: bool = True,
 ) -> dict:
     """Pre-train a backbone with one objective; returns CPU states, normaliser and history.
 
@@ -370,8 +440,10 @@ def pretrain(
 
     modules = torch.nn.ModuleDict({"model": model, "aux": aux})
 
-    def step_loss(idx, gen):
-        batch = sampler.sample(entity_table, n_train[idx], t_train[idx], generator=gen)
+    def sample(idx, gen):
+        return sampler.sample(entity_table, n_train[idx], t_train[idx], generator=gen)
+
+    def batch_loss(batch, idx, gen):
         return objective_loss(batch, y_train[idx], gen)
 
     epochs_done = []
@@ -385,8 +457,8 @@ def pretrain(
 
     best, history = _fit(
         modules, opt, sched, n=len(n_train), batch_size=cfg.batch_size, steps_per_epoch=cfg.steps_per_epoch,
-        epochs=cfg.epochs, seed=recipe.seed, step_loss=step_loss, evaluate_epoch=evaluate_epoch, log=log,
-        checkpoint=checkpoint, on_step=on_step,
+        epochs=cfg.epochs, seed=recipe.seed, sample=sample, batch_loss=batch_loss, evaluate_epoch=evaluate_epoch, log=log,
+        checkpoint=checkpoint, on_step=on_step, prefetch=prefetch,
     )
     modules.load_state_dict(best["state"])
     return {
@@ -411,11 +483,21 @@ def _higher_is_better(task) -> bool:
     return task.task_type == TaskType.BINARY_CLASSIFICATION
 
 
-def _task_output(task, logits: torch.Tensor) -> np.ndarray:
+def _task_output(task, logits: torch.Tensor, output_range: tuple[float, float] | None = None) -> np.ndarray:
     out = logits.view(-1)
     if task.task_type == TaskType.BINARY_CLASSIFICATION:
         out = torch.sigmoid(out)
+    elif output_range is not None:
+        out = out.clamp(*output_range)
     return out.numpy()
+
+
+def output_range(task, labels: np.ndarray, percentiles: tuple[float, float] | None) -> tuple[float, float] | None:
+    """Where a regression model's predictions are clamped: percentiles of its training labels."""
+    if task.task_type != TaskType.REGRESSION or percentiles is None or len(labels) == 0:
+        return None
+    lo, hi = np.percentile(labels, percentiles)
+    return float(lo), float(hi)
 
 
 def finetune(
@@ -432,6 +514,7 @@ def finetune(
     log: LogFn | None = None,
     checkpoint: Checkpointer | None = None,
     on_step: Callable[[int], None] | None = None,
+    prefetch: bool = True,
 ) -> dict:
     """Train a task head (and the backbone) on the task's train table; best epoch by val.
 
@@ -451,6 +534,8 @@ def finetune(
     y_tr = torch.from_numpy(train[task.target_col].to_numpy(dtype=np.float32))
     val = tables["val"]
     n_va, t_va = seed_tensors(val.df[task.entity_col], val.df[task.time_col])
+    # From the labels this run trains on (its label fraction), never from val or test.
+    clamp = output_range(task, y_tr.numpy(), cfg.clamp_percentiles)
 
     model = RDLModel(data, col_stats, recipe.backbone, out_channels=1).to(device)
     if backbone is not None:
@@ -460,20 +545,22 @@ def finetune(
     loss_fn = F.binary_cross_entropy_with_logits if _higher_is_better(task) else F.l1_loss
     sign = 1.0 if _higher_is_better(task) else -1.0
 
-    def step_loss(idx, gen):
-        batch = sampler.sample(task.entity_table, n_tr[idx], t_tr[idx], generator=gen)
+    def sample(idx, gen):
+        return sampler.sample(task.entity_table, n_tr[idx], t_tr[idx], generator=gen)
+
+    def batch_loss(batch, idx, gen):
         pred = model(_to_device(batch, device), task.entity_table).view(-1)
         return loss_fn(pred, y_tr[idx].to(device))
 
     def evaluate_epoch():
-        out = predict(model, sampler, task.entity_table, n_va, t_va, cfg.batch_size, device, seed=seed)
-        val_metrics = task.evaluate(_task_output(task, out), val)
+        out = predict(model, sampler, task.entity_table, n_va, t_va, cfg.batch_size, device, seed=seed, prefetch=prefetch)
+        val_metrics = task.evaluate(_task_output(task, out, clamp), val)
         return {f"val_{k}": float(v) for k, v in val_metrics.items()}, sign * next(iter(val_metrics.values()))
 
     best, history = _fit(
         model, opt, None, n=len(n_tr), batch_size=cfg.batch_size, steps_per_epoch=cfg.steps_per_epoch,
-        epochs=cfg.epochs, seed=seed, step_loss=step_loss, evaluate_epoch=evaluate_epoch, log=log,
-        checkpoint=checkpoint, on_step=on_step,
+        epochs=cfg.epochs, seed=seed, sample=sample, batch_loss=batch_loss, evaluate_epoch=evaluate_epoch, log=log,
+        checkpoint=checkpoint, on_step=on_step, prefetch=prefetch,
     )
     return {
         "state_dict": best["state"],
@@ -481,14 +568,18 @@ def finetune(
         "val_metrics": {k.removeprefix("val_"): v for k, v in best["metrics"].items()},
         "history": history,
         "n_train": len(train),
+        "output_range": clamp,
     }
 
 
-def evaluate(data, col_stats, task, tables: dict, state_dict: dict, recipe: Recipe, device, *, seed: int = 0) -> dict:
+def evaluate(data, col_stats, task, tables: dict, state_dict: dict, recipe: Recipe, device, *, seed: int = 0,
+             output_range: tuple[float, float] | None = None) -> dict:
     """RelBench's evaluator on val and test for a fine-tuned model state.
 
     Predictions come from the masked tables; the labels from ``tables["val"]`` and
     ``tables["test_labels"]`` (RelBench's own unmasked test table when absent).
+    ``output_range``: the fine-tuning run's clamp for regression outputs (its result's
+    ``"output_range"``).
     """
     model = RDLModel(data, col_stats, recipe.backbone, out_channels=1)
     model.load_state_dict(state_dict)
@@ -498,7 +589,7 @@ def evaluate(data, col_stats, task, tables: dict, state_dict: dict, recipe: Reci
     for split in ("val", "test"):
         table = tables[split]
         nodes, times = seed_tensors(table.df[task.entity_col], table.df[task.time_col])
-        pred = _task_output(task, predict(model, sampler, task.entity_table, nodes, times, recipe.finetune.batch_size, device, seed=seed))
+        pred = _task_output(task, predict(model, sampler, task.entity_table, nodes, times, recipe.finetune.batch_size, device, seed=seed), output_range)
         target = table if split == "val" else tables.get("test_labels")
         out[split] = task.evaluate(pred, target)
     return out
