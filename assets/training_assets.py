@@ -20,9 +20,8 @@ def training_windows(summary, recipe) -> list[str]:
 
 def _graph(storage: TVEStorage, summary, dataset, recipe):
     db = dataset.get_db()
-    return training.build_graph(db, summary.column_types, storage.graph_cache(summary.name, summary.fingerprint),
-                                text_dim=recipe.backbone.text_dim,
-                                time_features=recipe.backbone.time_features)
+    return training.graph_for(db, summary.column_types, recipe.backbone,
+                              storage.graph_cache(summary.name, summary.fingerprint))
 
 
 @dg.asset(

@@ -48,8 +48,7 @@ def main() -> None:
         db = ds.get_db()
         types = column_types({n: tb.df for n, tb in db.table_dict.items()}, ds.manifest)
         recipe = make_recipe("reference")
-        data, col_stats = training.build_graph(db, types, text_dim=recipe.backbone.text_dim,
-                                               time_features=recipe.backbone.time_features)
+        data, col_stats = training.graph_for(db, types, recipe.backbone)
         task = ds.load_task(task_name)
         train = task.get_table("train").df
         nodes, times = training.seed_tensors(train[task.entity_col], train[task.time_col])

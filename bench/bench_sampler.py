@@ -118,8 +118,8 @@ def load_relbench(which: str, root: Path, rows: int, reuse: bool):
     # the CSC and memory then cover the whole database, e.g. exactly --rows orders).
     db = ds.get_db(upto_test_timestamp=False)
     types = column_types({n: tb.df for n, tb in db.table_dict.items()}, ds.manifest, ds.dataset_dir)
-    data, col_stats = training.build_graph(db, types, cache_dir=(root / f"tf-cache-{folder.name}") if reuse else None,
-                                           text_dim=make_recipe("reference").backbone.text_dim)
+    data, col_stats = training.graph_for(db, types, make_recipe("reference").backbone,
+                                         cache_dir=(root / f"tf-cache-{folder.name}") if reuse else None)
     log(f"{which}: graph (make_pkey_fkey_graph, tensor frames) in {time.perf_counter() - t0:.1f} s")
     t0 = time.perf_counter()
     task = ds.load_task(task_name)

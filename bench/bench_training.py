@@ -267,8 +267,7 @@ def run(args, tmp: Path) -> None:
     ds, task_name = build_database(args.db, tmp)
     db = ds.get_db()
     types = column_types({n: tb.df for n, tb in db.table_dict.items()}, ds.manifest)
-    data, col_stats = training.build_graph(db, types, cache_dir=tmp / "cache",
-                                           text_dim=make_recipe("reference").backbone.text_dim)
+    data, col_stats = training.graph_for(db, types, make_recipe("reference").backbone, cache_dir=tmp / "cache")
     task = ds.load_task(task_name)
     train = task.get_table("train").df
     nodes, times = training.seed_tensors(train[task.entity_col], train[task.time_col])

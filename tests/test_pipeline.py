@@ -63,8 +63,7 @@ def _predict(run, task_name, table, method="scratch", seed=0):
     models = load_asset(run, "finetuned_models", f"tiny/{task_name}")
     recipe = run["resources"]["recipe"].recipe()
     summary = load_asset(run, "raw_tables", "tiny")
-    data, col_stats = training.build_graph(ds.get_db(), summary.column_types, text_dim=recipe.backbone.text_dim,
-                                           time_features=recipe.backbone.time_features)
+    data, col_stats = training.graph_for(ds.get_db(), summary.column_types, recipe.backbone)
     model = training.RDLModel(data, col_stats, recipe.backbone, out_channels=1)
     model.load_state_dict(models[(method, 1.0, seed)]["state_dict"])
     sampler = training.TemporalNeighborSampler(data, list(recipe.backbone.num_neighbors))

