@@ -6,6 +6,7 @@ fine-tunes each task for each seed and prints RelBench's test metrics (AUROC for
 driver-dnf / driver-top3, MAE and NMAE for driver-position) as mean ± std.
 
     .venv/bin/python bench/relf1_experiment.py --tasks driver-dnf --seeds 0 [--epochs 10] [--no-pretrain] [--threads 1]
+        [--label-fractions 0.1,0.25,1] [--methods scratch,tve] [--text glove|hashing]
 """
 
 import argparse
@@ -37,6 +38,8 @@ def main() -> None:
     p.add_argument("--pretrain-steps", type=int, default=50)
     p.add_argument("--no-pretrain", action="store_true")
     p.add_argument("--methods", default="scratch,tve", help="which of scratch,tve to fine-tune")
+    p.add_argument("--label-fractions", default="1", help="fractions of the training table, e.g. 0.05,0.1,1 "
+                   "(drawn with the seed: the same rows for every method)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default="")
     p.add_argument("--text", choices=["glove", "hashing"], default=None,
@@ -98,12 +101,14 @@ def main() -> None:
         tabs["test_labels"] = test_labels
         methods = [("scratch", None)] + ([("tve", backbone)] if backbone is not None else [])
         for method, bb in [m for m in methods if m[0] in a.methods.split(",")]:
-            for seed in [int(s) for s in a.seeds.split(",")]:
+            for fraction, seed in [(float(f), int(s)) for f in a.label_fractions.split(",") for s in a.seeds.split(",")]:
                 t0 = time.perf_counter()
-                res = training.finetune(data, col_stats, task, tabs, recipe, device, seed=seed, backbone=bb)
+                res = training.finetune(data, col_stats, task, tabs, recipe, device, seed=seed, backbone=bb,
+                                        label_fraction=fraction)
                 scores = training.evaluate(data, col_stats, task, tabs, res["state_dict"], recipe, device, seed=seed,
                                             output_range=res["output_range"])
-                row = {"task": name, "method": method, "seed": seed, "seconds": round(time.perf_counter() - t0),
+                row = {"task": name, "method": method, "fraction": fraction, "n_train": res["n_train"], "seed": seed,
+                       "seconds": round(time.perf_counter() - t0),
                        "best_epoch": res["best_epoch"],
                        **{f"test_{k}": v for k, v in scores["test"].items()}, **{f"val_{k}": v for k, v in scores["val"].items()}}
                 if "test_nmae" in row:
@@ -112,7 +117,7 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
     frame = pd.DataFrame(rows)
     cols = [c for c in frame.columns if c.startswith("test_")]
-    print(frame.groupby(["task", "method"])[cols].agg(["mean", "std"]).to_string())
+    print(frame.groupby(["task", "fraction", "method"])[cols].agg(["mean", "std"]).to_string())
     if a.out:
         frame.to_csv(a.out, index=False)
 
