@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -313,7 +314,11 @@ def _fit(
             if on_step:
                 on_step(global_step)
         if sched is not None:
-            sched.step()
+            with warnings.catch_warnings():
+                # a run resumed exactly at an epoch's end steps the schedule before any
+                # optimiser step of this process: intended, not the mistake torch warns of
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+                sched.step()
         losses = [float(v) for v in losses]
         metrics, score = evaluate_epoch()
         row = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"), **metrics}
