@@ -29,12 +29,12 @@ from relbench.modeling.utils import to_unix_time
 from torch_frame import stype
 from torch_geometric.data import HeteroData
 
+from tve_pipeline.config import BackboneConfig, Recipe
 from tve_pipeline.database import CATEGORICAL, NUMERICAL, TEXT, TIMESTAMP
 from tve_pipeline.model import RDLModel, backbone_state, load_backbone
 from tve_pipeline.normalise import INACTIVE, TaskVectorNormaliser
 from tve_pipeline.objectives import AttributeDecoder, corrupted_copy, info_nce, sce_loss
 from tve_pipeline.sampling import TemporalNeighborSampler
-from tve_pipeline.config import BackboneConfig, Recipe
 from tve_pipeline.text import HashingTextEmbedder, make_text_embedder, text_embedder_config
 
 LogFn = Callable[[dict, int], None]
@@ -506,7 +506,7 @@ def _task_output(task, logits: torch.Tensor, output_range: tuple[float, float] |
     return out.numpy()
 
 
-def output_range(task, labels: np.ndarray, percentiles: tuple[float, float] | None) -> tuple[float, float] | None:
+def regression_clamp(task, labels: np.ndarray, percentiles: tuple[float, float] | None) -> tuple[float, float] | None:
     """Where a regression model's predictions are clamped: percentiles of its training labels."""
     if task.task_type != TaskType.REGRESSION or percentiles is None or len(labels) == 0:
         return None
@@ -549,7 +549,7 @@ def finetune(
     val = tables["val"]
     n_va, t_va = seed_tensors(val.df[task.entity_col], val.df[task.time_col])
     # From the labels this run trains on (its label fraction), never from val or test.
-    clamp = output_range(task, y_tr.numpy(), cfg.clamp_percentiles)
+    clamp = regression_clamp(task, y_tr.numpy(), cfg.clamp_percentiles)
 
     model = RDLModel(data, col_stats, recipe.backbone, out_channels=1).to(device)
     if backbone is not None:
