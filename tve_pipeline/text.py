@@ -279,14 +279,16 @@ class GloveTextEmbedder:
         return "GloveTextEmbedder(6B, 50d)"
 
     def __call__(self, texts: Iterable[Any]) -> torch.Tensor:
-        texts = list(texts)
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        # Each distinct (normalised) text is embedded once: columns repeat values a lot.
+        index: dict[str, int] = {}
+        inverse = np.fromiter((index.setdefault(normalise(t), len(index)) for t in texts), dtype=np.int64)
+        out = np.zeros((len(index), self.dim), dtype=np.float32)
         vocab, vectors = self.vocab, self.vectors
-        for r, text in enumerate(texts):
-            ids = [i for i in (vocab.get(t) for t in self._tok.findall(normalise(text))) if i is not None]
+        for r, text in enumerate(index):
+            ids = [i for i in (vocab.get(t) for t in self._tok.findall(text)) if i is not None]
             if ids:
                 out[r] = np.asarray(vectors[np.sort(ids)]).mean(axis=0)
-        return torch.from_numpy(out)
+        return torch.from_numpy(out[inverse])
 
 
 TEXT_EMBEDDERS = ("glove", "hashing")
