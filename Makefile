@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 RUN_DIR ?= $(CURDIR)/runs/demo
 
-.PHONY: install demo test ui mlflow-ui clean
+.PHONY: install demo test run results ui mlflow-ui clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -26,10 +26,24 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
+# Any registered database: make run DATABASE=rel-f1 [RUN_DIR=...]; make results DATABASE=rel-f1
+run: $(STAMP)
+	$(BIN)/tve run "$(DATABASE)" --run-dir "$(RUN_DIR)"
+
+results: $(STAMP)
+	$(BIN)/tve results "$(DATABASE)" --run-dir "$(RUN_DIR)"
+
 ui: $(STAMP)
 	DAGSTER_HOME="$(RUN_DIR)/dagster" TVE_RUN_DIR="$(RUN_DIR)" $(BIN)/dagster dev -w workspace.yaml
 
-mlflow-ui: $(STAMP)
+mlflow-# Any registered database: make run DATABASE=rel-f1 [RUN_DIR=...]; make results DATABASE=rel-f1
+run: $(STAMP)
+	$(BIN)/tve run "$(DATABASE)" --run-dir "$(RUN_DIR)"
+
+results: $(STAMP)
+	$(BIN)/tve results "$(DATABASE)" --run-dir "$(RUN_DIR)"
+
+ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri "sqlite:///$(RUN_DIR)/mlflow.db"
 
 clean:

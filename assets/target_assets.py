@@ -1,82 +1,121 @@
-"""TVE targets: raw next-window task vectors for the training seed times of one window.
+"""TVE targets: the raw next-window task vectors of one database, one partition per window.
 
-They are written as plain parquet (``targets/<database>/<window>/<entity>.parquet``), one
-file per entity table, atomically; the checkpoint asset reads exactly the windows that
-hold training seed times and refuses to train when one is missing, instead of loading
-every one of the ~900 monthly partitions of a database and silently skipping gaps.
+A window partition is a training seed time ``t``; its value is one parquet file per entity
+table (``targets/<database>/<window>/<entity>.parquet``) streamed to disk by the library's
+atomic ``write_targets``. A backfill of many windows runs as one run
+(``BackfillPolicy.single_run``): the tables are loaded once and each window costs its
+query, not a process start. Downstream assets receive the files through the
+:class:`TaskVectorFiles` IO manager, so Dagster knows which windows a checkpoint read.
 """
 
-import os
+from pathlib import Path
 
 import dagster as dg
 import pandas as pd
 
-from assets.database_assets import _fail, database_timedelta
-from assets.partitions import by_database, database_window_partitions
+from assets.database_assets import database_timedelta
+from assets.failures import failure
+from assets.partitions import window_partitions, window_seed_time
+from assets.registry import Database
 from resources import RecipeResource, TVEStorage
 from tve_pipeline import database as tdb
-from tve_pipeline.targets import compute_targets
+from tve_pipeline.config import recipe_version
+from tve_pipeline.targets import write_targets
 from tve_pipeline.traversal import TargetDef
 
-
-def write_parquet_atomic(frame: pd.DataFrame, path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+DATABASE_METADATA = "tve/database"
 
 
-@dg.asset(
-    partitions_def=database_window_partitions,
-    ins={
-        "raw_tables": dg.AssetIn(partition_mapping=by_database),
-        "traversal_graph": dg.AssetIn(partition_mapping=by_database),
-    },
-    group_name="targets",
-    kinds={"duckdb", "parquet"},
-)
-def tve_targets(
-    context: dg.AssetExecutionContext,
-    raw_tables,
-    traversal_graph,
-    temporal_windows,
-    recipe: RecipeResource,
-    storage: TVEStorage,
-) -> dg.MaterializeResult:
-    """Raw task vectors per entity table for this window's *training* seed times.
+class TaskVectorFiles(dg.ConfigurableIOManager):
+    """The window folders of ``tve_targets``: written by the asset, handed downstream as paths.
 
-    Only training seeds: their windows end by the validation timestamp, so pre-training
-    never reads past it. A window without training seed times writes nothing (and says so).
+    ``load_input`` returns ``{window: folder}`` for every window the downstream asset maps
+    to, and fails in one line naming the windows that were never materialised.
     """
-    r = recipe.recipe()
-    keys = context.partition_key.keys_by_dimension
-    seeds = temporal_windows[temporal_windows["split"] == "train"]["timestamp"]
-    delta = database_timedelta(raw_tables, r)
-    meta = {"timedelta": str(delta), "num_seed_times": len(seeds)}
-    if len(seeds) == 0:
-        meta["note"] = "no training seed time in this window"
-        return dg.MaterializeResult(metadata=meta)
-    dataset = tdb.open_dataset(raw_tables.dataset_dir)
-    db = dataset.get_db()
-    tables = {name: t.df for name, t in db.table_dict.items()}
-    for entity, defs in traversal_graph.items():
-        try:
-            frame = compute_targets(
-                tables,
-                dataset.manifest.tables,
-                [TargetDef.from_dict(d) for d in defs],
-                entity,
-                pd.DatetimeIndex(seeds),
-                delta,
-                memory_limit=r.targets.duckdb_memory_limit,
+
+    run_dir: str
+
+    def folder(self, database: str, window: str) -> Path:
+        return Path(self.run_dir) / "targets" / database / window
+
+    def handle_output(self, context: dg.OutputContext, obj) -> None:
+        missing = [w for w in (obj or {}) if not self.folder(context.definition_metadata[DATABASE_METADATA], w).is_dir()]
+        if missing:
+            raise failure(f"tve_targets wrote no files for windows {', '.join(missing[:4])}")
+
+    def load_input(self, context: dg.InputContext) -> dict[str, Path]:
+        database = context.upstream_output.definition_metadata[DATABASE_METADATA]
+        windows = list(context.asset_partition_keys)
+        folders = {w: self.folder(database, w) for w in windows}
+        missing = [w for w, f in folders.items() if not f.is_dir()]
+        if missing:
+            raise failure(
+                f"tve_targets of {database!r} missing for {len(missing)} of {len(windows)} windows "
+                f"({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}): run `tve run {database}` "
+                "or backfill its tve_targets in the UI"
             )
-        except ValueError as exc:
-            raise _fail(exc) from exc
-        path = storage.targets_file(keys["database"], keys["window"], entity)
-        write_parquet_atomic(frame, path)
-        meta[f"{entity}_path"] = dg.MetadataValue.path(str(path))
-        meta[f"{entity}_rows"] = len(frame)
-        meta[f"{entity}_inactive_rate"] = float(frame["inactive"].mean()) if len(frame) else 0.0
-        if len(frame):
-            meta[f"{entity}_preview"] = dg.MetadataValue.md(frame.head(5).to_markdown(index=False))
-    return dg.MaterializeResult(metadata=meta)
+        return folders
+
+
+def build_target_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
+    @dg.asset(
+        key=db.key("tve_targets"),
+        partitions_def=window_partitions(db.name),
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        ins={name: dg.AssetIn(key=db.key(name)) for name in ("raw_tables", "traversal_graph", "temporal_windows")},
+        group_name=db.group,
+        kinds={"duckdb", "parquet"},
+        io_manager_key="task_vector_files",
+        metadata={DATABASE_METADATA: db.name},
+        code_version=recipe_version(recipe, "targets"),
+    )
+    def tve_targets(
+        context: dg.AssetExecutionContext,
+        raw_tables,
+        traversal_graph,
+        temporal_windows,
+        recipe: RecipeResource,
+        storage: TVEStorage,
+    ) -> dg.Output:
+        """Raw task vectors per entity table at each window's training seed time: the
+        next-window set aggregations of every traversal path (DuckDB), plus ``inactive``."""
+        r = recipe.recipe()
+        windows = sorted(context.partition_keys)
+        training = set(temporal_windows["window"].dropna())
+        gone = [w for w in windows if w not in training]
+        if gone:
+            raise failure(f"window {gone[0]} is not a training seed time of {db.name!r} any more "
+                          "(its seed schedule changed): materialise temporal_windows and the new windows")
+        delta = database_timedelta(raw_tables, r)
+        dataset = tdb.open_dataset(raw_tables.dataset_dir)
+        tables = {name: t.df for name, t in dataset.get_db().table_dict.items()}
+        rows = {entity: 0 for entity in traversal_graph}
+        inactive = {entity: 0 for entity in traversal_graph}
+        for window in windows:
+            for entity, defs in traversal_graph.items():
+                try:
+                    stats = write_targets(
+                        storage.targets_file(db.name, window, entity), tables, dataset.manifest.tables,
+                        [TargetDef.from_dict(d) for d in defs], entity, pd.DatetimeIndex([window_seed_time(window)]),
+                        delta, memory_limit=r.targets.duckdb_memory_limit,
+                    )
+                except ValueError as exc:
+                    raise failure(exc) from exc
+                rows[entity] += stats["rows"]
+                inactive[entity] += stats["inactive"]
+            context.log.info(f"tve_targets {db.name} {window}: done")
+        return dg.Output(
+            {w: str(storage.targets_file(db.name, w, "x").parent) for w in windows},
+            metadata={
+                "timedelta": str(delta),
+                "num_windows": len(windows),
+                "first_window": windows[0],
+                "last_window": windows[-1],
+                "rows": dg.MetadataValue.json(rows),
+                "inactive_rate": dg.MetadataValue.json({e: inactive[e] / rows[e] if rows[e] else 0.0 for e in rows}),
+                "num_targets": dg.MetadataValue.json({e: len(d) for e, d in traversal_graph.items()}),
+                "folder": dg.MetadataValue.path(str(storage.targets_file(db.name, windows[0], "x").parent.parent)),
+            },
+        )
+
+    return [tve_targets]

@@ -52,7 +52,7 @@ class MLflowTracking(dg.ConfigurableResource):
     experiment: str = "tve-pipeline"
 
     @contextlib.contextmanager
-    def run(self, context: dg.AssetExecutionContext, name: str):
+    def run(self, context: dg.AssetExecutionContext, name: str, database: str = ""):
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=self.tracking_uri)
@@ -61,10 +61,12 @@ class MLflowTracking(dg.ConfigurableResource):
         partition = context.partition_key if context.has_partition_key else ""
         tags = {
             "dagster.run_id": context.run_id,
-            "dagster.asset": context.asset_key.to_user_string(),
+            "dagster.asset": context.asset_key.path[-1],
+            "dagster.asset_key": context.asset_key.to_user_string(),
             "dagster.partition": str(partition),
+            "tve.database": database,
         }
-        run = client.create_run(exp_id, tags=tags, run_name=f"{name} {partition}".strip())
+        run = client.create_run(exp_id, tags=tags, run_name=" ".join(p for p in (name, database, str(partition)) if p))
         handle = MLflowRun(client, run.info.run_id)
         try:
             yield handle

@@ -1,14 +1,11 @@
 """Shared fixtures: one tiny synthetic database pushed through the whole pipeline, once."""
 
-import json
 import os
 
-import dagster as dg
 import pytest
 import torch
 
-from assets.commands import prepare_run_dir, register_dataset, run_pipeline
-from assets.definitions import build_resources
+from assets.commands import Runner, prepare_run_dir, register_dataset
 from tve_pipeline.datasets import build_synthetic
 
 # On a shared 2-core machine torch's intra-op threads make the suite's many tiny ops 10-20x
@@ -25,14 +22,13 @@ def pipeline_run(tmp_path_factory):
     """
     saved = {k: os.environ.get(k) for k in ("DAGSTER_HOME", "TVE_RUN_DIR")}
     run_dir = tmp_path_factory.mktemp("run")
-    (run_dir / "recipe.json").write_text(json.dumps({"profile": "test", "overrides": {}}))
     dataset_dir = build_synthetic(tmp_path_factory.mktemp("src") / "tiny")
     instance = prepare_run_dir(run_dir)
-    register_dataset(dataset_dir, run_dir, instance)
-    resources = build_resources(run_dir)
-    frame = run_pipeline("tiny", run_dir, instance, resources)
-    yield {"run_dir": run_dir, "instance": instance, "resources": resources, "metrics": frame,
-           "dataset_dir": run_dir / "datasets" / "tiny"}
+    register_dataset(dataset_dir, run_dir, instance, profile="test")
+    runner = Runner("tiny", run_dir)
+    frame = runner.run()
+    yield {"run_dir": run_dir, "instance": runner.instance, "resources": runner.resources, "metrics": frame,
+           "dataset_dir": run_dir / "datasets" / "tiny", "runner": runner, "runs": runner.step}
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
@@ -40,11 +36,10 @@ def pipeline_run(tmp_path_factory):
             os.environ[k] = v
 
 
-def load_asset(run, asset: str, partition: str | dg.MultiPartitionKey):
-    """Read a materialised asset value back through the IO manager's files."""
+def load_asset(run, asset: str, partition: str | None = None, database: str = "tiny"):
+    """Read a materialised asset value back from the IO manager's files (not through Dagster)."""
     import pickle
 
-    key = partition if isinstance(partition, str) else str(partition)
-    path = run["run_dir"] / "storage" / asset / key.replace("|", "/")
-    with open(path, "rb") as f:
+    path = run["run_dir"] / "storage" / database / asset
+    with open(path / partition if partition else path, "rb") as f:
         return pickle.load(f)

@@ -1,31 +1,47 @@
-"""Databases become partitions: the datasets-folder sensor, and Hub specs offline."""
+"""Databases become asset groups with partitions of their own; Hub specs offline."""
 
+import shutil
 import time
 
-import dagster as dg
 import pytest
 
-from assets.registry import datasets_folder_sensor
-from resources import TVEStorage
+from assets.definitions import build_definitions
 from tve_pipeline.database import DatabaseError, open_dataset
 from tve_pipeline.datasets import build_synthetic
 
 
-def test_sensor_registers_dropped_dataset_folders(tmp_path):
+def test_each_database_gets_its_own_assets_windows_and_tasks(tmp_path):
+    """Two databases, one with a task fewer: no partition of one shows up in the other."""
     run_dir = tmp_path / "run"
     build_synthetic(run_dir / "datasets" / "shop-a")
     build_synthetic(run_dir / "datasets" / "shop-b", seed=1)
+    shutil.rmtree(run_dir / "datasets" / "shop-b" / "tasks" / "customer-spend")
     (run_dir / "datasets" / ".shop-c.building-1").mkdir(parents=True)  # a write in progress
     (run_dir / "datasets" / "notes").mkdir()  # not a dataset folder
-    with dg.instance_for_test() as instance:
-        ctx = dg.build_sensor_context(instance=instance, resources={"storage": TVEStorage(run_dir=str(run_dir))})
-        result = datasets_folder_sensor(ctx)
-        added = {r.partitions_def_name: set(r.partition_keys) for r in result.dynamic_partitions_requests}
-        assert added == {"database": {"shop-a", "shop-b"}, "task": {"customer-churn", "customer-spend"}}
-        for r in result.dynamic_partitions_requests:
-            instance.add_dynamic_partitions(r.partitions_def_name, list(r.partition_keys))
-        again = datasets_folder_sensor(dg.build_sensor_context(instance=instance, resources={"storage": TVEStorage(run_dir=str(run_dir))}))
-        assert isinstance(again, dg.SkipReason)
+    defs = build_definitions(run_dir)
+    graph = defs.resolve_asset_graph()
+    keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
+    names = ["raw_tables", "temporal_windows", "traversal_graph", "tve_targets", "pretrained_checkpoint",
+             "finetuned_models", "metrics"]
+    assert keys == {f"{group}/{n}" for group in ("shop_a", "shop_b") for n in names}
+    tasks = {g: graph.get(next(k for k in graph.get_all_asset_keys() if k.path == [g, "metrics"])).partitions_def
+             for g in ("shop_a", "shop_b")}
+    assert tasks["shop_a"].get_partition_keys() == ["customer-churn", "customer-spend"]
+    assert tasks["shop_b"].get_partition_keys() == ["customer-churn"]
+    windows = {g: graph.get(next(k for k in graph.get_all_asset_keys() if k.path == [g, "tve_targets"])).partitions_def
+               for g in ("shop_a", "shop_b")}
+    assert windows["shop_a"].name == "shop-a.windows" and windows["shop_b"].name == "shop-b.windows"
+    # lineage stays inside a database
+    for key in graph.get_all_asset_keys():
+        assert {p.path[0] for p in graph.get(key).parent_keys} <= {key.path[0]}
+
+
+def test_two_folders_with_one_asset_prefix_fail_in_one_line(tmp_path):
+    build_synthetic(tmp_path / "datasets" / "shop-a")
+    build_synthetic(tmp_path / "datasets" / "shop_a")
+    with pytest.raises(ValueError) as err:
+        build_definitions(tmp_path)
+    assert "same asset prefix 'shop_a'" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_hub_spec_offline_fails_fast_with_a_way_out():

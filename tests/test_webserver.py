@@ -1,4 +1,4 @@
-"""The real Dagster web server loads the code location and lists all seven assets."""
+"""The real Dagster web server loads the code location and lists a database's seven assets."""
 
 import os
 import signal
@@ -12,7 +12,8 @@ import requests
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-SEVEN = {"raw_tables", "temporal_windows", "traversal_graph", "tve_targets", "pretrained_checkpoint", "finetuned_models", "metrics"}
+SEVEN = {f"tiny/{name}" for name in ("raw_tables", "temporal_windows", "traversal_graph", "tve_targets",
+                                     "pretrained_checkpoint", "finetuned_models", "metrics")}
 
 
 def _free_port() -> int:
@@ -27,12 +28,10 @@ def _graphql(port: int, query: str) -> dict:
     return r.json()["data"]
 
 
-def test_webserver_lists_assets_and_location_loads(tmp_path):
+def test_webserver_lists_assets_and_location_loads(pipeline_run):
     port = _free_port()
-    home = tmp_path / "dagster"
-    home.mkdir()
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    env = {**os.environ, "DAGSTER_HOME": str(home), "TVE_RUN_DIR": str(tmp_path / "run")}
+    run_dir = pipeline_run["run_dir"]
+    env = {**os.environ, "DAGSTER_HOME": str(run_dir / "dagster"), "TVE_RUN_DIR": str(run_dir)}
     proc = subprocess.Popen(
         [str(BIN / "dagster-webserver"), "-w", str(ROOT / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
@@ -56,6 +55,12 @@ def test_webserver_lists_assets_and_location_loads(tmp_path):
             assert e["locationOrLoadError"]["__typename"] == "RepositoryLocation", e
         nodes = _graphql(port, "{ assetNodes { assetKey { path } } }")["assetNodes"]
         assert {"/".join(n["assetKey"]["path"]) for n in nodes} == SEVEN
+        # the windows of tve_targets are the database's own, all materialised: none missing
+        node = _graphql(port, """{ assetNodeOrError(assetKey: {path: ["tiny", "tve_targets"]}) {
+            ... on AssetNode { partitionKeys partitionStats { numMaterialized numPartitions numFailed } } } }""")
+        stats = node["assetNodeOrError"]["partitionStats"]
+        assert stats["numPartitions"] == len(node["assetNodeOrError"]["partitionKeys"]) == 8
+        assert stats["numMaterialized"] == 8 and stats["numFailed"] == 0
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

@@ -1,8 +1,9 @@
 """``tve``: the command line.
 
 Library commands (``import``, ``validate``) run without Dagster; orchestration commands
-(``register``, ``demo``) hand over to the Dagster layer in ``assets/``. Every error a user
-can cause ends in one line on stderr and exit status 2, not a traceback.
+(``register``, ``run``, ``results``, ``materialize``, ``demo``) hand over to the Dagster layer
+in ``assets/``. Every error a user can cause ends in one line on stderr and exit status 2,
+not a traceback.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 from pathlib import Path
+
+from tve_pipeline.config import PROFILES
 
 
 def _default_run_dir() -> Path:
@@ -56,8 +60,20 @@ def _cmd_register(args) -> None:
     commands = importlib.import_module("assets.commands")
     run_dir = Path(args.run_dir).resolve()
     instance = commands.prepare_run_dir(run_dir)
-    name = commands.register_dataset(Path(args.dataset_dir), run_dir, instance)
-    print(f"registered database {name!r} in {run_dir} (DAGSTER_HOME={run_dir / 'dagster'})")
+    info = commands.register_dataset(Path(args.dataset_dir), run_dir, instance, profile=args.profile)
+    windows = info["windows"]
+    span = f" ({windows[0]} .. {windows[-1]})" if windows else ""
+    print(f"registered database {info['name']!r} in {run_dir}: {len(windows)} windows{span}, "
+          f"{len(info['added'])} new; tasks: {', '.join(info['tasks']) or '(none)'}; recipe profile {info['profile']!r}")
+    print(f"next: tve run {info['name']} --run-dir {run_dir}   (or `make ui RUN_DIR={run_dir}` and reload the code location)")
+
+
+def _cmd_run(args) -> None:
+    importlib.import_module("assets.commands").run_database(args.database, Path(args.run_dir))
+
+
+def _cmd_results(args) -> None:
+    importlib.import_module("assets.commands").show_results(args.database, Path(args.run_dir))
 
 
 def _cmd_materialize(args) -> None:
@@ -95,17 +111,30 @@ def build_parser() -> argparse.ArgumentParser:
     reg = sub.add_parser("register", help="add a dataset folder to a run folder as a database partition")
     reg.add_argument("dataset_dir")
     reg.add_argument("--run-dir", default=str(_default_run_dir()))
+    reg.add_argument("--profile", choices=PROFILES, default=None,
+                     help="recipe profile of the run folder (written to recipe.json; default: keep it, "
+                     "or 'reference' for a new run folder)")
     reg.set_defaults(func=_cmd_register)
 
-    mat = sub.add_parser("materialize", help="materialise one asset partition, checking the key first")
+    run = sub.add_parser("run", help="materialise whatever is missing or stale upstream of a database's metrics")
+    run.add_argument("database")
+    run.add_argument("--run-dir", default=str(_default_run_dir()))
+    run.set_defaults(func=_cmd_run)
+
+    res = sub.add_parser("results", help="print a database's metrics table")
+    res.add_argument("database")
+    res.add_argument("--run-dir", default=str(_default_run_dir()))
+    res.set_defaults(func=_cmd_results)
+
+    mat = sub.add_parser("materialize", help="materialise one asset of a database, checking the key first")
     mat.add_argument("asset")
-    mat.add_argument("--partition", required=True, help="'database', 'database|YYYY-MM-01' or 'database|task'")
+    mat.add_argument("--partition", required=True, help="'database', 'database|window' (YYYY-MM-DD) or 'database|task'")
     mat.add_argument("--run-dir", default=str(_default_run_dir()))
     mat.set_defaults(func=_cmd_materialize)
 
     demo = sub.add_parser("demo", help="run the whole pipeline on rel-flights")
     demo.add_argument("--run-dir", default=str(_default_run_dir()))
-    demo.add_argument("--profile", default="demo")
+    demo.add_argument("--profile", choices=PROFILES, default="demo")
     demo.set_defaults(func=_cmd_demo)
 
     from tve_pipeline.targets_cli import add_targets_parser  # tve targets: raw TVE task vectors
@@ -116,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # torch_frame re-reads its cached tensor frames with a full (trusted, our own) load and says so
+    warnings.filterwarnings("ignore", message="Weights only load failed")
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # relbench's graph code
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:

@@ -10,6 +10,8 @@ reference.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -159,3 +161,16 @@ def make_recipe(profile: str = "reference", overrides: dict | None = None) -> Re
     if profile not in _PROFILES:
         raise ValueError(f"unknown recipe profile {profile!r}; expected one of {', '.join(PROFILES)}")
     return Recipe.model_validate(_merge({"profile": profile, **_PROFILES[profile]}, overrides or {}))
+
+
+def recipe_version(recipe: Recipe, *sections: str) -> str:
+    """A short, stable hash of some sections of a recipe (e.g. ``"backbone", "pretrain"``).
+
+    The orchestration uses it as the code version of what those sections decide, so that a
+    changed recipe marks exactly the results it changes as stale.
+    """
+    payload = {}
+    for name in sections:
+        value = getattr(recipe, name)
+        payload[name] = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
