@@ -36,14 +36,7 @@ results: $(STAMP)
 ui: $(STAMP)
 	DAGSTER_HOME="$(RUN_DIR)/dagster" TVE_RUN_DIR="$(RUN_DIR)" $(BIN)/dagster dev -w workspace.yaml
 
-mlflow-# Any registered database: make run DATABASE=rel-f1 [RUN_DIR=...]; make results DATABASE=rel-f1
-run: $(STAMP)
-	$(BIN)/tve run "$(DATABASE)" --run-dir "$(RUN_DIR)"
-
-results: $(STAMP)
-	$(BIN)/tve results "$(DATABASE)" --run-dir "$(RUN_DIR)"
-
-ui: $(STAMP)
+mlflow-ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri "sqlite:///$(RUN_DIR)/mlflow.db"
 
 clean:
