@@ -55,3 +55,36 @@ def test_hub_spec_offline_fails_fast_with_a_way_out():
     assert time.perf_counter() - t0 < 5
     msg = str(err.value)
     assert "no network" in msg and "local" in msg and "\n" not in msg
+
+
+def test_windows_are_the_seed_times_whatever_the_first_year(tmp_path, monkeypatch):
+    """A database from the 1870s: its windows are its own training seed times, registered
+    with it (calendar windows from 1950 on had none of them)."""
+    import pandas as pd
+    import yaml
+
+    from assets.commands import prepare_run_dir, register_dataset
+
+    for name in ("DAGSTER_HOME", "TVE_RUN_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    folder = build_synthetic(tmp_path / "old")
+    shift = -pd.Timedelta(days=150 * 365)  # a whole number of days keeps the order of every row
+    for table, col in (("customers", "signup_time"), ("orders", "order_time")):
+        frame = pd.read_parquet(folder / "db" / f"{table}.parquet")
+        frame[col] = frame[col] + shift
+        frame.to_parquet(folder / "db" / f"{table}.parquet", index=False)
+    manifest = yaml.safe_load((folder / "manifest.yaml").read_text())
+    for split in ("val_timestamp", "test_timestamp"):
+        manifest[split] = str((pd.Timestamp(manifest[split]) + shift).date())
+    (folder / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+
+    run_dir = tmp_path / "run"
+    instance = prepare_run_dir(run_dir)
+    info = register_dataset(folder, run_dir, instance, profile="test")
+    first = min(pd.read_parquet(folder / "db" / "customers.parquet")["signup_time"].min(),
+                pd.read_parquet(folder / "db" / "orders.parquet")["order_time"].min())
+    val, delta = pd.Timestamp(manifest["val_timestamp"]), pd.Timedelta("30 days")
+    expected = [t for t in (val - k * delta for k in range(1, 40)) if t >= first]
+    assert info["windows"] == [str(t.date()) for t in sorted(expected)]
+    assert info["windows"][0].startswith("1870")
+    assert list(instance.get_dynamic_partitions("old.windows")) == info["windows"]
