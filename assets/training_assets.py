@@ -6,6 +6,8 @@ the database's own tasks. Each asset's code version hashes the recipe sections t
 decide its result, so a changed recipe shows exactly those assets as stale.
 """
 
+from pathlib import Path
+
 import dagster as dg
 import pandas as pd
 
@@ -27,26 +29,29 @@ def _graph(storage: TVEStorage, summary, dataset, recipe):
 
 def _target_files(tve_targets: dict, temporal_windows: pd.DataFrame, entity: str, database: str) -> list:
     """The task-vector files of one entity table: one per training window of the schedule."""
-    windows = [w for w in temporal_windows["window"].dropna() if w in tve_targets]
-    files = [tve_targets[w] / f"{entity}.parquet" for w in windows]
+    windows = list(temporal_windows["window"].dropna())
+    files = [tve_targets.get(w, Path("/nonexistent")) / f"{entity}.parquet" for w in windows]
     missing = [w for w, f in zip(windows, files) if not f.exists()]
     if missing:
-        raise failure(f"tve_targets of {database!r} has no {entity!r} file for windows {', '.join(missing[:3])}: "
-                      "re-materialise those windows")
+        raise failure(
+            f"tve_targets of {database!r} missing for {len(missing)} of {len(windows)} windows "
+            f"({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}): run `tve run {database}` "
+            "or backfill its tve_targets in the UI"
+        )
     if not files:
-        raise failure(f"database {database!r} has no training window with task vectors: run `tve run {database}`")
+        raise failure(f"database {database!r} has no training seed time, so no task vectors to pre-train on")
     return files
 
 
 def _pretrain_one(context, r, graph, entity: str, entity_col: str, defs, files, objective: str, run,
                   checkpoint: "training.Checkpointer", device) -> dict:
-    """One objective on one entity table, from the task-vector files of its windows."""
-    raw = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    """One objective on one entity table, streamed from the task-vector files of its windows
+    (active rows only, float32: a few hundred MB where the dense frame took 20 GB)."""
     context.log.info(f"pre-training {objective} on {entity}: {len(files)} windows, {len(defs)} targets")
     data, col_stats = graph
     try:
         return training.pretrain(
-            data, col_stats, entity, entity_col, raw, {d["name"]: d["aggregation"] for d in defs}, r,
+            data, col_stats, entity, entity_col, files, {d["name"]: d["aggregation"] for d in defs}, r,
             device.torch_device(), objective=objective, checkpoint=checkpoint,
             log=lambda m, step: run.log_metrics({f"{entity}.{k}": v for k, v in m.items()}, step),
         )

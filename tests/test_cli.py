@@ -112,6 +112,14 @@ def test_fresh_database_says_what_to_run_first(tmp_path, capsys):
     assert "fresh/raw_tables has not been materialised" in _one_line_error(err) and "tve run fresh" in err
     code, _, err = _tve(capsys, "results", "fresh", "--run-dir", str(run_dir))
     assert code == 2 and "no metrics" in _one_line_error(err) and "tve run fresh" in err
+    for asset, partition in [("raw_tables", "fresh"), ("temporal_windows", "fresh"), ("traversal_graph", "fresh"),
+                             ("tve_targets", "fresh|2020-03-21")]:
+        code, _, err = _tve(capsys, "materialize", asset, "--partition", partition, "--run-dir", str(run_dir))
+        assert code == 0, err
+    code, _, err = _tve(capsys, "materialize", "pretrained_checkpoint", "--partition", "fresh", "--run-dir", str(run_dir))
+    assert code == 2
+    assert "tve_targets of 'fresh' missing for 7 of 8 windows (2020-01-21, 2020-02-20, 2020-04-20 ...)" in \
+        _one_line_error(err) and "tve run fresh" in err
 
 
 def test_failure_inside_a_run_is_one_line(tmp_path, capsys):

@@ -6,6 +6,11 @@ over its most frequent training values (the rest share an 'other' slot), missing
 become 0, and inactive rows are all zeros with ``inactive = 1``. The fitted statistics are
 plain JSON so that they travel with the pre-trained checkpoint and fine-tuning or
 inference reuse exactly the same transform.
+
+A mode's category is named by its value, not by the dtype pandas gave the column
+(:func:`category_key`): a mode of an integer column reads as int64 from a window whose
+rows all have one, as float64 from a window with a null, and the two must be the same
+category whichever way the windows are read (one frame, file by file, or in batches).
 """
 
 from __future__ import annotations
@@ -16,6 +21,13 @@ import numpy as np
 import pandas as pd
 
 INACTIVE = "inactive"
+
+
+def category_key(value) -> str:
+    """The name of a mode's category: ``str(value)``, with a whole float named as its integer (3.0 -> "3")."""
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
 
 
 @dataclass
@@ -43,7 +55,7 @@ class TaskVectorNormaliser:
         for name, aggregation in aggregations.items():
             col = active[name]
             if aggregation == "mode":
-                counts = col.dropna().astype(str).value_counts()
+                counts = col.dropna().map(category_key).value_counts()
                 # Most frequent first; ties broken by value so the fit is deterministic.
                 ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
                 cats = [value for value, _ in ordered[:max_mode_categories]]
@@ -72,7 +84,7 @@ class TaskVectorNormaliser:
                 index = {c: i for i, c in enumerate(s.categories)}
                 for row, value in enumerate(values):
                     if value is not None:
-                        block[row, index.get(str(value), len(s.categories))] = 1.0
+                        block[row, index.get(category_key(value), len(s.categories))] = 1.0
             else:
                 x = pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64)
                 span = s.high - s.low

@@ -32,9 +32,9 @@ from torch_geometric.data import HeteroData
 from tve_pipeline.config import BackboneConfig, Recipe
 from tve_pipeline.database import CATEGORICAL, NUMERICAL, TEXT, TIMESTAMP
 from tve_pipeline.model import RDLModel, backbone_state, load_backbone
-from tve_pipeline.normalise import INACTIVE, TaskVectorNormaliser
 from tve_pipeline.objectives import AttributeDecoder, corrupted_copy, info_nce, sce_loss
 from tve_pipeline.sampling import TemporalNeighborSampler
+from tve_pipeline.task_vectors import RawTaskVectors, held_out_seed_times, pretraining_task_vectors
 from tve_pipeline.text import HashingTextEmbedder, make_text_embedder, text_embedder_config
 
 LogFn = Callable[[dict, int], None]
@@ -125,9 +125,10 @@ def _to_device(batch: HeteroData, device: torch.device) -> HeteroData:
     return batch
 
 
-def seed_tensors(entities: pd.Series, times: pd.Series) -> tuple[torch.Tensor, torch.Tensor]:
+def seed_tensors(entities, times) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seed node ids (int64) and seed times (unix seconds) from two columns or arrays."""
     return (
-        torch.from_numpy(entities.to_numpy(dtype=np.int64)),
+        torch.from_numpy(np.array(entities, dtype=np.int64)),
         # Nanosecond resolution first: relbench's to_unix_time divides by 1e9 whatever the
         # unit, and RelBench's own val/test label tables come back as datetime64[us].
         torch.from_numpy(to_unix_time(pd.Series(pd.to_datetime(times)).astype("datetime64[ns]"))),
@@ -359,11 +360,7 @@ def predict(model, sampler, entity_table, nodes, times, batch_size, device, *, s
 
 def split_pretrain_seeds(raw: pd.DataFrame, val_fraction: float) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Hold out the latest seed times (a temporal split) for choosing the best epoch."""
-    times = np.sort(raw["timestamp"].unique())
-    n_val = int(round(len(times) * val_fraction))
-    n_val = max(1, n_val) if len(times) >= 2 else 0
-    val_times = set(times[len(times) - n_val :]) if n_val else set()
-    is_val = raw["timestamp"].isin(val_times)
+    is_val = raw["timestamp"].isin(held_out_seed_times(raw["timestamp"], val_fraction))
     return raw[~is_val].reset_index(drop=True), raw[is_val].reset_index(drop=True)
 
 
@@ -372,7 +369,7 @@ def pretrain(
     col_stats: dict,
     entity_table: str,
     entity_col: str,
-    raw_targets: pd.DataFrame,
+    raw_targets: RawTaskVectors,
     aggregations: dict[str, str],
     recipe: Recipe,
     device: torch.device,
@@ -385,22 +382,22 @@ def pretrain(
 ) -> dict:
     """Pre-train a backbone with one objective; returns CPU states, normaliser and history.
 
-    Seeds are the (entity, seed time) rows of ``raw_targets`` (training seed times only);
-    the latest seed times are held out to choose the best epoch by the objective's loss.
+    Seeds are the (entity, seed time) rows of ``raw_targets`` (training seed times only):
+    one frame, or parquet files (one per window, any order) read a chunk at a time into
+    :class:`~tve_pipeline.task_vectors.SeedTaskVectors` (the same seeds, order and
+    vectors as their concatenation). The latest seed times are held out to choose the
+    best epoch by the objective's loss.
     """
     cfg = recipe.pretrain
     parts = set(objective.split("+"))
     torch.manual_seed(recipe.seed)
-    train_raw, val_raw = split_pretrain_seeds(raw_targets, cfg.val_fraction)
-    if len(train_raw) == 0:
+    seeds = pretraining_task_vectors(raw_targets, entity_col, aggregations, val_fraction=cfg.val_fraction,
+                                     max_mode_categories=recipe.targets.max_mode_categories)
+    train, val, normaliser = seeds.train, seeds.val, seeds.normaliser
+    if len(train) == 0:
         raise ValueError(f"entity table {entity_table!r}: no training seeds with task vectors to pre-train on")
-    normaliser = TaskVectorNormaliser.fit(
-        train_raw, aggregations, max_mode_categories=recipe.targets.max_mode_categories
-    )
-    y_train = torch.from_numpy(normaliser.transform(train_raw))
-    y_val = torch.from_numpy(normaliser.transform(val_raw))
-    n_train, t_train = seed_tensors(train_raw[entity_col], train_raw["timestamp"])
-    n_val, t_val = seed_tensors(val_raw[entity_col], val_raw["timestamp"])
+    n_train, t_train = seed_tensors(train.entity, train.seed_time)
+    n_val, t_val = seed_tensors(val.entity, val.seed_time)
 
     model = RDLModel(data, col_stats, recipe.backbone, out_channels=normaliser.width).to(device)
     aux = torch.nn.ModuleDict()
@@ -448,7 +445,7 @@ def pretrain(
         for start in range(0, len(n_val), cfg.batch_size):
             sl = slice(start, start + cfg.batch_size)
             batch = sampler.sample(entity_table, n_val[sl], t_val[sl], generator=gen)
-            total += objective_loss(batch, y_val[sl], gen).item() * len(n_val[sl])
+            total += objective_loss(batch, val.task_vectors(sl), gen).item() * len(n_val[sl])
             count += len(n_val[sl])
         return total / max(count, 1)
 
@@ -458,7 +455,7 @@ def pretrain(
         return sampler.sample(entity_table, n_train[idx], t_train[idx], generator=gen)
 
     def batch_loss(batch, idx, gen):
-        return objective_loss(batch, y_train[idx], gen)
+        return objective_loss(batch, train.task_vectors(idx), gen)
 
     epochs_done = []
 
@@ -484,9 +481,9 @@ def pretrain(
         "history": history,
         "best_epoch": best["epoch"],
         "best_val_loss": (best["metrics"] or {}).get("val_loss"),
-        "n_train_seeds": len(train_raw),
-        "n_val_seeds": len(val_raw),
-        "inactive_rate": float(raw_targets[INACTIVE].mean()),
+        "n_train_seeds": len(train),
+        "n_val_seeds": len(val),
+        "inactive_rate": seeds.inactive_rate,
     }
 
 

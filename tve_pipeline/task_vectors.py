@@ -1,0 +1,270 @@
+"""Pre-training seeds and their normalised task vectors, held compactly.
+
+Design. Pre-training reads, for every seed (entity, seed time) of the training seed
+times, the normalised task vector that its head predicts (DESIGN.md section 1, steps 3
+and 4). At scale almost every seed is inactive (one user's database: 21k entities x 59
+seed times = 1.25 million seeds x 472 targets, 94 % inactive), and an inactive seed's
+vector is all zeros with ``inactive = 1``. So :class:`SeedTaskVectors` keeps, per seed,
+its entity (int64), its seed time and an index into a float32 matrix of the *active*
+seeds' normalised vectors only, and builds a batch's dense ``y`` when the batch is drawn.
+(Concatenating the windows into one frame, 4.7 GB of float64, and its copies and dense
+float32 vectors peaked at 20.9 GB there; ``bench/bench_pretrain_input.py`` measures both.)
+
+Raw task vectors (the rows of :func:`tve_pipeline.targets.compute_targets`: the entity's
+pkey column, ``timestamp``, ``inactive``, one column per target) come as one pandas frame
+or as parquet files, one per window, in any order. Both are read as one sequence of
+chunks (slices of the frame, batches of a file's rows) in three passes, so that memory
+holds one chunk of raw rows at a time:
+
+1. *seeds*: entity, seed time and ``inactive`` of every row. Seeds are ordered by seed
+   time (a stable sort: the rows of one seed time keep their input order, files in the
+   order given) and the latest seed times are held out to choose the best epoch
+   (:func:`held_out_seed_times`): the order and split of the concatenated frame.
+2. *fit*: the normaliser's statistics (each numeric target's min and max, the counts of
+   each mode's categories) on the active training rows, summed over chunks into the
+   :class:`~tve_pipeline.normalise.TaskVectorNormaliser` that ``fit`` on the whole
+   training frame returns.
+3. *vectors*: each chunk's active rows normalised into their rows of the matrix.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from tve_pipeline.normalise import INACTIVE, TargetScaler, TaskVectorNormaliser, category_key
+
+TIMESTAMP = "timestamp"
+
+#: Rows of raw task vectors read at once (472 float64 targets: about 120 MB).
+CHUNK_ROWS = 32_768
+
+RawTaskVectors = pd.DataFrame | Sequence[str | os.PathLike]
+
+
+def held_out_seed_times(timestamps, val_fraction: float) -> np.ndarray:
+    """The latest ``round(val_fraction x #seed times)`` seed times (at least one when there
+    are two or more, none with one): pre-training's held-out seeds choose the best epoch."""
+    times = np.sort(pd.unique(np.asarray(timestamps)))
+    n_val = int(round(len(times) * val_fraction))
+    n_val = max(1, n_val) if len(times) >= 2 else 0
+    return times[len(times) - n_val :]
+
+
+class RawTaskVectorChunks:
+    """Raw task vectors (a frame, or parquet files) read as consecutive chunks of rows.
+
+    A row's position is its index in the concatenation of the inputs, in the order given.
+    Every file's columns are checked on opening: a file that lacks the entity column or a
+    target (written for another entity table or traversal graph) is named in a ValueError.
+    """
+
+    def __init__(self, raw: RawTaskVectors, columns: Sequence[str], chunk_rows: int = CHUNK_ROWS):
+        import pyarrow.parquet as pq
+
+        self.chunk_rows = max(int(chunk_rows), 1)
+        if isinstance(raw, pd.DataFrame):
+            self.frame, self.paths = raw, []
+            _check_columns("the raw task vector frame", raw.columns, columns)
+            self.sizes = [len(raw)]
+        else:
+            raw = [raw] if isinstance(raw, (str, os.PathLike)) else raw
+            self.frame, self.paths = None, [Path(p) for p in raw]
+            self.sizes = []
+            for path in self.paths:
+                meta = pq.ParquetFile(path).metadata
+                _check_columns(str(path), meta.schema.names, columns)
+                self.sizes.append(meta.num_rows)
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def chunks(self, columns: Sequence[str],
+               wanted: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, pd.DataFrame]]:
+        """``(positions, rows)`` chunk after chunk: the ``wanted`` rows (all when None) and their columns.
+
+        Rows are dropped before they become pandas (at scale nearly all of a chunk is
+        inactive); a part (file) with no wanted row is not read.
+        """
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        columns = list(dict.fromkeys(columns))
+        if self.frame is not None:
+            at = self.frame.columns.get_indexer(columns)
+            for start in range(0, len(self.frame), self.chunk_rows):
+                rows = np.arange(start, min(start + self.chunk_rows, len(self.frame)))
+                rows = rows if wanted is None else rows[wanted[rows]]
+                if len(rows):
+                    yield rows, self.frame.iloc[rows, at]
+            return
+        for path, start, stop in zip(self.paths, self.offsets[:-1], self.offsets[1:]):
+            if wanted is not None and not wanted[start:stop].any():
+                continue
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=self.chunk_rows, columns=columns):
+                rows = np.arange(start, start + batch.num_rows)
+                start += batch.num_rows
+                if wanted is not None:
+                    keep = wanted[rows]
+                    rows, batch = rows[keep], batch.filter(pa.array(keep))
+                if len(rows):
+                    yield rows, batch.to_pandas()
+
+
+def _check_columns(name: str, have, need: Sequence[str]) -> None:
+    have = set(have)
+    missing = [c for c in need if c not in have]
+    if missing:
+        shown = ", ".join(repr(c) for c in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ValueError(f"raw task vectors {name} lack column(s) {shown}: "
+                         "computed for another entity table or traversal graph?")
+
+
+@dataclass
+class SeedTaskVectors:
+    """Seeds (entity, seed time) and their normalised task vectors, active ones stored.
+
+    ``vector_row[i]`` is seed ``i``'s row of ``vectors`` (float32 ``[#active, width]``,
+    shared between the training and held-out seeds), -1 for an inactive seed.
+    """
+
+    entity: np.ndarray  # int64 [n]
+    seed_time: np.ndarray  # datetime64[ns] [n]
+    vector_row: np.ndarray  # int64 [n]
+    vectors: np.ndarray  # float32 [#active, width]
+
+    def __len__(self) -> int:
+        return len(self.entity)
+
+    @property
+    def width(self) -> int:
+        return self.vectors.shape[1]
+
+    def task_vectors(self, index) -> torch.Tensor:
+        """Dense ``[len(index), width]`` float32 ``y`` of the seeds at ``index`` (a tensor, array or slice)."""
+        if isinstance(index, torch.Tensor):
+            index = index.numpy()
+        rows = self.vector_row[index]
+        y = np.zeros((len(rows), self.width), dtype=np.float32)
+        active = rows >= 0
+        y[active] = self.vectors[rows[active]]
+        y[~active, 0] = 1.0  # inactive: all zeros but the flag
+        return torch.from_numpy(y)
+
+
+@dataclass
+class PretrainingTaskVectors:
+    """What pre-training reads: the normaliser and the training and held-out seeds."""
+
+    normaliser: TaskVectorNormaliser
+    train: SeedTaskVectors
+    val: SeedTaskVectors
+    inactive_rate: float  # over all seeds, training and held out
+
+
+def pretraining_task_vectors(
+    raw: RawTaskVectors,
+    entity_col: str,
+    aggregations: dict[str, str],
+    *,
+    val_fraction: float,
+    max_mode_categories: int = 10,
+    chunk_rows: int = CHUNK_ROWS,
+) -> PretrainingTaskVectors:
+    """Read raw task vectors (a frame or parquet files) into the compact seeds of pre-training.
+
+    Equal to, and in the order of, concatenating the inputs, stable-sorting by
+    ``timestamp``, splitting with :func:`held_out_seed_times`, fitting
+    :meth:`TaskVectorNormaliser.fit` on the training rows and transforming every row,
+    without ever holding more than ``chunk_rows`` raw rows.
+    """
+    source = RawTaskVectorChunks(raw, [entity_col, TIMESTAMP, INACTIVE, *aggregations], chunk_rows)
+    entity, seed_time, inactive = _read_seeds(source, entity_col)
+    held_out = np.isin(seed_time, held_out_seed_times(seed_time, val_fraction))
+    normaliser = fit_normaliser(source, aggregations, ~held_out & (inactive == 0), max_mode_categories)
+    # Like TaskVectorNormaliser.transform, every row not flagged inactive keeps its vector.
+    stored = inactive != 1
+    vector_row = np.where(stored, np.cumsum(stored) - 1, -1)
+    vectors = _normalised_rows(source, normaliser, vector_row)
+    order = np.argsort(seed_time, kind="stable")
+
+    def seeds(mask: np.ndarray) -> SeedTaskVectors:
+        at = order[mask[order]]
+        return SeedTaskVectors(entity[at], seed_time[at], vector_row[at], vectors)
+
+    return PretrainingTaskVectors(normaliser, seeds(~held_out), seeds(held_out),
+                                  float(inactive.mean()) if len(inactive) else float("nan"))
+
+
+def _read_seeds(source: RawTaskVectorChunks, entity_col: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pass 1: entity (int64), seed time (datetime64[ns]) and ``inactive`` of every row."""
+    entity = np.empty(len(source), dtype=np.int64)
+    seed_time = np.empty(len(source), dtype="datetime64[ns]")
+    inactive = np.empty(len(source), dtype=np.int64)
+    for at, chunk in source.chunks([entity_col, TIMESTAMP, INACTIVE]):
+        entity[at] = chunk[entity_col].to_numpy(dtype=np.int64)
+        seed_time[at] = pd.to_datetime(chunk[TIMESTAMP]).to_numpy(dtype="datetime64[ns]")
+        inactive[at] = chunk[INACTIVE].to_numpy(dtype=np.int64)
+    return entity, seed_time, inactive
+
+
+def fit_normaliser(
+    source: RawTaskVectorChunks,
+    aggregations: dict[str, str],
+    fit_rows: np.ndarray,
+    max_mode_categories: int = 10,
+) -> TaskVectorNormaliser:
+    """Pass 2: :meth:`TaskVectorNormaliser.fit` on the rows where ``fit_rows``, chunk by chunk.
+
+    Min and max of the chunks' min and max, and category counts summed over the chunks,
+    are those of the rows together; the normaliser is built from them by the same rules
+    (ties between counts broken by the category's name).
+    """
+    modes = [name for name, agg in aggregations.items() if agg == "mode"]
+    numeric = [name for name, agg in aggregations.items() if agg != "mode"]
+    counts: dict[str, Counter] = {name: Counter() for name in modes}
+    low = np.full(len(numeric), np.nan)
+    high = np.full(len(numeric), np.nan)
+    for _, chunk in source.chunks([*aggregations], wanted=fit_rows):
+        for name in modes:
+            counts[name].update(chunk[name].dropna().map(category_key).value_counts().to_dict())
+        values = _numeric_values(chunk, numeric)
+        # fmin / fmax skip NaN (missing); a target with no value anywhere stays NaN -> 0
+        low = np.fmin(low, np.fmin.reduce(values, axis=0, initial=np.nan))
+        high = np.fmax(high, np.fmax.reduce(values, axis=0, initial=np.nan))
+    low = dict(zip(numeric, np.where(np.isnan(low), 0.0, low).tolist()))
+    high = dict(zip(numeric, np.where(np.isnan(high), 0.0, high).tolist()))
+    scalers = []
+    for name in aggregations:
+        if name in counts:
+            ordered = sorted(counts[name].items(), key=lambda kv: (-kv[1], kv[0]))
+            scalers.append(TargetScaler(name, "onehot", categories=[c for c, _ in ordered[:max_mode_categories]]))
+        else:
+            scalers.append(TargetScaler(name, "minmax", low=low[name], high=high[name]))
+    return TaskVectorNormaliser(scalers)
+
+
+def _normalised_rows(source: RawTaskVectorChunks, normaliser: TaskVectorNormaliser,
+                     vector_row: np.ndarray) -> np.ndarray:
+    """Pass 3: ``normaliser.transform`` of every row with a ``vector_row`` (>= 0), into that row (float32)."""
+    out = np.empty((int((vector_row >= 0).sum()), normaliser.width), dtype=np.float32)
+    for at, chunk in source.chunks([INACTIVE, *(s.name for s in normaliser.scalers)], wanted=vector_row >= 0):
+        out[vector_row[at]] = normaliser.transform(chunk)
+    return out
+
+
+def _numeric_values(chunk: pd.DataFrame, names: Sequence[str]) -> np.ndarray:
+    """``[rows, len(names)]`` float64 of numeric targets, non-numbers as NaN (``pd.to_numeric``'s coercion)."""
+    block = chunk[list(names)]
+    if all(dtype.kind in "biuf" for dtype in block.dtypes):  # what compute_targets writes: one copy
+        return block.to_numpy(dtype=np.float64, na_value=np.nan)
+    return np.column_stack([pd.to_numeric(block[c], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+                            for c in names])
