@@ -131,18 +131,19 @@ class Runner:
         print(f"     done in {time.perf_counter() - t0:.1f}s", flush=True)
         return result
 
-    def needs_run(self, name: str, partition: str | None = None) -> bool:
-        """Missing, or stale (changed code version or upstream data) for Dagster."""
+    def to_run(self, name: str, partitions: list[str | None] = (None,)) -> list[str | None]:
+        """The partitions of an asset that are missing, or stale for Dagster (a changed code
+        version, or upstream data newer than what they were computed from)."""
+        from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView
         from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
         from dagster._core.definitions.temporal_context import TemporalContext
-        from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView
         from dagster._time import get_current_datetime
 
         graph = self.defs.resolve_asset_graph()
         view = AssetGraphView(temporal_context=TemporalContext(effective_dt=get_current_datetime(), last_event_id=None),
                               instance=self.instance, asset_graph=graph)
         resolver = CachingStaleStatusResolver(self.instance, graph, loading_context=view)
-        return resolver.get_status(self.db.key(name), partition) != StaleStatus.FRESH
+        return [p for p in partitions if resolver.get_status(self.db.key(name), p) != StaleStatus.FRESH]
 
     def data_changed(self) -> bool:
         event = self.instance.get_latest_materialization_event(self.db.key("raw_tables"))
@@ -159,24 +160,21 @@ class Runner:
     def run(self) -> pd.DataFrame:
         """Everything missing or stale upstream of the metrics; returns the metrics table."""
         name = self.db.name
-        if self.needs_run("raw_tables") or self.data_changed():
+        if self.to_run("raw_tables") or self.data_changed():
             self.materialize(["raw_tables"], name)
-        todo = [n for n in ("temporal_windows", "traversal_graph") if self.needs_run(n)]
+        todo = [n for n in ("temporal_windows", "traversal_graph") if self.to_run(n)]
         if todo:
             self.materialize(todo, name)
-        schedule = self.load("temporal_windows")
-        windows = list(schedule["window"].dropna())
+        windows = list(self.load("temporal_windows")["window"].dropna())
         register_windows(self.instance, name, windows)
         order = list(self.instance.get_dynamic_partitions(windows_name(name)))
-        todo = [w for w in windows if self.needs_run("tve_targets", w)]
-        for first, last in contiguous_ranges(todo, order):
+        for first, last in contiguous_ranges(self.to_run("tve_targets", windows), order):
             self.materialize(["tve_targets"], f"{name} windows {first} .. {last}", window_range=(first, last))
-        if self.needs_run("pretrained_checkpoint"):
+        if self.to_run("pretrained_checkpoint"):
             self.materialize(["pretrained_checkpoint"], name)
         for stage in ("finetuned_models", "metrics"):
-            for task in self.db.tasks:
-                if self.needs_run(stage, task):
-                    self.materialize([stage], f"{name} {task}", partition_key=task)
+            for task in self.to_run(stage, list(self.db.tasks)):
+                self.materialize([stage], f"{name} {task}", partition_key=task)
         return self.results()
 
     def results(self) -> pd.DataFrame:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import sys
 import warnings
@@ -149,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     # torch_frame re-reads its cached tensor frames with a full (trusted, our own) load and says so
     warnings.filterwarnings("ignore", message="Weights only load failed")
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # relbench's graph code
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its store migrations on the console
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # not its store migrations on the console
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
