@@ -20,11 +20,12 @@ import pandas as pd
 
 from assets.database_assets import training_windows
 from assets.definitions import ASSET_NAMES, build_definitions, build_resources, database_assets, read_settings
-from assets.partitions import contiguous_ranges, windows_name
+from assets.partitions import contiguous_ranges, experiment_cells, windows_name
 from assets.registry import Database, check_folder_name, register_windows, registered_databases
 from assets.sensors import DATA_VERSION_TAG, RANGE_END_TAG, RANGE_START_TAG
 from tve_pipeline import database as tdb
 from tve_pipeline.config import make_recipe
+from tve_pipeline.results import markdown_table
 
 # Progress lines are ours; Dagster's events stay in the run's event log (UI). Failures are
 # reported by the command in one line, so the console logger stays quiet.
@@ -170,32 +171,32 @@ class Runner:
         order = list(self.instance.get_dynamic_partitions(windows_name(name)))
         for first, last in contiguous_ranges(self.to_run("tve_targets", windows), order):
             self.materialize(["tve_targets"], f"{name} windows {first} .. {last}", window_range=(first, last))
-        if self.to_run("pretrained_checkpoint"):
-            self.materialize(["pretrained_checkpoint"], name)
+        for objective in self.to_run("pretrained_checkpoint", list(self.recipe.pretrain.objectives)):
+            self.materialize(["pretrained_checkpoint"], f"{name} {objective}", partition_key=objective)
+        cells = experiment_cells(self.db.tasks, self.recipe)
         for stage in ("finetuned_models", "metrics"):
-            for task in self.to_run(stage, list(self.db.tasks)):
-                self.materialize([stage], f"{name} {task}", partition_key=task)
+            for cell in self.to_run(stage, cells):
+                self.materialize([stage], f"{name} {cell}", partition_key=cell)
+        if self.to_run("results"):
+            self.materialize(["results"], name)
         return self.results()
 
     def results(self) -> pd.DataFrame:
-        frames = []
-        for task in self.db.tasks:
-            if self.instance.get_latest_materialization_event(self.db.key("metrics")) is None or \
-                    task not in self.instance.get_materialized_partitions(self.db.key("metrics")):
-                raise ValueError(f"no metrics for {self.db.name} task {task!r} yet: run `tve run {self.db.name}`")
-            frames.append(self.load("metrics", task))
-        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        """The results asset's summary (mean ± std and paired differences to scratch)."""
+        if self.instance.get_latest_materialization_event(self.db.key("results")) is None:
+            raise ValueError(f"no results for {self.db.name} yet: run `tve run {self.db.name}`")
+        return self.load("results")
+
+    def cell_metrics(self) -> pd.DataFrame:
+        """Every materialised cell's metric rows."""
+        done = sorted(self.instance.get_materialized_partitions(self.db.key("metrics")))
+        return pd.concat([self.load("metrics", cell) for cell in done], ignore_index=True) if done else pd.DataFrame()
 
 
-def metrics_table(frame: pd.DataFrame) -> str:
-    if frame.empty:
-        return "(no metrics)"
-    keys = ["database", "task", "metric", "split", "label_fraction"]
-    stats = frame.groupby([*keys, "method"])["value"].agg(["mean", "std", "count"])
-    cell = stats.apply(
-        lambda r: f"{r['mean']:.4f}" if r["count"] < 2 else f"{r['mean']:.4f} ± {r['std']:.4f}", axis=1
-    )
-    return cell.unstack("method").reset_index().to_markdown(index=False)
+def print_results(summary: pd.DataFrame) -> None:
+    for split in ("val", "test"):
+        print(f"\n{split} (RelBench evaluators; mean ± std over seeds; paired difference to scratch):\n")
+        print(markdown_table(summary, split))
 
 
 def run_database(database: str, run_dir: Path) -> pd.DataFrame:
@@ -203,15 +204,17 @@ def run_database(database: str, run_dir: Path) -> pd.DataFrame:
     runner = Runner(database, run_dir)
     print(f"{database}: recipe profile {runner.recipe.profile!r}, run folder {runner.run_dir}", flush=True)
     frame = runner.run()
-    print(f"\nmetrics (RelBench evaluators; mean ± std over seeds):\n\n{metrics_table(frame)}")
+    print_results(frame)
     done = f"{runner.step} runs, all of them in the Dagster UI" if runner.step else "nothing was missing or stale"
     print(f"\n{database}: {done} ({time.perf_counter() - t0:.0f}s).")
     return frame
 
 
 def show_results(database: str, run_dir: Path) -> pd.DataFrame:
-    frame = Runner(database, run_dir).results()
-    print(metrics_table(frame))
+    runner = Runner(database, run_dir)
+    frame = runner.results()
+    print_results(frame)
+    print(f"\nfiles: {runner.resources['storage'].results_dir(database)}")
     return frame
 
 
@@ -227,12 +230,12 @@ def materialize(asset_name: str, partition: str, run_dir: Path) -> None:
         raise ValueError(f"{asset_name} is not partitioned within a database: use --partition {database!r}")
     if asset.partitions_def is not None:
         valid = (list(runner.instance.get_dynamic_partitions(windows_name(database))) if asset_name == "tve_targets"
-                 else list(runner.db.tasks))
-        what = "window" if asset_name == "tve_targets" else "task"
+                 else asset.partitions_def.get_partition_keys())
+        what = {"tve_targets": "window", "pretrained_checkpoint": "objective"}.get(asset_name, "task|method|fraction|sSEED")
         if key not in valid:
             shown = f"{valid[0]} .. {valid[-1]} ({len(valid)})" if len(valid) > 6 else ", ".join(valid) or "(none)"
             raise ValueError(f"{asset_name} of {database!r} needs --partition '{database}|{what}'; "
-                             f"{'got ' + repr(key) if key else 'no ' + what + ' given'}; its {what}s: {shown}")
+                             f"{'got ' + repr(key) if key else 'no key given'}; its partitions: {shown}")
     parents = runner.defs.resolve_asset_graph().get(asset.key).parent_keys
     for parent in sorted(parents, key=lambda k: ASSET_NAMES.index(k.path[-1])):
         if parent.path[-1] != "tve_targets" and runner.instance.get_latest_materialization_event(parent) is None:

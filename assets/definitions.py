@@ -1,4 +1,4 @@
-"""The code location: each registered database's seven assets, the resources, the growth sensor.
+"""The code location: each registered database's eight assets, the resources, the growth sensor.
 
 Settings come from the run folder (``TVE_RUN_DIR``, default ``./runs/default``): its
 ``datasets/`` holds the databases (one asset group per database), its ``recipe.json``
@@ -26,7 +26,7 @@ for _category in ("BetaWarning", "PreviewWarning", "SupersessionWarning"):
         warnings.filterwarnings("ignore", category=getattr(dg, _category))
 
 ASSET_NAMES = ("raw_tables", "temporal_windows", "traversal_graph", "tve_targets", "pretrained_checkpoint",
-               "finetuned_models", "metrics")
+               "finetuned_models", "metrics", "results")
 
 
 def default_run_dir() -> Path:
@@ -57,7 +57,7 @@ def build_resources(run_dir: str | Path, *, profile: str | None = None, override
 
 
 def database_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
-    """The seven assets of one database, in dependency order."""
+    """The eight assets of one database, in dependency order."""
     return [*build_database_assets(db, recipe), *build_target_assets(db, recipe), *build_training_assets(db, recipe)]
 
 

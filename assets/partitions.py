@@ -10,7 +10,9 @@ seven assets under its own key prefix and asset group (``rel_flights/tve_targets
   (``"<database>.windows"``), one key per *training seed time* ``t`` (the window is the
   next window ``(t, t+Δ]`` whose rows make the task vectors at ``t``), registered from the
   database's seed schedule when it is registered and extended when the data grows;
-- its **tasks** are a static partitions definition of exactly the tasks in its folder.
+- its **experiment cells** (task x method x label fraction x seed, for exactly the tasks
+  in its folder) and its pre-training objectives are static partitions definitions
+  derived from the recipe (below).
 
 Window keys are the seed time's date (``2013-03-04``), with the time of day when it has
 one (``2013-03-04T12:00:00``).
@@ -34,10 +36,6 @@ def windows_name(database: str) -> str:
 
 def window_partitions(database: str) -> dg.DynamicPartitionsDefinition:
     return dg.DynamicPartitionsDefinition(name=windows_name(database))
-
-
-def task_partitions(tasks) -> dg.StaticPartitionsDefinition:
-    return dg.StaticPartitionsDefinition(sorted(tasks))
 
 
 def window_key(seed_time) -> str:
@@ -65,3 +63,50 @@ def contiguous_ranges(keys: list[str], order: list[str]) -> list[tuple[str, str]
         else:
             ranges.append((key, key))
     return ranges
+
+
+# --------------------------------------------------------------------------- experiment cells
+#
+# Pre-training is one partition per objective of the recipe; fine-tuning and evaluation are
+# one partition per *cell*: task x method x label fraction x seed, ``driver-dnf|tve|0.1|s0``.
+# Both are static (the recipe and the database's tasks are known when the code location
+# loads), so a cell's checkpoint is a built-in StaticPartitionMapping and a scratch cell
+# maps to no checkpoint at all.
+
+SCRATCH = "scratch"
+
+
+def cell_key(task: str, method: str, fraction: float, seed: int) -> str:
+    return f"{task}|{method}|{fraction:g}|s{seed}"
+
+
+def parse_cell(key: str) -> tuple[str, str, float, int]:
+    """(task, method, label fraction, seed) of a cell key."""
+    try:
+        task, method, fraction, seed = key.split("|")
+        return task, method, float(fraction), int(seed.removeprefix("s"))
+    except ValueError as exc:
+        raise ValueError(f"cell key {key!r} is not 'task|method|fraction|sSEED'") from exc
+
+
+def experiment_cells(tasks, recipe) -> list[str]:
+    """Every cell of a database's experiment: each task from scratch and from each
+    objective's backbone, at every label fraction and seed of the recipe."""
+    methods = [SCRATCH, *recipe.pretrain.objectives]
+    return [cell_key(t, m, f, s) for t in sorted(tasks) for m in methods
+            for f in recipe.finetune.label_fractions for s in recipe.finetune.seeds]
+
+
+def objective_partitions(recipe) -> dg.StaticPartitionsDefinition:
+    return dg.StaticPartitionsDefinition(list(recipe.pretrain.objectives))
+
+
+def cell_partitions(tasks, recipe) -> dg.StaticPartitionsDefinition:
+    return dg.StaticPartitionsDefinition(experiment_cells(tasks, recipe))
+
+
+def checkpoint_of_cells(tasks, recipe) -> dg.StaticPartitionMapping:
+    """objective -> the cells fine-tuned from its backbone (scratch cells have none)."""
+    cells = experiment_cells(tasks, recipe)
+    return dg.StaticPartitionMapping(
+        {o: [c for c in cells if parse_cell(c)[1] == o] for o in recipe.pretrain.objectives})

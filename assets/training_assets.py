@@ -1,24 +1,34 @@
-"""Learning assets of one database: the pre-trained checkpoint, fine-tuned models, metrics.
+"""Learning assets of one database: pre-trained checkpoints, fine-tuned cells, metrics, results.
 
-The checkpoint reads every window of ``tve_targets`` as a Dagster input (all windows of
-the database: ``AllPartitionMapping``); fine-tuned models and metrics are partitioned by
-the database's own tasks. Each asset's code version hashes the recipe sections that
-decide its result, so a changed recipe shows exactly those assets as stale.
+An experiment is a grid of independent partitions: ``pretrained_checkpoint`` has one per
+pre-training objective (it reads every window of ``tve_targets`` as a Dagster input);
+``finetuned_models`` and ``metrics`` one per cell (task x method x label fraction x
+seed), each cell mapped to its objective's checkpoint; ``results`` summarises whatever
+cells exist. A cell fails alone, re-runs alone, and a backfill of the grid runs only what
+is missing. Each asset's code version hashes the recipe sections that decide its result,
+so a changed recipe shows exactly those assets as stale.
 """
 
+import base64
+import os
 from pathlib import Path
 
 import dagster as dg
 import pandas as pd
 
 from assets.failures import failure
-from assets.partitions import task_partitions
+from assets.partitions import (SCRATCH, cell_partitions, checkpoint_of_cells, experiment_cells,
+                               objective_partitions, parse_cell)
 from assets.registry import Database
 from resources import DeviceResource, MLflowTracking, RecipeResource, TVEStorage
 from tve_pipeline import database as tdb
 from tve_pipeline import training
 from tve_pipeline.config import recipe_version
+from tve_pipeline.results import markdown_table, plot_tasks, summarise
 from tve_pipeline.tasks import past_activity, restrict_to_most_active
+
+# Bumped when the summary, the table or the plots change.
+RESULTS_VERSION = "1"
 
 
 def _graph(storage: TVEStorage, summary, dataset, recipe):
@@ -87,14 +97,16 @@ def _task_of(name: str, raw_tables, recipe, *, with_test_labels: bool = False):
 def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
     pretrain_version = recipe_version(recipe, "seed", "backbone", "targets", "pretrain")
     finetune_version = recipe_version(recipe, "seed", "backbone", "finetune")
+    cells = cell_partitions(db.tasks, recipe)
 
     @dg.asset(
         key=db.key("pretrained_checkpoint"),
+        partitions_def=objective_partitions(recipe),
         ins={
             "raw_tables": dg.AssetIn(key=db.key("raw_tables")),
             "traversal_graph": dg.AssetIn(key=db.key("traversal_graph")),
             "temporal_windows": dg.AssetIn(key=db.key("temporal_windows")),
-            # every window of this database; a missing one fails in one line (TaskVectorFiles)
+            # every window of this database (the reader names the missing ones)
             "tve_targets": dg.AssetIn(key=db.key("tve_targets"), partition_mapping=dg.AllPartitionMapping(),
                                       metadata={"allow_missing_partitions": True}),
         },
@@ -114,41 +126,42 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
         device: DeviceResource,
         mlflow: MLflowTracking,
     ) -> dg.Output:
-        """Backbone state_dicts (CPU) per pre-training objective and entity table, with the
-        task-vector normaliser each was trained with (fine-tuning and inference reuse it)."""
+        """One pre-training objective's backbone state_dicts (CPU), one per entity table, with
+        the task-vector normaliser each was trained with (fine-tuning reuses it)."""
         r = recipe.recipe()
+        objective = context.partition_key
         dataset = tdb.open_dataset(raw_tables.dataset_dir)
         files = {e: _target_files(tve_targets, temporal_windows, e, db.name) for e in traversal_graph}
-        checkpoint = {"recipe": r.model_dump(mode="json"), "column_types": raw_tables.column_types,
-                      "objectives": {}, "created": context.run_id}
+        checkpoint = {"objective": objective, "recipe": r.model_dump(mode="json"),
+                      "column_types": raw_tables.column_types, "by_entity": {}, "created": context.run_id}
         graph = _graph(storage, raw_tables, dataset, r)
-        meta = {"num_windows": len(next(iter(files.values()))), "database": db.name}
-        resume_key = f"{raw_tables.fingerprint}:{r.model_dump_json()}"
-        for objective in r.pretrain.objectives:
-            checkpoint["objectives"][objective] = {}
-            with mlflow.run(context, f"pretrain {objective}", database=db.name) as run:
-                run.log_params({"objective": objective, "profile": r.profile,
-                                **{f"pretrain.{k}": v for k, v in r.pretrain.model_dump().items()},
-                                **{f"backbone.{k}": v for k, v in r.backbone.model_dump().items()}})
-                for entity, defs in traversal_graph.items():
-                    checkpointer = training.Checkpointer(
-                        storage.checkpoint_file("pretrained_checkpoint", db.name, f"{objective}-{entity}"),
-                        r.checkpoint_every, key=resume_key)
-                    result = _pretrain_one(context, r, graph, entity, dataset.manifest.tables[entity].pkey, defs,
-                                           files[entity], objective, run, checkpointer, device)
-                    checkpoint["objectives"][objective][entity] = result
-                    meta[f"{objective}_{entity}_seeds"] = result["n_train_seeds"] + result["n_val_seeds"]
-                    meta[f"{objective}_{entity}_best_epoch"] = result["best_epoch"]
-                    meta[f"{objective}_{entity}_best_val_loss"] = result["best_val_loss"]
-                run.log_torch({e: v["backbone"] for e, v in checkpoint["objectives"][objective].items()}, "backbone.pt")
-                meta[f"{objective}_mlflow_run_id"] = run.run_id
-        return dg.Output(checkpoint, metadata=meta)
+        seeds, best_epoch, best_val_loss = {}, {}, {}
+        with mlflow.run(context, f"pretrain {objective}", database=db.name) as run:
+            run.log_params({"objective": objective, "profile": r.profile,
+                            **{f"pretrain.{k}": v for k, v in r.pretrain.model_dump().items()},
+                            **{f"backbone.{k}": v for k, v in r.backbone.model_dump().items()}})
+            for entity, defs in traversal_graph.items():
+                checkpointer = training.Checkpointer(
+                    storage.checkpoint_file("pretrained_checkpoint", db.name, f"{objective}-{entity}"),
+                    r.checkpoint_every, key=f"{raw_tables.fingerprint}:{r.model_dump_json()}")
+                result = _pretrain_one(context, r, graph, entity, dataset.manifest.tables[entity].pkey, defs,
+                                       files[entity], objective, run, checkpointer, device)
+                checkpoint["by_entity"][entity] = result
+                seeds[entity] = result["n_train_seeds"] + result["n_val_seeds"]
+                best_epoch[entity], best_val_loss[entity] = result["best_epoch"], result["best_val_loss"]
+            run.log_torch({e: v["backbone"] for e, v in checkpoint["by_entity"].items()}, "backbone.pt")
+        return dg.Output(checkpoint, metadata={
+            "num_windows": len(next(iter(files.values()))), "seeds": dg.MetadataValue.json(seeds),
+            "best_epoch": dg.MetadataValue.json(best_epoch), "best_val_loss": dg.MetadataValue.json(best_val_loss),
+            "mlflow_run_id": run.run_id})
 
     @dg.asset(
         key=db.key("finetuned_models"),
-        partitions_def=task_partitions(db.tasks),
+        partitions_def=cells,
         ins={"raw_tables": dg.AssetIn(key=db.key("raw_tables")),
-             "pretrained_checkpoint": dg.AssetIn(key=db.key("pretrained_checkpoint"))},
+             # the cell's objective; a scratch cell maps to none and gets None
+             "pretrained_checkpoint": dg.AssetIn(key=db.key("pretrained_checkpoint"),
+                                                 partition_mapping=checkpoint_of_cells(db.tasks, recipe))},
         group_name=db.group,
         kinds={"pytorch", "mlflow"},
         pool="gpu",
@@ -163,46 +176,43 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
         device: DeviceResource,
         mlflow: MLflowTracking,
     ) -> dg.Output:
-        """Per-task models: from scratch and from each pre-trained objective's backbone, for every
-        label fraction and seed (CPU state_dicts keyed by (method, label fraction, seed))."""
+        """One experiment cell: a task fine-tuned from scratch or from one objective's backbone,
+        on one label fraction (drawn with the seed, the same rows for every method), one seed."""
         r = recipe.recipe()
-        dataset, task, tables = _task_of(context.partition_key, raw_tables, r)
+        task_name, method, fraction, seed = parse_cell(context.partition_key)
+        dataset, task, tables = _task_of(task_name, raw_tables, r)
+        backbone = None
+        if method != SCRATCH:
+            by_entity = (pretrained_checkpoint or {}).get("by_entity", {})
+            if task.entity_table not in by_entity:
+                raise failure(f"the {method} checkpoint of {db.name!r} has no backbone for entity table "
+                              f"{task.entity_table!r}: re-materialise pretrained_checkpoint {method}")
+            backbone = by_entity[task.entity_table]["backbone"]
         data, col_stats = _graph(storage, raw_tables, dataset, r)
-        backbones = {"scratch": None}
-        for objective, by_entity in pretrained_checkpoint["objectives"].items():
-            if task.entity_table in by_entity:
-                backbones[objective] = by_entity[task.entity_table]["backbone"]
-            else:
-                context.log.warning(f"no {objective} backbone for entity table {task.entity_table!r}: skipping it")
-        models = {}
-        meta = {"n_train": len(tables["train"].df), "n_val": len(tables["val"].df), "n_test": len(tables["test"].df)}
         # a new pre-trained backbone makes an old fine-tuning checkpoint stale
-        resume_key = f"{raw_tables.fingerprint}:{r.model_dump_json()}:{pretrained_checkpoint.get('created', '')}"
-        for method, backbone in backbones.items():
-            for fraction in r.finetune.label_fractions:
-                for seed in r.finetune.seeds:
-                    name = f"{method} frac={fraction:g} seed={seed}"
-                    with mlflow.run(context, f"finetune {name}", database=db.name) as run:
-                        run.log_params({"method": method, "seed": seed, "label_fraction": fraction,
-                                        **{f"finetune.{k}": v for k, v in r.finetune.model_dump().items()}})
-                        result = training.finetune(
-                            data, col_stats, task, tables, r, device.torch_device(), seed=seed, label_fraction=fraction,
-                            backbone=backbone, log=run.log_metrics,
-                            checkpoint=training.Checkpointer(
-                                storage.checkpoint_file("finetuned_models", f"{db.name}/{context.partition_key}",
-                                                        name.replace(" ", "_")),
-                                r.checkpoint_every, key=resume_key),
-                        )
-                        run.log_torch(result["state_dict"], "model.pt")
-                        result["mlflow_run_id"] = run.run_id
-                    models[(method, fraction, seed)] = result
-                    for k, v in result["val_metrics"].items():
-                        meta[f"{name} val_{k}"] = float(v)
-        return dg.Output(models, metadata=meta)
+        resume_key = f"{raw_tables.fingerprint}:{r.model_dump_json()}:{(pretrained_checkpoint or {}).get('created', '')}"
+        with mlflow.run(context, f"finetune {method}", database=db.name) as run:
+            run.log_params({"task": task_name, "method": method, "seed": seed, "label_fraction": fraction,
+                            **{f"finetune.{k}": v for k, v in r.finetune.model_dump().items()}})
+            result = training.finetune(
+                data, col_stats, task, tables, r, device.torch_device(), seed=seed, label_fraction=fraction,
+                backbone=backbone, log=run.log_metrics,
+                checkpoint=training.Checkpointer(
+                    storage.checkpoint_file("finetuned_models", db.name, context.partition_key.replace("|", "_")),
+                    r.checkpoint_every, key=resume_key),
+            )
+            run.log_torch(result["state_dict"], "model.pt")
+            result["mlflow_run_id"] = run.run_id
+        return dg.Output(result, metadata={
+            "task": task_name, "method": method, "label_fraction": fraction, "seed": seed,
+            "n_train": result["n_train"], "n_val": len(tables["val"].df), "n_test": len(tables["test"].df),
+            "best_epoch": result["best_epoch"],
+            "val_metrics": dg.MetadataValue.json({k: float(v) for k, v in result["val_metrics"].items()}),
+            "mlflow_run_id": run.run_id})
 
     @dg.asset(
         key=db.key("metrics"),
-        partitions_def=task_partitions(db.tasks),
+        partitions_def=cells,
         ins={"raw_tables": dg.AssetIn(key=db.key("raw_tables")),
              "finetuned_models": dg.AssetIn(key=db.key("finetuned_models"))},
         group_name=db.group,
@@ -218,29 +228,62 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
         device: DeviceResource,
         mlflow: MLflowTracking,
     ) -> dg.Output:
-        """RelBench's evaluator on val and test for every fine-tuned model; one row per metric."""
+        """RelBench's evaluator on val and test for one cell's model; one row per metric."""
         r = recipe.recipe()
-        task_name = context.partition_key
+        task_name, method, fraction, seed = parse_cell(context.partition_key)
         dataset, task, tables = _task_of(task_name, raw_tables, r, with_test_labels=True)
         data, col_stats = _graph(storage, raw_tables, dataset, r)
-        rows = []
+        scores = training.evaluate(data, col_stats, task, tables, finetuned_models["state_dict"], r,
+                                   device.torch_device(), seed=seed, output_range=finetuned_models.get("output_range"))
+        rows = [{"database": db.name, "task": task_name, "method": method, "label_fraction": fraction, "seed": seed,
+                 "split": split, "metric": metric, "value": float(value)}
+                for split, values in scores.items() for metric, value in values.items()]
         with mlflow.run(context, "metrics", database=db.name) as run:
-            for (method, fraction, seed), model in finetuned_models.items():
-                scores = training.evaluate(data, col_stats, task, tables, model["state_dict"], r, device.torch_device(),
-                                           seed=seed, output_range=model.get("output_range"))
-                for split, values in scores.items():
-                    for metric, value in values.items():
-                        rows.append({"database": db.name, "task": task_name, "method": method,
-                                     "label_fraction": fraction, "seed": seed,
-                                     "split": split, "metric": metric, "value": float(value)})
-                        run.log_metrics({f"{method}.frac{fraction:g}.seed{seed}.{split}.{metric}": value})
-            meta_run = run.run_id
-        frame = pd.DataFrame(rows)
-        summary = (frame.groupby(["label_fraction", "method", "split", "metric"])["value"].agg(["mean", "std", "count"])
-                   .reset_index() if len(frame) else frame)
-        return dg.Output(
-            frame,
-            metadata={"mlflow_run_id": meta_run, "summary": dg.MetadataValue.md(summary.to_markdown(index=False))},
-        )
+            run.log_metrics({f"{row['split']}.{row['metric']}": row["value"] for row in rows})
+        return dg.Output(pd.DataFrame(rows), metadata={
+            **{f"{row['split']}_{row['metric']}": row["value"] for row in rows}, "mlflow_run_id": run.run_id})
 
-    return [pretrained_checkpoint, finetuned_models, metrics]
+    @dg.asset(
+        key=db.key("results"),
+        ins={"metrics": dg.AssetIn(key=db.key("metrics"), partition_mapping=dg.AllPartitionMapping(),
+                                   metadata={"allow_missing_partitions": True})},
+        group_name=db.group,
+        kinds={"mlflow", "pandas"},
+        code_version=RESULTS_VERSION,
+    )
+    def results(context: dg.AssetExecutionContext, metrics, storage: TVEStorage, mlflow: MLflowTracking) -> dg.Output:
+        """The experiment's answer: mean ± std over seeds per task, method and label fraction,
+        and each pre-trained method's paired difference to scratch with a 95% CI; written to
+        ``results/<database>/`` (summary.csv, summary.md, one PNG per task)."""
+        rows = pd.concat(list(metrics.values()), ignore_index=True) if metrics else pd.DataFrame()
+        summary = summarise(rows)
+        out = storage.results_dir(db.name)
+        write_results(out, rows, summary)
+        with mlflow.run(context, "results", database=db.name) as run:
+            run.log_artifacts(out)
+        plots = sorted(out.glob("*.png"))
+        return dg.Output(summary, metadata={
+            "cells": len(metrics), "cells_expected": len(experiment_cells(db.tasks, recipe)),
+            "summary": dg.MetadataValue.md(markdown_table(summary)),
+            "plots": dg.MetadataValue.md("\n\n".join(_embedded_png(p) for p in plots) or "(no plot)"),
+            "folder": dg.MetadataValue.path(str(out)), "mlflow_run_id": run.run_id})
+
+    return [pretrained_checkpoint, finetuned_models, metrics, results]
+
+
+def _embedded_png(path: Path) -> str:
+    """A PNG inside Markdown metadata, so that the UI shows the image itself."""
+    return f"**{path.stem}**\n\n![{path.stem}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})"
+
+
+def write_results(out: Path, rows: pd.DataFrame, summary: pd.DataFrame) -> None:
+    """summary.csv, cells.csv (every cell's metric), summary.md and the plots, each atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, frame in (("summary.csv", summary), ("cells.csv", rows)):
+        tmp = out / f".{name}.tmp"
+        frame.to_csv(tmp, index=False)
+        os.replace(tmp, out / name)
+    tmp = out / ".summary.md.tmp"
+    tmp.write_text(markdown_table(summary) + "\n")
+    os.replace(tmp, out / "summary.md")
+    plot_tasks(summary, out)

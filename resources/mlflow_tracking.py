@@ -38,6 +38,9 @@ class MLflowRun:
     def log_dict(self, obj, name: str) -> None:
         self.client.log_dict(self.run_id, obj, name)
 
+    def log_artifacts(self, folder) -> None:
+        self.client.log_artifacts(self.run_id, str(folder))
+
     def log_torch(self, state, name: str) -> None:
         import torch
 

@@ -2,7 +2,8 @@
 
 One *run folder* holds everything of a deployment: ``datasets/<database>/`` (RelBench 3
 dataset folders; the folder name is the database partition key), ``storage/`` (asset
-values), ``targets/`` (raw task vectors as parquet), ``cache/`` (materialised tensor frames), ``mlflow.db`` and ``dagster/``.
+values), ``targets/`` (raw task vectors as parquet), ``results/`` (experiment summaries and
+plots), ``cache/`` (materialised tensor frames), ``mlflow.db`` and ``dagster/``.
 """
 
 import json
@@ -38,6 +39,10 @@ class TVEStorage(dg.ConfigurableResource):
         """Resumable training state of one run: ``checkpoints/<asset>/<partition>/<name>.pt``."""
         safe = str(partition).replace("|", "/")
         return Path(self.run_dir) / "checkpoints" / asset / safe / f"{name.replace('+', '_')}.pt"
+
+    def results_dir(self, database: str) -> Path:
+        """An experiment's answer: ``results/<database>/`` (summary.csv, summary.md, plots)."""
+        return Path(self.run_dir) / "results" / database
 
     def graph_cache(self, database: str, fingerprint: str) -> Path:
         return Path(self.run_dir) / "cache" / database / fingerprint[:16]

@@ -26,8 +26,9 @@ def pipeline_run(tmp_path_factory):
     instance = prepare_run_dir(run_dir)
     register_dataset(dataset_dir, run_dir, instance, profile="test")
     runner = Runner("tiny", run_dir)
-    frame = runner.run()
-    yield {"run_dir": run_dir, "instance": runner.instance, "resources": runner.resources, "metrics": frame,
+    summary = runner.run()
+    yield {"run_dir": run_dir, "instance": runner.instance, "resources": runner.resources,
+           "metrics": runner.cell_metrics(), "summary": summary,
            "dataset_dir": run_dir / "datasets" / "tiny", "runner": runner, "runs": runner.step}
     for k, v in saved.items():
         if v is None:

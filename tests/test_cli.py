@@ -86,8 +86,9 @@ def test_tve_materialize_checks_partition_keys(pipeline_run, capsys):
     cases = [
         (["raw_tables", "--partition", "no-such-db"], "unknown database 'no-such-db'", "tiny"),
         (["tve_targets", "--partition", "tiny"], "needs --partition 'tiny|window'", ".."),
-        (["tve_targets", "--partition", "tiny|2020-13-01"], "got '2020-13-01'", "windows"),
-        (["metrics", "--partition", "tiny|plane-active"], "got 'plane-active'", "customer-churn"),
+        (["tve_targets", "--partition", "tiny|2020-13-01"], "got '2020-13-01'", "2020-01-21 .. 2020-08-18 (8)"),
+        (["metrics", "--partition", "tiny|plane-active"], "got 'plane-active'", "customer-churn|scratch|1|s0"),
+        (["pretrained_checkpoint", "--partition", "tiny"], "needs --partition 'tiny|objective'", "tve"),
         (["raw_tables", "--partition", "tiny|customer-churn"], "not partitioned", "--partition 'tiny'"),
         (["no_asset", "--partition", "tiny"], "unknown asset 'no_asset'", "tve_targets"),
     ]
@@ -111,12 +112,12 @@ def test_fresh_database_says_what_to_run_first(tmp_path, capsys):
     assert code == 2
     assert "fresh/raw_tables has not been materialised" in _one_line_error(err) and "tve run fresh" in err
     code, _, err = _tve(capsys, "results", "fresh", "--run-dir", str(run_dir))
-    assert code == 2 and "no metrics" in _one_line_error(err) and "tve run fresh" in err
+    assert code == 2 and "no results for fresh" in _one_line_error(err) and "tve run fresh" in err
     for asset, partition in [("raw_tables", "fresh"), ("temporal_windows", "fresh"), ("traversal_graph", "fresh"),
                              ("tve_targets", "fresh|2020-03-21")]:
         code, _, err = _tve(capsys, "materialize", asset, "--partition", partition, "--run-dir", str(run_dir))
         assert code == 0, err
-    code, _, err = _tve(capsys, "materialize", "pretrained_checkpoint", "--partition", "fresh", "--run-dir", str(run_dir))
+    code, _, err = _tve(capsys, "materialize", "pretrained_checkpoint", "--partition", "fresh|tve", "--run-dir", str(run_dir))
     assert code == 2
     assert "tve_targets of 'fresh' missing for 7 of 8 windows (2020-01-21, 2020-02-20, 2020-04-20 ...)" in \
         _one_line_error(err) and "tve run fresh" in err

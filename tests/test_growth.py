@@ -18,6 +18,7 @@ from tve_pipeline.config import make_recipe
 from tve_pipeline.datasets import build_synthetic
 
 DELTA = pd.Timedelta("30 days")
+CELL = "customer-churn|tve|1|s0"
 
 
 @pytest.fixture
@@ -108,18 +109,19 @@ def test_changed_recipe_marks_exactly_what_it_changes_stale(pipeline_run):
     instance, db = pipeline_run["instance"], pipeline_run["runner"].db
     same = get_stale_status_resolver(instance, database_assets(db, make_recipe("test")))
     assert all(same.get_status(db.key(n)) == StaleStatus.FRESH
-               for n in ("raw_tables", "temporal_windows", "traversal_graph", "pretrained_checkpoint"))
-    assert same.get_status(db.key("metrics"), "customer-churn") == StaleStatus.FRESH
+               for n in ("raw_tables", "temporal_windows", "traversal_graph", "results"))
+    assert same.get_status(db.key("pretrained_checkpoint"), "tve") == StaleStatus.FRESH
+    assert same.get_status(db.key("metrics"), CELL) == StaleStatus.FRESH
 
     longer = get_stale_status_resolver(instance, database_assets(db, make_recipe("test", {"pretrain": {"epochs": 3}})))
     assert longer.get_status(db.key("traversal_graph")) == StaleStatus.FRESH
-    assert longer.get_status(db.key("pretrained_checkpoint")) == StaleStatus.STALE
+    assert longer.get_status(db.key("pretrained_checkpoint"), "tve") == StaleStatus.STALE
     # its own code did not change; it goes stale when the new checkpoint lands (new upstream data)
-    assert longer.get_status(db.key("finetuned_models"), "customer-churn") == StaleStatus.FRESH
+    assert longer.get_status(db.key("finetuned_models"), CELL) == StaleStatus.FRESH
     shorter_finetune = get_stale_status_resolver(
         instance, database_assets(db, make_recipe("test", {"finetune": {"epochs": 3}})))
-    assert shorter_finetune.get_status(db.key("pretrained_checkpoint")) == StaleStatus.FRESH
-    assert shorter_finetune.get_status(db.key("finetuned_models"), "customer-churn") == StaleStatus.STALE
+    assert shorter_finetune.get_status(db.key("pretrained_checkpoint"), "tve") == StaleStatus.FRESH
+    assert shorter_finetune.get_status(db.key("finetuned_models"), CELL) == StaleStatus.STALE
 
     one_hop = get_stale_status_resolver(instance, database_assets(db, make_recipe("test", {"targets": {"hops": 1}})))
     assert one_hop.get_status(db.key("raw_tables")) == StaleStatus.FRESH

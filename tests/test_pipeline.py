@@ -37,13 +37,16 @@ def test_every_partition_materialised_and_no_other(pipeline_run):
         seeds.append(ts)
         ts -= DELTA
     expected = sorted(window_key(s) for s in seeds)
+    cells = {f"{task}|{method}|1|s0" for task in ("customer-churn", "customer-spend") for method in ("scratch", "tve")}
+    expected_keys = {"tve_targets": set(expected), "pretrained_checkpoint": {"tve"}, "finetuned_models": cells,
+                     "metrics": cells}
     for asset in runner.assets:
         pdef = asset.partitions_def
         if pdef is None:
             assert inst.get_latest_materialization_event(asset.key) is not None, asset.key
             continue
         keys = set(pdef.get_partition_keys(dynamic_partitions_store=inst))
-        assert keys == (set(expected) if asset.key.path[-1] == "tve_targets" else {"customer-churn", "customer-spend"})
+        assert keys == expected_keys[asset.key.path[-1]], asset.key
         assert inst.get_materialized_partitions(asset.key) == keys, asset.key
 
 
@@ -57,7 +60,7 @@ def test_a_second_run_does_nothing(pipeline_run, capsys):
 def test_metrics_cover_methods_tasks_and_splits(pipeline_run):
     m = pipeline_run["metrics"]
     assert set(m["task"]) == {"customer-churn", "customer-spend"}
-    assert set(m["method"]) == {"scratch", "tve", "mae", "ctr", "tve+mae", "tve+ctr"}
+    assert set(m["method"]) == {"scratch", "tve"}
     assert set(m["split"]) == {"val", "test"}
     assert set(m.loc[m["task"] == "customer-churn", "metric"]) == {"roc_auc"}
     assert set(m.loc[m["task"] == "customer-spend", "metric"]) == {"nmae"}
@@ -82,12 +85,12 @@ def _brute_labels(run, timestamps):
 def _predict(run, task_name, table, method="scratch", seed=0):
     """Predictions of a stored fine-tuned model, re-run outside the metrics asset."""
     ds = open_dataset(run["dataset_dir"])
-    models = load_asset(run, "finetuned_models", task_name)
+    model_state = load_asset(run, "finetuned_models", f"{task_name}|{method}|1|s{seed}")["state_dict"]
     recipe = run["resources"]["recipe"].recipe()
     summary = load_asset(run, "raw_tables")
     data, col_stats = training.graph_for(ds.get_db(), summary.column_types, recipe.backbone)
     model = training.RDLModel(data, col_stats, recipe.backbone, out_channels=1)
-    model.load_state_dict(models[(method, 1.0, seed)]["state_dict"])
+    model.load_state_dict(model_state)
     sampler = training.TemporalNeighborSampler(data, list(recipe.backbone.num_neighbors))
     nodes, times = training.seed_tensors(table["customer_id"], table["timestamp"])
     return training.predict(model, sampler, "customers", nodes, times, 64, torch.device("cpu"), seed=seed).view(-1)
@@ -107,7 +110,7 @@ def test_test_auroc_matches_sklearn_on_bruteforce_labels(pipeline_run):
     labels = _brute_labels(run, sorted(test["timestamp"].unique()))
     merged = test.merge(labels, on=["timestamp", "customer_id"], how="left")
     assert merged["churn"].notna().all() and len(merged) == len(test)
-    for method in ("scratch", "tve", "tve+ctr"):
+    for method in ("scratch", "tve"):
         pred = torch.sigmoid(_predict(run, "customer-churn", test, method)).numpy()
         assert _metric(run, "customer-churn", method, "test") == pytest.approx(roc_auc_score(merged["churn"], pred), abs=1e-9)
 
@@ -156,21 +159,19 @@ def test_tve_targets_match_pandas_oracle_and_never_pass_val(pipeline_run):
 
 
 def test_checkpoint_is_cpu_backbone_state(pipeline_run):
-    ckpt = load_asset(pipeline_run, "pretrained_checkpoint")
-    assert set(ckpt["objectives"]) == {"tve", "mae", "ctr", "tve+mae", "tve+ctr"}
-    states = {}
-    for objective, by_entity in ckpt["objectives"].items():
-        entry = by_entity["customers"]
-        assert entry["backbone"], "empty backbone"
-        for k, v in entry["backbone"].items():
-            assert k.split(".")[0] in {"encoder", "temporal_encoder", "gnn"}
-            assert isinstance(v, torch.Tensor) and v.device.type == "cpu"
-        assert entry["n_train_seeds"] > 0 and entry["n_val_seeds"] > 0
-        states[objective] = entry["backbone"]
-    # different objectives train different backbones from the same initialisation
-    key = next(k for k in states["tve"] if k.startswith("gnn.") and k.endswith("weight"))
-    assert not torch.equal(states["tve"][key], states["mae"][key])
-    assert not torch.equal(states["tve"][key], states["ctr"][key])
+    ckpt = load_asset(pipeline_run, "pretrained_checkpoint", "tve")
+    assert ckpt["objective"] == "tve"
+    entry = ckpt["by_entity"]["customers"]
+    assert entry["backbone"], "empty backbone"
+    for k, v in entry["backbone"].items():
+        assert k.split(".")[0] in {"encoder", "temporal_encoder", "gnn"}
+        assert isinstance(v, torch.Tensor) and v.device.type == "cpu"
+    assert entry["n_train_seeds"] > 0 and entry["n_val_seeds"] > 0
+    # the tve cell starts from it, the scratch cell does not
+    tve = load_asset(pipeline_run, "finetuned_models", "customer-churn|tve|1|s0")["state_dict"]
+    scratch = load_asset(pipeline_run, "finetuned_models", "customer-churn|scratch|1|s0")["state_dict"]
+    key = next(k for k in entry["backbone"] if k.startswith("gnn.") and k.endswith("weight"))
+    assert not torch.equal(tve[key], scratch[key])
 
 
 def test_mlflow_runs_tagged_with_dagster_run_and_partition(pipeline_run):
@@ -180,21 +181,24 @@ def test_mlflow_runs_tagged_with_dagster_run_and_partition(pipeline_run):
     exp = client.get_experiment_by_name("tve-pipeline")
     runs = client.search_runs([exp.experiment_id], max_results=100)
     partitions = {r.data.tags.get("dagster.partition") for r in runs}
-    assert "customer-churn" in partitions and "customer-spend" in partitions
+    assert {"tve", "customer-churn|scratch|1|s0", "customer-spend|tve|1|s0"} <= partitions
     assert all(r.data.tags.get("dagster.run_id") and r.data.tags.get("tve.database") == "tiny" for r in runs)
     pre = [r for r in runs if r.data.tags.get("dagster.asset") == "pretrained_checkpoint"]
     assert pre and any(k.endswith("train_loss") for k in pre[0].data.metrics)
     assert any(a.path == "backbone.pt" for a in client.list_artifacts(pre[0].info.run_id))
 
 
-def test_label_fractions_give_every_method_the_same_rows_and_seeds_aggregate(pipeline_run):
-    models = load_asset(pipeline_run, "finetuned_models", "customer-churn")
-    full = models[("scratch", 1.0, 0)]["n_train"]
-    for seed in (0, 1):
-        sizes = {m: v["n_train"] for (m, f, s), v in models.items() if f == 0.5 and s == seed}
-        assert len(sizes) == 6 and set(sizes.values()) == {round(full * 0.5)}
-    m = pipeline_run["metrics"]
-    assert set(m["seed"]) == {0, 1} and set(m["label_fraction"]) == {0.5, 1.0}
-    # two seeds of one method are two models, so they can disagree; the table reports both
-    per = m[(m["method"] == "tve") & (m["split"] == "val") & (m["task"] == "customer-churn")]
-    assert len(per) == 4
+def test_results_summarise_the_cells(pipeline_run):
+    """The results asset's summary against the cells' own rows, and its files."""
+    summary, rows = pipeline_run["summary"], pipeline_run["metrics"]
+    assert len(summary) == len(rows)  # one seed and fraction: one row per (task, method, split, metric)
+    for _, r in summary.iterrows():
+        mine = rows[(rows["task"] == r["task"]) & (rows["method"] == r["method"]) & (rows["split"] == r["split"])]
+        assert r["mean"] == pytest.approx(mine["value"].item()) and r["n"] == 1
+        if r["method"] == "tve":
+            other = rows[(rows["task"] == r["task"]) & (rows["method"] == "scratch") & (rows["split"] == r["split"])]
+            assert r["diff_vs_scratch"] == pytest.approx(mine["value"].item() - other["value"].item())
+    out = pipeline_run["run_dir"] / "results" / "tiny"
+    assert {p.name for p in out.iterdir()} >= {"summary.csv", "summary.md", "cells.csv", "customer-churn.png",
+                                               "customer-spend.png"}
+    pd.testing.assert_frame_equal(pd.read_csv(out / "summary.csv"), summary.reset_index(drop=True), check_dtype=False)

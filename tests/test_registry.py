@@ -22,12 +22,14 @@ def test_each_database_gets_its_own_assets_windows_and_tasks(tmp_path):
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     names = ["raw_tables", "temporal_windows", "traversal_graph", "tve_targets", "pretrained_checkpoint",
-             "finetuned_models", "metrics"]
+             "finetuned_models", "metrics", "results"]
     assert keys == {f"{group}/{n}" for group in ("shop_a", "shop_b") for n in names}
-    tasks = {g: graph.get(next(k for k in graph.get_all_asset_keys() if k.path == [g, "metrics"])).partitions_def
+    cells = {g: graph.get(next(k for k in graph.get_all_asset_keys() if k.path == [g, "metrics"])).partitions_def
              for g in ("shop_a", "shop_b")}
-    assert tasks["shop_a"].get_partition_keys() == ["customer-churn", "customer-spend"]
-    assert tasks["shop_b"].get_partition_keys() == ["customer-churn"]
+    # the reference recipe: scratch and tve, one fraction, one seed, per task of the database
+    assert cells["shop_a"].get_partition_keys() == [f"{t}|{m}|1|s0" for t in ("customer-churn", "customer-spend")
+                                                    for m in ("scratch", "tve")]
+    assert cells["shop_b"].get_partition_keys() == ["customer-churn|scratch|1|s0", "customer-churn|tve|1|s0"]
     windows = {g: graph.get(next(k for k in graph.get_all_asset_keys() if k.path == [g, "tve_targets"])).partitions_def
                for g in ("shop_a", "shop_b")}
     assert windows["shop_a"].name == "shop-a.windows" and windows["shop_b"].name == "shop-b.windows"

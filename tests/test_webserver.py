@@ -1,4 +1,4 @@
-"""The real Dagster web server loads the code location and lists a database's seven assets."""
+"""The real Dagster web server loads the code location and lists a database's eight assets."""
 
 import os
 import signal
@@ -12,8 +12,8 @@ import requests
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-SEVEN = {f"tiny/{name}" for name in ("raw_tables", "temporal_windows", "traversal_graph", "tve_targets",
-                                     "pretrained_checkpoint", "finetuned_models", "metrics")}
+EIGHT = {f"tiny/{name}" for name in ("raw_tables", "temporal_windows", "traversal_graph", "tve_targets",
+                                     "pretrained_checkpoint", "finetuned_models", "metrics", "results")}
 
 
 def _free_port() -> int:
@@ -54,7 +54,7 @@ def test_webserver_lists_assets_and_location_loads(pipeline_run):
         for e in entries:
             assert e["locationOrLoadError"]["__typename"] == "RepositoryLocation", e
         nodes = _graphql(port, "{ assetNodes { assetKey { path } } }")["assetNodes"]
-        assert {"/".join(n["assetKey"]["path"]) for n in nodes} == SEVEN
+        assert {"/".join(n["assetKey"]["path"]) for n in nodes} == EIGHT
         # the windows of tve_targets are the database's own, all materialised: none missing
         node = _graphql(port, """{ assetNodeOrError(assetKey: {path: ["tiny", "tve_targets"]}) {
             ... on AssetNode { partitionKeys partitionStats { numMaterialized numPartitions numFailed } } } }""")

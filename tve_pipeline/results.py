@@ -1,0 +1,105 @@
+"""An experiment's answer: per-cell metrics summarised with paired differences and plots.
+
+The rows are the metrics of every fine-tuned cell (task, method, label fraction, seed,
+split, metric, value). For each (task, method, fraction, split, metric) the summary gives
+the mean, the standard deviation over seeds and their number; and, for a pre-trained
+method, the **paired** difference to training from scratch: the same task, fraction, seed
+(the same label sample and random streams), averaged over the seeds both have, with a 95%
+confidence interval from Student's t (n - 1 degrees of freedom). Pairing removes the
+seed-to-seed variance both methods share, which is most of it on small label sets.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+SCRATCH = "scratch"
+KEYS = ["task", "method", "label_fraction", "split", "metric"]
+SUMMARY_COLUMNS = [*KEYS, "mean", "std", "n", "diff_vs_scratch", "diff_ci_low", "diff_ci_high", "n_pairs"]
+
+
+def t_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high) of a ``level`` confidence interval for the mean; NaN bounds with < 2 values."""
+    from scipy import stats
+
+    values = np.asarray(values, dtype=float)
+    mean = float(values.mean()) if len(values) else math.nan
+    if len(values) < 2:
+        return mean, math.nan, math.nan
+    half = float(stats.t.ppf(0.5 + level / 2, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values)))
+    return mean, mean - half, mean + half
+
+
+def summarise(rows: pd.DataFrame) -> pd.DataFrame:
+    """One row per (task, method, label fraction, split, metric); see the module docstring."""
+    if rows.empty:
+        return pd.DataFrame(columns=SUMMARY_COLUMNS)
+    stats = rows.groupby(KEYS)["value"].agg(mean="mean", std="std", n="count").reset_index()
+    pair_keys = ["task", "label_fraction", "split", "metric", "seed"]
+    scratch = rows[rows["method"] == SCRATCH].set_index(pair_keys)["value"]
+    out = []
+    for _, row in stats.iterrows():
+        entry = row.to_dict()
+        entry.update(diff_vs_scratch=math.nan, diff_ci_low=math.nan, diff_ci_high=math.nan, n_pairs=0)
+        if row["method"] != SCRATCH:
+            mine = rows[(rows[KEYS] == row[KEYS]).all(axis=1)].set_index(pair_keys)["value"]
+            both = mine.index.intersection(scratch.index)
+            if len(both):
+                mean, low, high = t_interval((mine.loc[both] - scratch.loc[both]).to_numpy())
+                entry.update(diff_vs_scratch=mean, diff_ci_low=low, diff_ci_high=high, n_pairs=len(both))
+        out.append(entry)
+    return pd.DataFrame(out, columns=SUMMARY_COLUMNS)
+
+
+def _fmt(x: float, digits: int = 4) -> str:
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def markdown_table(summary: pd.DataFrame, split: str = "test") -> str:
+    """The summary of one split as a Markdown table (mean ± std (n); paired difference [95% CI])."""
+    part = summary[summary["split"] == split].sort_values(["task", "metric", "label_fraction", "method"])
+    lines = ["| task | metric | labels | method | mean ± std (n) | vs scratch: mean difference [95% CI] (pairs) |",
+             "|---|---|---:|---|---:|---:|"]
+    for _, r in part.iterrows():
+        spread = f" ± {_fmt(r['std'])}" if r["n"] > 1 else ""
+        diff = ""
+        if r["n_pairs"]:
+            ci = f" [{_fmt(r['diff_ci_low'])}, {_fmt(r['diff_ci_high'])}]" if r["n_pairs"] > 1 else ""
+            diff = f"{r['diff_vs_scratch']:+.4f}{ci} ({int(r['n_pairs'])})"
+        lines.append(f"| {r['task']} | {r['metric']} | {r['label_fraction']:g} | {r['method']} | "
+                     f"{_fmt(r['mean'])}{spread} ({int(r['n'])}) | {diff} |")
+    return "\n".join(lines)
+
+
+def plot_tasks(summary: pd.DataFrame, out_dir: Path, split: str = "test") -> list[Path]:
+    """One PNG per task: its metric against the label fraction, a line per method, ± std bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for (task, metric), part in summary[summary["split"] == split].groupby(["task", "metric"]):
+        fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=100)
+        for method, line in part.sort_values("label_fraction").groupby("method"):
+            ax.errorbar(line["label_fraction"], line["mean"], yerr=line["std"].fillna(0.0), marker="o",
+                        capsize=3, label=method)
+        if part["label_fraction"].nunique() > 1:
+            ax.set_xscale("log")
+        ax.set_xlabel("label fraction")
+        ax.set_ylabel(f"{split} {metric}")
+        ax.set_title(task)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / f"{task}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        paths.append(path)
+    return paths
