@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 RUN_DIR ?= $(CURDIR)/runs/demo
 
-.PHONY: install demo test run results ui mlflow-ui clean
+.PHONY: install demo test run results experiment ui mlflow-ui clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -32,6 +32,11 @@ run: $(STAMP)
 
 results: $(STAMP)
 	$(BIN)/tve results "$(DATABASE)" --run-dir "$(RUN_DIR)"
+
+# An experiment as one Dagster backfill: make experiment DATABASE=rel-f1 [PRESET=cpu|full] [RUN_DIR=...]
+PRESET ?= cpu
+experiment: $(STAMP)
+	$(BIN)/tve experiment "$(DATABASE)" --preset "$(PRESET)" --run-dir "$(RUN_DIR)"
 
 ui: $(STAMP)
 	DAGSTER_HOME="$(RUN_DIR)/dagster" TVE_RUN_DIR="$(RUN_DIR)" $(BIN)/dagster dev -w workspace.yaml

@@ -12,7 +12,11 @@ import json
 import logging
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import dagster as dg
@@ -20,7 +24,7 @@ import pandas as pd
 
 from assets.database_assets import training_windows
 from assets.definitions import ASSET_NAMES, build_definitions, build_resources, database_assets, read_settings
-from assets.partitions import contiguous_ranges, experiment_cells, windows_name
+from assets.partitions import contiguous_ranges, experiment_cells, parse_cell, windows_name
 from assets.registry import Database, check_folder_name, register_windows, registered_databases
 from assets.sensors import DATA_VERSION_TAG, RANGE_END_TAG, RANGE_START_TAG
 from tve_pipeline import database as tdb
@@ -32,13 +36,23 @@ from tve_pipeline.results import markdown_table
 _QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 
 
-def prepare_run_dir(run_dir: Path) -> dg.DagsterInstance:
-    """A run folder with its own DAGSTER_HOME (telemetry off) and an instance on it."""
+def instance_config(parallel: int = 2) -> str:
+    """The run folder's dagster.yaml: no telemetry; queued runs and the ``gpu`` pool limited
+    to ``parallel`` at a time (what a backfill of experiment cells fans out to)."""
+    return ("telemetry:\n  enabled: false\n"
+            "concurrency:\n"
+            f"  runs:\n    max_concurrent_runs: {parallel}\n"
+            f"  pools:\n    default_limit: {parallel}\n")
+
+
+def prepare_run_dir(run_dir: Path, parallel: int | None = None) -> dg.DagsterInstance:
+    """A run folder with its own DAGSTER_HOME and an instance on it (``parallel`` rewrites
+    how many runs and pool slots it allows at once; 2 for a new run folder)."""
     home = Path(run_dir) / "dagster"
     home.mkdir(parents=True, exist_ok=True)
     cfg = home / "dagster.yaml"
-    if not cfg.exists():
-        cfg.write_text("telemetry:\n  enabled: false\n")
+    if parallel is not None or not cfg.exists():
+        cfg.write_text(instance_config(parallel or 2))
     os.environ["DAGSTER_HOME"] = str(home)
     os.environ["TVE_RUN_DIR"] = str(run_dir)
     return dg.DagsterInstance.get()
@@ -158,8 +172,8 @@ class Runner:
         finally:
             logging.disable(logging.NOTSET)
 
-    def run(self) -> pd.DataFrame:
-        """Everything missing or stale upstream of the metrics; returns the metrics table."""
+    def run_upstream(self) -> None:
+        """The database's tables, schedule, graph and every window's targets, missing or stale."""
         name = self.db.name
         if self.to_run("raw_tables") or self.data_changed():
             self.materialize(["raw_tables"], name)
@@ -171,6 +185,12 @@ class Runner:
         order = list(self.instance.get_dynamic_partitions(windows_name(name)))
         for first, last in contiguous_ranges(self.to_run("tve_targets", windows), order):
             self.materialize(["tve_targets"], f"{name} windows {first} .. {last}", window_range=(first, last))
+
+    def run(self) -> pd.DataFrame:
+        """Everything missing or stale upstream of the results, one run after another in this
+        process; returns the results summary."""
+        name = self.db.name
+        self.run_upstream()
         for objective in self.to_run("pretrained_checkpoint", list(self.recipe.pretrain.objectives)):
             self.materialize(["pretrained_checkpoint"], f"{name} {objective}", partition_key=objective)
         cells = experiment_cells(self.db.tasks, self.recipe)
@@ -180,6 +200,22 @@ class Runner:
         if self.to_run("results"):
             self.materialize(["results"], name)
         return self.results()
+
+    def unfinished(self) -> set:
+        """The (asset, partition) pairs of the experiment that are missing or stale, with
+        everything downstream of them (a re-run checkpoint re-runs its cells)."""
+        from dagster._core.definitions.events import AssetKeyPartitionKey
+
+        objectives = set(self.to_run("pretrained_checkpoint", list(self.recipe.pretrain.objectives)))
+        cells = experiment_cells(self.db.tasks, self.recipe)
+        tuned = set(self.to_run("finetuned_models", cells)) | {c for c in cells if parse_cell(c)[1] in objectives}
+        scored = set(self.to_run("metrics", cells)) | tuned
+        todo = {AssetKeyPartitionKey(self.db.key("pretrained_checkpoint"), o) for o in objectives}
+        todo |= {AssetKeyPartitionKey(self.db.key("finetuned_models"), c) for c in tuned}
+        todo |= {AssetKeyPartitionKey(self.db.key("metrics"), c) for c in scored}
+        if todo or self.to_run("results"):
+            todo.add(AssetKeyPartitionKey(self.db.key("results"), None))
+        return todo
 
     def results(self) -> pd.DataFrame:
         """The results asset's summary (mean ± std and paired differences to scratch)."""
@@ -266,3 +302,80 @@ def run_demo(run_dir: Path, profile: str = "demo") -> pd.DataFrame:
     print("Open the MLflow UI on them:   make mlflow-ui   (http://127.0.0.1:5000)")
     return frame
 
+
+
+_DONE = {"COMPLETED", "COMPLETED_SUCCESS", "COMPLETED_FAILED", "FAILED", "CANCELED"}
+
+
+def _launch_backfill(runner: "Runner", todo: set, title: str) -> str:
+    """An asset backfill of exactly ``todo``, as the UI's "Materialize" would create it."""
+    from dagster._core.definitions.assets.graph.asset_graph_subset import AssetGraphSubset
+    from dagster._core.execution.backfill import PartitionBackfill
+    from dagster._core.utils import make_new_backfill_id
+
+    backfill = PartitionBackfill.from_asset_graph_subset(
+        backfill_id=make_new_backfill_id(), backfill_timestamp=time.time(),
+        tags={"tve/experiment": title}, dynamic_partitions_store=runner.instance,
+        asset_graph_subset=AssetGraphSubset.from_asset_partition_set(todo, runner.defs.resolve_asset_graph()),
+        title=title, description=None, run_config=None)
+    runner.instance.add_backfill(backfill)
+    return backfill.backfill_id
+
+
+def _wait_for_backfill(instance: dg.DagsterInstance, backfill_id: str, daemon: subprocess.Popen) -> dict:
+    """Poll until the daemon has finished the backfill; prints each change of the run counts."""
+    last = None
+    while True:
+        backfill = instance.get_backfill(backfill_id)
+        runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/backfill": backfill_id}))
+        counts = Counter(r.status.value for r in runs)
+        line = f"backfill {backfill_id}: {backfill.status.value}; runs " + \
+            (", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) or "none yet")
+        if line != last:
+            print(line, flush=True)
+            last = line
+        if backfill.status.value in _DONE and not any(r.status.value in ("QUEUED", "STARTING", "STARTED") for r in runs):
+            return {"status": backfill.status.value, "failed": [r for r in runs if r.status.value == "FAILURE"]}
+        if daemon.poll() is not None:
+            raise RuntimeError(f"the Dagster daemon stopped (exit {daemon.returncode}) before backfill {backfill_id} finished")
+        time.sleep(3)
+
+
+def run_experiment(database: str, run_dir: Path, preset: str, parallel: int = 2) -> pd.DataFrame:
+    """Register a database's experiment cells under a recipe preset and run what is unfinished
+    as one Dagster backfill, executed by a Dagster daemon ``parallel`` runs at a time."""
+    t0 = time.perf_counter()
+    run_dir = Path(run_dir).resolve()
+    prepare_run_dir(run_dir, parallel)
+    set_profile(run_dir, preset)
+    runner = Runner(database, run_dir)
+    cells = experiment_cells(runner.db.tasks, runner.recipe)
+    print(f"{database}: preset {preset!r}: {len(runner.recipe.pretrain.objectives)} pre-training objectives, "
+          f"{len(cells)} cells, {parallel} runs at a time", flush=True)
+    runner.run_upstream()
+    todo = runner.unfinished()
+    if not todo:
+        print("every cell is finished: nothing to launch")
+        print_results(runner.results())
+        return runner.results()
+    backfill_id = _launch_backfill(runner, todo, f"{database} experiment ({preset})")
+    print(f"launched backfill {backfill_id} of {len(todo)} partitions (it shows in the UI under Runs > Backfills)")
+    daemon = subprocess.Popen([str(Path(sys.executable).parent / "dagster-daemon"), "run", "-m", "assets.definitions"],
+                              env={**os.environ}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        outcome = _wait_for_backfill(runner.instance, backfill_id, daemon)
+    finally:
+        os.killpg(daemon.pid, signal.SIGTERM)
+        try:
+            daemon.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(daemon.pid, signal.SIGKILL)
+    for run in outcome["failed"]:
+        print(f"failed: {run.tags.get('dagster/partition', '')} (run {run.run_id}); "
+              f"`tve experiment {database} --preset {preset}` again re-runs only the unfinished cells")
+    print(f"\n{database}: backfill {outcome['status'].lower()} in {time.perf_counter() - t0:.0f}s")
+    if runner.instance.get_latest_materialization_event(runner.db.key("results")) is not None:
+        print_results(runner.results())
+        return runner.results()
+    raise RuntimeError(f"the experiment of {database!r} has no results: see the failed runs in the Dagster UI")

@@ -72,6 +72,11 @@ def _cmd_run(args) -> None:
     importlib.import_module("assets.commands").run_database(args.database, Path(args.run_dir))
 
 
+def _cmd_experiment(args) -> None:
+    importlib.import_module("assets.commands").run_experiment(args.database, Path(args.run_dir), args.preset,
+                                                              parallel=args.parallel)
+
+
 def _cmd_results(args) -> None:
     importlib.import_module("assets.commands").show_results(args.database, Path(args.run_dir))
 
@@ -121,7 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-dir", default=str(_default_run_dir()))
     run.set_defaults(func=_cmd_run)
 
-    res = sub.add_parser("results", help="print a database's metrics table")
+    exp = sub.add_parser("experiment", help="run a database's experiment cells as one Dagster backfill")
+    exp.add_argument("database")
+    exp.add_argument("--preset", choices=PROFILES, default="cpu", help="the recipe profile of the experiment")
+    exp.add_argument("--parallel", type=int, default=2, help="runs at a time (and gpu pool slots)")
+    exp.add_argument("--run-dir", default=str(_default_run_dir()))
+    exp.set_defaults(func=_cmd_experiment)
+
+    res = sub.add_parser("results", help="print a database's results (mean ± std, paired differences to scratch)")
     res.add_argument("database")
     res.add_argument("--run-dir", default=str(_default_run_dir()))
     res.set_defaults(func=_cmd_results)

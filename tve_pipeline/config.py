@@ -134,6 +134,21 @@ _PROFILES: dict[str, dict] = {
         "pretrain": {"epochs": 4, "steps_per_epoch": 25, "batch_size": 256, "lr_step_epochs": 3},
         "finetune": {"epochs": 4, "steps_per_epoch": 25, "batch_size": 256},
     },
+    # `tve experiment --preset cpu`: the comparison on 2 CPU cores. Scratch and three
+    # pre-training objectives, three label fractions, three seeds, RelBench's 10
+    # fine-tuning epochs; one pre-training budget for every objective (10 x 50 steps of
+    # 512, far below the reference's 81 x 1000). Its cost on rel-f1 is not measured yet
+    # (estimated from single runs: about 90-100 minutes at two runs at a time).
+    "cpu": {
+        "pretrain": {"epochs": 10, "steps_per_epoch": 50, "lr_step_epochs": 8, "objectives": ("tve", "mae", "ctr")},
+        "finetune": {"epochs": 10, "seeds": (0, 1, 2), "label_fractions": (0.1, 0.25, 1.0)},
+    },
+    # `tve experiment --preset full`: the reference budget, every objective, the paper's
+    # low-data fractions, five seeds (a GPU job).
+    "full": {
+        "pretrain": {"objectives": ("tve", "mae", "ctr", "tve+mae", "tve+ctr")},
+        "finetune": {"seeds": (0, 1, 2, 3, 4), "label_fractions": (0.01, 0.05, 0.1, 0.25, 1.0)},
+    },
     # The test suite's end-to-end run: seconds, on a tiny database; one pre-training
     # objective and one fraction and seed, so one cell per (task, method). The other
     # objectives, fractions and seeds are covered by unit tests.
