@@ -50,7 +50,8 @@ def build_resources(run_dir: str | Path, *, profile: str | None = None, override
             overrides_json=json.dumps(overrides if overrides is not None else settings.get("overrides", {})),
         ),
         "device": DeviceResource(device=os.environ.get("TVE_DEVICE", device), threads=int(os.environ.get("TVE_THREADS", "0"))),
-        "mlflow": MLflowTracking(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{run_dir}/mlflow.db")),
+        "mlflow": MLflowTracking(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{run_dir}/mlflow.db"),
+                                 artifact_location=(run_dir / "mlartifacts").as_uri()),
         "io_manager": dg.FilesystemIOManager(base_dir=str(run_dir / "storage")),
         "task_vector_files": TaskVectorFiles(run_dir=str(run_dir)),
     }

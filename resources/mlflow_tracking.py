@@ -53,6 +53,9 @@ class MLflowRun:
 class MLflowTracking(dg.ConfigurableResource):
     tracking_uri: str
     experiment: str = "tve-pipeline"
+    # Where a new experiment keeps its artifacts (models, plots); MLflow's default is
+    # ./mlruns under whatever folder the process runs in.
+    artifact_location: str = ""
 
     @contextlib.contextmanager
     def run(self, context: dg.AssetExecutionContext, name: str, database: str = ""):
@@ -60,7 +63,8 @@ class MLflowTracking(dg.ConfigurableResource):
 
         client = MlflowClient(tracking_uri=self.tracking_uri)
         exp = client.get_experiment_by_name(self.experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(self.experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(
+            self.experiment, artifact_location=self.artifact_location or None)
         partition = context.partition_key if context.has_partition_key else ""
         tags = {
             "dagster.run_id": context.run_id,

@@ -186,6 +186,8 @@ def test_mlflow_runs_tagged_with_dagster_run_and_partition(pipeline_run):
     pre = [r for r in runs if r.data.tags.get("dagster.asset") == "pretrained_checkpoint"]
     assert pre and any(k.endswith("train_loss") for k in pre[0].data.metrics)
     assert any(a.path == "backbone.pt" for a in client.list_artifacts(pre[0].info.run_id))
+    # artifacts live in the run folder, not in ./mlruns of whatever folder the process ran in
+    assert pre[0].info.artifact_uri.startswith((pipeline_run["run_dir"] / "mlartifacts").as_uri())
 
 
 def test_results_summarise_the_cells(pipeline_run):
