@@ -99,6 +99,14 @@ def register_dataset(dataset_dir: Path, run_dir: Path, instance: dg.DagsterInsta
             "tasks": sorted(p.parent.name for p in target.glob("tasks/*/manifest.yaml"))}
 
 
+def registered_tasks(run_dir: Path, database: str) -> list[str]:
+    databases = {db.name: db for db in registered_databases(Path(run_dir) / "datasets")}
+    if database not in databases:
+        raise ValueError(f"unknown database {database!r} in {run_dir}; registered databases: "
+                         f"{', '.join(databases) or '(none: tve register DATASET_DIR)'}")
+    return list(databases[database].tasks)
+
+
 def _failure_message(result) -> str:
     for event in result.all_events:
         if not event.is_step_failure:
@@ -341,13 +349,24 @@ def _wait_for_backfill(instance: dg.DagsterInstance, backfill_id: str, daemon: s
         time.sleep(3)
 
 
-def run_experiment(database: str, run_dir: Path, preset: str, parallel: int = 2) -> pd.DataFrame:
+def run_experiment(database: str, run_dir: Path, preset: str, parallel: int = 2,
+                   tasks: list[str] | None = None) -> pd.DataFrame:
     """Register a database's experiment cells under a recipe preset and run what is unfinished
     as one Dagster backfill, executed by a Dagster daemon ``parallel`` runs at a time."""
     t0 = time.perf_counter()
     run_dir = Path(run_dir).resolve()
     prepare_run_dir(run_dir, parallel)
     set_profile(run_dir, preset)
+    settings = read_settings(run_dir)
+    finetune = {k: v for k, v in settings.get("overrides", {}).get("finetune", {}).items() if k != "tasks"}
+    if tasks:
+        have = registered_tasks(run_dir, database)
+        unknown = [t for t in tasks if t not in have]
+        if unknown:
+            raise ValueError(f"database {database!r} has no task {unknown[0]!r}; its tasks: {', '.join(have) or '(none)'}")
+        finetune["tasks"] = list(tasks)
+    overrides = {**settings.get("overrides", {}), "finetune": finetune}
+    (run_dir / "recipe.json").write_text(json.dumps({"profile": preset, "overrides": overrides}))
     runner = Runner(database, run_dir)
     cells = experiment_cells(runner.db.tasks, runner.recipe)
     print(f"{database}: preset {preset!r}: {len(runner.recipe.pretrain.objectives)} pre-training objectives, "

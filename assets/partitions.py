@@ -93,7 +93,9 @@ def experiment_cells(tasks, recipe) -> list[str]:
     """Every cell of a database's experiment: each task from scratch and from each
     objective's backbone, at every label fraction and seed of the recipe."""
     methods = [SCRATCH, *recipe.pretrain.objectives]
-    return [cell_key(t, m, f, s) for t in sorted(tasks) for m in methods
+    chosen = recipe.finetune.tasks
+    tasks = [t for t in sorted(tasks) if chosen is None or t in chosen]
+    return [cell_key(t, m, f, s) for t in tasks for m in methods
             for f in recipe.finetune.label_fractions for s in recipe.finetune.seeds]
 
 

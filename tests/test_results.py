@@ -54,3 +54,8 @@ def test_cells_cover_the_grid_and_map_to_their_checkpoint():
     assert sum(len(v) for v in mapping.values()) == 2 * 2 * 2 * 2  # every non-scratch cell, once
     with pytest.raises(ValueError, match="not 'task|method|fraction|sSEED'"):
         parse_cell("a|tve|0.1")
+
+
+def test_an_experiment_can_take_some_tasks_only():
+    recipe = make_recipe("test", {"finetune": {"tasks": ["b"]}})
+    assert experiment_cells(["a", "b"], recipe) == ["b|scratch|1|s0", "b|tve|1|s0"]

@@ -73,8 +73,9 @@ def _cmd_run(args) -> None:
 
 
 def _cmd_experiment(args) -> None:
+    tasks = [t for t in (args.tasks or "").split(",") if t] or None
     importlib.import_module("assets.commands").run_experiment(args.database, Path(args.run_dir), args.preset,
-                                                              parallel=args.parallel)
+                                                              parallel=args.parallel, tasks=tasks)
 
 
 def _cmd_results(args) -> None:
@@ -130,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("database")
     exp.add_argument("--preset", choices=PROFILES, default="cpu", help="the recipe profile of the experiment")
     exp.add_argument("--parallel", type=int, default=2, help="runs at a time (and gpu pool slots)")
+    exp.add_argument("--tasks", default=None, help="comma-separated tasks to fine-tune (default: every task)")
     exp.add_argument("--run-dir", default=str(_default_run_dir()))
     exp.set_defaults(func=_cmd_experiment)
 

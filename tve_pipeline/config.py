@@ -103,6 +103,8 @@ class FinetuneConfig(BaseModel):
     batch_size: int = 512
     seeds: tuple[int, ...] = (0,)
     label_fractions: tuple[float, ...] = (1.0,)
+    # The database's tasks an experiment fine-tunes (None: every one of them).
+    tasks: tuple[str, ...] | None = None
     restrict_top_k: int | None = None
     # Regression: predictions are clamped to these percentiles of the training labels
     # (RelBench's RDL does 2 / 98 at inference); None leaves them as they are.
