@@ -1,10 +1,10 @@
 """TVE targets: the raw next-window task vectors of one database, one partition per window.
 
 A window partition is a training seed time ``t``; its value is one parquet file per entity
-table (``targets/<database>/<window>/<entity>.parquet``) streamed to disk by the library's
-atomic ``write_targets``. A backfill of many windows runs as one run
-(``BackfillPolicy.single_run``): the tables are loaded once and each window costs its
-query, not a process start. Downstream assets receive the files through the
+table (``targets/<database>/<window>/<entity>.parquet``). A backfill of many windows runs
+as one run (``BackfillPolicy.single_run``): the tables are loaded once and one streamed
+query computes every window's rows, each window written to its own file atomically
+(``write_targets_by_seed_time``), not a process start or a query per window. Downstream assets receive the files through the
 :class:`TaskVectorFiles` IO manager, so Dagster knows which windows a checkpoint read.
 """
 
@@ -20,7 +20,7 @@ from assets.registry import Database
 from resources import RecipeResource, TVEStorage
 from tve_pipeline import database as tdb
 from tve_pipeline.config import recipe_version
-from tve_pipeline.targets import write_targets
+from tve_pipeline.targets import write_targets_by_seed_time
 from tve_pipeline.traversal import TargetDef
 
 DATABASE_METADATA = "tve/database"
@@ -83,19 +83,18 @@ def build_target_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
         tables = {name: t.df for name, t in dataset.get_db().table_dict.items()}
         rows = {entity: 0 for entity in traversal_graph}
         inactive = {entity: 0 for entity in traversal_graph}
-        for window in windows:
-            for entity, defs in traversal_graph.items():
-                try:
-                    stats = write_targets(
-                        storage.targets_file(db.name, window, entity), tables, dataset.manifest.tables,
-                        [TargetDef.from_dict(d) for d in defs], entity, pd.DatetimeIndex([window_seed_time(window)]),
-                        delta, memory_limit=r.targets.duckdb_memory_limit,
-                    )
-                except ValueError as exc:
-                    raise failure(exc) from exc
-                rows[entity] += stats["rows"]
-                inactive[entity] += stats["inactive"]
-            context.log.info(f"tve_targets {db.name} {window}: done")
+        seed_times = {window_seed_time(w): w for w in windows}
+        for entity, defs in traversal_graph.items():
+            try:
+                stats = write_targets_by_seed_time(
+                    lambda t, e=entity: storage.targets_file(db.name, seed_times[t], e), tables,
+                    dataset.manifest.tables, [TargetDef.from_dict(d) for d in defs], entity, list(seed_times),
+                    delta, memory_limit=r.targets.duckdb_memory_limit)
+            except ValueError as exc:
+                raise failure(exc) from exc
+            rows[entity] = sum(v["rows"] for v in stats.values())
+            inactive[entity] = sum(v["inactive"] for v in stats.values())
+            context.log.info(f"tve_targets {db.name} {entity}: {len(windows)} windows, {rows[entity]} rows")
         return dg.Output(
             {w: str(storage.targets_file(db.name, w, "x").parent) for w in windows},
             metadata={

@@ -298,3 +298,23 @@ def test_parquet_paths_as_tables(tiny, frames):
     want = compute_targets(tables, ds.manifest.tables, defs, "customers", seeds, DELTA)
     pd.testing.assert_frame_equal(got, want)
     assert json.loads(json.dumps([d.to_dict() for d in defs]))[0]["name"] == "orders__count"
+
+
+def test_targets_by_seed_time_are_compute_targets_split_by_seed_time(tiny, tmp_path):
+    """One streamed query, one file per seed time: each file holds exactly compute_targets'
+    rows of its seed time (compute_targets being checked against brute force above)."""
+    from tve_pipeline.targets import write_targets_by_seed_time
+
+    ds, tables, defs = _tiny_library(tiny)
+    start = pd.Timestamp(ds.val_timestamp) - pd.Timedelta(days=200)
+    seeds = [start + pd.Timedelta(days=d) for d in (0, 30, 60, 90)]
+    early = pd.Timestamp("1999-01-01")  # before every customer: a file without rows
+    stats = write_targets_by_seed_time(lambda t: tmp_path / f"{t.date()}.parquet", tables, ds.manifest.tables,
+                                       defs, "customers", [early, *seeds], DELTA)
+    whole = compute_targets(tables, ds.manifest.tables, defs, "customers", seeds, DELTA)
+    for t in seeds:
+        want = whole[whole["timestamp"] == t].reset_index(drop=True)
+        assert_same_frame(pd.read_parquet(tmp_path / f"{t.date()}.parquet"), want)
+        assert stats[t] == {"rows": len(want), "inactive": int(want["inactive"].sum())}
+    assert len(pd.read_parquet(tmp_path / "1999-01-01.parquet")) == 0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left

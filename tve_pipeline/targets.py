@@ -52,7 +52,7 @@ import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -902,6 +902,73 @@ def write_targets(
         os.replace(tmp, out_path)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+    return stats
+
+
+def write_targets_by_seed_time(
+    out_path_of: Callable[[pd.Timestamp], str | os.PathLike],
+    tables: Mapping[str, Any],
+    schema_tables: Mapping[str, TableSpecLike],
+    defs: Sequence[TargetDef],
+    entity_table: str,
+    timestamps: Iterable,
+    timedelta: pd.Timedelta,
+    *,
+    memory_limit: str = "4GB",
+    compression: str = "snappy",
+) -> dict[pd.Timestamp, dict[str, int]]:
+    """:func:`compute_targets`' rows of each seed time in a parquet file of its own
+    (``out_path_of(seed_time)``), from one streamed query over all of them.
+
+    The rows come in seed-time order, so each file is written from start to end and moved
+    into place, atomically, before the next begins; a failure leaves earlier files whole
+    and the one being written absent. A seed time at which no entity exists gets a file
+    without rows. Returns ``{seed_time: {"rows": ..., "inactive": ...}}``.
+    """
+    import pyarrow.parquet as pq
+
+    stats: dict[pd.Timestamp, dict[str, int]] = {}
+    state: dict[str, Any] = {"time": None, "writer": None, "tmp": None, "path": None}
+
+    def close() -> None:
+        if state["writer"] is not None:
+            state["writer"].close()
+            os.replace(state["tmp"], state["path"])
+        state.update(time=None, writer=None, tmp=None, path=None)
+
+    def start(t: pd.Timestamp, schema) -> None:
+        path = Path(out_path_of(t))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        state.update(time=t, path=path, tmp=tmp,
+                     writer=pq.ParquetWriter(tmp, schema, **_parquet_options(schema, compression)))
+        stats[t] = {"rows": 0, "inactive": 0}
+
+    times = [pd.Timestamp(t) for t in timestamps]
+    schema = None
+    try:
+        for table in iter_targets(tables, schema_tables, defs, entity_table, times, timedelta,
+                                  memory_limit=memory_limit):
+            schema = schema or table.schema
+            if not table.num_rows:
+                continue
+            t = pd.Timestamp(table.column(TIMESTAMP)[0].as_py())
+            if t != state["time"]:
+                close()
+                start(t, table.schema)
+            state["writer"].write_table(table, row_group_size=table.num_rows)
+            stats[t]["rows"] += table.num_rows
+            stats[t]["inactive"] += int(table.column(INACTIVE).to_numpy().sum())
+        close()
+        for t in times:
+            if t not in stats:  # no entity existed yet
+                start(t, schema)
+                close()
+    except BaseException:
+        if state["writer"] is not None:
+            state["writer"].close()
+            Path(state["tmp"]).unlink(missing_ok=True)
         raise
     return stats
 
