@@ -119,3 +119,28 @@ def test_time_columns_become_timestamp_features_only_when_asked(tmp_path):
     years = with_time["events"].tf.feat_dict[stype.timestamp][:, 0, 0]
     assert torch.equal(years, torch.from_numpy(db.table_dict["events"].df["ts"].dt.year.to_numpy()).to(years.dtype))
     assert len(list(tmp_path.iterdir())) == 2  # one tensor-frame cache each
+
+
+def test_graph_cache_is_built_whole_by_concurrent_builders(tmp_path):
+    """Two builders at once (two runs of one database): both get the graph, the cache ends
+    up complete in its final folder, and no temporary folder is left behind."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tve_pipeline.database import column_types, open_dataset
+    from tve_pipeline.datasets import build_synthetic
+    from tve_pipeline.training import build_graph
+
+    ds = open_dataset(build_synthetic(tmp_path / "tiny"))
+    types = column_types({n: t.df for n, t in ds.get_db().table_dict.items()}, ds.manifest)
+    cache = tmp_path / "cache"
+    with ThreadPoolExecutor(2) as pool:
+        graphs = list(pool.map(lambda _: build_graph(ds.get_db(), types, cache), range(2)))
+    (final,) = list(cache.iterdir())
+    assert not final.name.startswith(".") and sorted(p.name for p in final.iterdir())
+    again, _ = build_graph(ds.get_db(), types, cache)  # read back from the cache
+    for (data, _), other in zip(graphs, [again, again]):
+        for table in ("customers", "orders"):
+            for stype, feat in data[table].tf.feat_dict.items():
+                assert torch.equal(torch.nan_to_num(feat if isinstance(feat, torch.Tensor) else feat.values),
+                                   torch.nan_to_num(other[table].tf.feat_dict[stype] if isinstance(feat, torch.Tensor)
+                                                    else other[table].tf.feat_dict[stype].values))

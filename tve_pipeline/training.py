@@ -15,6 +15,8 @@ import hashlib
 import json
 import math
 import os
+import shutil
+import threading
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -101,10 +103,22 @@ def build_graph(
             )
             for name, t in db.table_dict.items()
         })
-    if cache_dir is not None:
-        key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-        cache_dir = str(Path(cache_dir) / key)
-    return make_pkey_fkey_graph(db, col_to_stype, text_cfg, cache_dir=cache_dir)
+    if cache_dir is None:
+        return make_pkey_fkey_graph(db, col_to_stype, text_cfg, cache_dir=None)
+    final = Path(cache_dir) / hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    if final.is_dir():
+        return make_pkey_fkey_graph(db, col_to_stype, text_cfg, cache_dir=str(final))
+    # Several runs (processes) may build the same cache at once, and torch_frame writes its
+    # files in place: build in a folder of our own and move it into place whole, so that a
+    # reader sees a complete cache or none (the loser of a race drops its copy).
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    graph = make_pkey_fkey_graph(db, col_to_stype, text_cfg, cache_dir=str(tmp))
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return graph
 
 
 def graph_for(db, column_types: dict[str, dict[str, str]], backbone: BackboneConfig,
