@@ -390,9 +390,10 @@ def run_experiment(database: str, run_dir: Path, preset: str, parallel: int = 2,
             daemon.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(daemon.pid, signal.SIGKILL)
+    again = f"tve experiment {database} --preset {preset}" + (f" --tasks {','.join(tasks)}" if tasks else "")
     for run in outcome["failed"]:
         print(f"failed: {run.tags.get('dagster/partition', '')} (run {run.run_id}); "
-              f"`tve experiment {database} --preset {preset}` again re-runs only the unfinished cells")
+              f"`{again}` re-runs only the unfinished cells")
     print(f"\n{database}: backfill {outcome['status'].lower()} in {time.perf_counter() - t0:.0f}s")
     if runner.instance.get_latest_materialization_event(runner.db.key("results")) is not None:
         print_results(runner.results())
