@@ -44,3 +44,13 @@ def load_asset(run, asset: str, partition: str | None = None, database: str = "t
     path = run["run_dir"] / "storage" / database / asset
     with open(path / partition if partition else path, "rb") as f:
         return pickle.load(f)
+
+
+@pytest.fixture
+def keep_tve_environment(monkeypatch):
+    """`tve` points DAGSTER_HOME and TVE_RUN_DIR at its run folder; undo it after the test."""
+    for name in ("DAGSTER_HOME", "TVE_RUN_DIR"):
+        if name in os.environ:
+            monkeypatch.setenv(name, os.environ[name])
+        else:
+            monkeypatch.delenv(name, raising=False)

@@ -19,14 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-@pytest.fixture(autouse=True)
-def _keep_environment(monkeypatch):
-    """`tve` points DAGSTER_HOME and TVE_RUN_DIR at its run folder; undo it after each test."""
-    for name in ("DAGSTER_HOME", "TVE_RUN_DIR"):
-        if name in os.environ:
-            monkeypatch.setenv(name, os.environ[name])
-        else:
-            monkeypatch.delenv(name, raising=False)
+pytestmark = pytest.mark.usefixtures("keep_tve_environment")
 
 
 def _run(args, env=None, cwd=ROOT):

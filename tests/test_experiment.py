@@ -1,22 +1,13 @@
 """`tve experiment`: the cells as one Dagster backfill, run by a real Dagster daemon two at a
 time in their own processes; a second launch finds nothing unfinished."""
 
-import os
-
 import pytest
 
 from assets.commands import Runner
 from tve_pipeline.cli import main
 from tve_pipeline.datasets import build_synthetic
 
-
-@pytest.fixture(autouse=True)
-def _keep_environment(monkeypatch):
-    for name in ("DAGSTER_HOME", "TVE_RUN_DIR"):
-        if name in os.environ:
-            monkeypatch.setenv(name, os.environ[name])
-        else:
-            monkeypatch.delenv(name, raising=False)
+pytestmark = pytest.mark.usefixtures("keep_tve_environment")
 
 
 def test_experiment_is_a_backfill_and_a_relaunch_runs_nothing(tmp_path, capsys):
