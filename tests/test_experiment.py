@@ -13,12 +13,13 @@ pytestmark = pytest.mark.usefixtures("keep_tve_environment")
 def test_experiment_is_a_backfill_and_a_relaunch_runs_nothing(tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert main(["register", str(build_synthetic(tmp_path / "tiny")), "--run-dir", str(run_dir)]) == 0
-    assert main(["experiment", "tiny", "--preset", "test", "--run-dir", str(run_dir)]) == 0
+    # one task keeps the daemon's runs few (each is a process of its own)
+    assert main(["experiment", "tiny", "--preset", "test", "--tasks", "customer-churn", "--run-dir", str(run_dir)]) == 0
     out = capsys.readouterr().out
     assert "launched backfill" in out and "completed_success" in out
 
     runner = Runner("tiny", run_dir)
-    cells = {f"{t}|{m}|1|s0" for t in ("customer-churn", "customer-spend") for m in ("scratch", "tve")}
+    cells = {f"customer-churn|{m}|1|s0" for m in ("scratch", "tve")}
     assert runner.instance.get_materialized_partitions(runner.db.key("metrics")) == cells
     backfills = runner.instance.get_backfills()
     assert len(backfills) == 1 and backfills[0].status.value == "COMPLETED_SUCCESS"
@@ -28,6 +29,6 @@ def test_experiment_is_a_backfill_and_a_relaunch_runs_nothing(tmp_path, capsys):
     # the cells ran in the backfill's runs, not in this process
     assert {r.tags.get("dagster/partition") for r in in_backfill} >= cells
 
-    assert main(["experiment", "tiny", "--preset", "test", "--run-dir", str(run_dir)]) == 0
+    assert main(["experiment", "tiny", "--preset", "test", "--tasks", "customer-churn", "--run-dir", str(run_dir)]) == 0
     assert "nothing to launch" in capsys.readouterr().out
     assert len(Runner("tiny", run_dir).instance.get_backfills()) == 1
