@@ -73,6 +73,11 @@ def build_definitions(run_dir: str | Path | None = None, **kwargs) -> dg.Definit
         jobs=jobs,
         sensors=[build_growth_sensor(databases, jobs)],
         resources=resources,
+        # A run here is one partition of one or two steps (a window, a checkpoint, a cell);
+        # parallelism comes from runs (the run queue and the `gpu` pool), not from steps. The
+        # multiprocess executor would start a Python per step (torch + relbench imports: ~14 s
+        # each) and load the graph again in each.
+        executor=dg.in_process_executor,
     )
 
 

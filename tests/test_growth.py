@@ -123,6 +123,14 @@ def test_changed_recipe_marks_exactly_what_it_changes_stale(pipeline_run):
     assert shorter_finetune.get_status(db.key("pretrained_checkpoint"), "tve") == StaleStatus.FRESH
     assert shorter_finetune.get_status(db.key("finetuned_models"), CELL) == StaleStatus.STALE
 
+    # a grown experiment grid (more seeds, fractions, objectives; a task list) keeps its finished cells
+    grown = get_stale_status_resolver(instance, database_assets(db, make_recipe("test", {
+        "pretrain": {"objectives": ["tve", "mae"]},
+        "finetune": {"seeds": [0, 1], "label_fractions": [0.5, 1.0], "tasks": list(db.tasks)}})))
+    assert grown.get_status(db.key("pretrained_checkpoint"), "tve") == StaleStatus.FRESH
+    assert grown.get_status(db.key("finetuned_models"), CELL) == StaleStatus.FRESH
+    assert grown.get_status(db.key("metrics"), CELL) == StaleStatus.FRESH
+
     one_hop = get_stale_status_resolver(instance, database_assets(db, make_recipe("test", {"targets": {"hops": 1}})))
     assert one_hop.get_status(db.key("raw_tables")) == StaleStatus.FRESH
     assert one_hop.get_status(db.key("traversal_graph")) == StaleStatus.STALE

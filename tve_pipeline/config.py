@@ -181,14 +181,23 @@ def make_recipe(profile: str = "reference", overrides: dict | None = None) -> Re
     return Recipe.model_validate(_merge({"profile": profile, **_PROFILES[profile]}, overrides or {}))
 
 
+# Fields that choose which experiment cells exist, not what any one of them computes: an
+# experiment grown by a task, an objective, a seed or a label fraction keeps its finished cells.
+GRID_FIELDS = {"pretrain": ("objectives",), "finetune": ("tasks", "seeds", "label_fractions")}
+
+
 def recipe_version(recipe: Recipe, *sections: str) -> str:
     """A short, stable hash of some sections of a recipe (e.g. ``"backbone", "pretrain"``).
 
     The orchestration uses it as the code version of what those sections decide, so that a
-    changed recipe marks exactly the results it changes as stale.
+    changed recipe marks exactly the results it changes as stale. The experiment grid
+    (:data:`GRID_FIELDS`) is left out: a cell's own objective, task, seed and fraction are
+    in its partition key.
     """
     payload = {}
     for name in sections:
         value = getattr(recipe, name)
-        payload[name] = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+        if isinstance(value, BaseModel):
+            value = value.model_dump(mode="json", exclude=set(GRID_FIELDS.get(name, ())))
+        payload[name] = value
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]

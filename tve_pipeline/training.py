@@ -555,6 +555,9 @@ def finetune(
     if label_fraction < 1.0:
         # Drawn with the seed alone: every method sees the same rows.
         train = train.sample(frac=label_fraction, random_state=seed).sort_index()
+        if train.empty:
+            raise ValueError(f"task {task.name!r}: label fraction {label_fraction} of its {len(tables['train'].df)} "
+                             "training rows leaves none to train on")
     n_tr, t_tr = seed_tensors(train[task.entity_col], train[task.time_col])
     y_tr = torch.from_numpy(train[task.target_col].to_numpy(dtype=np.float32))
     val = tables["val"]
