@@ -194,13 +194,16 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
         with mlflow.run(context, f"finetune {method}", database=db.name) as run:
             run.log_params({"task": task_name, "method": method, "seed": seed, "label_fraction": fraction,
                             **{f"finetune.{k}": v for k, v in r.finetune.model_dump().items()}})
-            result = training.finetune(
-                data, col_stats, task, tables, r, device.torch_device(), seed=seed, label_fraction=fraction,
-                backbone=backbone, log=run.log_metrics,
-                checkpoint=training.Checkpointer(
-                    storage.checkpoint_file("finetuned_models", db.name, context.partition_key.replace("|", "_")),
-                    r.checkpoint_every, key=resume_key),
-            )
+            try:
+                result = training.finetune(
+                    data, col_stats, task, tables, r, device.torch_device(), seed=seed, label_fraction=fraction,
+                    backbone=backbone, log=run.log_metrics,
+                    checkpoint=training.Checkpointer(
+                        storage.checkpoint_file("finetuned_models", db.name, context.partition_key.replace("|", "_")),
+                        r.checkpoint_every, key=resume_key),
+                )
+            except ValueError as exc:  # bad input (e.g. a label sample with no row): one line, no retry
+                raise failure(exc) from exc
             run.log_torch(result["state_dict"], "model.pt")
             result["mlflow_run_id"] = run.run_id
         return dg.Output(result, metadata={

@@ -25,7 +25,7 @@ def test_experiment_is_a_backfill_a_failed_cell_stays_alone_and_a_relaunch_runs_
         {"profile": "test", "overrides": {"finetune": {"label_fractions": [0.0001, 1.0]}}}))
     # one task keeps the daemon's runs few (each is a process of its own)
     command = ["experiment", "tiny", "--preset", "test", "--tasks", "customer-churn", "--run-dir", str(run_dir)]
-    assert main(command) == 1
+    assert main(command) == 2  # the command fails, naming the failed cells
     out = capsys.readouterr()
     assert "launched backfill" in out.out
     bad = {f"customer-churn|{m}|0.0001|s0" for m in ("scratch", "tve")}
@@ -44,9 +44,10 @@ def test_experiment_is_a_backfill_a_failed_cell_stays_alone_and_a_relaunch_runs_
     assert {r.tags.get("dagster/partition") for r in runs if r.status.value == "SUCCESS"} >= good | {"tve"}
     # the failed run says why in one line naming the task and the fraction
     (bad_run,) = [r for r in runs if r.tags["dagster/partition"] == "customer-churn|scratch|0.0001|s0"]
-    failure = next(e for e in runner.instance.all_logs(bad_run.run_id) if e.is_step_failure)
-    message = failure.dagster_event.step_failure_data.error.message
-    assert "customer-churn" in message and "label fraction 0.0001" in message
+    failure = next(e.dagster_event for e in runner.instance.all_logs(bad_run.run_id)
+                   if e.dagster_event and e.dagster_event.is_step_failure)
+    message = failure.step_failure_data.user_failure_data.description
+    assert "customer-churn" in message and "label fraction 0.0001" in message and "\n" not in message
 
     # the user drops the fraction: the relaunch runs only the results, not one finished cell again
     (run_dir / "recipe.json").write_text(json.dumps(
