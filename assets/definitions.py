@@ -25,8 +25,16 @@ for _category in ("BetaWarning", "PreviewWarning", "SupersessionWarning"):
     if hasattr(dg, _category):
         warnings.filterwarnings("ignore", category=getattr(dg, _category))
 
-ASSET_NAMES = ("raw_tables", "temporal_windows", "traversal_graph", "tve_targets", "pretrained_checkpoint",
-               "finetuned_models", "metrics", "results")
+ASSET_NAMES = (
+    "raw_tables",
+    "temporal_windows",
+    "traversal_graph",
+    "tve_targets",
+    "pretrained_checkpoint",
+    "finetuned_models",
+    "metrics",
+    "results",
+)
 
 
 def default_run_dir() -> Path:
@@ -39,19 +47,31 @@ def read_settings(run_dir: Path) -> dict:
     return json.loads(settings_file.read_text()) if settings_file.exists() else {}
 
 
-def build_resources(run_dir: str | Path, *, profile: str | None = None, overrides: dict | None = None,
-                    device: str = "auto") -> dict:
+def build_resources(
+    run_dir: str | Path,
+    *,
+    profile: str | None = None,
+    overrides: dict | None = None,
+    device: str = "auto",
+) -> dict:
     run_dir = Path(run_dir).resolve()
     settings = read_settings(run_dir)
     return {
         "storage": TVEStorage(run_dir=str(run_dir)),
         "recipe": RecipeResource(
             profile=profile or settings.get("profile", "reference"),
-            overrides_json=json.dumps(overrides if overrides is not None else settings.get("overrides", {})),
+            overrides_json=json.dumps(
+                overrides if overrides is not None else settings.get("overrides", {})
+            ),
         ),
-        "device": DeviceResource(device=os.environ.get("TVE_DEVICE", device), threads=int(os.environ.get("TVE_THREADS", "0"))),
-        "mlflow": MLflowTracking(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{run_dir}/mlflow.db"),
-                                 artifact_location=(run_dir / "mlartifacts").as_uri()),
+        "device": DeviceResource(
+            device=os.environ.get("TVE_DEVICE", device),
+            threads=int(os.environ.get("TVE_THREADS", "0")),
+        ),
+        "mlflow": MLflowTracking(
+            tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{run_dir}/mlflow.db"),
+            artifact_location=(run_dir / "mlartifacts").as_uri(),
+        ),
         "io_manager": dg.FilesystemIOManager(base_dir=str(run_dir / "storage")),
         "task_vector_files": TaskVectorFiles(run_dir=str(run_dir)),
     }
@@ -59,7 +79,11 @@ def build_resources(run_dir: str | Path, *, profile: str | None = None, override
 
 def database_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
     """The eight assets of one database, in dependency order."""
-    return [*build_database_assets(db, recipe), *build_target_assets(db, recipe), *build_training_assets(db, recipe)]
+    return [
+        *build_database_assets(db, recipe),
+        *build_target_assets(db, recipe),
+        *build_training_assets(db, recipe),
+    ]
 
 
 def build_definitions(run_dir: str | Path | None = None, **kwargs) -> dg.Definitions:

@@ -95,8 +95,13 @@ def experiment_cells(tasks, recipe) -> list[str]:
     methods = [SCRATCH, *recipe.pretrain.objectives]
     chosen = recipe.finetune.tasks
     tasks = [t for t in sorted(tasks) if chosen is None or t in chosen]
-    return [cell_key(t, m, f, s) for t in tasks for m in methods
-            for f in recipe.finetune.label_fractions for s in recipe.finetune.seeds]
+    return [
+        cell_key(t, m, f, s)
+        for t in tasks
+        for m in methods
+        for f in recipe.finetune.label_fractions
+        for s in recipe.finetune.seeds
+    ]
 
 
 def objective_partitions(recipe) -> dg.StaticPartitionsDefinition:
@@ -111,4 +116,5 @@ def checkpoint_of_cells(tasks, recipe) -> dg.StaticPartitionMapping:
     """objective -> the cells fine-tuned from its backbone (scratch cells have none)."""
     cells = experiment_cells(tasks, recipe)
     return dg.StaticPartitionMapping(
-        {o: [c for c in cells if parse_cell(c)[1] == o] for o in recipe.pretrain.objectives})
+        {o: [c for c in cells if parse_cell(c)[1] == o] for o in recipe.pretrain.objectives}
+    )

@@ -50,8 +50,10 @@ def registered_databases(datasets_dir: Path) -> list[Database]:
     groups: dict[str, str] = {}
     for db in found:
         if db.group in groups:
-            raise ValueError(f"dataset folders {groups[db.group]!r} and {db.name!r} in {datasets_dir} "
-                             f"map to the same asset prefix {db.group!r}: rename one")
+            raise ValueError(
+                f"dataset folders {groups[db.group]!r} and {db.name!r} in {datasets_dir} "
+                f"map to the same asset prefix {db.group!r}: rename one"
+            )
         groups[db.group] = db.name
     return found
 
@@ -60,10 +62,14 @@ def check_folder_name(dataset_dir: Path) -> str:
     """A database name is its folder name: letters, digits, '-', '_' and '.'."""
     name = Path(dataset_dir).name
     if not name or name.startswith(".") or any(not (c.isalnum() or c in "-_.") for c in name):
-        raise ValueError(f"dataset folder name {name!r} cannot name a database: use letters, digits, '-', '_' or '.'")
+        raise ValueError(
+            f"dataset folder name {name!r} cannot name a database: use letters, digits, '-', '_' or '.'"
+        )
     manifest = yaml.safe_load((Path(dataset_dir) / "manifest.yaml").read_text())
     if not isinstance(manifest, dict) or "tables" not in manifest:
-        raise ValueError(f"{dataset_dir}/manifest.yaml is not a RelBench dataset manifest (no 'tables')")
+        raise ValueError(
+            f"{dataset_dir}/manifest.yaml is not a RelBench dataset manifest (no 'tables')"
+        )
     return name
 
 
@@ -80,7 +86,11 @@ def folder_signature(dataset_dir: Path) -> str:
     """A cheap signature of a dataset folder (names, sizes, modification times): a sensor
     compares it every tick and reads the data only when it changed."""
     h = hashlib.sha256()
-    for f in sorted(p for p in Path(dataset_dir).rglob("*") if p.is_file() and p.suffix in {".parquet", ".yaml", ".json"}):
+    for f in sorted(
+        p
+        for p in Path(dataset_dir).rglob("*")
+        if p.is_file() and p.suffix in {".parquet", ".yaml", ".json"}
+    ):
         st = f.stat()
         h.update(f"{f.relative_to(dataset_dir)}:{st.st_size}:{st.st_mtime_ns};".encode())
     return h.hexdigest()[:16]

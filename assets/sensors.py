@@ -19,9 +19,9 @@ from pathlib import Path
 import dagster as dg
 
 from assets.database_assets import training_windows
+from assets.failures import one_line
 from assets.partitions import contiguous_ranges, window_partitions, windows_name
 from assets.registry import Database, dataset_folders, folder_signature
-from assets.failures import one_line
 from resources import RecipeResource, TVEStorage
 from tve_pipeline import database as tdb
 
@@ -32,7 +32,11 @@ RANGE_END_TAG = "dagster/asset_partition_range_end"
 
 def _last_data_version(instance: dg.DagsterInstance, key: dg.AssetKey) -> str | None:
     event = instance.get_latest_materialization_event(key)
-    return event.asset_materialization.tags.get(DATA_VERSION_TAG) if event and event.asset_materialization else None
+    return (
+        event.asset_materialization.tags.get(DATA_VERSION_TAG)
+        if event and event.asset_materialization
+        else None
+    )
 
 
 def targets_job_name(db: Database) -> str:
@@ -44,7 +48,9 @@ def build_targets_job(db: Database):
     what the sensor runs when the database grows (one run for all its new windows)."""
     return dg.define_asset_job(
         targets_job_name(db),
-        selection=[db.key(a) for a in ("raw_tables", "temporal_windows", "traversal_graph", "tve_targets")],
+        selection=[
+            db.key(a) for a in ("raw_tables", "temporal_windows", "traversal_graph", "tve_targets")
+        ],
         partitions_def=window_partitions(db.name),
         description=f"refresh {db.name}'s tables and compute the task vectors of some of its windows",
     )
@@ -56,20 +62,38 @@ def _growth_runs(instance, db: Database, summary, new_windows: list[str]) -> lis
         return []
     if new_windows and instance.get_latest_materialization_event(db.key("tve_targets")) is not None:
         order = list(instance.get_dynamic_partitions(windows_name(db.name))) or new_windows
-        selection = [db.key(a) for a in ("raw_tables", "temporal_windows", "traversal_graph", "tve_targets")]
+        selection = [
+            db.key(a) for a in ("raw_tables", "temporal_windows", "traversal_graph", "tve_targets")
+        ]
         return [
-            dg.RunRequest(run_key=f"{db.name}:{summary.fingerprint}:{first}", job_name=targets_job_name(db),
-                          asset_selection=selection, tags={RANGE_START_TAG: first, RANGE_END_TAG: last})
-            for first, last in contiguous_ranges(new_windows, order + [w for w in new_windows if w not in order])
+            dg.RunRequest(
+                run_key=f"{db.name}:{summary.fingerprint}:{first}",
+                job_name=targets_job_name(db),
+                asset_selection=selection,
+                tags={RANGE_START_TAG: first, RANGE_END_TAG: last},
+            )
+            for first, last in contiguous_ranges(
+                new_windows, order + [w for w in new_windows if w not in order]
+            )
         ]
     if _last_data_version(instance, db.key("raw_tables")) != summary.fingerprint:
-        return [dg.RunRequest(run_key=f"{db.name}:{summary.fingerprint}", job_name=targets_job_name(db),
-                              asset_selection=[db.key("raw_tables")])]
+        return [
+            dg.RunRequest(
+                run_key=f"{db.name}:{summary.fingerprint}",
+                job_name=targets_job_name(db),
+                asset_selection=[db.key("raw_tables")],
+            )
+        ]
     return []
 
 
-def evaluate_growth(instance: dg.DagsterInstance, datasets_dir: Path, recipe, known: dict[str, Database],
-                    cursor: dict) -> tuple[dict, list, list[dg.RunRequest], list[str]]:
+def evaluate_growth(
+    instance: dg.DagsterInstance,
+    datasets_dir: Path,
+    recipe,
+    known: dict[str, Database],
+    cursor: dict,
+) -> tuple[dict, list, list[dg.RunRequest], list[str]]:
     """One tick: (new cursor, dynamic-partition requests, run requests, messages)."""
     cursor, add_requests, runs, messages = dict(cursor), [], [], []
     for name in dataset_folders(datasets_dir):
@@ -81,7 +105,9 @@ def evaluate_growth(instance: dg.DagsterInstance, datasets_dir: Path, recipe, kn
         try:
             summary = tdb.summarise_database(folder)
             windows = training_windows(summary, recipe)
-        except ValueError as exc:  # a folder being edited or broken: say so, try again when it changes
+        except (
+            ValueError
+        ) as exc:  # a folder being edited or broken: say so, try again when it changes
             messages.append(f"{name}: {one_line(exc)}")
             continue
         have = set(instance.get_dynamic_partitions(windows_name(name)))
@@ -92,24 +118,41 @@ def evaluate_growth(instance: dg.DagsterInstance, datasets_dir: Path, recipe, kn
         if name in known:
             runs += _growth_runs(instance, known[name], summary, new)
         else:
-            messages.append(f"{name}: new database folder; reload the code location to see its assets")
+            messages.append(
+                f"{name}: new database folder; reload the code location to see its assets"
+            )
     return cursor, add_requests, runs, messages
 
 
 def build_growth_sensor(databases: list[Database], jobs: list) -> dg.SensorDefinition:
     known = {db.name: db for db in databases}
 
-    @dg.sensor(name="database_growth_sensor", minimum_interval_seconds=30,
-               default_status=dg.DefaultSensorStatus.RUNNING, jobs=jobs or None)
-    def database_growth_sensor(context: dg.SensorEvaluationContext, storage: TVEStorage, recipe: RecipeResource):
+    @dg.sensor(
+        name="database_growth_sensor",
+        minimum_interval_seconds=30,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        jobs=jobs or None,
+    )
+    def database_growth_sensor(
+        context: dg.SensorEvaluationContext, storage: TVEStorage, recipe: RecipeResource
+    ):
         """Registers the windows of databases that grew and materialises their targets."""
         cursor, add_requests, runs, messages = evaluate_growth(
-            context.instance, storage.datasets_dir, recipe.recipe(), known, json.loads(context.cursor or "{}"))
+            context.instance,
+            storage.datasets_dir,
+            recipe.recipe(),
+            known,
+            json.loads(context.cursor or "{}"),
+        )
         for message in messages:
             context.log.info(message)
         if not (add_requests or runs):
             context.update_cursor(json.dumps(cursor))
-            return dg.SkipReason("; ".join(messages) or f"no database in {storage.datasets_dir} changed")
-        return dg.SensorResult(run_requests=runs, dynamic_partitions_requests=add_requests, cursor=json.dumps(cursor))
+            return dg.SkipReason(
+                "; ".join(messages) or f"no database in {storage.datasets_dir} changed"
+            )
+        return dg.SensorResult(
+            run_requests=runs, dynamic_partitions_requests=add_requests, cursor=json.dumps(cursor)
+        )
 
     return database_growth_sensor

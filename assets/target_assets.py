@@ -11,7 +11,6 @@ query computes every window's rows, each window written to its own file atomical
 from pathlib import Path
 
 import dagster as dg
-import pandas as pd
 
 from assets.database_assets import database_timedelta
 from assets.failures import failure
@@ -40,7 +39,11 @@ class TaskVectorFiles(dg.ConfigurableIOManager):
         return Path(self.run_dir) / "targets" / database / window
 
     def handle_output(self, context: dg.OutputContext, obj) -> None:
-        missing = [w for w in (obj or {}) if not self.folder(context.definition_metadata[DATABASE_METADATA], w).is_dir()]
+        missing = [
+            w
+            for w in (obj or {})
+            if not self.folder(context.definition_metadata[DATABASE_METADATA], w).is_dir()
+        ]
         if missing:
             raise failure(f"tve_targets wrote no files for windows {', '.join(missing[:4])}")
 
@@ -54,7 +57,10 @@ def build_target_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
         key=db.key("tve_targets"),
         partitions_def=window_partitions(db.name),
         backfill_policy=dg.BackfillPolicy.single_run(),
-        ins={name: dg.AssetIn(key=db.key(name)) for name in ("raw_tables", "traversal_graph", "temporal_windows")},
+        ins={
+            name: dg.AssetIn(key=db.key(name))
+            for name in ("raw_tables", "traversal_graph", "temporal_windows")
+        },
         group_name=db.group,
         kinds={"duckdb", "parquet"},
         io_manager_key="task_vector_files",
@@ -76,8 +82,10 @@ def build_target_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
         training = set(temporal_windows["window"].dropna())
         gone = [w for w in windows if w not in training]
         if gone:
-            raise failure(f"window {gone[0]} is not a training seed time of {db.name!r} any more "
-                          "(its seed schedule changed): materialise temporal_windows and the new windows")
+            raise failure(
+                f"window {gone[0]} is not a training seed time of {db.name!r} any more "
+                "(its seed schedule changed): materialise temporal_windows and the new windows"
+            )
         delta = database_timedelta(raw_tables, r)
         dataset = tdb.open_dataset(raw_tables.dataset_dir)
         tables = {name: t.df for name, t in dataset.get_db().table_dict.items()}
@@ -87,14 +95,22 @@ def build_target_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
         for entity, defs in traversal_graph.items():
             try:
                 stats = write_targets_by_seed_time(
-                    lambda t, e=entity: storage.targets_file(db.name, seed_times[t], e), tables,
-                    dataset.manifest.tables, [TargetDef.from_dict(d) for d in defs], entity, list(seed_times),
-                    delta, memory_limit=r.targets.duckdb_memory_limit)
+                    lambda t, e=entity: storage.targets_file(db.name, seed_times[t], e),
+                    tables,
+                    dataset.manifest.tables,
+                    [TargetDef.from_dict(d) for d in defs],
+                    entity,
+                    list(seed_times),
+                    delta,
+                    memory_limit=r.targets.duckdb_memory_limit,
+                )
             except ValueError as exc:
                 raise failure(exc) from exc
             rows[entity] = sum(v["rows"] for v in stats.values())
             inactive[entity] = sum(v["inactive"] for v in stats.values())
-            context.log.info(f"tve_targets {db.name} {entity}: {len(windows)} windows, {rows[entity]} rows")
+            context.log.info(
+                f"tve_targets {db.name} {entity}: {len(windows)} windows, {rows[entity]} rows"
+            )
         return dg.Output(
             {w: str(storage.targets_file(db.name, w, "x").parent) for w in windows},
             metadata={
@@ -103,9 +119,15 @@ def build_target_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
                 "first_window": windows[0],
                 "last_window": windows[-1],
                 "rows": dg.MetadataValue.json(rows),
-                "inactive_rate": dg.MetadataValue.json({e: inactive[e] / rows[e] if rows[e] else 0.0 for e in rows}),
-                "num_targets": dg.MetadataValue.json({e: len(d) for e, d in traversal_graph.items()}),
-                "folder": dg.MetadataValue.path(str(storage.targets_file(db.name, windows[0], "x").parent.parent)),
+                "inactive_rate": dg.MetadataValue.json(
+                    {e: inactive[e] / rows[e] if rows[e] else 0.0 for e in rows}
+                ),
+                "num_targets": dg.MetadataValue.json(
+                    {e: len(d) for e, d in traversal_graph.items()}
+                ),
+                "folder": dg.MetadataValue.path(
+                    str(storage.targets_file(db.name, windows[0], "x").parent.parent)
+                ),
             },
         )
 

@@ -17,8 +17,14 @@ import dagster as dg
 import pandas as pd
 
 from assets.failures import failure
-from assets.partitions import (SCRATCH, cell_partitions, checkpoint_of_cells, experiment_cells,
-                               objective_partitions, parse_cell)
+from assets.partitions import (
+    SCRATCH,
+    cell_partitions,
+    checkpoint_of_cells,
+    experiment_cells,
+    objective_partitions,
+    parse_cell,
+)
 from assets.registry import Database
 from resources import DeviceResource, MLflowTracking, RecipeResource, TVEStorage
 from tve_pipeline import database as tdb
@@ -33,11 +39,17 @@ RESULTS_VERSION = "1"
 
 def _graph(storage: TVEStorage, summary, dataset, recipe):
     db = dataset.get_db()
-    return training.graph_for(db, summary.column_types, recipe.backbone,
-                              storage.graph_cache(summary.name, summary.fingerprint))
+    return training.graph_for(
+        db,
+        summary.column_types,
+        recipe.backbone,
+        storage.graph_cache(summary.name, summary.fingerprint),
+    )
 
 
-def _target_files(tve_targets: dict, temporal_windows: pd.DataFrame, entity: str, database: str) -> list:
+def _target_files(
+    tve_targets: dict, temporal_windows: pd.DataFrame, entity: str, database: str
+) -> list:
     """The task-vector files of one entity table: one per training window of the schedule."""
     windows = list(temporal_windows["window"].dropna())
     files = [tve_targets.get(w, Path("/nonexistent")) / f"{entity}.parquet" for w in windows]
@@ -49,20 +61,43 @@ def _target_files(tve_targets: dict, temporal_windows: pd.DataFrame, entity: str
             "or backfill its tve_targets in the UI"
         )
     if not files:
-        raise failure(f"database {database!r} has no training seed time, so no task vectors to pre-train on")
+        raise failure(
+            f"database {database!r} has no training seed time, so no task vectors to pre-train on"
+        )
     return files
 
 
-def _pretrain_one(context, r, graph, entity: str, entity_col: str, defs, files, objective: str, run,
-                  checkpoint: "training.Checkpointer", device) -> dict:
+def _pretrain_one(
+    context,
+    r,
+    graph,
+    entity: str,
+    entity_col: str,
+    defs,
+    files,
+    objective: str,
+    run,
+    checkpoint: "training.Checkpointer",
+    device,
+) -> dict:
     """One objective on one entity table, streamed from the task-vector files of its windows
     (active rows only, float32: a few hundred MB where the dense frame took 20 GB)."""
-    context.log.info(f"pre-training {objective} on {entity}: {len(files)} windows, {len(defs)} targets")
+    context.log.info(
+        f"pre-training {objective} on {entity}: {len(files)} windows, {len(defs)} targets"
+    )
     data, col_stats = graph
     try:
         return training.pretrain(
-            data, col_stats, entity, entity_col, files, {d["name"]: d["aggregation"] for d in defs}, r,
-            device.torch_device(), objective=objective, checkpoint=checkpoint,
+            data,
+            col_stats,
+            entity,
+            entity_col,
+            files,
+            {d["name"]: d["aggregation"] for d in defs},
+            r,
+            device.torch_device(),
+            objective=objective,
+            checkpoint=checkpoint,
             log=lambda m, step: run.log_metrics({f"{entity}.{k}": v for k, v in m.items()}, step),
         )
     except ValueError as exc:
@@ -76,8 +111,10 @@ def _task_of(name: str, raw_tables, recipe, *, with_test_labels: bool = False):
     adds the labelled test table under ``"test_labels"``, for the evaluator only.
     """
     if name not in raw_tables.task_names:
-        raise failure(f"database {raw_tables.name!r} has no task {name!r}; "
-                      f"its tasks: {', '.join(raw_tables.task_names) or '(none)'}")
+        raise failure(
+            f"database {raw_tables.name!r} has no task {name!r}; "
+            f"its tasks: {', '.join(raw_tables.task_names) or '(none)'}"
+        )
     dataset = tdb.open_dataset(raw_tables.dataset_dir)
     task = dataset.load_task(name)
     db = task.get_db(upto_test_timestamp=False)
@@ -88,9 +125,18 @@ def _task_of(name: str, raw_tables, recipe, *, with_test_labels: bool = False):
     if k is not None:
         frames = {n: t.df for n, t in db.table_dict.items()}
         for table in tables.values():
-            activity = past_activity(table.df, frames, dataset.manifest.tables, task.entity_table,
-                                     task.entity_col, task.time_col, task.timedelta)
-            table.df = restrict_to_most_active(table.df, activity, task.entity_col, task.time_col, k).reset_index(drop=True)
+            activity = past_activity(
+                table.df,
+                frames,
+                dataset.manifest.tables,
+                task.entity_table,
+                task.entity_col,
+                task.time_col,
+                task.timedelta,
+            )
+            table.df = restrict_to_most_active(
+                table.df, activity, task.entity_col, task.time_col, k
+            ).reset_index(drop=True)
     return dataset, task, tables
 
 
@@ -107,8 +153,11 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
             "traversal_graph": dg.AssetIn(key=db.key("traversal_graph")),
             "temporal_windows": dg.AssetIn(key=db.key("temporal_windows")),
             # every window of this database (the reader names the missing ones)
-            "tve_targets": dg.AssetIn(key=db.key("tve_targets"), partition_mapping=dg.AllPartitionMapping(),
-                                      metadata={"allow_missing_partitions": True}),
+            "tve_targets": dg.AssetIn(
+                key=db.key("tve_targets"),
+                partition_mapping=dg.AllPartitionMapping(),
+                metadata={"allow_missing_partitions": True},
+            ),
         },
         group_name=db.group,
         kinds={"pytorch", "mlflow"},
@@ -131,37 +180,79 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
         r = recipe.recipe()
         objective = context.partition_key
         dataset = tdb.open_dataset(raw_tables.dataset_dir)
-        files = {e: _target_files(tve_targets, temporal_windows, e, db.name) for e in traversal_graph}
-        checkpoint = {"objective": objective, "recipe": r.model_dump(mode="json"),
-                      "column_types": raw_tables.column_types, "by_entity": {}, "created": context.run_id}
+        files = {
+            e: _target_files(tve_targets, temporal_windows, e, db.name) for e in traversal_graph
+        }
+        checkpoint = {
+            "objective": objective,
+            "recipe": r.model_dump(mode="json"),
+            "column_types": raw_tables.column_types,
+            "by_entity": {},
+            "created": context.run_id,
+        }
         graph = _graph(storage, raw_tables, dataset, r)
         seeds, best_epoch, best_val_loss = {}, {}, {}
         with mlflow.run(context, f"pretrain {objective}", database=db.name) as run:
-            run.log_params({"objective": objective, "profile": r.profile,
-                            **{f"pretrain.{k}": v for k, v in r.pretrain.model_dump().items()},
-                            **{f"backbone.{k}": v for k, v in r.backbone.model_dump().items()}})
+            run.log_params(
+                {
+                    "objective": objective,
+                    "profile": r.profile,
+                    **{f"pretrain.{k}": v for k, v in r.pretrain.model_dump().items()},
+                    **{f"backbone.{k}": v for k, v in r.backbone.model_dump().items()},
+                }
+            )
             for entity, defs in traversal_graph.items():
                 checkpointer = training.Checkpointer(
-                    storage.checkpoint_file("pretrained_checkpoint", db.name, f"{objective}-{entity}"),
-                    r.checkpoint_every, key=f"{raw_tables.fingerprint}:{r.model_dump_json()}")
-                result = _pretrain_one(context, r, graph, entity, dataset.manifest.tables[entity].pkey, defs,
-                                       files[entity], objective, run, checkpointer, device)
+                    storage.checkpoint_file(
+                        "pretrained_checkpoint", db.name, f"{objective}-{entity}"
+                    ),
+                    r.checkpoint_every,
+                    key=f"{raw_tables.fingerprint}:{r.model_dump_json()}",
+                )
+                result = _pretrain_one(
+                    context,
+                    r,
+                    graph,
+                    entity,
+                    dataset.manifest.tables[entity].pkey,
+                    defs,
+                    files[entity],
+                    objective,
+                    run,
+                    checkpointer,
+                    device,
+                )
                 checkpoint["by_entity"][entity] = result
                 seeds[entity] = result["n_train_seeds"] + result["n_val_seeds"]
-                best_epoch[entity], best_val_loss[entity] = result["best_epoch"], result["best_val_loss"]
-            run.log_torch({e: v["backbone"] for e, v in checkpoint["by_entity"].items()}, "backbone.pt")
-        return dg.Output(checkpoint, metadata={
-            "num_windows": len(next(iter(files.values()))), "seeds": dg.MetadataValue.json(seeds),
-            "best_epoch": dg.MetadataValue.json(best_epoch), "best_val_loss": dg.MetadataValue.json(best_val_loss),
-            "mlflow_run_id": run.run_id})
+                best_epoch[entity], best_val_loss[entity] = (
+                    result["best_epoch"],
+                    result["best_val_loss"],
+                )
+            run.log_torch(
+                {e: v["backbone"] for e, v in checkpoint["by_entity"].items()}, "backbone.pt"
+            )
+        return dg.Output(
+            checkpoint,
+            metadata={
+                "num_windows": len(next(iter(files.values()))),
+                "seeds": dg.MetadataValue.json(seeds),
+                "best_epoch": dg.MetadataValue.json(best_epoch),
+                "best_val_loss": dg.MetadataValue.json(best_val_loss),
+                "mlflow_run_id": run.run_id,
+            },
+        )
 
     @dg.asset(
         key=db.key("finetuned_models"),
         partitions_def=cells,
-        ins={"raw_tables": dg.AssetIn(key=db.key("raw_tables")),
-             # the cell's objective; a scratch cell maps to none and gets None
-             "pretrained_checkpoint": dg.AssetIn(key=db.key("pretrained_checkpoint"),
-                                                 partition_mapping=checkpoint_of_cells(db.tasks, recipe))},
+        ins={
+            "raw_tables": dg.AssetIn(key=db.key("raw_tables")),
+            # the cell's objective; a scratch cell maps to none and gets None
+            "pretrained_checkpoint": dg.AssetIn(
+                key=db.key("pretrained_checkpoint"),
+                partition_mapping=checkpoint_of_cells(db.tasks, recipe),
+            ),
+        },
         group_name=db.group,
         kinds={"pytorch", "mlflow"},
         pool="gpu",
@@ -185,39 +276,75 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
         if method != SCRATCH:
             by_entity = (pretrained_checkpoint or {}).get("by_entity", {})
             if task.entity_table not in by_entity:
-                raise failure(f"the {method} checkpoint of {db.name!r} has no backbone for entity table "
-                              f"{task.entity_table!r}: re-materialise pretrained_checkpoint {method}")
+                raise failure(
+                    f"the {method} checkpoint of {db.name!r} has no backbone for entity table "
+                    f"{task.entity_table!r}: re-materialise pretrained_checkpoint {method}"
+                )
             backbone = by_entity[task.entity_table]["backbone"]
         data, col_stats = _graph(storage, raw_tables, dataset, r)
         # a new pre-trained backbone makes an old fine-tuning checkpoint stale
         resume_key = f"{raw_tables.fingerprint}:{r.model_dump_json()}:{(pretrained_checkpoint or {}).get('created', '')}"
         with mlflow.run(context, f"finetune {method}", database=db.name) as run:
-            run.log_params({"task": task_name, "method": method, "seed": seed, "label_fraction": fraction,
-                            **{f"finetune.{k}": v for k, v in r.finetune.model_dump().items()}})
+            run.log_params(
+                {
+                    "task": task_name,
+                    "method": method,
+                    "seed": seed,
+                    "label_fraction": fraction,
+                    **{f"finetune.{k}": v for k, v in r.finetune.model_dump().items()},
+                }
+            )
             try:
                 result = training.finetune(
-                    data, col_stats, task, tables, r, device.torch_device(), seed=seed, label_fraction=fraction,
-                    backbone=backbone, log=run.log_metrics,
+                    data,
+                    col_stats,
+                    task,
+                    tables,
+                    r,
+                    device.torch_device(),
+                    seed=seed,
+                    label_fraction=fraction,
+                    backbone=backbone,
+                    log=run.log_metrics,
                     checkpoint=training.Checkpointer(
-                        storage.checkpoint_file("finetuned_models", db.name, context.partition_key.replace("|", "_")),
-                        r.checkpoint_every, key=resume_key),
+                        storage.checkpoint_file(
+                            "finetuned_models", db.name, context.partition_key.replace("|", "_")
+                        ),
+                        r.checkpoint_every,
+                        key=resume_key,
+                    ),
                 )
-            except ValueError as exc:  # bad input (e.g. a label sample with no row): one line, no retry
+            except (
+                ValueError
+            ) as exc:  # bad input (e.g. a label sample with no row): one line, no retry
                 raise failure(exc) from exc
             run.log_torch(result["state_dict"], "model.pt")
             result["mlflow_run_id"] = run.run_id
-        return dg.Output(result, metadata={
-            "task": task_name, "method": method, "label_fraction": fraction, "seed": seed,
-            "n_train": result["n_train"], "n_val": len(tables["val"].df), "n_test": len(tables["test"].df),
-            "best_epoch": result["best_epoch"],
-            "val_metrics": dg.MetadataValue.json({k: float(v) for k, v in result["val_metrics"].items()}),
-            "mlflow_run_id": run.run_id})
+        return dg.Output(
+            result,
+            metadata={
+                "task": task_name,
+                "method": method,
+                "label_fraction": fraction,
+                "seed": seed,
+                "n_train": result["n_train"],
+                "n_val": len(tables["val"].df),
+                "n_test": len(tables["test"].df),
+                "best_epoch": result["best_epoch"],
+                "val_metrics": dg.MetadataValue.json(
+                    {k: float(v) for k, v in result["val_metrics"].items()}
+                ),
+                "mlflow_run_id": run.run_id,
+            },
+        )
 
     @dg.asset(
         key=db.key("metrics"),
         partitions_def=cells,
-        ins={"raw_tables": dg.AssetIn(key=db.key("raw_tables")),
-             "finetuned_models": dg.AssetIn(key=db.key("finetuned_models"))},
+        ins={
+            "raw_tables": dg.AssetIn(key=db.key("raw_tables")),
+            "finetuned_models": dg.AssetIn(key=db.key("finetuned_models")),
+        },
         group_name=db.group,
         kinds={"mlflow"},
         code_version=finetune_version,
@@ -236,25 +363,57 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
         task_name, method, fraction, seed = parse_cell(context.partition_key)
         dataset, task, tables = _task_of(task_name, raw_tables, r, with_test_labels=True)
         data, col_stats = _graph(storage, raw_tables, dataset, r)
-        scores = training.evaluate(data, col_stats, task, tables, finetuned_models["state_dict"], r,
-                                   device.torch_device(), seed=seed, output_range=finetuned_models.get("output_range"))
-        rows = [{"database": db.name, "task": task_name, "method": method, "label_fraction": fraction, "seed": seed,
-                 "split": split, "metric": metric, "value": float(value)}
-                for split, values in scores.items() for metric, value in values.items()]
+        scores = training.evaluate(
+            data,
+            col_stats,
+            task,
+            tables,
+            finetuned_models["state_dict"],
+            r,
+            device.torch_device(),
+            seed=seed,
+            output_range=finetuned_models.get("output_range"),
+        )
+        rows = [
+            {
+                "database": db.name,
+                "task": task_name,
+                "method": method,
+                "label_fraction": fraction,
+                "seed": seed,
+                "split": split,
+                "metric": metric,
+                "value": float(value),
+            }
+            for split, values in scores.items()
+            for metric, value in values.items()
+        ]
         with mlflow.run(context, "metrics", database=db.name) as run:
             run.log_metrics({f"{row['split']}.{row['metric']}": row["value"] for row in rows})
-        return dg.Output(pd.DataFrame(rows), metadata={
-            **{f"{row['split']}_{row['metric']}": row["value"] for row in rows}, "mlflow_run_id": run.run_id})
+        return dg.Output(
+            pd.DataFrame(rows),
+            metadata={
+                **{f"{row['split']}_{row['metric']}": row["value"] for row in rows},
+                "mlflow_run_id": run.run_id,
+            },
+        )
 
     @dg.asset(
         key=db.key("results"),
-        ins={"metrics": dg.AssetIn(key=db.key("metrics"), partition_mapping=dg.AllPartitionMapping(),
-                                   metadata={"allow_missing_partitions": True})},
+        ins={
+            "metrics": dg.AssetIn(
+                key=db.key("metrics"),
+                partition_mapping=dg.AllPartitionMapping(),
+                metadata={"allow_missing_partitions": True},
+            )
+        },
         group_name=db.group,
         kinds={"mlflow", "pandas"},
         code_version=RESULTS_VERSION,
     )
-    def results(context: dg.AssetExecutionContext, metrics, storage: TVEStorage, mlflow: MLflowTracking) -> dg.Output:
+    def results(
+        context: dg.AssetExecutionContext, metrics, storage: TVEStorage, mlflow: MLflowTracking
+    ) -> dg.Output:
         """The experiment's answer: mean ± std over seeds per task, method and label fraction,
         and each pre-trained method's paired difference to scratch with a 95% CI; written to
         ``results/<database>/`` (summary.csv, summary.md, one PNG per task)."""
@@ -265,11 +424,19 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
         with mlflow.run(context, "results", database=db.name) as run:
             run.log_artifacts(out)
         plots = sorted(out.glob("*.png"))
-        return dg.Output(summary, metadata={
-            "cells": len(metrics), "cells_expected": len(experiment_cells(db.tasks, recipe)),
-            "summary": dg.MetadataValue.md(markdown_table(summary)),
-            "plots": dg.MetadataValue.md("\n\n".join(_embedded_png(p) for p in plots) or "(no plot)"),
-            "folder": dg.MetadataValue.path(str(out)), "mlflow_run_id": run.run_id})
+        return dg.Output(
+            summary,
+            metadata={
+                "cells": len(metrics),
+                "cells_expected": len(experiment_cells(db.tasks, recipe)),
+                "summary": dg.MetadataValue.md(markdown_table(summary)),
+                "plots": dg.MetadataValue.md(
+                    "\n\n".join(_embedded_png(p) for p in plots) or "(no plot)"
+                ),
+                "folder": dg.MetadataValue.path(str(out)),
+                "mlflow_run_id": run.run_id,
+            },
+        )
 
     return [pretrained_checkpoint, finetuned_models, metrics, results]
 

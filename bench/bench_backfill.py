@@ -30,7 +30,9 @@ BIN = Path(sys.executable).parent
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run-dir", default="/tmp/bench-backfill")
-    p.add_argument("--per-window", type=int, default=3, help="windows materialised one process each (baseline)")
+    p.add_argument(
+        "--per-window", type=int, default=3, help="windows materialised one process each (baseline)"
+    )
     args = p.parse_args()
 
     from assets.commands import Runner, prepare_run_dir, register_dataset
@@ -46,8 +48,21 @@ def main() -> None:
     runner = Runner("rel-flights", run_dir)
     runner.materialize(["raw_tables", "temporal_windows", "traversal_graph"], "rel-flights")
     windows = list(instance.get_dynamic_partitions(windows_name("rel-flights")))
-    env = {**os.environ, "DAGSTER_HOME": str(run_dir / "dagster"), "TVE_RUN_DIR": str(run_dir), "TVE_THREADS": "1"}
-    cli = [str(BIN / "dagster"), "asset", "materialize", "--select", "rel_flights/tve_targets", "-m", "assets.definitions"]
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(run_dir / "dagster"),
+        "TVE_RUN_DIR": str(run_dir),
+        "TVE_THREADS": "1",
+    }
+    cli = [
+        str(BIN / "dagster"),
+        "asset",
+        "materialize",
+        "--select",
+        "rel_flights/tve_targets",
+        "-m",
+        "assets.definitions",
+    ]
 
     def timed(command) -> float:
         t0 = time.perf_counter()
@@ -65,12 +80,18 @@ def main() -> None:
     per = statistics.median(one_each)
     n = len(windows)
     print(f"\nrel-flights, {n} windows (one per weekly training seed time), demo recipe targets")
-    print(f"(a) one `dagster asset materialize` process per window: median {per:.1f} s per window "
-          f"({', '.join(f'{t:.1f}' for t in one_each)}); all {n} windows would take ~{per * n:.0f} s")
-    print(f"(b) one `dagster asset materialize --partition-range` for all {n}: {range_cli:.1f} s "
-          f"= {range_cli / n:.2f} s per window, {per * n / range_cli:.1f}x faster than (a)")
-    print(f"(c) `tve run`'s in-process range run for all {n}: {in_process:.1f} s "
-          f"= {in_process / n:.2f} s per window, {per * n / in_process:.1f}x faster than (a)")
+    print(
+        f"(a) one `dagster asset materialize` process per window: median {per:.1f} s per window "
+        f"({', '.join(f'{t:.1f}' for t in one_each)}); all {n} windows would take ~{per * n:.0f} s"
+    )
+    print(
+        f"(b) one `dagster asset materialize --partition-range` for all {n}: {range_cli:.1f} s "
+        f"= {range_cli / n:.2f} s per window, {per * n / range_cli:.1f}x faster than (a)"
+    )
+    print(
+        f"(c) `tve run`'s in-process range run for all {n}: {in_process:.1f} s "
+        f"= {in_process / n:.2f} s per window, {per * n / in_process:.1f}x faster than (a)"
+    )
 
 
 if __name__ == "__main__":

@@ -53,10 +53,15 @@ def main() -> None:
         train = task.get_table("train").df
         nodes, times = training.seed_tensors(train[task.entity_col], train[task.time_col])
         y = torch.from_numpy(train[task.target_col].to_numpy(dtype=np.float32))
-        sampler = TemporalNeighborSampler(data, list(recipe.backbone.num_neighbors), strategy=recipe.backbone.sampling)
+        sampler = TemporalNeighborSampler(
+            data, list(recipe.backbone.num_neighbors), strategy=recipe.backbone.sampling
+        )
         B = recipe.finetune.batch_size
-        print(f"{task_name}: {len(train):,} training seeds, batch {B}, {args.steps} steps per timing, "
-              f"{args.threads} compute thread(s)", flush=True)
+        print(
+            f"{task_name}: {len(train):,} training seeds, batch {B}, {args.steps} steps per timing, "
+            f"{args.threads} compute thread(s)",
+            flush=True,
+        )
 
         def one_run(prefetch: bool):
             torch.manual_seed(0)
@@ -67,25 +72,41 @@ def main() -> None:
                 return sampler.sample(task.entity_table, nodes[idx], times[idx], generator=gen)
 
             def batch_loss(batch, idx, gen):
-                return F.binary_cross_entropy_with_logits(model(batch, task.entity_table).view(-1), y[idx])
+                return F.binary_cross_entropy_with_logits(
+                    model(batch, task.entity_table).view(-1), y[idx]
+                )
 
             t0 = time.perf_counter()
-            training._fit(model, opt, None, n=len(nodes), batch_size=B, steps_per_epoch=args.steps, epochs=1, seed=0,
-                          sample=sample, batch_loss=batch_loss, evaluate_epoch=lambda: ({}, 0.0), prefetch=prefetch)
+            training._fit(
+                model,
+                opt,
+                None,
+                n=len(nodes),
+                batch_size=B,
+                steps_per_epoch=args.steps,
+                epochs=1,
+                seed=0,
+                sample=sample,
+                batch_loss=batch_loss,
+                evaluate_epoch=lambda: ({}, 0.0),
+                prefetch=prefetch,
+            )
             return args.steps * B / (time.perf_counter() - t0), model.state_dict()
 
         one_run(True)  # warm-up (allocator, lazy init)
         rates = {"plain": [], "prefetch": []}
         states = {}
         for r in range(args.rounds):
-            for mode in (["plain", "prefetch"] if r % 2 == 0 else ["prefetch", "plain"]):
+            for mode in ["plain", "prefetch"] if r % 2 == 0 else ["prefetch", "plain"]:
                 rate, states[mode] = one_run(mode == "prefetch")
                 rates[mode].append(rate)
                 print(f"round {r} {mode:9s} {rate:7.1f} seeds/s", flush=True)
         same = all(torch.equal(states["plain"][k], states["prefetch"][k]) for k in states["plain"])
         med = {m: statistics.median(v) for m, v in rates.items()}
-        print(f"median: plain {med['plain']:.1f} seeds/s, prefetch {med['prefetch']:.1f} seeds/s, "
-              f"ratio {med['prefetch'] / med['plain']:.2f}x; identical weights: {same}")
+        print(
+            f"median: plain {med['plain']:.1f} seeds/s, prefetch {med['prefetch']:.1f} seeds/s, "
+            f"ratio {med['prefetch'] / med['plain']:.2f}x; identical weights: {same}"
+        )
 
 
 if __name__ == "__main__":

@@ -94,7 +94,9 @@ def target_aggregations(targets: int, modes: int) -> dict[str, str]:
         if modes and j % every == every - 1 and sum(a == "mode" for a in out.values()) < modes:
             out[f"path_{j // 6}.column__mode_{j}"] = "mode"
         else:
-            out[f"path_{j // 6}.column__{NUMERIC_AGGREGATIONS[j % 6]}_{j}"] = NUMERIC_AGGREGATIONS[j % 6]
+            out[f"path_{j // 6}.column__{NUMERIC_AGGREGATIONS[j % 6]}_{j}"] = NUMERIC_AGGREGATIONS[
+                j % 6
+            ]
     return out
 
 
@@ -105,19 +107,27 @@ def window_frame(rng, t, entities: int, aggregations: dict[str, str], active_rat
 
     active = rng.random(entities) < active_rate
     n = int(active.sum())
-    cols = {"customer_id": np.arange(entities, dtype="int64"),
-            "timestamp": np.full(entities, t.to_datetime64(), "datetime64[us]"),
-            "inactive": (~active).astype("int64")}
+    cols = {
+        "customer_id": np.arange(entities, dtype="int64"),
+        "timestamp": np.full(entities, t.to_datetime64(), "datetime64[us]"),
+        "inactive": (~active).astype("int64"),
+    }
     for k, (name, agg) in enumerate(aggregations.items()):
         if agg == "count":
             col = np.zeros(entities, dtype="int64")
             col[active] = rng.poisson(3.0, n) + 1
         elif agg == "mode" and k % 2 == 0:
             col = np.full(entities, None, dtype=object)
-            col[active] = np.asarray(WORDS, dtype=object)[np.minimum(rng.geometric(0.25, n) - 1, len(WORDS) - 1)]
+            col[active] = np.asarray(WORDS, dtype=object)[
+                np.minimum(rng.geometric(0.25, n) - 1, len(WORDS) - 1)
+            ]
         else:
             col = np.full(entities, np.nan)
-            values = rng.integers(1, 13, n).astype(float) if agg == "mode" else rng.lognormal(2.0, 1.0, n)
+            values = (
+                rng.integers(1, 13, n).astype(float)
+                if agg == "mode"
+                else rng.lognormal(2.0, 1.0, n)
+            )
             values[rng.random(n) < 0.1] = np.nan
             col[active] = values
         cols[name] = col
@@ -141,7 +151,10 @@ def make_windows(data_dir: Path, db: Path, a) -> tuple[list[Path], dict[str, str
         for i, f in enumerate(files):
             t = val - pd.Timedelta(days=7) * (a.seeds - i)
             window_frame(rng, t, a.entities, aggregations, a.active).to_parquet(f, index=False)
-        print(f"  generated {len(files)} window files in {out} in {time.perf_counter() - start:.1f} s", flush=True)
+        print(
+            f"  generated {len(files)} window files in {out} in {time.perf_counter() - start:.1f} s",
+            flush=True,
+        )
     (out / "aggregations.json").write_text(json.dumps(aggregations))
     return files, aggregations
 
@@ -161,16 +174,31 @@ def child_concat(files: list[str], aggregations: dict, cap_gb: float) -> dict:
     start = time.perf_counter()
     try:
         frames = [pd.read_parquet(f) for f in files]  # the asset kept this list alive
-        raw = pd.concat(frames, ignore_index=True).sort_values("timestamp", kind="stable").reset_index(drop=True)
+        raw = (
+            pd.concat(frames, ignore_index=True)
+            .sort_values("timestamp", kind="stable")
+            .reset_index(drop=True)
+        )
         train_raw, val_raw = training.split_pretrain_seeds(raw, 0.02)
         normaliser = TaskVectorNormaliser.fit(train_raw, aggregations)
         y_train, y_val = normaliser.transform(train_raw), normaliser.transform(val_raw)
         training.seed_tensors(train_raw["customer_id"], train_raw["timestamp"])
         training.seed_tensors(val_raw["customer_id"], val_raw["timestamp"])
     except MemoryError:
-        return {"wall_s": time.perf_counter() - start, "capped": True, "rows": None, "base_vm_gb": base_vm_gb}
-    return {"wall_s": time.perf_counter() - start, "capped": False, "rows": len(raw), "base_vm_gb": base_vm_gb,
-            "y_gb": (y_train.nbytes + y_val.nbytes) / 2**30, "width": normaliser.width}
+        return {
+            "wall_s": time.perf_counter() - start,
+            "capped": True,
+            "rows": None,
+            "base_vm_gb": base_vm_gb,
+        }
+    return {
+        "wall_s": time.perf_counter() - start,
+        "capped": False,
+        "rows": len(raw),
+        "base_vm_gb": base_vm_gb,
+        "y_gb": (y_train.nbytes + y_val.nbytes) / 2**30,
+        "width": normaliser.width,
+    }
 
 
 def child_compact(files: list[str], aggregations: dict) -> dict:
@@ -179,8 +207,12 @@ def child_compact(files: list[str], aggregations: dict) -> dict:
 
     start = time.perf_counter()
     seeds = pretraining_task_vectors(files, "customer_id", aggregations, val_fraction=0.02)
-    return {"wall_s": time.perf_counter() - start, "rows": len(seeds.train) + len(seeds.val),
-            "vectors_gb": seeds.train.vectors.nbytes / 2**30, "width": seeds.normaliser.width}
+    return {
+        "wall_s": time.perf_counter() - start,
+        "rows": len(seeds.train) + len(seeds.val),
+        "vectors_gb": seeds.train.vectors.nbytes / 2**30,
+        "width": seeds.normaliser.width,
+    }
 
 
 def child_pretrain(files: list[str], aggregations: dict, db: str, steps: int) -> dict:
@@ -194,18 +226,42 @@ def child_pretrain(files: list[str], aggregations: dict, db: str, steps: int) ->
     ds = open_dataset(db)
     data_db = ds.get_db()
     types = column_types({n: t.df for n, t in data_db.table_dict.items()}, ds.manifest)
-    recipe = make_recipe("test", {"pretrain": {"epochs": 1, "steps_per_epoch": steps, "batch_size": 512,
-                                               "val_fraction": 0.02}})
+    recipe = make_recipe(
+        "test",
+        {
+            "pretrain": {
+                "epochs": 1,
+                "steps_per_epoch": steps,
+                "batch_size": 512,
+                "val_fraction": 0.02,
+            }
+        },
+    )
     data, col_stats = training.graph_for(data_db, types, recipe.backbone)
     graph_s = time.perf_counter() - start
-    result = training.pretrain(data, col_stats, "customers", "customer_id", files, aggregations, recipe,
-                               torch.device("cpu"), objective="tve")
-    return {"wall_s": time.perf_counter() - start, "graph_s": graph_s,
-            "rows": result["n_train_seeds"] + result["n_val_seeds"], "val_loss": result["best_val_loss"]}
+    result = training.pretrain(
+        data,
+        col_stats,
+        "customers",
+        "customer_id",
+        files,
+        aggregations,
+        recipe,
+        torch.device("cpu"),
+        objective="tve",
+    )
+    return {
+        "wall_s": time.perf_counter() - start,
+        "graph_s": graph_s,
+        "rows": result["n_train_seeds"] + result["n_val_seeds"],
+        "val_loss": result["best_val_loss"],
+    }
 
 
 def run_child(argv: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--child", *argv], capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", *argv], capture_output=True, text=True, cwd=ROOT
+    )
     if proc.returncode != 0:
         raise SystemExit(f"child {argv[:1]} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -217,10 +273,18 @@ def run_child(argv: list[str]) -> dict:
 def measure(label: str, argv: list[str], repeat: int) -> dict:
     runs = [run_child(argv) for _ in range(repeat)]
     walls, peaks = [r["wall_s"] for r in runs], [r["peak_rss_mb"] / 1024 for r in runs]
-    result = {**runs[0], "label": label, "wall_s": statistics.median(walls), "peak_gb": statistics.median(peaks)}
+    result = {
+        **runs[0],
+        "label": label,
+        "wall_s": statistics.median(walls),
+        "peak_gb": statistics.median(peaks),
+    }
     capped = " (stopped at the address-space cap)" if runs[0].get("capped") else ""
-    print(f"  {label:<40} peak RSS {result['peak_gb']:6.2f} GB  wall {result['wall_s']:6.1f} s"
-          f"  (runs: {', '.join(f'{p:.2f} GB / {w:.1f} s' for p, w in zip(peaks, walls))}){capped}", flush=True)
+    print(
+        f"  {label:<40} peak RSS {result['peak_gb']:6.2f} GB  wall {result['wall_s']:6.1f} s"
+        f"  (runs: {', '.join(f'{p:.2f} GB / {w:.1f} s' for p, w in zip(peaks, walls))}){capped}",
+        flush=True,
+    )
     return result
 
 
@@ -244,7 +308,9 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--baseline-cap-gb", type=float, default=16.0)
     p.add_argument("--baseline-files", default="10,20,30")
-    p.add_argument("--data-dir", default=str(Path(tempfile.gettempdir()) / "tve-bench-pretrain-input"))
+    p.add_argument(
+        "--data-dir", default=str(Path(tempfile.gettempdir()) / "tve-bench-pretrain-input")
+    )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--files", help=argparse.SUPPRESS)
     p.add_argument("--db", help=argparse.SUPPRESS)
@@ -267,13 +333,19 @@ def main() -> None:
 
     data_dir = Path(a.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
-    print(f"pre-training input benchmark: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}", flush=True)
+    print(
+        f"pre-training input benchmark: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
     db = make_database(data_dir, a.entities)
     files, aggregations = make_windows(data_dir, db, a)
     n_modes = sum(v == "mode" for v in aggregations.values())
-    print(f"  {a.entities:,} entities x {a.seeds} seed times = {a.entities * a.seeds:,} seeds x {len(aggregations)} "
-          f"targets ({n_modes} modes), {1 - a.active:.0%} inactive, {len(files)} window files, "
-          f"{sum(f.stat().st_size for f in files) / 2**20:.0f} MiB", flush=True)
+    print(
+        f"  {a.entities:,} entities x {a.seeds} seed times = {a.entities * a.seeds:,} seeds x {len(aggregations)} "
+        f"targets ({n_modes} modes), {1 - a.active:.0%} inactive, {len(files)} window files, "
+        f"{sum(f.stat().st_size for f in files) / 2**20:.0f} MiB",
+        flush=True,
+    )
 
     def file_list(k: int) -> str:
         path = data_dir / f"files-{len(files)}-first-{k}.json"
@@ -283,35 +355,56 @@ def main() -> None:
     common = ["--files", file_list(len(files))]
     print("\nnew way (window files, compact):")
     compact = measure("compact input only", ["compact", *common], a.repeat)
-    pretrain = measure(f"graph + pretrain ({a.steps} steps + val)", ["pretrain", *common, "--db", str(db),
-                                                                     "--steps", str(a.steps)], a.repeat)
-    print(f"\nold way (concatenated frame, dense; address space capped at {a.baseline_cap_gb:g} GB):")
+    pretrain = measure(
+        f"graph + pretrain ({a.steps} steps + val)",
+        ["pretrain", *common, "--db", str(db), "--steps", str(a.steps)],
+        a.repeat,
+    )
+    print(
+        f"\nold way (concatenated frame, dense; address space capped at {a.baseline_cap_gb:g} GB):"
+    )
     cap = ["--cap-gb", str(a.baseline_cap_gb)]
     full = measure(f"concat + dense, {len(files)} files", ["concat", *common, *cap], 1)
     points = []
     if full["capped"]:
         for k in (int(v) for v in a.baseline_files.split(",")):
-            r = measure(f"concat + dense, first {k} files", ["concat", "--files", file_list(k), *cap], 1)
+            r = measure(
+                f"concat + dense, first {k} files", ["concat", "--files", file_list(k), *cap], 1
+            )
             if not r["capped"]:
                 points.append((k, r["peak_gb"]))
     if not full["capped"]:
         old, how = full["peak_gb"], "measured"
     elif len(points) >= 2:
-        old, how = extrapolate(points, len(files)), f"EXTRAPOLATED from {len(points)} measured sizes"
+        old, how = (
+            extrapolate(points, len(files)),
+            f"EXTRAPOLATED from {len(points)} measured sizes",
+        )
     else:
         old, how = None, "over the cap, too few sizes under it to extrapolate"
 
-    print(f"  (the cap counts address space: the baseline held {full['base_vm_gb']:.1f} GB of it after its imports)")
+    print(
+        f"  (the cap counts address space: the baseline held {full['base_vm_gb']:.1f} GB of it after its imports)"
+    )
     print("\nsummary:")
-    print(f"  old way peak RSS: " + (f"{old:.2f} GB ({how})" if old else how)
-          + ("" if full["capped"] else f", {full['wall_s']:.1f} s"))
-    print(f"  new way peak RSS: compact input {compact['peak_gb']:.2f} GB ({compact['wall_s']:.1f} s); "
-          f"graph + pretrain {pretrain['peak_gb']:.2f} GB ({pretrain['wall_s']:.1f} s) "
-          f"-> {'within' if pretrain['peak_gb'] <= 3 else 'OVER'} 3 GB")
+    print(
+        "  old way peak RSS: "
+        + (f"{old:.2f} GB ({how})" if old else how)
+        + ("" if full["capped"] else f", {full['wall_s']:.1f} s")
+    )
+    print(
+        f"  new way peak RSS: compact input {compact['peak_gb']:.2f} GB ({compact['wall_s']:.1f} s); "
+        f"graph + pretrain {pretrain['peak_gb']:.2f} GB ({pretrain['wall_s']:.1f} s) "
+        f"-> {'within' if pretrain['peak_gb'] <= 3 else 'OVER'} 3 GB"
+    )
     if old:
-        print(f"  ratio old / new: {old / compact['peak_gb']:.1f}x (input only), "
-              f"{old / pretrain['peak_gb']:.1f}x (against graph + pretrain)")
-    print(f"  compact vectors: {compact['vectors_gb']:.3f} GB for {compact['rows']:,} seeds, width {compact['width']}")
+        print(
+            f"  ratio old / new: {old / compact['peak_gb']:.1f}x (input only), "
+            f"{old / pretrain['peak_gb']:.1f}x (against graph + pretrain)"
+        )
+    print(
+        f"  compact vectors: {compact['vectors_gb']:.3f} GB for {compact['rows']:,} seeds, width {compact['width']}"
+    )
 
 
 if __name__ == "__main__":

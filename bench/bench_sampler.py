@@ -77,7 +77,10 @@ def build_events_graph(n_users: int, n_items: int, n_events: int, seed: int = 0)
     data = HeteroData()
 
     def tf(n, cols):
-        return TensorFrame({stype.numerical: torch.randn(n, cols, generator=g)}, {stype.numerical: [f"c{i}" for i in range(cols)]})
+        return TensorFrame(
+            {stype.numerical: torch.randn(n, cols, generator=g)},
+            {stype.numerical: [f"c{i}" for i in range(cols)]},
+        )
 
     data["users"].tf = tf(n_users, 4)
     data["items"].tf = tf(n_items, 4)
@@ -118,15 +121,21 @@ def load_relbench(which: str, root: Path, rows: int, reuse: bool):
     # the CSC and memory then cover the whole database, e.g. exactly --rows orders).
     db = ds.get_db(upto_test_timestamp=False)
     types = column_types({n: tb.df for n, tb in db.table_dict.items()}, ds.manifest, ds.dataset_dir)
-    data, col_stats = training.graph_for(db, types, make_recipe("reference").backbone,
-                                         cache_dir=(root / f"tf-cache-{folder.name}") if reuse else None)
+    data, col_stats = training.graph_for(
+        db,
+        types,
+        make_recipe("reference").backbone,
+        cache_dir=(root / f"tf-cache-{folder.name}") if reuse else None,
+    )
     log(f"{which}: graph (make_pkey_fkey_graph, tensor frames) in {time.perf_counter() - t0:.1f} s")
     t0 = time.perf_counter()
     task = ds.load_task(task_name)
     train = task.get_table("train").df
     nodes, times = training.seed_tensors(train[task.entity_col], train[task.time_col])
     y = torch.from_numpy(train[task.target_col].to_numpy(dtype=np.float32))
-    log(f"{which}: {task_name} training table ({len(train):,} seeds) in {time.perf_counter() - t0:.1f} s")
+    log(
+        f"{which}: {task_name} training table ({len(train):,} seeds) in {time.perf_counter() - t0:.1f} s"
+    )
     del train, db, ds
     sizes = ", ".join(f"{nt} {data[nt].tf.num_rows:,}" for nt in data.node_types)
     return data, col_stats, task.entity_table, nodes, times, y, f"{task_name}; {sizes}"
@@ -145,7 +154,9 @@ def baseline_csc(data: HeteroData) -> dict:
     return out
 
 
-def baseline_sample(data, csc: dict, num_neighbors, entity: str, node: int, seed_time: int, gen) -> int:
+def baseline_sample(
+    data, csc: dict, num_neighbors, entity: str, node: int, seed_time: int, gen
+) -> int:
     """Straightforward reference: one seed at a time, Python loops over frontier nodes."""
     seen = {nt: set() for nt in data.node_types}
     seen[entity].add(node)
@@ -205,10 +216,18 @@ def bench_sampler(args, data, entity, nodes, times, fanout) -> dict:
     med = statistics.median(times_ms)
     base_ms = base_s / base_seeds * args.batch * 1e3
     return {
-        "sampler": sampler, "init_s": init_s, "base_init_s": base_init_s,
-        "ms": med, "ms_min": min(times_ms), "ms_max": max(times_ms), "n": len(times_ms),
-        "rows": statistics.median(rows), "edges": statistics.median(edges),
-        "base_ms": base_ms, "base_seeds": base_seeds, "base_rows": base_rows / base_seeds * args.batch,
+        "sampler": sampler,
+        "init_s": init_s,
+        "base_init_s": base_init_s,
+        "ms": med,
+        "ms_min": min(times_ms),
+        "ms_max": max(times_ms),
+        "n": len(times_ms),
+        "rows": statistics.median(rows),
+        "edges": statistics.median(edges),
+        "base_ms": base_ms,
+        "base_seeds": base_seeds,
+        "base_rows": base_rows / base_seeds * args.batch,
         "ratio": base_ms / med,
     }
 
@@ -241,9 +260,15 @@ def bench_step(args, data, col_stats, entity, nodes, times, y, sampler) -> dict:
         del batch, loss
     s, st = statistics.median(t_sample), statistics.median(t_step)
     return {
-        "sample_ms": s, "step_ms": st, "compute_ms": statistics.median([b - a for a, b in zip(t_sample, t_step)]),
-        "step_min": min(t_step), "step_max": max(t_step), "share": s / st, "n": len(t_step),
-        "seeds_per_s": args.batch / st * 1e3, "rows": statistics.median(rows),
+        "sample_ms": s,
+        "step_ms": st,
+        "compute_ms": statistics.median([b - a for a, b in zip(t_sample, t_step)]),
+        "step_min": min(t_step),
+        "step_max": max(t_step),
+        "share": s / st,
+        "n": len(t_step),
+        "seeds_per_s": args.batch / st * 1e3,
+        "rows": statistics.median(rows),
     }
 
 
@@ -260,36 +285,82 @@ def run_db(args, which: str, root: Path) -> dict:
             nodes = torch.randint(0, n, (100_000,), generator=g)
             times = T_START + torch.randint(0, T_SPAN, (100_000,), generator=g)
             r = bench_sampler(args, data, entity, nodes, times, fanout)
-            log(f"events/{entity}: ours {r['ms']:.1f} ms/batch, loop ~{r['base_ms']:,.0f} ms/batch -> {r['ratio']:.0f}x")
-            results.append({"db": f"events ({entity} seeds)", "rows_total": n_rows, "desc": "random seeds", **r, "step": None})
+            log(
+                f"events/{entity}: ours {r['ms']:.1f} ms/batch, loop ~{r['base_ms']:,.0f} ms/batch -> {r['ratio']:.0f}x"
+            )
+            results.append(
+                {
+                    "db": f"events ({entity} seeds)",
+                    "rows_total": n_rows,
+                    "desc": "random seeds",
+                    **r,
+                    "step": None,
+                }
+            )
         return results
-    data, col_stats, entity, nodes, times, y, desc = load_relbench(which, root, args.rows, args.data_dir is not None)
+    data, col_stats, entity, nodes, times, y, desc = load_relbench(
+        which, root, args.rows, args.data_dir is not None
+    )
     n_rows = sum(data[nt].tf.num_rows for nt in data.node_types)
     r = bench_sampler(args, data, entity, nodes, times, fanout)
-    log(f"{which}: sampler init {r['init_s']:.2f} s; ours {r['ms']:.1f} ms/batch (min {r['ms_min']:.1f}, max {r['ms_max']:.1f}, "
+    log(
+        f"{which}: sampler init {r['init_s']:.2f} s; ours {r['ms']:.1f} ms/batch (min {r['ms_min']:.1f}, max {r['ms_max']:.1f}, "
         f"{r['n']} batches), {r['rows']:,.0f} rows and {r['edges']:,.0f} edges per batch; straightforward loop "
-        f"~{r['base_ms']:,.0f} ms/batch (from {r['base_seeds']} seeds, ~{r['base_rows']:,.0f} rows/batch) -> {r['ratio']:.0f}x")
+        f"~{r['base_ms']:,.0f} ms/batch (from {r['base_seeds']} seeds, ~{r['base_rows']:,.0f} rows/batch) -> {r['ratio']:.0f}x"
+    )
     step = bench_step(args, data, col_stats, entity, nodes, times, y, r["sampler"])
-    log(f"{which}: training step {step['step_ms']:.1f} ms (min {step['step_min']:.1f}, max {step['step_max']:.1f}, "
+    log(
+        f"{which}: training step {step['step_ms']:.1f} ms (min {step['step_min']:.1f}, max {step['step_max']:.1f}, "
         f"{step['n']} steps): sampling {step['sample_ms']:.1f} ms + fwd/bwd/Adam {step['compute_ms']:.1f} ms; "
-        f"{step['seeds_per_s']:.0f} seeds/s; sampling share {100 * step['share']:.1f}%")
-    return [{"db": which, "rows_total": n_rows, "desc": desc, **r, "step": step, "peak_rss": peak_rss_gb()}]
+        f"{step['seeds_per_s']:.0f} seeds/s; sampling share {100 * step['share']:.1f}%"
+    )
+    return [
+        {
+            "db": which,
+            "rows_total": n_rows,
+            "desc": desc,
+            **r,
+            "step": step,
+            "peak_rss": peak_rss_gb(),
+        }
+    ]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--db", default="both", choices=["rel-f1", "synthetic", "both", "events"])
     ap.add_argument("--rows", type=int, default=10_000_000, help="synthetic: orders (fact rows)")
-    ap.add_argument("--data-dir", type=Path, default=None, help="build/reuse dataset folders here (default: a temp dir)")
+    ap.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="build/reuse dataset folders here (default: a temp dir)",
+    )
     ap.add_argument("--batch", type=int, default=make_recipe("reference").finetune.batch_size)
-    ap.add_argument("--fanout", type=int, nargs="+", default=None, help="default: the reference recipe's [128, 64]")
-    ap.add_argument("--batches", type=int, default=20, help="timed sampler batches (after --warmup)")
+    ap.add_argument(
+        "--fanout",
+        type=int,
+        nargs="+",
+        default=None,
+        help="default: the reference recipe's [128, 64]",
+    )
+    ap.add_argument(
+        "--batches", type=int, default=20, help="timed sampler batches (after --warmup)"
+    )
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--baseline-seeds", type=int, default=512,
-                    help="seeds for the per-seed loop, spread over the timed batches (default: one batch worth)")
-    ap.add_argument("--steps", type=int, default=5, help="timed training steps (after --step-warmup)")
+    ap.add_argument(
+        "--baseline-seeds",
+        type=int,
+        default=512,
+        help="seeds for the per-seed loop, spread over the timed batches (default: one batch worth)",
+    )
+    ap.add_argument(
+        "--steps", type=int, default=5, help="timed training steps (after --step-warmup)"
+    )
     ap.add_argument("--step-warmup", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    ap.add_argument(
+        "--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--users", type=int, default=50_000, help="--db events only")
     ap.add_argument("--items", type=int, default=5_000, help="--db events only")
@@ -299,9 +370,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     wall = time.perf_counter()
     fan = args.fanout or list(make_recipe("reference").backbone.num_neighbors)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads; batch {args.batch}, fan-out {fan}, "
-          f"uniform; {args.batches} sampler batches after {args.warmup} warm-up, {args.steps} steps after "
-          f"{args.step_warmup} warm-up", flush=True)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads; batch {args.batch}, fan-out {fan}, "
+        f"uniform; {args.batches} sampler batches after {args.warmup} warm-up, {args.steps} steps after "
+        f"{args.step_warmup} warm-up",
+        flush=True,
+    )
     dbs = {"both": ["rel-f1", "synthetic"]}.get(args.db, [args.db])
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_sampler_") as tmp:
@@ -310,22 +384,38 @@ def main() -> None:
         for which in dbs:
             results += run_db(args, which, root)
 
-    print(f"\nSummary ({torch.get_num_threads()} thread(s); batch {args.batch}, fan-out {fan}; medians; "
-          f"the loop is extrapolated from its seeds; share = sampling ms / step ms, both medians of the same steps):")
-    head = (f"{'database':<22} {'graph rows':>11} {'ours ms/batch':>14} {'loop ms/batch':>14} {'loop/ours':>10} "
-            f"{'rows/batch':>11} {'step ms':>9} {'sampling ms':>12} {'fwd+bwd+opt':>12} {'seeds/s':>8} {'share':>7}")
+    print(
+        f"\nSummary ({torch.get_num_threads()} thread(s); batch {args.batch}, fan-out {fan}; medians; "
+        f"the loop is extrapolated from its seeds; share = sampling ms / step ms, both medians of the same steps):"
+    )
+    head = (
+        f"{'database':<22} {'graph rows':>11} {'ours ms/batch':>14} {'loop ms/batch':>14} {'loop/ours':>10} "
+        f"{'rows/batch':>11} {'step ms':>9} {'sampling ms':>12} {'fwd+bwd+opt':>12} {'seeds/s':>8} {'share':>7}"
+    )
     print(head)
     print("-" * len(head))
     for r in results:
         s = r["step"]
-        tail = (f"{s['step_ms']:9.1f} {s['sample_ms']:12.1f} {s['compute_ms']:12.1f} {s['seeds_per_s']:8.0f} "
-                f"{100 * s['share']:6.1f}%") if s else f"{'-':>9} {'-':>12} {'-':>12} {'-':>8} {'-':>7}"
-        print(f"{r['db']:<22} {r['rows_total']:>11,} {r['ms']:14.1f} {r['base_ms']:14,.0f} {r['ratio']:9.0f}x "
-              f"{r['rows']:11,.0f} {tail}")
+        tail = (
+            (
+                f"{s['step_ms']:9.1f} {s['sample_ms']:12.1f} {s['compute_ms']:12.1f} {s['seeds_per_s']:8.0f} "
+                f"{100 * s['share']:6.1f}%"
+            )
+            if s
+            else f"{'-':>9} {'-':>12} {'-':>12} {'-':>8} {'-':>7}"
+        )
+        print(
+            f"{r['db']:<22} {r['rows_total']:>11,} {r['ms']:14.1f} {r['base_ms']:14,.0f} {r['ratio']:9.0f}x "
+            f"{r['rows']:11,.0f} {tail}"
+        )
     for r in results:
-        print(f"  {r['db']}: {r['desc']}; sampler init {r['init_s']:.1f} s"
-              + (f"; peak RSS after it {r['peak_rss']:.2f} GiB" if "peak_rss" in r else ""))
-    print(f"peak RSS {peak_rss_gb():.2f} GiB (getrusage ru_maxrss); wall time {time.perf_counter() - wall:.0f} s")
+        print(
+            f"  {r['db']}: {r['desc']}; sampler init {r['init_s']:.1f} s"
+            + (f"; peak RSS after it {r['peak_rss']:.2f} GiB" if "peak_rss" in r else "")
+        )
+    print(
+        f"peak RSS {peak_rss_gb():.2f} GiB (getrusage ru_maxrss); wall time {time.perf_counter() - wall:.0f} s"
+    )
 
 
 if __name__ == "__main__":

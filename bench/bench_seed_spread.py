@@ -38,7 +38,9 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2,3,4,5,6,7")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--fanout", default="128,64")
-    p.add_argument("--eval-seeds", type=int, default=5, help="sampling seeds to score the best model with")
+    p.add_argument(
+        "--eval-seeds", type=int, default=5, help="sampling seeds to score the best model with"
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="", help="a CSV of every (seed, epoch) score")
     a = p.parse_args()
@@ -47,8 +49,13 @@ def main() -> None:
     ds = open_dataset(build_rel_f1(RAW, tmp / "rel-f1"))
     db = ds.get_db()
     types = column_types({n: t.df for n, t in db.table_dict.items()}, ds.manifest, ds.dataset_dir)
-    recipe = make_recipe("reference", {"finetune": {"epochs": a.epochs},
-                                       "backbone": {"num_neighbors": [int(x) for x in a.fanout.split(",")]}})
+    recipe = make_recipe(
+        "reference",
+        {
+            "finetune": {"epochs": a.epochs},
+            "backbone": {"num_neighbors": [int(x) for x in a.fanout.split(",")]},
+        },
+    )
     data, col_stats = training.graph_for(db, types, recipe.backbone)
     task = ds.load_task(a.task)
     full = task.get_db(upto_test_timestamp=False)
@@ -64,6 +71,7 @@ def main() -> None:
             out = evaluate_epoch()
             snapshots.append({k: v.detach().clone() for k, v in modules.state_dict().items()})
             return out
+
         return fit(modules, *args, evaluate_epoch=evaluate, **kwargs)
 
     training._fit = keeping_every_epoch
@@ -73,32 +81,79 @@ def main() -> None:
         t0 = time.perf_counter()
         res = training.finetune(data, col_stats, task, tabs, recipe, device, seed=seed)
         for epoch, state in enumerate(snapshots):
-            scores = training.evaluate(data, col_stats, task, tabs, state, recipe, device, seed=seed,
-                                       output_range=res["output_range"])
-            rows.append({"seed": seed, "epoch": epoch, "best": epoch == res["best_epoch"],
-                         "val": next(iter(scores["val"].values())), "test": next(iter(scores["test"].values()))})
+            scores = training.evaluate(
+                data,
+                col_stats,
+                task,
+                tabs,
+                state,
+                recipe,
+                device,
+                seed=seed,
+                output_range=res["output_range"],
+            )
+            rows.append(
+                {
+                    "seed": seed,
+                    "epoch": epoch,
+                    "best": epoch == res["best_epoch"],
+                    "val": next(iter(scores["val"].values())),
+                    "test": next(iter(scores["test"].values())),
+                }
+            )
         for k in range(a.eval_seeds):
-            scores = training.evaluate(data, col_stats, task, tabs, res["state_dict"], recipe, device,
-                                       seed=1000 + k, output_range=res["output_range"])
-            inference.append({"seed": seed, "eval_seed": k, "test": next(iter(scores["test"].values()))})
-        print(json.dumps({"seed": seed, "best_epoch": res["best_epoch"], "seconds": round(time.perf_counter() - t0),
-                          "test_by_epoch": [round(r["test"], 4) for r in rows if r["seed"] == seed],
-                          "val_by_epoch": [round(r["val"], 4) for r in rows if r["seed"] == seed]}), flush=True)
+            scores = training.evaluate(
+                data,
+                col_stats,
+                task,
+                tabs,
+                res["state_dict"],
+                recipe,
+                device,
+                seed=1000 + k,
+                output_range=res["output_range"],
+            )
+            inference.append(
+                {"seed": seed, "eval_seed": k, "test": next(iter(scores["test"].values()))}
+            )
+        print(
+            json.dumps(
+                {
+                    "seed": seed,
+                    "best_epoch": res["best_epoch"],
+                    "seconds": round(time.perf_counter() - t0),
+                    "test_by_epoch": [round(r["test"], 4) for r in rows if r["seed"] == seed],
+                    "val_by_epoch": [round(r["val"], 4) for r in rows if r["seed"] == seed],
+                }
+            ),
+            flush=True,
+        )
     frame, inf = pd.DataFrame(rows), pd.DataFrame(inference)
     if a.out:
         frame.to_csv(a.out, index=False)
     best = frame[frame.best].set_index("seed")
     last = frame[frame.epoch == frame.epoch.max()].set_index("seed")
     by_epoch = frame.groupby("epoch")["test"].agg(["mean", "std"])
-    print(f"\n{a.task}, {len(best)} seeds, fan-out {a.fanout}, {a.epochs} epochs; test metric x100, mean ± std over seeds")
-    print(f"protocol (best-val epoch): {100 * best.test.mean():.2f} ± {100 * best.test.std():.2f}"
-          f"  (epochs chosen: {best.epoch.tolist()})")
+    print(
+        f"\n{a.task}, {len(best)} seeds, fan-out {a.fanout}, {a.epochs} epochs; test metric x100, mean ± std over seeds"
+    )
+    print(
+        f"protocol (best-val epoch): {100 * best.test.mean():.2f} ± {100 * best.test.std():.2f}"
+        f"  (epochs chosen: {best.epoch.tolist()})"
+    )
     print(f"last epoch:                {100 * last.test.mean():.2f} ± {100 * last.test.std():.2f}")
-    print(f"oracle (best test epoch):  {100 * frame.groupby('seed').test.max().mean():.2f} ± "
-          f"{100 * frame.groupby('seed').test.max().std():.2f}")
-    print("fixed epoch:               " + "  ".join(f"e{e} {100 * m:.2f}±{100 * s:.2f}" for e, (m, s) in by_epoch.iterrows()))
-    print(f"inference sampling only (same weights, {a.eval_seeds} sampling seeds): median std over models "
-          f"{100 * inf.groupby('seed').test.std().median():.2f}")
+    print(
+        f"oracle (best test epoch):  {100 * frame.groupby('seed').test.max().mean():.2f} ± "
+        f"{100 * frame.groupby('seed').test.max().std():.2f}"
+    )
+    print(
+        "fixed epoch:               "
+        + "  ".join(f"e{e} {100 * m:.2f}±{100 * s:.2f}" for e, (m, s) in by_epoch.iterrows())
+    )
+    print(
+        f"inference sampling only (same weights, {a.eval_seeds} sampling seeds): median std over models "
+        f"{100 * inf.groupby('seed').test.std().median():.2f}"
+    )
     corr = np.corrcoef(frame.val, frame.test)[0, 1]
     print(f"val-test correlation over every (seed, epoch): {corr:.2f}")
 

@@ -63,14 +63,32 @@ def child_ours(a) -> dict:
 
     parser = argparse.ArgumentParser()
     add_targets_parser(parser.add_subparsers(dest="command"))
-    argv = ["targets", a.dataset, "--entity", "customers", "--timedelta", DELTA, "--timestamps", a.timestamps,
-            "--hops", str(a.hops), "--out", a.out, "--memory-limit", a.memory_limit]
+    argv = [
+        "targets",
+        a.dataset,
+        "--entity",
+        "customers",
+        "--timedelta",
+        DELTA,
+        "--timestamps",
+        a.timestamps,
+        "--hops",
+        str(a.hops),
+        "--out",
+        a.out,
+        "--memory-limit",
+        a.memory_limit,
+    ]
     if not a.fkf:
         argv.append("--no-fact-key-fact")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     summary = args.func(args)
-    return {"wall_s": time.perf_counter() - start, "rows": summary["rows"], "targets": summary["targets"]}
+    return {
+        "wall_s": time.perf_counter() - start,
+        "rows": summary["rows"],
+        "targets": summary["targets"],
+    }
 
 
 def child_pandas(a, vectorised: bool) -> dict:
@@ -100,14 +118,23 @@ def child_pandas(a, vectorised: bool) -> dict:
     for t in sorted(pd.to_datetime(a.timestamps.split(","))):
         window = orders[(orders["order_time"] > t) & (orders["order_time"] <= t + delta)]
         if a.hops == 2:
-            window = window.merge(products.rename(columns={"product_id": "p.product_id"}), how="left",
-                                  left_on="product_id", right_on="p.product_id")
+            window = window.merge(
+                products.rename(columns={"product_id": "p.product_id"}),
+                how="left",
+                left_on="product_id",
+                right_on="p.product_id",
+            )
         spec = {"orders__count": ("order_id", "size")}
-        columns = [("orders", c, "categorical") if c in categorical else ("orders", c, "numerical")
-                   for c in ["quantity", "amount", "rating", "channel"]]
+        columns = [
+            ("orders", c, "categorical") if c in categorical else ("orders", c, "numerical")
+            for c in ["quantity", "amount", "rating", "channel"]
+        ]
         if a.hops == 2:
             spec["orders>products__count"] = ("p.product_id", "count")
-            columns += [("orders>products", "price", "numerical"), ("orders>products", "category", "categorical")]
+            columns += [
+                ("orders>products", "price", "numerical"),
+                ("orders>products", "category", "categorical"),
+            ]
         modes = []
         for path, col, kind in columns:
             name = f"{path}.{col}"
@@ -137,13 +164,19 @@ def child_pandas(a, vectorised: bool) -> dict:
         frames.append(out)
     result = pd.concat(frames, ignore_index=True)
     result.to_parquet(Path(a.out) / "targets.parquet", index=False)
-    return {"wall_s": time.perf_counter() - start, "rows": len(result), "targets": result.shape[1] - 3}
+    return {
+        "wall_s": time.perf_counter() - start,
+        "rows": len(result),
+        "targets": result.shape[1] - 3,
+    }
 
 
 def run_child(argv: list[str]) -> dict:
     """One measurement in a fresh interpreter: its JSON line plus the subprocess's total wall."""
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--child", *argv], capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", *argv], capture_output=True, text=True, cwd=ROOT
+    )
     total = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"child {argv[:2]} failed:\n{proc.stderr[-3000:]}")
@@ -174,29 +207,52 @@ def seed_times(path: Path, n: int) -> str:
     return ",".join(str(val - pd.Timedelta(DELTA) * k) for k in range(n, 0, -1))
 
 
-def measure(label: str, kind: str, path: Path, a, hops: int, repeat: int, fkf: bool = False) -> dict:
+def measure(
+    label: str, kind: str, path: Path, a, hops: int, repeat: int, fkf: bool = False
+) -> dict:
     runs = []
     for _ in range(repeat):
         with tempfile.TemporaryDirectory(prefix="tve-bench-out-", dir=a.data_dir) as out:
-            argv = [kind, "--dataset", str(path), "--timestamps", seed_times(path, a.seeds), "--hops", str(hops),
-                    "--out", out, "--memory-limit", a.memory_limit] + (["--fkf"] if fkf else [])
+            argv = [
+                kind,
+                "--dataset",
+                str(path),
+                "--timestamps",
+                seed_times(path, a.seeds),
+                "--hops",
+                str(hops),
+                "--out",
+                out,
+                "--memory-limit",
+                a.memory_limit,
+            ] + (["--fkf"] if fkf else [])
             if kind != "ours":
-                argv += ["--compare-to", str(Path(a.data_dir) / f"reference-{path.name}-{hops}.parquet")]
+                argv += [
+                    "--compare-to",
+                    str(Path(a.data_dir) / f"reference-{path.name}-{hops}.parquet"),
+                ]
             runs.append(run_child(argv))
             if kind == "ours" and not fkf:  # keep one result to check the baselines against
                 ref = Path(a.data_dir) / f"reference-{path.name}-{hops}.parquet"
                 os.replace(Path(out) / "targets.parquet", ref)
     walls = [r["wall_s"] for r in runs]
     result = {
-        "label": label, "wall_s": statistics.median(walls), "walls": walls,
-        "peak_rss_gb": max(r["peak_rss_mb"] for r in runs) / 1024, "rows": runs[0]["rows"],
-        "targets": runs[0]["targets"], "process_s": statistics.median(r["process_s"] for r in runs),
+        "label": label,
+        "wall_s": statistics.median(walls),
+        "walls": walls,
+        "peak_rss_gb": max(r["peak_rss_mb"] for r in runs) / 1024,
+        "rows": runs[0]["rows"],
+        "targets": runs[0]["targets"],
+        "process_s": statistics.median(r["process_s"] for r in runs),
         "agree": runs[0].get("agree"),
     }
     walls_text = ", ".join(f"{w:.1f}" for w in walls)
-    print(f"  {label:<44} median {result['wall_s']:7.1f} s  (runs: {walls_text})  peak RSS {result['peak_rss_gb']:.2f} GB"
-          f"  {result['rows']:,} rows x {result['targets']} targets" + (f"  {result['agree']}" if result["agree"] else ""),
-          flush=True)
+    print(
+        f"  {label:<44} median {result['wall_s']:7.1f} s  (runs: {walls_text})  peak RSS {result['peak_rss_gb']:.2f} GB"
+        f"  {result['rows']:,} rows x {result['targets']} targets"
+        + (f"  {result['agree']}" if result["agree"] else ""),
+        flush=True,
+    )
     return result
 
 
@@ -215,7 +271,9 @@ def compare(produced: Path, reference: Path) -> str:
     for c in want.columns[2:]:
         w, g = want[c], got[c]
         if w.dtype.kind in "fiu" and g.dtype.kind in "fiu":
-            assert np.allclose(g.to_numpy(float), w.to_numpy(float), rtol=1e-9, atol=1e-9, equal_nan=True), c
+            assert np.allclose(
+                g.to_numpy(float), w.to_numpy(float), rtol=1e-9, atol=1e-9, equal_nan=True
+            ), c
         else:
             assert ((g.isna() & w.isna()) | (g.astype(object) == w.astype(object))).all(), c
     return f"(same values as tve targets: {len(want):,} rows x {want.shape[1] - 3} targets)"
@@ -231,14 +289,28 @@ def main() -> None:
     p.add_argument("--memory-limit", default="2GB")
     p.add_argument("--data-dir", default=str(Path(tempfile.gettempdir()) / "tve-bench-targets"))
     p.add_argument("--skip-fkf", action="store_true")
-    p.add_argument("--quick", action="store_true", help="1M rows, pandas at 100k, fkf at 100k, one run each")
+    p.add_argument(
+        "--quick", action="store_true", help="1M rows, pandas at 100k, fkf at 100k, one run each"
+    )
     # child mode (internal)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--dataset"), p.add_argument("--timestamps"), p.add_argument("--hops", type=int, default=2)
-    p.add_argument("--out"), p.add_argument("--fkf", action="store_true"), p.add_argument("--compare-to")
+    (
+        p.add_argument("--dataset"),
+        p.add_argument("--timestamps"),
+        p.add_argument("--hops", type=int, default=2),
+    )
+    (
+        p.add_argument("--out"),
+        p.add_argument("--fkf", action="store_true"),
+        p.add_argument("--compare-to"),
+    )
     a = p.parse_args()
     if a.child:
-        result = child_ours(a) if a.child == "ours" else child_pandas(a, vectorised=a.child == "pandas-vec")
+        result = (
+            child_ours(a)
+            if a.child == "ours"
+            else child_pandas(a, vectorised=a.child == "pandas-vec")
+        )
         result["peak_rss_mb"] = _peak_rss_mb()  # before the check below reads both files
         if a.child != "ours" and a.compare_to and Path(a.compare_to).exists():
             result["agree"] = compare(Path(a.out) / "targets.parquet", Path(a.compare_to))
@@ -247,11 +319,16 @@ def main() -> None:
     if a.quick:
         a.rows, a.pandas_rows, a.fkf_rows, a.repeat = 1_000_000, 100_000, 100_000, 1
     Path(a.data_dir).mkdir(parents=True, exist_ok=True)
-    print(f"tve targets benchmark: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, "
-          f"DuckDB memory limit {a.memory_limit}, {a.seeds} weekly seed times, Δ = {DELTA}", flush=True)
+    print(
+        f"tve targets benchmark: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, "
+        f"DuckDB memory limit {a.memory_limit}, {a.seeds} weekly seed times, Δ = {DELTA}",
+        flush=True,
+    )
     big, small = dataset(Path(a.data_dir), a.rows), dataset(Path(a.data_dir), a.pandas_rows)
 
-    print(f"\n{a.rows:,} orders ({a.rows // 10:,} customers), 1-hop and 2-hop fact->dimension paths:")
+    print(
+        f"\n{a.rows:,} orders ({a.rows // 10:,} customers), 1-hop and 2-hop fact->dimension paths:"
+    )
     r1 = measure("tve targets, hops 1", "ours", big, a, 1, a.repeat)
     r2 = measure("tve targets, hops 2", "ours", big, a, 2, a.repeat)
 
@@ -263,20 +340,28 @@ def main() -> None:
     fkf = None
     if not a.skip_fkf:
         fkf_path = dataset(Path(a.data_dir), a.fkf_rows)
-        print(f"\n{a.fkf_rows:,} orders, hops 2 with fact->key<-fact paths (orders > products < orders):")
+        print(
+            f"\n{a.fkf_rows:,} orders, hops 2 with fact->key<-fact paths (orders > products < orders):"
+        )
         fkf = measure("tve targets, hops 2 + fact->key<-fact", "ours", fkf_path, a, 2, 1, fkf=True)
 
     print("\nsummary:")
     for r in (r1, r2):
         ok = r["wall_s"] <= 60 and r["peak_rss_gb"] <= 4
-        print(f"  {a.rows:,} rows, {r['label']}: {r['wall_s']:.1f} s, {r['peak_rss_gb']:.2f} GB peak "
-              f"({'within' if ok else 'OVER'} 60 s / 4 GB)")
-    print(f"  {a.pandas_rows:,} rows: tve targets {ours['wall_s']:.1f} s; straightforward pandas "
-          f"{naive['wall_s']:.1f} s ({naive['wall_s'] / ours['wall_s']:.1f}x); vectorised pandas "
-          f"{vec['wall_s']:.1f} s ({vec['wall_s'] / ours['wall_s']:.1f}x)")
+        print(
+            f"  {a.rows:,} rows, {r['label']}: {r['wall_s']:.1f} s, {r['peak_rss_gb']:.2f} GB peak "
+            f"({'within' if ok else 'OVER'} 60 s / 4 GB)"
+        )
+    print(
+        f"  {a.pandas_rows:,} rows: tve targets {ours['wall_s']:.1f} s; straightforward pandas "
+        f"{naive['wall_s']:.1f} s ({naive['wall_s'] / ours['wall_s']:.1f}x); vectorised pandas "
+        f"{vec['wall_s']:.1f} s ({vec['wall_s'] / ours['wall_s']:.1f}x)"
+    )
     if fkf:
-        print(f"  {a.fkf_rows:,} rows with fact->key<-fact paths: {fkf['wall_s']:.1f} s, "
-              f"{fkf['peak_rss_gb']:.2f} GB peak, {fkf['targets']} targets")
+        print(
+            f"  {a.fkf_rows:,} rows with fact->key<-fact paths: {fkf['wall_s']:.1f} s, "
+            f"{fkf['peak_rss_gb']:.2f} GB peak, {fkf['targets']} targets"
+        )
 
 
 if __name__ == "__main__":

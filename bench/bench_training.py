@@ -77,7 +77,9 @@ def build_database(which: str, tmp: Path):
         if build_rel_f1 is not None and (RELF1_RAW / "ergast_csv").is_dir():
             return open_dataset(build_rel_f1(RELF1_RAW, tmp / "rel-f1")), "driver-dnf"
         if which == "rel-f1":
-            raise SystemExit(f"rel-f1 is not buildable here (builder or {RELF1_RAW / 'ergast_csv'} missing)")
+            raise SystemExit(
+                f"rel-f1 is not buildable here (builder or {RELF1_RAW / 'ergast_csv'} missing)"
+            )
     from tve_pipeline.datasets import build_flights
 
     return open_dataset(build_flights(tmp / "rel-flights")), "plane-active"
@@ -149,12 +151,14 @@ class SimpleTemporalSampler:
                 if not parts:
                     nsn[nt].append(0)
                     continue
-                ckey = torch.cat([p[2] for p in parts]) * self.num_rows[nt] + torch.cat([p[1] for p in parts])
+                ckey = torch.cat([p[2] for p in parts]) * self.num_rows[nt] + torch.cat(
+                    [p[1] for p in parts]
+                )
                 old = keys[nt]
                 uniq, inv = torch.unique(torch.cat([old, ckey]), return_inverse=True)
                 slot_local = torch.full((uniq.numel(),), -1, dtype=torch.long)
                 slot_local[inv[: old.numel()]] = torch.arange(old.numel())
-                inv_new = inv[old.numel():]
+                inv_new = inv[old.numel() :]
                 new_slots = torch.unique(inv_new[slot_local[inv_new] < 0])
                 slot_local[new_slots] = old.numel() + torch.arange(new_slots.numel())
                 local = slot_local[inv_new]
@@ -168,7 +172,7 @@ class SimpleTemporalSampler:
                     new_frontier[nt] = (n_ids, n_b, old.numel() + torch.arange(new_slots.numel()))
                 off = 0
                 for et, cand, _, dst_local in parts:
-                    edges[et].append(torch.stack([local[off: off + cand.numel()], dst_local]))
+                    edges[et].append(torch.stack([local[off : off + cand.numel()], dst_local]))
                     off += cand.numel()
             for et in self.csc:
                 nse[et].append(sum(e.size(1) for e in edges[et]) - sum(nse[et]))
@@ -184,7 +188,9 @@ class SimpleTemporalSampler:
                 out[nt].time = self.time[nt][n_id]
             out[nt].num_sampled_nodes = nsn[nt]
         for et in self.csc:
-            out[et].edge_index = torch.cat(edges[et], 1) if edges[et] else torch.empty(2, 0, dtype=torch.long)
+            out[et].edge_index = (
+                torch.cat(edges[et], 1) if edges[et] else torch.empty(2, 0, dtype=torch.long)
+            )
             out[et].num_sampled_edges = nse[et]
         out[entity].seed_time = seed_time
         return out
@@ -215,7 +221,9 @@ class Runner:
             t1 = time.perf_counter()
         with threads(compute_threads):
             t2 = time.perf_counter()
-            loss = F.binary_cross_entropy_with_logits(self.forward_fn(self.model, batch).view(-1), y)
+            loss = F.binary_cross_entropy_with_logits(
+                self.forward_fn(self.model, batch).view(-1), y
+            )
             self.opt.zero_grad()
             loss.backward()
             self.opt.step()
@@ -238,9 +246,11 @@ def report(paths, batch_size):
         step = statistics.median([a + b for a, b in zip(p.t_sample, p.t_compute)]) * 1e3
         sps = batch_size / step * 1e3
         base = base or sps
-        print(f"  {p.name:<16} sampling {s:8.1f} ms | fwd+bwd+opt {c:8.1f} ms | step {step:8.1f} ms | "
-              f"{sps:6.1f} seeds/s | sampling share {100 * s / step:5.1f}% | x{sps / base:4.2f} vs {paths[0].name} "
-              f"| rows/batch {statistics.median(p.rows):,.0f}")
+        print(
+            f"  {p.name:<16} sampling {s:8.1f} ms | fwd+bwd+opt {c:8.1f} ms | step {step:8.1f} ms | "
+            f"{sps:6.1f} seeds/s | sampling share {100 * s / step:5.1f}% | x{sps / base:4.2f} vs {paths[0].name} "
+            f"| rows/batch {statistics.median(p.rows):,.0f}"
+        )
 
 
 # --------------------------------------------------------------------------- main
@@ -249,9 +259,16 @@ def main() -> None:
     ap.add_argument("--db", default="auto", choices=["auto", "rel-f1", "rel-flights"])
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--threads", nargs="+", default=["default", "1"], choices=["default", "1", "s1"])
-    ap.add_argument("--paths", nargs="+", default=PATHS, choices=PATHS,
-                    help="the first one is the baseline the ratios are against")
+    ap.add_argument(
+        "--threads", nargs="+", default=["default", "1"], choices=["default", "1", "s1"]
+    )
+    ap.add_argument(
+        "--paths",
+        nargs="+",
+        default=PATHS,
+        choices=PATHS,
+        help="the first one is the baseline the ratios are against",
+    )
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -267,7 +284,9 @@ def run(args, tmp: Path) -> None:
     ds, task_name = build_database(args.db, tmp)
     db = ds.get_db()
     types = column_types({n: tb.df for n, tb in db.table_dict.items()}, ds.manifest)
-    data, col_stats = training.graph_for(db, types, make_recipe("reference").backbone, cache_dir=tmp / "cache")
+    data, col_stats = training.graph_for(
+        db, types, make_recipe("reference").backbone, cache_dir=tmp / "cache"
+    )
     task = ds.load_task(task_name)
     train = task.get_table("train").df
     nodes, times = training.seed_tensors(train[task.entity_col], train[task.time_col])
@@ -277,9 +296,11 @@ def run(args, tmp: Path) -> None:
     fan = list(recipe.backbone.num_neighbors)
     B = recipe.finetune.batch_size
     n_rows = sum(data[nt].tf.num_rows for nt in data.node_types)
-    print(f"{ds.manifest.name if hasattr(ds, 'manifest') else ''} {task_name}: {n_rows:,} rows in {len(data.node_types)} "
-          f"tables, {len(train):,} training seeds; channels {recipe.backbone.channels}, fan-out {fan}, batch {B} "
-          f"(setup {time.perf_counter() - t:.1f} s)")
+    print(
+        f"{ds.manifest.name if hasattr(ds, 'manifest') else ''} {task_name}: {n_rows:,} rows in {len(data.node_types)} "
+        f"tables, {len(train):,} training seeds; channels {recipe.backbone.channels}, fan-out {fan}, batch {B} "
+        f"(setup {time.perf_counter() - t:.1f} s)"
+    )
 
     ours = TemporalNeighborSampler(data, fan, strategy=recipe.backbone.sampling)
     simple = SimpleTemporalSampler(data, fan)
@@ -301,8 +322,10 @@ def run(args, tmp: Path) -> None:
         if p1.grad is not None:
             d = (p1.grad - p2.grad).abs().max() / p1.grad.abs().max().clamp_min(1e-12)
             worst = max(worst, d.item())
-    print(f"ours vs relbench's modules, eval mode: max |diff| {(got - ref).abs().max().item():.2e} "
-          f"(max |value| {ref.abs().max().item():.2f}); gradients: worst relative max |diff| {worst:.1e}")
+    print(
+        f"ours vs relbench's modules, eval mode: max |diff| {(got - ref).abs().max().item():.2e} "
+        f"(max |value| {ref.abs().max().item():.2f}); gradients: worst relative max |diff| {worst:.1e}"
+    )
 
     def ours_sample(n, tm, gen):
         return ours.sample(entity, n, tm, generator=gen)
@@ -329,9 +352,19 @@ def run(args, tmp: Path) -> None:
         for step in range(args.warmup + args.steps):
             idx = torch.randperm(len(nodes), generator=gen)[:B]
             for p in paths:  # the same seeds for every path, interleaved
-                p.step(nodes[idx], times[idx], y[idx], gen, sample_threads, compute_threads, record=step >= args.warmup)
-        print(f"threads: sampling {sample_threads}, compute {compute_threads} -- medians over {args.steps} steps "
-              f"after {args.warmup} warm-up (batch {B}):")
+                p.step(
+                    nodes[idx],
+                    times[idx],
+                    y[idx],
+                    gen,
+                    sample_threads,
+                    compute_threads,
+                    record=step >= args.warmup,
+                )
+        print(
+            f"threads: sampling {sample_threads}, compute {compute_threads} -- medians over {args.steps} steps "
+            f"after {args.warmup} warm-up (batch {B}):"
+        )
         report(paths, B)
 
     if args.profile:

@@ -33,24 +33,41 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tasks", default="driver-dnf,driver-top3,driver-position")
     p.add_argument("--seeds", default="0,1,2,3,4")
-    p.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default: the recipe's, 20)")
+    p.add_argument(
+        "--epochs", type=int, default=None, help="fine-tuning epochs (default: the recipe's, 20)"
+    )
     p.add_argument("--pretrain-epochs", type=int, default=10)
     p.add_argument("--pretrain-steps", type=int, default=50)
     p.add_argument("--no-pretrain", action="store_true")
     p.add_argument("--methods", default="scratch,tve", help="which of scratch,tve to fine-tune")
-    p.add_argument("--label-fractions", default="1", help="fractions of the training table, e.g. 0.05,0.1,1 "
-                   "(drawn with the seed: the same rows for every method)")
+    p.add_argument(
+        "--label-fractions",
+        default="1",
+        help="fractions of the training table, e.g. 0.05,0.1,1 "
+        "(drawn with the seed: the same rows for every method)",
+    )
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default="")
-    p.add_argument("--text", choices=["glove", "hashing"], default=None,
-                   help="text embedder (default: the recipe's, glove)")
-    p.add_argument("--nan-columns", choices=["mask", "dead"], default="mask",
-                   help="ablation: 'dead' blanks every numerical column that has a missing cell, which is "
-                        "what torch_frame's stock LinearEncoder ends up doing in RelBench's RDL (its NaN "
-                        "gradient turns the column's weights into NaN after one Adam step)")
-    p.add_argument("--relbench-modules", action="store_true",
-                   help="ablation: run relbench's modules as they are (RDLModel(fast=False): every sampled row "
-                        "encoded with its own dropout mask, the full GNN), about 5x slower")
+    p.add_argument(
+        "--text",
+        choices=["glove", "hashing"],
+        default=None,
+        help="text embedder (default: the recipe's, glove)",
+    )
+    p.add_argument(
+        "--nan-columns",
+        choices=["mask", "dead"],
+        default="mask",
+        help="ablation: 'dead' blanks every numerical column that has a missing cell, which is "
+        "what torch_frame's stock LinearEncoder ends up doing in RelBench's RDL (its NaN "
+        "gradient turns the column's weights into NaN after one Adam step)",
+    )
+    p.add_argument(
+        "--relbench-modules",
+        action="store_true",
+        help="ablation: run relbench's modules as they are (RDLModel(fast=False): every sampled row "
+        "encoded with its own dropout mask, the full GNN), about 5x slower",
+    )
     a = p.parse_args()
     if a.relbench_modules:
         import functools
@@ -63,11 +80,18 @@ def main() -> None:
     db = ds.get_db()
     tables = {n: t.df for n, t in db.table_dict.items()}
     types = column_types(tables, ds.manifest, ds.dataset_dir)
-    recipe = make_recipe("reference", {
-        "finetune": {"epochs": a.epochs} if a.epochs else {},
-        "pretrain": {"epochs": a.pretrain_epochs, "steps_per_epoch": a.pretrain_steps, "lr_step_epochs": max(a.pretrain_epochs // 2, 1)},
-        "backbone": {"text_embedder": a.text} if a.text else {},
-    })
+    recipe = make_recipe(
+        "reference",
+        {
+            "finetune": {"epochs": a.epochs} if a.epochs else {},
+            "pretrain": {
+                "epochs": a.pretrain_epochs,
+                "steps_per_epoch": a.pretrain_steps,
+                "lr_step_epochs": max(a.pretrain_epochs // 2, 1),
+            },
+            "backbone": {"text_embedder": a.text} if a.text else {},
+        },
+    )
     data, col_stats = training.graph_for(db, types, recipe.backbone)
     if a.nan_columns == "dead":
         for nt in data.node_types:
@@ -77,21 +101,47 @@ def main() -> None:
             gone = torch.isnan(feat).any(0)
             feat[:, gone] = float("nan")
             names = data[nt].tf.col_names_dict[torch_frame.numerical]
-            print(f"dead numerical columns in {nt}: {[n for n, g in zip(names, gone.tolist()) if g]}", flush=True)
+            print(
+                f"dead numerical columns in {nt}: {[n for n, g in zip(names, gone.tolist()) if g]}",
+                flush=True,
+            )
     device = torch.device("cpu")
     backbone = None
     if not a.no_pretrain:
         delta = task_timedelta(ds)
-        defs = build_traversal_graph(ds.manifest.tables, types, "drivers", hops=2, fact_key_fact=False)
+        defs = build_traversal_graph(
+            ds.manifest.tables, types, "drivers", hops=2, fact_key_fact=False
+        )
         t0 = time.perf_counter()
-        raw = compute_targets(tables, ds.manifest.tables, defs, "drivers",
-                              training_seed_times(ds.val_timestamp, db.min_timestamp, delta), delta)
-        print(f"targets: {len(raw)} rows x {len(defs)} targets in {time.perf_counter() - t0:.1f}s", flush=True)
+        raw = compute_targets(
+            tables,
+            ds.manifest.tables,
+            defs,
+            "drivers",
+            training_seed_times(ds.val_timestamp, db.min_timestamp, delta),
+            delta,
+        )
+        print(
+            f"targets: {len(raw)} rows x {len(defs)} targets in {time.perf_counter() - t0:.1f}s",
+            flush=True,
+        )
         t0 = time.perf_counter()
-        pre = training.pretrain(data, col_stats, "drivers", "driverId", raw, {d.name: d.aggregation for d in defs},
-                                recipe, device, objective="tve")
+        pre = training.pretrain(
+            data,
+            col_stats,
+            "drivers",
+            "driverId",
+            raw,
+            {d.name: d.aggregation for d in defs},
+            recipe,
+            device,
+            objective="tve",
+        )
         backbone = pre["backbone"]
-        print(f"pre-training: {time.perf_counter() - t0:.0f}s, best epoch {pre['best_epoch']}", flush=True)
+        print(
+            f"pre-training: {time.perf_counter() - t0:.0f}s, best epoch {pre['best_epoch']}",
+            flush=True,
+        )
     rows = []
     for name in a.tasks.split(","):
         task = ds.load_task(name)
@@ -101,16 +151,43 @@ def main() -> None:
         tabs["test_labels"] = test_labels
         methods = [("scratch", None)] + ([("tve", backbone)] if backbone is not None else [])
         for method, bb in [m for m in methods if m[0] in a.methods.split(",")]:
-            for fraction, seed in [(float(f), int(s)) for f in a.label_fractions.split(",") for s in a.seeds.split(",")]:
+            for fraction, seed in [
+                (float(f), int(s)) for f in a.label_fractions.split(",") for s in a.seeds.split(",")
+            ]:
                 t0 = time.perf_counter()
-                res = training.finetune(data, col_stats, task, tabs, recipe, device, seed=seed, backbone=bb,
-                                        label_fraction=fraction)
-                scores = training.evaluate(data, col_stats, task, tabs, res["state_dict"], recipe, device, seed=seed,
-                                            output_range=res["output_range"])
-                row = {"task": name, "method": method, "fraction": fraction, "n_train": res["n_train"], "seed": seed,
-                       "seconds": round(time.perf_counter() - t0),
-                       "best_epoch": res["best_epoch"],
-                       **{f"test_{k}": v for k, v in scores["test"].items()}, **{f"val_{k}": v for k, v in scores["val"].items()}}
+                res = training.finetune(
+                    data,
+                    col_stats,
+                    task,
+                    tabs,
+                    recipe,
+                    device,
+                    seed=seed,
+                    backbone=bb,
+                    label_fraction=fraction,
+                )
+                scores = training.evaluate(
+                    data,
+                    col_stats,
+                    task,
+                    tabs,
+                    res["state_dict"],
+                    recipe,
+                    device,
+                    seed=seed,
+                    output_range=res["output_range"],
+                )
+                row = {
+                    "task": name,
+                    "method": method,
+                    "fraction": fraction,
+                    "n_train": res["n_train"],
+                    "seed": seed,
+                    "seconds": round(time.perf_counter() - t0),
+                    "best_epoch": res["best_epoch"],
+                    **{f"test_{k}": v for k, v in scores["test"].items()},
+                    **{f"val_{k}": v for k, v in scores["val"].items()},
+                }
                 if "test_nmae" in row:
                     row["test_mae"] = row["test_nmae"] * task.nmae_std
                 rows.append(row)

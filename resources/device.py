@@ -20,5 +20,7 @@ class DeviceResource(dg.ConfigurableResource):
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device == "cuda" and not torch.cuda.is_available():
-            raise dg.Failure(description="device resource asks for 'cuda' but no CUDA device is available")
+            raise dg.Failure(
+                description="device resource asks for 'cuda' but no CUDA device is available"
+            )
         return torch.device(self.device)

@@ -63,8 +63,13 @@ class MLflowTracking(dg.ConfigurableResource):
 
         client = MlflowClient(tracking_uri=self.tracking_uri)
         exp = client.get_experiment_by_name(self.experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(
-            self.experiment, artifact_location=self.artifact_location or None)
+        exp_id = (
+            exp.experiment_id
+            if exp
+            else client.create_experiment(
+                self.experiment, artifact_location=self.artifact_location or None
+            )
+        )
         partition = context.partition_key if context.has_partition_key else ""
         tags = {
             "dagster.run_id": context.run_id,
@@ -73,7 +78,9 @@ class MLflowTracking(dg.ConfigurableResource):
             "dagster.partition": str(partition),
             "tve.database": database,
         }
-        run = client.create_run(exp_id, tags=tags, run_name=" ".join(p for p in (name, database, str(partition)) if p))
+        run = client.create_run(
+            exp_id, tags=tags, run_name=" ".join(p for p in (name, database, str(partition)) if p)
+        )
         handle = MLflowRun(client, run.info.run_id)
         try:
             yield handle

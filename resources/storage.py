@@ -24,7 +24,9 @@ class TVEStorage(dg.ConfigurableResource):
     def dataset_dir(self, database: str) -> Path:
         path = self.datasets_dir / database
         if not (path / "manifest.yaml").exists():
-            known = sorted(p.name for p in self.datasets_dir.glob("*") if (p / "manifest.yaml").exists())
+            known = sorted(
+                p.name for p in self.datasets_dir.glob("*") if (p / "manifest.yaml").exists()
+            )
             raise dg.Failure(
                 description=f"unknown database {database!r}: no dataset folder {path}; "
                 f"known databases: {', '.join(known) or '(none)'}"

@@ -27,9 +27,16 @@ def pipeline_run(tmp_path_factory):
     register_dataset(dataset_dir, run_dir, instance, profile="test")
     runner = Runner("tiny", run_dir)
     summary = runner.run()
-    yield {"run_dir": run_dir, "instance": runner.instance, "resources": runner.resources,
-           "metrics": runner.cell_metrics(), "summary": summary,
-           "dataset_dir": run_dir / "datasets" / "tiny", "runner": runner, "runs": runner.step}
+    yield {
+        "run_dir": run_dir,
+        "instance": runner.instance,
+        "resources": runner.resources,
+        "metrics": runner.cell_metrics(),
+        "summary": summary,
+        "dataset_dir": run_dir / "datasets" / "tiny",
+        "runner": runner,
+        "runs": runner.step,
+    }
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)

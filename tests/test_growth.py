@@ -45,32 +45,59 @@ def grown(tmp_path, monkeypatch):
     more = orders[orders["order_time"] > end - pd.Timedelta(days=60)].copy()
     more["order_time"] += pd.Timedelta(days=60)
     more["order_id"] = range(len(orders), len(orders) + len(more))
-    pd.concat([orders, more], ignore_index=True).to_parquet(folder / "db" / "orders.parquet", index=False)
+    pd.concat([orders, more], ignore_index=True).to_parquet(
+        folder / "db" / "orders.parquet", index=False
+    )
     manifest = yaml.safe_load((folder / "manifest.yaml").read_text())
     for split in ("val_timestamp", "test_timestamp"):
         manifest[split] = str((pd.Timestamp(manifest[split]) + pd.Timedelta(days=60)).date())
     (folder / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
-    return {"run_dir": run_dir, "instance": instance, "runner": runner, "sensor": sensor, "cursor": cursor,
-            "old_windows": windows, "orders": pd.concat([orders, more], ignore_index=True), "val": manifest["val_timestamp"]}
+    return {
+        "run_dir": run_dir,
+        "instance": instance,
+        "runner": runner,
+        "sensor": sensor,
+        "cursor": cursor,
+        "old_windows": windows,
+        "orders": pd.concat([orders, more], ignore_index=True),
+        "val": manifest["val_timestamp"],
+    }
 
 
 def test_growth_adds_windows_and_materialises_their_targets(grown):
     g = grown
     instance, runner = g["instance"], g["runner"]
-    result = g["sensor"](dg.build_sensor_context(instance=instance, resources=runner.resources, cursor=g["cursor"]))
+    result = g["sensor"](
+        dg.build_sensor_context(instance=instance, resources=runner.resources, cursor=g["cursor"])
+    )
     assert isinstance(result, dg.SensorResult), result
     (add,) = result.dynamic_partitions_requests
     new = list(add.partition_keys)
     val = pd.Timestamp(g["val"])
-    assert new == [str((val - 2 * DELTA).date()), str((val - DELTA).date())]  # the two seed times the 60 days added
+    assert new == [
+        str((val - 2 * DELTA).date()),
+        str((val - DELTA).date()),
+    ]  # the two seed times the 60 days added
     assert add.partitions_def_name == "grow.windows"
     (run,) = result.run_requests
-    assert {k.path[-1] for k in run.asset_selection} == {"raw_tables", "temporal_windows", "traversal_graph", "tve_targets"}
+    assert {k.path[-1] for k in run.asset_selection} == {
+        "raw_tables",
+        "temporal_windows",
+        "traversal_graph",
+        "tve_targets",
+    }
     instance.add_dynamic_partitions(add.partitions_def_name, new)
-    done = dg.materialize(runner.assets, selection=run.asset_selection, instance=instance,
-                          resources=runner.resources, tags=run.tags)
+    done = dg.materialize(
+        runner.assets,
+        selection=run.asset_selection,
+        instance=instance,
+        resources=runner.resources,
+        tags=run.tags,
+    )
     assert done.success
-    assert instance.get_materialized_partitions(runner.db.key("tve_targets")) == set(g["old_windows"] + new)
+    assert instance.get_materialized_partitions(runner.db.key("tve_targets")) == set(
+        g["old_windows"] + new
+    )
 
     # the new windows' targets, against a count by hand over the grown orders table
     orders = g["orders"]
@@ -89,17 +116,24 @@ def test_growth_adds_windows_and_materialises_their_targets(grown):
     assert resolver.get_status(key, g["old_windows"][0]) == StaleStatus.STALE
     assert resolver.get_status(key, new[-1]) == StaleStatus.FRESH
 
-    again = g["sensor"](dg.build_sensor_context(instance=instance, resources=runner.resources,
-                                                cursor=result.cursor))
+    again = g["sensor"](
+        dg.build_sensor_context(instance=instance, resources=runner.resources, cursor=result.cursor)
+    )
     assert isinstance(again, dg.SkipReason)
 
 
 def test_changed_data_without_new_windows_reruns_raw_tables(grown):
     g = grown
     instance, runner = g["instance"], g["runner"]
-    instance.add_dynamic_partitions("grow.windows", ["2020-09-17", "2020-10-17"])  # as if already registered
-    result = g["sensor"](dg.build_sensor_context(instance=instance, resources=runner.resources, cursor=g["cursor"]))
-    assert not result.dynamic_partitions_requests or not list(result.dynamic_partitions_requests[0].partition_keys)
+    instance.add_dynamic_partitions(
+        "grow.windows", ["2020-09-17", "2020-10-17"]
+    )  # as if already registered
+    result = g["sensor"](
+        dg.build_sensor_context(instance=instance, resources=runner.resources, cursor=g["cursor"])
+    )
+    assert not result.dynamic_partitions_requests or not list(
+        result.dynamic_partitions_requests[0].partition_keys
+    )
     (run,) = result.run_requests
     assert [k.path[-1] for k in run.asset_selection] == ["raw_tables"]
 
@@ -108,30 +142,51 @@ def test_changed_recipe_marks_exactly_what_it_changes_stale(pipeline_run):
     """Code versions come from the recipe sections an asset depends on."""
     instance, db = pipeline_run["instance"], pipeline_run["runner"].db
     same = get_stale_status_resolver(instance, database_assets(db, make_recipe("test")))
-    assert all(same.get_status(db.key(n)) == StaleStatus.FRESH
-               for n in ("raw_tables", "temporal_windows", "traversal_graph", "results"))
+    assert all(
+        same.get_status(db.key(n)) == StaleStatus.FRESH
+        for n in ("raw_tables", "temporal_windows", "traversal_graph", "results")
+    )
     assert same.get_status(db.key("pretrained_checkpoint"), "tve") == StaleStatus.FRESH
     assert same.get_status(db.key("metrics"), CELL) == StaleStatus.FRESH
 
-    longer = get_stale_status_resolver(instance, database_assets(db, make_recipe("test", {"pretrain": {"epochs": 3}})))
+    longer = get_stale_status_resolver(
+        instance, database_assets(db, make_recipe("test", {"pretrain": {"epochs": 3}}))
+    )
     assert longer.get_status(db.key("traversal_graph")) == StaleStatus.FRESH
     assert longer.get_status(db.key("pretrained_checkpoint"), "tve") == StaleStatus.STALE
     # its own code did not change; it goes stale when the new checkpoint lands (new upstream data)
     assert longer.get_status(db.key("finetuned_models"), CELL) == StaleStatus.FRESH
     shorter_finetune = get_stale_status_resolver(
-        instance, database_assets(db, make_recipe("test", {"finetune": {"epochs": 3}})))
+        instance, database_assets(db, make_recipe("test", {"finetune": {"epochs": 3}}))
+    )
     assert shorter_finetune.get_status(db.key("pretrained_checkpoint"), "tve") == StaleStatus.FRESH
     assert shorter_finetune.get_status(db.key("finetuned_models"), CELL) == StaleStatus.STALE
 
     # a grown experiment grid (more seeds, fractions, objectives; a task list) keeps its finished cells
-    grown = get_stale_status_resolver(instance, database_assets(db, make_recipe("test", {
-        "pretrain": {"objectives": ["tve", "mae"]},
-        "finetune": {"seeds": [0, 1], "label_fractions": [0.5, 1.0], "tasks": list(db.tasks)}})))
+    grown = get_stale_status_resolver(
+        instance,
+        database_assets(
+            db,
+            make_recipe(
+                "test",
+                {
+                    "pretrain": {"objectives": ["tve", "mae"]},
+                    "finetune": {
+                        "seeds": [0, 1],
+                        "label_fractions": [0.5, 1.0],
+                        "tasks": list(db.tasks),
+                    },
+                },
+            ),
+        ),
+    )
     assert grown.get_status(db.key("pretrained_checkpoint"), "tve") == StaleStatus.FRESH
     assert grown.get_status(db.key("finetuned_models"), CELL) == StaleStatus.FRESH
     assert grown.get_status(db.key("metrics"), CELL) == StaleStatus.FRESH
 
-    one_hop = get_stale_status_resolver(instance, database_assets(db, make_recipe("test", {"targets": {"hops": 1}})))
+    one_hop = get_stale_status_resolver(
+        instance, database_assets(db, make_recipe("test", {"targets": {"hops": 1}}))
+    )
     assert one_hop.get_status(db.key("raw_tables")) == StaleStatus.FRESH
     assert one_hop.get_status(db.key("traversal_graph")) == StaleStatus.STALE
     window = sorted(instance.get_dynamic_partitions("tiny.windows"))[0]

@@ -25,33 +25,52 @@ from tve_pipeline.datasets.files import TYPES_FILE, build_from_files
 
 NA = None
 
-CUSTOMERS = pd.DataFrame({
-    "customer_id": ["c2", "c1", "c3", "c4"],
-    "name": ["Zoë", "Ann", "Bob", "Ünal"],
-    "segment": ["retail", "retail", "pro", "pro"],
-    "signup": ["2021-01-03", "2021-01-01", "2021-01-02", "2021-02-20"],
-})
-ORDERS = pd.DataFrame({
-    "order_no": [103, 101, 102, 104, 108, 105, 106],
-    "customer_id": ["c2", "c1", "c3", "c9", "c3", "c1", NA],  # c9 dangles, 106 has none
-    "ordered at": ["2021-01-10 10:00:00", "2021-01-05 09:00:00", "2021-01-07 12:00:00", "2021-01-12 08:00:00",
-                   "2021-01-22 18:00:00", "2021-02-07 08:00:00", "2021-02-10 08:00:00"],
-    "amount": [30.0, 10.0, 20.0, 5.0, 12.0, 15.5, 7.0],
-    "it's": ["x", "y", "x", "z", "y", "y", "x"],
-})
-LINES = pd.DataFrame({  # composite key (order_no, line_no); order 107 dangles
-    "order_no": [101, 101, 103, 107],
-    "line_no": [1, 2, 1, 1],
-    "product": ["pen", "ink", "pen", "cap"],
-    "größe": ["S", "M", "L", "M"],
-    "qty": [2, 1, 5, 1],
-})
-REVIEWS = pd.DataFrame({  # no primary key; times with UTC offsets
-    "customer_id": ["c1", "c3", "c2", "c2"],
-    "stars": [5, 3, 4, 2],
-    "written": ["2021-01-06T10:00:00+01:00", "2021-01-08T00:30:00+01:00", "2021-01-04T12:00:00Z",
-                "2021-02-01T09:00:00+01:00"],
-})
+CUSTOMERS = pd.DataFrame(
+    {
+        "customer_id": ["c2", "c1", "c3", "c4"],
+        "name": ["Zoë", "Ann", "Bob", "Ünal"],
+        "segment": ["retail", "retail", "pro", "pro"],
+        "signup": ["2021-01-03", "2021-01-01", "2021-01-02", "2021-02-20"],
+    }
+)
+ORDERS = pd.DataFrame(
+    {
+        "order_no": [103, 101, 102, 104, 108, 105, 106],
+        "customer_id": ["c2", "c1", "c3", "c9", "c3", "c1", NA],  # c9 dangles, 106 has none
+        "ordered at": [
+            "2021-01-10 10:00:00",
+            "2021-01-05 09:00:00",
+            "2021-01-07 12:00:00",
+            "2021-01-12 08:00:00",
+            "2021-01-22 18:00:00",
+            "2021-02-07 08:00:00",
+            "2021-02-10 08:00:00",
+        ],
+        "amount": [30.0, 10.0, 20.0, 5.0, 12.0, 15.5, 7.0],
+        "it's": ["x", "y", "x", "z", "y", "y", "x"],
+    }
+)
+LINES = pd.DataFrame(
+    {  # composite key (order_no, line_no); order 107 dangles
+        "order_no": [101, 101, 103, 107],
+        "line_no": [1, 2, 1, 1],
+        "product": ["pen", "ink", "pen", "cap"],
+        "größe": ["S", "M", "L", "M"],
+        "qty": [2, 1, 5, 1],
+    }
+)
+REVIEWS = pd.DataFrame(
+    {  # no primary key; times with UTC offsets
+        "customer_id": ["c1", "c3", "c2", "c2"],
+        "stars": [5, 3, 4, 2],
+        "written": [
+            "2021-01-06T10:00:00+01:00",
+            "2021-01-08T00:30:00+01:00",
+            "2021-01-04T12:00:00Z",
+            "2021-02-01T09:00:00+01:00",
+        ],
+    }
+)
 SOURCES = {"customers": CUSTOMERS, "orders": ORDERS, "order lines": LINES, "reviews": REVIEWS}
 
 TASK_SQL = """
@@ -67,11 +86,23 @@ GROUP BY t."timestamp", c.customer_id
 
 def _schema(sources: dict[str, dict], **top) -> dict:
     tables = {
-        "customers": {"primary_key": "customer_id", "time_column": "signup", "types": {"name": "categorical"}},
-        "orders": {"primary_key": "order_no", "time_column": "ordered at",
-                   "foreign_keys": {"customer_id": "customers"}, "types": {"it's": "text"}},
-        "order lines": {"primary_key": ["order_no", "line_no"], "key_column": "line_id",
-                        "foreign_keys": {"order_no": "orders"}, "types": {"qty": "numerical"}},
+        "customers": {
+            "primary_key": "customer_id",
+            "time_column": "signup",
+            "types": {"name": "categorical"},
+        },
+        "orders": {
+            "primary_key": "order_no",
+            "time_column": "ordered at",
+            "foreign_keys": {"customer_id": "customers"},
+            "types": {"it's": "text"},
+        },
+        "order lines": {
+            "primary_key": ["order_no", "line_no"],
+            "key_column": "line_id",
+            "foreign_keys": {"order_no": "orders"},
+            "types": {"qty": "numerical"},
+        },
         "reviews": {"time_column": "written", "foreign_keys": {"customer_id": "customers"}},
     }
     for name, source in sources.items():
@@ -81,11 +112,18 @@ def _schema(sources: dict[str, dict], **top) -> dict:
         "val_timestamp": "2021-01-20",
         "test_timestamp": "2021-02-05",
         "tables": tables,
-        "tasks": [{
-            "name": "customer-orders", "task_type": "regression", "entity_table": "customers",
-            "entity_col": "customer_id", "target_col": "orders", "time_col": "timestamp",
-            "timedelta": "5 days", "sql": TASK_SQL,
-        }],
+        "tasks": [
+            {
+                "name": "customer-orders",
+                "task_type": "regression",
+                "entity_table": "customers",
+                "entity_col": "customer_id",
+                "target_col": "orders",
+                "time_col": "timestamp",
+                "timedelta": "5 days",
+                "sql": TASK_SQL,
+            }
+        ],
         **top,
     }
 
@@ -109,7 +147,9 @@ def _parquet_form(folder: Path) -> dict:
         "orders": ORDERS.assign(**{"ordered at": pd.to_datetime(ORDERS["ordered at"])}),
         "order lines": LINES,
         # stored as real timezone-aware timestamps here
-        "reviews": REVIEWS.assign(written=pd.to_datetime(REVIEWS["written"], utc=True).dt.tz_convert("Europe/Paris")),
+        "reviews": REVIEWS.assign(
+            written=pd.to_datetime(REVIEWS["written"], utc=True).dt.tz_convert("Europe/Paris")
+        ),
     }
     for name, df in typed.items():
         df.to_parquet(folder / f"{name}.parquet", index=False)
@@ -136,7 +176,10 @@ def _duckdb_form(folder: Path) -> dict:
     # The order lines come through a query, the rest by table name.
     return {
         **{name: {"duckdb": "shop.duckdb"} for name in SOURCES},
-        "order lines": {"duckdb": "shop.duckdb", "query": 'SELECT * FROM "order lines" ORDER BY rowid'},
+        "order lines": {
+            "duckdb": "shop.duckdb",
+            "query": 'SELECT * FROM "order lines" ORDER BY rowid',
+        },
     }
 
 
@@ -168,39 +211,59 @@ T = pd.Timestamp
 
 EXPECTED = {
     # sorted by signup: c1, c3, c2, c4
-    "customers": pd.DataFrame({
-        "customer_id": [0, 1, 2, 3],
-        "customer_id_original": ["c1", "c3", "c2", "c4"],
-        "name": ["Ann", "Bob", "Zoë", "Ünal"],
-        "segment": ["retail", "pro", "retail", "pro"],
-        "signup": [T("2021-01-01"), T("2021-01-02"), T("2021-01-03"), T("2021-02-20")],
-    }),
+    "customers": pd.DataFrame(
+        {
+            "customer_id": [0, 1, 2, 3],
+            "customer_id_original": ["c1", "c3", "c2", "c4"],
+            "name": ["Ann", "Bob", "Zoë", "Ünal"],
+            "segment": ["retail", "pro", "retail", "pro"],
+            "signup": [T("2021-01-01"), T("2021-01-02"), T("2021-01-03"), T("2021-02-20")],
+        }
+    ),
     # sorted by time: 101 102 103 104 108 105 106; c9 dangles -> null; the time column renamed
-    "orders": pd.DataFrame({
-        "order_no": [0, 1, 2, 3, 4, 5, 6],
-        "order_no_original": [101, 102, 103, 104, 108, 105, 106],
-        "customer_id": pd.array([0, 1, 2, NA, 1, 0, NA], dtype="Int64"),
-        "ordered_at": [T("2021-01-05 09:00"), T("2021-01-07 12:00"), T("2021-01-10 10:00"), T("2021-01-12 08:00"),
-                       T("2021-01-22 18:00"), T("2021-02-07 08:00"), T("2021-02-10 08:00")],
-        "amount": [10.0, 20.0, 30.0, 5.0, 12.0, 15.5, 7.0],
-        "it's": ["y", "x", "x", "z", "y", "y", "x"],
-    }),
+    "orders": pd.DataFrame(
+        {
+            "order_no": [0, 1, 2, 3, 4, 5, 6],
+            "order_no_original": [101, 102, 103, 104, 108, 105, 106],
+            "customer_id": pd.array([0, 1, 2, NA, 1, 0, NA], dtype="Int64"),
+            "ordered_at": [
+                T("2021-01-05 09:00"),
+                T("2021-01-07 12:00"),
+                T("2021-01-10 10:00"),
+                T("2021-01-12 08:00"),
+                T("2021-01-22 18:00"),
+                T("2021-02-07 08:00"),
+                T("2021-02-10 08:00"),
+            ],
+            "amount": [10.0, 20.0, 30.0, 5.0, 12.0, 15.5, 7.0],
+            "it's": ["y", "x", "x", "z", "y", "y", "x"],
+        }
+    ),
     # no time column: file order; surrogate key; order 107 dangles -> null
-    "order lines": pd.DataFrame({
-        "line_id": [0, 1, 2, 3],
-        "order_no": pd.array([0, 0, 2, NA], dtype="Int64"),
-        "line_no": [1, 2, 1, 1],
-        "product": ["pen", "ink", "pen", "cap"],
-        "größe": ["S", "M", "L", "M"],
-        "qty": [2, 1, 5, 1],
-    }),
+    "order lines": pd.DataFrame(
+        {
+            "line_id": [0, 1, 2, 3],
+            "order_no": pd.array([0, 0, 2, NA], dtype="Int64"),
+            "line_no": [1, 2, 1, 1],
+            "product": ["pen", "ink", "pen", "cap"],
+            "größe": ["S", "M", "L", "M"],
+            "qty": [2, 1, 5, 1],
+        }
+    ),
     # UTC: c2 Jan 4 12:00, c1 Jan 6 09:00, c3 Jan 7 23:30, c2 Feb 1 08:00
-    "reviews": pd.DataFrame({
-        "reviews_id": [0, 1, 2, 3],
-        "customer_id": [2, 0, 1, 2],
-        "stars": [4, 5, 3, 2],
-        "written": [T("2021-01-04 12:00"), T("2021-01-06 09:00"), T("2021-01-07 23:30"), T("2021-02-01 08:00")],
-    }),
+    "reviews": pd.DataFrame(
+        {
+            "reviews_id": [0, 1, 2, 3],
+            "customer_id": [2, 0, 1, 2],
+            "stars": [4, 5, 3, 2],
+            "written": [
+                T("2021-01-04 12:00"),
+                T("2021-01-06 09:00"),
+                T("2021-01-07 23:30"),
+                T("2021-02-01 08:00"),
+            ],
+        }
+    ),
 }
 
 
@@ -234,19 +297,39 @@ def test_manifest_and_relbench_load(built):
         "reviews": ("reviews_id", "written", {"customer_id": "customers"}),
     }
     db = ds.get_db()  # RelBench's own 0..n-1 check, after the cut at the test timestamp
-    assert {n: len(t.df) for n, t in db.table_dict.items()} == {"customers": 3, "orders": 5, "order lines": 4, "reviews": 4}
+    assert {n: len(t.df) for n, t in db.table_dict.items()} == {
+        "customers": 3,
+        "orders": 5,
+        "order lines": 4,
+        "reviews": 4,
+    }
 
 
 def test_import_report_counts(built):
     report = json.loads((built["sqlite"] / "tve_import.json").read_text())
     assert report["policy"] == "null"
-    assert report["raw_rows"] == report["rows"] == {"customers": 4, "orders": 7, "order lines": 4, "reviews": 4}
-    assert report["unmatched_fkeys"] == {"orders.customer_id": 1, "order lines.order_no": 1, "reviews.customer_id": 0}
-    assert report["null_fkeys"] == {"orders.customer_id": 1, "order lines.order_no": 0, "reviews.customer_id": 0}
+    assert (
+        report["raw_rows"]
+        == report["rows"]
+        == {"customers": 4, "orders": 7, "order lines": 4, "reviews": 4}
+    )
+    assert report["unmatched_fkeys"] == {
+        "orders.customer_id": 1,
+        "order lines.order_no": 1,
+        "reviews.customer_id": 0,
+    }
+    assert report["null_fkeys"] == {
+        "orders.customer_id": 1,
+        "order lines.order_no": 0,
+        "reviews.customer_id": 0,
+    }
     assert report["added_parents"] == {}
     assert report["renamed_columns"] == {"orders": {"ordered at": "ordered_at"}}
     assert report["rewritten_task_sql"] == {"customer-orders": ["ordered at -> ordered_at"]}
-    assert report["converted_timezone"] == {"to": "UTC", "columns": ["table 'reviews': time column 'written'"]}
+    assert report["converted_timezone"] == {
+        "to": "UTC",
+        "columns": ["table 'reviews': time column 'written'"],
+    }
     assert report["source"]["tables"]["order lines"]["format"] == "sqlite"
 
 
@@ -254,16 +337,41 @@ def test_types_sidecar_infers_and_overrides(built):
     types = json.loads((built["parquet"] / TYPES_FILE).read_text())
     assert types["format"] == 1
     assert types["columns"] == {
-        "customers": {"customer_id": "key", "customer_id_original": "key", "name": "categorical",
-                      "segment": "categorical", "signup": "key"},
-        "orders": {"order_no": "key", "order_no_original": "key", "customer_id": "key", "ordered_at": "key",
-                   "amount": "numerical", "it's": "text"},
-        "order lines": {"line_id": "key", "order_no": "key", "line_no": "categorical", "product": "text",
-                        "größe": "text", "qty": "numerical"},
-        "reviews": {"reviews_id": "key", "customer_id": "key", "stars": "categorical", "written": "key"},
+        "customers": {
+            "customer_id": "key",
+            "customer_id_original": "key",
+            "name": "categorical",
+            "segment": "categorical",
+            "signup": "key",
+        },
+        "orders": {
+            "order_no": "key",
+            "order_no_original": "key",
+            "customer_id": "key",
+            "ordered_at": "key",
+            "amount": "numerical",
+            "it's": "text",
+        },
+        "order lines": {
+            "line_id": "key",
+            "order_no": "key",
+            "line_no": "categorical",
+            "product": "text",
+            "größe": "text",
+            "qty": "numerical",
+        },
+        "reviews": {
+            "reviews_id": "key",
+            "customer_id": "key",
+            "stars": "categorical",
+            "written": "key",
+        },
     }
-    assert types["overrides"] == {"customers": {"name": "categorical"}, "orders": {"it's": "text"},
-                                  "order lines": {"qty": "numerical"}}
+    assert types["overrides"] == {
+        "customers": {"name": "categorical"},
+        "orders": {"it's": "text"},
+        "order lines": {"qty": "numerical"},
+    }
 
 
 def test_task_labels_regenerated_by_relbench(built):
@@ -271,12 +379,21 @@ def test_task_labels_regenerated_by_relbench(built):
     got = {}
     for split in ("train", "val", "test"):
         df = task.get_table(split, mask_input_cols=False).df
-        got[split] = {(str(pd.Timestamp(t).date()), c): y for t, c, y in zip(df["timestamp"], df["customer_id"], df["orders"])}
+        got[split] = {
+            (str(pd.Timestamp(t).date()), c): y
+            for t, c, y in zip(df["timestamp"], df["customer_id"], df["orders"])
+        }
     # customers signed up by t (c1=0 Jan 1, c3=1 Jan 2, c2=2 Jan 3); orders in (t, t + 5 days]
     assert got["train"] == {
-        ("2021-01-05", 0): 1, ("2021-01-05", 1): 1, ("2021-01-05", 2): 0,
-        ("2021-01-10", 0): 0, ("2021-01-10", 1): 0, ("2021-01-10", 2): 1,
-        ("2021-01-15", 0): 0, ("2021-01-15", 1): 0, ("2021-01-15", 2): 0,
+        ("2021-01-05", 0): 1,
+        ("2021-01-05", 1): 1,
+        ("2021-01-05", 2): 0,
+        ("2021-01-10", 0): 0,
+        ("2021-01-10", 1): 0,
+        ("2021-01-10", 2): 1,
+        ("2021-01-15", 0): 0,
+        ("2021-01-15", 1): 0,
+        ("2021-01-15", 2): 0,
     }
     assert got["val"] == {("2021-01-20", 0): 0, ("2021-01-20", 1): 1, ("2021-01-20", 2): 0}
     assert got["test"] == {("2021-02-05", 0): 1, ("2021-02-05", 1): 0, ("2021-02-05", 2): 0}
@@ -313,19 +430,33 @@ def test_surrogate_key_and_text_ids_against_numbers(tmp_path):
     (tmp_path / "c.csv").write_text("ref,w\n2.0,x\n,y\n3,z\n")
     (tmp_path / "t.csv").write_text("code,when\nA1,2020-01-01\n")
     pd.DataFrame({"ref": ["3", "1"]}).to_parquet(tmp_path / "s.parquet")
-    schema = _write_yaml(tmp_path / "s.yaml", {
-        "val_timestamp": "2020-06-01", "test_timestamp": "2020-07-01",
-        "tables": {
-            "p": {"csv": "p.csv", "primary_key": "id"},
-            "c": {"csv": "c.csv", "foreign_keys": {"ref": "p"}},
-            "s": {"parquet": "s.parquet", "foreign_keys": {"p_id": {"columns": "ref", "references": "p"}}},
+    schema = _write_yaml(
+        tmp_path / "s.yaml",
+        {
+            "val_timestamp": "2020-06-01",
+            "test_timestamp": "2020-07-01",
+            "tables": {
+                "p": {"csv": "p.csv", "primary_key": "id"},
+                "c": {"csv": "c.csv", "foreign_keys": {"ref": "p"}},
+                "s": {
+                    "parquet": "s.parquet",
+                    "foreign_keys": {"p_id": {"columns": "ref", "references": "p"}},
+                },
+            },
         },
-    })
+    )
     out = build_from_files(schema, tmp_path / "out" / "mini")
     db = _db(out)
     assert db["c"]["c_id"].tolist() == [0, 1, 2]
-    assert db["c"]["ref"].tolist()[0] == 1 and pd.isna(db["c"]["ref"].tolist()[1]) and db["c"]["ref"].tolist()[2] == 2
-    assert db["s"].columns.tolist() == ["s_id", "p_id", "ref"] and db["s"]["p_id"].tolist() == [2, 0]
+    assert (
+        db["c"]["ref"].tolist()[0] == 1
+        and pd.isna(db["c"]["ref"].tolist()[1])
+        and db["c"]["ref"].tolist()[2] == 2
+    )
+    assert db["s"].columns.tolist() == ["s_id", "p_id", "ref"] and db["s"]["p_id"].tolist() == [
+        2,
+        0,
+    ]
     assert db["p"]["id_original"].tolist() == ["1", "2", "3"]  # a child names them as text
     assert relbench.load_dataset(out).manifest.name == "mini"
 
@@ -341,29 +472,75 @@ def test_composite_time_key_epochs_and_timezone(tmp_path):
         "origin,epoch,hour\nEWR,1357020000,2013-01-01T06:00:00Z\nJFK,1357023600,2013-01-01T06:00:00Z\n"
         "LGA,1357027200,2013-01-01T07:00:00Z\n"
     )
-    schema = _write_yaml(tmp_path / "s.yaml", {
-        "val_timestamp": "2012-12-31 23:00", "test_timestamp": "2013-01-01 01:30",
-        "timezone": "America/New_York", "missing_parents": "add_parents",
-        "tables": {
-            "airports": {"csv": "a.csv", "primary_key": "faa"},
-            "weather": {"csv": "w.csv", "primary_key": ["origin", "time hour"], "time_column": "time hour",
-                        "foreign_keys": {"origin": "airports"}},
-            "flights": {"csv": "f.csv", "time_column": "epoch", "time_format": "s",
-                        "foreign_keys": {"origin": "airports",
-                                         "weather_id": {"columns": ["origin", "hour"], "references": "weather"}}},
+    schema = _write_yaml(
+        tmp_path / "s.yaml",
+        {
+            "val_timestamp": "2012-12-31 23:00",
+            "test_timestamp": "2013-01-01 01:30",
+            "timezone": "America/New_York",
+            "missing_parents": "add_parents",
+            "tables": {
+                "airports": {"csv": "a.csv", "primary_key": "faa"},
+                "weather": {
+                    "csv": "w.csv",
+                    "primary_key": ["origin", "time hour"],
+                    "time_column": "time hour",
+                    "foreign_keys": {"origin": "airports"},
+                },
+                "flights": {
+                    "csv": "f.csv",
+                    "time_column": "epoch",
+                    "time_format": "s",
+                    "foreign_keys": {
+                        "origin": "airports",
+                        "weather_id": {"columns": ["origin", "hour"], "references": "weather"},
+                    },
+                },
+            },
         },
-    })
+    )
     db = _db(build_from_files(schema, tmp_path / "out"))
-    _assert_table(db["airports"], pd.DataFrame({
-        "faa": [0, 1, 2], "faa_original": ["EWR", "JFK", "LGA"], "name": ["Newark", "Kennedy", NA]}), "airports")
-    _assert_table(db["weather"], pd.DataFrame({  # UTC 06:00 is 01:00 in New York; LGA 02:00 added
-        "weather_id": [0, 1, 2, 3], "origin": [0, 1, 2, 0],
-        "time_hour": [T("2013-01-01 01:00"), T("2013-01-01 01:00"), T("2013-01-01 02:00"), T("2013-01-01 03:00")],
-        "temp": [39.0, 40.0, NA, 38.0]}), "weather")
-    _assert_table(db["flights"], pd.DataFrame({
-        "flights_id": [0, 1, 2], "weather_id": [0, 1, 2], "origin": [0, 1, 2],
-        "epoch": [T("2013-01-01 01:00"), T("2013-01-01 02:00"), T("2013-01-01 03:00")],
-        "hour": [T("2013-01-01 01:00"), T("2013-01-01 01:00"), T("2013-01-01 02:00")]}), "flights")
+    _assert_table(
+        db["airports"],
+        pd.DataFrame(
+            {
+                "faa": [0, 1, 2],
+                "faa_original": ["EWR", "JFK", "LGA"],
+                "name": ["Newark", "Kennedy", NA],
+            }
+        ),
+        "airports",
+    )
+    _assert_table(
+        db["weather"],
+        pd.DataFrame(
+            {  # UTC 06:00 is 01:00 in New York; LGA 02:00 added
+                "weather_id": [0, 1, 2, 3],
+                "origin": [0, 1, 2, 0],
+                "time_hour": [
+                    T("2013-01-01 01:00"),
+                    T("2013-01-01 01:00"),
+                    T("2013-01-01 02:00"),
+                    T("2013-01-01 03:00"),
+                ],
+                "temp": [39.0, 40.0, NA, 38.0],
+            }
+        ),
+        "weather",
+    )
+    _assert_table(
+        db["flights"],
+        pd.DataFrame(
+            {
+                "flights_id": [0, 1, 2],
+                "weather_id": [0, 1, 2],
+                "origin": [0, 1, 2],
+                "epoch": [T("2013-01-01 01:00"), T("2013-01-01 02:00"), T("2013-01-01 03:00")],
+                "hour": [T("2013-01-01 01:00"), T("2013-01-01 01:00"), T("2013-01-01 02:00")],
+            }
+        ),
+        "flights",
+    )
 
 
 # --------------------------------------------------------------------------- #
@@ -372,7 +549,9 @@ def test_composite_time_key_epochs_and_timezone(tmp_path):
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 def _variant(tmp: Path, mutate) -> Path:
@@ -391,28 +570,51 @@ def _set(df, col, i, value):
 
 
 BAD = {
-    "duplicate key": (lambda f, d: _set(f["orders"], "order_no", 1, 103),
-                      r"table 'orders': primary key 'order_no' has 1 duplicate values, e\.g\. \[103\]"),
-    "null key": (lambda f, d: _set(f["customers"], "customer_id", 0, None),
-                 r"table 'customers': primary key 'customer_id' is null in 1 rows"),
-    "duplicate composite key": (lambda f, d: _set(f["order lines"], "line_no", 1, 1),
-                                r"table 'order lines': primary key 'order_no\+line_no' has 1 duplicate values, e\.g\. \[\(101, 1\)\]"),
-    "unparseable time": (lambda f, d: _set(f["orders"], "ordered at", 2, "next tuesday"),
-                         r"table 'orders': time column 'ordered at': 1 values are not timestamps, e\.g\. \['next tuesday'\]"),
-    "mixed timezones": (lambda f, d: _set(f["reviews"], "written", 0, "2021-01-06 10:00:00"),
-                        r"table 'reviews': time column 'written': mixed timezones: 3 values carry a UTC offset, 1 do not"),
-    "missing column": (lambda f, d: d["tables"]["orders"].update(time_column="when"),
-                       r"table 'orders': time_column names column 'when', which the source does not have"),
-    "unknown parent": (lambda f, d: d["tables"]["reviews"]["foreign_keys"].update(customer_id="clients"),
-                       r"table 'reviews': foreign key 'customer_id' -> unknown table 'clients'"),
-    "bad task sql": (lambda f, d: d["tasks"][0].update(sql="SELECT nope FROM customers"),
-                     r"task 'customer-orders': its SQL fails: Binder Error"),
-    "task output": (lambda f, d: d["tasks"][0].update(sql="SELECT 1 AS customer_id"),
-                    r"task 'customer-orders': its SQL returns columns \['customer_id'\], missing \['orders', 'timestamp'\]"),
-    "bad type": (lambda f, d: d["tables"]["orders"]["types"].update(amount="money"),
-                 r"table 'orders': type of column 'amount' must be one of"),
+    "duplicate key": (
+        lambda f, d: _set(f["orders"], "order_no", 1, 103),
+        r"table 'orders': primary key 'order_no' has 1 duplicate values, e\.g\. \[103\]",
+    ),
+    "null key": (
+        lambda f, d: _set(f["customers"], "customer_id", 0, None),
+        r"table 'customers': primary key 'customer_id' is null in 1 rows",
+    ),
+    "duplicate composite key": (
+        lambda f, d: _set(f["order lines"], "line_no", 1, 1),
+        r"table 'order lines': primary key 'order_no\+line_no' has 1 duplicate values, e\.g\. \[\(101, 1\)\]",
+    ),
+    "unparseable time": (
+        lambda f, d: _set(f["orders"], "ordered at", 2, "next tuesday"),
+        r"table 'orders': time column 'ordered at': 1 values are not timestamps, e\.g\. \['next tuesday'\]",
+    ),
+    "mixed timezones": (
+        lambda f, d: _set(f["reviews"], "written", 0, "2021-01-06 10:00:00"),
+        r"table 'reviews': time column 'written': mixed timezones: 3 values carry a UTC offset, 1 do not",
+    ),
+    "missing column": (
+        lambda f, d: d["tables"]["orders"].update(time_column="when"),
+        r"table 'orders': time_column names column 'when', which the source does not have",
+    ),
+    "unknown parent": (
+        lambda f, d: d["tables"]["reviews"]["foreign_keys"].update(customer_id="clients"),
+        r"table 'reviews': foreign key 'customer_id' -> unknown table 'clients'",
+    ),
+    "bad task sql": (
+        lambda f, d: d["tasks"][0].update(sql="SELECT nope FROM customers"),
+        r"task 'customer-orders': its SQL fails: Binder Error",
+    ),
+    "task output": (
+        lambda f, d: d["tasks"][0].update(sql="SELECT 1 AS customer_id"),
+        r"task 'customer-orders': its SQL returns columns \['customer_id'\], missing \['orders', 'timestamp'\]",
+    ),
+    "bad type": (
+        lambda f, d: d["tables"]["orders"]["types"].update(amount="money"),
+        r"table 'orders': type of column 'amount' must be one of",
+    ),
     "no val timestamp": (lambda f, d: d.pop("val_timestamp"), r"'val_timestamp' is required"),
-    "bad policy": (lambda f, d: d.update(missing_parents="drop"), r"missing_parents must be one of"),
+    "bad policy": (
+        lambda f, d: d.update(missing_parents="drop"),
+        r"missing_parents must be one of",
+    ),
 }
 
 
@@ -430,9 +632,17 @@ def test_bad_input_fails_clearly_and_keeps_previous_build(tmp_path):
 
 
 def test_missing_source_file(tmp_path):
-    schema = _write_yaml(tmp_path / "s.yaml", {"val_timestamp": "2020-01-01", "test_timestamp": "2020-02-01",
-                                               "tables": {"a": {"csv": "nope.csv"}}})
-    with pytest.raises(FileNotFoundError, match=r"table 'a': csv source .*nope\.csv does not exist"):
+    schema = _write_yaml(
+        tmp_path / "s.yaml",
+        {
+            "val_timestamp": "2020-01-01",
+            "test_timestamp": "2020-02-01",
+            "tables": {"a": {"csv": "nope.csv"}},
+        },
+    )
+    with pytest.raises(
+        FileNotFoundError, match=r"table 'a': csv source .*nope\.csv does not exist"
+    ):
         build_from_files(schema, tmp_path / "out")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         build_from_files(tmp_path / "missing.yaml", tmp_path / "out")
@@ -449,26 +659,46 @@ from tve_pipeline.validation import validate_dataset  # noqa: E402
 
 _ids = st.one_of(
     st.lists(st.integers(-50, 50), min_size=1, max_size=8, unique=True),
-    st.lists(st.text("abcü ", min_size=1, max_size=3).filter(lambda v: v.strip() == v), min_size=1, max_size=8, unique=True),
+    st.lists(
+        st.text("abcü ", min_size=1, max_size=3).filter(lambda v: v.strip() == v),
+        min_size=1,
+        max_size=8,
+        unique=True,
+    ),
 )
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(ids=_ids, data=st.data(), policy=st.sampled_from(["null", "add_parents"]))
 def test_any_small_database_keeps_its_references(tmp_path_factory, ids, data, policy):
     tmp = tmp_path_factory.mktemp("prop")
     n_child = data.draw(st.integers(1, 12))
     pool = ids + ([99] if isinstance(ids[0], int) else ["zz"])  # one id the parent lacks
-    refs = data.draw(st.lists(st.one_of(st.none(), st.sampled_from(pool)), min_size=n_child, max_size=n_child))
+    refs = data.draw(
+        st.lists(st.one_of(st.none(), st.sampled_from(pool)), min_size=n_child, max_size=n_child)
+    )
     days = data.draw(st.lists(st.integers(0, 60), min_size=n_child, max_size=n_child))
     pd.DataFrame({"pid": ids, "v": range(len(ids))}).to_parquet(tmp / "p.parquet")
     times = [pd.Timestamp("2020-01-01") + pd.Timedelta(days=d) for d in days]
     pd.DataFrame({"ref": pd.Series(refs, dtype=object), "at": times}).to_parquet(tmp / "c.parquet")
-    schema = _write_yaml(tmp / "s.yaml", {
-        "val_timestamp": "2020-03-01", "test_timestamp": "2020-04-01", "missing_parents": policy,
-        "tables": {"parent x": {"parquet": "p.parquet", "primary_key": "pid"},
-                   "child": {"parquet": "c.parquet", "time_column": "at", "foreign_keys": {"ref": "parent x"}}},
-    })
+    schema = _write_yaml(
+        tmp / "s.yaml",
+        {
+            "val_timestamp": "2020-03-01",
+            "test_timestamp": "2020-04-01",
+            "missing_parents": policy,
+            "tables": {
+                "parent x": {"parquet": "p.parquet", "primary_key": "pid"},
+                "child": {
+                    "parquet": "c.parquet",
+                    "time_column": "at",
+                    "foreign_keys": {"ref": "parent x"},
+                },
+            },
+        },
+    )
     out = build_from_files(schema, tmp / "out")
     db = _db(out)
     parent, child = db["parent x"], db["child"]
@@ -492,12 +722,20 @@ def test_documented_example_parses(tmp_path):
 
     from tve_pipeline.datasets import files
 
-    block = re.search(r"Paths are relative.*?::\n\n(.*?)\n\nA top-level", files.__doc__, re.S).group(1)
+    block = re.search(
+        r"Paths are relative.*?::\n\n(.*?)\n\nA top-level", files.__doc__, re.S
+    ).group(1)
     text = "\n".join(line[4:] for line in block.splitlines())
     schema = tmp_path / "shop.yaml"
     schema.write_text(text, encoding="utf-8")
     doc, defs = files._parse_schema(schema)
     assert list(defs) == ["customers", "orders", "order lines", "reviews"]
-    assert defs["order lines"].pkey == ["order_no", "line_no"] and defs["order lines"].key_column == "line_id"
-    assert defs["reviews"].fkeys[1].columns == ["order_no", "line_no"] and defs["reviews"].key_column == "reviews_id"
+    assert (
+        defs["order lines"].pkey == ["order_no", "line_no"]
+        and defs["order lines"].key_column == "line_id"
+    )
+    assert (
+        defs["reviews"].fkeys[1].columns == ["order_no", "line_no"]
+        and defs["reviews"].key_column == "reviews_id"
+    )
     assert doc["missing_parents"] == "add_parents" and doc["tasks"][0]["name"] == "customer-churn"

@@ -23,7 +23,8 @@ from tve_pipeline.datasets.relf1 import build_rel_f1
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "rel-f1" / "raw"
 pytestmark = pytest.mark.skipif(
-    not (DATA / "ergast_csv").is_dir(), reason=f"the rel-f1 raw data is not at {DATA} (../shared/data beside the repo)"
+    not (DATA / "ergast_csv").is_dir(),
+    reason=f"the rel-f1 raw data is not at {DATA} (../shared/data beside the repo)",
 )
 
 SPLITS = ("train", "val", "test")
@@ -72,11 +73,18 @@ def test_nine_tables_67_columns_74063_rows(dataset):
     db = dataset.get_db()  # cut at the test timestamp, RelBench's key checks included
     assert sorted(db.table_dict) == sorted(EXPECTED_ROWS)
     assert sum(len(t.df.columns) for t in db.table_dict.values()) == 67
-    assert {n: len(t.df) for n, t in db.table_dict.items()} == {n: upto for n, (_, upto) in EXPECTED_ROWS.items()}
+    assert {n: len(t.df) for n, t in db.table_dict.items()} == {
+        n: upto for n, (_, upto) in EXPECTED_ROWS.items()
+    }
     assert sum(len(t.df) for t in db.table_dict.values()) == 74_063
     full = dataset.get_db(upto_test_timestamp=False)
-    assert {n: len(t.df) for n, t in full.table_dict.items()} == {n: rows for n, (rows, _) in EXPECTED_ROWS.items()}
-    assert str(dataset.val_timestamp.date()) == "2005-01-01" and str(dataset.test_timestamp.date()) == "2010-01-01"
+    assert {n: len(t.df) for n, t in full.table_dict.items()} == {
+        n: rows for n, (rows, _) in EXPECTED_ROWS.items()
+    }
+    assert (
+        str(dataset.val_timestamp.date()) == "2005-01-01"
+        and str(dataset.test_timestamp.date()) == "2010-01-01"
+    )
     assert full.min_timestamp == pd.Timestamp("1950-05-13")
 
 
@@ -87,7 +95,11 @@ def test_task_manifests(dataset):
         task = dataset.load_task(name, regenerate=True)
         assert task.timedelta == pd.Timedelta(days=days)
         assert task.num_eval_timestamps == 40
-        assert (task.entity_table, task.entity_col, task.time_col) == ("drivers", "driverId", "date")
+        assert (task.entity_table, task.entity_col, task.time_col) == (
+            "drivers",
+            "driverId",
+            "date",
+        )
 
 
 @pytest.mark.parametrize("name", list(EXPECTED_SPLITS))
@@ -97,13 +109,22 @@ def test_split_sizes(tables, name):
 
 def test_driver_top3_identical_to_relbench_tables(tables):
     for split in SPLITS:
-        ref = pd.read_csv(DATA / "reference_relbench_task_tables" / f"driver-top3_{split}.csv.gz", parse_dates=["date"])
-        got = (tables["driver-top3"]["masked_test"] if split == "test" else tables["driver-top3"][split])
+        ref = pd.read_csv(
+            DATA / "reference_relbench_task_tables" / f"driver-top3_{split}.csv.gz",
+            parse_dates=["date"],
+        )
+        got = (
+            tables["driver-top3"]["masked_test"]
+            if split == "test"
+            else tables["driver-top3"][split]
+        )
         assert list(got.columns) == list(ref.columns), split
         key = ["date", "driverId"]
         got = got.sort_values(key).reset_index(drop=True)
         ref = ref.sort_values(key).reset_index(drop=True)
-        assert (got["date"].to_numpy() == ref["date"].to_numpy().astype(got["date"].dtype)).all(), split
+        assert (got["date"].to_numpy() == ref["date"].to_numpy().astype(got["date"].dtype)).all(), (
+            split
+        )
         for col in ref.columns[1:]:
             assert got[col].tolist() == ref[col].tolist(), (split, col)
 
@@ -113,7 +134,9 @@ def _raw_results():
     races = pd.read_csv(DATA / "ergast_csv" / "races.csv.gz", keep_default_na=False)
     clock = races["time"].where(races["time"] != "\\N", "00:00:00")
     races = races.assign(when=pd.to_datetime(races["date"] + "T" + clock))
-    results = pd.read_csv(DATA / "ergast_csv" / "results.csv.gz").merge(races[["raceId", "when"]], on="raceId")
+    results = pd.read_csv(DATA / "ergast_csv" / "results.csv.gz").merge(
+        races[["raceId", "when"]], on="raceId"
+    )
     drivers = pd.read_csv(DATA / "ergast_csv" / "drivers.csv.gz")
     new_id = pd.Series(np.arange(len(drivers)), index=drivers["driverId"])
     return results.assign(new_driver=results["driverId"].map(new_id))
@@ -125,10 +148,12 @@ def test_labels_match_raw_csvs(tables, name):
     delta = pd.Timedelta(days=30 if name == "driver-dnf" else 60)
     for split in ("val", "test"):
         table = tables[name][split]
-        for t in sorted(table["date"].unique())[:: 7]:
+        for t in sorted(table["date"].unique())[::7]:
             window = results[(results["when"] > t) & (results["when"] <= t + delta)]
             if name == "driver-dnf":
-                expected = window.groupby("new_driver")["statusId"].agg(lambda s: int((s != 1).any()))
+                expected = window.groupby("new_driver")["statusId"].agg(
+                    lambda s: int((s != 1).any())
+                )
                 target = "did_not_finish"
             else:
                 expected = window.groupby("new_driver")["positionOrder"].mean()
@@ -145,7 +170,9 @@ def test_keys_follow_relbench_numbering(out_dir):
     AntonioNvs/ortogonal-representation output/data/team/results.csv, see PROVENANCE.md).
     """
     drivers = pd.read_parquet(out_dir / "db" / "drivers.parquet")
-    assert drivers.loc[0, "driverRef"] == "hamilton" and drivers["driverId"].tolist() == list(range(857))
+    assert drivers.loc[0, "driverRef"] == "hamilton" and drivers["driverId"].tolist() == list(
+        range(857)
+    )
     races = pd.read_parquet(out_dir / "db" / "races.parquet")
     assert races["date"].is_monotonic_increasing and races.loc[0, "name"] == "British Grand Prix"
     results = pd.read_parquet(out_dir / "db" / "results.parquet").set_index("resultId")
@@ -171,7 +198,9 @@ def test_import_report(out_dir):
 def test_cli_import_and_bad_raw_dir_keeps_build(out_dir, tmp_path, capsys):
     target = tmp_path / "rel-f1"
     assert cli.main(["import", "rel-f1", str(DATA), str(target)]) == 0
-    assert (target / "db" / "results.parquet").read_bytes() == (out_dir / "db" / "results.parquet").read_bytes()
+    assert (target / "db" / "results.parquet").read_bytes() == (
+        out_dir / "db" / "results.parquet"
+    ).read_bytes()
     before = {p: p.read_bytes() for p in target.rglob("*") if p.is_file()}
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -22,7 +22,9 @@ from tve_pipeline.sampling import TemporalNeighborSampler
 def oracle_embed(model: RDLModel, batch, entity: str) -> torch.Tensor:
     seed_time = batch[entity].seed_time
     x = {nt: model.encoder.encoders[nt](tf) for nt, tf in batch.collect("tf").items()}
-    for nt, t in model.temporal_encoder(seed_time, batch.collect("time"), batch.collect("batch")).items():
+    for nt, t in model.temporal_encoder(
+        seed_time, batch.collect("time"), batch.collect("batch")
+    ).items():
         x[nt] = x[nt] + t
     return model.gnn(x, batch.collect("edge_index"))[entity][: seed_time.size(0)]
 
@@ -43,7 +45,9 @@ def _grads(model):
 )
 def test_fast_embed_equals_relbench_modules(entity, aggr, gnn_layers, fan, n_seeds):
     data, col_stats = make_graph(1)
-    cfg = BackboneConfig(channels=16, encoder_layers=2, gnn_layers=gnn_layers, num_neighbors=tuple(fan), aggr=aggr)
+    cfg = BackboneConfig(
+        channels=16, encoder_layers=2, gnn_layers=gnn_layers, num_neighbors=tuple(fan), aggr=aggr
+    )
     torch.manual_seed(0)
     fast = RDLModel(data, col_stats, cfg, out_channels=1).eval()
     ref = copy.deepcopy(fast)
@@ -51,7 +55,9 @@ def test_fast_embed_equals_relbench_modules(entity, aggr, gnn_layers, fan, n_see
     nodes, seed_time = random_seeds(data, entity, n_seeds, 3)
     batch = sampler.sample(entity, nodes, seed_time, generator=torch.Generator().manual_seed(0))
     # the batch really repeats rows across seeds, so the dedup path is exercised
-    assert any(torch.unique(batch[nt].n_id).numel() < batch[nt].num_nodes for nt in batch.node_types)
+    assert any(
+        torch.unique(batch[nt].n_id).numel() < batch[nt].num_nodes for nt in batch.node_types
+    )
 
     got, want = fast.embed(batch, entity), oracle_embed(ref, batch, entity)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
@@ -64,7 +70,9 @@ def test_fast_embed_equals_relbench_modules(entity, aggr, gnn_layers, fan, n_see
     assert g_fast.keys() == g_ref.keys() and g_ref
     for name in g_ref:
         scale = g_ref[name].abs().max().clamp_min(1e-6)
-        torch.testing.assert_close(g_fast[name] / scale, g_ref[name] / scale, rtol=1e-4, atol=1e-4, msg=name)
+        torch.testing.assert_close(
+            g_fast[name] / scale, g_ref[name] / scale, rtol=1e-4, atol=1e-4, msg=name
+        )
 
 
 def test_fast_embed_with_empty_tables_and_plain_batches():
@@ -74,7 +82,9 @@ def test_fast_embed_with_empty_tables_and_plain_batches():
     model = RDLModel(data, col_stats, cfg, out_channels=1).eval()
     sampler = TemporalNeighborSampler(data, [8, 4])
     early = torch.zeros(3, dtype=torch.long)  # before every row: timed tables come back empty
-    batch = sampler.sample("users", torch.tensor([0, 1, 1]), early, generator=torch.Generator().manual_seed(0))
+    batch = sampler.sample(
+        "users", torch.tensor([0, 1, 1]), early, generator=torch.Generator().manual_seed(0)
+    )
     assert batch["events"].num_nodes == 0
     torch.testing.assert_close(model.embed(batch, "users"), oracle_embed(model, batch, "users"))
     # a batch without the sampler's hop layout or n_id takes the modules' own route

@@ -21,20 +21,41 @@ def setup(tmp_path_factory):
     types = column_types(tables, ds.manifest)
     defs = build_traversal_graph(ds.manifest.tables, types, "customers", hops=1)
     delta = pd.Timedelta("30 days")
-    raw = compute_targets(tables, ds.manifest.tables, defs, "customers",
-                          training_seed_times(ds.val_timestamp, db.min_timestamp, delta), delta)
+    raw = compute_targets(
+        tables,
+        ds.manifest.tables,
+        defs,
+        "customers",
+        training_seed_times(ds.val_timestamp, db.min_timestamp, delta),
+        delta,
+    )
     recipe = make_recipe("test")
     data, col_stats = training.graph_for(db, types, recipe.backbone)
-    return {"ds": ds, "raw": raw, "defs": defs, "data": data, "col_stats": col_stats, "recipe": recipe}
+    return {
+        "ds": ds,
+        "raw": raw,
+        "defs": defs,
+        "data": data,
+        "col_stats": col_stats,
+        "recipe": recipe,
+    }
 
 
 def test_each_objective_trains_its_own_backbone(setup):
     s = setup
     states = {}
     for objective in ("tve", "mae", "ctr", "tve+mae", "tve+ctr"):
-        result = training.pretrain(s["data"], s["col_stats"], "customers", "customer_id", s["raw"],
-                                   {d.name: d.aggregation for d in s["defs"]}, s["recipe"], torch.device("cpu"),
-                                   objective=objective)
+        result = training.pretrain(
+            s["data"],
+            s["col_stats"],
+            "customers",
+            "customer_id",
+            s["raw"],
+            {d.name: d.aggregation for d in s["defs"]},
+            s["recipe"],
+            torch.device("cpu"),
+            objective=objective,
+        )
         assert result["objective"] == objective and result["n_train_seeds"] > 0
         states[objective] = result["backbone"]
     key = next(k for k in states["tve"] if k.startswith("gnn.") and k.endswith("weight"))
@@ -54,8 +75,17 @@ def test_a_label_fraction_is_the_same_rows_for_every_method(setup, fraction):
     seen = {}
     for seed in (0, 1):
         for method, backbone in (("scratch", None), ("pretrained", None)):
-            result = training.finetune(s["data"], s["col_stats"], task, tables, s["recipe"], torch.device("cpu"),
-                                       seed=seed, label_fraction=fraction, backbone=backbone)
+            result = training.finetune(
+                s["data"],
+                s["col_stats"],
+                task,
+                tables,
+                s["recipe"],
+                torch.device("cpu"),
+                seed=seed,
+                label_fraction=fraction,
+                backbone=backbone,
+            )
             assert result["n_train"] == round(n * fraction)
             seen[(method, seed)] = result["history"]
         # the same label sample and random streams: the same run for both methods without a backbone

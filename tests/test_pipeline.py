@@ -37,9 +37,17 @@ def test_every_partition_materialised_and_no_other(pipeline_run):
         seeds.append(ts)
         ts -= DELTA
     expected = sorted(window_key(s) for s in seeds)
-    cells = {f"{task}|{method}|1|s0" for task in ("customer-churn", "customer-spend") for method in ("scratch", "tve")}
-    expected_keys = {"tve_targets": set(expected), "pretrained_checkpoint": {"tve"}, "finetuned_models": cells,
-                     "metrics": cells}
+    cells = {
+        f"{task}|{method}|1|s0"
+        for task in ("customer-churn", "customer-spend")
+        for method in ("scratch", "tve")
+    }
+    expected_keys = {
+        "tve_targets": set(expected),
+        "pretrained_checkpoint": {"tve"},
+        "finetuned_models": cells,
+        "metrics": cells,
+    }
     for asset in runner.assets:
         pdef = asset.partitions_def
         if pdef is None:
@@ -75,17 +83,28 @@ def _brute_labels(run, timestamps):
         for _, c in t["customers"].iterrows():
             if c["signup_time"] > ts:
                 continue
-            o = t["orders"][(t["orders"]["customer_id"] == c["customer_id"]) & (t["orders"]["order_time"] > ts)
-                            & (t["orders"]["order_time"] <= ts + DELTA)]
-            rows.append({"timestamp": ts, "customer_id": c["customer_id"], "churn": int(len(o) == 0),
-                         "spend": float(o["amount"].sum())})
+            o = t["orders"][
+                (t["orders"]["customer_id"] == c["customer_id"])
+                & (t["orders"]["order_time"] > ts)
+                & (t["orders"]["order_time"] <= ts + DELTA)
+            ]
+            rows.append(
+                {
+                    "timestamp": ts,
+                    "customer_id": c["customer_id"],
+                    "churn": int(len(o) == 0),
+                    "spend": float(o["amount"].sum()),
+                }
+            )
     return pd.DataFrame(rows)
 
 
 def _predict(run, task_name, table, method="scratch", seed=0):
     """Predictions of a stored fine-tuned model, re-run outside the metrics asset."""
     ds = open_dataset(run["dataset_dir"])
-    model_state = load_asset(run, "finetuned_models", f"{task_name}|{method}|1|s{seed}")["state_dict"]
+    model_state = load_asset(run, "finetuned_models", f"{task_name}|{method}|1|s{seed}")[
+        "state_dict"
+    ]
     recipe = run["resources"]["recipe"].recipe()
     summary = load_asset(run, "raw_tables")
     data, col_stats = training.graph_for(ds.get_db(), summary.column_types, recipe.backbone)
@@ -93,12 +112,20 @@ def _predict(run, task_name, table, method="scratch", seed=0):
     model.load_state_dict(model_state)
     sampler = training.TemporalNeighborSampler(data, list(recipe.backbone.num_neighbors))
     nodes, times = training.seed_tensors(table["customer_id"], table["timestamp"])
-    return training.predict(model, sampler, "customers", nodes, times, 64, torch.device("cpu"), seed=seed).view(-1)
+    return training.predict(
+        model, sampler, "customers", nodes, times, 64, torch.device("cpu"), seed=seed
+    ).view(-1)
 
 
 def _metric(run, task, method, split):
     m = run["metrics"]
-    sel = m[(m["task"] == task) & (m["method"] == method) & (m["split"] == split) & (m["seed"] == 0) & (m["label_fraction"] == 1.0)]
+    sel = m[
+        (m["task"] == task)
+        & (m["method"] == method)
+        & (m["split"] == split)
+        & (m["seed"] == 0)
+        & (m["label_fraction"] == 1.0)
+    ]
     assert len(sel) == 1
     return sel["value"].iloc[0]
 
@@ -106,13 +133,17 @@ def _metric(run, task, method, split):
 def test_test_auroc_matches_sklearn_on_bruteforce_labels(pipeline_run):
     """The metrics asset's test score equals sklearn's on labels we recompute by hand."""
     run = pipeline_run
-    test = open_dataset(run["dataset_dir"]).load_task("customer-churn").get_table("test").df  # masked
+    test = (
+        open_dataset(run["dataset_dir"]).load_task("customer-churn").get_table("test").df
+    )  # masked
     labels = _brute_labels(run, sorted(test["timestamp"].unique()))
     merged = test.merge(labels, on=["timestamp", "customer_id"], how="left")
     assert merged["churn"].notna().all() and len(merged) == len(test)
     for method in ("scratch", "tve"):
         pred = torch.sigmoid(_predict(run, "customer-churn", test, method)).numpy()
-        assert _metric(run, "customer-churn", method, "test") == pytest.approx(roc_auc_score(merged["churn"], pred), abs=1e-9)
+        assert _metric(run, "customer-churn", method, "test") == pytest.approx(
+            roc_auc_score(merged["churn"], pred), abs=1e-9
+        )
 
 
 def test_val_nmae_is_mae_over_bruteforce_train_std(pipeline_run):
@@ -122,8 +153,9 @@ def test_val_nmae_is_mae_over_bruteforce_train_std(pipeline_run):
     train_labels = _brute_labels(run, sorted(train["timestamp"].unique()))
     assert len(train_labels) == len(train)  # every existing customer, every training seed time
     std = train_labels["spend"].std(ddof=1)
-    merged = val.drop(columns=[task.target_col]).merge(_brute_labels(run, sorted(val["timestamp"].unique())),
-                                                      on=["timestamp", "customer_id"])
+    merged = val.drop(columns=[task.target_col]).merge(
+        _brute_labels(run, sorted(val["timestamp"].unique())), on=["timestamp", "customer_id"]
+    )
     pred = _predict(run, "customer-spend", val, "tve").numpy()
     # RelBench's RDL protocol: regression outputs clamped to the 2nd-98th percentile of the training labels
     pred = np.clip(pred, *np.percentile(train_labels["spend"], [2, 98]))
@@ -135,17 +167,33 @@ def test_tve_targets_match_pandas_oracle_and_never_pass_val(pipeline_run):
     run = pipeline_run
     t = _tables(run)
     graph = load_asset(run, "traversal_graph")["customers"]
-    count_def = next(d for d in graph if len(d["path"]) == 1 and d["column"] is None and d["aggregation"] == "count")
-    sum_def = next(d for d in graph if len(d["path"]) == 1 and d["column"] == "amount" and d["aggregation"] == "sum")
+    count_def = next(
+        d
+        for d in graph
+        if len(d["path"]) == 1 and d["column"] is None and d["aggregation"] == "count"
+    )
+    sum_def = next(
+        d
+        for d in graph
+        if len(d["path"]) == 1 and d["column"] == "amount" and d["aggregation"] == "sum"
+    )
     val = pd.Timestamp(open_dataset(run["dataset_dir"]).val_timestamp)
     seen = 0
     for path in sorted((run["run_dir"] / "targets" / "tiny").iterdir()):
         frame = pd.read_parquet(path / "customers.parquet")
-        assert (frame["timestamp"] + DELTA <= val).all(), "a pre-training window reaches past the validation timestamp"
-        assert {window_key(ts) for ts in frame["timestamp"]} == {path.name}  # one seed time per window
+        assert (frame["timestamp"] + DELTA <= val).all(), (
+            "a pre-training window reaches past the validation timestamp"
+        )
+        assert {window_key(ts) for ts in frame["timestamp"]} == {
+            path.name
+        }  # one seed time per window
         for _, row in frame.sample(min(len(frame), 40), random_state=0).iterrows():
             ts, cid = row["timestamp"], row["customer_id"]
-            o = t["orders"][(t["orders"]["customer_id"] == cid) & (t["orders"]["order_time"] > ts) & (t["orders"]["order_time"] <= ts + DELTA)]
+            o = t["orders"][
+                (t["orders"]["customer_id"] == cid)
+                & (t["orders"]["order_time"] > ts)
+                & (t["orders"]["order_time"] <= ts + DELTA)
+            ]
             assert row[count_def["name"]] == len(o)
             assert row["inactive"] == int(len(o) == 0)
             if len(o):
@@ -169,7 +217,9 @@ def test_checkpoint_is_cpu_backbone_state(pipeline_run):
     assert entry["n_train_seeds"] > 0 and entry["n_val_seeds"] > 0
     # the tve cell starts from it, the scratch cell does not
     tve = load_asset(pipeline_run, "finetuned_models", "customer-churn|tve|1|s0")["state_dict"]
-    scratch = load_asset(pipeline_run, "finetuned_models", "customer-churn|scratch|1|s0")["state_dict"]
+    scratch = load_asset(pipeline_run, "finetuned_models", "customer-churn|scratch|1|s0")[
+        "state_dict"
+    ]
     key = next(k for k in entry["backbone"] if k.startswith("gnn.") and k.endswith("weight"))
     assert not torch.equal(tve[key], scratch[key])
 
@@ -182,7 +232,10 @@ def test_mlflow_runs_tagged_with_dagster_run_and_partition(pipeline_run):
     runs = client.search_runs([exp.experiment_id], max_results=100)
     partitions = {r.data.tags.get("dagster.partition") for r in runs}
     assert {"tve", "customer-churn|scratch|1|s0", "customer-spend|tve|1|s0"} <= partitions
-    assert all(r.data.tags.get("dagster.run_id") and r.data.tags.get("tve.database") == "tiny" for r in runs)
+    assert all(
+        r.data.tags.get("dagster.run_id") and r.data.tags.get("tve.database") == "tiny"
+        for r in runs
+    )
     pre = [r for r in runs if r.data.tags.get("dagster.asset") == "pretrained_checkpoint"]
     assert pre and any(k.endswith("train_loss") for k in pre[0].data.metrics)
     assert any(a.path == "backbone.pt" for a in client.list_artifacts(pre[0].info.run_id))
@@ -193,14 +246,33 @@ def test_mlflow_runs_tagged_with_dagster_run_and_partition(pipeline_run):
 def test_results_summarise_the_cells(pipeline_run):
     """The results asset's summary against the cells' own rows, and its files."""
     summary, rows = pipeline_run["summary"], pipeline_run["metrics"]
-    assert len(summary) == len(rows)  # one seed and fraction: one row per (task, method, split, metric)
+    assert len(summary) == len(
+        rows
+    )  # one seed and fraction: one row per (task, method, split, metric)
     for _, r in summary.iterrows():
-        mine = rows[(rows["task"] == r["task"]) & (rows["method"] == r["method"]) & (rows["split"] == r["split"])]
+        mine = rows[
+            (rows["task"] == r["task"])
+            & (rows["method"] == r["method"])
+            & (rows["split"] == r["split"])
+        ]
         assert r["mean"] == pytest.approx(mine["value"].item()) and r["n"] == 1
         if r["method"] == "tve":
-            other = rows[(rows["task"] == r["task"]) & (rows["method"] == "scratch") & (rows["split"] == r["split"])]
-            assert r["diff_vs_scratch"] == pytest.approx(mine["value"].item() - other["value"].item())
+            other = rows[
+                (rows["task"] == r["task"])
+                & (rows["method"] == "scratch")
+                & (rows["split"] == r["split"])
+            ]
+            assert r["diff_vs_scratch"] == pytest.approx(
+                mine["value"].item() - other["value"].item()
+            )
     out = pipeline_run["run_dir"] / "results" / "tiny"
-    assert {p.name for p in out.iterdir()} >= {"summary.csv", "summary.md", "cells.csv", "customer-churn.png",
-                                               "customer-spend.png"}
-    pd.testing.assert_frame_equal(pd.read_csv(out / "summary.csv"), summary.reset_index(drop=True), check_dtype=False)
+    assert {p.name for p in out.iterdir()} >= {
+        "summary.csv",
+        "summary.md",
+        "cells.csv",
+        "customer-churn.png",
+        "customer-spend.png",
+    }
+    pd.testing.assert_frame_equal(
+        pd.read_csv(out / "summary.csv"), summary.reset_index(drop=True), check_dtype=False
+    )

@@ -34,37 +34,53 @@ def windows(tmp_path_factory):
     files = []
     for i in range(0, len(times), 3):  # three seed times to a window
         path = out / f"window-{i // 3}.parquet"
-        compute_targets(tables, ds.manifest.tables, defs, "customers", pd.DatetimeIndex(times[i:i + 3]),
-                        delta).to_parquet(path, index=False)
+        compute_targets(
+            tables, ds.manifest.tables, defs, "customers", pd.DatetimeIndex(times[i : i + 3]), delta
+        ).to_parquet(path, index=False)
         files.append(path)
     # A window where every entity is active: compute_targets gives its integer modes as
     # int64 (no null), the other windows as float64, their concatenation as float64.
     first = pd.read_parquet(files[0])
     first = first[first["inactive"] == 0]
-    int_modes = [d.name for d in defs if d.aggregation == "mode" and d.name.endswith(".quantity__mode")]
+    int_modes = [
+        d.name for d in defs if d.aggregation == "mode" and d.name.endswith(".quantity__mode")
+    ]
     assert int_modes and first[int_modes].notna().all().all()
     all_active = out / "window-0-all-active.parquet"
     first.astype({c: "int64" for c in int_modes}).to_parquet(all_active, index=False)
     recipe = make_recipe("test")
     data, col_stats = training.graph_for(db, types, recipe.backbone)
-    return {"files": files, "mixed_dtypes": [all_active, *files[1:]],
-            "aggregations": {d.name: d.aggregation for d in defs},
-            "recipe": recipe, "data": data, "col_stats": col_stats}
+    return {
+        "files": files,
+        "mixed_dtypes": [all_active, *files[1:]],
+        "aggregations": {d.name: d.aggregation for d in defs},
+        "recipe": recipe,
+        "data": data,
+        "col_stats": col_stats,
+    }
 
 
 def concatenated(files) -> pd.DataFrame:
     """What the checkpoint asset built before: every window in one frame, by seed time."""
     frames = [pd.read_parquet(f) for f in files]
-    return pd.concat(frames, ignore_index=True).sort_values("timestamp", kind="stable").reset_index(drop=True)
+    return (
+        pd.concat(frames, ignore_index=True)
+        .sort_values("timestamp", kind="stable")
+        .reset_index(drop=True)
+    )
 
 
 def _assert_seeds_equal(seeds: SeedTaskVectors, raw: pd.DataFrame, y: np.ndarray):
     np.testing.assert_array_equal(seeds.entity, raw["customer_id"].to_numpy())
-    np.testing.assert_array_equal(seeds.seed_time, raw["timestamp"].to_numpy(dtype="datetime64[ns]"))
+    np.testing.assert_array_equal(
+        seeds.seed_time, raw["timestamp"].to_numpy(dtype="datetime64[ns]")
+    )
     np.testing.assert_array_equal(seeds.task_vectors(slice(None)).numpy(), y)
 
 
-@pytest.mark.parametrize("source", ["files", "files reversed", "frame", "files, an int64 mode in one"])
+@pytest.mark.parametrize(
+    "source", ["files", "files reversed", "frame", "files, an int64 mode in one"]
+)
 def test_compact_task_vectors_equal_the_dense_normalised_frame(windows, source):
     agg = windows["aggregations"]
     assert "mode" in agg.values()
@@ -72,7 +88,9 @@ def test_compact_task_vectors_equal_the_dense_normalised_frame(windows, source):
     dense = concatenated(files)
     raw = {"files": files, "files reversed": files[::-1], "frame": dense}.get(source, files)
     # chunks of 7 rows: a chunk of an integer mode column with no null reads as int64, not float64
-    got = pretraining_task_vectors(raw, "customer_id", agg, val_fraction=0.3, max_mode_categories=3, chunk_rows=7)
+    got = pretraining_task_vectors(
+        raw, "customer_id", agg, val_fraction=0.3, max_mode_categories=3, chunk_rows=7
+    )
 
     train_raw, val_raw = training.split_pretrain_seeds(dense, 0.3)
     oracle = TaskVectorNormaliser.fit(train_raw, agg, max_mode_categories=3)
@@ -89,8 +107,10 @@ def test_compact_task_vectors_equal_the_dense_normalised_frame(windows, source):
 def test_task_vectors_of_a_batch_hand_computed():
     vectors = np.array([[0, 0.5, 1, 0], [0, 1.0, 0, 1]], dtype=np.float32)
     seeds = SeedTaskVectors(
-        entity=np.array([4, 7, 4]), seed_time=np.array(["2020-01-01"] * 3, dtype="datetime64[ns]"),
-        vector_row=np.array([1, -1, 0]), vectors=vectors,
+        entity=np.array([4, 7, 4]),
+        seed_time=np.array(["2020-01-01"] * 3, dtype="datetime64[ns]"),
+        vector_row=np.array([1, -1, 0]),
+        vectors=vectors,
     )
     y = seeds.task_vectors(torch.tensor([2, 1, 0]))
     expected = [[0, 0.5, 1, 0], [1, 0, 0, 0], [0, 1.0, 0, 1]]

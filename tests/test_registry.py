@@ -21,17 +21,37 @@ def test_each_database_gets_its_own_assets_windows_and_tasks(tmp_path):
     defs = build_definitions(run_dir)
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    names = ["raw_tables", "temporal_windows", "traversal_graph", "tve_targets", "pretrained_checkpoint",
-             "finetuned_models", "metrics", "results"]
+    names = [
+        "raw_tables",
+        "temporal_windows",
+        "traversal_graph",
+        "tve_targets",
+        "pretrained_checkpoint",
+        "finetuned_models",
+        "metrics",
+        "results",
+    ]
     assert keys == {f"{group}/{n}" for group in ("shop_a", "shop_b") for n in names}
-    cells = {g: graph.get(next(k for k in graph.get_all_asset_keys() if k.path == [g, "metrics"])).partitions_def
-             for g in ("shop_a", "shop_b")}
+    cells = {
+        g: graph.get(
+            next(k for k in graph.get_all_asset_keys() if k.path == [g, "metrics"])
+        ).partitions_def
+        for g in ("shop_a", "shop_b")
+    }
     # the reference recipe: scratch and tve, one fraction, one seed, per task of the database
-    assert cells["shop_a"].get_partition_keys() == [f"{t}|{m}|1|s0" for t in ("customer-churn", "customer-spend")
-                                                    for m in ("scratch", "tve")]
-    assert cells["shop_b"].get_partition_keys() == ["customer-churn|scratch|1|s0", "customer-churn|tve|1|s0"]
-    windows = {g: graph.get(next(k for k in graph.get_all_asset_keys() if k.path == [g, "tve_targets"])).partitions_def
-               for g in ("shop_a", "shop_b")}
+    assert cells["shop_a"].get_partition_keys() == [
+        f"{t}|{m}|1|s0" for t in ("customer-churn", "customer-spend") for m in ("scratch", "tve")
+    ]
+    assert cells["shop_b"].get_partition_keys() == [
+        "customer-churn|scratch|1|s0",
+        "customer-churn|tve|1|s0",
+    ]
+    windows = {
+        g: graph.get(
+            next(k for k in graph.get_all_asset_keys() if k.path == [g, "tve_targets"])
+        ).partitions_def
+        for g in ("shop_a", "shop_b")
+    }
     assert windows["shop_a"].name == "shop-a.windows" and windows["shop_b"].name == "shop-b.windows"
     # lineage stays inside a database
     for key in graph.get_all_asset_keys():
@@ -83,8 +103,10 @@ def test_windows_are_the_seed_times_whatever_the_first_year(tmp_path, monkeypatc
     run_dir = tmp_path / "run"
     instance = prepare_run_dir(run_dir)
     info = register_dataset(folder, run_dir, instance, profile="test")
-    first = min(pd.read_parquet(folder / "db" / "customers.parquet")["signup_time"].min(),
-                pd.read_parquet(folder / "db" / "orders.parquet")["order_time"].min())
+    first = min(
+        pd.read_parquet(folder / "db" / "customers.parquet")["signup_time"].min(),
+        pd.read_parquet(folder / "db" / "orders.parquet")["order_time"].min(),
+    )
     val, delta = pd.Timestamp(manifest["val_timestamp"]), pd.Timedelta("30 days")
     expected = [t for t in (val - k * delta for k in range(1, 40)) if t >= first]
     assert info["windows"] == [str(t.date()) for t in sorted(expected)]

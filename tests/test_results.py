@@ -9,21 +9,47 @@ from assets.partitions import cell_key, checkpoint_of_cells, experiment_cells, p
 from tve_pipeline.config import make_recipe
 from tve_pipeline.results import markdown_table, plot_tasks, summarise
 
-T_975_DF2 = 4.302652729911275  # Student's t, 97.5th percentile, 2 degrees of freedom (tables: 4.303)
+T_975_DF2 = (
+    4.302652729911275  # Student's t, 97.5th percentile, 2 degrees of freedom (tables: 4.303)
+)
 
 
 def _rows():
-    values = {("scratch", 0): 0.70, ("scratch", 1): 0.74, ("scratch", 2): 0.72,
-              ("tve", 0): 0.75, ("tve", 1): 0.76, ("tve", 2): 0.80, ("mae", 0): 0.69}
-    return pd.DataFrame([{"database": "db", "task": "t", "method": m, "label_fraction": 0.1, "seed": s,
-                          "split": "test", "metric": "roc_auc", "value": v} for (m, s), v in values.items()])
+    values = {
+        ("scratch", 0): 0.70,
+        ("scratch", 1): 0.74,
+        ("scratch", 2): 0.72,
+        ("tve", 0): 0.75,
+        ("tve", 1): 0.76,
+        ("tve", 2): 0.80,
+        ("mae", 0): 0.69,
+    }
+    return pd.DataFrame(
+        [
+            {
+                "database": "db",
+                "task": "t",
+                "method": m,
+                "label_fraction": 0.1,
+                "seed": s,
+                "split": "test",
+                "metric": "roc_auc",
+                "value": v,
+            }
+            for (m, s), v in values.items()
+        ]
+    )
 
 
 def test_summary_is_the_hand_computed_table():
     summary = summarise(_rows()).set_index("method")
     assert summary.loc["scratch", "mean"] == pytest.approx(0.72)
-    assert summary.loc["scratch", "std"] == pytest.approx(0.02)  # deviations -0.02, 0.02, 0: sqrt(0.0008 / 2)
-    assert summary.loc["scratch", "n"] == 3 and math.isnan(summary.loc["scratch", "diff_vs_scratch"])
+    assert summary.loc["scratch", "std"] == pytest.approx(
+        0.02
+    )  # deviations -0.02, 0.02, 0: sqrt(0.0008 / 2)
+    assert summary.loc["scratch", "n"] == 3 and math.isnan(
+        summary.loc["scratch", "diff_vs_scratch"]
+    )
     # paired differences tve - scratch: 0.05, 0.02, 0.08 -> mean 0.05, sd 0.03, half-width t * 0.03 / sqrt(3)
     half = T_975_DF2 * 0.03 / math.sqrt(3)
     assert summary.loc["tve", "diff_vs_scratch"] == pytest.approx(0.05)
@@ -31,10 +57,16 @@ def test_summary_is_the_hand_computed_table():
     assert summary.loc["tve", "diff_ci_high"] == pytest.approx(0.05 + half)
     assert summary.loc["tve", "n_pairs"] == 3
     # one seed only: a difference, no interval
-    assert summary.loc["mae", "diff_vs_scratch"] == pytest.approx(-0.01) and summary.loc["mae", "n_pairs"] == 1
+    assert (
+        summary.loc["mae", "diff_vs_scratch"] == pytest.approx(-0.01)
+        and summary.loc["mae", "n_pairs"] == 1
+    )
     assert math.isnan(summary.loc["mae", "diff_ci_low"])
     table = markdown_table(summarise(_rows()))
-    assert f"+0.0500 [{0.05 - half:.4f}, {0.05 + half:.4f}] (3)" in table and "0.7200 ± 0.0200 (3)" in table
+    assert (
+        f"+0.0500 [{0.05 - half:.4f}, {0.05 + half:.4f}] (3)" in table
+        and "0.7200 ± 0.0200 (3)" in table
+    )
 
 
 def test_plots_are_pngs(tmp_path):
@@ -43,12 +75,24 @@ def test_plots_are_pngs(tmp_path):
 
 
 def test_cells_cover_the_grid_and_map_to_their_checkpoint():
-    recipe = make_recipe("test", {"pretrain": {"objectives": ("tve", "mae")},
-                                  "finetune": {"label_fractions": (0.1, 1.0), "seeds": (0, 1)}})
+    recipe = make_recipe(
+        "test",
+        {
+            "pretrain": {"objectives": ("tve", "mae")},
+            "finetune": {"label_fractions": (0.1, 1.0), "seeds": (0, 1)},
+        },
+    )
     cells = experiment_cells(["b", "a"], recipe)
     assert len(cells) == 2 * 3 * 2 * 2 and cells[0] == "a|scratch|0.1|s0"
-    assert parse_cell(cell_key("driver-dnf", "tve+ctr", 0.25, 3)) == ("driver-dnf", "tve+ctr", 0.25, 3)
-    mapping = checkpoint_of_cells(["a", "b"], recipe).downstream_partition_keys_by_upstream_partition_key
+    assert parse_cell(cell_key("driver-dnf", "tve+ctr", 0.25, 3)) == (
+        "driver-dnf",
+        "tve+ctr",
+        0.25,
+        3,
+    )
+    mapping = checkpoint_of_cells(
+        ["a", "b"], recipe
+    ).downstream_partition_keys_by_upstream_partition_key
     assert set(mapping) == {"tve", "mae"}
     assert all(parse_cell(c)[1] == objective for objective, keys in mapping.items() for c in keys)
     assert sum(len(v) for v in mapping.values()) == 2 * 2 * 2 * 2  # every non-scratch cell, once

@@ -25,17 +25,37 @@ def setup(tmp_path_factory):
     types = column_types(tables, ds.manifest)
     defs = build_traversal_graph(ds.manifest.tables, types, "customers", hops=1)
     delta = pd.Timedelta("30 days")
-    raw = compute_targets(tables, ds.manifest.tables, defs, "customers",
-                          training_seed_times(ds.val_timestamp, db.min_timestamp, delta), delta)
-    recipe = make_recipe("test", {"pretrain": {"epochs": 3, "steps_per_epoch": 4}, "finetune": {"epochs": 3, "steps_per_epoch": 4}})
+    raw = compute_targets(
+        tables,
+        ds.manifest.tables,
+        defs,
+        "customers",
+        training_seed_times(ds.val_timestamp, db.min_timestamp, delta),
+        delta,
+    )
+    recipe = make_recipe(
+        "test",
+        {
+            "pretrain": {"epochs": 3, "steps_per_epoch": 4},
+            "finetune": {"epochs": 3, "steps_per_epoch": 4},
+        },
+    )
     data, col_stats = training.graph_for(db, types, recipe.backbone)
-    return {"ds": ds, "raw": raw, "defs": defs, "data": data, "col_stats": col_stats, "recipe": recipe}
+    return {
+        "ds": ds,
+        "raw": raw,
+        "defs": defs,
+        "data": data,
+        "col_stats": col_stats,
+        "recipe": recipe,
+    }
 
 
 def _kill_at(step):
     def on_step(global_step):
         if global_step == step:
             raise Killed(step)
+
     return on_step
 
 
@@ -45,11 +65,21 @@ def _assert_same_states(a: dict, b: dict):
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.mark.parametrize("kill_step", [3, 4, 9])  # mid-epoch, at an epoch boundary, in the last epoch
+@pytest.mark.parametrize(
+    "kill_step", [3, 4, 9]
+)  # mid-epoch, at an epoch boundary, in the last epoch
 def test_pretrain_resumes_to_the_same_result(setup, tmp_path, kill_step):
     s = setup
-    args = (s["data"], s["col_stats"], "customers", "customer_id", s["raw"],
-            {d.name: d.aggregation for d in s["defs"]}, s["recipe"], torch.device("cpu"))
+    args = (
+        s["data"],
+        s["col_stats"],
+        "customers",
+        "customer_id",
+        s["raw"],
+        {d.name: d.aggregation for d in s["defs"]},
+        s["recipe"],
+        torch.device("cpu"),
+    )
     whole = training.pretrain(*args, objective="tve+ctr")
     ckpt = training.Checkpointer(tmp_path / "pretrain.pt", every=2)
     with pytest.raises(Killed):
@@ -99,8 +129,16 @@ def test_prefetching_changes_nothing(setup, tmp_path):
     plain = training.finetune(*args, seed=5, prefetch=False)
     assert threaded["history"] == plain["history"]
     _assert_same_states(threaded["state_dict"], plain["state_dict"])
-    pre = (s["data"], s["col_stats"], "customers", "customer_id", s["raw"],
-           {d.name: d.aggregation for d in s["defs"]}, s["recipe"], torch.device("cpu"))
+    pre = (
+        s["data"],
+        s["col_stats"],
+        "customers",
+        "customer_id",
+        s["raw"],
+        {d.name: d.aggregation for d in s["defs"]},
+        s["recipe"],
+        torch.device("cpu"),
+    )
     a = training.pretrain(*pre, objective="tve+mae", prefetch=True)
     b = training.pretrain(*pre, objective="tve+mae", prefetch=False)
     _assert_same_states(a["backbone"], b["backbone"])
@@ -142,7 +180,9 @@ def test_step_generators_are_independent_of_history():
     c = training.step_generator(7, 12, "noise")
     d = training.step_generator(8, 12, "sample")
     x = torch.rand(4, generator=training.step_generator(7, 12, "sample"))
-    assert not torch.equal(x, torch.rand(4, generator=c)) and not torch.equal(x, torch.rand(4, generator=d))
+    assert not torch.equal(x, torch.rand(4, generator=c)) and not torch.equal(
+        x, torch.rand(4, generator=d)
+    )
 
 
 def test_regression_outputs_are_clamped_to_the_training_labels_percentiles(setup):
@@ -158,19 +198,48 @@ def test_regression_outputs_are_clamped_to_the_training_labels_percentiles(setup
     assert res["output_range"] == pytest.approx((lo, hi))
     assert lo < hi
     # evaluate() with the range == RelBench's evaluator on predictions clamped by hand
-    tabs = {**tables, "test": task.get_table("test"), "test_labels": task.get_table("test", mask_input_cols=False)}
-    got = training.evaluate(s["data"], s["col_stats"], task, tabs, res["state_dict"], s["recipe"], torch.device("cpu"),
-                            seed=1, output_range=res["output_range"])
+    tabs = {
+        **tables,
+        "test": task.get_table("test"),
+        "test_labels": task.get_table("test", mask_input_cols=False),
+    }
+    got = training.evaluate(
+        s["data"],
+        s["col_stats"],
+        task,
+        tabs,
+        res["state_dict"],
+        s["recipe"],
+        torch.device("cpu"),
+        seed=1,
+        output_range=res["output_range"],
+    )
     model = training.RDLModel(s["data"], s["col_stats"], s["recipe"].backbone, out_channels=1)
     model.load_state_dict(res["state_dict"])
     sampler = training.TemporalNeighborSampler(s["data"], list(s["recipe"].backbone.num_neighbors))
     df = tables["val"].df
     nodes, times = training.seed_tensors(df[task.entity_col], df[task.time_col])
-    raw = training.predict(model, sampler, task.entity_table, nodes, times, 512, torch.device("cpu"), seed=1).view(-1).numpy()
+    raw = (
+        training.predict(
+            model, sampler, task.entity_table, nodes, times, 512, torch.device("cpu"), seed=1
+        )
+        .view(-1)
+        .numpy()
+    )
     assert ((raw < lo) | (raw > hi)).any()  # the clamp has something to do here
     assert got["val"] == pytest.approx(task.evaluate(np.clip(raw, lo, hi), tables["val"]))
     assert got["val"] != pytest.approx(task.evaluate(raw, tables["val"]))
     # classification is never clamped
     churn = s["ds"].load_task("customer-churn")
-    assert training.finetune(s["data"], s["col_stats"], churn, {sp: churn.get_table(sp) for sp in ("train", "val")},
-                             s["recipe"], torch.device("cpu"), seed=1)["output_range"] is None
+    assert (
+        training.finetune(
+            s["data"],
+            s["col_stats"],
+            churn,
+            {sp: churn.get_table(sp) for sp in ("train", "val")},
+            s["recipe"],
+            torch.device("cpu"),
+            seed=1,
+        )["output_range"]
+        is None
+    )

@@ -53,9 +53,19 @@ def make_db(seed: int, n_users=12, n_products=8, n_events=120, n_posts=40, days=
         return (T0 + pd.to_timedelta(rng.integers(0, days, n), unit="D")).astype("datetime64[ns]")
 
     users = pd.DataFrame(
-        {"user_id": np.arange(n_users), "age": rng.normal(40, 10, n_users), "country": rng.choice(list("abc"), n_users)}
+        {
+            "user_id": np.arange(n_users),
+            "age": rng.normal(40, 10, n_users),
+            "country": rng.choice(list("abc"), n_users),
+        }
     )
-    products = pd.DataFrame({"product_id": np.arange(n_products), "price": rng.uniform(1, 9, n_products), "listed": times(n_products)})
+    products = pd.DataFrame(
+        {
+            "product_id": np.arange(n_products),
+            "price": rng.uniform(1, 9, n_products),
+            "listed": times(n_products),
+        }
+    )
     item_fk = rng.integers(0, n_products, n_events).astype(float)
     item_fk[rng.random(n_events) < 0.1] = np.nan  # dangling fkeys are dropped by relbench
     events = pd.DataFrame(
@@ -79,14 +89,27 @@ def make_db(seed: int, n_users=12, n_products=8, n_events=120, n_posts=40, days=
         }
     )
     n_tags = 30  # untimed table with an fkey: an untimed, multi-source edge type
-    tags = pd.DataFrame({"tag_id": np.arange(n_tags), "user_id": rng.integers(0, n_users, n_tags), "w": rng.random(n_tags)})
+    tags = pd.DataFrame(
+        {
+            "tag_id": np.arange(n_tags),
+            "user_id": rng.integers(0, n_users, n_tags),
+            "w": rng.random(n_tags),
+        }
+    )
     return Database(
         {
             "tags": Table(tags, {"user_id": "users"}, pkey_col="tag_id"),
             "users": Table(users, {}, pkey_col="user_id"),
             "products": Table(products, {}, pkey_col="product_id", time_col="listed"),
-            "events": Table(events, {"user_id": "users", "product_id": "products"}, pkey_col="event_id", time_col="ts"),
-            "posts": Table(posts, {"user_id": "users", "parent_id": "posts"}, pkey_col="post_id", time_col="ts"),
+            "events": Table(
+                events,
+                {"user_id": "users", "product_id": "products"},
+                pkey_col="event_id",
+                time_col="ts",
+            ),
+            "posts": Table(
+                posts, {"user_id": "users", "parent_id": "posts"}, pkey_col="post_id", time_col="ts"
+            ),
         }
     )
 
@@ -95,7 +118,11 @@ def col_to_stype():
     return {
         "tags": {"tag_id": stype.numerical, "user_id": stype.numerical, "w": stype.numerical},
         "users": {"user_id": stype.numerical, "age": stype.numerical, "country": stype.categorical},
-        "products": {"product_id": stype.numerical, "price": stype.numerical, "listed": stype.timestamp},
+        "products": {
+            "product_id": stype.numerical,
+            "price": stype.numerical,
+            "listed": stype.timestamp,
+        },
         "events": {
             "event_id": stype.numerical,
             "user_id": stype.numerical,
@@ -149,7 +176,9 @@ class Brute:
 
     def eligible(self, et, v, seed_time):
         s = et[0]
-        return [u for u in self.adj[et].get(v, []) if s not in self.time or self.time[s][u] <= seed_time]
+        return [
+            u for u in self.adj[et].get(v, []) if s not in self.time or self.time[s][u] <= seed_time
+        ]
 
     def full(self, entity, node, seed_time, hops):
         """Every eligible neighbour within `hops` (disjoint temporal BFS)."""
@@ -183,7 +212,9 @@ def per_seed(batch: HeteroData, num_seeds: int):
         ei = batch[et].edge_index
         sb, db = batch[s].batch[ei[0]], batch[d].batch[ei[1]]
         assert torch.equal(sb, db), "edge crosses two seeds' subgraphs"
-        for b, u, v in zip(db.tolist(), batch[s].n_id[ei[0]].tolist(), batch[d].n_id[ei[1]].tolist()):
+        for b, u, v in zip(
+            db.tolist(), batch[s].n_id[ei[0]].tolist(), batch[d].n_id[ei[1]].tolist()
+        ):
             edges[b][et].add((u, v))
     return nodes, edges
 
@@ -208,7 +239,9 @@ def check_structure(data, batch, entity, nodes, seed_time):
         assert sum(st_.num_sampled_nodes) == st_.n_id.numel()
         for stp, feat in st_.tf.feat_dict.items():
             if isinstance(feat, torch.Tensor):
-                torch.testing.assert_close(feat, data[nt].tf.feat_dict[stp][st_.n_id], rtol=0, atol=0, equal_nan=True)
+                torch.testing.assert_close(
+                    feat, data[nt].tf.feat_dict[stp][st_.n_id], rtol=0, atol=0, equal_nan=True
+                )
         if "time" in data[nt]:
             assert torch.equal(st_.time, data[nt].time[st_.n_id])
             # exact temporal rule; seeds themselves are exempt (hop 0)
@@ -278,7 +311,9 @@ def test_full_fanout_equals_brute_force(graph_seed, entity, strategy):
     for hops in (1, 2, 3):
         for fan in ([1000] * hops, [-1] * hops):
             sampler = TemporalNeighborSampler(data, fan, strategy=strategy)
-            batch = sampler.sample(entity, nodes, seed_time, generator=torch.Generator().manual_seed(1))
+            batch = sampler.sample(
+                entity, nodes, seed_time, generator=torch.Generator().manual_seed(1)
+            )
             check_structure(data, batch, entity, nodes, seed_time)
             got_nodes, got_edges = per_seed(batch, nodes.numel())
             for i in range(nodes.numel()):
@@ -300,7 +335,9 @@ def test_small_fanout_properties(graph_seed, entity, fan, strategy, rng_seed, n_
     data, _ = make_graph(graph_seed, n_users=6, n_events=150, n_posts=60)
     nodes, seed_time = random_seeds(data, entity, n_seeds, rng_seed)
     sampler = TemporalNeighborSampler(data, fan, strategy=strategy)
-    batch = sampler.sample(entity, nodes, seed_time, generator=torch.Generator().manual_seed(rng_seed))
+    batch = sampler.sample(
+        entity, nodes, seed_time, generator=torch.Generator().manual_seed(rng_seed)
+    )
     check_structure(data, batch, entity, nodes, seed_time)
     check_fanout(data, Brute(data), batch, fan, strategy)
 
@@ -314,7 +351,9 @@ def test_dense_graph_all_sampling_regimes(strategy):
     for fan in ([4, 3], [25, 2], [40, 25]):
         nodes, seed_time = random_seeds(data, "users", 40, sum(fan))
         sampler = TemporalNeighborSampler(data, fan, strategy=strategy)
-        batch = sampler.sample("users", nodes, seed_time, generator=torch.Generator().manual_seed(3))
+        batch = sampler.sample(
+            "users", nodes, seed_time, generator=torch.Generator().manual_seed(3)
+        )
         check_structure(data, batch, "users", nodes, seed_time)
         check_fanout(data, brute, batch, fan, strategy)
 
@@ -334,15 +373,21 @@ def test_reproducible_with_generator():
     sampler = TemporalNeighborSampler(data, [5, 3])
 
     def run(seed):
-        return _batch_tensors(sampler.sample("users", nodes, seed_time, generator=torch.Generator().manual_seed(seed)))
+        return _batch_tensors(
+            sampler.sample("users", nodes, seed_time, generator=torch.Generator().manual_seed(seed))
+        )
 
     a, b, c = run(11), run(11), run(12)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, c))
     # `last` is deterministic whatever the generator
     last = TemporalNeighborSampler(data, [5, 3], strategy="last")
-    x = _batch_tensors(last.sample("users", nodes, seed_time, generator=torch.Generator().manual_seed(1)))
-    y = _batch_tensors(last.sample("users", nodes, seed_time, generator=torch.Generator().manual_seed(2)))
+    x = _batch_tensors(
+        last.sample("users", nodes, seed_time, generator=torch.Generator().manual_seed(1))
+    )
+    y = _batch_tensors(
+        last.sample("users", nodes, seed_time, generator=torch.Generator().manual_seed(2))
+    )
     assert all(torch.equal(p, q) for p, q in zip(x, y))
 
 
@@ -363,7 +408,13 @@ def star_graph(times: list[int]) -> HeteroData:
 
 @pytest.mark.parametrize(
     "n,k",
-    [(10, 6), (9, 8), (40, 5), (300, 7), (12, 1)],  # shuffle regime, shuffle, re-draw, re-draw, re-draw
+    [
+        (10, 6),
+        (9, 8),
+        (40, 5),
+        (300, 7),
+        (12, 1),
+    ],  # shuffle regime, shuffle, re-draw, re-draw, re-draw
 )
 def test_uniform_marginals(n, k):
     # One seed time after every event: all n are eligible; R copies of the same seed in
@@ -372,7 +423,10 @@ def test_uniform_marginals(n, k):
     data = star_graph(list(range(n)))
     sampler = TemporalNeighborSampler(data, [k])
     batch = sampler.sample(
-        "user", torch.zeros(R, dtype=torch.long), torch.full((R,), 10**6), generator=torch.Generator().manual_seed(0)
+        "user",
+        torch.zeros(R, dtype=torch.long),
+        torch.full((R,), 10**6),
+        generator=torch.Generator().manual_seed(0),
     )
     ids = batch["event"].n_id
     assert ids.numel() == R * k
@@ -382,13 +436,19 @@ def test_uniform_marginals(n, k):
     assert np.abs(counts / R - k / n).max() < 0.05
 
 
-@pytest.mark.parametrize("n,k", [(4, 3), (4, 2), (5, 2), (7, 3)])  # shuffle, shuffle, re-draw, re-draw
+@pytest.mark.parametrize(
+    "n,k", [(4, 3), (4, 2), (5, 2), (7, 3)]
+)  # shuffle, shuffle, re-draw, re-draw
 def test_uniform_subset_distribution(n, k):
     R = 6000
     data = star_graph([0] * n)
     sampler = TemporalNeighborSampler(data, [k])
-    batch = sampler.sample("user", torch.zeros(R, dtype=torch.long), torch.zeros(R, dtype=torch.long),
-                           generator=torch.Generator().manual_seed(5))
+    batch = sampler.sample(
+        "user",
+        torch.zeros(R, dtype=torch.long),
+        torch.zeros(R, dtype=torch.long),
+        generator=torch.Generator().manual_seed(5),
+    )
     per = defaultdict(list)
     for b, i in zip(batch["event"].batch.tolist(), batch["event"].n_id.tolist()):
         per[b].append(i)
@@ -405,7 +465,12 @@ def test_uniform_respects_varying_prefix():
     R = 3000
     seed_time = torch.tensor([9, 10, 51, 1000] * (R // 4))
     sampler = TemporalNeighborSampler(data, [4])
-    batch = sampler.sample("user", torch.zeros(R, dtype=torch.long), seed_time, generator=torch.Generator().manual_seed(2))
+    batch = sampler.sample(
+        "user",
+        torch.zeros(R, dtype=torch.long),
+        seed_time,
+        generator=torch.Generator().manual_seed(2),
+    )
     ev = batch["event"]
     assert (ev.time <= seed_time[ev.batch]).all()
     for st_, n_elig in [(9, 5), (10, 6), (51, 26), (1000, 50)]:
@@ -463,7 +528,9 @@ def test_key_fallbacks_match_offset_key(monkeypatch, limit, mode):
     # 1e5 forces rank compression, and 0 forces the segmented bisection.
     data, _ = make_graph(4)
     nodes, seed_time = random_seeds(data, "users", 32, 4)
-    seed_time[:4] = torch.tensor([-(2**62), 0, 2**62, int(data["events"].time.max())])  # extreme seed times
+    seed_time[:4] = torch.tensor(
+        [-(2**62), 0, 2**62, int(data["events"].time.max())]
+    )  # extreme seed times
     ref = TemporalNeighborSampler(data, [3, 2, 2], strategy="last")
     assert {c.mode for c in ref.csc.values()} == {"offset", "parent", "untimed"}
     monkeypatch.setattr(sampling, "_KEY_LIMIT", limit)
@@ -478,7 +545,9 @@ def test_key_fallbacks_match_offset_key(monkeypatch, limit, mode):
 def test_empty_inputs_and_errors():
     data, _ = make_graph(0)
     sampler = TemporalNeighborSampler(data, [4, 4])
-    batch = sampler.sample("users", torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long))
+    batch = sampler.sample(
+        "users", torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
+    )
     for nt in data.node_types:
         assert batch[nt].n_id.numel() == 0 and batch[nt].tf.num_rows == 0
     for et in data.edge_types:
@@ -513,7 +582,9 @@ def test_relbench_model_forward():
     nodes, seed_time = random_seeds(data, "users", 16, 0)
     early = torch.zeros(2, dtype=torch.long)  # before every row: timed types come back empty
     for nodes, seed_time in ((nodes, seed_time), (nodes[:2], early)):
-        batch = sampler.sample("users", nodes, seed_time, generator=torch.Generator().manual_seed(0))
+        batch = sampler.sample(
+            "users", nodes, seed_time, generator=torch.Generator().manual_seed(0)
+        )
         x = enc(batch.collect("tf"))
         rel = tenc(batch["users"].seed_time, batch.collect("time"), batch.collect("batch"))
         for nt, t in rel.items():
@@ -556,7 +627,9 @@ def test_node_loader_matches_sample_and_brute_force(entity, strategy):
     nodes, seed_time = random_seeds(data, entity, 37, 5)
     fan = [3, 2]
     sampler = TemporalNeighborSampler(data, fan, strategy=strategy, seed=7)
-    loader = NodeLoader(data, node_sampler=sampler, input_nodes=(entity, nodes), input_time=seed_time, batch_size=10)
+    loader = NodeLoader(
+        data, node_sampler=sampler, input_nodes=(entity, nodes), input_time=seed_time, batch_size=10
+    )
     seen = []
     for batch in loader:
         ids = batch[entity].input_id
@@ -565,7 +638,9 @@ def test_node_loader_matches_sample_and_brute_force(entity, strategy):
         assert batch[entity].batch_size == B
         check_structure(data, batch, entity, nodes[ids], seed_time[ids])
         check_fanout(data, brute, batch, fan, strategy)
-        ref = sampler.sample(entity, nodes[ids], seed_time[ids], generator=sampler.generator_for(ids))
+        ref = sampler.sample(
+            entity, nodes[ids], seed_time[ids], generator=sampler.generator_for(ids)
+        )
         ref[entity].input_id = ids  # .sample() numbers its seeds 0..B-1
         _assert_same_batch(batch, ref, entity)
     assert torch.equal(torch.cat(seen), torch.arange(nodes.numel()))
@@ -586,11 +661,15 @@ def test_loader_seeding():
     nodes, seed_time = random_seeds(data, "users", 64, 0)
 
     def run(sampler, **kw):
-        return [_batch_tensors(b) for b in sampler.loader("users", nodes, seed_time, batch_size=16, **kw)]
+        return [
+            _batch_tensors(b)
+            for b in sampler.loader("users", nodes, seed_time, batch_size=16, **kw)
+        ]
 
     def same(a, b):
         return len(a) == len(b) and all(
-            len(x) == len(y) and all(p.shape == q.shape and torch.equal(p, q) for p, q in zip(x, y)) for x, y in zip(a, b)
+            len(x) == len(y) and all(p.shape == q.shape and torch.equal(p, q) for p, q in zip(x, y))
+            for x, y in zip(a, b)
         )
 
     # seed=None: torch's global generator (shuffle and draws), reproducible under manual_seed
@@ -620,8 +699,15 @@ def test_neighbor_loader_and_own_time_seeds():
     data, _ = make_graph(2)
     sampler = TemporalNeighborSampler(data, [4, 4], seed=0)
     nodes, seed_time = random_seeds(data, "users", 20, 2)
-    loader = NeighborLoader(data, num_neighbors=[4, 4], input_nodes=("users", nodes), input_time=seed_time,
-                            time_attr="time", neighbor_sampler=sampler, batch_size=8)
+    loader = NeighborLoader(
+        data,
+        num_neighbors=[4, 4],
+        input_nodes=("users", nodes),
+        input_time=seed_time,
+        time_attr="time",
+        neighbor_sampler=sampler,
+        batch_size=8,
+    )
     batches = list(loader)
     assert [b["users"].batch_size for b in batches] == [8, 8, 4]
     for b in batches:
@@ -630,11 +716,15 @@ def test_neighbor_loader_and_own_time_seeds():
     # No input_time: a timed seed table's rows are seeded at their own time (PyG's rule) ...
     ev = torch.arange(0, 60, 3)
     b = next(iter(sampler.loader("events", ev, data["events"].time[ev], batch_size=64)))
-    c = next(iter(NodeLoader(data, node_sampler=sampler, input_nodes=("events", ev), batch_size=64)))
+    c = next(
+        iter(NodeLoader(data, node_sampler=sampler, input_nodes=("events", ev), batch_size=64))
+    )
     _assert_same_batch(b, c, "events")
     # ... an untimed one has no seed time to use.
     with pytest.raises(ValueError, match="input_time"):
-        next(iter(NodeLoader(data, node_sampler=sampler, input_nodes=("users", nodes), batch_size=4)))
+        next(
+            iter(NodeLoader(data, node_sampler=sampler, input_nodes=("users", nodes), batch_size=4))
+        )
     assert sampler.is_temporal and sampler.disjoint and sampler.is_hetero
 
 
@@ -644,7 +734,9 @@ def test_rdl_model_on_loader_batch():
 
     data, col_stats = make_graph(0)
     torch.manual_seed(0)
-    model = RDLModel(data, col_stats, BackboneConfig(channels=16, encoder_layers=1, num_neighbors=(8, 4)), 1)
+    model = RDLModel(
+        data, col_stats, BackboneConfig(channels=16, encoder_layers=1, num_neighbors=(8, 4)), 1
+    )
     sampler = TemporalNeighborSampler(data, [8, 4], seed=1)
     nodes, seed_time = random_seeds(data, "users", 24, 1)
     for batch in sampler.loader("users", nodes, seed_time, batch_size=10, shuffle=True):
@@ -653,7 +745,9 @@ def test_rdl_model_on_loader_batch():
         out.sum().backward()
         # the same batch through .sample() gives the same output
         ids = batch["users"].input_id
-        ref = sampler.sample("users", nodes[ids], seed_time[ids], generator=sampler.generator_for(ids))
+        ref = sampler.sample(
+            "users", nodes[ids], seed_time[ids], generator=sampler.generator_for(ids)
+        )
         model.eval()
         torch.testing.assert_close(model(batch, "users"), model(ref, "users"))
         model.train()

@@ -51,7 +51,10 @@ def _missing(v) -> bool:
 
 
 def _records(frame: pd.DataFrame) -> list[dict]:
-    return [{c: (None if _missing(v) else v) for c, v in row.items()} for row in frame.to_dict("records")]
+    return [
+        {c: (None if _missing(v) else v) for c, v in row.items()}
+        for row in frame.to_dict("records")
+    ]
 
 
 def _aggregate(aggregation: str, rows: list[dict], column: str | None):
@@ -95,8 +98,10 @@ def brute_force(frames, schema, defs, entity_table, timestamps, delta) -> pd.Dat
         reached = [
             (r, r)
             for r in rows[first.table]
-            if r[first.via] is not None and r[first.via] == entity_id
-            and r[time] is not None and t < r[time] <= t + delta
+            if r[first.via] is not None
+            and r[first.via] == entity_id
+            and r[time] is not None
+            and t < r[time] <= t + delta
         ]
         current_table = first.table
         for hop in path[1:]:
@@ -105,14 +110,20 @@ def brute_force(frames, schema, defs, entity_table, timestamps, delta) -> pd.Dat
             for hop1_row, row in reached:
                 if hop.direction == "out":
                     key = row[hop.via]
-                    nxt += [(hop1_row, x) for x in rows[hop.table] if key is not None and x[spec.pkey] == key]
+                    nxt += [
+                        (hop1_row, x)
+                        for x in rows[hop.table]
+                        if key is not None and x[spec.pkey] == key
+                    ]
                 else:
                     key = row[schema[current_table].pkey]
                     hop1_time = hop1_row[schema[first.table].time_col]
                     for x in rows[hop.table]:
                         if x[hop.via] is None or x[hop.via] != key:
                             continue
-                        if spec.time_col is not None and (x[spec.time_col] is None or x[spec.time_col] > hop1_time):
+                        if spec.time_col is not None and (
+                            x[spec.time_col] is None or x[spec.time_col] > hop1_time
+                        ):
                             continue
                         nxt.append((hop1_row, x))
             reached, current_table = nxt, hop.table
@@ -122,15 +133,21 @@ def brute_force(frames, schema, defs, entity_table, timestamps, delta) -> pd.Dat
     first_hops = list(dict.fromkeys(d.path[0] for d in defs))
     for t in sorted(set(pd.to_datetime(list(timestamps)))):
         for e in sorted(rows[entity_table], key=lambda r: r[entity.pkey]):
-            if entity.time_col is not None and (e[entity.time_col] is None or e[entity.time_col] > t):
+            if entity.time_col is not None and (
+                e[entity.time_col] is None or e[entity.time_col] > t
+            ):
                 continue
             record = {entity.pkey: e[entity.pkey], "timestamp": t}
             active = any(walk((h,), e[entity.pkey], t) for h in first_hops)
             record["inactive"] = 0 if active else 1
             for d in defs:
-                record[d.name] = _aggregate(d.aggregation, walk(d.path, e[entity.pkey], t), d.column)
+                record[d.name] = _aggregate(
+                    d.aggregation, walk(d.path, e[entity.pkey], t), d.column
+                )
             out.append(record)
-    return pd.DataFrame(out, columns=[entity.pkey, "timestamp", "inactive", *[d.name for d in defs]])
+    return pd.DataFrame(
+        out, columns=[entity.pkey, "timestamp", "inactive", *[d.name for d in defs]]
+    )
 
 
 def assert_same_targets(got: pd.DataFrame, want: pd.DataFrame, defs: list[TargetDef]) -> None:
@@ -150,7 +167,9 @@ def assert_same_targets(got: pd.DataFrame, want: pd.DataFrame, defs: list[Target
                 assert g == w, f"{where}: got {g!r}, want {w!r}"
             else:
                 assert not _missing(g), f"{where}: got null, want {w!r}"
-                assert math.isclose(float(g), float(w), rel_tol=1e-9, abs_tol=1e-9), f"{where}: {g!r} != {w!r}"
+                assert math.isclose(float(g), float(w), rel_tol=1e-9, abs_tol=1e-9), (
+                    f"{where}: {g!r} != {w!r}"
+                )
 
 
 # --------------------------------------------------------------------------- random databases
@@ -161,11 +180,29 @@ DAYS = st.integers(0, 9)
 
 
 def shop_schema(customer_time: bool, names: dict[str, str] | None = None) -> dict[str, Spec]:
-    n = {k: k for k in ("customers", "products", "orders", "customer_id", "product_id", "order_id",
-                        "created", "time", "amount", "status", "price", "category", "label")}
+    n = {
+        k: k
+        for k in (
+            "customers",
+            "products",
+            "orders",
+            "customer_id",
+            "product_id",
+            "order_id",
+            "created",
+            "time",
+            "amount",
+            "status",
+            "price",
+            "category",
+            "label",
+        )
+    }
     n.update(names or {})
     return {
-        n["customers"]: Spec(pkey=n["customer_id"], time_col=n["created"] if customer_time else None),
+        n["customers"]: Spec(
+            pkey=n["customer_id"], time_col=n["created"] if customer_time else None
+        ),
         n["products"]: Spec(pkey=n["product_id"]),
         n["orders"]: Spec(
             pkey=n["order_id"],
@@ -176,14 +213,32 @@ def shop_schema(customer_time: bool, names: dict[str, str] | None = None) -> dic
 
 
 def shop_column_types(names: dict[str, str] | None = None) -> dict[str, dict[str, str]]:
-    n = {k: k for k in ("customers", "products", "orders", "amount", "status", "price", "category",
-                        "label", "age", "time", "customer_id")}
+    n = {
+        k: k
+        for k in (
+            "customers",
+            "products",
+            "orders",
+            "amount",
+            "status",
+            "price",
+            "category",
+            "label",
+            "age",
+            "time",
+            "customer_id",
+        )
+    }
     n.update(names or {})
     return {
         n["customers"]: {n["age"]: "numerical"},
         n["products"]: {n["price"]: "numerical", n["category"]: "categorical", n["label"]: "text"},
-        n["orders"]: {n["amount"]: "numerical", n["status"]: "categorical", n["time"]: "timestamp",
-                      n["customer_id"]: "numerical"},
+        n["orders"]: {
+            n["amount"]: "numerical",
+            n["status"]: "categorical",
+            n["time"]: "timestamp",
+            n["customer_id"]: "numerical",
+        },
     }
 
 
@@ -192,29 +247,45 @@ def shop_databases(draw):
     customer_time = draw(st.booleans())
     n_customers = draw(st.integers(1, 4))
     n_products = draw(st.integers(1, 3))
-    created = [draw(st.one_of(st.none(), DAYS)) if customer_time else None for _ in range(n_customers)]
-    customers = pd.DataFrame({"customer_id": list(range(n_customers)),
-                              "age": [draw(NUMBERS) for _ in range(n_customers)]})
+    created = [
+        draw(st.one_of(st.none(), DAYS)) if customer_time else None for _ in range(n_customers)
+    ]
+    customers = pd.DataFrame(
+        {
+            "customer_id": list(range(n_customers)),
+            "age": [draw(NUMBERS) for _ in range(n_customers)],
+        }
+    )
     if customer_time:
         customers["created"] = [None if d is None else BASE + pd.Timedelta(days=d) for d in created]
         customers["created"] = pd.to_datetime(customers["created"])
-    products = pd.DataFrame({
-        "product_id": list(range(n_products)),
-        "price": pd.array([draw(NUMBERS) for _ in range(n_products)], dtype="Float64"),
-        "category": pd.Series([draw(STATUSES) for _ in range(n_products)], dtype=object),
-        "label": ["p%d" % i for i in range(n_products)],
-    })
+    products = pd.DataFrame(
+        {
+            "product_id": list(range(n_products)),
+            "price": pd.array([draw(NUMBERS) for _ in range(n_products)], dtype="Float64"),
+            "category": pd.Series([draw(STATUSES) for _ in range(n_products)], dtype=object),
+            "label": ["p%d" % i for i in range(n_products)],
+        }
+    )
     n_orders = draw(st.integers(0, 12))
     key = lambda n: st.one_of(st.none(), st.integers(0, n))  # noqa: E731  (n itself dangles)
     order_days = [draw(st.one_of(DAYS, st.just(None))) for _ in range(n_orders)]
-    orders = pd.DataFrame({
-        "order_id": list(range(n_orders)),
-        "time": pd.to_datetime([None if d is None else BASE + pd.Timedelta(days=d) for d in order_days]),
-        "customer_id": pd.array([draw(key(n_customers)) for _ in range(n_orders)], dtype="Int64"),
-        "product_id": [draw(key(n_products)) for _ in range(n_orders)],  # float64 with NaN when null
-        "amount": [draw(NUMBERS) for _ in range(n_orders)],
-        "status": pd.Series([draw(STATUSES) for _ in range(n_orders)], dtype=object),
-    })
+    orders = pd.DataFrame(
+        {
+            "order_id": list(range(n_orders)),
+            "time": pd.to_datetime(
+                [None if d is None else BASE + pd.Timedelta(days=d) for d in order_days]
+            ),
+            "customer_id": pd.array(
+                [draw(key(n_customers)) for _ in range(n_orders)], dtype="Int64"
+            ),
+            "product_id": [
+                draw(key(n_products)) for _ in range(n_orders)
+            ],  # float64 with NaN when null
+            "amount": [draw(NUMBERS) for _ in range(n_orders)],
+            "status": pd.Series([draw(STATUSES) for _ in range(n_orders)], dtype=object),
+        }
+    )
     orders["product_id"] = orders["product_id"].astype("float64")
     orders["amount"] = orders["amount"].astype("float64")
     seed_days = draw(st.lists(st.integers(-1, 9), min_size=1, max_size=3))
@@ -227,12 +298,18 @@ FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthChe
 
 
 @FAST
-@given(db=shop_databases(), entity=st.sampled_from(["customers", "products"]), hops=st.sampled_from([1, 2]))
+@given(
+    db=shop_databases(),
+    entity=st.sampled_from(["customers", "products"]),
+    hops=st.sampled_from([1, 2]),
+)
 def test_targets_match_brute_force(db, entity, hops):
     customer_time, frames, timestamps = db
     schema = shop_schema(customer_time)
     defs = build_traversal_graph(schema, shop_column_types(), entity, hops=hops)
-    got = compute_targets(frames, schema, defs, entity, timestamps, DELTA, memory_limit="1GB", threads=2)
+    got = compute_targets(
+        frames, schema, defs, entity, timestamps, DELTA, memory_limit="1GB", threads=2
+    )
     want = brute_force(frames, schema, defs, entity, timestamps, DELTA)
     assert_same_targets(got, want, defs)
 
@@ -240,17 +317,27 @@ def test_targets_match_brute_force(db, entity, hops):
 def _fixed_shop():
     """A hand-made database with ties, single values, boundaries and a late customer."""
     t = lambda d, h=0: BASE + pd.Timedelta(days=d, hours=h)  # noqa: E731
-    customers = pd.DataFrame({"customer_id": [0, 1, 2, 3], "created": [t(0), t(0), t(6), pd.NaT], "age": [1.0] * 4})
-    products = pd.DataFrame({"product_id": [0, 1, 2], "price": [10.0, 20.0, None],
-                             "category": ["b", "a", "a"], "label": ["x", "y", "z"]})
-    orders = pd.DataFrame({
-        "order_id": range(8),
-        "time": [t(1), t(3), t(3, 1), t(2), t(5), t(7), t(4), t(1)],
-        "customer_id": [0, 0, 0, 1, 1, 2, 1, 3],
-        "product_id": [0, 1, 1, 0, 2, 1, 1, 0],
-        "amount": [1.0, 2.0, 2.0, 5.0, np.nan, 3.0, 4.0, 9.0],
-        "status": ["y", "x", "y", "x", "x", None, "y", "z"],
-    })
+    customers = pd.DataFrame(
+        {"customer_id": [0, 1, 2, 3], "created": [t(0), t(0), t(6), pd.NaT], "age": [1.0] * 4}
+    )
+    products = pd.DataFrame(
+        {
+            "product_id": [0, 1, 2],
+            "price": [10.0, 20.0, None],
+            "category": ["b", "a", "a"],
+            "label": ["x", "y", "z"],
+        }
+    )
+    orders = pd.DataFrame(
+        {
+            "order_id": range(8),
+            "time": [t(1), t(3), t(3, 1), t(2), t(5), t(7), t(4), t(1)],
+            "customer_id": [0, 0, 0, 1, 1, 2, 1, 3],
+            "product_id": [0, 1, 1, 0, 2, 1, 1, 0],
+            "amount": [1.0, 2.0, 2.0, 5.0, np.nan, 3.0, 4.0, 9.0],
+            "status": ["y", "x", "y", "x", "x", None, "y", "z"],
+        }
+    )
     return {"customers": customers, "products": products, "orders": orders}
 
 
@@ -280,8 +367,11 @@ def test_fixed_database_values():
 def test_mode_ties_take_smallest_value():
     frames = _fixed_shop()
     schema = shop_schema(True)
-    defs = [d for d in build_traversal_graph(schema, shop_column_types(), "customers", hops=1)
-            if d.aggregation == "mode"]
+    defs = [
+        d
+        for d in build_traversal_graph(schema, shop_column_types(), "customers", hops=1)
+        if d.aggregation == "mode"
+    ]
     t0 = BASE  # window (day 0, day 2]: customer 0 orders 0 ('y'); (day 0, day 4]:
     got = compute_targets(frames, schema, defs, "customers", [t0], pd.Timedelta(days=4))
     # customer 0: orders 0 ('y'), 1 ('x'), 2 ('y') -> 'y'; customer 1: orders 3 ('x'), 6 ('y') -> tie -> 'x'
@@ -292,8 +382,12 @@ def test_mode_ties_take_smallest_value():
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(db=shop_databases(), extra=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 2), NUMBERS, STATUSES),
-                                           min_size=1, max_size=4))
+@given(
+    db=shop_databases(),
+    extra=st.lists(
+        st.tuples(st.integers(0, 3), st.integers(0, 2), NUMBERS, STATUSES), min_size=1, max_size=4
+    ),
+)
 def test_rows_outside_what_a_target_reads_do_not_change_it(db, extra):
     customer_time, frames, timestamps = db
     schema = shop_schema(customer_time)
@@ -303,14 +397,16 @@ def test_rows_outside_what_a_target_reads_do_not_change_it(db, extra):
 
     def with_orders(days: list[pd.Timedelta]) -> dict[str, pd.DataFrame]:
         orders = frames["orders"]
-        new = pd.DataFrame({
-            "order_id": range(len(orders), len(orders) + len(days)),
-            "time": [t + d for d in days],
-            "customer_id": pd.array([e[0] for e in extra], dtype="Int64"),
-            "product_id": [float(e[1]) for e in extra],
-            "amount": [np.nan if e[2] is None else e[2] for e in extra],
-            "status": pd.Series([e[3] for e in extra], dtype=object),
-        })
+        new = pd.DataFrame(
+            {
+                "order_id": range(len(orders), len(orders) + len(days)),
+                "time": [t + d for d in days],
+                "customer_id": pd.array([e[0] for e in extra], dtype="Int64"),
+                "product_id": [float(e[1]) for e in extra],
+                "amount": [np.nan if e[2] is None else e[2] for e in extra],
+                "status": pd.Series([e[3] for e in extra], dtype=object),
+            }
+        )
         return {**frames, "orders": pd.concat([orders, new], ignore_index=True)}
 
     # Future rows (after t + Δ) are read by no target at all.
@@ -333,9 +429,14 @@ def small_schema() -> dict[str, Spec]:
     return {
         "customers": Spec(pkey="customer_id"),
         "products": Spec(pkey="product_id", time_col="added"),
-        "orders": Spec(pkey="order_id", time_col="time",
-                       fkeys={"customer_id": "customers", "product_id": "products"}),
-        "reviews": Spec(pkey=None, time_col="time", fkeys={"customer_id": "customers", "product_id": "products"}),
+        "orders": Spec(
+            pkey="order_id",
+            time_col="time",
+            fkeys={"customer_id": "customers", "product_id": "products"},
+        ),
+        "reviews": Spec(
+            pkey=None, time_col="time", fkeys={"customer_id": "customers", "product_id": "products"}
+        ),
         "returns": Spec(pkey="return_id", fkeys={"order_id": "orders"}),  # no time: not a fact
         "transfers": Spec(time_col="time", fkeys={"from_id": "customers", "to_id": "customers"}),
         "stores": Spec(pkey="store_id"),
@@ -350,16 +451,34 @@ def test_traversal_graph_paths_match_hand_written_list():
     tf, tt = Hop("transfers", "from_id", I), Hop("transfers", "to_id", I)
     via_to, via_from = Hop("customers", "to_id", O), Hop("customers", "from_id", O)
     expected = [  # schema order: facts into customers, then each fact's other fkeys, then facts into the key
-        (o1,), (o1, to_p), (o1, to_p, back_o), (o1, to_p, back_r),
-        (r1,), (r1, to_p), (r1, to_p, back_o), (r1, to_p, back_r),
-        (tf,), (tf, via_to), (tf, via_to, o1), (tf, via_to, r1), (tf, via_to, tf), (tf, via_to, tt),
-        (tt,), (tt, via_from), (tt, via_from, o1), (tt, via_from, r1), (tt, via_from, tf), (tt, via_from, tt),
+        (o1,),
+        (o1, to_p),
+        (o1, to_p, back_o),
+        (o1, to_p, back_r),
+        (r1,),
+        (r1, to_p),
+        (r1, to_p, back_o),
+        (r1, to_p, back_r),
+        (tf,),
+        (tf, via_to),
+        (tf, via_to, o1),
+        (tf, via_to, r1),
+        (tf, via_to, tf),
+        (tf, via_to, tt),
+        (tt,),
+        (tt, via_from),
+        (tt, via_from, o1),
+        (tt, via_from, r1),
+        (tt, via_from, tf),
+        (tt, via_from, tt),
     ]
     schema = small_schema()
     assert traversal_paths(schema, "customers") == expected
     assert traversal_paths(schema, "customers", hops=1) == [(o1,), (r1,), (tf,), (tt,)]
     assert traversal_paths(schema, "customers", exclude_tables=["reviews", "transfers"]) == [
-        (o1,), (o1, to_p), (o1, to_p, back_o)
+        (o1,),
+        (o1, to_p),
+        (o1, to_p, back_o),
     ]
     assert traversal_paths(schema, "customers", include_tables=["orders"]) == [(o1,)]
 
@@ -368,32 +487,53 @@ def test_traversal_graph_targets_names_and_columns():
     schema = small_schema()
     column_types = {
         "customers": {"customer_id": "numerical", "name": "text"},
-        "orders": {"order_id": "numerical", "time": "timestamp", "customer_id": "numerical",
-                   "amount": "numerical", "status": "categorical", "note": "text_embedded"},
+        "orders": {
+            "order_id": "numerical",
+            "time": "timestamp",
+            "customer_id": "numerical",
+            "amount": "numerical",
+            "status": "categorical",
+            "note": "text_embedded",
+        },
         "products": {"price": "numerical", "added": "numerical", "kind": "categorical"},
         "transfers": {"value": "numerical"},
     }
-    defs = build_traversal_graph(schema, column_types, "customers", exclude_columns={"products": ["kind"]})
+    defs = build_traversal_graph(
+        schema, column_types, "customers", exclude_columns={"products": ["kind"]}
+    )
     names = [d.name for d in defs]
     assert len(names) == len(set(names))
     assert names[:11] == [
         "orders__count",
-        "orders.amount__mean", "orders.amount__min", "orders.amount__max", "orders.amount__sum",
-        "orders.amount__count", "orders.amount__std",
-        "orders.status__mode", "orders.status__count", "orders.status__count_distinct",
+        "orders.amount__mean",
+        "orders.amount__min",
+        "orders.amount__max",
+        "orders.amount__sum",
+        "orders.amount__count",
+        "orders.amount__std",
+        "orders.status__mode",
+        "orders.status__count",
+        "orders.status__count_distinct",
         "orders>products__count",
     ]
     assert "orders>products.price__mean" in names
-    assert not any(".kind__" in n or ".added__" in n or ".note__" in n or ".time__" in n for n in names)
-    assert "orders>products<orders.amount__std" in names and "orders>products<reviews__count" in names
+    assert not any(
+        ".kind__" in n or ".added__" in n or ".note__" in n or ".time__" in n for n in names
+    )
+    assert (
+        "orders>products<orders.amount__std" in names and "orders>products<reviews__count" in names
+    )
     # two fkeys of transfers point at customers: those hops carry their column
     assert "transfers[from_id].value__sum" in names
     assert "transfers[from_id]>customers[to_id]<transfers[to_id].value__mean" in names
     assert "transfers[to_id]>customers[from_id]<orders.status__mode" in names
     d = next(d for d in defs if d.name == "orders>products<reviews__count")
     assert d.column is None and d.aggregation == "count"
-    assert d.path == (Hop("orders", "customer_id", "in"), Hop("products", "product_id", "out"),
-                      Hop("reviews", "product_id", "in"))
+    assert d.path == (
+        Hop("orders", "customer_id", "in"),
+        Hop("products", "product_id", "out"),
+        Hop("reviews", "product_id", "in"),
+    )
 
 
 def test_entity_without_incoming_fact_raises_naming_the_table():
@@ -411,9 +551,13 @@ def test_targets_json_round_trip(tmp_path):
     path = tmp_path / "targets.json"
     save_targets_json(defs, path)
     raw = json.loads(path.read_text())
-    assert raw[1] == {"name": "orders.amount__mean", "entity_table": "customers",
-                      "path": [{"table": "orders", "via": "customer_id", "direction": "in"}],
-                      "column": "amount", "aggregation": "mean"}
+    assert raw[1] == {
+        "name": "orders.amount__mean",
+        "entity_table": "customers",
+        "path": [{"table": "orders", "via": "customer_id", "direction": "in"}],
+        "column": "amount",
+        "aggregation": "mean",
+    }
     assert load_targets_json(path) == defs
 
 
@@ -426,18 +570,35 @@ def test_hand_written_definitions_are_checked():
     with pytest.raises(ValueError, match="first hop"):
         TargetDef("y", "customers", (Hop("products", "product_id", "out"),), None, "count")
     with pytest.raises(ValueError, match="no column"):
-        compute_targets(frames, schema, [TargetDef("z", "customers", (Hop("orders", "customer_id", "in"),),
-                                                   "nope", "sum")], "customers", [BASE], DELTA)
+        compute_targets(
+            frames,
+            schema,
+            [TargetDef("z", "customers", (Hop("orders", "customer_id", "in"),), "nope", "sum")],
+            "customers",
+            [BASE],
+            DELTA,
+        )
 
 
 # --------------------------------------------------------------------------- identifiers and SQL
 
 
 def test_identifiers_with_spaces_and_double_quotes():
-    names = {"customers": 'the "customers"', "products": "Seed", "orders": "order lines",
-             "customer_id": 'customer "id"', "product_id": "product id", "order_id": "order id",
-             "created": "created at", "time": "time'stamp", "amount": 'amount ("$")',
-             "status": "status; DROP", "price": "list price", "category": 'cat"egory', "label": "label"}
+    names = {
+        "customers": 'the "customers"',
+        "products": "Seed",
+        "orders": "order lines",
+        "customer_id": 'customer "id"',
+        "product_id": "product id",
+        "order_id": "order id",
+        "created": "created at",
+        "time": "time'stamp",
+        "amount": 'amount ("$")',
+        "status": "status; DROP",
+        "price": "list price",
+        "category": 'cat"egory',
+        "label": "label",
+    }
     schema = shop_schema(True, names)
     column_types = shop_column_types(names)
     plain = _fixed_shop()
@@ -449,17 +610,26 @@ def test_identifiers_with_spaces_and_double_quotes():
     got = compute_targets(frames, schema, defs, names["customers"], ts, DELTA)
     assert_same_targets(got, brute_force(frames, schema, defs, names["customers"], ts, DELTA), defs)
     sql = targets_sql(schema, defs, names["customers"], DELTA)
-    assert '"the ""customers"""' in sql and "tve_seed AS" in sql  # a table called Seed shadows no CTE
+    assert (
+        '"the ""customers"""' in sql and "tve_seed AS" in sql
+    )  # a table called Seed shadows no CTE
 
 
 def test_sql_is_set_based_and_readable(capsys):
     schema = shop_schema(True)
     defs = build_traversal_graph(schema, shop_column_types(), "customers")
     sql = targets_sql(schema, defs, "customers", pd.Timedelta(days=7))
-    assert sql.count('FROM "timestamps" AS ts') == 2  # the seed entities and the one window, not per time
+    assert (
+        sql.count('FROM "timestamps" AS ts') == 2
+    )  # the seed entities and the one window, not per time
     assert "INTERVAL '7 days'" in sql
-    assert "path_3 AS MATERIALIZED (  -- customers <- orders[customer_id] -> products[product_id]" in sql
-    assert "INTERVAL '90 microseconds'" in targets_sql(schema, defs, "customers", pd.Timedelta(microseconds=90))
+    assert (
+        "path_3 AS MATERIALIZED (  -- customers <- orders[customer_id] -> products[product_id]"
+        in sql
+    )
+    assert "INTERVAL '90 microseconds'" in targets_sql(
+        schema, defs, "customers", pd.Timedelta(microseconds=90)
+    )
     compute_targets(_fixed_shop(), schema, defs[:1], "customers", [BASE], DELTA, show_sql=True)
     assert "WITH" in capsys.readouterr().out
 
@@ -468,6 +638,11 @@ def test_no_seed_times_gives_an_empty_frame_with_all_columns():
     schema = shop_schema(True)
     defs = build_traversal_graph(schema, shop_column_types(), "customers")
     got = compute_targets(_fixed_shop(), schema, defs, "customers", [], DELTA)
-    assert got.empty and list(got.columns) == ["customer_id", "timestamp", "inactive", *[d.name for d in defs]]
+    assert got.empty and list(got.columns) == [
+        "customer_id",
+        "timestamp",
+        "inactive",
+        *[d.name for d in defs],
+    ]
     with pytest.raises(ValueError, match="no target definitions"):
         compute_targets(_fixed_shop(), schema, [], "customers", [BASE], DELTA)

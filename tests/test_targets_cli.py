@@ -40,13 +40,20 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def frames(tiny):
     db = Path(tiny) / "db"
-    return {name: pd.read_parquet(db / f"{name}.parquet") for name in ("customers", "products", "orders")}
+    return {
+        name: pd.read_parquet(db / f"{name}.parquet")
+        for name in ("customers", "products", "orders")
+    }
 
 
 def boundary_seeds(orders: pd.DataFrame) -> list[pd.Timestamp]:
     """Seed times with an order exactly at t and another exactly at t + Δ."""
     times = orders["order_time"].sort_values(ignore_index=True)
-    return [times.iloc[len(times) // 3], times.iloc[2 * len(times) // 3] - DELTA, times.iloc[len(times) // 2]]
+    return [
+        times.iloc[len(times) // 3],
+        times.iloc[2 * len(times) // 3] - DELTA,
+        times.iloc[len(times) // 2],
+    ]
 
 
 def brute_force(frames, seeds) -> pd.DataFrame:
@@ -58,27 +65,40 @@ def brute_force(frames, seeds) -> pd.DataFrame:
         for cid, signup in zip(customers["customer_id"], customers["signup_time"]):
             if not signup <= t:
                 continue
-            mine = orders[(orders["customer_id"] == cid) & (orders["order_time"] > t)
-                          & (orders["order_time"] <= t + DELTA)]
+            mine = orders[
+                (orders["customer_id"] == cid)
+                & (orders["order_time"] > t)
+                & (orders["order_time"] <= t + DELTA)
+            ]
             amounts = [float(a) for a in mine["amount"] if not pd.isna(a)]
             channels = Counter(c for c in mine["channel"] if not pd.isna(c))
             top = max(channels.values(), default=0)
             fkf = 0
             for pid, when in zip(mine["product_id"], mine["order_time"]):
                 fkf += int(((orders["product_id"] == pid) & (orders["order_time"] <= when)).sum())
-            rows.append({
-                "customer_id": cid,
-                "timestamp": t,
-                "inactive": int(mine.empty),
-                "orders__count": len(mine),
-                "orders.amount__sum": math.fsum(amounts) if amounts else None,
-                "orders.amount__mean": math.fsum(amounts) / len(amounts) if amounts else None,
-                "orders.amount__std": float(np.std(amounts, ddof=1)) if len(amounts) > 1 else None,
-                "orders.channel__mode": min((c for c, n in channels.items() if n == top), default=None),
-                "orders>products.price__max": max((price[p] for p in mine["product_id"]), default=None),
-                "orders>products.category__count_distinct": len({category[p] for p in mine["product_id"]}),
-                "orders>products<orders__count": fkf,
-            })
+            rows.append(
+                {
+                    "customer_id": cid,
+                    "timestamp": t,
+                    "inactive": int(mine.empty),
+                    "orders__count": len(mine),
+                    "orders.amount__sum": math.fsum(amounts) if amounts else None,
+                    "orders.amount__mean": math.fsum(amounts) / len(amounts) if amounts else None,
+                    "orders.amount__std": float(np.std(amounts, ddof=1))
+                    if len(amounts) > 1
+                    else None,
+                    "orders.channel__mode": min(
+                        (c for c, n in channels.items() if n == top), default=None
+                    ),
+                    "orders>products.price__max": max(
+                        (price[p] for p in mine["product_id"]), default=None
+                    ),
+                    "orders>products.category__count_distinct": len(
+                        {category[p] for p in mine["product_id"]}
+                    ),
+                    "orders>products<orders__count": fkf,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -90,16 +110,21 @@ def assert_matches(got: pd.DataFrame, want: pd.DataFrame) -> None:
         for i, (g, w) in enumerate(zip(got[col].tolist(), want[col].tolist())):
             where = f"{col} row {i}"
             if w is None or (isinstance(w, float) and math.isnan(w)):
-                assert g is None or (isinstance(g, float) and math.isnan(g)), f"{where}: got {g!r}, want null"
+                assert g is None or (isinstance(g, float) and math.isnan(g)), (
+                    f"{where}: got {g!r}, want null"
+                )
             elif isinstance(w, str):
                 assert g == w, f"{where}: got {g!r}, want {w!r}"
             else:
-                assert math.isclose(float(g), float(w), rel_tol=1e-9, abs_tol=1e-9), f"{where}: {g!r} != {w!r}"
+                assert math.isclose(float(g), float(w), rel_tol=1e-9, abs_tol=1e-9), (
+                    f"{where}: {g!r} != {w!r}"
+                )
 
 
 def assert_same_frame(got: pd.DataFrame, want: pd.DataFrame) -> None:
     """Equal values; a text mode read back from parquet is pandas ``str`` (NaN for missing),
     compute_targets gives ``object`` (None): both are the same column of strings."""
+
     def plain(frame: pd.DataFrame) -> pd.DataFrame:
         frame = frame.copy()
         for col in frame.columns:
@@ -117,8 +142,22 @@ def run_cli(*argv: str) -> int:
 def test_cli_matches_brute_force(tiny, frames, tmp_path, capsys):
     seeds = boundary_seeds(frames["orders"])
     ts = ",".join(str(t) for t in seeds)
-    assert run_cli(tiny, "--entity", "customers", "--timedelta", "30 days", "--timestamps", ts,
-                   "--hops", "2", "--out", tmp_path) == 0
+    assert (
+        run_cli(
+            tiny,
+            "--entity",
+            "customers",
+            "--timedelta",
+            "30 days",
+            "--timestamps",
+            ts,
+            "--hops",
+            "2",
+            "--out",
+            tmp_path,
+        )
+        == 0
+    )
     assert "targets.parquet" in capsys.readouterr().out
     got = pd.read_parquet(tmp_path / "targets.parquet")
     want = brute_force(frames, seeds)
@@ -127,46 +166,116 @@ def test_cli_matches_brute_force(tiny, frames, tmp_path, capsys):
     defs = load_targets_json(tmp_path / "targets.json")
     assert [d.name for d in defs] == got.columns[3:].tolist()
     assert got["inactive"].sum() > 0 and (got["inactive"] == 0).sum() > 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["targets.json", "targets.parquet"]  # no temp files left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "targets.json",
+        "targets.parquet",
+    ]  # no temp files left
     # The boundaries are really hit: an order exactly at t (excluded) and at t + Δ (included).
     times = set(frames["orders"]["order_time"])
     assert seeds[0] in times and seeds[1] + DELTA in times
 
 
 def test_cli_equals_library_and_default_seed_times(tiny, frames, tmp_path):
-    assert run_cli(tiny, "--entity", "customers", "--out", tmp_path) == 0  # Δ from the tasks, training seeds
+    assert (
+        run_cli(tiny, "--entity", "customers", "--out", tmp_path) == 0
+    )  # Δ from the tasks, training seeds
     got = pd.read_parquet(tmp_path / "targets.parquet")
     ds = open_dataset(tiny)
     db = ds.get_db(upto_test_timestamp=False)
     tables = {name: t.df for name, t in db.table_dict.items()}
     seeds = training_seed_times(ds.val_timestamp, db.min_timestamp, DELTA)
     assert sorted(set(pd.to_datetime(got["timestamp"]))) == list(seeds)
-    defs = build_traversal_graph(ds.manifest.tables, column_types(tables, ds.manifest), "customers", hops=2)
+    defs = build_traversal_graph(
+        ds.manifest.tables, column_types(tables, ds.manifest), "customers", hops=2
+    )
     assert [d.name for d in defs] == got.columns[3:].tolist()
     want = compute_targets(tables, ds.manifest.tables, defs, "customers", seeds, DELTA)
     assert_same_frame(got, want)
 
 
 def test_cli_options_select_targets(tiny, tmp_path):
-    assert run_cli(tiny, "--entity", "customers", "--timedelta", "30 days", "--hops", "1",
-                   "--exclude-columns", "orders.amount,orders.channel", "--out", tmp_path / "a") == 0
+    assert (
+        run_cli(
+            tiny,
+            "--entity",
+            "customers",
+            "--timedelta",
+            "30 days",
+            "--hops",
+            "1",
+            "--exclude-columns",
+            "orders.amount,orders.channel",
+            "--out",
+            tmp_path / "a",
+        )
+        == 0
+    )
     names = pd.read_parquet(tmp_path / "a" / "targets.parquet").columns[3:].tolist()
-    assert names[0] == "orders__count" and not any("amount" in n or "channel" in n or ">" in n for n in names)
-    assert run_cli(tiny, "--entity", "customers", "--timedelta", "30 days", "--no-fact-key-fact",
-                   "--columns", "products.price", "--out", tmp_path / "b") == 0
+    assert names[0] == "orders__count" and not any(
+        "amount" in n or "channel" in n or ">" in n for n in names
+    )
+    assert (
+        run_cli(
+            tiny,
+            "--entity",
+            "customers",
+            "--timedelta",
+            "30 days",
+            "--no-fact-key-fact",
+            "--columns",
+            "products.price",
+            "--out",
+            tmp_path / "b",
+        )
+        == 0
+    )
     names = pd.read_parquet(tmp_path / "b" / "targets.parquet").columns[3:].tolist()
-    assert names == ["orders__count", "orders>products__count", "orders>products.price__mean",
-                     "orders>products.price__min", "orders>products.price__max", "orders>products.price__sum",
-                     "orders>products.price__count", "orders>products.price__std"]
-    assert run_cli(tiny, "--entity", "products", "--timedelta", "30 days", "--timestamps", "2020-06-01",
-                   "--exclude-tables", "customers", "--out", tmp_path / "c") == 0
+    assert names == [
+        "orders__count",
+        "orders>products__count",
+        "orders>products.price__mean",
+        "orders>products.price__min",
+        "orders>products.price__max",
+        "orders>products.price__sum",
+        "orders>products.price__count",
+        "orders>products.price__std",
+    ]
+    assert (
+        run_cli(
+            tiny,
+            "--entity",
+            "products",
+            "--timedelta",
+            "30 days",
+            "--timestamps",
+            "2020-06-01",
+            "--exclude-tables",
+            "customers",
+            "--out",
+            tmp_path / "c",
+        )
+        == 0
+    )
     got = pd.read_parquet(tmp_path / "c" / "targets.parquet")
     assert len(got) == 25 and "orders>customers__count" not in got.columns
 
 
 def test_show_sql_prints_the_query(tiny, tmp_path, capsys):
-    assert run_cli(tiny, "--entity", "customers", "--timedelta", "30 days", "--timestamps", "2020-06-01",
-                   "--show-sql", "--out", tmp_path) == 0
+    assert (
+        run_cli(
+            tiny,
+            "--entity",
+            "customers",
+            "--timedelta",
+            "30 days",
+            "--timestamps",
+            "2020-06-01",
+            "--show-sql",
+            "--out",
+            tmp_path,
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "WITH" in out and 'JOIN "orders" AS f' in out and "INTERVAL '30 days'" in out
 
@@ -208,16 +317,39 @@ def test_tve_binary(tiny, frames, tmp_path):
         pytest.skip("no tve console script next to this interpreter")
     seeds = boundary_seeds(frames["orders"])
     ts = ",".join(str(t) for t in seeds)
-    done = subprocess.run([str(tve), "targets", str(tiny), "--entity", "customers", "--timedelta", "30 days",
-                           "--timestamps", ts, "--hops", "2", "--out", str(tmp_path / "out")],
-                          capture_output=True, text=True, cwd=ROOT)
+    done = subprocess.run(
+        [
+            str(tve),
+            "targets",
+            str(tiny),
+            "--entity",
+            "customers",
+            "--timedelta",
+            "30 days",
+            "--timestamps",
+            ts,
+            "--hops",
+            "2",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stderr
     want = brute_force(frames, seeds)
     got = pd.read_parquet(tmp_path / "out" / "targets.parquet")
     assert_matches(got[list(want.columns)], want)
-    bad = subprocess.run([str(tve), "targets", str(tiny), "--entity", "orders", "--out", str(tmp_path / "bad")],
-                         capture_output=True, text=True, cwd=ROOT)
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "'orders'" in bad.stderr, bad.stderr
+    bad = subprocess.run(
+        [str(tve), "targets", str(tiny), "--entity", "orders", "--out", str(tmp_path / "bad")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "'orders'" in bad.stderr, (
+        bad.stderr
+    )
 
 
 # --------------------------------------------------------------------------- library paths
@@ -226,7 +358,9 @@ def test_tve_binary(tiny, frames, tmp_path):
 def _tiny_library(tiny):
     ds = open_dataset(tiny)
     tables = {name: t.df for name, t in ds.get_db(upto_test_timestamp=False).table_dict.items()}
-    defs = build_traversal_graph(ds.manifest.tables, column_types(tables, ds.manifest), "customers", hops=2)
+    defs = build_traversal_graph(
+        ds.manifest.tables, column_types(tables, ds.manifest), "customers", hops=2
+    )
     return ds, tables, defs
 
 
@@ -240,21 +374,31 @@ def test_dense_sql_gives_the_same_rows(tiny, frames):
     con = duckdb.connect()
     for name, frame in tables.items():
         con.register(name, frame)
-    con.register("timestamps", pd.DataFrame({"timestamp": pd.to_datetime(seeds).astype("datetime64[us]")}))
+    con.register(
+        "timestamps", pd.DataFrame({"timestamp": pd.to_datetime(seeds).astype("datetime64[us]")})
+    )
     got = con.execute(targets_sql(ds.manifest.tables, defs, "customers", DELTA)).df()
     assert got.columns.tolist() == want.columns.tolist() and len(got) == len(want)
     for col in want.columns:
         g, w = got[col], want[col]
         if w.dtype.kind in "fiu" or g.dtype.kind in "fiu":
-            assert np.allclose(g.to_numpy(float), w.to_numpy(float), rtol=1e-12, atol=0, equal_nan=True), col
+            assert np.allclose(
+                g.to_numpy(float), w.to_numpy(float), rtol=1e-12, atol=0, equal_nan=True
+            ), col
         else:
             assert ((g.isna() & w.isna()) | (g.astype(object) == w.astype(object))).all(), col
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                 HealthCheck.function_scoped_fixture])
-@given(slice_rows=st.integers(1, 70), per_query=st.sampled_from([None, 1, 2, 3]),
-       picks=st.lists(st.integers(-40, 260), min_size=1, max_size=7))
+@settings(
+    max_examples=10,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    slice_rows=st.integers(1, 70),
+    per_query=st.sampled_from([None, 1, 2, 3]),
+    picks=st.lists(st.integers(-40, 260), min_size=1, max_size=7),
+)
 def test_slices_groups_and_parquet_equal_the_frame(tiny, tmp_path, slice_rows, per_query, picks):
     """Any slice size and grouping of seed times gives the same rows (all seed times in one
     query as the reference), and write_targets' file holds compute_targets' frame."""
@@ -263,17 +407,42 @@ def test_slices_groups_and_parquet_equal_the_frame(tiny, tmp_path, slice_rows, p
     ds, tables, defs = _tiny_library(tiny)
     start = pd.Timestamp(ds.val_timestamp) - pd.Timedelta(days=200)
     seeds = [start + pd.Timedelta(days=p) for p in picks]
-    want = compute_targets(tables, ds.manifest.tables, defs, "customers", seeds, DELTA, seeds_per_query=None)
-    parts = list(iter_targets(tables, ds.manifest.tables, defs, "customers", seeds, DELTA, slice_rows=slice_rows,
-                              seeds_per_query=per_query))
+    want = compute_targets(
+        tables, ds.manifest.tables, defs, "customers", seeds, DELTA, seeds_per_query=None
+    )
+    parts = list(
+        iter_targets(
+            tables,
+            ds.manifest.tables,
+            defs,
+            "customers",
+            seeds,
+            DELTA,
+            slice_rows=slice_rows,
+            seeds_per_query=per_query,
+        )
+    )
     assert all(p.num_rows <= slice_rows for p in parts)
     got = pa.concat_tables(parts).to_pandas()
     assert got[["customer_id", "timestamp"]].equals(want[["customer_id", "timestamp"]])
-    pd.testing.assert_frame_equal(compute_targets(tables, ds.manifest.tables, defs, "customers", seeds, DELTA,
-                                                  seeds_per_query=per_query), want)
+    pd.testing.assert_frame_equal(
+        compute_targets(
+            tables, ds.manifest.tables, defs, "customers", seeds, DELTA, seeds_per_query=per_query
+        ),
+        want,
+    )
     path = tmp_path / f"t{slice_rows}.parquet"
-    stats = write_targets(path, tables, ds.manifest.tables, defs, "customers", seeds, DELTA, slice_rows=slice_rows,
-                          seeds_per_query=per_query)
+    stats = write_targets(
+        path,
+        tables,
+        ds.manifest.tables,
+        defs,
+        "customers",
+        seeds,
+        DELTA,
+        slice_rows=slice_rows,
+        seeds_per_query=per_query,
+    )
     written = pd.read_parquet(path)
     assert stats == {"rows": len(want), "inactive": int(want["inactive"].sum())}
     assert_same_frame(written, want)
@@ -284,9 +453,18 @@ def test_write_targets_is_atomic_on_failure(tiny, tmp_path):
     path = tmp_path / "targets.parquet"
     path.write_bytes(b"previous")
     with pytest.raises(ValueError, match="no data for tables"):
-        write_targets(path, {"customers": tables["customers"]}, ds.manifest.tables, defs, "customers",
-                      ["2020-06-01"], DELTA)
-    assert path.read_bytes() == b"previous" and sorted(p.name for p in tmp_path.iterdir()) == ["targets.parquet"]
+        write_targets(
+            path,
+            {"customers": tables["customers"]},
+            ds.manifest.tables,
+            defs,
+            "customers",
+            ["2020-06-01"],
+            DELTA,
+        )
+    assert path.read_bytes() == b"previous" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "targets.parquet"
+    ]
 
 
 def test_parquet_paths_as_tables(tiny, frames):
@@ -309,8 +487,15 @@ def test_targets_by_seed_time_are_compute_targets_split_by_seed_time(tiny, tmp_p
     start = pd.Timestamp(ds.val_timestamp) - pd.Timedelta(days=200)
     seeds = [start + pd.Timedelta(days=d) for d in (0, 30, 60, 90)]
     early = pd.Timestamp("1999-01-01")  # before every customer: a file without rows
-    stats = write_targets_by_seed_time(lambda t: tmp_path / f"{t.date()}.parquet", tables, ds.manifest.tables,
-                                       defs, "customers", [early, *seeds], DELTA)
+    stats = write_targets_by_seed_time(
+        lambda t: tmp_path / f"{t.date()}.parquet",
+        tables,
+        ds.manifest.tables,
+        defs,
+        "customers",
+        [early, *seeds],
+        DELTA,
+    )
     whole = compute_targets(tables, ds.manifest.tables, defs, "customers", seeds, DELTA)
     for t in seeds:
         want = whole[whole["timestamp"] == t].reset_index(drop=True)

@@ -27,8 +27,17 @@ def test_rel_f1_driver_targets_match_brute_force(tmp_path):
     delta = pd.Timedelta("30 days")
     got = compute_targets(frames, ds.manifest.tables, defs, "drivers", stamps, delta)
     # the oracle loops over rows: keep it to the facts of 2003-2004 so it finishes in seconds
-    small = {n: (f[(f[ds.manifest.tables[n].time_col] >= "2003-01-01") & (f[ds.manifest.tables[n].time_col] <= "2004-12-31")]
-                 if ds.manifest.tables[n].time_col else f) for n, f in frames.items()}
+    small = {
+        n: (
+            f[
+                (f[ds.manifest.tables[n].time_col] >= "2003-01-01")
+                & (f[ds.manifest.tables[n].time_col] <= "2004-12-31")
+            ]
+            if ds.manifest.tables[n].time_col
+            else f
+        )
+        for n, f in frames.items()
+    }
     want = brute_force(small, ds.manifest.tables, defs, "drivers", stamps, delta)
     assert got["inactive"].eq(0).sum() > 10  # some drivers raced in the windows
     assert_same_targets(got, want, defs)

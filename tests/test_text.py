@@ -49,7 +49,10 @@ TEXTS = [
 
 def _h(feature: str, seed: int = 0) -> int:
     return int.from_bytes(
-        hashlib.blake2b(feature.encode("utf-8"), digest_size=8, salt=seed.to_bytes(8, "little")).digest(), "little"
+        hashlib.blake2b(
+            feature.encode("utf-8"), digest_size=8, salt=seed.to_bytes(8, "little")
+        ).digest(),
+        "little",
     )
 
 
@@ -98,7 +101,9 @@ def test_hand_computed_tiny_dim():
     # bucket 3: +(1+ln2) - (1+ln2) = 0; bucket 1: -(1+ln2); bucket 0: -1.
     w = 1 + math.log(2)
     expected = torch.tensor([-1.0, -w, 0.0, 0.0]) / math.sqrt(1 + w * w)
-    torch.testing.assert_close(HashingTextEmbedder(dim=4)(["Aa  aa"])[0], expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        HashingTextEmbedder(dim=4)(["Aa  aa"])[0], expected, atol=1e-6, rtol=0
+    )
 
 
 def test_golden_vector():
@@ -117,8 +122,15 @@ def test_same_in_another_process():
     )
     env_out = subprocess.run(
         [sys.executable, "-c", code, json.dumps(TEXTS)],
-        capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1],
-        env={**os.environ, "PYTHONHASHSEED": "12345", "OMP_NUM_THREADS": "1"},  # str hash() salted differently
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+        env={
+            **os.environ,
+            "PYTHONHASHSEED": "12345",
+            "OMP_NUM_THREADS": "1",
+        },  # str hash() salted differently
     )
     theirs = torch.tensor(json.loads(env_out.stdout.strip().splitlines()[-1]))
     assert torch.equal(theirs, HashingTextEmbedder(dim=32)(TEXTS))
@@ -126,7 +138,14 @@ def test_same_in_another_process():
 
 def test_identical_similar_and_unrelated_texts():
     e = HashingTextEmbedder(dim=64)
-    out = e(["the cat sat on the mat", "quarterly revenue grew", "the cat sat on the mat", "a cat sat on a mat"])
+    out = e(
+        [
+            "the cat sat on the mat",
+            "quarterly revenue grew",
+            "the cat sat on the mat",
+            "a cat sat on a mat",
+        ]
+    )
     assert torch.equal(out[0], out[2])
     assert torch.equal(out[0], e(["The   Cat sat on the MAT"])[0])  # case and spacing do not matter
     assert _cos(out[0], out[3]) > _cos(out[0], out[1]) + 0.3
@@ -146,7 +165,12 @@ def test_batches_give_the_same_rows():
     texts = TEXTS * 3 + [None]
     whole = e(texts)
     cfg = TextEmbedderConfig(text_embedder=HashingTextEmbedder(dim=16), batch_size=4)
-    parts = torch.cat([cfg.text_embedder(texts[i : i + cfg.batch_size]) for i in range(0, len(texts), cfg.batch_size)])
+    parts = torch.cat(
+        [
+            cfg.text_embedder(texts[i : i + cfg.batch_size])
+            for i in range(0, len(texts), cfg.batch_size)
+        ]
+    )
     assert torch.equal(whole, parts)
     assert e([]).shape == (0, 16)
 
@@ -161,13 +185,27 @@ def test_glove_embedder():
     assert torch.equal(out[3:], torch.zeros(2, 50))
     v = g.vectors
     vocab = g.vocab
-    torch.testing.assert_close(g(["The king."])[0], torch.from_numpy((v[vocab["the"]] + v[vocab["king"]] + v[vocab["."]]) / 3))
+    torch.testing.assert_close(
+        g(["The king."])[0],
+        torch.from_numpy((v[vocab["the"]] + v[vocab["king"]] + v[vocab["."]]) / 3),
+    )
 
 
 # --------------------------------------------------------------------------- graph + model
 
 START = pd.Timestamp("2021-01-01")
-WORDS = ["late", "delivery", "great", "product", "broken", "refund", "fast", "shipping", "love", "box"]
+WORDS = [
+    "late",
+    "delivery",
+    "great",
+    "product",
+    "broken",
+    "refund",
+    "fast",
+    "shipping",
+    "love",
+    "box",
+]
 
 
 @pytest.fixture(scope="module")
@@ -179,26 +217,42 @@ def text_db(tmp_path_factory):
     def sentence(i: int) -> str:
         return f"{' '.join(rng.choice(WORDS, 4))} #{i}"  # unique per row -> inferred as text
 
-    customers = pd.DataFrame({
-        "customer_id": np.arange(n_c, dtype="int64"),
-        "signup_time": (START + pd.to_timedelta(np.arange(n_c), unit="D")).astype("datetime64[ns]"),
-        "bio": [None if i % 7 == 3 else sentence(i) for i in range(n_c)],
-        "age": rng.integers(18, 80, n_c).astype("int64"),
-    })
-    orders = pd.DataFrame({
-        "order_id": np.arange(n_o, dtype="int64"),
-        "order_time": (START + pd.to_timedelta(np.sort(rng.uniform(20, 200, n_o)), unit="D")).round("s").astype("datetime64[ns]"),
-        "customer_id": rng.integers(0, n_c, n_o).astype("int64"),
-        "amount": np.round(rng.uniform(1, 100, n_o), 2),
-        "comment": [None if i % 5 == 0 else sentence(i) for i in range(n_o)],
-    })
+    customers = pd.DataFrame(
+        {
+            "customer_id": np.arange(n_c, dtype="int64"),
+            "signup_time": (START + pd.to_timedelta(np.arange(n_c), unit="D")).astype(
+                "datetime64[ns]"
+            ),
+            "bio": [None if i % 7 == 3 else sentence(i) for i in range(n_c)],
+            "age": rng.integers(18, 80, n_c).astype("int64"),
+        }
+    )
+    orders = pd.DataFrame(
+        {
+            "order_id": np.arange(n_o, dtype="int64"),
+            "order_time": (START + pd.to_timedelta(np.sort(rng.uniform(20, 200, n_o)), unit="D"))
+            .round("s")
+            .astype("datetime64[ns]"),
+            "customer_id": rng.integers(0, n_c, n_o).astype("int64"),
+            "amount": np.round(rng.uniform(1, 100, n_o), 2),
+            "comment": [None if i % 5 == 0 else sentence(i) for i in range(n_o)],
+        }
+    )
     folder = write_dataset(
-        tmp_path_factory.mktemp("textdb") / "texty", "texty",
+        tmp_path_factory.mktemp("textdb") / "texty",
+        "texty",
         {
             "customers": (customers, TableSpec(pkey="customer_id", time_col="signup_time")),
-            "orders": (orders, TableSpec(pkey="order_id", time_col="order_time", fkeys={"customer_id": "customers"})),
+            "orders": (
+                orders,
+                TableSpec(
+                    pkey="order_id", time_col="order_time", fkeys={"customer_id": "customers"}
+                ),
+            ),
         },
-        START + pd.Timedelta(days=150), START + pd.Timedelta(days=180), [],
+        START + pd.Timedelta(days=150),
+        START + pd.Timedelta(days=180),
+        [],
     )
     ds = open_dataset(folder)
     db = ds.get_db(upto_test_timestamp=False)
@@ -231,7 +285,11 @@ def test_text_columns_become_embedding_features(text_db):
         assert missing and torch.equal(got[missing], torch.zeros(len(missing), 16))
     assert "amount" in data["orders"].tf.col_names_dict[stype.numerical]
     # the caller's frames are not rewritten (missing stays missing)
-    assert text_db["db"].table_dict["customers"].df["bio"].isna().sum() == text_db["customers"]["bio"].isna().sum() > 0
+    assert (
+        text_db["db"].table_dict["customers"].df["bio"].isna().sum()
+        == text_db["customers"]["bio"].isna().sum()
+        > 0
+    )
 
 
 @pytest.mark.parametrize("fast", [True, False])
@@ -251,7 +309,13 @@ def test_model_forward_backward_with_text(text_db, fast):
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert all(torch.isfinite(g).all() for g in grads.values())
     for table in ("customers", "orders"):
-        text_weights = [n for n in grads if n.startswith(f"encoder.encoders.{table}.") and ".embedding." in n and "weight_list" in n]
+        text_weights = [
+            n
+            for n in grads
+            if n.startswith(f"encoder.encoders.{table}.")
+            and ".embedding." in n
+            and "weight_list" in n
+        ]
         assert text_weights, f"no text encoder parameter got a gradient in {table}"
         assert any(grads[n].abs().sum() > 0 for n in text_weights)
 
@@ -264,9 +328,13 @@ def test_fast_and_plain_forward_agree_with_text(text_db):
     plain.load_state_dict(fast.state_dict())
     sampler = TemporalNeighborSampler(data, list(cfg.num_neighbors))
     times = torch.full((10,), int((START + pd.Timedelta(days=150)).timestamp()))
-    batch = sampler.sample("customers", torch.arange(10), times, generator=torch.Generator().manual_seed(1))
+    batch = sampler.sample(
+        "customers", torch.arange(10), times, generator=torch.Generator().manual_seed(1)
+    )
     with torch.no_grad():
-        torch.testing.assert_close(fast(batch, "customers"), plain(batch, "customers"), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            fast(batch, "customers"), plain(batch, "customers"), atol=1e-5, rtol=1e-4
+        )
 
 
 def test_cache_key_follows_text_dim(text_db, tmp_path):
@@ -287,7 +355,10 @@ def test_cache_key_follows_text_dim(text_db, tmp_path):
 
 def test_cache_key_unchanged_without_text_columns(text_db, tmp_path):
     """Databases without text keep the key they had before text was embedded."""
-    types = {t: {c: ("key" if k == TEXT else k) for c, k in cols.items()} for t, cols in text_db["types"].items()}
+    types = {
+        t: {c: ("key" if k == TEXT else k) for c, k in cols.items()}
+        for t, cols in text_db["types"].items()
+    }
     data, _ = training.build_graph(text_db["db"], types, tmp_path, text_dim=8, time_features=False)
     old_key = hashlib.sha256(json.dumps(types, sort_keys=True).encode()).hexdigest()[:16]
     assert [p.name for p in tmp_path.iterdir()] == [old_key]
@@ -298,7 +369,9 @@ def test_recipe_default_embeds_text_with_glove(text_db, tmp_path):
     # graph_for with the default backbone: every text cell is the mean of its words'
     # GloVe vectors, read here straight from the package's files (not through the embedder).
     assert BackboneConfig().text_embedder == "glove"
-    data, col_stats = training.graph_for(text_db["db"], text_db["types"], BackboneConfig(), tmp_path)
+    data, col_stats = training.graph_for(
+        text_db["db"], text_db["types"], BackboneConfig(), tmp_path
+    )
     root = GloveTextEmbedder.data_dir()
     vectors = np.load(root / "glove_6B_50d_emb.npy")
     vocab = {t: i for i, t in enumerate(pd.read_parquet(root / "glove_6B_index.parquet")["index"])}
@@ -311,8 +384,12 @@ def test_recipe_default_embeds_text_with_glove(text_db, tmp_path):
                 continue
             words = text.lower().replace("#", " # ").split()  # "great box #3" -> great, box, #, 3
             want = np.mean([vectors[vocab[w]] for w in words if w in vocab], axis=0)
-            torch.testing.assert_close(got[k], torch.from_numpy(want.astype(np.float32)), atol=1e-6, rtol=1e-5)
-    hashed, _ = training.graph_for(text_db["db"], text_db["types"], BackboneConfig(text_embedder="hashing", text_dim=8))
+            torch.testing.assert_close(
+                got[k], torch.from_numpy(want.astype(np.float32)), atol=1e-6, rtol=1e-5
+            )
+    hashed, _ = training.graph_for(
+        text_db["db"], text_db["types"], BackboneConfig(text_embedder="hashing", text_dim=8)
+    )
     assert _emb_column(hashed["customers"].tf, "bio").shape[1] == 8
     with pytest.raises(ValueError, match="backbone.text_embedder.*'bert'"):
         make_text_embedder("bert")

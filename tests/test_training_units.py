@@ -12,7 +12,11 @@ from tve_pipeline.training import seed_tensors, split_pretrain_seeds
 
 @pytest.mark.parametrize("unit", ["s", "ms", "us", "ns"])
 def test_seed_times_are_unix_seconds_whatever_the_resolution(unit):
-    ts = pd.Series(pd.DatetimeIndex([pd.Timestamp("1970-01-02"), pd.Timestamp("2013-11-08 06:30:00")]).astype(f"datetime64[{unit}]"))
+    ts = pd.Series(
+        pd.DatetimeIndex([pd.Timestamp("1970-01-02"), pd.Timestamp("2013-11-08 06:30:00")]).astype(
+            f"datetime64[{unit}]"
+        )
+    )
     _, secs = seed_tensors(pd.Series([0, 1]), ts)
     assert secs.tolist() == [86400, 1383892200]
 
@@ -26,27 +30,34 @@ def test_sce_loss_hand_computed():
 
 
 def test_normaliser_fits_on_active_rows_only():
-    raw = pd.DataFrame({
-        "inactive": [0, 0, 1, 0],
-        "amount_sum": [10.0, 30.0, 999.0, np.nan],
-        "channel_mode": ["web", "app", None, "web"],
-    })
+    raw = pd.DataFrame(
+        {
+            "inactive": [0, 0, 1, 0],
+            "amount_sum": [10.0, 30.0, 999.0, np.nan],
+            "channel_mode": ["web", "app", None, "web"],
+        }
+    )
     norm = TaskVectorNormaliser.fit(raw, {"amount_sum": "sum", "channel_mode": "mode"})
     y = norm.transform(raw)
     # columns: inactive | amount (min 10, max 30 over active rows) | web, app, other
-    expected = np.array([
-        [0, 0.0, 1, 0, 0],
-        [0, 1.0, 0, 1, 0],
-        [1, 0.0, 0, 0, 0],  # inactive: all zeros but the flag
-        [0, 0.0, 1, 0, 0],  # missing numeric -> 0
-    ], dtype=np.float32)
+    expected = np.array(
+        [
+            [0, 0.0, 1, 0, 0],
+            [0, 1.0, 0, 1, 0],
+            [1, 0.0, 0, 0, 0],  # inactive: all zeros but the flag
+            [0, 0.0, 1, 0, 0],  # missing numeric -> 0
+        ],
+        dtype=np.float32,
+    )
     np.testing.assert_array_equal(y, expected)
     again = TaskVectorNormaliser.from_dict(norm.to_dict()).transform(raw)
     np.testing.assert_array_equal(again, expected)
 
 
 def test_pretrain_split_holds_out_latest_seed_times():
-    raw = pd.DataFrame({"timestamp": pd.to_datetime(["2020-01-01"] * 2 + ["2020-02-01"] * 2 + ["2020-03-01"])})
+    raw = pd.DataFrame(
+        {"timestamp": pd.to_datetime(["2020-01-01"] * 2 + ["2020-02-01"] * 2 + ["2020-03-01"])}
+    )
     train, val = split_pretrain_seeds(raw, 0.3)
     assert set(val["timestamp"]) == {pd.Timestamp("2020-03-01")}
     assert train["timestamp"].max() < val["timestamp"].min()
@@ -104,11 +115,25 @@ def test_time_columns_become_timestamp_features_only_when_asked(tmp_path):
     from tve_pipeline import training
 
     db = make_db(0)
-    types = {"events": {"event_id": "key", "user_id": "key", "product_id": "key", "ts": "key", "amount": "numerical"},
-             "users": {"user_id": "key", "age": "numerical", "country": "categorical"},
-             "products": {"product_id": "key", "price": "numerical", "listed": "key"},
-             "posts": {"post_id": "key", "user_id": "key", "parent_id": "key", "ts": "key", "length": "numerical"},
-             "tags": {"tag_id": "key", "user_id": "key", "w": "numerical"}}
+    types = {
+        "events": {
+            "event_id": "key",
+            "user_id": "key",
+            "product_id": "key",
+            "ts": "key",
+            "amount": "numerical",
+        },
+        "users": {"user_id": "key", "age": "numerical", "country": "categorical"},
+        "products": {"product_id": "key", "price": "numerical", "listed": "key"},
+        "posts": {
+            "post_id": "key",
+            "user_id": "key",
+            "parent_id": "key",
+            "ts": "key",
+            "length": "numerical",
+        },
+        "tags": {"tag_id": "key", "user_id": "key", "w": "numerical"},
+    }
     with_time, _ = training.build_graph(db, types, tmp_path)
     without, _ = training.build_graph(db, types, tmp_path, time_features=False)
     assert with_time["events"].tf.col_names_dict[stype.timestamp] == ["ts"]
@@ -117,7 +142,9 @@ def test_time_columns_become_timestamp_features_only_when_asked(tmp_path):
     assert stype.timestamp not in with_time["users"].tf.col_names_dict  # no time column there
     # the feature is the row's own time (year in the first slot of torch_frame's timestamp tensor)
     years = with_time["events"].tf.feat_dict[stype.timestamp][:, 0, 0]
-    assert torch.equal(years, torch.from_numpy(db.table_dict["events"].df["ts"].dt.year.to_numpy()).to(years.dtype))
+    assert torch.equal(
+        years, torch.from_numpy(db.table_dict["events"].df["ts"].dt.year.to_numpy()).to(years.dtype)
+    )
     assert len(list(tmp_path.iterdir())) == 2  # one tensor-frame cache each
 
 
@@ -141,6 +168,11 @@ def test_graph_cache_is_built_whole_by_concurrent_builders(tmp_path):
     for (data, _), other in zip(graphs, [again, again]):
         for table in ("customers", "orders"):
             for stype, feat in data[table].tf.feat_dict.items():
-                assert torch.equal(torch.nan_to_num(feat if isinstance(feat, torch.Tensor) else feat.values),
-                                   torch.nan_to_num(other[table].tf.feat_dict[stype] if isinstance(feat, torch.Tensor)
-                                                    else other[table].tf.feat_dict[stype].values))
+                assert torch.equal(
+                    torch.nan_to_num(feat if isinstance(feat, torch.Tensor) else feat.values),
+                    torch.nan_to_num(
+                        other[table].tf.feat_dict[stype]
+                        if isinstance(feat, torch.Tensor)
+                        else other[table].tf.feat_dict[stype].values
+                    ),
+                )

@@ -46,17 +46,25 @@ GROUP BY t."timestamp", k.id
 def good(tmp_path_factory) -> Path:
     days = pd.date_range("2021-01-01", periods=12, freq="D")
     kunden = pd.DataFrame({"id": [0, 1, 2], "since": days[:3], "Straße": ["a", "b", "c"]})
-    orders = pd.DataFrame({
-        "order_id": range(12), "ts": days, REF: [0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2],
-        "item_id": [0, 1] * 6, "net €": [1.5] * 12,
-    })
+    orders = pd.DataFrame(
+        {
+            "order_id": range(12),
+            "ts": days,
+            REF: [0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2],
+            "item_id": [0, 1] * 6,
+            "net €": [1.5] * 12,
+        }
+    )
     items = pd.DataFrame({"item_id": [0, 1], 'say "hi"': ["x", "y"]})
     return write_dataset(
         tmp_path_factory.mktemp("validation") / "good",
         "good",
         {
             KUNDEN: (kunden, TableSpec(pkey="id", time_col="since")),
-            "orders": (orders, TableSpec(pkey="order_id", time_col="ts", fkeys={REF: KUNDEN, "item_id": "items"})),
+            "orders": (
+                orders,
+                TableSpec(pkey="order_id", time_col="ts", fkeys={REF: KUNDEN, "item_id": "items"}),
+            ),
             "items": (items, TableSpec(pkey="item_id")),
         },
         "2021-01-08",
@@ -146,7 +154,11 @@ DEFECTS = {
         "table 'orders', column 'ts': time column has 1 values that are not timestamps, e.g. ['soon']",
     ),
     "mixed timezones": (
-        lambda f: _edit_table(f, "orders", _set("ts", [d + ("T00:00:00+01:00" if i % 2 else "") for i, d in enumerate(DAYS)])),
+        lambda f: _edit_table(
+            f,
+            "orders",
+            _set("ts", [d + ("T00:00:00+01:00" if i % 2 else "") for i, d in enumerate(DAYS)]),
+        ),
         "table 'orders', column 'ts': mixed timezones: 6 values carry a UTC offset, 6 do not",
     ),
     "time as text": (
@@ -154,7 +166,9 @@ DEFECTS = {
         "table 'orders', column 'ts': time column is stored as text (str), not datetime64; parse it on import",
     ),
     "timezone-aware time": (
-        lambda f: _edit_table(f, "orders", lambda df: df.assign(ts=df["ts"].dt.tz_localize("Europe/Berlin"))),
+        lambda f: _edit_table(
+            f, "orders", lambda df: df.assign(ts=df["ts"].dt.tz_localize("Europe/Berlin"))
+        ),
         "table 'orders', column 'ts': time column is timezone-aware (Europe/Berlin); RelBench compares naive "
         "times, convert and drop the zone",
     ),
@@ -163,7 +177,9 @@ DEFECTS = {
         "table 'orders', column 'ts': time column holds int64, not datetimes",
     ),
     "unsorted time": (
-        lambda f: _edit_table(f, KUNDEN, _set("since", [T("2021-01-02"), T("2021-01-01"), T("2021-01-03")])),
+        lambda f: _edit_table(
+            f, KUNDEN, _set("since", [T("2021-01-02"), T("2021-01-01"), T("2021-01-03")])
+        ),
         f"table '{KUNDEN}', column 'since': rows are not sorted by the time column (rows without a time last); "
         "RelBench's upto() keeps a prefix, so 0..n-1 keys break",
     ),
@@ -190,7 +206,8 @@ DEFECTS = {
     ),
     "task on unknown table": (
         lambda f: TaskManifest.from_dict({**TASK.to_dict(), "entity_table": "nope"}).save(
-            f / "tasks" / TASK.name / "manifest.yaml"),
+            f / "tasks" / TASK.name / "manifest.yaml"
+        ),
         "task 'kunden-aktiv': entity_table 'nope' is not a table of the dataset",
     ),
     "val after test": (
@@ -218,7 +235,9 @@ def test_null_times_are_a_warning(good, tmp_path):
     _edit_table(folder, "orders", lambda df: df.assign(ts=df["ts"].where(df.index < 10)))
     report = validate_dataset(folder)
     assert report.errors == []
-    assert report.warnings == ["table 'orders', column 'ts': 2 rows have no time; RelBench never shows them to a model"]
+    assert report.warnings == [
+        "table 'orders', column 'ts': 2 rows have no time; RelBench never shows them to a model"
+    ]
     assert report.counts["null_times"] == {"orders.ts": 2}
 
 
@@ -228,7 +247,9 @@ def test_raise_for_errors_counts_the_rest(good, tmp_path):
     _edit_table(folder, "orders", _set("order_id", [0, 1, 1, *range(3, 12)]))
     report = validate_dataset(folder)
     assert len(report.errors) == 2
-    with pytest.raises(DatabaseError, match=r"^table 'items': db/items.parquet is missing \(and 1 more\)$"):
+    with pytest.raises(
+        DatabaseError, match=r"^table 'items': db/items.parquet is missing \(and 1 more\)$"
+    ):
         report.raise_for_errors()
 
 
@@ -244,7 +265,10 @@ def test_cli_validate_prints_the_report(good, tmp_path, capsys):
 
     assert cli.main(["validate", str(good)]) == 0
     out = capsys.readouterr().out
-    assert f"info: table '{KUNDEN}': name has spaces and non-ASCII letters (works; quote it in SQL)" in out
+    assert (
+        f"info: table '{KUNDEN}': name has spaces and non-ASCII letters (works; quote it in SQL)"
+        in out
+    )
     assert "good: OK, 17 rows in 3 tables, tasks: kunden-aktiv" in out
     folder = _copy(good, tmp_path)
     (folder / "db" / "items.parquet").unlink()
@@ -252,7 +276,10 @@ def test_cli_validate_prints_the_report(good, tmp_path, capsys):
     assert cli.main(["validate", str(folder)]) == 2
     captured = capsys.readouterr()
     assert "error: table 'items': db/items.parquet is missing\n" in captured.out
-    assert "error: table 'orders', column 'order_id': primary key has 1 duplicate values, e.g. [1]\n" in captured.out
+    assert (
+        "error: table 'orders', column 'order_id': primary key has 1 duplicate values, e.g. [1]\n"
+        in captured.out
+    )
     assert f"{folder}: 2 errors, 0 warnings;" in captured.out
     assert captured.err == "tve: error: table 'items': db/items.parquet is missing (and 1 more)\n"
 
@@ -264,6 +291,10 @@ def test_types_sidecar_and_import_report(good, tmp_path):
     )
     (folder / "tve_import.json").write_text('{"source": {}, "added_parents": {"items": 2}}')
     report = validate_dataset(folder)
-    assert report.errors == ["table 'items', column 'say \"hi\"': tve_types.json gives unknown type 'words'"]
-    assert report.warnings == ["table 'items', column 'gone': named in tve_types.json but not in db/items.parquet"]
+    assert report.errors == [
+        "table 'items', column 'say \"hi\"': tve_types.json gives unknown type 'words'"
+    ]
+    assert report.warnings == [
+        "table 'items', column 'gone': named in tve_types.json but not in db/items.parquet"
+    ]
     assert report.counts["import_report"] == {"added_parents": {"items": 2}}

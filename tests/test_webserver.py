@@ -12,8 +12,19 @@ import requests
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-EIGHT = {f"tiny/{name}" for name in ("raw_tables", "temporal_windows", "traversal_graph", "tve_targets",
-                                     "pretrained_checkpoint", "finetuned_models", "metrics", "results")}
+EIGHT = {
+    f"tiny/{name}"
+    for name in (
+        "raw_tables",
+        "temporal_windows",
+        "traversal_graph",
+        "tve_targets",
+        "pretrained_checkpoint",
+        "finetuned_models",
+        "metrics",
+        "results",
+    )
+}
 
 
 def _free_port() -> int:
@@ -33,8 +44,20 @@ def test_webserver_lists_assets_and_location_loads(pipeline_run):
     run_dir = pipeline_run["run_dir"]
     env = {**os.environ, "DAGSTER_HOME": str(run_dir / "dagster"), "TVE_RUN_DIR": str(run_dir)}
     proc = subprocess.Popen(
-        [str(BIN / "dagster-webserver"), "-w", str(ROOT / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            str(BIN / "dagster-webserver"),
+            "-w",
+            str(ROOT / "workspace.yaml"),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         deadline = time.time() + 120
@@ -47,8 +70,11 @@ def test_webserver_lists_assets_and_location_loads(pipeline_run):
             assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
             assert time.time() < deadline, "web server did not come up in 120 s"
             time.sleep(1)
-        data = _graphql(port, """{ workspaceOrError { ... on Workspace { locationEntries {
-            name locationOrLoadError { __typename ... on PythonError { message } } } } } }""")
+        data = _graphql(
+            port,
+            """{ workspaceOrError { ... on Workspace { locationEntries {
+            name locationOrLoadError { __typename ... on PythonError { message } } } } } }""",
+        )
         entries = data["workspaceOrError"]["locationEntries"]
         assert entries, "no code location"
         for e in entries:
@@ -56,8 +82,11 @@ def test_webserver_lists_assets_and_location_loads(pipeline_run):
         nodes = _graphql(port, "{ assetNodes { assetKey { path } } }")["assetNodes"]
         assert {"/".join(n["assetKey"]["path"]) for n in nodes} == EIGHT
         # the windows of tve_targets are the database's own, all materialised: none missing
-        node = _graphql(port, """{ assetNodeOrError(assetKey: {path: ["tiny", "tve_targets"]}) {
-            ... on AssetNode { partitionKeys partitionStats { numMaterialized numPartitions numFailed } } } }""")
+        node = _graphql(
+            port,
+            """{ assetNodeOrError(assetKey: {path: ["tiny", "tve_targets"]}) {
+            ... on AssetNode { partitionKeys partitionStats { numMaterialized numPartitions numFailed } } } }""",
+        )
         stats = node["assetNodeOrError"]["partitionStats"]
         assert stats["numPartitions"] == len(node["assetNodeOrError"]["partitionKeys"]) == 8
         assert stats["numMaterialized"] == 8 and stats["numFailed"] == 0

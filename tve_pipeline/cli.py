@@ -53,19 +53,27 @@ def _cmd_validate(args) -> None:
     print("\n".join(report.lines()))
     report.raise_for_errors()  # exit 2 with the first error on stderr
     s = summarise_database(args.dataset_dir)
-    print(f"{s.name}: OK, {sum(s.rows.values())} rows in {len(s.rows)} tables, tasks: {', '.join(s.task_names) or '(none)'}")
+    print(
+        f"{s.name}: OK, {sum(s.rows.values())} rows in {len(s.rows)} tables, tasks: {', '.join(s.task_names) or '(none)'}"
+    )
 
 
 def _cmd_register(args) -> None:
     commands = importlib.import_module("assets.commands")
     run_dir = Path(args.run_dir).resolve()
     instance = commands.prepare_run_dir(run_dir)
-    info = commands.register_dataset(Path(args.dataset_dir), run_dir, instance, profile=args.profile)
+    info = commands.register_dataset(
+        Path(args.dataset_dir), run_dir, instance, profile=args.profile
+    )
     windows = info["windows"]
     span = f" ({windows[0]} .. {windows[-1]})" if windows else ""
-    print(f"registered database {info['name']!r} in {run_dir}: {len(windows)} windows{span}, "
-          f"{len(info['added'])} new; tasks: {', '.join(info['tasks']) or '(none)'}; recipe profile {info['profile']!r}")
-    print(f"next: tve run {info['name']} --run-dir {run_dir}   (or `make ui RUN_DIR={run_dir}` and reload the code location)")
+    print(
+        f"registered database {info['name']!r} in {run_dir}: {len(windows)} windows{span}, "
+        f"{len(info['added'])} new; tasks: {', '.join(info['tasks']) or '(none)'}; recipe profile {info['profile']!r}"
+    )
+    print(
+        f"next: tve run {info['name']} --run-dir {run_dir}   (or `make ui RUN_DIR={run_dir}` and reload the code location)"
+    )
 
 
 def _cmd_run(args) -> None:
@@ -74,8 +82,9 @@ def _cmd_run(args) -> None:
 
 def _cmd_experiment(args) -> None:
     tasks = [t for t in (args.tasks or "").split(",") if t] or None
-    importlib.import_module("assets.commands").run_experiment(args.database, Path(args.run_dir), args.preset,
-                                                              parallel=args.parallel, tasks=tasks)
+    importlib.import_module("assets.commands").run_experiment(
+        args.database, Path(args.run_dir), args.preset, parallel=args.parallel, tasks=tasks
+    )
 
 
 def _cmd_results(args) -> None:
@@ -83,7 +92,9 @@ def _cmd_results(args) -> None:
 
 
 def _cmd_materialize(args) -> None:
-    importlib.import_module("assets.commands").materialize(args.asset, args.partition, Path(args.run_dir))
+    importlib.import_module("assets.commands").materialize(
+        args.asset, args.partition, Path(args.run_dir)
+    )
 
 
 def _cmd_demo(args) -> None:
@@ -101,11 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
     f1 = imp_sub.add_parser("rel-f1", help="RelBench rel-f1 from the Ergast CSV folder")
     f1.add_argument("raw_dir", help="the Ergast CSV folder (or a folder holding it as ergast_csv/)")
     f1.add_argument("out_dir")
-    fi = imp_sub.add_parser("files", help="your own database: CSV/Parquet/SQLite/DuckDB tables + a schema YAML")
+    fi = imp_sub.add_parser(
+        "files", help="your own database: CSV/Parquet/SQLite/DuckDB tables + a schema YAML"
+    )
     fi.add_argument("schema_yaml", help="see tve_pipeline/datasets/files.py for the format")
     fi.add_argument("out_dir")
-    sy = imp_sub.add_parser("synthetic", help="a deterministic e-commerce database: tiny, or --rows N orders")
-    sy.add_argument("--rows", type=int, default=0, help="orders to generate (vectorised; 10 million and more)")
+    sy = imp_sub.add_parser(
+        "synthetic", help="a deterministic e-commerce database: tiny, or --rows N orders"
+    )
+    sy.add_argument(
+        "--rows", type=int, default=0, help="orders to generate (vectorised; 10 million and more)"
+    )
     sy.add_argument("out_dir")
     sy.add_argument("--seed", type=int, default=0)
     imp.set_defaults(func=_cmd_import)
@@ -114,35 +131,57 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("dataset_dir")
     val.set_defaults(func=_cmd_validate)
 
-    reg = sub.add_parser("register", help="add a dataset folder to a run folder as a database partition")
+    reg = sub.add_parser(
+        "register", help="add a dataset folder to a run folder as a database partition"
+    )
     reg.add_argument("dataset_dir")
     reg.add_argument("--run-dir", default=str(_default_run_dir()))
-    reg.add_argument("--profile", choices=PROFILES, default=None,
-                     help="recipe profile of the run folder (written to recipe.json; default: keep it, "
-                     "or 'reference' for a new run folder)")
+    reg.add_argument(
+        "--profile",
+        choices=PROFILES,
+        default=None,
+        help="recipe profile of the run folder (written to recipe.json; default: keep it, "
+        "or 'reference' for a new run folder)",
+    )
     reg.set_defaults(func=_cmd_register)
 
-    run = sub.add_parser("run", help="materialise whatever is missing or stale upstream of a database's metrics")
+    run = sub.add_parser(
+        "run", help="materialise whatever is missing or stale upstream of a database's metrics"
+    )
     run.add_argument("database")
     run.add_argument("--run-dir", default=str(_default_run_dir()))
     run.set_defaults(func=_cmd_run)
 
-    exp = sub.add_parser("experiment", help="run a database's experiment cells as one Dagster backfill")
+    exp = sub.add_parser(
+        "experiment", help="run a database's experiment cells as one Dagster backfill"
+    )
     exp.add_argument("database")
-    exp.add_argument("--preset", choices=PROFILES, default="cpu", help="the recipe profile of the experiment")
+    exp.add_argument(
+        "--preset", choices=PROFILES, default="cpu", help="the recipe profile of the experiment"
+    )
     exp.add_argument("--parallel", type=int, default=2, help="runs at a time (and gpu pool slots)")
-    exp.add_argument("--tasks", default=None, help="comma-separated tasks to fine-tune (default: every task)")
+    exp.add_argument(
+        "--tasks", default=None, help="comma-separated tasks to fine-tune (default: every task)"
+    )
     exp.add_argument("--run-dir", default=str(_default_run_dir()))
     exp.set_defaults(func=_cmd_experiment)
 
-    res = sub.add_parser("results", help="print a database's results (mean ± std, paired differences to scratch)")
+    res = sub.add_parser(
+        "results", help="print a database's results (mean ± std, paired differences to scratch)"
+    )
     res.add_argument("database")
     res.add_argument("--run-dir", default=str(_default_run_dir()))
     res.set_defaults(func=_cmd_results)
 
-    mat = sub.add_parser("materialize", help="materialise one asset of a database, checking the key first")
+    mat = sub.add_parser(
+        "materialize", help="materialise one asset of a database, checking the key first"
+    )
     mat.add_argument("asset")
-    mat.add_argument("--partition", required=True, help="'database', 'database|window' (YYYY-MM-DD) or 'database|task'")
+    mat.add_argument(
+        "--partition",
+        required=True,
+        help="'database', 'database|window' (YYYY-MM-DD) or 'database|task'",
+    )
     mat.add_argument("--run-dir", default=str(_default_run_dir()))
     mat.set_defaults(func=_cmd_materialize)
 
@@ -161,8 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # torch_frame re-reads its cached tensor frames with a full (trusted, our own) load and says so
     warnings.filterwarnings("ignore", message="Weights only load failed")
-    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # relbench's graph code
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # not its store migrations on the console
+    warnings.filterwarnings(
+        "ignore", message="The given NumPy array is not writable"
+    )  # relbench's graph code
+    os.environ.setdefault(
+        "MLFLOW_LOGGING_LEVEL", "WARNING"
+    )  # not its store migrations on the console
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:

@@ -144,7 +144,12 @@ _PROFILES: dict[str, dict] = {
     # 72.9 test AUROC from scratch (RelBench's RDL: 72.6). What it costs: README.
     "cpu": {
         "backbone": {"num_neighbors": (32, 16)},
-        "pretrain": {"epochs": 10, "steps_per_epoch": 50, "lr_step_epochs": 8, "objectives": ("tve", "mae", "ctr")},
+        "pretrain": {
+            "epochs": 10,
+            "steps_per_epoch": 50,
+            "lr_step_epochs": 8,
+            "objectives": ("tve", "mae", "ctr"),
+        },
         "finetune": {"epochs": 10, "seeds": (0, 1, 2), "label_fractions": (0.1, 0.25, 1.0)},
     },
     # `tve experiment --preset full`: the reference budget, every objective, the paper's
@@ -158,8 +163,20 @@ _PROFILES: dict[str, dict] = {
     # objectives, fractions and seeds are covered by unit tests.
     "test": {
         "backbone": {"channels": 16, "encoder_layers": 1, "num_neighbors": (8, 4)},
-        "pretrain": {"epochs": 2, "steps_per_epoch": 3, "batch_size": 64, "lr_step_epochs": 1, "objectives": ("tve",)},
-        "finetune": {"epochs": 2, "steps_per_epoch": 3, "batch_size": 64, "seeds": (0,), "label_fractions": (1.0,)},
+        "pretrain": {
+            "epochs": 2,
+            "steps_per_epoch": 3,
+            "batch_size": 64,
+            "lr_step_epochs": 1,
+            "objectives": ("tve",),
+        },
+        "finetune": {
+            "epochs": 2,
+            "steps_per_epoch": 3,
+            "batch_size": 64,
+            "seeds": (0,),
+            "label_fractions": (1.0,),
+        },
     },
 }
 
@@ -179,8 +196,12 @@ def _merge(base: dict, override: dict) -> dict:
 def make_recipe(profile: str = "reference", overrides: dict | None = None) -> Recipe:
     """The recipe of a named profile, with optional nested overrides (validated)."""
     if profile not in _PROFILES:
-        raise ValueError(f"unknown recipe profile {profile!r}; expected one of {', '.join(PROFILES)}")
-    return Recipe.model_validate(_merge({"profile": profile, **_PROFILES[profile]}, overrides or {}))
+        raise ValueError(
+            f"unknown recipe profile {profile!r}; expected one of {', '.join(PROFILES)}"
+        )
+    return Recipe.model_validate(
+        _merge({"profile": profile, **_PROFILES[profile]}, overrides or {})
+    )
 
 
 # Fields that choose which experiment cells exist, not what any one of them computes: an

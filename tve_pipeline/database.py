@@ -22,7 +22,13 @@ import pandas as pd
 # fed to the tabular encoder; "timestamp" is fed to the encoder only; "text" is not
 # aggregated but is fed to the encoder as an offline embedding (tve_pipeline.text, no
 # download); "key" marks primary/foreign keys and time columns.
-NUMERICAL, CATEGORICAL, TIMESTAMP, TEXT, KEY = "numerical", "categorical", "timestamp", "text", "key"
+NUMERICAL, CATEGORICAL, TIMESTAMP, TEXT, KEY = (
+    "numerical",
+    "categorical",
+    "timestamp",
+    "text",
+    "key",
+)
 
 # A string column with at most this many distinct values, each seen more than once on
 # average, is categorical; otherwise it is free text or an identifier.
@@ -54,7 +60,11 @@ def open_dataset(name_or_path: str | Path):
     path = Path(name_or_path).expanduser()
     if (path / "manifest.yaml").exists():
         return relbench.load_dataset(path)
-    looks_like_path = isinstance(name_or_path, Path) or str(name_or_path).startswith((".", "/", "~")) or path.exists()
+    looks_like_path = (
+        isinstance(name_or_path, Path)
+        or str(name_or_path).startswith((".", "/", "~"))
+        or path.exists()
+    )
     if looks_like_path:
         raise DatabaseError(f"{path} is not a RelBench dataset folder: no manifest.yaml there")
     if not _network_available():
@@ -96,7 +106,9 @@ def declared_column_types(dataset_dir: str | Path | None) -> dict[str, dict[str,
     return json.loads(path.read_text()).get("columns", {})
 
 
-def column_types(tables: dict[str, pd.DataFrame], manifest, dataset_dir: str | Path | None = None) -> dict[str, dict[str, str]]:
+def column_types(
+    tables: dict[str, pd.DataFrame], manifest, dataset_dir: str | Path | None = None
+) -> dict[str, dict[str, str]]:
     """Semantic type of every column of every table; keys and time columns are ``key``.
 
     Declared types (``tve_types.json``) win over inference; manifest keys stay keys.
@@ -108,7 +120,8 @@ def column_types(tables: dict[str, pd.DataFrame], manifest, dataset_dir: str | P
         keys = {c for c in [spec.pkey, spec.time_col, *spec.fkeys] if c}
         given = declared.get(name, {})
         out[name] = {
-            col: KEY if col in keys else given.get(col) or infer_column_type(df[col]) for col in df.columns
+            col: KEY if col in keys else given.get(col) or infer_column_type(df[col])
+            for col in df.columns
         }
     return out
 
@@ -181,8 +194,10 @@ def summarise_database(dataset_dir: str | Path) -> DatabaseSummary:
         column_types=column_types(tables, ds.manifest, dataset_dir),
         warnings=tuple(report.warnings),
         info=tuple(report.info),
-        changed_rows={"relbench_nulled_fkeys": {k: v for k, v in corrected.items() if v},
-                      **report.counts.get("import_report", {})},
+        changed_rows={
+            "relbench_nulled_fkeys": {k: v for k, v in corrected.items() if v},
+            **report.counts.get("import_report", {}),
+        },
     )
 
 
@@ -221,11 +236,15 @@ def training_seed_times(val_timestamp, min_timestamp, timedelta: pd.Timedelta) -
     never reads a row past it.
     """
     return pd.date_range(
-        start=pd.Timestamp(val_timestamp) - timedelta, end=pd.Timestamp(min_timestamp), freq=-timedelta
+        start=pd.Timestamp(val_timestamp) - timedelta,
+        end=pd.Timestamp(min_timestamp),
+        freq=-timedelta,
     ).sort_values()
 
 
-def seed_schedule(summary: DatabaseSummary, timedelta: pd.Timedelta, num_eval_timestamps: int = 1) -> pd.DataFrame:
+def seed_schedule(
+    summary: DatabaseSummary, timedelta: pd.Timedelta, num_eval_timestamps: int = 1
+) -> pd.DataFrame:
     """Every seed time of a database with its split, as RelBench's task splits lay them out.
 
     ``train`` seeds step back from ``val - Δ`` by Δ (their windows end by ``val``); ``val``
@@ -236,16 +255,29 @@ def seed_schedule(summary: DatabaseSummary, timedelta: pd.Timedelta, num_eval_ti
     k = max(num_eval_timestamps - 1, 0)
     train = training_seed_times(val, summary.min_timestamp, timedelta)
     val_seeds = pd.date_range(val, min(val + timedelta * k, test - timedelta), freq=timedelta)
-    test_seeds = pd.date_range(test, min(test + timedelta * k, pd.Timestamp(summary.max_timestamp) - timedelta), freq=timedelta)
-    frames = [pd.DataFrame({"timestamp": ts, "split": split}) for ts, split in ((train, "train"), (val_seeds, "val"), (test_seeds, "test"))]
-    return pd.concat(frames, ignore_index=True).sort_values("timestamp", kind="stable").reset_index(drop=True)
+    test_seeds = pd.date_range(
+        test,
+        min(test + timedelta * k, pd.Timestamp(summary.max_timestamp) - timedelta),
+        freq=timedelta,
+    )
+    frames = [
+        pd.DataFrame({"timestamp": ts, "split": split})
+        for ts, split in ((train, "train"), (val_seeds, "val"), (test_seeds, "test"))
+    ]
+    return (
+        pd.concat(frames, ignore_index=True)
+        .sort_values("timestamp", kind="stable")
+        .reset_index(drop=True)
+    )
 
 
 def num_eval_timestamps(dataset) -> int:
     from relbench.manifest import TaskManifest
 
     counts = [
-        TaskManifest.load(dataset.dataset_dir / "tasks" / name / "manifest.yaml").num_eval_timestamps
+        TaskManifest.load(
+            dataset.dataset_dir / "tasks" / name / "manifest.yaml"
+        ).num_eval_timestamps
         for name in dataset.get_task_names()
     ]
     return max(counts, default=1)

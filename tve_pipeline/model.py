@@ -17,6 +17,7 @@ its mask with ``uniform_`` (bench/bench_training.py measures each step).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import torch_frame
 from relbench.modeling.nn import (
     _DEFAULT_STYPE_ENCODER_CLS_KWARGS,
@@ -24,7 +25,6 @@ from relbench.modeling.nn import (
     HeteroGraphSAGE,
     HeteroTemporalEncoder,
 )
-import torch.nn.functional as F
 from torch import Tensor
 from torch_frame.nn import EmbeddingEncoder, LinearEncoder
 from torch_geometric.data import HeteroData
@@ -47,11 +47,17 @@ class SafeLinearEncoder(LinearEncoder):
     def encode_forward(self, feat: Tensor, col_names: list[str] | None = None) -> Tensor:
         z = (feat - self.mean) / self.std
         ok = ~torch.isnan(z)
-        x = torch.einsum("ij,jk->ijk", torch.where(ok, z, torch.zeros_like(z)), self.weight) + self.bias
+        x = (
+            torch.einsum("ij,jk->ijk", torch.where(ok, z, torch.zeros_like(z)), self.weight)
+            + self.bias
+        )
         return x * ok.unsqueeze(-1)
 
 
-STYPE_ENCODERS = {**_DEFAULT_STYPE_ENCODER_CLS_KWARGS, torch_frame.numerical: (SafeLinearEncoder, {})}
+STYPE_ENCODERS = {
+    **_DEFAULT_STYPE_ENCODER_CLS_KWARGS,
+    torch_frame.numerical: (SafeLinearEncoder, {}),
+}
 
 
 class FastDropout(torch.nn.Module):
@@ -125,14 +131,24 @@ def resnet_folded(resnet, tf: torch_frame.TensorFrame) -> Tensor:
         wc = w3[:, col : col + n, :]  # [2C, n, C_in]
         e = enc.encoder_dict[st.value]
         plain = e.post_module is None and e.na_strategy is None
-        if st == torch_frame.numerical and isinstance(e, LinearEncoder) and plain and not torch.isinf(feat).any():
+        if (
+            st == torch_frame.numerical
+            and isinstance(e, LinearEncoder)
+            and plain
+            and not torch.isinf(feat).any()
+        ):
             z = (feat - e.mean) / e.std
             m = ~torch.isnan(z)
             z = torch.where(m, z, torch.zeros_like(z))
             p = torch.einsum("ocj,cj->co", wc, e.weight)  # [n, 2C]
             q = torch.einsum("ocj,cj->co", wc, e.bias)
             h = h + torch.cat([z, m.to(z.dtype)], 1) @ torch.cat([p, q], 0)
-        elif st == torch_frame.categorical and type(e) is EmbeddingEncoder and plain and e.emb.num_embeddings * n < n_rows:
+        elif (
+            st == torch_frame.categorical
+            and type(e) is EmbeddingEncoder
+            and plain
+            and e.emb.num_embeddings * n < n_rows
+        ):
             idx = torch.where(feat < 0, torch.zeros_like(feat), feat + e.offset + 1)
             v = e.emb.num_embeddings
             proj = torch.einsum("vj,ocj->cvo", e.emb.weight, wc).reshape(n * v, -1)  # [n * V, 2C]
@@ -164,7 +180,15 @@ def distinct_rows(n_id: Tensor) -> tuple[Tensor, Tensor] | None:
 
 
 class RDLModel(torch.nn.Module):
-    def __init__(self, data: HeteroData, col_stats_dict: dict, cfg: BackboneConfig, out_channels: int, *, fast: bool = True):
+    def __init__(
+        self,
+        data: HeteroData,
+        col_stats_dict: dict,
+        cfg: BackboneConfig,
+        out_channels: int,
+        *,
+        fast: bool = True,
+    ):
         super().__init__()
         self.encoder = HeteroEncoder(
             channels=cfg.channels,
@@ -202,7 +226,11 @@ class RDLModel(torch.nn.Module):
         for nt in batch.node_types:
             store, resnet = batch[nt], self.encoder.encoders[nt]
             d = distinct_rows(store.n_id) if "n_id" in store else None
-            x[nt] = resnet_folded(resnet, store.tf) if d is None else resnet_folded(resnet, store.tf[d[0]])[d[1]]
+            x[nt] = (
+                resnet_folded(resnet, store.tf)
+                if d is None
+                else resnet_folded(resnet, store.tf[d[0]])[d[1]]
+            )
         return x
 
     def message_passing(self, batch: HeteroData, x: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -244,7 +272,9 @@ class RDLModel(torch.nn.Module):
                     o = sage.propagate(ei, x=(h, None), size=(x_src.size(0), n_dst[d]))
                     o = o + sage.lin_l.bias if sage.lin_l.bias is not None else o
                 else:
-                    o = sage.lin_l(sage.propagate(ei, x=(x_src, x_dst), size=(x_src.size(0), n_dst[d])))
+                    o = sage.lin_l(
+                        sage.propagate(ei, x=(x_src, x_dst), size=(x_src.size(0), n_dst[d]))
+                    )
                 if sage.root_weight:
                     roots.setdefault(d, []).append(sage.lin_r.weight)
                 out[d] = o if d not in out else out[d] + o
@@ -268,7 +298,11 @@ class RDLModel(torch.nn.Module):
 
 def backbone_state(model: torch.nn.Module) -> dict[str, Tensor]:
     """The transferable part of a state_dict, on the CPU (what assets pass around)."""
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k.startswith(BACKBONE_PREFIXES)}
+    return {
+        k: v.detach().cpu().clone()
+        for k, v in model.state_dict().items()
+        if k.startswith(BACKBONE_PREFIXES)
+    }
 
 
 def load_backbone(model: torch.nn.Module, state: dict[str, Tensor]) -> None:

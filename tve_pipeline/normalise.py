@@ -99,5 +99,5 @@ class TaskVectorNormaliser:
         return {"scalers": [asdict(s) for s in self.scalers]}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TaskVectorNormaliser":
+    def from_dict(cls, d: dict) -> TaskVectorNormaliser:
         return cls([TargetScaler(**s) for s in d["scalers"]])

@@ -54,7 +54,9 @@ class AttributeDecoder(torch.nn.Module):
         self.num_cols = list(col_names.get(stype.numerical, []))
         self.cat_cols = list(col_names.get(stype.categorical, []))
         if not self.num_cols and not self.cat_cols:
-            raise ValueError("masked-attribute reconstruction needs a numerical or categorical column on the entity table")
+            raise ValueError(
+                "masked-attribute reconstruction needs a numerical or categorical column on the entity table"
+            )
         mean = [float(col_stats[c][StatType.MEAN]) for c in self.num_cols]
         std = [max(float(col_stats[c][StatType.STD]), 1e-6) for c in self.num_cols]
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))

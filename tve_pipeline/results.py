@@ -19,7 +19,16 @@ import pandas as pd
 
 SCRATCH = "scratch"
 KEYS = ["task", "method", "label_fraction", "split", "metric"]
-SUMMARY_COLUMNS = [*KEYS, "mean", "std", "n", "diff_vs_scratch", "diff_ci_low", "diff_ci_high", "n_pairs"]
+SUMMARY_COLUMNS = [
+    *KEYS,
+    "mean",
+    "std",
+    "n",
+    "diff_vs_scratch",
+    "diff_ci_low",
+    "diff_ci_high",
+    "n_pairs",
+]
 
 
 def t_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
@@ -30,7 +39,9 @@ def t_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float, f
     mean = float(values.mean()) if len(values) else math.nan
     if len(values) < 2:
         return mean, math.nan, math.nan
-    half = float(stats.t.ppf(0.5 + level / 2, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values)))
+    half = float(
+        stats.t.ppf(0.5 + level / 2, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
+    )
     return mean, mean - half, mean + half
 
 
@@ -44,13 +55,17 @@ def summarise(rows: pd.DataFrame) -> pd.DataFrame:
     out = []
     for _, row in stats.iterrows():
         entry = row.to_dict()
-        entry.update(diff_vs_scratch=math.nan, diff_ci_low=math.nan, diff_ci_high=math.nan, n_pairs=0)
+        entry.update(
+            diff_vs_scratch=math.nan, diff_ci_low=math.nan, diff_ci_high=math.nan, n_pairs=0
+        )
         if row["method"] != SCRATCH:
             mine = rows[(rows[KEYS] == row[KEYS]).all(axis=1)].set_index(pair_keys)["value"]
             both = mine.index.intersection(scratch.index)
             if len(both):
                 mean, low, high = t_interval((mine.loc[both] - scratch.loc[both]).to_numpy())
-                entry.update(diff_vs_scratch=mean, diff_ci_low=low, diff_ci_high=high, n_pairs=len(both))
+                entry.update(
+                    diff_vs_scratch=mean, diff_ci_low=low, diff_ci_high=high, n_pairs=len(both)
+                )
         out.append(entry)
     return pd.DataFrame(out, columns=SUMMARY_COLUMNS)
 
@@ -61,17 +76,27 @@ def _fmt(x: float, digits: int = 4) -> str:
 
 def markdown_table(summary: pd.DataFrame, split: str = "test") -> str:
     """The summary of one split as a Markdown table (mean ± std (n); paired difference [95% CI])."""
-    part = summary[summary["split"] == split].sort_values(["task", "metric", "label_fraction", "method"])
-    lines = ["| task | metric | labels | method | mean ± std (n) | vs scratch: mean difference [95% CI] (pairs) |",
-             "|---|---|---:|---|---:|---:|"]
+    part = summary[summary["split"] == split].sort_values(
+        ["task", "metric", "label_fraction", "method"]
+    )
+    lines = [
+        "| task | metric | labels | method | mean ± std (n) | vs scratch: mean difference [95% CI] (pairs) |",
+        "|---|---|---:|---|---:|---:|",
+    ]
     for _, r in part.iterrows():
         spread = f" ± {_fmt(r['std'])}" if r["n"] > 1 else ""
         diff = ""
         if r["n_pairs"]:
-            ci = f" [{_fmt(r['diff_ci_low'])}, {_fmt(r['diff_ci_high'])}]" if r["n_pairs"] > 1 else ""
+            ci = (
+                f" [{_fmt(r['diff_ci_low'])}, {_fmt(r['diff_ci_high'])}]"
+                if r["n_pairs"] > 1
+                else ""
+            )
             diff = f"{r['diff_vs_scratch']:+.4f}{ci} ({int(r['n_pairs'])})"
-        lines.append(f"| {r['task']} | {r['metric']} | {r['label_fraction']:g} | {r['method']} | "
-                     f"{_fmt(r['mean'])}{spread} ({int(r['n'])}) | {diff} |")
+        lines.append(
+            f"| {r['task']} | {r['metric']} | {r['label_fraction']:g} | {r['method']} | "
+            f"{_fmt(r['mean'])}{spread} ({int(r['n'])}) | {diff} |"
+        )
     return "\n".join(lines)
 
 
@@ -88,8 +113,14 @@ def plot_tasks(summary: pd.DataFrame, out_dir: Path, split: str = "test") -> lis
     for (task, metric), part in summary[summary["split"] == split].groupby(["task", "metric"]):
         fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=100)
         for method, line in part.sort_values("label_fraction").groupby("method"):
-            ax.errorbar(line["label_fraction"], line["mean"], yerr=line["std"].fillna(0.0), marker="o",
-                        capsize=3, label=method)
+            ax.errorbar(
+                line["label_fraction"],
+                line["mean"],
+                yerr=line["std"].fillna(0.0),
+                marker="o",
+                capsize=3,
+                label=method,
+            )
         if part["label_fraction"].nunique() > 1:
             ax.set_xscale("log")
         ax.set_xlabel("label fraction")

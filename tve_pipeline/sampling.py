@@ -131,7 +131,9 @@ class _CSC:
     parent_time: Tensor | None = None  # [num_dst] its time, if the source table is timed
 
     @classmethod
-    def build(cls, src_type: str, dst_type: str, edge_index: Tensor, num_dst: int, src_time: Tensor | None) -> _CSC:
+    def build(
+        cls, src_type: str, dst_type: str, edge_index: Tensor, num_dst: int, src_time: Tensor | None
+    ) -> _CSC:
         src, dst = edge_index[0].long(), edge_index[1].long()
         n_dst = max(num_dst, 1)
         deg = torch.bincount(dst, minlength=num_dst)
@@ -179,7 +181,9 @@ class _CSC:
             fields["row_time"] = t[perm]
         return cls(src_type, dst_type, colptr, row, mode, **fields)
 
-    def sample(self, v: Tensor, seed_time: Tensor, k: int, strategy: str, generator) -> tuple[Tensor, Tensor]:
+    def sample(
+        self, v: Tensor, seed_time: Tensor, k: int, strategy: str, generator
+    ) -> tuple[Tensor, Tensor]:
         """Sampled neighbours of frontier nodes v: (frontier row, source row id) pairs."""
         if k == 0:
             return v[:0], v[:0]
@@ -224,7 +228,9 @@ class _CSC:
         return start, lo - start
 
 
-def _choose(start: Tensor, n: Tensor, k: int, strategy: str, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+def _choose(
+    start: Tensor, n: Tensor, k: int, strategy: str, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor]:
     """Pick min(n, k) of each eligible prefix [start, start + n).
 
     Returns (frontier row, CSC position) per pick, grouped by frontier row in order.
@@ -323,7 +329,9 @@ class TemporalNeighborSampler(NeighborSampler):
             store = data[nt]
             n = store.tf.num_rows if "tf" in store else store.num_nodes
             self.num_rows[nt] = int(n or 0)
-        self.time: dict[str, Tensor] = {nt: data[nt].time.long() for nt in self.node_types if "time" in data[nt]}
+        self.time: dict[str, Tensor] = {
+            nt: data[nt].time.long() for nt in self.node_types if "time" in data[nt]
+        }
         self.csc: dict[tuple, _CSC] = {}
         for et in self.edge_types:
             s, _, d = et
@@ -370,19 +378,27 @@ class TemporalNeighborSampler(NeighborSampler):
         """
         entity = inputs.input_type
         if entity is None:
-            raise ValueError("TemporalNeighborSampler samples heterogeneous graphs: pass input_nodes=(node_type, ids)")
+            raise ValueError(
+                "TemporalNeighborSampler samples heterogeneous graphs: pass input_nodes=(node_type, ids)"
+            )
         nodes = inputs.node
         if inputs.time is not None:
             seed_time = inputs.time
         elif entity in self.time:
             seed_time = self.time[entity][nodes.long()]
         else:
-            raise ValueError(f"no seed times: pass input_time (table {entity!r} has no time column)")
+            raise ValueError(
+                f"no seed times: pass input_time (table {entity!r} has no time column)"
+            )
         input_id = inputs.input_id if inputs.input_id is not None else torch.arange(nodes.numel())
-        return self.sample_output(entity, nodes, seed_time, generator=self.generator_for(input_id), input_id=input_id)
+        return self.sample_output(
+            entity, nodes, seed_time, generator=self.generator_for(input_id), input_id=input_id
+        )
 
     def sample_from_edges(self, inputs, neg_sampling=None):
-        raise NotImplementedError("TemporalNeighborSampler samples from seed nodes only (no link-level sampling)")
+        raise NotImplementedError(
+            "TemporalNeighborSampler samples from seed nodes only (no link-level sampling)"
+        )
 
     def to_hetero_data(self, out: HeteroSamplerOutput, entity_table: str) -> HeteroData:
         """Join a sampler output with the graph's features: what NodeLoader yields.
@@ -392,7 +408,9 @@ class TemporalNeighborSampler(NeighborSampler):
         ``num_sampled_*`` per store; ``input_id``, ``seed_time``, ``batch_size`` on the
         entity store), so :meth:`sample` and a loader give identical batches.
         """
-        data = filter_hetero_data(self.data, dict(out.node), dict(out.row), dict(out.col), dict(out.edge or {}), self.perm)
+        data = filter_hetero_data(
+            self.data, dict(out.node), dict(out.row), dict(out.col), dict(out.edge or {}), self.perm
+        )
         for nt, node in out.node.items():
             if "n_id" not in data[nt]:
                 data[nt].n_id = node
@@ -411,7 +429,13 @@ class TemporalNeighborSampler(NeighborSampler):
         """
         nodes = torch.as_tensor(nodes, dtype=torch.long).flatten()
         seed_time = torch.as_tensor(seed_time, dtype=torch.long).flatten()
-        return NodeLoader(self.data, node_sampler=self, input_nodes=(entity_table, nodes), input_time=seed_time, **kwargs)
+        return NodeLoader(
+            self.data,
+            node_sampler=self,
+            input_nodes=(entity_table, nodes),
+            input_time=seed_time,
+            **kwargs,
+        )
 
     # ------------------------------------------------------------------ sampling
     def sample(
@@ -427,7 +451,9 @@ class TemporalNeighborSampler(NeighborSampler):
         The batch a ``NodeLoader`` would yield for these seeds (``input_id`` = 0..B-1),
         drawn with ``generator`` (torch's global generator if None).
         """
-        return self.to_hetero_data(self.sample_output(entity_table, nodes, seed_time, generator=generator), entity_table)
+        return self.to_hetero_data(
+            self.sample_output(entity_table, nodes, seed_time, generator=generator), entity_table
+        )
 
     def sample_output(
         self,
@@ -445,7 +471,9 @@ class TemporalNeighborSampler(NeighborSampler):
             raise ValueError("nodes and seed_time must have the same length")
         if entity_table not in self.num_rows:
             raise KeyError(f"unknown node type {entity_table!r}")
-        if nodes.numel() and (int(nodes.min()) < 0 or int(nodes.max()) >= self.num_rows[entity_table]):
+        if nodes.numel() and (
+            int(nodes.min()) < 0 or int(nodes.max()) >= self.num_rows[entity_table]
+        ):
             raise IndexError(f"seed ids out of range for {entity_table!r}")
         device = nodes.device
         num_seeds = nodes.numel()
@@ -470,7 +498,9 @@ class TemporalNeighborSampler(NeighborSampler):
         batch_chunks[entity_table].append(seed_batch)
         count[entity_table] = num_seeds
         n_sampled_nodes[entity_table][0] = num_seeds
-        keys[entity_table], key_local[entity_table] = torch.sort(seed_batch * self.num_rows[entity_table] + nodes)
+        keys[entity_table], key_local[entity_table] = torch.sort(
+            seed_batch * self.num_rows[entity_table] + nodes
+        )
         # frontier: type -> (global id, seed index, local index) of the nodes new last hop
         frontier = {entity_table: (nodes, seed_batch, seed_batch)} if num_seeds else {}
 
@@ -495,7 +525,9 @@ class TemporalNeighborSampler(NeighborSampler):
                     continue
                 cand_id = torch.cat([p[1] for p in parts])
                 cand_batch = torch.cat([p[2] for p in parts])
-                local, new = self._assign_local(nt, cand_id, cand_batch, count, keys, key_local, not last_hop)
+                local, new = self._assign_local(
+                    nt, cand_id, cand_batch, count, keys, key_local, not last_hop
+                )
                 n_new = new[0].numel()
                 n_sampled_nodes[nt].append(n_new)
                 if n_new:
@@ -569,7 +601,9 @@ class TemporalNeighborSampler(NeighborSampler):
             if old.numel():
                 # Merge two sorted, disjoint key lists without a full re-sort.
                 size = old.numel() + uniq.numel()
-                at_new = torch.searchsorted(old, uniq) + torch.arange(uniq.numel(), device=sk.device)
+                at_new = torch.searchsorted(old, uniq) + torch.arange(
+                    uniq.numel(), device=sk.device
+                )
                 at_old = torch.searchsorted(uniq, old) + torch.arange(old.numel(), device=sk.device)
                 merged, merged_local = sk.new_empty(size), sk.new_empty(size)
                 merged[at_new], merged_local[at_new] = uniq, fresh_local

@@ -132,15 +132,21 @@ def validate_targets(
     if not defs:
         raise ValueError(f"no target definitions for {entity_table!r}")
     if entity_table not in schema_tables or schema_tables[entity_table].pkey is None:
-        raise ValueError(f"entity table {entity_table!r} is not in the schema or has no primary key")
+        raise ValueError(
+            f"entity table {entity_table!r} is not in the schema or has no primary key"
+        )
     names = [d.name for d in defs]
     if len(set(names)) != len(names):
-        raise ValueError(f"duplicate target names: {sorted({n for n in names if names.count(n) > 1})}")
+        raise ValueError(
+            f"duplicate target names: {sorted({n for n in names if names.count(n) > 1})}"
+        )
     reserved = {schema_tables[entity_table].pkey, TIMESTAMP, INACTIVE}
     if reserved & set(names):
         raise ValueError(f"target names clash with output columns: {sorted(reserved & set(names))}")
     if len(reserved) < 3:
-        raise ValueError(f"the primary key of {entity_table!r} may not be named {TIMESTAMP!r} or {INACTIVE!r}")
+        raise ValueError(
+            f"the primary key of {entity_table!r} may not be named {TIMESTAMP!r} or {INACTIVE!r}"
+        )
     for d in defs:
         if d.entity_table != entity_table:
             raise ValueError(f"target {d.name!r} is for {d.entity_table!r}, not {entity_table!r}")
@@ -151,12 +157,18 @@ def validate_targets(
             spec = schema_tables[hop.table]
             if hop.direction == "in":
                 if spec.fkeys.get(hop.via) != current or schema_tables[current].pkey is None:
-                    raise ValueError(f"target {d.name!r}: {hop.table}.{hop.via} does not reference {current!r}")
+                    raise ValueError(
+                        f"target {d.name!r}: {hop.table}.{hop.via} does not reference {current!r}"
+                    )
                 if i == 0 and spec.time_col is None:
-                    raise ValueError(f"target {d.name!r}: first-hop table {hop.table!r} has no time column")
+                    raise ValueError(
+                        f"target {d.name!r}: first-hop table {hop.table!r} has no time column"
+                    )
             else:
                 if schema_tables[current].fkeys.get(hop.via) != hop.table or spec.pkey is None:
-                    raise ValueError(f"target {d.name!r}: {current}.{hop.via} does not reference {hop.table!r}")
+                    raise ValueError(
+                        f"target {d.name!r}: {current}.{hop.via} does not reference {hop.table!r}"
+                    )
             current = hop.table
         if d.column is not None and d.column.startswith("tve."):
             raise ValueError(f"target {d.name!r}: column names starting with 'tve.' are reserved")
@@ -245,12 +257,18 @@ def targets_sql(
 
     # What each window selects: (expression, alias or None); and where each path's values are.
     window_items: dict[Hop, list[tuple[str, str | None]]] = {
-        h: [(f"ts.{quote(TIMESTAMP)}", _SEED_TIME), (f"f.{quote(h.via)}", None), (f"f.{quote(hop1_time[h])}", None)]
+        h: [
+            (f"ts.{quote(TIMESTAMP)}", _SEED_TIME),
+            (f"f.{quote(h.via)}", None),
+            (f"f.{quote(hop1_time[h])}", None),
+        ]
         for h in first_hops
     }
     window_joins: dict[Hop, list[str]] = {h: [] for h in first_hops}
     dim_alias: dict[Hop, dict[tuple[Hop, ...], str]] = {h: {} for h in first_hops}
-    value_of: dict[tuple[tuple[Hop, ...], str | None], str] = {}  # (path, column or None) -> column of its rows
+    value_of: dict[
+        tuple[tuple[Hop, ...], str | None], str
+    ] = {}  # (path, column or None) -> column of its rows
 
     def keep(hop: Hop, expr: str, alias: str | None = None) -> None:
         if (expr, alias) not in window_items[hop]:
@@ -288,7 +306,9 @@ def targets_sql(
                     value_of[(p, d.column)] = col
         else:
             # Read by its path CTE: the key that the second hop starts from.
-            keep(h, f"f.{quote(schema_tables[h.table].pkey if p[1].direction == 'in' else p[1].via)}")
+            keep(
+                h, f"f.{quote(schema_tables[h.table].pkey if p[1].direction == 'in' else p[1].via)}"
+            )
             value_of[(p, None)] = "*"
             for d in defs_of[p]:
                 if d.column is not None:
@@ -306,9 +326,14 @@ def targets_sql(
                 f"FROM {ts} AS ts\n  JOIN {quote(entity_table)} AS e"
                 f" ON e.{quote(entity.time_col)} <= ts.{quote(TIMESTAMP)}"
             )
-        ctes.append((f"{prefix}seed", f"{entity_table} rows that exist at each seed time",
-                     f"SELECT {_select(e_items, '         ')}\n  {seed_from}\n"
-                     f"  WHERE e.{quote(entity.pkey)} IS NOT NULL"))
+        ctes.append(
+            (
+                f"{prefix}seed",
+                f"{entity_table} rows that exist at each seed time",
+                f"SELECT {_select(e_items, '         ')}\n  {seed_from}\n"
+                f"  WHERE e.{quote(entity.pkey)} IS NOT NULL",
+            )
+        )
 
     # window_<i>: first-hop fact rows in the next window (t, t + Δ] of each seed time,
     # with the rows their "out" paths reach.
@@ -327,7 +352,9 @@ def targets_sql(
 
     # Groups of paths aggregated together: per first hop, the paths read off its window;
     # then each path with a later "in" hop on its own.
-    groups: list[tuple[int, str, str, list[tuple[Hop, ...]]]] = []  # (j, rows relation, entity column, paths)
+    groups: list[
+        tuple[int, str, str, list[tuple[Hop, ...]]]
+    ] = []  # (j, rows relation, entity column, paths)
     for h in first_hops:
         member = [p for p in paths if p[0] == h and _out_only(p)]
         if member:
@@ -351,8 +378,13 @@ def targets_sql(
                 if spec.time_col is not None:
                     cond += f"\n   AND {cur}.{quote(spec.time_col)} <= {time1}"
             lines.append(f"JOIN {quote(hop.table)} AS {cur}\n    ON {cond}")
-        ctes.append((f"{prefix}path_{j}", _describe(entity_table, p),
-                     f"SELECT {_select(items, '         ')}\n  " + "\n  ".join(lines)))
+        ctes.append(
+            (
+                f"{prefix}path_{j}",
+                _describe(entity_table, p),
+                f"SELECT {_select(items, '         ')}\n  " + "\n  ".join(lines),
+            )
+        )
         groups.append((j, f"{prefix}path_{j}", _ENTITY, [p]))
 
     # agg_<j> and mode_<j>_<k> per group; remember which CTE holds each target.
@@ -366,9 +398,14 @@ def targets_sql(
                 if d.aggregation not in _VALUE_AGGREGATIONS:
                     agg_items.append((_aggregate_sql(d, value_of[(p, d.column)]), quote(d.name)))
         describe = ", ".join(_describe(entity_table, p) for p in members)
-        ctes.append((f"{prefix}agg_{j}", f"aggregates of {describe}",
-                     f"SELECT {_select(agg_items, '         ')}\n"
-                     f"  FROM {rows}\n  GROUP BY {_SEED_TIME}, {ent}"))
+        ctes.append(
+            (
+                f"{prefix}agg_{j}",
+                f"aggregates of {describe}",
+                f"SELECT {_select(agg_items, '         ')}\n"
+                f"  FROM {rows}\n  GROUP BY {_SEED_TIME}, {ent}",
+            )
+        )
         joins.append((f"{prefix}agg_{j}", f"a{j}"))
         if rows in window_of.values():
             first_hop_aggs.append(f"{prefix}agg_{j}")
@@ -387,69 +424,115 @@ def targets_sql(
             value_items = [(_SEED_TIME, None), (_ENTITY, None)]
             for d in cdefs:
                 if d.aggregation == "mode":
-                    value_items.append(('first("value" ORDER BY "n" DESC, "value" ASC)', quote(d.name)))
+                    value_items.append(
+                        ('first("value" ORDER BY "n" DESC, "value" ASC)', quote(d.name))
+                    )
                 else:
                     value_items.append(("count(*)", quote(d.name)))
                 output_of[d.name] = f"m{j}_{k}"
             body = (
                 f"SELECT {_select(value_items, '         ')}\n"
-                f"  FROM (SELECT {_SEED_TIME}, {ent} AS {_ENTITY}, {col} AS \"value\", count(*) AS \"n\"\n"
+                f'  FROM (SELECT {_SEED_TIME}, {ent} AS {_ENTITY}, {col} AS "value", count(*) AS "n"\n'
                 f"        FROM {rows} WHERE {col} IS NOT NULL\n"
                 f"        GROUP BY {_SEED_TIME}, {ent}, {col})\n"
                 f"  GROUP BY {_SEED_TIME}, {_ENTITY}"
             )
             what = " and ".join(
-                "most frequent value (ties -> smallest)" if d.aggregation == "mode" else "distinct values"
+                "most frequent value (ties -> smallest)"
+                if d.aggregation == "mode"
+                else "distinct values"
                 for d in cdefs
             )
-            ctes.append((f"{prefix}mode_{j}_{k}", f"{_describe(entity_table, p)}, column {column}: {what}", body))
+            ctes.append(
+                (
+                    f"{prefix}mode_{j}_{k}",
+                    f"{_describe(entity_table, p)}, column {column}: {what}",
+                    body,
+                )
+            )
             joins.append((f"{prefix}mode_{j}_{k}", f"m{j}_{k}"))
 
     # The active pairs: those of the one first hop's aggregate when that says it all, else
     # the distinct pairs of every window.
     on = "{a}." + _SEED_TIME + " = {b}." + _SEED_TIME + " AND {a}." + _ENTITY + " = {b}." + _ENTITY
     if len(first_hops) == 1 and first_hop_aggs:
-        base_name, base_alias = first_hop_aggs[0], joins[[n for n, _ in joins].index(first_hop_aggs[0])][1]
+        base_name, base_alias = (
+            first_hop_aggs[0],
+            joins[[n for n, _ in joins].index(first_hop_aggs[0])][1],
+        )
         joins = [(n, a) for n, a in joins if n != base_name]
     else:
         active_parts = [
-            f"SELECT {_SEED_TIME}, {quote(h.via)} AS {_ENTITY} FROM {window_of[h]}" for h in first_hops
+            f"SELECT {_SEED_TIME}, {quote(h.via)} AS {_ENTITY} FROM {window_of[h]}"
+            for h in first_hops
         ]
-        ctes.append((f"{prefix}active", "entities with any next-window row",
-                     "SELECT DISTINCT * FROM (\n    " + "\n    UNION ALL\n    ".join(active_parts) + "\n  )"))
+        ctes.append(
+            (
+                f"{prefix}active",
+                "entities with any next-window row",
+                "SELECT DISTINCT * FROM (\n    "
+                + "\n    UNION ALL\n    ".join(active_parts)
+                + "\n  )",
+            )
+        )
         base_name, base_alias = f"{prefix}active", "act"
 
     # vector: the task vector of every active (seed time, entity) pair.
     v_items = [(f"{base_alias}.{_SEED_TIME}", _SEED_TIME), (f"{base_alias}.{_ENTITY}", _ENTITY)]
     for d in defs:
         src = f"{output_of[d.name]}.{quote(d.name)}"
-        v_items.append((f"coalesce({src}, 0)" if d.aggregation in COUNT_AGGREGATIONS else src, quote(d.name)))
+        v_items.append(
+            (f"coalesce({src}, 0)" if d.aggregation in COUNT_AGGREGATIONS else src, quote(d.name))
+        )
     v_from = [f"FROM {base_name} AS {base_alias}"]
-    v_from += [f"LEFT JOIN {name} AS {alias}\n    ON {on.format(a=alias, b=base_alias)}" for name, alias in joins]
-    ctes.append((f"{prefix}vector", "task vectors of the active pairs",
-                 f"SELECT {_select(v_items, '         ')}\n  " + "\n  ".join(v_from)))
+    v_from += [
+        f"LEFT JOIN {name} AS {alias}\n    ON {on.format(a=alias, b=base_alias)}"
+        for name, alias in joins
+    ]
+    ctes.append(
+        (
+            f"{prefix}vector",
+            "task vectors of the active pairs",
+            f"SELECT {_select(v_items, '         ')}\n  " + "\n  ".join(v_from),
+        )
+    )
 
     # Which CTEs are read more than once: materialise those (computed once, not inlined).
     def readers(name: str) -> int:
         return sum(len(re.findall(rf"\b{re.escape(name)}\b", body)) for _, _, body in ctes)
 
     if dense:
-        final = [(f"s.{_ENTITY}", quote(entity.pkey)), (f"s.{_SEED_TIME}", quote(TIMESTAMP)),
-                 (f"CASE WHEN v.{_ENTITY} IS NULL THEN 1 ELSE 0 END", quote(INACTIVE))]
+        final = [
+            (f"s.{_ENTITY}", quote(entity.pkey)),
+            (f"s.{_SEED_TIME}", quote(TIMESTAMP)),
+            (f"CASE WHEN v.{_ENTITY} IS NULL THEN 1 ELSE 0 END", quote(INACTIVE)),
+        ]
         for d in defs:
             src = f"v.{quote(d.name)}"
-            final.append((f"coalesce({src}, 0)" if d.aggregation in COUNT_AGGREGATIONS else src, quote(d.name)))
-        from_lines = [f"FROM {prefix}seed AS s",
-                      f"LEFT JOIN {prefix}vector AS v ON {on.format(a='v', b='s')}"]
+            final.append(
+                (
+                    f"coalesce({src}, 0)" if d.aggregation in COUNT_AGGREGATIONS else src,
+                    quote(d.name),
+                )
+            )
+        from_lines = [
+            f"FROM {prefix}seed AS s",
+            f"LEFT JOIN {prefix}vector AS v ON {on.format(a='v', b='s')}",
+        ]
     else:
-        final = [(f"v.{_ENTITY}", quote(entity.pkey)), (f"v.{_SEED_TIME}", quote(TIMESTAMP)),
-                 ("0", quote(INACTIVE))]
+        final = [
+            (f"v.{_ENTITY}", quote(entity.pkey)),
+            (f"v.{_SEED_TIME}", quote(TIMESTAMP)),
+            ("0", quote(INACTIVE)),
+        ]
         final += [(f"v.{quote(d.name)}", quote(d.name)) for d in defs]
         exists = f"e.{quote(entity.pkey)} = v.{_ENTITY}"
         if entity.time_col is not None:
             exists += f" AND e.{quote(entity.time_col)} <= v.{_SEED_TIME}"
-        from_lines = [f"FROM {prefix}vector AS v",
-                      f"JOIN {quote(entity_table)} AS e ON {exists}  {_comment('entities that exist at the seed time')}"]
+        from_lines = [
+            f"FROM {prefix}vector AS v",
+            f"JOIN {quote(entity_table)} AS e ON {exists}  {_comment('entities that exist at the seed time')}",
+        ]
 
     blocks = []
     for name, comment, body in ctes:
@@ -519,7 +602,9 @@ def _connection(
                 path = Path(source)
                 if not path.exists():
                     raise ValueError(f"table {name!r}: no file {path}")
-                con.execute(f"CREATE VIEW {quote(name)} AS SELECT * FROM read_parquet({_literal(str(path))})")
+                con.execute(
+                    f"CREATE VIEW {quote(name)} AS SELECT * FROM read_parquet({_literal(str(path))})"
+                )
             elif isinstance(source, pd.DataFrame):
                 con.register(name, _duckdb_ready(source))
             else:  # an Arrow table or anything else DuckDB can scan
@@ -538,7 +623,9 @@ def _connection(
             shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _check_inputs(con, tables: Mapping[str, Any], defs: Sequence[TargetDef], used: set[str]) -> None:
+def _check_inputs(
+    con, tables: Mapping[str, Any], defs: Sequence[TargetDef], used: set[str]
+) -> None:
     missing = sorted(used - set(tables))
     if missing:
         raise ValueError(f"no data for tables {missing}")
@@ -549,7 +636,9 @@ def _check_inputs(con, tables: Mapping[str, Any], defs: Sequence[TargetDef], use
         if d.last_table not in columns:
             columns[d.last_table] = _columns_of(con, d.last_table)
         if d.column not in columns[d.last_table]:
-            raise ValueError(f"target {d.name!r}: table {d.last_table!r} has no column {d.column!r}")
+            raise ValueError(
+                f"target {d.name!r}: table {d.last_table!r} has no column {d.column!r}"
+            )
 
 
 def _arrow_table(relation):
@@ -558,16 +647,22 @@ def _arrow_table(relation):
     return fetch()
 
 
-def _entity_keys(con, schema_tables, entity_table: str) -> tuple[np.ndarray, np.ndarray | None, Any]:
+def _entity_keys(
+    con, schema_tables, entity_table: str
+) -> tuple[np.ndarray, np.ndarray | None, Any]:
     """(pkeys sorted, their times or None, the Arrow type of the pkey) of the entity table."""
     spec = schema_tables[entity_table]
     cols = quote(spec.pkey) + ("" if spec.time_col is None else f", {quote(spec.time_col)}")
-    arrow = _arrow_table(con.sql(
-        f"SELECT {cols} FROM {quote(entity_table)} WHERE {quote(spec.pkey)} IS NOT NULL ORDER BY 1"
-    ))
+    arrow = _arrow_table(
+        con.sql(
+            f"SELECT {cols} FROM {quote(entity_table)} WHERE {quote(spec.pkey)} IS NOT NULL ORDER BY 1"
+        )
+    )
     keys = arrow.column(0).to_numpy()
     if len(keys) > 1 and not (keys[1:] != keys[:-1]).all():
-        raise ValueError(f"entity table {entity_table!r}: primary key {spec.pkey!r} has duplicate values")
+        raise ValueError(
+            f"entity table {entity_table!r}: primary key {spec.pkey!r} has duplicate values"
+        )
     times = None
     if spec.time_col is not None:
         times = arrow.column(1).to_numpy(zero_copy_only=False)
@@ -585,7 +680,11 @@ def _chunks(seed_times: pd.DataFrame, per_query: int | None) -> list[pd.DataFram
         return []
     k = 1 if not per_query or per_query >= n else -(-n // per_query)
     bounds = [round(i * n / k) for i in range(k + 1)]
-    return [seed_times.iloc[lo:hi].reset_index(drop=True) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
+    return [
+        seed_times.iloc[lo:hi].reset_index(drop=True)
+        for lo, hi in zip(bounds, bounds[1:])
+        if hi > lo
+    ]
 
 
 def _prefetch(con, sql: str, relation: str, chunks: list[pd.DataFrame], depth: int = 1) -> Iterator:
@@ -659,7 +758,9 @@ def _spread(values, pos: np.ndarray, n: int, count: bool):
             valid = np.zeros(n, dtype=bool)
             valid[pos] = pc.is_valid(values).to_numpy(zero_copy_only=False)
         bitmap = pa.py_buffer(np.packbits(valid, bitorder="little"))
-        return pa.Array.from_buffers(kind, n, [bitmap, pa.py_buffer(out)], null_count=n - int(valid.sum()))
+        return pa.Array.from_buffers(
+            kind, n, [bitmap, pa.py_buffer(out)], null_count=n - int(valid.sum())
+        )
     idx = np.full(n, -1, dtype=np.int64)
     idx[pos] = np.arange(len(pos))
     column = values.take(pa.array(idx, mask=idx < 0))
@@ -697,14 +798,15 @@ def iter_targets(
     take about two thirds of the time of one.
     """
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     defs = list(defs)
     if slice_rows < 1:
         raise ValueError(f"slice_rows must be positive, got {slice_rows}")
     seed_times = _seed_times_frame(timestamps)
     relation = "timestamps" if "timestamps" not in schema_tables else "tve.timestamps"
-    sql = targets_sql(schema_tables, defs, entity_table, timedelta, timestamps_relation=relation, dense=False)
+    sql = targets_sql(
+        schema_tables, defs, entity_table, timedelta, timestamps_relation=relation, dense=False
+    )
     if show_sql:
         print(sql)
     used = {entity_table} | {hop.table for d in defs for hop in d.path}
@@ -714,24 +816,39 @@ def iter_targets(
     pkey = schema_tables[entity_table].pkey
     counts = {d.name for d in defs if d.aggregation in COUNT_AGGREGATIONS}
 
-    with _connection(tables, used, seed_times, relation, memory_limit=memory_limit,
-                     threads=threads, temp_directory=temp_directory) as con:
+    with _connection(
+        tables,
+        used,
+        seed_times,
+        relation,
+        memory_limit=memory_limit,
+        threads=threads,
+        temp_directory=temp_directory,
+    ) as con:
         _check_inputs(con, tables, defs, used)
         keys, key_times, key_type = _entity_keys(con, schema_tables, entity_table)
-        groups = _chunks(seed_times, seeds_per_query) or [seed_times]  # no seed time: still one query, for the schema
+        groups = _chunks(seed_times, seeds_per_query) or [
+            seed_times
+        ]  # no seed time: still one query, for the schema
         results = _prefetch(con, sql, relation, groups)
         schema = None
         empty = True
         try:
             for group, rows in zip(groups, results):
                 if schema is None:
-                    fields = [pa.field(pkey, key_type), pa.field(TIMESTAMP, pa.timestamp("us")),
-                              pa.field(INACTIVE, pa.int64())]
+                    fields = [
+                        pa.field(pkey, key_type),
+                        pa.field(TIMESTAMP, pa.timestamp("us")),
+                        pa.field(INACTIVE, pa.int64()),
+                    ]
                     schema = pa.schema(fields + [rows.schema.field(d.name) for d in defs])
                 times = rows.column(1).to_numpy()
                 used_rows = 0
                 for t in group[TIMESTAMP].to_numpy():
-                    first, last = np.searchsorted(times, t, side="left"), np.searchsorted(times, t, side="right")
+                    first, last = (
+                        np.searchsorted(times, t, side="left"),
+                        np.searchsorted(times, t, side="right"),
+                    )
                     at_t = rows.slice(first, last - first)
                     used_rows += at_t.num_rows
                     exist = keys if key_times is None else keys[key_times <= t]
@@ -740,19 +857,28 @@ def iter_targets(
                     if at_t.num_rows and len(exist) == 0:
                         raise AssertionError("active rows at a seed time at which no entity exists")
                     for start in range(0, len(exist), slice_rows):
-                        chunk = exist[start:start + slice_rows]
+                        chunk = exist[start : start + slice_rows]
                         lo = int(np.searchsorted(ent, chunk[0], side="left"))
                         hi = int(np.searchsorted(ent, chunk[-1], side="right"))
                         pos = np.searchsorted(chunk, ent[lo:hi])
-                        if hi > lo and (pos.max() >= len(chunk) or not (chunk[pos] == ent[lo:hi]).all()):
-                            raise AssertionError("an active row of an entity that does not exist at its seed time")
+                        if hi > lo and (
+                            pos.max() >= len(chunk) or not (chunk[pos] == ent[lo:hi]).all()
+                        ):
+                            raise AssertionError(
+                                "an active row of an entity that does not exist at its seed time"
+                            )
                         part = at_t.slice(lo, hi - lo)
                         inactive = np.ones(len(chunk), dtype=np.int64)
                         inactive[pos] = 0
-                        columns = [pa.array(chunk, type=key_type), pa.array(np.full(len(chunk), when)),
-                                   pa.array(inactive)]
+                        columns = [
+                            pa.array(chunk, type=key_type),
+                            pa.array(np.full(len(chunk), when)),
+                            pa.array(inactive),
+                        ]
                         for d in defs:
-                            columns.append(_spread(part.column(d.name), pos, len(chunk), d.name in counts))
+                            columns.append(
+                                _spread(part.column(d.name), pos, len(chunk), d.name in counts)
+                            )
                         empty = False
                         yield pa.Table.from_arrays(columns, schema=schema)
                 if used_rows != rows.num_rows:
@@ -814,9 +940,21 @@ def compute_targets(
     import pyarrow as pa
 
     defs = list(defs)
-    parts = list(iter_targets(tables, schema_tables, defs, entity_table, timestamps, timedelta,
-                              memory_limit=memory_limit, threads=threads, temp_directory=temp_directory,
-                              show_sql=show_sql, seeds_per_query=seeds_per_query))
+    parts = list(
+        iter_targets(
+            tables,
+            schema_tables,
+            defs,
+            entity_table,
+            timestamps,
+            timedelta,
+            memory_limit=memory_limit,
+            threads=threads,
+            temp_directory=temp_directory,
+            show_sql=show_sql,
+            seeds_per_query=seeds_per_query,
+        )
+    )
     return _to_frame(pa.concat_tables(parts), defs)
 
 
@@ -825,8 +963,15 @@ def _parquet_options(schema, compression: str) -> dict[str, Any]:
     zeros and nulls, which snappy shrinks anyway), dictionaries for text (modes)."""
     import pyarrow as pa
 
-    text = [f.name for f in schema if not (pa.types.is_integer(f.type) or pa.types.is_floating(f.type)
-                                            or pa.types.is_timestamp(f.type))]
+    text = [
+        f.name
+        for f in schema
+        if not (
+            pa.types.is_integer(f.type)
+            or pa.types.is_floating(f.type)
+            or pa.types.is_timestamp(f.type)
+        )
+    ]
     return {"compression": compression, "use_dictionary": text}
 
 
@@ -869,7 +1014,9 @@ def write_targets(
         try:
             while (table := handoff.get()) is not None:
                 if writer is None:
-                    writer = pq.ParquetWriter(tmp, table.schema, **_parquet_options(table.schema, compression))
+                    writer = pq.ParquetWriter(
+                        tmp, table.schema, **_parquet_options(table.schema, compression)
+                    )
                 if table.num_rows:
                     writer.write_table(table, row_group_size=max(table.num_rows, 1))
         except BaseException as exc:  # handed back to the producer
@@ -884,10 +1031,20 @@ def write_targets(
     thread.start()
     try:
         try:
-            for table in iter_targets(tables, schema_tables, defs, entity_table, timestamps, timedelta,
-                                      memory_limit=memory_limit, threads=threads,
-                                      temp_directory=temp_directory, show_sql=show_sql,
-                                      slice_rows=slice_rows, seeds_per_query=seeds_per_query):
+            for table in iter_targets(
+                tables,
+                schema_tables,
+                defs,
+                entity_table,
+                timestamps,
+                timedelta,
+                memory_limit=memory_limit,
+                threads=threads,
+                temp_directory=temp_directory,
+                show_sql=show_sql,
+                slice_rows=slice_rows,
+                seeds_per_query=seeds_per_query,
+            ):
                 if failure:
                     break
                 stats["rows"] += table.num_rows
@@ -941,15 +1098,20 @@ def write_targets_by_seed_time(
         path = Path(out_path_of(t))
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        state.update(time=t, path=path, tmp=tmp,
-                     writer=pq.ParquetWriter(tmp, schema, **_parquet_options(schema, compression)))
+        state.update(
+            time=t,
+            path=path,
+            tmp=tmp,
+            writer=pq.ParquetWriter(tmp, schema, **_parquet_options(schema, compression)),
+        )
         stats[t] = {"rows": 0, "inactive": 0}
 
     times = [pd.Timestamp(t) for t in timestamps]
     schema = None
     try:
-        for table in iter_targets(tables, schema_tables, defs, entity_table, times, timedelta,
-                                  memory_limit=memory_limit):
+        for table in iter_targets(
+            tables, schema_tables, defs, entity_table, times, timedelta, memory_limit=memory_limit
+        ):
             schema = schema or table.schema
             if not table.num_rows:
                 continue

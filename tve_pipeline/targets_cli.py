@@ -76,7 +76,9 @@ def _parse_timestamps(value: str) -> list:
             raise ValueError(f"--timestamps: {part!r} has a time zone; RelBench times are naive")
         out.append(ts)
     if not out:
-        raise ValueError("--timestamps is empty: give comma-separated times, or leave it out for the training seed times")
+        raise ValueError(
+            "--timestamps is empty: give comma-separated times, or leave it out for the training seed times"
+        )
     return out
 
 
@@ -86,7 +88,9 @@ def _table_columns(table_files: dict[str, Path], table: str) -> list[str]:
     return list(pq.read_schema(table_files[table]).names)
 
 
-def _parse_columns(option: str, value: str | None, table_files: dict[str, Path]) -> dict[str, list[str]]:
+def _parse_columns(
+    option: str, value: str | None, table_files: dict[str, Path]
+) -> dict[str, list[str]]:
     """``table.col,...`` -> {table: [col, ...]}, every table and column checked to exist."""
     out: dict[str, list[str]] = {}
     for item in _split(value):
@@ -94,18 +98,22 @@ def _parse_columns(option: str, value: str | None, table_files: dict[str, Path])
         # Table names may hold dots: take the longest known table name that prefixes the item.
         known = sorted((t for t in table_files if item.startswith(t + ".")), key=len, reverse=True)
         if known:
-            table, column = known[0], item[len(known[0]) + 1:]
+            table, column = known[0], item[len(known[0]) + 1 :]
         elif not dot or not column:
             raise ValueError(f"{option}: {item!r} is not TABLE.COLUMN")
         if table not in table_files:
-            raise ValueError(f"{option}: unknown table {table!r} in {item!r} (tables: {', '.join(table_files)})")
+            raise ValueError(
+                f"{option}: unknown table {table!r} in {item!r} (tables: {', '.join(table_files)})"
+            )
         if column not in _table_columns(table_files, table):
             raise ValueError(f"{option}: table {table!r} has no column {column!r}")
         out.setdefault(table, []).append(column)
     return out
 
 
-def _infer_types(manifest, table_files: dict[str, Path], tables: list[str]) -> dict[str, dict[str, str]]:
+def _infer_types(
+    manifest, table_files: dict[str, Path], tables: list[str]
+) -> dict[str, dict[str, str]]:
     """Semantic types of the columns of ``tables``: keys and time columns ``key``, the rest by
     :func:`tve_pipeline.database.column_types` on the non-key columns only (read one table
     at a time, so the largest table's values are the most that is ever in memory)."""
@@ -185,17 +193,27 @@ def run_targets_command(args) -> dict:
     exclude_tables = _split(args.exclude_tables)
     for table in exclude_tables:
         if table not in manifest.tables:
-            raise ValueError(f"--exclude-tables: unknown table {table!r} (tables: {', '.join(manifest.tables)})")
+            raise ValueError(
+                f"--exclude-tables: unknown table {table!r} (tables: {', '.join(manifest.tables)})"
+            )
     include_tables = _split(args.include_tables) or None
     for table in include_tables or ():
         if table not in manifest.tables:
-            raise ValueError(f"--include-tables: unknown table {table!r} (tables: {', '.join(manifest.tables)})")
+            raise ValueError(
+                f"--include-tables: unknown table {table!r} (tables: {', '.join(manifest.tables)})"
+            )
     exclude_columns = _parse_columns("--exclude-columns", args.exclude_columns, table_files)
     wanted = _parse_columns("--columns", args.columns, table_files)
 
     # The tables the traversal reaches (raises, naming the entity table, when it reaches none).
-    paths = traversal_paths(manifest.tables, entity, hops=args.hops, include_tables=include_tables,
-                            exclude_tables=exclude_tables, fact_key_fact=args.fact_key_fact)
+    paths = traversal_paths(
+        manifest.tables,
+        entity,
+        hops=args.hops,
+        include_tables=include_tables,
+        exclude_tables=exclude_tables,
+        fact_key_fact=args.fact_key_fact,
+    )
     last_tables = list(dict.fromkeys(p[-1].table for p in paths))
     types = _infer_types(manifest, table_files, sorted(set(last_tables) | set(wanted)))
 
@@ -219,9 +237,16 @@ def run_targets_command(args) -> dict:
             others = [c for c in types[table] if c not in wanted.get(table, ())]
             exclude_columns.setdefault(table, []).extend(others)
 
-    defs = build_traversal_graph(manifest.tables, types, entity, hops=args.hops, include_tables=include_tables,
-                                 exclude_tables=exclude_tables, exclude_columns=exclude_columns,
-                                 fact_key_fact=args.fact_key_fact)
+    defs = build_traversal_graph(
+        manifest.tables,
+        types,
+        entity,
+        hops=args.hops,
+        include_tables=include_tables,
+        exclude_tables=exclude_tables,
+        exclude_columns=exclude_columns,
+        fact_key_fact=args.fact_key_fact,
+    )
     if not defs:  # cannot happen (every path has its row count), but never write an empty set
         raise ValueError(f"no targets for entity table {entity!r}")
 
@@ -235,7 +260,11 @@ def run_targets_command(args) -> dict:
     if args.timestamps is not None:
         seeds = _parse_timestamps(args.timestamps)
     else:
-        seeds = list(tdb.training_seed_times(dataset.val_timestamp, _min_timestamp(manifest, table_files), delta))
+        seeds = list(
+            tdb.training_seed_times(
+                dataset.val_timestamp, _min_timestamp(manifest, table_files), delta
+            )
+        )
         if not seeds:
             raise ValueError(
                 f"no training seed time between the first timestamp and val - {delta} "
@@ -253,10 +282,23 @@ def run_targets_command(args) -> dict:
     except ImportError:  # pragma: no cover
         duck_errors = ()
     try:
-        stats = write_targets(out_dir / "targets.parquet", table_files, manifest.tables, defs, entity, seeds, delta,
-                              memory_limit=args.memory_limit, threads=args.threads, show_sql=args.show_sql,
-                              seeds_per_query=(DEFAULT_SEEDS_PER_QUERY if args.seeds_per_query is None
-                                               else args.seeds_per_query or None))
+        stats = write_targets(
+            out_dir / "targets.parquet",
+            table_files,
+            manifest.tables,
+            defs,
+            entity,
+            seeds,
+            delta,
+            memory_limit=args.memory_limit,
+            threads=args.threads,
+            show_sql=args.show_sql,
+            seeds_per_query=(
+                DEFAULT_SEEDS_PER_QUERY
+                if args.seeds_per_query is None
+                else args.seeds_per_query or None
+            ),
+        )
     except duck_errors as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RuntimeError(f"DuckDB failed computing the targets of {entity!r}: {first}") from exc
@@ -273,11 +315,15 @@ def run_targets_command(args) -> dict:
         "json": str(out_dir / "targets.json"),
     }
     rate = stats["inactive"] / stats["rows"] if stats["rows"] else 0.0
-    print(f"wrote {summary['parquet']}: {stats['rows']} rows ({entity} x {summary['seed_times']} seed times, "
-          f"{rate:.1%} {INACTIVE}), {len(defs)} targets, window {_duration(delta)}; definitions in {summary['json']}")
+    print(
+        f"wrote {summary['parquet']}: {stats['rows']} rows ({entity} x {summary['seed_times']} seed times, "
+        f"{rate:.1%} {INACTIVE}), {len(defs)} targets, window {_duration(delta)}; definitions in {summary['json']}"
+    )
     if stats["rows"] == 0:
-        print(f"tve targets: warning: no {entity!r} row exists at any of the seed times; the file has no rows",
-              file=sys.stderr)
+        print(
+            f"tve targets: warning: no {entity!r} row exists at any of the seed times; the file has no rows",
+            file=sys.stderr,
+        )
     return summary
 
 
@@ -289,26 +335,60 @@ def add_targets_parser(subparsers) -> argparse.ArgumentParser:
         description="Compute the raw next-window task vectors (TVE targets) of an entity table.",
     )
     p.add_argument("dataset_dir", help="a RelBench 3 dataset folder")
-    p.add_argument("--entity", required=True, help="entity table (a table with a primary key that facts reference)")
-    p.add_argument("--out", required=True, help="output folder for targets.parquet and targets.json")
-    p.add_argument("--timedelta", default=None,
-                   help="next-window length, e.g. '30 days' (default: the database's task window)")
-    p.add_argument("--timestamps", default=None,
-                   help="comma-separated seed times (default: the database's training seed times)")
-    p.add_argument("--hops", type=int, choices=(1, 2), default=2, help="traversal depth (default 2)")
-    p.add_argument("--no-fact-key-fact", dest="fact_key_fact", action="store_false",
-                   help="leave out fact->key<-fact paths (through a hub key they reach most of a fact table)")
-    p.add_argument("--include-tables", default=None, help="comma-separated: only these tables (plus the entity)")
+    p.add_argument(
+        "--entity",
+        required=True,
+        help="entity table (a table with a primary key that facts reference)",
+    )
+    p.add_argument(
+        "--out", required=True, help="output folder for targets.parquet and targets.json"
+    )
+    p.add_argument(
+        "--timedelta",
+        default=None,
+        help="next-window length, e.g. '30 days' (default: the database's task window)",
+    )
+    p.add_argument(
+        "--timestamps",
+        default=None,
+        help="comma-separated seed times (default: the database's training seed times)",
+    )
+    p.add_argument(
+        "--hops", type=int, choices=(1, 2), default=2, help="traversal depth (default 2)"
+    )
+    p.add_argument(
+        "--no-fact-key-fact",
+        dest="fact_key_fact",
+        action="store_false",
+        help="leave out fact->key<-fact paths (through a hub key they reach most of a fact table)",
+    )
+    p.add_argument(
+        "--include-tables",
+        default=None,
+        help="comma-separated: only these tables (plus the entity)",
+    )
     p.add_argument("--exclude-tables", default=None, help="comma-separated tables to leave out")
-    p.add_argument("--exclude-columns", default=None, help="comma-separated TABLE.COLUMN not to aggregate")
-    p.add_argument("--columns", default=None,
-                   help="comma-separated TABLE.COLUMN: aggregate only these (row counts are always kept)")
-    p.add_argument("--memory-limit", default=DEFAULT_MEMORY_LIMIT,
-                   help=f"DuckDB memory limit; beyond it, it spills to disk (default {DEFAULT_MEMORY_LIMIT})")
+    p.add_argument(
+        "--exclude-columns", default=None, help="comma-separated TABLE.COLUMN not to aggregate"
+    )
+    p.add_argument(
+        "--columns",
+        default=None,
+        help="comma-separated TABLE.COLUMN: aggregate only these (row counts are always kept)",
+    )
+    p.add_argument(
+        "--memory-limit",
+        default=DEFAULT_MEMORY_LIMIT,
+        help=f"DuckDB memory limit; beyond it, it spills to disk (default {DEFAULT_MEMORY_LIMIT})",
+    )
     p.add_argument("--threads", type=int, default=None, help="DuckDB threads (default: all cores)")
-    p.add_argument("--seeds-per-query", type=int, default=None,
-                   help="seed times per run of the query, 0 for all at once (default: "
-                        "tve_pipeline.targets.DEFAULT_SEEDS_PER_QUERY; bounds memory, overlaps writing)")
+    p.add_argument(
+        "--seeds-per-query",
+        type=int,
+        default=None,
+        help="seed times per run of the query, 0 for all at once (default: "
+        "tve_pipeline.targets.DEFAULT_SEEDS_PER_QUERY; bounds memory, overlaps writing)",
+    )
     p.add_argument("--show-sql", action="store_true", help="print the generated SQL")
     p.set_defaults(func=run_targets_command)
     return p

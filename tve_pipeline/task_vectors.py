@@ -87,8 +87,9 @@ class RawTaskVectorChunks:
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
-    def chunks(self, columns: Sequence[str],
-               wanted: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, pd.DataFrame]]:
+    def chunks(
+        self, columns: Sequence[str], wanted: np.ndarray | None = None
+    ) -> Iterator[tuple[np.ndarray, pd.DataFrame]]:
         """``(positions, rows)`` chunk after chunk: the ``wanted`` rows (all when None) and their columns.
 
         Rows are dropped before they become pandas (at scale nearly all of a chunk is
@@ -109,7 +110,9 @@ class RawTaskVectorChunks:
         for path, start, stop in zip(self.paths, self.offsets[:-1], self.offsets[1:]):
             if wanted is not None and not wanted[start:stop].any():
                 continue
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=self.chunk_rows, columns=columns):
+            for batch in pq.ParquetFile(path).iter_batches(
+                batch_size=self.chunk_rows, columns=columns
+            ):
                 rows = np.arange(start, start + batch.num_rows)
                 start += batch.num_rows
                 if wanted is not None:
@@ -123,9 +126,13 @@ def _check_columns(name: str, have, need: Sequence[str]) -> None:
     have = set(have)
     missing = [c for c in need if c not in have]
     if missing:
-        shown = ", ".join(repr(c) for c in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise ValueError(f"raw task vectors {name} lack column(s) {shown}: "
-                         "computed for another entity table or traversal graph?")
+        shown = ", ".join(repr(c) for c in missing[:5]) + (
+            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        )
+        raise ValueError(
+            f"raw task vectors {name} lack column(s) {shown}: "
+            "computed for another entity table or traversal graph?"
+        )
 
 
 @dataclass
@@ -189,7 +196,9 @@ def pretraining_task_vectors(
     source = RawTaskVectorChunks(raw, [entity_col, TIMESTAMP, INACTIVE, *aggregations], chunk_rows)
     entity, seed_time, inactive = _read_seeds(source, entity_col)
     held_out = np.isin(seed_time, held_out_seed_times(seed_time, val_fraction))
-    normaliser = fit_normaliser(source, aggregations, ~held_out & (inactive == 0), max_mode_categories)
+    normaliser = fit_normaliser(
+        source, aggregations, ~held_out & (inactive == 0), max_mode_categories
+    )
     # Like TaskVectorNormaliser.transform, every row not flagged inactive keeps its vector.
     stored = inactive != 1
     vector_row = np.where(stored, np.cumsum(stored) - 1, -1)
@@ -200,11 +209,17 @@ def pretraining_task_vectors(
         at = order[mask[order]]
         return SeedTaskVectors(entity[at], seed_time[at], vector_row[at], vectors)
 
-    return PretrainingTaskVectors(normaliser, seeds(~held_out), seeds(held_out),
-                                  float(inactive.mean()) if len(inactive) else float("nan"))
+    return PretrainingTaskVectors(
+        normaliser,
+        seeds(~held_out),
+        seeds(held_out),
+        float(inactive.mean()) if len(inactive) else float("nan"),
+    )
 
 
-def _read_seeds(source: RawTaskVectorChunks, entity_col: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _read_seeds(
+    source: RawTaskVectorChunks, entity_col: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pass 1: entity (int64), seed time (datetime64[ns]) and ``inactive`` of every row."""
     entity = np.empty(len(source), dtype=np.int64)
     seed_time = np.empty(len(source), dtype="datetime64[ns]")
@@ -246,17 +261,24 @@ def fit_normaliser(
     for name in aggregations:
         if name in counts:
             ordered = sorted(counts[name].items(), key=lambda kv: (-kv[1], kv[0]))
-            scalers.append(TargetScaler(name, "onehot", categories=[c for c, _ in ordered[:max_mode_categories]]))
+            scalers.append(
+                TargetScaler(
+                    name, "onehot", categories=[c for c, _ in ordered[:max_mode_categories]]
+                )
+            )
         else:
             scalers.append(TargetScaler(name, "minmax", low=low[name], high=high[name]))
     return TaskVectorNormaliser(scalers)
 
 
-def _normalised_rows(source: RawTaskVectorChunks, normaliser: TaskVectorNormaliser,
-                     vector_row: np.ndarray) -> np.ndarray:
+def _normalised_rows(
+    source: RawTaskVectorChunks, normaliser: TaskVectorNormaliser, vector_row: np.ndarray
+) -> np.ndarray:
     """Pass 3: ``normaliser.transform`` of every row with a ``vector_row`` (>= 0), into that row (float32)."""
     out = np.empty((int((vector_row >= 0).sum()), normaliser.width), dtype=np.float32)
-    for at, chunk in source.chunks([INACTIVE, *(s.name for s in normaliser.scalers)], wanted=vector_row >= 0):
+    for at, chunk in source.chunks(
+        [INACTIVE, *(s.name for s in normaliser.scalers)], wanted=vector_row >= 0
+    ):
         out[vector_row[at]] = normaliser.transform(chunk)
     return out
 
@@ -266,5 +288,9 @@ def _numeric_values(chunk: pd.DataFrame, names: Sequence[str]) -> np.ndarray:
     block = chunk[list(names)]
     if all(dtype.kind in "biuf" for dtype in block.dtypes):  # what compute_targets writes: one copy
         return block.to_numpy(dtype=np.float64, na_value=np.nan)
-    return np.column_stack([pd.to_numeric(block[c], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
-                            for c in names])
+    return np.column_stack(
+        [
+            pd.to_numeric(block[c], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+            for c in names
+        ]
+    )

@@ -32,7 +32,9 @@ def past_activity(
         if ref == entity_table
     ]
     if not facts:
-        raise ValueError(f"entity table {entity_table!r} has no incoming time-stamped fact table to measure activity")
+        raise ValueError(
+            f"entity table {entity_table!r} has no incoming time-stamped fact table to measure activity"
+        )
     con = duckdb.connect()
     try:
         keys = labels[[entity_col, time_col]].reset_index(drop=True).copy()
@@ -49,16 +51,20 @@ def past_activity(
                        AND f.{quote(ftime)} > l.{quote(time_col)} - INTERVAL '{int(window.total_seconds())} seconds'
                        AND f.{quote(ftime)} <= l.{quote(time_col)})"""
             )
-        sql = f'SELECT l.tve_row, {" + ".join(counts)} AS activity FROM tve_labels l ORDER BY l.tve_row'
+        sql = f"SELECT l.tve_row, {' + '.join(counts)} AS activity FROM tve_labels l ORDER BY l.tve_row"
         out = con.sql(sql).df()
     finally:
         con.close()
     return pd.Series(out["activity"].to_numpy(), index=labels.index, name="activity")
 
 
-def restrict_to_most_active(labels: pd.DataFrame, activity: pd.Series, entity_col: str, time_col: str, k: int) -> pd.DataFrame:
+def restrict_to_most_active(
+    labels: pd.DataFrame, activity: pd.Series, entity_col: str, time_col: str, k: int
+) -> pd.DataFrame:
     """The rows of the k most active entities per seed time (ties: smaller entity id), in order."""
     ranked = labels.assign(_activity=activity.to_numpy())
-    ranked = ranked.sort_values([time_col, "_activity", entity_col], ascending=[True, False, True], kind="stable")
+    ranked = ranked.sort_values(
+        [time_col, "_activity", entity_col], ascending=[True, False, True], kind="stable"
+    )
     keep = ranked.groupby(time_col, sort=False).head(k).index
     return labels.loc[labels.index.isin(keep)]

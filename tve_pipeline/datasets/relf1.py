@@ -43,7 +43,12 @@ import numpy as np
 import pandas as pd
 from relbench.manifest import KIND_FORECAST, TableSpec, TaskManifest
 
-from tve_pipeline.datasets.writer import IMPORT_REPORT_FILE, ForeignKey, reindex_primary_keys, write_dataset
+from tve_pipeline.datasets.writer import (
+    IMPORT_REPORT_FILE,
+    ForeignKey,
+    reindex_primary_keys,
+    write_dataset,
+)
 
 NAME = "rel-f1"
 VAL_TIMESTAMP = "2005-01-01"
@@ -64,8 +69,19 @@ SOURCES = {
 }
 
 DROPPED_COLUMNS = {
-    "races": ["url", "fp1_date", "fp1_time", "fp2_date", "fp2_time", "fp3_date", "fp3_time",
-              "quali_date", "quali_time", "sprint_date", "sprint_time"],
+    "races": [
+        "url",
+        "fp1_date",
+        "fp1_time",
+        "fp2_date",
+        "fp2_time",
+        "fp3_date",
+        "fp3_time",
+        "quali_date",
+        "quali_time",
+        "sprint_date",
+        "sprint_time",
+    ],
     "circuits": ["url"],
     "drivers": ["number", "url"],
     "results": ["positionText", "time", "fastestLapTime", "fastestLapSpeed"],
@@ -76,26 +92,43 @@ DROPPED_COLUMNS = {
     "qualifying": ["q1", "q2", "q3"],
 }
 
-RESULTS_NUMERIC = ["rank", "number", "grid", "position", "points", "laps", "milliseconds", "fastestLap"]
+RESULTS_NUMERIC = [
+    "rank",
+    "number",
+    "grid",
+    "position",
+    "points",
+    "laps",
+    "milliseconds",
+    "fastestLap",
+]
 
 SPECS = {
     "races": TableSpec(pkey="raceId", time_col="date", fkeys={"circuitId": "circuits"}),
     "circuits": TableSpec(pkey="circuitId"),
     "drivers": TableSpec(pkey="driverId"),
     "results": TableSpec(
-        pkey="resultId", time_col="date",
+        pkey="resultId",
+        time_col="date",
         fkeys={"raceId": "races", "driverId": "drivers", "constructorId": "constructors"},
     ),
-    "standings": TableSpec(pkey="driverStandingsId", time_col="date", fkeys={"raceId": "races", "driverId": "drivers"}),
+    "standings": TableSpec(
+        pkey="driverStandingsId", time_col="date", fkeys={"raceId": "races", "driverId": "drivers"}
+    ),
     "constructors": TableSpec(pkey="constructorId"),
     "constructor_results": TableSpec(
-        pkey="constructorResultsId", time_col="date", fkeys={"raceId": "races", "constructorId": "constructors"}
+        pkey="constructorResultsId",
+        time_col="date",
+        fkeys={"raceId": "races", "constructorId": "constructors"},
     ),
     "constructor_standings": TableSpec(
-        pkey="constructorStandingsId", time_col="date", fkeys={"raceId": "races", "constructorId": "constructors"}
+        pkey="constructorStandingsId",
+        time_col="date",
+        fkeys={"raceId": "races", "constructorId": "constructors"},
     ),
     "qualifying": TableSpec(
-        pkey="qualifyId", time_col="date",
+        pkey="qualifyId",
+        time_col="date",
         fkeys={"raceId": "races", "driverId": "drivers", "constructorId": "constructors"},
     ),
 }
@@ -194,7 +227,9 @@ def _source(raw_dir: Path, stem: str) -> Path:
     for name in (f"{stem}.csv.gz", f"{stem}.csv"):
         if (raw_dir / name).exists():
             return raw_dir / name
-    raise FileNotFoundError(f"{raw_dir} has no {stem}.csv or {stem}.csv.gz (expected the Ergast CSV folder)")
+    raise FileNotFoundError(
+        f"{raw_dir} has no {stem}.csv or {stem}.csv.gz (expected the Ergast CSV folder)"
+    )
 
 
 def _resolve_raw_dir(raw_dir: Path) -> Path:
@@ -217,7 +252,9 @@ def load_tables(raw_dir: str | Path) -> dict[str, pd.DataFrame]:
     for name, cols in DROPPED_COLUMNS.items():
         missing = [c for c in cols if c not in t[name].columns]
         if missing:
-            raise ValueError(f"table '{name}': source has no columns {missing}; not the Ergast snapshot rel-f1 expects")
+            raise ValueError(
+                f"table '{name}': source has no columns {missing}; not the Ergast snapshot rel-f1 expects"
+            )
         t[name] = t[name].drop(columns=cols)
 
     races = t["races"]
@@ -226,7 +263,13 @@ def load_tables(raw_dir: str | Path) -> dict[str, pd.DataFrame]:
     t["races"] = races
 
     race_dates = races[["raceId", "date"]]
-    for name in ("results", "standings", "constructor_results", "constructor_standings", "qualifying"):
+    for name in (
+        "results",
+        "standings",
+        "constructor_results",
+        "constructor_standings",
+        "qualifying",
+    ):
         t[name] = t[name].merge(race_dates, on="raceId", how="left")
     t["qualifying"] = t["qualifying"].assign(date=t["qualifying"]["date"] - pd.Timedelta(days=1))
 
@@ -269,15 +312,15 @@ def build_rel_f1(raw_dir: str | Path, out_dir: str | Path) -> Path:
     )
     test = pd.Timestamp(TEST_TIMESTAMP)
     rows_upto_test = {
-        name: int((tables[name][spec.time_col] <= test).sum()) if spec.time_col else len(tables[name])
+        name: int((tables[name][spec.time_col] <= test).sum())
+        if spec.time_col
+        else len(tables[name])
         for name, spec in SPECS.items()
     }
     import_report = {
         "source": {
             "recipe": "RelBench 1.x rel-f1 (relbench/datasets/f1.py, relbench/tasks/f1.py)",
-            "files": {
-                stem: _sha256(_source(raw_dir, stem)) for stem in SOURCES.values()
-            },
+            "files": {stem: _sha256(_source(raw_dir, stem)) for stem in SOURCES.values()},
         },
         "policy": "null",
         "raw_rows": raw_rows,

@@ -107,8 +107,14 @@ def _shop_tables(customers: pd.DataFrame, products: pd.DataFrame, orders: pd.Dat
     return {
         "customers": (customers, TableSpec(pkey="customer_id", time_col="signup_time")),
         "products": (products, TableSpec(pkey="product_id")),
-        "orders": (orders, TableSpec(pkey="order_id", time_col="order_time",
-                                     fkeys={"customer_id": "customers", "product_id": "products"})),
+        "orders": (
+            orders,
+            TableSpec(
+                pkey="order_id",
+                time_col="order_time",
+                fkeys={"customer_id": "customers", "product_id": "products"},
+            ),
+        ),
     }
 
 
@@ -123,7 +129,9 @@ def build_synthetic(
 ) -> Path:
     """Generate the database and write it as a RelBench 3 folder at ``out_dir``."""
     if n_days < 200:
-        raise ValueError(f"n_days={n_days}: need >= 200 for 3 training windows of 30 days before val")
+        raise ValueError(
+            f"n_days={n_days}: need >= 200 for 3 training windows of 30 days before val"
+        )
     if n_customers < 3 or n_products < 1:
         raise ValueError("need at least 3 customers and 1 product")
     rng = np.random.default_rng(seed)
@@ -132,14 +140,18 @@ def build_synthetic(
     # Customers, keyed in signup order (a keyed table with a time column must be sorted).
     n_early = n_customers - n_customers // 3
     signup_day = np.sort(
-        np.concatenate([rng.uniform(0.5, 30, n_early), rng.uniform(30, n_days - 120, n_customers - n_early)])
+        np.concatenate(
+            [rng.uniform(0.5, 30, n_early), rng.uniform(30, n_days - 120, n_customers - n_early)]
+        )
     )
     signup_seconds = np.round(signup_day * seconds_per_day).astype("int64")
     segment = rng.integers(0, len(SEGMENTS), n_customers)
     customers = pd.DataFrame(
         {
             "customer_id": np.arange(n_customers, dtype="int64"),
-            "signup_time": (START + pd.to_timedelta(signup_seconds, unit="s")).astype("datetime64[ns]"),
+            "signup_time": (START + pd.to_timedelta(signup_seconds, unit="s")).astype(
+                "datetime64[ns]"
+            ),
             "segment": SEGMENTS[segment],
             "age": rng.integers(18, 76, n_customers).astype("int64"),
         }
@@ -171,7 +183,9 @@ def build_synthetic(
 
     favourite = rng.integers(0, len(CATEGORIES), n_customers)
     popularity = rng.dirichlet(np.ones(n_products))
-    product_weights = popularity[None, :] * np.where(category[None, :] == favourite[:, None], 4.0, 1.0)
+    product_weights = popularity[None, :] * np.where(
+        category[None, :] == favourite[:, None], 4.0, 1.0
+    )
     product = _pick(rng, product_weights, order_customer)
     channel = _pick(rng, rng.dirichlet(np.ones(len(CHANNELS)), n_customers), order_customer)
     quantity = 1 + rng.poisson(0.5, n_orders)
@@ -179,7 +193,9 @@ def build_synthetic(
 
     orders = pd.DataFrame(
         {
-            "order_time": (START + pd.to_timedelta(order_seconds, unit="s")).astype("datetime64[ns]"),
+            "order_time": (START + pd.to_timedelta(order_seconds, unit="s")).astype(
+                "datetime64[ns]"
+            ),
             "customer_id": order_customer.astype("int64"),
             "product_id": product.astype("int64"),
             "quantity": quantity.astype("int64"),
@@ -187,7 +203,9 @@ def build_synthetic(
             "channel": CHANNELS[channel],
         }
     )
-    orders = orders.sort_values(["order_time", "customer_id", "product_id"], kind="stable").reset_index(drop=True)
+    orders = orders.sort_values(
+        ["order_time", "customer_id", "product_id"], kind="stable"
+    ).reset_index(drop=True)
     orders.insert(0, "order_id", np.arange(n_orders, dtype="int64"))
 
     # RelBench needs val + 30 days <= the last row at or before test, so test - val must
@@ -220,7 +238,9 @@ FAVOURITE_SHARE = 0.6
 def _days_to_ns(days: np.ndarray) -> np.ndarray:
     """Days after START (float) -> datetime64[ns], rounded to the second."""
     seconds = np.round(days * 86_400).astype("int64")
-    return (np.datetime64(START.to_datetime64(), "s") + seconds.astype("timedelta64[s]")).astype("datetime64[ns]")
+    return (np.datetime64(START.to_datetime64(), "s") + seconds.astype("timedelta64[s]")).astype(
+        "datetime64[ns]"
+    )
 
 
 def _strings(values: np.ndarray, codes: np.ndarray) -> pd.Series:
@@ -238,7 +258,9 @@ def _within(rng: np.random.Generator, key: np.ndarray, group: np.ndarray) -> np.
     ``key`` is ``category + cumulative popularity within the category`` over the products
     sorted by (category, id), so a draw is a single ``searchsorted`` for every row at once.
     """
-    return np.minimum(np.searchsorted(key, group + rng.random(len(group)), side="left"), len(key) - 1)
+    return np.minimum(
+        np.searchsorted(key, group + rng.random(len(group)), side="left"), len(key) - 1
+    )
 
 
 def build_synthetic_at_scale(
@@ -271,7 +293,9 @@ def build_synthetic_at_scale(
     if rows < 1:
         raise ValueError(f"rows={rows}: need at least one order")
     if n_days < 200:
-        raise ValueError(f"n_days={n_days}: need >= 200 for 3 training windows of 30 days before val")
+        raise ValueError(
+            f"n_days={n_days}: need >= 200 for 3 training windows of 30 days before val"
+        )
     n_customers = max(3, rows // 10) if customers is None else customers
     n_products = max(50, rows // 1000) if products is None else products
     if n_customers < 3 or n_products < 1:
@@ -281,7 +305,9 @@ def build_synthetic_at_scale(
     # Customers, keyed in signup order.
     n_early = n_customers - n_customers // 3
     signup_day = np.sort(
-        np.concatenate([rng.uniform(0.5, 30, n_early), rng.uniform(30, n_days - 120, n_customers - n_early)])
+        np.concatenate(
+            [rng.uniform(0.5, 30, n_early), rng.uniform(30, n_days - 120, n_customers - n_early)]
+        )
     )
     signup_time = _days_to_ns(signup_day)
     signup_day = (signup_time - np.datetime64(START.to_datetime64(), "ns")) / np.timedelta64(1, "D")
@@ -302,7 +328,9 @@ def build_synthetic_at_scale(
     products_df = pd.DataFrame(
         {
             "product_id": np.arange(n_products, dtype="int64"),
-            "price": np.round(np.exp(category_price[category] + rng.normal(0.0, 0.5, n_products)), 2),
+            "price": np.round(
+                np.exp(category_price[category] + rng.normal(0.0, 0.5, n_products)), 2
+            ),
             "category": CATEGORIES[category],
         }
     )
@@ -343,19 +371,27 @@ def build_synthetic_at_scale(
     favourite = rng.integers(0, len(CATEGORIES), n_customers)
     from_favourite = rng.random(rows) < FAVOURITE_SHARE
     product = np.empty(rows, dtype="int64")
-    product[from_favourite] = by_category[_within(rng, key, favourite[order_customer[from_favourite]])]
+    product[from_favourite] = by_category[
+        _within(rng, key, favourite[order_customer[from_favourite]])
+    ]
     n_other = int((~from_favourite).sum())
-    product[~from_favourite] = np.minimum(np.searchsorted(global_key, rng.random(n_other)), n_products - 1)
+    product[~from_favourite] = np.minimum(
+        np.searchsorted(global_key, rng.random(n_other)), n_products - 1
+    )
     del from_favourite
 
     preferred = rng.integers(0, len(CHANNELS), n_customers)
-    channel = np.where(rng.random(rows) < 0.7, preferred[order_customer], rng.integers(0, len(CHANNELS), rows))
+    channel = np.where(
+        rng.random(rows) < 0.7, preferred[order_customer], rng.integers(0, len(CHANNELS), rows)
+    )
     quantity = 1 + rng.poisson(0.5, rows)
     discount = np.where(rng.random(rows) < 0.15, 0.8, 1.0)
     amount = np.round(products_df["price"].to_numpy()[product] * quantity * discount, 2)
     bias = rng.normal(0.0, 0.5, n_customers)
     rated = rng.random(rows) < 0.3
-    score = np.clip(np.round(quality[product] + bias[order_customer] + rng.normal(0.0, 0.6, rows)), 1, 5)
+    score = np.clip(
+        np.round(quality[product] + bias[order_customer] + rng.normal(0.0, 0.6, rows)), 1, 5
+    )
     rating = np.where(rated, score, np.nan)
     del rated, score, discount
 

@@ -131,7 +131,9 @@ def reindex_primary_keys(
             id_col = pkeys[parent][0]
             absent = sorted(ids - set(out[parent][id_col].dropna()))
             if absent:
-                placeholders = pd.DataFrame({id_col: pd.Series(absent, dtype=out[parent][id_col].dtype)})
+                placeholders = pd.DataFrame(
+                    {id_col: pd.Series(absent, dtype=out[parent][id_col].dtype)}
+                )
                 out[parent] = pd.concat([out[parent], placeholders], ignore_index=True)
             report.added_parents[parent] = len(absent)
 
@@ -143,7 +145,9 @@ def reindex_primary_keys(
         if id_col is not None:
             ids = df[id_col]
             if ids.isna().any() or not ids.is_unique:
-                raise ValueError(f"table '{name}': original id column '{id_col}' has nulls or duplicates")
+                raise ValueError(
+                    f"table '{name}': original id column '{id_col}' has nulls or duplicates"
+                )
             id_maps[name] = pd.Series(np.arange(len(df), dtype="int64"), index=pd.Index(ids))
         if new_col == id_col:
             df[new_col] = np.arange(len(df), dtype="int64")
@@ -216,7 +220,9 @@ def _prepare_tables(
         if spec.pkey is not None:
             key = df[spec.pkey]
             if not pd.api.types.is_integer_dtype(key.dtype) or key.isna().any():
-                raise ValueError(f"table '{name}': pkey '{spec.pkey}' must be a non-null integer column")
+                raise ValueError(
+                    f"table '{name}': pkey '{spec.pkey}' must be a non-null integer column"
+                )
             if not np.array_equal(key.to_numpy(dtype="int64"), np.arange(len(df))):
                 raise ValueError(
                     f"table '{name}': pkey '{spec.pkey}' must be 0..n-1 in row order "
@@ -228,7 +234,9 @@ def _prepare_tables(
         for col in df.columns:
             dtype = df[col].dtype
             if isinstance(dtype, pd.DatetimeTZDtype):
-                raise ValueError(f"table '{name}': column '{col}' is timezone-aware; RelBench compares naive times")
+                raise ValueError(
+                    f"table '{name}': column '{col}' is timezone-aware; RelBench compares naive times"
+                )
             if pd.api.types.is_datetime64_dtype(dtype) and dtype != np.dtype("datetime64[ns]"):
                 converted[col] = df[col].astype("datetime64[ns]")
         if converted:
@@ -255,14 +263,20 @@ def _prepare_tables(
                 raise ValueError(f"table '{name}': fkey '{col}' -> unknown table '{parent}'")
             parent_spec = tables[parent][1]
             if parent_spec.pkey is None:
-                raise ValueError(f"table '{name}': fkey '{col}' -> table '{parent}', which has no pkey")
+                raise ValueError(
+                    f"table '{name}': fkey '{col}' -> table '{parent}', which has no pkey"
+                )
             ref = prepared[name][col]
             values = ref.dropna()
             # Float is tolerated (pandas' classic dtype for an integer column with nulls,
             # and RelBench reads it with astype(int)) as long as every value is whole.
-            whole_floats = pd.api.types.is_float_dtype(ref.dtype) and bool((values == np.floor(values)).all())
+            whole_floats = pd.api.types.is_float_dtype(ref.dtype) and bool(
+                (values == np.floor(values)).all()
+            )
             if not (pd.api.types.is_integer_dtype(ref.dtype) or whole_floats):
-                raise ValueError(f"table '{name}': fkey '{col}' must hold integer ids, got {ref.dtype}")
+                raise ValueError(
+                    f"table '{name}': fkey '{col}' must hold integer ids, got {ref.dtype}"
+                )
             if len(values) and (values.min() < 0 or values.max() >= len(prepared[parent])):
                 raise ValueError(
                     f"table '{name}': fkey '{col}' has values outside 0..{len(prepared[parent]) - 1} "
@@ -316,7 +330,9 @@ def _check_tasks(
             raise ValueError(f"task '{tm.name}': timedelta {tm.timedelta!r} must be positive")
         # These mirror relbench.base.task_base: BaseTask.__init__ and _get_table.
         if test - val < td:
-            raise ValueError(f"task '{tm.name}': timedelta {tm.timedelta} exceeds test - val ({test - val})")
+            raise ValueError(
+                f"task '{tm.name}': timedelta {tm.timedelta} exceeds test - val ({test - val})"
+            )
         low, high_before_test = _time_range(tables, specs, upto=test)
         _, high = _time_range(tables, specs)
         if low is None:
@@ -328,7 +344,9 @@ def _check_tasks(
                 f"{val - td}; RelBench needs 3"
             )
         if val + td > high_before_test:
-            raise ValueError(f"task '{tm.name}': val window ends after the last row before test ({high_before_test})")
+            raise ValueError(
+                f"task '{tm.name}': val window ends after the last row before test ({high_before_test})"
+            )
         if test + td > high:
             raise ValueError(f"task '{tm.name}': test window ends after the last row ({high})")
 
@@ -371,11 +389,16 @@ def write_dataset(
     _check_tasks(tasks, frames, specs, val, test)
     sidecars = dict(sidecars or {})
     for file_name in sidecars:
-        if "/" in file_name or file_name in ("manifest.yaml", "db", "tasks") or file_name.startswith("."):
+        if (
+            "/" in file_name
+            or file_name in ("manifest.yaml", "db", "tasks")
+            or file_name.startswith(".")
+        ):
             raise ValueError(f"sidecar name {file_name!r} is not a plain extra file name")
     # The swap deletes what was at out_dir: only ever a previous dataset (or nothing).
     if out_dir.exists() and (
-        not out_dir.is_dir() or (not (out_dir / "manifest.yaml").exists() and any(out_dir.iterdir()))
+        not out_dir.is_dir()
+        or (not (out_dir / "manifest.yaml").exists() and any(out_dir.iterdir()))
     ):
         raise ValueError(f"{out_dir} exists and is not a dataset folder; refusing to replace it")
 
@@ -384,7 +407,10 @@ def write_dataset(
         val_timestamp=_iso(val),
         test_timestamp=_iso(test),
         description=description,
-        tables={table: TableSpec(spec.pkey, spec.time_col, dict(spec.fkeys)) for table, spec in specs.items()},
+        tables={
+            table: TableSpec(spec.pkey, spec.time_col, dict(spec.fkeys))
+            for table, spec in specs.items()
+        },
     )
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
