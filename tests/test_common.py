@@ -1,0 +1,46 @@
+"""The shared helpers: atomic writes keep the old result on failure; one-line errors."""
+
+import pandas as pd
+import pytest
+
+from tve_pipeline.common import atomic_path, error_summary, naive_timestamps
+
+
+def test_atomic_path_replaces_on_success_and_keeps_the_old_file_on_failure(tmp_path):
+    out = tmp_path / "sub" / "a.txt"
+    with atomic_path(out) as tmp:
+        tmp.write_text("one")
+    assert out.read_text() == "one"
+    with pytest.raises(RuntimeError), atomic_path(out) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("boom")
+    assert out.read_text() == "one"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["a.txt"]  # no temporary left
+
+
+def test_atomic_path_moves_a_folder_into_place_whole(tmp_path):
+    out = tmp_path / "cache"
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        (tmp / "x").write_text("1")
+    assert (out / "x").read_text() == "1"
+    with pytest.raises(ValueError), atomic_path(tmp_path / "other") as tmp:
+        tmp.mkdir()
+        raise ValueError
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+
+
+def test_error_summary():
+    assert error_summary(ValueError("first line\n  second")) == "first line"
+    assert error_summary(ValueError("first line\n  second"), whole=True) == "first line second"
+    assert error_summary(KeyError()) == "KeyError"
+
+
+def test_naive_timestamps():
+    out = naive_timestamps(["2020-01-02", "2020-01-03 04:00"])
+    assert out.dtype == "datetime64[ns]" and out[1] == pd.Timestamp("2020-01-03 04:00")
+    assert naive_timestamps(
+        pd.Series(pd.to_datetime(["2020-01-02"])).astype("datetime64[us]")
+    ).dtype == ("datetime64[ns]")
+    with pytest.raises(ValueError, match="timezone"):
+        naive_timestamps(pd.Series(pd.to_datetime(["2020-01-02"], utc=True)))

@@ -1,0 +1,68 @@
+"""Small ideas every stage uses, written once: atomic writes, one-line error summaries,
+naive timestamps.
+
+- :func:`atomic_path`: write a file or a folder beside its final place and move it there
+  whole, so that a reader sees the old result or the new one, never half of one, and a
+  failure leaves the old one intact.
+- :func:`error_summary`: an exception as one line, for messages that name what failed.
+- :func:`naive_timestamps`: any column of times as naive ``datetime64[ns]`` (RelBench
+  compares naive times; parquet and pandas hand back ``us`` or ``ns``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pandas as pd
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write a file or a folder at; on success it
+    replaces ``path`` (a file atomically; a folder by rename, when ``path`` does not exist
+    yet), on failure it is removed and ``path`` stays as it was.
+
+    >>> with atomic_path(out / "summary.csv") as tmp:  # doctest: +SKIP
+    ...     frame.to_csv(tmp)
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    _remove(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def error_summary(exc: BaseException, *, whole: bool = False) -> str:
+    """An exception as one line: its first line (``whole``: every line, whitespace
+    collapsed), or its type name when it has no message."""
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__
+    return " ".join(text.split()) if whole else text.splitlines()[0].strip()
+
+
+def naive_timestamps(values) -> pd.Series:
+    """Times (strings, datetimes, numpy or arrow values) as a naive ``datetime64[ns]`` series."""
+    series = values if isinstance(values, pd.Series) else pd.Series(values)
+    mixed = series.dtype == object or pd.api.types.is_string_dtype(series.dtype)  # text, any layout
+    series = pd.to_datetime(series, format="mixed" if mixed else None)
+    if isinstance(series.dtype, pd.DatetimeTZDtype):
+        raise ValueError(f"timestamps must be naive, got timezone {series.dtype.tz}")
+    return series.astype("datetime64[ns]")
