@@ -23,7 +23,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/tve demo --run-dir "$(RUN_DIR)"
 
+# ruff (lint, then format) before the suite: `make test` fails on either.
 test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q tests
 
 # Any registered database: make run DATABASE=rel-f1 [RUN_DIR=...]; make results DATABASE=rel-f1

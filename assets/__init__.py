@@ -1,1 +1,2 @@
-"""The Dagster layer: partitions, assets (thin shells over ``tve_pipeline``), sensors, definitions."""
+"""The Dagster layer: partitions, assets (thin shells over ``tve_pipeline``), sensors,
+definitions."""

@@ -1,5 +1,5 @@
-"""Orchestration commands behind ``tve register``, ``tve run``, ``tve results``,
-``tve materialize`` and ``tve demo``.
+"""Orchestration commands behind ``tve register``, ``tve run``, ``tve experiment``,
+``tve results``, ``tve materialize`` and ``tve demo`` (their parser: :mod:`assets.cli`).
 
 They run the pipeline as a user would in the UI: a persistent Dagster instance in the run
 folder (so the web UI shows every run afterwards), runs launched in this process (no
@@ -36,6 +36,7 @@ from assets.sensors import DATA_VERSION_TAG, RANGE_END_TAG, RANGE_START_TAG
 from tve_pipeline import database as tdb
 from tve_pipeline.config import make_recipe
 from tve_pipeline.results import markdown_table
+from tve_pipeline.summary import summarise_database
 
 # Progress lines are ours; Dagster's events stay in the run's event log (UI). Failures are
 # reported by the command in one line, so the console logger stays quiet.
@@ -104,7 +105,7 @@ def register_dataset(
     registered_databases(run_dir / "datasets")  # an asset-prefix clash fails here
     profile = set_profile(run_dir, profile)
     recipe = build_resources(run_dir)["recipe"].recipe()
-    windows = training_windows(tdb.summarise_database(target), recipe)
+    windows = training_windows(summarise_database(target), recipe)
     added = register_windows(instance, name, windows)
     return {
         "name": name,
@@ -115,14 +116,20 @@ def register_dataset(
     }
 
 
-def registered_tasks(run_dir: Path, database: str) -> list[str]:
+def registered_database(run_dir: Path, database: str) -> Database:
+    """A database registered in the run folder; an unknown one fails in one line naming
+    those that are."""
     databases = {db.name: db for db in registered_databases(Path(run_dir) / "datasets")}
     if database not in databases:
+        known = ", ".join(databases) or "(none: tve register DATASET_DIR)"
         raise ValueError(
-            f"unknown database {database!r} in {run_dir}; registered databases: "
-            f"{', '.join(databases) or '(none: tve register DATASET_DIR)'}"
+            f"unknown database {database!r} in {run_dir}; registered databases: {known}"
         )
-    return list(databases[database].tasks)
+    return databases[database]
+
+
+def registered_tasks(run_dir: Path, database: str) -> list[str]:
+    return list(registered_database(run_dir, database).tasks)
 
 
 def _failure_message(result) -> str:
@@ -146,13 +153,7 @@ class Runner:
     def __init__(self, database: str, run_dir: Path):
         self.run_dir = Path(run_dir).resolve()
         self.instance = prepare_run_dir(self.run_dir)
-        databases = {db.name: db for db in registered_databases(self.run_dir / "datasets")}
-        if database not in databases:
-            known = ", ".join(databases) or "(none: tve register DATASET_DIR)"
-            raise ValueError(
-                f"unknown database {database!r} in {self.run_dir}; registered databases: {known}"
-            )
-        self.db: Database = databases[database]
+        self.db: Database = registered_database(self.run_dir, database)
         self.resources = build_resources(self.run_dir)
         self.recipe = self.resources["recipe"].recipe()
         self.assets = database_assets(self.db, self.recipe)
@@ -300,7 +301,8 @@ class Runner:
 def print_results(summary: pd.DataFrame) -> None:
     for split in ("val", "test"):
         print(
-            f"\n{split} (RelBench evaluators; mean ± std over seeds; paired difference to scratch):\n"
+            f"\n{split} (RelBench evaluators; mean ± std over seeds; "
+            "paired difference to scratch):\n"
         )
         print(markdown_table(summary, split))
 
@@ -338,6 +340,15 @@ def materialize(asset_name: str, partition: str, run_dir: Path) -> None:
         raise ValueError(f"unknown asset {asset_name!r}; expected one of {', '.join(ASSET_NAMES)}")
     database, _, key = partition.partition("|")
     runner = Runner(database, run_dir)
+    _check_partition_key(runner, asset_name, key)
+    _check_upstream_materialised(runner, asset_name)
+    runner.materialize([asset_name], partition, partition_key=key or None)
+
+
+def _check_partition_key(runner: Runner, asset_name: str, key: str) -> None:
+    """``key`` is one of the asset's partitions within the database (none for an asset the
+    database does not partition); otherwise one line listing the valid ones."""
+    database = runner.db.name
     asset = runner.by_name[asset_name]
     if asset.partitions_def is None and key:
         raise ValueError(
@@ -362,7 +373,13 @@ def materialize(asset_name: str, partition: str, run_dir: Path) -> None:
                 f"{asset_name} of {database!r} needs --partition '{database}|{what}'; "
                 f"{'got ' + repr(key) if key else 'no key given'}; its partitions: {shown}"
             )
-    parents = runner.defs.resolve_asset_graph().get(asset.key).parent_keys
+
+
+def _check_upstream_materialised(runner: Runner, asset_name: str) -> None:
+    """Every parent asset has been materialised once (``tve_targets`` is the exception: the
+    asset that reads its windows names the missing ones itself)."""
+    database = runner.db.name
+    parents = runner.defs.resolve_asset_graph().get(runner.by_name[asset_name].key).parent_keys
     for parent in sorted(parents, key=lambda k: ASSET_NAMES.index(k.path[-1])):
         if (
             parent.path[-1] != "tve_targets"
@@ -370,9 +387,9 @@ def materialize(asset_name: str, partition: str, run_dir: Path) -> None:
         ):
             raise ValueError(
                 f"{parent.to_user_string()} has not been materialised: run `tve run {database}` "
-                f"(everything missing) or `tve materialize {parent.path[-1]} --partition {database}` first"
+                f"(everything missing) or "
+                f"`tve materialize {parent.path[-1]} --partition {database}` first"
             )
-    runner.materialize([asset_name], partition, partition_key=key or None)
 
 
 def run_demo(run_dir: Path, profile: str = "demo") -> pd.DataFrame:
@@ -452,19 +469,69 @@ def _wait_for_backfill(
             }
         if daemon.poll() is not None:
             raise RuntimeError(
-                f"the Dagster daemon stopped (exit {daemon.returncode}) before backfill {backfill_id} finished"
+                f"the Dagster daemon stopped (exit {daemon.returncode}) "
+                f"before backfill {backfill_id} finished"
             )
         time.sleep(3)
 
 
-def run_experiment(
-    database: str, run_dir: Path, preset: str, parallel: int = 2, tasks: list[str] | None = None
-) -> pd.DataFrame:
-    """Register a database's experiment cells under a recipe preset and run what is unfinished
-    as one Dagster backfill, executed by a Dagster daemon ``parallel`` runs at a time."""
-    t0 = time.perf_counter()
-    run_dir = Path(run_dir).resolve()
-    prepare_run_dir(run_dir, parallel)
+def cancel_stale_backfills(instance: dg.DagsterInstance, db: Database) -> list[str]:
+    """Cancel what a stopped ``tve experiment`` left behind on this database, so that a
+    relaunch starts clean: its unfinished backfills (their daemon is gone; a new daemon would
+    resume them beside the new backfill, running cells twice), their runs that never ended
+    (queued ones would hold the run queue, started ones died with the daemon's process
+    group), and the ``gpu`` pool slots still claimed by runs that are over (a killed run never
+    gives its slot back, and two such slots stop the pool). Returns the canceled backfills."""
+    from dagster._core.execution.backfill import BulkActionStatus
+    from dagster._core.storage.dagster_run import RunsFilter
+
+    keys = {db.key(name) for name in ASSET_NAMES}
+    canceled = []
+    for backfill in instance.get_backfills(status=BulkActionStatus.REQUESTED):
+        if not keys & set(backfill.asset_selection or ()):
+            continue
+        instance.update_backfill(backfill.with_status(BulkActionStatus.CANCELED))
+        runs = instance.get_runs(RunsFilter(tags={"dagster/backfill": backfill.backfill_id}))
+        for run in runs:
+            if not run.is_finished:
+                instance.report_run_canceled(run, message="its `tve experiment` was stopped")
+        canceled.append(backfill.backfill_id)
+    storage = instance.event_log_storage
+    for pool in storage.get_concurrency_keys():
+        info = storage.get_concurrency_info(pool)
+        holders = {slot.run_id for slot in info.claimed_slots} | {
+            step.run_id for step in info.pending_steps
+        }
+        for run_id in holders:
+            run = instance.get_run_by_id(run_id)
+            if run is None or run.is_finished:
+                storage.free_concurrency_slots_for_run(run_id)
+    return canceled
+
+
+def _run_backfill_with_daemon(instance: dg.DagsterInstance, backfill_id: str) -> dict:
+    """Start a Dagster daemon on the run folder's instance, wait for it to finish the backfill
+    (:func:`_wait_for_backfill`) and stop it, whatever happened."""
+    daemon = subprocess.Popen(
+        [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-m", "assets.definitions"],
+        env={**os.environ},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        return _wait_for_backfill(instance, backfill_id, daemon)
+    finally:
+        os.killpg(daemon.pid, signal.SIGTERM)
+        try:
+            daemon.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(daemon.pid, signal.SIGKILL)
+
+
+def set_experiment(run_dir: Path, database: str, preset: str, tasks: list[str] | None) -> None:
+    """Write the run folder's ``recipe.json`` for an experiment: the preset, the overrides
+    that were there, and the tasks to fine-tune (every task when ``tasks`` is empty)."""
     set_profile(run_dir, preset)
     settings = read_settings(run_dir)
     finetune = {
@@ -475,18 +542,33 @@ def run_experiment(
         unknown = [t for t in tasks if t not in have]
         if unknown:
             raise ValueError(
-                f"database {database!r} has no task {unknown[0]!r}; its tasks: {', '.join(have) or '(none)'}"
+                f"database {database!r} has no task {unknown[0]!r}; "
+                f"its tasks: {', '.join(have) or '(none)'}"
             )
         finetune["tasks"] = list(tasks)
     overrides = {**settings.get("overrides", {}), "finetune": finetune}
     (run_dir / "recipe.json").write_text(json.dumps({"profile": preset, "overrides": overrides}))
+
+
+def run_experiment(
+    database: str, run_dir: Path, preset: str, parallel: int = 2, tasks: list[str] | None = None
+) -> pd.DataFrame:
+    """Register a database's experiment cells under a recipe preset and run what is unfinished
+    as one Dagster backfill, executed by a Dagster daemon ``parallel`` runs at a time."""
+    t0 = time.perf_counter()
+    run_dir = Path(run_dir).resolve()
+    prepare_run_dir(run_dir, parallel)
+    set_experiment(run_dir, database, preset, tasks)
     runner = Runner(database, run_dir)
     cells = experiment_cells(runner.db.tasks, runner.recipe)
     print(
-        f"{database}: preset {preset!r}: {len(runner.recipe.pretrain.objectives)} pre-training objectives, "
+        f"{database}: preset {preset!r}: "
+        f"{len(runner.recipe.pretrain.objectives)} pre-training objectives, "
         f"{len(cells)} cells, {parallel} runs at a time",
         flush=True,
     )
+    for backfill_id in cancel_stale_backfills(runner.instance, runner.db):
+        print(f"canceled backfill {backfill_id}, left unfinished by an earlier `tve experiment`")
     runner.run_upstream()
     todo = runner.unfinished()
     if not todo:
@@ -495,23 +577,10 @@ def run_experiment(
         return runner.results()
     backfill_id = _launch_backfill(runner, todo, f"{database} experiment ({preset})")
     print(
-        f"launched backfill {backfill_id} of {len(todo)} partitions (it shows in the UI under Runs > Backfills)"
+        f"launched backfill {backfill_id} of {len(todo)} partitions "
+        "(it shows in the UI under Runs > Backfills)"
     )
-    daemon = subprocess.Popen(
-        [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-m", "assets.definitions"],
-        env={**os.environ},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        outcome = _wait_for_backfill(runner.instance, backfill_id, daemon)
-    finally:
-        os.killpg(daemon.pid, signal.SIGTERM)
-        try:
-            daemon.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(daemon.pid, signal.SIGKILL)
+    outcome = _run_backfill_with_daemon(runner.instance, backfill_id)
     again = f"tve experiment {database} --preset {preset}" + (
         f" --tasks {','.join(tasks)}" if tasks else ""
     )

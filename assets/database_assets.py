@@ -1,4 +1,5 @@
-"""Database-level assets of one database: validated tables, its seed schedule, its traversal graph."""
+"""Database-level assets of one database: validated tables, its seed schedule, its traversal
+graph."""
 
 import json
 
@@ -6,12 +7,15 @@ import dagster as dg
 import pandas as pd
 
 from assets.failures import failure
-from assets.partitions import window_key
 from assets.registry import Database, register_windows
 from resources import RecipeResource, TVEStorage
 from tve_pipeline import database as tdb
 from tve_pipeline.config import recipe_version
+from tve_pipeline.schema import DatabaseError
+from tve_pipeline.summary import summarise_database
 from tve_pipeline.traversal import build_traversal_graph
+from tve_pipeline.windows import seed_schedule as database_seed_schedule
+from tve_pipeline.windows import window_key
 
 # Bumped when the validation or summary code changes what raw_tables records.
 RAW_TABLES_VERSION = "2"
@@ -26,7 +30,7 @@ def database_timedelta(summary, recipe) -> pd.Timedelta:
 def seed_schedule(summary, recipe) -> pd.DataFrame:
     """Every seed time of the database with its split (RelBench's layout) and its window key."""
     dataset = tdb.open_dataset(summary.dataset_dir)
-    schedule = tdb.seed_schedule(
+    schedule = database_seed_schedule(
         summary, database_timedelta(summary, recipe), tdb.num_eval_timestamps(dataset)
     )
     schedule["window"] = [
@@ -56,8 +60,8 @@ def build_database_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
         Its data version is the fingerprint of the dataset folder: new data makes everything
         downstream stale."""
         try:
-            summary = tdb.summarise_database(storage.dataset_dir(db.name))
-        except tdb.DatabaseError as exc:
+            summary = summarise_database(storage.dataset_dir(db.name))
+        except DatabaseError as exc:
             raise failure(exc) from exc
         return dg.Output(
             summary,
@@ -142,7 +146,8 @@ def build_database_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
         except ValueError as exc:
             raise failure(exc) from exc
         preview = "\n".join(
-            f"| {entity} | {d['name']} | {' '.join(h['direction'] + ':' + h['table'] for h in d['path'])} "
+            f"| {entity} | {d['name']} "
+            f"| {' '.join(h['direction'] + ':' + h['table'] for h in d['path'])} "
             f"| {d['column'] or '*'} | {d['aggregation']} |"
             for entity, defs in graph.items()
             for d in defs

@@ -14,18 +14,18 @@ seven assets under its own key prefix and asset group (``rel_flights/tve_targets
   in its folder) and its pre-training objectives are static partitions definitions
   derived from the recipe (below).
 
-Window keys are the seed time's date (``2013-03-04``), with the time of day when it has
-one (``2013-03-04T12:00:00``).
+Window keys are :func:`tve_pipeline.windows.window_key`: the seed time's date
+(``2013-03-04``), with the time of day when it has one (``2013-03-04T12:00:00``).
 """
 
 import re
 
 import dagster as dg
-import pandas as pd
 
 
 def asset_prefix(database: str) -> str:
-    """The key prefix and group name of a database's assets: ``rel-flights`` -> ``rel_flights``."""
+    """The key prefix and group name of a database's assets: ``rel-flights`` ->
+    ``rel_flights``."""
     return re.sub(r"[^A-Za-z0-9_]", "_", database)
 
 
@@ -36,20 +36,6 @@ def windows_name(database: str) -> str:
 
 def window_partitions(database: str) -> dg.DynamicPartitionsDefinition:
     return dg.DynamicPartitionsDefinition(name=windows_name(database))
-
-
-def window_key(seed_time) -> str:
-    """The window partition key of a training seed time."""
-    ts = pd.Timestamp(seed_time)
-    return ts.strftime("%Y-%m-%d") if ts == ts.normalize() else ts.strftime("%Y-%m-%dT%H:%M:%S")
-
-
-def window_seed_time(key: str) -> pd.Timestamp:
-    """The seed time of a window partition key (the inverse of :func:`window_key`)."""
-    try:
-        return pd.Timestamp(key)
-    except ValueError as exc:
-        raise ValueError(f"window key {key!r} is not a seed time (expected YYYY-MM-DD)") from exc
 
 
 def contiguous_ranges(keys: list[str], order: list[str]) -> list[tuple[str, str]]:

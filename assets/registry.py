@@ -63,7 +63,8 @@ def check_folder_name(dataset_dir: Path) -> str:
     name = Path(dataset_dir).name
     if not name or name.startswith(".") or any(not (c.isalnum() or c in "-_.") for c in name):
         raise ValueError(
-            f"dataset folder name {name!r} cannot name a database: use letters, digits, '-', '_' or '.'"
+            f"dataset folder name {name!r} cannot name a database: "
+            "use letters, digits, '-', '_' or '.'"
         )
     manifest = yaml.safe_load((Path(dataset_dir) / "manifest.yaml").read_text())
     if not isinstance(manifest, dict) or "tables" not in manifest:

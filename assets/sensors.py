@@ -23,7 +23,7 @@ from assets.failures import one_line
 from assets.partitions import contiguous_ranges, window_partitions, windows_name
 from assets.registry import Database, dataset_folders, folder_signature
 from resources import RecipeResource, TVEStorage
-from tve_pipeline import database as tdb
+from tve_pipeline.summary import summarise_database
 
 DATA_VERSION_TAG = "dagster/data_version"
 RANGE_START_TAG = "dagster/asset_partition_range_start"
@@ -52,7 +52,8 @@ def build_targets_job(db: Database):
             db.key(a) for a in ("raw_tables", "temporal_windows", "traversal_graph", "tve_targets")
         ],
         partitions_def=window_partitions(db.name),
-        description=f"refresh {db.name}'s tables and compute the task vectors of some of its windows",
+        description=f"refresh {db.name}'s tables and compute the task vectors of some of its "
+        "windows",
     )
 
 
@@ -103,7 +104,7 @@ def evaluate_growth(
             continue
         cursor[name] = signature
         try:
-            summary = tdb.summarise_database(folder)
+            summary = summarise_database(folder)
             windows = training_windows(summary, recipe)
         except (
             ValueError

@@ -4,8 +4,9 @@ A window partition is a training seed time ``t``; its value is one parquet file 
 table (``targets/<database>/<window>/<entity>.parquet``). A backfill of many windows runs
 as one run (``BackfillPolicy.single_run``): the tables are loaded once and one streamed
 query computes every window's rows, each window written to its own file atomically
-(``write_targets_by_seed_time``), not a process start or a query per window. Downstream assets receive the files through the
-:class:`TaskVectorFiles` IO manager, so Dagster knows which windows a checkpoint read.
+(``write_targets_by_seed_time``), not a process start or a query per window. Downstream
+assets receive the files through the :class:`TaskVectorFiles` IO manager, so Dagster knows
+which windows a checkpoint read.
 """
 
 from pathlib import Path
@@ -14,13 +15,14 @@ import dagster as dg
 
 from assets.database_assets import database_timedelta
 from assets.failures import failure
-from assets.partitions import window_partitions, window_seed_time
+from assets.partitions import window_partitions
 from assets.registry import Database
 from resources import RecipeResource, TVEStorage
 from tve_pipeline import database as tdb
 from tve_pipeline.config import recipe_version
-from tve_pipeline.targets import write_targets_by_seed_time
+from tve_pipeline.targets import TargetQuery, write_targets_by_seed_time
 from tve_pipeline.traversal import TargetDef
+from tve_pipeline.windows import window_seed_time
 
 DATABASE_METADATA = "tve/database"
 
@@ -94,8 +96,7 @@ def build_target_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
         seed_times = {window_seed_time(w): w for w in windows}
         for entity, defs in traversal_graph.items():
             try:
-                stats = write_targets_by_seed_time(
-                    lambda t, e=entity: storage.targets_file(db.name, seed_times[t], e),
+                query = TargetQuery(
                     tables,
                     dataset.manifest.tables,
                     [TargetDef.from_dict(d) for d in defs],
@@ -103,6 +104,9 @@ def build_target_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
                     list(seed_times),
                     delta,
                     memory_limit=r.targets.duckdb_memory_limit,
+                )
+                stats = write_targets_by_seed_time(
+                    query, lambda t, e=entity: storage.targets_file(db.name, seed_times[t], e)
                 )
             except ValueError as exc:
                 raise failure(exc) from exc

@@ -28,8 +28,9 @@ from assets.partitions import (
 from assets.registry import Database
 from resources import DeviceResource, MLflowTracking, RecipeResource, TVEStorage
 from tve_pipeline import database as tdb
-from tve_pipeline import training
+from tve_pipeline import evaluation, training
 from tve_pipeline.config import recipe_version
+from tve_pipeline.graph import graph_for
 from tve_pipeline.results import markdown_table, plot_tasks, summarise
 from tve_pipeline.tasks import past_activity, restrict_to_most_active
 
@@ -39,7 +40,7 @@ RESULTS_VERSION = "1"
 
 def _graph(storage: TVEStorage, summary, dataset, recipe):
     db = dataset.get_db()
-    return training.graph_for(
+    return graph_for(
         db,
         summary.column_types,
         recipe.backbone,
@@ -57,7 +58,8 @@ def _target_files(
     if missing:
         raise failure(
             f"tve_targets of {database!r} missing for {len(missing)} of {len(windows)} windows "
-            f"({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}): run `tve run {database}` "
+            f"({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}): "
+            f"run `tve run {database}` "
             "or backfill its tve_targets in the UI"
         )
     if not files:
@@ -283,7 +285,8 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
             backbone = by_entity[task.entity_table]["backbone"]
         data, col_stats = _graph(storage, raw_tables, dataset, r)
         # a new pre-trained backbone makes an old fine-tuning checkpoint stale
-        resume_key = f"{raw_tables.fingerprint}:{r.model_dump_json()}:{(pretrained_checkpoint or {}).get('created', '')}"
+        created = (pretrained_checkpoint or {}).get("created", "")
+        resume_key = f"{raw_tables.fingerprint}:{r.model_dump_json()}:{created}"
         with mlflow.run(context, f"finetune {method}", database=db.name) as run:
             run.log_params(
                 {
@@ -363,7 +366,7 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
         task_name, method, fraction, seed = parse_cell(context.partition_key)
         dataset, task, tables = _task_of(task_name, raw_tables, r, with_test_labels=True)
         data, col_stats = _graph(storage, raw_tables, dataset, r)
-        scores = training.evaluate(
+        scores = evaluation.evaluate(
             data,
             col_stats,
             task,
@@ -443,7 +446,8 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
 
 def _embedded_png(path: Path) -> str:
     """A PNG inside Markdown metadata, so that the UI shows the image itself."""
-    return f"**{path.stem}**\n\n![{path.stem}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})"
+    encoded = base64.b64encode(path.read_bytes()).decode()
+    return f"**{path.stem}**\n\n![{path.stem}](data:image/png;base64,{encoded})"
 
 
 def write_results(out: Path, rows: pd.DataFrame, summary: pd.DataFrame) -> None:

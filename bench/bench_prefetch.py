@@ -1,6 +1,7 @@
 """Training throughput with and without sampling one step ahead (not a test).
 
-    cd /work/main && .venv/bin/python bench/bench_prefetch.py [--steps 12] [--rounds 3] [--threads 1]
+    cd /work/main && .venv/bin/python bench/bench_prefetch.py [--steps 12] [--rounds 3] \
+        [--threads 1]
 
 What ``training.finetune`` runs for its steps (``training._fit``: ``TemporalNeighborSampler``
 + ``RDLModel``, Adam, BCE) on rel-f1 driver-dnf (rel-flights plane-active when the rel-f1
@@ -31,6 +32,7 @@ from bench.bench_training import build_database  # noqa: E402
 from tve_pipeline import training  # noqa: E402
 from tve_pipeline.config import make_recipe  # noqa: E402
 from tve_pipeline.database import column_types  # noqa: E402
+from tve_pipeline.graph import graph_for, seed_tensors  # noqa: E402
 from tve_pipeline.model import RDLModel  # noqa: E402
 from tve_pipeline.sampling import TemporalNeighborSampler  # noqa: E402
 
@@ -48,18 +50,18 @@ def main() -> None:
         db = ds.get_db()
         types = column_types({n: tb.df for n, tb in db.table_dict.items()}, ds.manifest)
         recipe = make_recipe("reference")
-        data, col_stats = training.graph_for(db, types, recipe.backbone)
+        data, col_stats = graph_for(db, types, recipe.backbone)
         task = ds.load_task(task_name)
         train = task.get_table("train").df
-        nodes, times = training.seed_tensors(train[task.entity_col], train[task.time_col])
+        nodes, times = seed_tensors(train[task.entity_col], train[task.time_col])
         y = torch.from_numpy(train[task.target_col].to_numpy(dtype=np.float32))
         sampler = TemporalNeighborSampler(
             data, list(recipe.backbone.num_neighbors), strategy=recipe.backbone.sampling
         )
         B = recipe.finetune.batch_size
         print(
-            f"{task_name}: {len(train):,} training seeds, batch {B}, {args.steps} steps per timing, "
-            f"{args.threads} compute thread(s)",
+            f"{task_name}: {len(train):,} training seeds, batch {B}, "
+            f"{args.steps} steps per timing, {args.threads} compute thread(s)",
             flush=True,
         )
 

@@ -1,4 +1,5 @@
-"""Peak memory of pre-training input: window files read compactly vs one concatenated frame. Not a test.
+"""Peak memory of pre-training input: window files read compactly vs one concatenated frame.
+Not a test.
 
     cd /work/main && .venv/bin/python bench/bench_pretrain_input.py
         [--entities 21000] [--seeds 59] [--targets 472] [--modes 12] [--active 0.06]
@@ -31,7 +32,7 @@ max RSS) and its wall time without interpreter start and imports (every child im
   ``--baseline-files`` windows, each measured) and labelled so.
 - ``compact``: ``task_vectors.pretraining_task_vectors`` on the window files (the
   same seeds, split and vectors; ``--repeat`` runs, median).
-- ``pretrain``: what the asset runs now: the graph (``training.graph_for``) and
+- ``pretrain``: what the asset runs now: the graph (``graph.graph_for``) and
   ``training.pretrain`` on the window files, recipe ``test`` (channels 16, fan-out 8, 4)
   with one epoch of ``--steps`` steps of 512 seeds and one held-out seed time
   (``val_fraction`` 0.02: 21k held-out seeds, one validation pass), objective ``tve``.
@@ -135,7 +136,8 @@ def window_frame(rng, t, entities: int, aggregations: dict[str, str], active_rat
 
 
 def make_windows(data_dir: Path, db: Path, a) -> tuple[list[Path], dict[str, str]]:
-    """One parquet file per seed time (weekly, ending a week before the database's val timestamp)."""
+    """One parquet file per seed time (weekly, ending a week before the database's val
+    timestamp)."""
     import numpy as np
     import pandas as pd
     import yaml
@@ -152,7 +154,8 @@ def make_windows(data_dir: Path, db: Path, a) -> tuple[list[Path], dict[str, str
             t = val - pd.Timedelta(days=7) * (a.seeds - i)
             window_frame(rng, t, a.entities, aggregations, a.active).to_parquet(f, index=False)
         print(
-            f"  generated {len(files)} window files in {out} in {time.perf_counter() - start:.1f} s",
+            f"  generated {len(files)} window files in {out} "
+            f"in {time.perf_counter() - start:.1f} s",
             flush=True,
         )
     (out / "aggregations.json").write_text(json.dumps(aggregations))
@@ -166,6 +169,7 @@ def child_concat(files: list[str], aggregations: dict, cap_gb: float) -> dict:
     import pandas as pd
 
     from tve_pipeline import training
+    from tve_pipeline.graph import seed_tensors
     from tve_pipeline.normalise import TaskVectorNormaliser
 
     cap = int(cap_gb * 2**30)
@@ -182,8 +186,8 @@ def child_concat(files: list[str], aggregations: dict, cap_gb: float) -> dict:
         train_raw, val_raw = training.split_pretrain_seeds(raw, 0.02)
         normaliser = TaskVectorNormaliser.fit(train_raw, aggregations)
         y_train, y_val = normaliser.transform(train_raw), normaliser.transform(val_raw)
-        training.seed_tensors(train_raw["customer_id"], train_raw["timestamp"])
-        training.seed_tensors(val_raw["customer_id"], val_raw["timestamp"])
+        seed_tensors(train_raw["customer_id"], train_raw["timestamp"])
+        seed_tensors(val_raw["customer_id"], val_raw["timestamp"])
     except MemoryError:
         return {
             "wall_s": time.perf_counter() - start,
@@ -221,6 +225,7 @@ def child_pretrain(files: list[str], aggregations: dict, db: str, steps: int) ->
     from tve_pipeline import training
     from tve_pipeline.config import make_recipe
     from tve_pipeline.database import column_types, open_dataset
+    from tve_pipeline.graph import graph_for
 
     start = time.perf_counter()
     ds = open_dataset(db)
@@ -237,7 +242,7 @@ def child_pretrain(files: list[str], aggregations: dict, db: str, steps: int) ->
             }
         },
     )
-    data, col_stats = training.graph_for(data_db, types, recipe.backbone)
+    data, col_stats = graph_for(data_db, types, recipe.backbone)
     graph_s = time.perf_counter() - start
     result = training.pretrain(
         data,
@@ -334,14 +339,16 @@ def main() -> None:
     data_dir = Path(a.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     print(
-        f"pre-training input benchmark: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}",
+        f"pre-training input benchmark: {os.cpu_count()} cores, "
+        f"load average {os.getloadavg()[0]:.1f}",
         flush=True,
     )
     db = make_database(data_dir, a.entities)
     files, aggregations = make_windows(data_dir, db, a)
     n_modes = sum(v == "mode" for v in aggregations.values())
     print(
-        f"  {a.entities:,} entities x {a.seeds} seed times = {a.entities * a.seeds:,} seeds x {len(aggregations)} "
+        f"  {a.entities:,} entities x {a.seeds} seed times = {a.entities * a.seeds:,} seeds "
+        f"x {len(aggregations)} "
         f"targets ({n_modes} modes), {1 - a.active:.0%} inactive, {len(files)} window files, "
         f"{sum(f.stat().st_size for f in files) / 2**20:.0f} MiB",
         flush=True,
@@ -384,7 +391,8 @@ def main() -> None:
         old, how = None, "over the cap, too few sizes under it to extrapolate"
 
     print(
-        f"  (the cap counts address space: the baseline held {full['base_vm_gb']:.1f} GB of it after its imports)"
+        f"  (the cap counts address space: the baseline held {full['base_vm_gb']:.1f} GB of it "
+        "after its imports)"
     )
     print("\nsummary:")
     print(
@@ -393,7 +401,8 @@ def main() -> None:
         + ("" if full["capped"] else f", {full['wall_s']:.1f} s")
     )
     print(
-        f"  new way peak RSS: compact input {compact['peak_gb']:.2f} GB ({compact['wall_s']:.1f} s); "
+        f"  new way peak RSS: compact input {compact['peak_gb']:.2f} GB "
+        f"({compact['wall_s']:.1f} s); "
         f"graph + pretrain {pretrain['peak_gb']:.2f} GB ({pretrain['wall_s']:.1f} s) "
         f"-> {'within' if pretrain['peak_gb'] <= 3 else 'OVER'} 3 GB"
     )
@@ -403,7 +412,8 @@ def main() -> None:
             f"{old / pretrain['peak_gb']:.1f}x (against graph + pretrain)"
         )
     print(
-        f"  compact vectors: {compact['vectors_gb']:.3f} GB for {compact['rows']:,} seeds, width {compact['width']}"
+        f"  compact vectors: {compact['vectors_gb']:.3f} GB for {compact['rows']:,} seeds, "
+        f"width {compact['width']}"
     )
 
 

@@ -1,13 +1,14 @@
 """Benchmark of TemporalNeighborSampler and its share of a training step (not a test).
 
-    cd /work/main && .venv/bin/python bench/bench_sampler.py --threads 1 [--db rel-f1|synthetic|both|events]
-        [--rows 10000000] [--batches 20] [--warmup 2] [--steps 5] [--baseline-seeds 512] [--data-dir DIR]
+    cd /work/main && .venv/bin/python bench/bench_sampler.py --threads 1 \
+        [--db rel-f1|synthetic|both|events] [--rows 10000000] [--batches 20] [--warmup 2] \
+        [--steps 5] [--baseline-seeds 512] [--data-dir DIR]
 
 Issue 5, item 1: batches of 512 seeds (``make_recipe("reference")``'s batch size) with
 fan-out [128, 64] (its ``num_neighbors``), uniform strategy, on
 
 * ``rel-f1``: built from ../shared/data/rel-f1/raw by ``build_rel_f1``; seeds are the
-  driver-dnf training table (``training.build_graph`` + ``training.seed_tensors``, as
+  driver-dnf training table (``graph.build_graph`` + ``graph.seed_tensors``, as
   bench/bench_training.py and training.finetune do);
 * ``synthetic``: ``build_synthetic_at_scale(rows=--rows)`` (default 10 million orders, 1M
   customers, 10k products); seeds are the customer-churn training table.
@@ -97,8 +98,8 @@ def build_events_graph(n_users: int, n_items: int, n_events: int, seed: int = 0)
 
 def load_relbench(which: str, root: Path, rows: int, reuse: bool):
     """(data, col_stats, entity table, seed nodes, seed times, labels, description)."""
-    from tve_pipeline import training
     from tve_pipeline.database import column_types, open_dataset
+    from tve_pipeline.graph import graph_for, seed_tensors
 
     t0 = time.perf_counter()
     if which == "rel-f1":
@@ -121,7 +122,7 @@ def load_relbench(which: str, root: Path, rows: int, reuse: bool):
     # the CSC and memory then cover the whole database, e.g. exactly --rows orders).
     db = ds.get_db(upto_test_timestamp=False)
     types = column_types({n: tb.df for n, tb in db.table_dict.items()}, ds.manifest, ds.dataset_dir)
-    data, col_stats = training.graph_for(
+    data, col_stats = graph_for(
         db,
         types,
         make_recipe("reference").backbone,
@@ -131,17 +132,18 @@ def load_relbench(which: str, root: Path, rows: int, reuse: bool):
     t0 = time.perf_counter()
     task = ds.load_task(task_name)
     train = task.get_table("train").df
-    nodes, times = training.seed_tensors(train[task.entity_col], train[task.time_col])
+    nodes, times = seed_tensors(train[task.entity_col], train[task.time_col])
     y = torch.from_numpy(train[task.target_col].to_numpy(dtype=np.float32))
     log(
-        f"{which}: {task_name} training table ({len(train):,} seeds) in {time.perf_counter() - t0:.1f} s"
+        f"{which}: {task_name} training table ({len(train):,} seeds) "
+        f"in {time.perf_counter() - t0:.1f} s"
     )
     del train, db, ds
     sizes = ", ".join(f"{nt} {data[nt].tf.num_rows:,}" for nt in data.node_types)
     return data, col_stats, task.entity_table, nodes, times, y, f"{task_name}; {sizes}"
 
 
-# --------------------------------------------------------------------------- straightforward baseline
+# ------------------------------------------------------------------------- straightforward baseline
 def baseline_csc(data: HeteroData) -> dict:
     """Plain CSC per edge type (dst-sorted, no time order) for the baseline."""
     out = {}
@@ -286,7 +288,8 @@ def run_db(args, which: str, root: Path) -> dict:
             times = T_START + torch.randint(0, T_SPAN, (100_000,), generator=g)
             r = bench_sampler(args, data, entity, nodes, times, fanout)
             log(
-                f"events/{entity}: ours {r['ms']:.1f} ms/batch, loop ~{r['base_ms']:,.0f} ms/batch -> {r['ratio']:.0f}x"
+                f"events/{entity}: ours {r['ms']:.1f} ms/batch, "
+                f"loop ~{r['base_ms']:,.0f} ms/batch -> {r['ratio']:.0f}x"
             )
             results.append(
                 {
@@ -304,14 +307,17 @@ def run_db(args, which: str, root: Path) -> dict:
     n_rows = sum(data[nt].tf.num_rows for nt in data.node_types)
     r = bench_sampler(args, data, entity, nodes, times, fanout)
     log(
-        f"{which}: sampler init {r['init_s']:.2f} s; ours {r['ms']:.1f} ms/batch (min {r['ms_min']:.1f}, max {r['ms_max']:.1f}, "
-        f"{r['n']} batches), {r['rows']:,.0f} rows and {r['edges']:,.0f} edges per batch; straightforward loop "
-        f"~{r['base_ms']:,.0f} ms/batch (from {r['base_seeds']} seeds, ~{r['base_rows']:,.0f} rows/batch) -> {r['ratio']:.0f}x"
+        f"{which}: sampler init {r['init_s']:.2f} s; ours {r['ms']:.1f} ms/batch "
+        f"(min {r['ms_min']:.1f}, max {r['ms_max']:.1f}, {r['n']} batches), "
+        f"{r['rows']:,.0f} rows and {r['edges']:,.0f} edges per batch; straightforward loop "
+        f"~{r['base_ms']:,.0f} ms/batch (from {r['base_seeds']} seeds, "
+        f"~{r['base_rows']:,.0f} rows/batch) -> {r['ratio']:.0f}x"
     )
     step = bench_step(args, data, col_stats, entity, nodes, times, y, r["sampler"])
     log(
-        f"{which}: training step {step['step_ms']:.1f} ms (min {step['step_min']:.1f}, max {step['step_max']:.1f}, "
-        f"{step['n']} steps): sampling {step['sample_ms']:.1f} ms + fwd/bwd/Adam {step['compute_ms']:.1f} ms; "
+        f"{which}: training step {step['step_ms']:.1f} ms "
+        f"(min {step['step_min']:.1f}, max {step['step_max']:.1f}, {step['n']} steps): "
+        f"sampling {step['sample_ms']:.1f} ms + fwd/bwd/Adam {step['compute_ms']:.1f} ms; "
         f"{step['seeds_per_s']:.0f} seeds/s; sampling share {100 * step['share']:.1f}%"
     )
     return [
@@ -352,7 +358,8 @@ def main() -> None:
         "--baseline-seeds",
         type=int,
         default=512,
-        help="seeds for the per-seed loop, spread over the timed batches (default: one batch worth)",
+        help="seeds for the per-seed loop, spread over the timed batches "
+        "(default: one batch worth)",
     )
     ap.add_argument(
         "--steps", type=int, default=5, help="timed training steps (after --step-warmup)"
@@ -371,9 +378,10 @@ def main() -> None:
     wall = time.perf_counter()
     fan = args.fanout or list(make_recipe("reference").backbone.num_neighbors)
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads; batch {args.batch}, fan-out {fan}, "
-        f"uniform; {args.batches} sampler batches after {args.warmup} warm-up, {args.steps} steps after "
-        f"{args.step_warmup} warm-up",
+        f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads; "
+        f"batch {args.batch}, fan-out {fan}, uniform; "
+        f"{args.batches} sampler batches after {args.warmup} warm-up, "
+        f"{args.steps} steps after {args.step_warmup} warm-up",
         flush=True,
     )
     dbs = {"both": ["rel-f1", "synthetic"]}.get(args.db, [args.db])
@@ -385,12 +393,14 @@ def main() -> None:
             results += run_db(args, which, root)
 
     print(
-        f"\nSummary ({torch.get_num_threads()} thread(s); batch {args.batch}, fan-out {fan}; medians; "
-        f"the loop is extrapolated from its seeds; share = sampling ms / step ms, both medians of the same steps):"
+        f"\nSummary ({torch.get_num_threads()} thread(s); batch {args.batch}, fan-out {fan}; "
+        "medians; the loop is extrapolated from its seeds; "
+        "share = sampling ms / step ms, both medians of the same steps):"
     )
     head = (
-        f"{'database':<22} {'graph rows':>11} {'ours ms/batch':>14} {'loop ms/batch':>14} {'loop/ours':>10} "
-        f"{'rows/batch':>11} {'step ms':>9} {'sampling ms':>12} {'fwd+bwd+opt':>12} {'seeds/s':>8} {'share':>7}"
+        f"{'database':<22} {'graph rows':>11} {'ours ms/batch':>14} {'loop ms/batch':>14} "
+        f"{'loop/ours':>10} {'rows/batch':>11} {'step ms':>9} {'sampling ms':>12} "
+        f"{'fwd+bwd+opt':>12} {'seeds/s':>8} {'share':>7}"
     )
     print(head)
     print("-" * len(head))
@@ -398,15 +408,15 @@ def main() -> None:
         s = r["step"]
         tail = (
             (
-                f"{s['step_ms']:9.1f} {s['sample_ms']:12.1f} {s['compute_ms']:12.1f} {s['seeds_per_s']:8.0f} "
-                f"{100 * s['share']:6.1f}%"
+                f"{s['step_ms']:9.1f} {s['sample_ms']:12.1f} {s['compute_ms']:12.1f} "
+                f"{s['seeds_per_s']:8.0f} {100 * s['share']:6.1f}%"
             )
             if s
             else f"{'-':>9} {'-':>12} {'-':>12} {'-':>8} {'-':>7}"
         )
         print(
-            f"{r['db']:<22} {r['rows_total']:>11,} {r['ms']:14.1f} {r['base_ms']:14,.0f} {r['ratio']:9.0f}x "
-            f"{r['rows']:11,.0f} {tail}"
+            f"{r['db']:<22} {r['rows_total']:>11,} {r['ms']:14.1f} {r['base_ms']:14,.0f} "
+            f"{r['ratio']:9.0f}x {r['rows']:11,.0f} {tail}"
         )
     for r in results:
         print(
@@ -414,7 +424,8 @@ def main() -> None:
             + (f"; peak RSS after it {r['peak_rss']:.2f} GiB" if "peak_rss" in r else "")
         )
     print(
-        f"peak RSS {peak_rss_gb():.2f} GiB (getrusage ru_maxrss); wall time {time.perf_counter() - wall:.0f} s"
+        f"peak RSS {peak_rss_gb():.2f} GiB (getrusage ru_maxrss); "
+        f"wall time {time.perf_counter() - wall:.0f} s"
     )
 
 

@@ -24,10 +24,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from tve_pipeline import training
+from tve_pipeline import evaluation, training
 from tve_pipeline.config import make_recipe
 from tve_pipeline.database import column_types, open_dataset
 from tve_pipeline.datasets import build_rel_f1
+from tve_pipeline.graph import graph_for
 
 RAW = Path(__file__).resolve().parents[2] / "shared" / "data" / "rel-f1" / "raw"
 
@@ -56,7 +57,7 @@ def main() -> None:
             "backbone": {"num_neighbors": [int(x) for x in a.fanout.split(",")]},
         },
     )
-    data, col_stats = training.graph_for(db, types, recipe.backbone)
+    data, col_stats = graph_for(db, types, recipe.backbone)
     task = ds.load_task(a.task)
     full = task.get_db(upto_test_timestamp=False)
     tabs = {s: task.get_table(s, db=full) for s in ("train", "val", "test")}
@@ -81,7 +82,7 @@ def main() -> None:
         t0 = time.perf_counter()
         res = training.finetune(data, col_stats, task, tabs, recipe, device, seed=seed)
         for epoch, state in enumerate(snapshots):
-            scores = training.evaluate(
+            scores = evaluation.evaluate(
                 data,
                 col_stats,
                 task,
@@ -102,7 +103,7 @@ def main() -> None:
                 }
             )
         for k in range(a.eval_seeds):
-            scores = training.evaluate(
+            scores = evaluation.evaluate(
                 data,
                 col_stats,
                 task,
@@ -135,7 +136,8 @@ def main() -> None:
     last = frame[frame.epoch == frame.epoch.max()].set_index("seed")
     by_epoch = frame.groupby("epoch")["test"].agg(["mean", "std"])
     print(
-        f"\n{a.task}, {len(best)} seeds, fan-out {a.fanout}, {a.epochs} epochs; test metric x100, mean ± std over seeds"
+        f"\n{a.task}, {len(best)} seeds, fan-out {a.fanout}, {a.epochs} epochs; "
+        "test metric x100, mean ± std over seeds"
     )
     print(
         f"protocol (best-val epoch): {100 * best.test.mean():.2f} ± {100 * best.test.std():.2f}"
@@ -151,7 +153,8 @@ def main() -> None:
         + "  ".join(f"e{e} {100 * m:.2f}±{100 * s:.2f}" for e, (m, s) in by_epoch.iterrows())
     )
     print(
-        f"inference sampling only (same weights, {a.eval_seeds} sampling seeds): median std over models "
+        f"inference sampling only (same weights, {a.eval_seeds} sampling seeds): "
+        "median std over models "
         f"{100 * inf.groupby('seed').test.std().median():.2f}"
     )
     corr = np.corrcoef(frame.val, frame.test)[0, 1]

@@ -102,8 +102,7 @@ def child_pandas(a, vectorised: bool) -> dict:
     orders = pd.read_parquet(db / "orders.parquet")
     products = pd.read_parquet(db / "products.parquet")
     delta = pd.Timedelta(DELTA)
-    numerical, categorical = ["amount", "rating"], ["quantity", "channel"]
-    dim_num, dim_cat = ["price"], ["category"]
+    categorical = ["quantity", "channel"]  # of orders; amount and rating are numerical
 
     def mode(s: pd.Series):
         m = s.mode()  # sorted: the first of the most frequent values is the smallest
@@ -248,7 +247,8 @@ def measure(
     }
     walls_text = ", ".join(f"{w:.1f}" for w in walls)
     print(
-        f"  {label:<44} median {result['wall_s']:7.1f} s  (runs: {walls_text})  peak RSS {result['peak_rss_gb']:.2f} GB"
+        f"  {label:<44} median {result['wall_s']:7.1f} s  (runs: {walls_text})"
+        f"  peak RSS {result['peak_rss_gb']:.2f} GB"
         f"  {result['rows']:,} rows x {result['targets']} targets"
         + (f"  {result['agree']}" if result["agree"] else ""),
         flush=True,
@@ -279,7 +279,7 @@ def compare(produced: Path, reference: Path) -> str:
     return f"(same values as tve targets: {len(want):,} rows x {want.shape[1] - 3} targets)"
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=10_000_000)
     p.add_argument("--pandas-rows", type=int, default=1_000_000)
@@ -294,27 +294,31 @@ def main() -> None:
     )
     # child mode (internal)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    (
-        p.add_argument("--dataset"),
-        p.add_argument("--timestamps"),
-        p.add_argument("--hops", type=int, default=2),
-    )
-    (
-        p.add_argument("--out"),
-        p.add_argument("--fkf", action="store_true"),
-        p.add_argument("--compare-to"),
-    )
-    a = p.parse_args()
+    p.add_argument("--dataset")
+    p.add_argument("--timestamps")
+    p.add_argument("--hops", type=int, default=2)
+    p.add_argument("--out")
+    p.add_argument("--fkf", action="store_true")
+    p.add_argument("--compare-to")
+    return p
+
+
+def _child(a) -> None:
+    """One configuration, in this (fresh) process: its result as one JSON line."""
+    if a.child == "ours":
+        result = child_ours(a)
+    else:
+        result = child_pandas(a, vectorised=a.child == "pandas-vec")
+    result["peak_rss_mb"] = _peak_rss_mb()  # before the check below reads both files
+    if a.child != "ours" and a.compare_to and Path(a.compare_to).exists():
+        result["agree"] = compare(Path(a.out) / "targets.parquet", Path(a.compare_to))
+    print(json.dumps(result))
+
+
+def main() -> None:
+    a = _parser().parse_args()
     if a.child:
-        result = (
-            child_ours(a)
-            if a.child == "ours"
-            else child_pandas(a, vectorised=a.child == "pandas-vec")
-        )
-        result["peak_rss_mb"] = _peak_rss_mb()  # before the check below reads both files
-        if a.child != "ours" and a.compare_to and Path(a.compare_to).exists():
-            result["agree"] = compare(Path(a.out) / "targets.parquet", Path(a.compare_to))
-        print(json.dumps(result))
+        _child(a)
         return
     if a.quick:
         a.rows, a.pandas_rows, a.fkf_rows, a.repeat = 1_000_000, 100_000, 100_000, 1
@@ -341,12 +345,16 @@ def main() -> None:
     if not a.skip_fkf:
         fkf_path = dataset(Path(a.data_dir), a.fkf_rows)
         print(
-            f"\n{a.fkf_rows:,} orders, hops 2 with fact->key<-fact paths (orders > products < orders):"
+            f"\n{a.fkf_rows:,} orders, hops 2 with fact->key<-fact paths"
+            " (orders > products < orders):"
         )
         fkf = measure("tve targets, hops 2 + fact->key<-fact", "ours", fkf_path, a, 2, 1, fkf=True)
+    _print_summary(a, (r1, r2), ours, vec, naive, fkf)
 
+
+def _print_summary(a, big: tuple[dict, dict], ours: dict, vec: dict, naive: dict, fkf) -> None:
     print("\nsummary:")
-    for r in (r1, r2):
+    for r in big:
         ok = r["wall_s"] <= 60 and r["peak_rss_gb"] <= 4
         print(
             f"  {a.rows:,} rows, {r['label']}: {r['wall_s']:.1f} s, {r['peak_rss_gb']:.2f} GB peak "

@@ -5,8 +5,9 @@ training seed time in one set-based DuckDB query, pre-trains (unless --no-pretra
 fine-tunes each task for each seed and prints RelBench's test metrics (AUROC for
 driver-dnf / driver-top3, MAE and NMAE for driver-position) as mean ± std.
 
-    .venv/bin/python bench/relf1_experiment.py --tasks driver-dnf --seeds 0 [--epochs 10] [--no-pretrain] [--threads 1]
-        [--label-fractions 0.1,0.25,1] [--methods scratch,tve] [--text glove|hashing]
+    .venv/bin/python bench/relf1_experiment.py --tasks driver-dnf --seeds 0 [--epochs 10] \
+        [--no-pretrain] [--threads 1] [--label-fractions 0.1,0.25,1] [--methods scratch,tve] \
+        [--text glove|hashing]
 """
 
 import argparse
@@ -19,12 +20,14 @@ import pandas as pd
 import torch
 import torch_frame
 
-from tve_pipeline import training
+from tve_pipeline import evaluation, training
 from tve_pipeline.config import make_recipe
-from tve_pipeline.database import column_types, open_dataset, task_timedelta, training_seed_times
+from tve_pipeline.database import column_types, open_dataset, task_timedelta
 from tve_pipeline.datasets import build_rel_f1
-from tve_pipeline.targets import compute_targets
+from tve_pipeline.graph import graph_for
+from tve_pipeline.targets import TargetQuery, compute_targets
 from tve_pipeline.traversal import build_traversal_graph
+from tve_pipeline.windows import training_seed_times
 
 RAW = Path(__file__).resolve().parents[2] / "shared" / "data" / "rel-f1" / "raw"
 
@@ -65,14 +68,15 @@ def main() -> None:
     p.add_argument(
         "--relbench-modules",
         action="store_true",
-        help="ablation: run relbench's modules as they are (RDLModel(fast=False): every sampled row "
-        "encoded with its own dropout mask, the full GNN), about 5x slower",
+        help="ablation: run relbench's modules as they are (RDLModel(fast=False): every sampled "
+        "row encoded with its own dropout mask, the full GNN), about 5x slower",
     )
     a = p.parse_args()
     if a.relbench_modules:
         import functools
 
-        training.RDLModel = functools.partial(training.RDLModel, fast=False)
+        plain = functools.partial(training.RDLModel, fast=False)
+        training.RDLModel = evaluation.RDLModel = plain  # every model the run builds
     if a.threads:
         torch.set_num_threads(a.threads)
     tmp = Path(tempfile.mkdtemp())
@@ -92,7 +96,7 @@ def main() -> None:
             "backbone": {"text_embedder": a.text} if a.text else {},
         },
     )
-    data, col_stats = training.graph_for(db, types, recipe.backbone)
+    data, col_stats = graph_for(db, types, recipe.backbone)
     if a.nan_columns == "dead":
         for nt in data.node_types:
             feat = data[nt].tf.feat_dict.get(torch_frame.numerical)
@@ -114,12 +118,14 @@ def main() -> None:
         )
         t0 = time.perf_counter()
         raw = compute_targets(
-            tables,
-            ds.manifest.tables,
-            defs,
-            "drivers",
-            training_seed_times(ds.val_timestamp, db.min_timestamp, delta),
-            delta,
+            TargetQuery(
+                tables,
+                ds.manifest.tables,
+                defs,
+                "drivers",
+                training_seed_times(ds.val_timestamp, db.min_timestamp, delta),
+                delta,
+            )
         )
         print(
             f"targets: {len(raw)} rows x {len(defs)} targets in {time.perf_counter() - t0:.1f}s",
@@ -166,7 +172,7 @@ def main() -> None:
                     backbone=bb,
                     label_fraction=fraction,
                 )
-                scores = training.evaluate(
+                scores = evaluation.evaluate(
                     data,
                     col_stats,
                     task,

@@ -363,8 +363,8 @@ def test_failure_while_writing_leaves_previous_build_intact(tmp_path):
     tables["users"] = (
         users.assign(mixed=pd.Series([1, "a", 2.5], dtype=object)),
         spec,
-    )  # pyarrow refuses this
-    with pytest.raises(Exception):
+    )  # pyarrow refuses this (ArrowInvalid, a ValueError)
+    with pytest.raises(ValueError):
         _write_tiny(target, tables)
     assert _snapshot(target) == before
     assert _parent_listing(target) == listing

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from assets.cli import main
 from assets.commands import Runner
-from tve_pipeline.cli import main
 from tve_pipeline.datasets import build_synthetic
 
 pytestmark = pytest.mark.usefixtures("keep_tve_environment")
@@ -91,3 +91,31 @@ def test_experiment_is_a_backfill_a_failed_cell_stays_alone_and_a_relaunch_runs_
     assert {k.path[-1] for r in relaunched for k in r.asset_selection} == {"results"}
     summary = runner.results()
     assert set(summary["method"]) == {"scratch", "tve"} and set(summary["label_fraction"]) == {1.0}
+
+
+def test_a_relaunch_cancels_what_a_stopped_experiment_left(tmp_path):
+    """A `tve experiment` killed mid-way leaves its backfill requested and pool slots claimed
+    by runs that died; the next launch cancels the one and frees the others."""
+    from dagster._core.definitions.events import AssetKeyPartitionKey
+    from dagster._core.execution.backfill import BulkActionStatus
+
+    from assets.commands import _launch_backfill, cancel_stale_backfills
+
+    run_dir = tmp_path / "run"
+    assert (
+        main(["register", str(build_synthetic(tmp_path / "tiny")), "--run-dir", str(run_dir)]) == 0
+    )
+    runner = Runner("tiny", run_dir)
+    todo = {AssetKeyPartitionKey(runner.db.key("results"), None)}
+    left = _launch_backfill(runner, todo, "an experiment whose daemon was killed")
+    storage = runner.instance.event_log_storage
+    storage.initialize_concurrency_limit_to_default("gpu")
+    assert storage.claim_concurrency_slot(
+        "gpu", "a-run-that-died", "tiny__finetuned_models"
+    ).is_claimed
+    assert storage.get_concurrency_info("gpu").claimed_slots
+
+    assert cancel_stale_backfills(runner.instance, runner.db) == [left]
+    assert runner.instance.get_backfill(left).status == BulkActionStatus.CANCELED
+    assert not storage.get_concurrency_info("gpu").claimed_slots
+    assert cancel_stale_backfills(runner.instance, runner.db) == []  # nothing left to cancel

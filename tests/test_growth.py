@@ -162,7 +162,8 @@ def test_changed_recipe_marks_exactly_what_it_changes_stale(pipeline_run):
     assert shorter_finetune.get_status(db.key("pretrained_checkpoint"), "tve") == StaleStatus.FRESH
     assert shorter_finetune.get_status(db.key("finetuned_models"), CELL) == StaleStatus.STALE
 
-    # a grown experiment grid (more seeds, fractions, objectives; a task list) keeps its finished cells
+    # a grown experiment grid (more seeds, fractions, objectives; a task list) keeps its
+    # finished cells
     grown = get_stale_status_resolver(
         instance,
         database_assets(

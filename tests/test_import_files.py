@@ -21,7 +21,8 @@ import pytest
 import relbench
 import yaml
 
-from tve_pipeline.datasets.files import TYPES_FILE, build_from_files
+from tve_pipeline.datasets.files import build_from_files
+from tve_pipeline.schema import TYPES_FILE
 
 NA = None
 
@@ -466,7 +467,8 @@ def test_composite_time_key_epochs_and_timezone(tmp_path):
     a time is sorted into place; epoch seconds and offsets land in the chosen zone."""
     (tmp_path / "a.csv").write_text("faa,name\nEWR,Newark\nJFK,Kennedy\n")
     (tmp_path / "w.csv").write_text(
-        "origin,time hour,temp\nEWR,2013-01-01T06:00:00Z,39\nJFK,2013-01-01T06:00:00Z,40\nEWR,2013-01-01T08:00:00Z,38\n"
+        "origin,time hour,temp\nEWR,2013-01-01T06:00:00Z,39\nJFK,2013-01-01T06:00:00Z,40\n"
+        "EWR,2013-01-01T08:00:00Z,38\n"
     )
     (tmp_path / "f.csv").write_text(
         "origin,epoch,hour\nEWR,1357020000,2013-01-01T06:00:00Z\nJFK,1357023600,2013-01-01T06:00:00Z\n"
@@ -580,15 +582,18 @@ BAD = {
     ),
     "duplicate composite key": (
         lambda f, d: _set(f["order lines"], "line_no", 1, 1),
-        r"table 'order lines': primary key 'order_no\+line_no' has 1 duplicate values, e\.g\. \[\(101, 1\)\]",
+        r"table 'order lines': primary key 'order_no\+line_no' has 1 duplicate values, "
+        r"e\.g\. \[\(101, 1\)\]",
     ),
     "unparseable time": (
         lambda f, d: _set(f["orders"], "ordered at", 2, "next tuesday"),
-        r"table 'orders': time column 'ordered at': 1 values are not timestamps, e\.g\. \['next tuesday'\]",
+        r"table 'orders': time column 'ordered at': 1 values are not timestamps, "
+        r"e\.g\. \['next tuesday'\]",
     ),
     "mixed timezones": (
         lambda f, d: _set(f["reviews"], "written", 0, "2021-01-06 10:00:00"),
-        r"table 'reviews': time column 'written': mixed timezones: 3 values carry a UTC offset, 1 do not",
+        r"table 'reviews': time column 'written': mixed timezones: "
+        r"3 values carry a UTC offset, 1 do not",
     ),
     "missing column": (
         lambda f, d: d["tables"]["orders"].update(time_column="when"),
@@ -604,7 +609,8 @@ BAD = {
     ),
     "task output": (
         lambda f, d: d["tasks"][0].update(sql="SELECT 1 AS customer_id"),
-        r"task 'customer-orders': its SQL returns columns \['customer_id'\], missing \['orders', 'timestamp'\]",
+        r"task 'customer-orders': its SQL returns columns \['customer_id'\], "
+        r"missing \['orders', 'timestamp'\]",
     ),
     "bad type": (
         lambda f, d: d["tables"]["orders"]["types"].update(amount="money"),
@@ -738,4 +744,4 @@ def test_documented_example_parses(tmp_path):
         defs["reviews"].fkeys[1].columns == ["order_no", "line_no"]
         and defs["reviews"].key_column == "reviews_id"
     )
-    assert doc["missing_parents"] == "add_parents" and doc["tasks"][0]["name"] == "customer-churn"
+    assert doc.missing_parents == "add_parents" and doc.tasks[0].name == "customer-churn"

@@ -108,6 +108,34 @@ def test_folded_resnet_handles_missing_cells_like_the_encoder():
     torch.testing.assert_close(resnet_folded(resnet, tf), resnet(tf), rtol=1e-4, atol=1e-5)
 
 
+def test_folded_resnet_gradients_with_missing_categories_match_the_encoder():
+    """A missing category looks up the Embedding's padding row: zero, with zero gradient.
+    The fold projects the whole table; it once let that row learn (rel-flights' airports,
+    bench/bench_training.py's gradient check: 2.4e-01)."""
+    from torch_frame import stype
+
+    data, col_stats = make_graph(2)
+    torch.manual_seed(1)
+    model = RDLModel(data, col_stats, BackboneConfig(channels=8, encoder_layers=2), 1).eval()
+    resnet = model.encoder.encoders["users"]
+    emb = resnet.encoder.encoder_dict[stype.categorical.value].emb
+    tf = data["users"].tf
+    # more rows than embedding rows: the categorical encoder is folded (projected, gathered)
+    tf = tf[torch.arange(3 * emb.num_embeddings) % tf.num_rows]
+    cat = tf.feat_dict[stype.categorical].clone()
+    cat[::4, 0] = -1
+    tf.feat_dict = {**tf.feat_dict, stype.categorical: cat}
+    ref = copy.deepcopy(resnet)
+    got, want = resnet_folded(resnet, tf), ref(tf)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    w = torch.randn_like(got)
+    (got * w).sum().backward()
+    (want * w).sum().backward()
+    ref_grad = ref.encoder.encoder_dict[stype.categorical.value].emb.weight.grad
+    assert torch.equal(ref_grad[emb.padding_idx], torch.zeros_like(ref_grad[0]))
+    torch.testing.assert_close(emb.weight.grad, ref_grad, rtol=1e-4, atol=1e-5)
+
+
 def test_fast_dropout_keeps_the_expectation():
     torch.manual_seed(0)
     drop = FastDropout(0.25).train()

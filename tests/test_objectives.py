@@ -7,10 +7,12 @@ import torch
 
 from tve_pipeline import training
 from tve_pipeline.config import make_recipe
-from tve_pipeline.database import column_types, open_dataset, training_seed_times
+from tve_pipeline.database import column_types, open_dataset
 from tve_pipeline.datasets import build_synthetic
-from tve_pipeline.targets import compute_targets
+from tve_pipeline.graph import graph_for
+from tve_pipeline.targets import TargetQuery, compute_targets
 from tve_pipeline.traversal import build_traversal_graph
+from tve_pipeline.windows import training_seed_times
 
 
 @pytest.fixture(scope="module")
@@ -22,15 +24,17 @@ def setup(tmp_path_factory):
     defs = build_traversal_graph(ds.manifest.tables, types, "customers", hops=1)
     delta = pd.Timedelta("30 days")
     raw = compute_targets(
-        tables,
-        ds.manifest.tables,
-        defs,
-        "customers",
-        training_seed_times(ds.val_timestamp, db.min_timestamp, delta),
-        delta,
+        TargetQuery(
+            tables,
+            ds.manifest.tables,
+            defs,
+            "customers",
+            training_seed_times(ds.val_timestamp, db.min_timestamp, delta),
+            delta,
+        )
     )
     recipe = make_recipe("test")
-    data, col_stats = training.graph_for(db, types, recipe.backbone)
+    data, col_stats = graph_for(db, types, recipe.backbone)
     return {
         "ds": ds,
         "raw": raw,

@@ -11,10 +11,13 @@ import pytest
 import torch
 from sklearn.metrics import mean_absolute_error, roc_auc_score
 
-from assets.partitions import window_key
 from tests.conftest import load_asset
-from tve_pipeline import training
 from tve_pipeline.database import open_dataset
+from tve_pipeline.evaluation import predict
+from tve_pipeline.graph import graph_for, seed_tensors
+from tve_pipeline.model import RDLModel
+from tve_pipeline.sampling import TemporalNeighborSampler
+from tve_pipeline.windows import window_key
 
 DELTA = pd.Timedelta("30 days")
 
@@ -107,12 +110,12 @@ def _predict(run, task_name, table, method="scratch", seed=0):
     ]
     recipe = run["resources"]["recipe"].recipe()
     summary = load_asset(run, "raw_tables")
-    data, col_stats = training.graph_for(ds.get_db(), summary.column_types, recipe.backbone)
-    model = training.RDLModel(data, col_stats, recipe.backbone, out_channels=1)
+    data, col_stats = graph_for(ds.get_db(), summary.column_types, recipe.backbone)
+    model = RDLModel(data, col_stats, recipe.backbone, out_channels=1)
     model.load_state_dict(model_state)
-    sampler = training.TemporalNeighborSampler(data, list(recipe.backbone.num_neighbors))
-    nodes, times = training.seed_tensors(table["customer_id"], table["timestamp"])
-    return training.predict(
+    sampler = TemporalNeighborSampler(data, list(recipe.backbone.num_neighbors))
+    nodes, times = seed_tensors(table["customer_id"], table["timestamp"])
+    return predict(
         model, sampler, "customers", nodes, times, 64, torch.device("cpu"), seed=seed
     ).view(-1)
 
@@ -157,7 +160,8 @@ def test_val_nmae_is_mae_over_bruteforce_train_std(pipeline_run):
         _brute_labels(run, sorted(val["timestamp"].unique())), on=["timestamp", "customer_id"]
     )
     pred = _predict(run, "customer-spend", val, "tve").numpy()
-    # RelBench's RDL protocol: regression outputs clamped to the 2nd-98th percentile of the training labels
+    # RelBench's RDL protocol: regression outputs clamped to the 2nd-98th percentile of the
+    # training labels
     pred = np.clip(pred, *np.percentile(train_labels["spend"], [2, 98]))
     expected = mean_absolute_error(merged["spend"], pred) / std
     assert _metric(run, "customer-spend", "tve", "val") == pytest.approx(expected, rel=1e-9)

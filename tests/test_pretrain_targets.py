@@ -12,17 +12,20 @@ import torch
 
 from tve_pipeline import training
 from tve_pipeline.config import make_recipe
-from tve_pipeline.database import column_types, open_dataset, training_seed_times
+from tve_pipeline.database import column_types, open_dataset
 from tve_pipeline.datasets import build_synthetic
+from tve_pipeline.graph import graph_for
 from tve_pipeline.normalise import TaskVectorNormaliser
-from tve_pipeline.targets import compute_targets
+from tve_pipeline.targets import TargetQuery, compute_targets
 from tve_pipeline.task_vectors import SeedTaskVectors, held_out_seed_times, pretraining_task_vectors
 from tve_pipeline.traversal import build_traversal_graph
+from tve_pipeline.windows import training_seed_times
 
 
 @pytest.fixture(scope="module")
 def windows(tmp_path_factory):
-    """The tiny database's training seed times, written as the asset writes them: one file per window."""
+    """The tiny database's training seed times, written as the asset writes them: one file
+    per window."""
     ds = open_dataset(build_synthetic(tmp_path_factory.mktemp("db") / "tiny"))
     db = ds.get_db()
     tables = {n: t.df for n, t in db.table_dict.items()}
@@ -34,8 +37,9 @@ def windows(tmp_path_factory):
     files = []
     for i in range(0, len(times), 3):  # three seed times to a window
         path = out / f"window-{i // 3}.parquet"
+        seeds = pd.DatetimeIndex(times[i : i + 3])
         compute_targets(
-            tables, ds.manifest.tables, defs, "customers", pd.DatetimeIndex(times[i : i + 3]), delta
+            TargetQuery(tables, ds.manifest.tables, defs, "customers", seeds, delta)
         ).to_parquet(path, index=False)
         files.append(path)
     # A window where every entity is active: compute_targets gives its integer modes as
@@ -49,7 +53,7 @@ def windows(tmp_path_factory):
     all_active = out / "window-0-all-active.parquet"
     first.astype({c: "int64" for c in int_modes}).to_parquet(all_active, index=False)
     recipe = make_recipe("test")
-    data, col_stats = training.graph_for(db, types, recipe.backbone)
+    data, col_stats = graph_for(db, types, recipe.backbone)
     return {
         "files": files,
         "mixed_dtypes": [all_active, *files[1:]],

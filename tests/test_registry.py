@@ -6,8 +6,9 @@ import time
 import pytest
 
 from assets.definitions import build_definitions
-from tve_pipeline.database import DatabaseError, open_dataset
+from tve_pipeline.database import open_dataset
 from tve_pipeline.datasets import build_synthetic
+from tve_pipeline.schema import DatabaseError
 
 
 def test_each_database_gets_its_own_assets_windows_and_tasks(tmp_path):

@@ -50,7 +50,8 @@ def test_summary_is_the_hand_computed_table():
     assert summary.loc["scratch", "n"] == 3 and math.isnan(
         summary.loc["scratch", "diff_vs_scratch"]
     )
-    # paired differences tve - scratch: 0.05, 0.02, 0.08 -> mean 0.05, sd 0.03, half-width t * 0.03 / sqrt(3)
+    # paired differences tve - scratch: 0.05, 0.02, 0.08 -> mean 0.05, sd 0.03,
+    # half-width t * 0.03 / sqrt(3)
     half = T_975_DF2 * 0.03 / math.sqrt(3)
     assert summary.loc["tve", "diff_vs_scratch"] == pytest.approx(0.05)
     assert summary.loc["tve", "diff_ci_low"] == pytest.approx(0.05 - half)

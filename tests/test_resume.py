@@ -5,12 +5,16 @@ import pandas as pd
 import pytest
 import torch
 
-from tve_pipeline import training
+from tve_pipeline import evaluation, training
 from tve_pipeline.config import make_recipe
-from tve_pipeline.database import column_types, open_dataset, training_seed_times
+from tve_pipeline.database import column_types, open_dataset
 from tve_pipeline.datasets import build_synthetic
-from tve_pipeline.targets import compute_targets
+from tve_pipeline.graph import graph_for, seed_tensors
+from tve_pipeline.model import RDLModel
+from tve_pipeline.sampling import Prefetcher, TemporalNeighborSampler
+from tve_pipeline.targets import TargetQuery, compute_targets
 from tve_pipeline.traversal import build_traversal_graph
+from tve_pipeline.windows import training_seed_times
 
 
 class Killed(Exception):
@@ -26,12 +30,14 @@ def setup(tmp_path_factory):
     defs = build_traversal_graph(ds.manifest.tables, types, "customers", hops=1)
     delta = pd.Timedelta("30 days")
     raw = compute_targets(
-        tables,
-        ds.manifest.tables,
-        defs,
-        "customers",
-        training_seed_times(ds.val_timestamp, db.min_timestamp, delta),
-        delta,
+        TargetQuery(
+            tables,
+            ds.manifest.tables,
+            defs,
+            "customers",
+            training_seed_times(ds.val_timestamp, db.min_timestamp, delta),
+            delta,
+        )
     )
     recipe = make_recipe(
         "test",
@@ -40,7 +46,7 @@ def setup(tmp_path_factory):
             "finetune": {"epochs": 3, "steps_per_epoch": 4},
         },
     )
-    data, col_stats = training.graph_for(db, types, recipe.backbone)
+    data, col_stats = graph_for(db, types, recipe.backbone)
     return {
         "ds": ds,
         "raw": raw,
@@ -154,7 +160,7 @@ def test_prefetcher_keeps_order_shares_generators_and_raises():
         threads.add(threading.current_thread().name)
         return i, torch.randint(0, 10**9, (3,), generator=gen)
 
-    threaded = list(training.Prefetcher(draw, range(6)))
+    threaded = list(Prefetcher(draw, range(6)))
     assert any(t.startswith("tve-prefetch") for t in threads)  # really on the worker
     gen.manual_seed(0)
     plain = [draw(i) for i in range(6)]  # the plain loop, same generator
@@ -168,8 +174,8 @@ def test_prefetcher_keeps_order_shares_generators_and_raises():
         return i
 
     with pytest.raises(ValueError, match="bad batch 2"):
-        list(training.Prefetcher(boom, range(5)))
-    assert list(training.Prefetcher(boom, range(2), enabled=False)) == [0, 1]
+        list(Prefetcher(boom, range(5)))
+    assert list(Prefetcher(boom, range(2), enabled=False)) == [0, 1]
 
 
 def test_step_generators_are_independent_of_history():
@@ -203,7 +209,7 @@ def test_regression_outputs_are_clamped_to_the_training_labels_percentiles(setup
         "test": task.get_table("test"),
         "test_labels": task.get_table("test", mask_input_cols=False),
     }
-    got = training.evaluate(
+    got = evaluation.evaluate(
         s["data"],
         s["col_stats"],
         task,
@@ -214,13 +220,13 @@ def test_regression_outputs_are_clamped_to_the_training_labels_percentiles(setup
         seed=1,
         output_range=res["output_range"],
     )
-    model = training.RDLModel(s["data"], s["col_stats"], s["recipe"].backbone, out_channels=1)
+    model = RDLModel(s["data"], s["col_stats"], s["recipe"].backbone, out_channels=1)
     model.load_state_dict(res["state_dict"])
-    sampler = training.TemporalNeighborSampler(s["data"], list(s["recipe"].backbone.num_neighbors))
+    sampler = TemporalNeighborSampler(s["data"], list(s["recipe"].backbone.num_neighbors))
     df = tables["val"].df
-    nodes, times = training.seed_tensors(df[task.entity_col], df[task.time_col])
+    nodes, times = seed_tensors(df[task.entity_col], df[task.time_col])
     raw = (
-        training.predict(
+        evaluation.predict(
             model, sampler, task.entity_table, nodes, times, 512, torch.device("cpu"), seed=1
         )
         .view(-1)

@@ -579,9 +579,9 @@ def test_relbench_model_forward():
     tenc = HeteroTemporalEncoder([nt for nt in data.node_types if "time" in data[nt]], C)
     gnn = HeteroGraphSAGE(data.node_types, data.edge_types, C)
     sampler = TemporalNeighborSampler(data, [8, 4])
-    nodes, seed_time = random_seeds(data, "users", 16, 0)
+    all_nodes, all_times = random_seeds(data, "users", 16, 0)
     early = torch.zeros(2, dtype=torch.long)  # before every row: timed types come back empty
-    for nodes, seed_time in ((nodes, seed_time), (nodes[:2], early)):
+    for nodes, seed_time in ((all_nodes, all_times), (all_nodes[:2], early)):
         batch = sampler.sample(
             "users", nodes, seed_time, generator=torch.Generator().manual_seed(0)
         )

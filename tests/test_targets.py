@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tve_pipeline.targets import compute_targets, targets_sql
+from tve_pipeline.targets import TargetQuery, compute_targets, targets_sql
 from tve_pipeline.traversal import (
     Hop,
     TargetDef,
@@ -264,7 +264,7 @@ def shop_databases(draw):
             "product_id": list(range(n_products)),
             "price": pd.array([draw(NUMBERS) for _ in range(n_products)], dtype="Float64"),
             "category": pd.Series([draw(STATUSES) for _ in range(n_products)], dtype=object),
-            "label": ["p%d" % i for i in range(n_products)],
+            "label": [f"p{i}" for i in range(n_products)],
         }
     )
     n_orders = draw(st.integers(0, 12))
@@ -308,7 +308,7 @@ def test_targets_match_brute_force(db, entity, hops):
     schema = shop_schema(customer_time)
     defs = build_traversal_graph(schema, shop_column_types(), entity, hops=hops)
     got = compute_targets(
-        frames, schema, defs, entity, timestamps, DELTA, memory_limit="1GB", threads=2
+        TargetQuery(frames, schema, defs, entity, timestamps, DELTA, memory_limit="1GB", threads=2)
     )
     want = brute_force(frames, schema, defs, entity, timestamps, DELTA)
     assert_same_targets(got, want, defs)
@@ -346,7 +346,7 @@ def test_fixed_database_values():
     schema = shop_schema(True)
     defs = build_traversal_graph(schema, shop_column_types(), "customers")
     ts = [BASE + pd.Timedelta(days=1), BASE + pd.Timedelta(days=5)]
-    got = compute_targets(frames, schema, defs, "customers", ts, DELTA)
+    got = compute_targets(TargetQuery(frames, schema, defs, "customers", ts, DELTA))
     assert_same_targets(got, brute_force(frames, schema, defs, "customers", ts, DELTA), defs)
     by = got.set_index(["customer_id", "timestamp"])
     # t = day 1, window (day 1, day 3]: customer 0 has orders 1 (day 3, exactly t + Δ) only;
@@ -373,8 +373,11 @@ def test_mode_ties_take_smallest_value():
         if d.aggregation == "mode"
     ]
     t0 = BASE  # window (day 0, day 2]: customer 0 orders 0 ('y'); (day 0, day 4]:
-    got = compute_targets(frames, schema, defs, "customers", [t0], pd.Timedelta(days=4))
-    # customer 0: orders 0 ('y'), 1 ('x'), 2 ('y') -> 'y'; customer 1: orders 3 ('x'), 6 ('y') -> tie -> 'x'
+    got = compute_targets(
+        TargetQuery(frames, schema, defs, "customers", [t0], pd.Timedelta(days=4))
+    )
+    # customer 0: orders 0 ('y'), 1 ('x'), 2 ('y') -> 'y';
+    # customer 1: orders 3 ('x'), 6 ('y') -> tie -> 'x'
     assert got.set_index("customer_id")["orders.status__mode"].to_dict() == {0: "y", 1: "x"}
 
 
@@ -393,7 +396,7 @@ def test_rows_outside_what_a_target_reads_do_not_change_it(db, extra):
     schema = shop_schema(customer_time)
     defs = build_traversal_graph(schema, shop_column_types(), "customers")
     t = max(timestamps)
-    before = compute_targets(frames, schema, defs, "customers", [t], DELTA)
+    before = compute_targets(TargetQuery(frames, schema, defs, "customers", [t], DELTA))
 
     def with_orders(days: list[pd.Timedelta]) -> dict[str, pd.DataFrame]:
         orders = frames["orders"]
@@ -411,13 +414,13 @@ def test_rows_outside_what_a_target_reads_do_not_change_it(db, extra):
 
     # Future rows (after t + Δ) are read by no target at all.
     future = with_orders([DELTA + pd.Timedelta(microseconds=1 + i) for i in range(len(extra))])
-    after = compute_targets(future, schema, defs, "customers", [t], DELTA)
+    after = compute_targets(TargetQuery(future, schema, defs, "customers", [t], DELTA))
     pd.testing.assert_frame_equal(before, after)
 
     # Past rows (time <= t) are outside every first hop: the paths that read first-hop rows
     # only (orders, orders>products) and `inactive` keep their values.
     past = with_orders([-pd.Timedelta(days=i) for i in range(len(extra))])
-    after = compute_targets(past, schema, defs, "customers", [t], DELTA)
+    after = compute_targets(TargetQuery(past, schema, defs, "customers", [t], DELTA))
     first_hop_only = ["inactive"] + [d.name for d in defs if len(d.path) <= 2]
     pd.testing.assert_frame_equal(before[first_hop_only], after[first_hop_only])
 
@@ -450,7 +453,8 @@ def test_traversal_graph_paths_match_hand_written_list():
     back_o, back_r = Hop("orders", "product_id", I), Hop("reviews", "product_id", I)
     tf, tt = Hop("transfers", "from_id", I), Hop("transfers", "to_id", I)
     via_to, via_from = Hop("customers", "to_id", O), Hop("customers", "from_id", O)
-    expected = [  # schema order: facts into customers, then each fact's other fkeys, then facts into the key
+    # schema order: facts into customers, then each fact's other fkeys, then facts into the key
+    expected = [
         (o1,),
         (o1, to_p),
         (o1, to_p, back_o),
@@ -566,17 +570,19 @@ def test_hand_written_definitions_are_checked():
     frames = _fixed_shop()
     bad = TargetDef("x", "customers", (Hop("orders", "product_id", "in"),), None, "count")
     with pytest.raises(ValueError, match="does not reference"):
-        compute_targets(frames, schema, [bad], "customers", [BASE], DELTA)
+        compute_targets(TargetQuery(frames, schema, [bad], "customers", [BASE], DELTA))
     with pytest.raises(ValueError, match="first hop"):
         TargetDef("y", "customers", (Hop("products", "product_id", "out"),), None, "count")
     with pytest.raises(ValueError, match="no column"):
         compute_targets(
-            frames,
-            schema,
-            [TargetDef("z", "customers", (Hop("orders", "customer_id", "in"),), "nope", "sum")],
-            "customers",
-            [BASE],
-            DELTA,
+            TargetQuery(
+                frames,
+                schema,
+                [TargetDef("z", "customers", (Hop("orders", "customer_id", "in"),), "nope", "sum")],
+                "customers",
+                [BASE],
+                DELTA,
+            )
         )
 
 
@@ -607,7 +613,7 @@ def test_identifiers_with_spaces_and_double_quotes():
     defs = build_traversal_graph(schema, column_types, names["customers"])
     assert 'order lines.amount ("$")__mean' in [d.name for d in defs]
     ts = [BASE, BASE + pd.Timedelta(days=3)]
-    got = compute_targets(frames, schema, defs, names["customers"], ts, DELTA)
+    got = compute_targets(TargetQuery(frames, schema, defs, names["customers"], ts, DELTA))
     assert_same_targets(got, brute_force(frames, schema, defs, names["customers"], ts, DELTA), defs)
     sql = targets_sql(schema, defs, names["customers"], DELTA)
     assert (
@@ -630,14 +636,16 @@ def test_sql_is_set_based_and_readable(capsys):
     assert "INTERVAL '90 microseconds'" in targets_sql(
         schema, defs, "customers", pd.Timedelta(microseconds=90)
     )
-    compute_targets(_fixed_shop(), schema, defs[:1], "customers", [BASE], DELTA, show_sql=True)
+    compute_targets(
+        TargetQuery(_fixed_shop(), schema, defs[:1], "customers", [BASE], DELTA, show_sql=True)
+    )
     assert "WITH" in capsys.readouterr().out
 
 
 def test_no_seed_times_gives_an_empty_frame_with_all_columns():
     schema = shop_schema(True)
     defs = build_traversal_graph(schema, shop_column_types(), "customers")
-    got = compute_targets(_fixed_shop(), schema, defs, "customers", [], DELTA)
+    got = compute_targets(TargetQuery(_fixed_shop(), schema, defs, "customers", [], DELTA))
     assert got.empty and list(got.columns) == [
         "customer_id",
         "timestamp",
@@ -645,4 +653,4 @@ def test_no_seed_times_gives_an_empty_frame_with_all_columns():
         *[d.name for d in defs],
     ]
     with pytest.raises(ValueError, match="no target definitions"):
-        compute_targets(_fixed_shop(), schema, [], "customers", [BASE], DELTA)
+        compute_targets(TargetQuery(_fixed_shop(), schema, [], "customers", [BASE], DELTA))

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +25,22 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tve_pipeline import cli
-from tve_pipeline.database import column_types, open_dataset, training_seed_times
+from tve_pipeline.database import column_types, open_dataset
 from tve_pipeline.datasets import build_synthetic
-from tve_pipeline.targets import compute_targets, iter_targets, targets_sql, write_targets
-from tve_pipeline.traversal import build_traversal_graph, load_targets_json
+from tve_pipeline.targets import (
+    TargetQuery,
+    compute_targets,
+    iter_targets,
+    targets_sql,
+    write_targets,
+    write_targets_by_seed_time,
+)
+from tve_pipeline.traversal import (
+    AGGREGATIONS_BY_STYPE,
+    build_traversal_graph,
+    load_targets_json,
+)
+from tve_pipeline.windows import training_seed_times
 
 ROOT = Path(__file__).resolve().parents[1]
 DELTA = pd.Timedelta("30 days")
@@ -189,7 +203,7 @@ def test_cli_equals_library_and_default_seed_times(tiny, frames, tmp_path):
         ds.manifest.tables, column_types(tables, ds.manifest), "customers", hops=2
     )
     assert [d.name for d in defs] == got.columns[3:].tolist()
-    want = compute_targets(tables, ds.manifest.tables, defs, "customers", seeds, DELTA)
+    want = compute_targets(TargetQuery(tables, ds.manifest.tables, defs, "customers", seeds, DELTA))
     assert_same_frame(got, want)
 
 
@@ -258,6 +272,51 @@ def test_cli_options_select_targets(tiny, tmp_path):
     )
     got = pd.read_parquet(tmp_path / "c" / "targets.parquet")
     assert len(got) == 25 and "orders>customers__count" not in got.columns
+
+
+def test_cli_types_columns_as_tve_types_json_declares(tiny, frames, tmp_path):
+    """The dataset's ``tve_types.json`` (the user's overrides) types the columns of ``tve
+    targets`` as it types those of the ``traversal_graph`` asset: ``orders.amount`` (floats,
+    inferred numerical) declared categorical gets a mode and a distinct count, not sum/mean."""
+    dataset = tmp_path / "tiny"
+    shutil.copytree(tiny, dataset)
+    declared = {"format": 1, "columns": {"orders": {"amount": "categorical"}}}
+    (dataset / "tve_types.json").write_text(json.dumps(declared))
+    seeds = boundary_seeds(frames["orders"])
+    ts = ",".join(str(t) for t in seeds)
+    out = tmp_path / "out"
+    argv = ["--entity", "customers", "--timedelta", "30 days", "--timestamps", ts, "--out", out]
+    assert run_cli(dataset, *argv) == 0
+
+    # What the traversal_graph asset defines: column_types over RelBench's tables, with the
+    # dataset folder (so with tve_types.json), then the traversal graph.
+    ds = open_dataset(dataset)
+    tables = {name: t.df for name, t in ds.get_db(upto_test_timestamp=False).table_dict.items()}
+    types = column_types(tables, ds.manifest, dataset)
+    assert types["orders"]["amount"] == "categorical"
+    want_defs = build_traversal_graph(ds.manifest.tables, types, "customers", hops=2)
+    defs = load_targets_json(out / "targets.json")
+    assert defs == want_defs
+    amount = {d.aggregation for d in defs if d.column == "amount"}
+    assert amount == set(AGGREGATIONS_BY_STYPE["categorical"]), amount  # no sum, mean, ...
+
+    # The values follow the declared type too (brute force over the orders in each window).
+    got = pd.read_parquet(out / "targets.parquet")
+    orders = frames["orders"]
+    for row in got.itertuples(index=False):
+        cid, t = row[0], pd.Timestamp(row[1])
+        mine = orders[
+            (orders["customer_id"] == cid)
+            & (orders["order_time"] > t)
+            & (orders["order_time"] <= t + DELTA)
+        ]
+        counts = Counter(float(a) for a in mine["amount"] if not pd.isna(a))
+        top = max(counts.values(), default=0)
+        mode = min((a for a, n in counts.items() if n == top), default=None)
+        by_name = dict(zip(got.columns, row))
+        assert by_name["orders.amount__count_distinct"] == len(counts)
+        got_mode = by_name["orders.amount__mode"]
+        assert (got_mode is None or math.isnan(got_mode)) if mode is None else got_mode == mode
 
 
 def test_show_sql_prints_the_query(tiny, tmp_path, capsys):
@@ -370,7 +429,7 @@ def test_dense_sql_gives_the_same_rows(tiny, frames):
 
     ds, tables, defs = _tiny_library(tiny)
     seeds = boundary_seeds(frames["orders"])
-    want = compute_targets(tables, ds.manifest.tables, defs, "customers", seeds, DELTA)
+    want = compute_targets(TargetQuery(tables, ds.manifest.tables, defs, "customers", seeds, DELTA))
     con = duckdb.connect()
     for name, frame in tables.items():
         con.register(name, frame)
@@ -407,42 +466,16 @@ def test_slices_groups_and_parquet_equal_the_frame(tiny, tmp_path, slice_rows, p
     ds, tables, defs = _tiny_library(tiny)
     start = pd.Timestamp(ds.val_timestamp) - pd.Timedelta(days=200)
     seeds = [start + pd.Timedelta(days=p) for p in picks]
-    want = compute_targets(
-        tables, ds.manifest.tables, defs, "customers", seeds, DELTA, seeds_per_query=None
-    )
-    parts = list(
-        iter_targets(
-            tables,
-            ds.manifest.tables,
-            defs,
-            "customers",
-            seeds,
-            DELTA,
-            slice_rows=slice_rows,
-            seeds_per_query=per_query,
-        )
-    )
+    everything = TargetQuery(tables, ds.manifest.tables, defs, "customers", seeds, DELTA)
+    want = compute_targets(replace(everything, seeds_per_query=None))
+    grouped = replace(everything, seeds_per_query=per_query)
+    parts = list(iter_targets(grouped, slice_rows=slice_rows))
     assert all(p.num_rows <= slice_rows for p in parts)
     got = pa.concat_tables(parts).to_pandas()
     assert got[["customer_id", "timestamp"]].equals(want[["customer_id", "timestamp"]])
-    pd.testing.assert_frame_equal(
-        compute_targets(
-            tables, ds.manifest.tables, defs, "customers", seeds, DELTA, seeds_per_query=per_query
-        ),
-        want,
-    )
+    pd.testing.assert_frame_equal(compute_targets(grouped), want)
     path = tmp_path / f"t{slice_rows}.parquet"
-    stats = write_targets(
-        path,
-        tables,
-        ds.manifest.tables,
-        defs,
-        "customers",
-        seeds,
-        DELTA,
-        slice_rows=slice_rows,
-        seeds_per_query=per_query,
-    )
+    stats = write_targets(grouped, path, slice_rows=slice_rows)
     written = pd.read_parquet(path)
     assert stats == {"rows": len(want), "inactive": int(want["inactive"].sum())}
     assert_same_frame(written, want)
@@ -454,13 +487,15 @@ def test_write_targets_is_atomic_on_failure(tiny, tmp_path):
     path.write_bytes(b"previous")
     with pytest.raises(ValueError, match="no data for tables"):
         write_targets(
+            TargetQuery(
+                {"customers": tables["customers"]},
+                ds.manifest.tables,
+                defs,
+                "customers",
+                ["2020-06-01"],
+                DELTA,
+            ),
             path,
-            {"customers": tables["customers"]},
-            ds.manifest.tables,
-            defs,
-            "customers",
-            ["2020-06-01"],
-            DELTA,
         )
     assert path.read_bytes() == b"previous" and sorted(p.name for p in tmp_path.iterdir()) == [
         "targets.parquet"
@@ -472,8 +507,8 @@ def test_parquet_paths_as_tables(tiny, frames):
     ds, tables, defs = _tiny_library(tiny)
     seeds = boundary_seeds(frames["orders"])
     files = {name: Path(tiny) / "db" / f"{name}.parquet" for name in tables}
-    got = compute_targets(files, ds.manifest.tables, defs, "customers", seeds, DELTA)
-    want = compute_targets(tables, ds.manifest.tables, defs, "customers", seeds, DELTA)
+    got = compute_targets(TargetQuery(files, ds.manifest.tables, defs, "customers", seeds, DELTA))
+    want = compute_targets(TargetQuery(tables, ds.manifest.tables, defs, "customers", seeds, DELTA))
     pd.testing.assert_frame_equal(got, want)
     assert json.loads(json.dumps([d.to_dict() for d in defs]))[0]["name"] == "orders__count"
 
@@ -481,22 +516,17 @@ def test_parquet_paths_as_tables(tiny, frames):
 def test_targets_by_seed_time_are_compute_targets_split_by_seed_time(tiny, tmp_path):
     """One streamed query, one file per seed time: each file holds exactly compute_targets'
     rows of its seed time (compute_targets being checked against brute force above)."""
-    from tve_pipeline.targets import write_targets_by_seed_time
-
     ds, tables, defs = _tiny_library(tiny)
     start = pd.Timestamp(ds.val_timestamp) - pd.Timedelta(days=200)
     seeds = [start + pd.Timedelta(days=d) for d in (0, 30, 60, 90)]
     early = pd.Timestamp("1999-01-01")  # before every customer: a file without rows
     stats = write_targets_by_seed_time(
+        TargetQuery(tables, ds.manifest.tables, defs, "customers", [early, *seeds], DELTA),
         lambda t: tmp_path / f"{t.date()}.parquet",
-        tables,
-        ds.manifest.tables,
-        defs,
-        "customers",
-        [early, *seeds],
-        DELTA,
     )
-    whole = compute_targets(tables, ds.manifest.tables, defs, "customers", seeds, DELTA)
+    whole = compute_targets(
+        TargetQuery(tables, ds.manifest.tables, defs, "customers", seeds, DELTA)
+    )
     for t in seeds:
         want = whole[whole["timestamp"] == t].reset_index(drop=True)
         assert_same_frame(pd.read_parquet(tmp_path / f"{t.date()}.parquet"), want)

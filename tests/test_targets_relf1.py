@@ -8,7 +8,7 @@ import pytest
 from tests.test_targets import assert_same_targets, brute_force
 from tve_pipeline.database import column_types, open_dataset
 from tve_pipeline.datasets import build_rel_f1
-from tve_pipeline.targets import compute_targets
+from tve_pipeline.targets import TargetQuery, compute_targets
 from tve_pipeline.traversal import build_traversal_graph
 
 RAW = Path(__file__).resolve().parents[2] / "shared" / "data" / "rel-f1" / "raw"
@@ -25,7 +25,7 @@ def test_rel_f1_driver_targets_match_brute_force(tmp_path):
     defs = build_traversal_graph(ds.manifest.tables, types, "drivers", hops=2, fact_key_fact=False)
     stamps = pd.DatetimeIndex(["2004-03-01", "2004-08-10"])
     delta = pd.Timedelta("30 days")
-    got = compute_targets(frames, ds.manifest.tables, defs, "drivers", stamps, delta)
+    got = compute_targets(TargetQuery(frames, ds.manifest.tables, defs, "drivers", stamps, delta))
     # the oracle loops over rows: keep it to the facts of 2003-2004 so it finishes in seconds
     small = {
         n: (

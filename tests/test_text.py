@@ -27,12 +27,13 @@ from torch_frame import stype
 from torch_frame.config import TextEmbedderConfig
 from torch_frame.data.stats import StatType
 
-from tve_pipeline import training
+from tve_pipeline import graph
 from tve_pipeline.config import BackboneConfig
-from tve_pipeline.database import TEXT, column_types, open_dataset
+from tve_pipeline.database import column_types, open_dataset
 from tve_pipeline.datasets.writer import write_dataset
 from tve_pipeline.model import RDLModel
 from tve_pipeline.sampling import TemporalNeighborSampler
+from tve_pipeline.schema import TEXT
 from tve_pipeline.text import GloveTextEmbedder, HashingTextEmbedder, make_text_embedder
 
 torch.set_num_threads(1)
@@ -269,7 +270,7 @@ def _emb_column(tf, col: str) -> torch.Tensor:
 def test_text_columns_become_embedding_features(text_db):
     types = text_db["types"]
     assert types["customers"]["bio"] == TEXT and types["orders"]["comment"] == TEXT
-    data, col_stats = training.build_graph(text_db["db"], types, text_dim=16)
+    data, col_stats = graph.build_graph(text_db["db"], types, text_dim=16)
     for table, col in [("customers", "bio"), ("orders", "comment")]:
         tf = data[table].tf
         # torch_frame files text_embedded columns under their parent stype, embedding.
@@ -294,7 +295,7 @@ def test_text_columns_become_embedding_features(text_db):
 
 @pytest.mark.parametrize("fast", [True, False])
 def test_model_forward_backward_with_text(text_db, fast):
-    data, col_stats = training.build_graph(text_db["db"], text_db["types"], text_dim=16)
+    data, col_stats = graph.build_graph(text_db["db"], text_db["types"], text_dim=16)
     cfg = BackboneConfig(channels=8, encoder_layers=1, num_neighbors=(6, 4), text_dim=16)
     torch.manual_seed(0)
     model = RDLModel(data, col_stats, cfg, out_channels=1, fast=fast)
@@ -321,7 +322,7 @@ def test_model_forward_backward_with_text(text_db, fast):
 
 
 def test_fast_and_plain_forward_agree_with_text(text_db):
-    data, col_stats = training.build_graph(text_db["db"], text_db["types"], text_dim=16)
+    data, col_stats = graph.build_graph(text_db["db"], text_db["types"], text_dim=16)
     cfg = BackboneConfig(channels=8, encoder_layers=2, num_neighbors=(6, 4), text_dim=16)
     fast = RDLModel(data, col_stats, cfg, out_channels=1, fast=True).eval()
     plain = RDLModel(data, col_stats, cfg, out_channels=1, fast=False).eval()
@@ -339,17 +340,17 @@ def test_fast_and_plain_forward_agree_with_text(text_db):
 
 def test_cache_key_follows_text_dim(text_db, tmp_path):
     db, types = text_db["db"], text_db["types"]
-    training.build_graph(db, types, tmp_path, text_dim=8)
+    graph.build_graph(db, types, tmp_path, text_dim=8)
     first = {p.name for p in tmp_path.iterdir()}
-    data16, _ = training.build_graph(db, types, tmp_path, text_dim=16)
+    data16, _ = graph.build_graph(db, types, tmp_path, text_dim=16)
     both = {p.name for p in tmp_path.iterdir()}
     assert len(first) == 1 and len(both) == 2
-    data8, _ = training.build_graph(db, types, tmp_path, text_dim=8)  # from the cache
+    data8, _ = graph.build_graph(db, types, tmp_path, text_dim=8)  # from the cache
     assert {p.name for p in tmp_path.iterdir()} == both
     assert _emb_column(data8["customers"].tf, "bio").shape[1] == 8
     assert _emb_column(data16["customers"].tf, "bio").shape[1] == 16
     # a different embedder (seed) is another key too
-    training.build_graph(db, types, tmp_path, text_embedder=HashingTextEmbedder(dim=8, seed=1))
+    graph.build_graph(db, types, tmp_path, text_embedder=HashingTextEmbedder(dim=8, seed=1))
     assert len(list(tmp_path.iterdir())) == 3
 
 
@@ -359,7 +360,7 @@ def test_cache_key_unchanged_without_text_columns(text_db, tmp_path):
         t: {c: ("key" if k == TEXT else k) for c, k in cols.items()}
         for t, cols in text_db["types"].items()
     }
-    data, _ = training.build_graph(text_db["db"], types, tmp_path, text_dim=8, time_features=False)
+    data, _ = graph.build_graph(text_db["db"], types, tmp_path, text_dim=8, time_features=False)
     old_key = hashlib.sha256(json.dumps(types, sort_keys=True).encode()).hexdigest()[:16]
     assert [p.name for p in tmp_path.iterdir()] == [old_key]
     assert stype.embedding not in data["customers"].tf.col_names_dict
@@ -369,9 +370,7 @@ def test_recipe_default_embeds_text_with_glove(text_db, tmp_path):
     # graph_for with the default backbone: every text cell is the mean of its words'
     # GloVe vectors, read here straight from the package's files (not through the embedder).
     assert BackboneConfig().text_embedder == "glove"
-    data, col_stats = training.graph_for(
-        text_db["db"], text_db["types"], BackboneConfig(), tmp_path
-    )
+    data, col_stats = graph.graph_for(text_db["db"], text_db["types"], BackboneConfig(), tmp_path)
     root = GloveTextEmbedder.data_dir()
     vectors = np.load(root / "glove_6B_50d_emb.npy")
     vocab = {t: i for i, t in enumerate(pd.read_parquet(root / "glove_6B_index.parquet")["index"])}
@@ -387,7 +386,7 @@ def test_recipe_default_embeds_text_with_glove(text_db, tmp_path):
             torch.testing.assert_close(
                 got[k], torch.from_numpy(want.astype(np.float32)), atol=1e-6, rtol=1e-5
             )
-    hashed, _ = training.graph_for(
+    hashed, _ = graph.graph_for(
         text_db["db"], text_db["types"], BackboneConfig(text_embedder="hashing", text_dim=8)
     )
     assert _emb_column(hashed["customers"].tf, "bio").shape[1] == 8

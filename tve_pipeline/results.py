@@ -32,7 +32,8 @@ SUMMARY_COLUMNS = [
 
 
 def t_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
-    """(mean, low, high) of a ``level`` confidence interval for the mean; NaN bounds with < 2 values."""
+    """(mean, low, high) of a ``level`` confidence interval for the mean; NaN bounds with
+    < 2 values."""
     from scipy import stats
 
     values = np.asarray(values, dtype=float)
@@ -80,7 +81,8 @@ def markdown_table(summary: pd.DataFrame, split: str = "test") -> str:
         ["task", "metric", "label_fraction", "method"]
     )
     lines = [
-        "| task | metric | labels | method | mean ± std (n) | vs scratch: mean difference [95% CI] (pairs) |",
+        "| task | metric | labels | method | mean ± std (n) "
+        "| vs scratch: mean difference [95% CI] (pairs) |",
         "|---|---|---:|---|---:|---:|",
     ]
     for _, r in part.iterrows():

@@ -55,13 +55,19 @@ same sampling joined with the features by the same code path as the loader
 (:meth:`~TemporalNeighborSampler.to_hetero_data`), so both give identical batches for the
 same seeds and generator. Loaders pass no generator: see the ``seed`` argument for how
 their batches are seeded.
+
+Training and prediction draw their batches with :meth:`TemporalNeighborSampler.sample`,
+one batch ahead on a worker thread (:class:`Prefetcher`), from the sampler a recipe's
+backbone asks for (:func:`sampler_for`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -71,7 +77,10 @@ from torch_geometric.loader.utils import filter_hetero_data
 from torch_geometric.sampler import HeteroSamplerOutput, NeighborSampler, NodeSamplerInput
 from torch_geometric.sampler.base import DataType, SubgraphType
 
-__all__ = ["TemporalNeighborSampler"]
+if TYPE_CHECKING:
+    from tve_pipeline.config import BackboneConfig
+
+__all__ = ["Prefetcher", "TemporalNeighborSampler", "sampler_for"]
 
 # A composite int64 key must stay below this (keeps a factor-2 margin under 2**63).
 _KEY_LIMIT = 2**62
@@ -379,7 +388,8 @@ class TemporalNeighborSampler(NeighborSampler):
         entity = inputs.input_type
         if entity is None:
             raise ValueError(
-                "TemporalNeighborSampler samples heterogeneous graphs: pass input_nodes=(node_type, ids)"
+                "TemporalNeighborSampler samples heterogeneous graphs: "
+                "pass input_nodes=(node_type, ids)"
             )
         nodes = inputs.node
         if inputs.time is not None:
@@ -465,16 +475,7 @@ class TemporalNeighborSampler(NeighborSampler):
         input_id: Tensor | None = None,
     ) -> HeteroSamplerOutput:
         """The sampling itself, without features: node ids, local edges, hops, metadata."""
-        nodes = torch.as_tensor(nodes, dtype=torch.long).flatten()
-        seed_time = torch.as_tensor(seed_time, dtype=torch.long).flatten()
-        if nodes.numel() != seed_time.numel():
-            raise ValueError("nodes and seed_time must have the same length")
-        if entity_table not in self.num_rows:
-            raise KeyError(f"unknown node type {entity_table!r}")
-        if nodes.numel() and (
-            int(nodes.min()) < 0 or int(nodes.max()) >= self.num_rows[entity_table]
-        ):
-            raise IndexError(f"seed ids out of range for {entity_table!r}")
+        nodes, seed_time = self._checked_seeds(entity_table, nodes, seed_time)
         device = nodes.device
         num_seeds = nodes.numel()
         empty = torch.empty(0, dtype=torch.long, device=device)
@@ -507,13 +508,7 @@ class TemporalNeighborSampler(NeighborSampler):
         for hop, k in enumerate(self.fanout):
             last_hop = hop == len(self.fanout) - 1
             # 1) sample per edge type; group candidates by source type.
-            per_src: dict[str, list[tuple]] = {}
-            for et, csc in self.csc.items():
-                if csc.dst_type not in frontier:
-                    continue
-                f_id, f_batch, f_local = frontier[csc.dst_type]
-                rows, src = csc.sample(f_id, seed_time[f_batch], k, self.strategy, generator)
-                per_src.setdefault(csc.src_type, []).append((et, src, f_batch[rows], f_local[rows]))
+            per_src = self._candidates(frontier, seed_time, k, generator)
 
             # 2) per source type: map candidates to local indices, appending new nodes.
             new_frontier = {}
@@ -560,6 +555,34 @@ class TemporalNeighborSampler(NeighborSampler):
             num_sampled_edges=n_sampled_edges,
             metadata=(input_id, seed_time),
         )
+
+    def _checked_seeds(self, entity_table: str, nodes, seed_time) -> tuple[Tensor, Tensor]:
+        """Seed ids and times as flat int64 tensors, checked against the graph."""
+        nodes = torch.as_tensor(nodes, dtype=torch.long).flatten()
+        seed_time = torch.as_tensor(seed_time, dtype=torch.long).flatten()
+        if nodes.numel() != seed_time.numel():
+            raise ValueError("nodes and seed_time must have the same length")
+        if entity_table not in self.num_rows:
+            raise KeyError(f"unknown node type {entity_table!r}")
+        if nodes.numel() and (
+            int(nodes.min()) < 0 or int(nodes.max()) >= self.num_rows[entity_table]
+        ):
+            raise IndexError(f"seed ids out of range for {entity_table!r}")
+        return nodes, seed_time
+
+    def _candidates(
+        self, frontier: dict, seed_time: Tensor, k: int, generator
+    ) -> dict[str, list[tuple]]:
+        """One hop's draw along every edge type into the frontier, grouped by source type:
+        (edge type, neighbour ids, their seed index, the frontier node's local index)."""
+        per_src: dict[str, list[tuple]] = {}
+        for et, csc in self.csc.items():
+            if csc.dst_type not in frontier:
+                continue
+            f_id, f_batch, f_local = frontier[csc.dst_type]
+            rows, src = csc.sample(f_id, seed_time[f_batch], k, self.strategy, generator)
+            per_src.setdefault(csc.src_type, []).append((et, src, f_batch[rows], f_local[rows]))
+        return per_src
 
     def _assign_local(self, nt, cand_id, cand_batch, count, keys, key_local, update: bool):
         """Local index of each candidate of type nt, adding the ones new to their subgraph.
@@ -612,3 +635,41 @@ class TemporalNeighborSampler(NeighborSampler):
             else:
                 keys[nt], key_local[nt] = uniq, fresh_local
         return local, (uniq % n_rows, uniq // n_rows)
+
+
+def sampler_for(data: HeteroData, backbone: BackboneConfig) -> TemporalNeighborSampler:
+    """The sampler a recipe's backbone asks for: its fan-out and sampling strategy."""
+    return TemporalNeighborSampler(data, list(backbone.num_neighbors), strategy=backbone.sampling)
+
+
+class Prefetcher:
+    """Runs ``fn(item)`` for the next item on a worker thread while the caller uses this one.
+
+    ``for out in Prefetcher(fn, items)``: results in order, at most one computed ahead.
+    The worker calls ``fn`` on the items one at a time, in order, so a generator that
+    ``fn`` shares across items is consumed exactly as in a plain loop: the results are the
+    same with or without the thread (``enabled=False`` is that plain loop). Sampling a
+    temporal subgraph is host work that releases the GIL in torch's kernels; on a GPU it
+    overlaps the device's step, on a CPU the spare core's.
+    """
+
+    def __init__(self, fn: Callable, items, enabled: bool = True):
+        self.fn, self.items, self.enabled = fn, list(items), enabled
+
+    def __iter__(self):
+        if not self.enabled or len(self.items) < 2:
+            for item in self.items:
+                yield self.fn(item)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tve-prefetch") as pool:
+            pending = pool.submit(self.fn, self.items[0])
+            try:
+                for i in range(len(self.items)):
+                    result = pending.result()
+                    if i + 1 < len(self.items):
+                        pending = pool.submit(self.fn, self.items[i + 1])
+                    yield result
+            finally:
+                pending.cancel()

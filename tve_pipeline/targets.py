@@ -35,6 +35,12 @@ working set stays small and the next group's query overlaps writing the current 
 :func:`write_targets` streams the rows into one parquet file (a row group per slice) on a
 writer thread, so memory does not grow with the number of seed times or entities.
 
+What to compute is one value, a :class:`TargetQuery` (the tables, their schema, the
+definitions, the entity table, the seed times, Δ, and the DuckDB settings); the four ways
+to run it take it whole: :func:`iter_targets` (Arrow slices), :func:`compute_targets` (a
+frame), :func:`write_targets` (one parquet file) and :func:`write_targets_by_seed_time`
+(a file per seed time).
+
 Every identifier is double-quoted (``"`` doubled), so tables and columns may hold spaces
 and quotes. Aggregation semantics: ``count`` counts the rows reached (``column`` null) or
 the non-null values; ``count_distinct`` the distinct non-null values; ``sum``, ``mean``,
@@ -46,6 +52,7 @@ key being unique (RelBench's 0..n-1 keys are; the entity table's is checked).
 
 from __future__ import annotations
 
+import itertools
 import os
 import queue
 import re
@@ -54,12 +61,14 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 
+from tve_pipeline.common import atomic_path
 from tve_pipeline.traversal import NUMERIC_AGGREGATIONS, Hop, TableSpecLike, TargetDef, paths_of
 
 #: Column that marks an (entity, seed time) with no next-window row on any path.
@@ -178,7 +187,8 @@ _CTE_NAME = r"(seed|active|vector|(window|path|agg)_\d+|mode_\d+_\d+)"
 
 
 def _cte_prefix(schema_tables: Mapping[str, TableSpecLike]) -> str:
-    """'' unless a table's name would be shadowed by a CTE name (DuckDB names are case-insensitive)."""
+    """'' unless a table's name would be shadowed by a CTE name (DuckDB names are
+    case-insensitive)."""
     for prefix in ("", "tve_"):
         pattern = re.compile(re.escape(prefix) + _CTE_NAME, re.IGNORECASE)
         if not any(pattern.fullmatch(str(t)) for t in schema_tables):
@@ -211,6 +221,75 @@ def _out_only(path: tuple[Hop, ...]) -> bool:
     return all(hop.direction == "out" for hop in path[1:])
 
 
+class _Cte(NamedTuple):
+    """One common table expression of the query: ``name AS (  -- comment`` body ``)``."""
+
+    name: str
+    comment: str
+    body: str
+
+
+class _Group(NamedTuple):
+    """Paths aggregated in one ``agg_<j>``: ``rows`` (a window or a ``path_<j>``) grouped by
+    (seed time, ``entity``, the entity's key column in ``rows``)."""
+
+    j: int
+    rows: str
+    entity: str
+    paths: list[tuple[Hop, ...]]
+
+
+@dataclass(frozen=True)
+class _QueryPlan:
+    """The names that the CTEs of :func:`targets_sql` share: the paths of the definitions,
+    numbered, the window of each first hop, and the seed-time relation and window literal."""
+
+    schema_tables: Mapping[str, TableSpecLike]
+    defs: list[TargetDef]
+    entity_table: str
+    seed_times: str  # the quoted relation of seed times
+    next_window: str  # the interval literal of Δ
+    prefix: str  # of every CTE name ('' unless a table's name collides with one)
+    paths: list[tuple[Hop, ...]]
+    first_hops: list[Hop]
+
+    @property
+    def entity(self) -> TableSpecLike:
+        return self.schema_tables[self.entity_table]
+
+    def window_of(self, hop: Hop) -> str:
+        return f"{self.prefix}window_{self.first_hops.index(hop) + 1}"
+
+    def path_number(self, path: tuple[Hop, ...]) -> int:
+        return self.paths.index(path) + 1
+
+    def defs_of(self, path: tuple[Hop, ...]) -> list[TargetDef]:
+        return [d for d in self.defs if d.path == path]
+
+    def hop1_time(self, hop: Hop) -> str:
+        return self.schema_tables[hop.table].time_col
+
+
+def _query_plan(
+    schema_tables: Mapping[str, TableSpecLike],
+    defs: list[TargetDef],
+    entity_table: str,
+    timedelta: pd.Timedelta,
+    timestamps_relation: str,
+) -> _QueryPlan:
+    paths = paths_of(defs)
+    return _QueryPlan(
+        schema_tables=schema_tables,
+        defs=defs,
+        entity_table=entity_table,
+        seed_times=quote(timestamps_relation),
+        next_window=interval_sql(timedelta),
+        prefix=_cte_prefix(schema_tables),
+        paths=paths,
+        first_hops=list(dict.fromkeys(p[0] for p in paths)),
+    )
+
+
 def targets_sql(
     schema_tables: Mapping[str, TableSpecLike],
     defs: Sequence[TargetDef],
@@ -240,304 +319,384 @@ def targets_sql(
     among the paths of ``agg_<j>`` and derives both from those counts. An "out" hop relies
     on the primary key of its table being unique (RelBench's 0..n-1 keys are), as a join on
     it does.
+
+    Each step below writes one kind of CTE: :func:`_seed_cte`, :func:`_window_cte` (with
+    :class:`_WindowColumns`), :func:`_path_cte`, :func:`_agg_cte` and :func:`_value_cte`,
+    :func:`_active_pairs`, :func:`_vector_cte`, then :func:`_final_select`.
     """
     defs = list(defs)
     validate_targets(schema_tables, defs, entity_table)
-    entity = schema_tables[entity_table]
-    next_window = interval_sql(timedelta)
-    ts = quote(timestamps_relation)
+    plan = _query_plan(schema_tables, defs, entity_table, timedelta, timestamps_relation)
+    columns = _WindowColumns.of(plan)
 
-    paths = paths_of(defs)
-    first_hops = list(dict.fromkeys(p[0] for p in paths))
-    prefix = _cte_prefix(schema_tables)
-    window_of = {hop: f"{prefix}window_{i}" for i, hop in enumerate(first_hops, 1)}
-    path_of = {p: j for j, p in enumerate(paths, 1)}
-    defs_of = {p: [d for d in defs if d.path == p] for p in paths}
-    hop1_time = {h: schema_tables[h.table].time_col for h in first_hops}
+    ctes = [_seed_cte(plan)] if dense else []
+    ctes += [_window_cte(plan, hop, columns) for hop in plan.first_hops]
+    later_in = [p for p in plan.paths if not _out_only(p)]
+    ctes += [_path_cte(plan, p) for p in later_in]
 
-    # What each window selects: (expression, alias or None); and where each path's values are.
-    window_items: dict[Hop, list[tuple[str, str | None]]] = {
-        h: [
-            (f"ts.{quote(TIMESTAMP)}", _SEED_TIME),
-            (f"f.{quote(h.via)}", None),
-            (f"f.{quote(hop1_time[h])}", None),
-        ]
-        for h in first_hops
-    }
-    window_joins: dict[Hop, list[str]] = {h: [] for h in first_hops}
-    dim_alias: dict[Hop, dict[tuple[Hop, ...], str]] = {h: {} for h in first_hops}
-    value_of: dict[
-        tuple[tuple[Hop, ...], str | None], str
-    ] = {}  # (path, column or None) -> column of its rows
-
-    def keep(hop: Hop, expr: str, alias: str | None = None) -> None:
-        if (expr, alias) not in window_items[hop]:
-            window_items[hop].append((expr, alias))
-
-    for p in paths:
-        h, j = p[0], path_of[p]
-        if len(p) == 1:
-            value_of[(p, None)] = "*"
-            for d in defs_of[p]:
-                if d.column is not None:
-                    keep(h, f"f.{quote(d.column)}")
-                    value_of[(p, d.column)] = quote(d.column)
-        elif _out_only(p):
-            # LEFT JOIN the dimension rows of this path onto the window (once per chain of hops).
-            prev = "f"
-            for k in range(2, len(p) + 1):
-                hop, chain = p[k - 1], p[1:k]
-                if chain not in dim_alias[h]:
-                    alias, spec = f"h{j}_{k}", schema_tables[hop.table]
-                    dim_alias[h][chain] = alias
-                    window_joins[h].append(
-                        f"LEFT JOIN {quote(hop.table)} AS {alias}  {_comment(_describe(entity_table, p[:k]))}\n"
-                        f"    ON {alias}.{quote(spec.pkey)} = {prev}.{quote(hop.via)}"
-                    )
-                prev = dim_alias[h][chain]
-            last_pkey = schema_tables[p[-1].table].pkey
-            row_col = quote(f"tve.path_{j}")
-            keep(h, f"{prev}.{quote(last_pkey)}", row_col)
-            value_of[(p, None)] = row_col
-            for d in defs_of[p]:
-                if d.column is not None and (p, d.column) not in value_of:
-                    col = quote(f"tve.path_{j}.{d.column}")
-                    keep(h, f"{prev}.{quote(d.column)}", col)
-                    value_of[(p, d.column)] = col
-        else:
-            # Read by its path CTE: the key that the second hop starts from.
-            keep(
-                h, f"f.{quote(schema_tables[h.table].pkey if p[1].direction == 'in' else p[1].via)}"
-            )
-            value_of[(p, None)] = "*"
-            for d in defs_of[p]:
-                if d.column is not None:
-                    value_of[(p, d.column)] = quote(d.column)
-
-    ctes: list[tuple[str, str, str]] = []  # (name, comment, body)
-
-    # seed: the entities that exist at each seed time (dense shape only).
-    if dense:
-        e_items = [(f"ts.{quote(TIMESTAMP)}", _SEED_TIME), (f"e.{quote(entity.pkey)}", _ENTITY)]
-        if entity.time_col is None:
-            seed_from = f"FROM {ts} AS ts\n  CROSS JOIN {quote(entity_table)} AS e"
-        else:
-            seed_from = (
-                f"FROM {ts} AS ts\n  JOIN {quote(entity_table)} AS e"
-                f" ON e.{quote(entity.time_col)} <= ts.{quote(TIMESTAMP)}"
-            )
-        ctes.append(
-            (
-                f"{prefix}seed",
-                f"{entity_table} rows that exist at each seed time",
-                f"SELECT {_select(e_items, '         ')}\n  {seed_from}\n"
-                f"  WHERE e.{quote(entity.pkey)} IS NOT NULL",
-            )
-        )
-
-    # window_<i>: first-hop fact rows in the next window (t, t + Δ] of each seed time,
-    # with the rows their "out" paths reach.
-    for hop, name in window_of.items():
-        time = f"f.{quote(hop1_time[hop])}"
-        body = (
-            f"SELECT {_select(window_items[hop], '         ')}\n"
-            f"  FROM {ts} AS ts\n"
-            f"  JOIN {quote(hop.table)} AS f\n"
-            f"    ON {time} >  ts.{quote(TIMESTAMP)}\n"
-            f"   AND {time} <= ts.{quote(TIMESTAMP)} + {next_window}\n"
-            + "".join(f"  {line}\n" for line in window_joins[hop])
-            + f"  WHERE f.{quote(hop.via)} IS NOT NULL"
-        )
-        ctes.append((name, f"next window: {hop.table} rows via {hop.table}.{hop.via}", body))
-
-    # Groups of paths aggregated together: per first hop, the paths read off its window;
-    # then each path with a later "in" hop on its own.
-    groups: list[
-        tuple[int, str, str, list[tuple[Hop, ...]]]
-    ] = []  # (j, rows relation, entity column, paths)
-    for h in first_hops:
-        member = [p for p in paths if p[0] == h and _out_only(p)]
-        if member:
-            groups.append((path_of[member[0]], window_of[h], quote(h.via), member))
-    for p in paths:
-        if _out_only(p):
-            continue
-        j, last = path_of[p], f"h{len(p)}"
-        values = list(dict.fromkeys(d.column for d in defs_of[p] if d.column is not None))
-        items = [(f"h1.{_SEED_TIME}", _SEED_TIME), (f"h1.{quote(p[0].via)}", _ENTITY)]
-        items += [(f"{last}.{quote(c)}", None) for c in values]
-        lines = [f"FROM {window_of[p[0]]} AS h1"]
-        time1 = f"h1.{quote(hop1_time[p[0]])}"
-        for k, hop in enumerate(p[1:], 2):
-            prev, cur, spec = f"h{k - 1}", f"h{k}", schema_tables[hop.table]
-            if hop.direction == "out":
-                cond = f"{cur}.{quote(spec.pkey)} = {prev}.{quote(hop.via)}"
-            else:
-                prev_table = p[k - 2].table
-                cond = f"{cur}.{quote(hop.via)} = {prev}.{quote(schema_tables[prev_table].pkey)}"
-                if spec.time_col is not None:
-                    cond += f"\n   AND {cur}.{quote(spec.time_col)} <= {time1}"
-            lines.append(f"JOIN {quote(hop.table)} AS {cur}\n    ON {cond}")
-        ctes.append(
-            (
-                f"{prefix}path_{j}",
-                _describe(entity_table, p),
-                f"SELECT {_select(items, '         ')}\n  " + "\n  ".join(lines),
-            )
-        )
-        groups.append((j, f"{prefix}path_{j}", _ENTITY, [p]))
-
-    # agg_<j> and mode_<j>_<k> per group; remember which CTE holds each target.
     output_of: dict[str, str] = {}  # target name -> alias of the CTE that holds it
-    joins: list[tuple[str, str]] = []  # (cte name, alias) joined onto the active pairs
-    first_hop_aggs: list[str] = []  # agg CTEs whose groups are exactly a first hop's active pairs
-    for j, rows, ent, members in groups:
-        agg_items = [(_SEED_TIME, None), (ent, None if ent == _ENTITY else _ENTITY)]
-        for p in members:
-            for d in defs_of[p]:
+    joins: list[tuple[str, str]] = []  # (CTE name, alias) joined onto the active pairs
+    for group in _aggregation_groups(plan, later_in):
+        ctes.append(_agg_cte(plan, group, columns.value_of))
+        joins.append((ctes[-1].name, f"a{group.j}"))
+        for p in group.paths:
+            for d in plan.defs_of(p):
                 if d.aggregation not in _VALUE_AGGREGATIONS:
-                    agg_items.append((_aggregate_sql(d, value_of[(p, d.column)]), quote(d.name)))
-        describe = ", ".join(_describe(entity_table, p) for p in members)
-        ctes.append(
-            (
-                f"{prefix}agg_{j}",
-                f"aggregates of {describe}",
-                f"SELECT {_select(agg_items, '         ')}\n"
-                f"  FROM {rows}\n  GROUP BY {_SEED_TIME}, {ent}",
-            )
-        )
-        joins.append((f"{prefix}agg_{j}", f"a{j}"))
-        if rows in window_of.values():
-            first_hop_aggs.append(f"{prefix}agg_{j}")
-        value_defs: dict[tuple[tuple[Hop, ...], str], list[TargetDef]] = {}
-        for p in members:
-            for d in defs_of[p]:
-                if d.aggregation in _VALUE_AGGREGATIONS:
-                    value_defs.setdefault((p, d.column), []).append(d)
-                else:
-                    output_of[d.name] = f"a{j}"
-        for k, ((p, column), cdefs) in enumerate(value_defs.items(), 1):
-            # One count per distinct value of the column, then the most frequent and how many.
-            # (One CTE per column: folding them into one GROUPING SETS pass keeps every
-            # column's states alive at once and spills far more under the memory limit.)
-            col = value_of[(p, column)]
-            value_items = [(_SEED_TIME, None), (_ENTITY, None)]
-            for d in cdefs:
-                if d.aggregation == "mode":
-                    value_items.append(
-                        ('first("value" ORDER BY "n" DESC, "value" ASC)', quote(d.name))
-                    )
-                else:
-                    value_items.append(("count(*)", quote(d.name)))
-                output_of[d.name] = f"m{j}_{k}"
-            body = (
-                f"SELECT {_select(value_items, '         ')}\n"
-                f'  FROM (SELECT {_SEED_TIME}, {ent} AS {_ENTITY}, {col} AS "value", count(*) AS "n"\n'
-                f"        FROM {rows} WHERE {col} IS NOT NULL\n"
-                f"        GROUP BY {_SEED_TIME}, {ent}, {col})\n"
-                f"  GROUP BY {_SEED_TIME}, {_ENTITY}"
-            )
-            what = " and ".join(
-                "most frequent value (ties -> smallest)"
-                if d.aggregation == "mode"
-                else "distinct values"
-                for d in cdefs
-            )
-            ctes.append(
-                (
-                    f"{prefix}mode_{j}_{k}",
-                    f"{_describe(entity_table, p)}, column {column}: {what}",
-                    body,
+                    output_of[d.name] = f"a{group.j}"
+        for k, (path, column) in enumerate(_value_columns(plan, group), 1):
+            ctes.append(_value_cte(plan, group, k, path, column, columns.value_of))
+            joins.append((ctes[-1].name, f"m{group.j}_{k}"))
+            output_of.update({d.name: f"m{group.j}_{k}" for d in _value_defs(plan, path, column)})
+
+    active, base, joins = _active_pairs(plan, joins)
+    ctes += [active] if active is not None else []
+    ctes.append(_vector_cte(plan, base, joins, output_of))
+    return _with_query(ctes, *_final_select(plan, dense))
+
+
+class _WindowColumns:
+    """What each ``window_<i>`` selects and left-joins, and where each path's values are.
+
+    ``items[hop]``: (expression, alias or None) of window ``hop``; ``joins[hop]``: its
+    LEFT JOINs of dimension rows, one per chain of "out" hops; ``value_of[(path, column)]``:
+    the column of the path's rows holding ``column`` (``None``: the rows themselves, read
+    as ``*`` or as the key of the last table, null when the chain reaches no row).
+    """
+
+    def __init__(self, plan: _QueryPlan) -> None:
+        self.items: dict[Hop, list[tuple[str, str | None]]] = {
+            h: [
+                (f"ts.{quote(TIMESTAMP)}", _SEED_TIME),
+                (f"f.{quote(h.via)}", None),
+                (f"f.{quote(plan.hop1_time(h))}", None),
+            ]
+            for h in plan.first_hops
+        }
+        self.joins: dict[Hop, list[str]] = {h: [] for h in plan.first_hops}
+        self.value_of: dict[tuple[tuple[Hop, ...], str | None], str] = {}
+        self._dim_alias: dict[Hop, dict[tuple[Hop, ...], str]] = {h: {} for h in plan.first_hops}
+
+    @classmethod
+    def of(cls, plan: _QueryPlan) -> _WindowColumns:
+        columns = cls(plan)
+        for p in plan.paths:
+            if len(p) == 1:
+                columns._first_hop_path(plan, p)
+            elif _out_only(p):
+                columns._out_path(plan, p)
+            else:
+                columns._later_in_path(plan, p)
+        return columns
+
+    def _keep(self, hop: Hop, expr: str, alias: str | None = None) -> None:
+        if (expr, alias) not in self.items[hop]:
+            self.items[hop].append((expr, alias))
+
+    def _first_hop_path(self, plan: _QueryPlan, p: tuple[Hop, ...]) -> None:
+        """``E <- F``: the window's own rows and columns."""
+        self.value_of[(p, None)] = "*"
+        for d in plan.defs_of(p):
+            if d.column is not None:
+                self._keep(p[0], f"f.{quote(d.column)}")
+                self.value_of[(p, d.column)] = quote(d.column)
+
+    def _out_path(self, plan: _QueryPlan, p: tuple[Hop, ...]) -> None:
+        """``E <- F -> D ...``: LEFT JOIN the dimension rows of the path onto the window
+        (once per chain of hops), and select their key and the columns it aggregates."""
+        h, j = p[0], plan.path_number(p)
+        prev = "f"
+        for k in range(2, len(p) + 1):
+            hop, chain = p[k - 1], p[1:k]
+            if chain not in self._dim_alias[h]:
+                alias, spec = f"h{j}_{k}", plan.schema_tables[hop.table]
+                self._dim_alias[h][chain] = alias
+                self.joins[h].append(
+                    f"LEFT JOIN {quote(hop.table)} AS {alias}"
+                    f"  {_comment(_describe(plan.entity_table, p[:k]))}\n"
+                    f"    ON {alias}.{quote(spec.pkey)} = {prev}.{quote(hop.via)}"
                 )
-            )
-            joins.append((f"{prefix}mode_{j}_{k}", f"m{j}_{k}"))
+            prev = self._dim_alias[h][chain]
+        last_pkey = plan.schema_tables[p[-1].table].pkey
+        row_col = quote(f"tve.path_{j}")
+        self._keep(h, f"{prev}.{quote(last_pkey)}", row_col)
+        self.value_of[(p, None)] = row_col
+        for d in plan.defs_of(p):
+            if d.column is not None and (p, d.column) not in self.value_of:
+                col = quote(f"tve.path_{j}.{d.column}")
+                self._keep(h, f"{prev}.{quote(d.column)}", col)
+                self.value_of[(p, d.column)] = col
 
-    # The active pairs: those of the one first hop's aggregate when that says it all, else
-    # the distinct pairs of every window.
-    on = "{a}." + _SEED_TIME + " = {b}." + _SEED_TIME + " AND {a}." + _ENTITY + " = {b}." + _ENTITY
-    if len(first_hops) == 1 and first_hop_aggs:
-        base_name, base_alias = (
-            first_hop_aggs[0],
-            joins[[n for n, _ in joins].index(first_hop_aggs[0])][1],
-        )
-        joins = [(n, a) for n, a in joins if n != base_name]
+    def _later_in_path(self, plan: _QueryPlan, p: tuple[Hop, ...]) -> None:
+        """``E <- F -> K <- F'``: read by its ``path_<j>``, from the key that hop 2 starts at."""
+        h = p[0]
+        start = plan.schema_tables[h.table].pkey if p[1].direction == "in" else p[1].via
+        self._keep(h, f"f.{quote(start)}")
+        self.value_of[(p, None)] = "*"
+        for d in plan.defs_of(p):
+            if d.column is not None:
+                self.value_of[(p, d.column)] = quote(d.column)
+
+
+def _seed_cte(plan: _QueryPlan) -> _Cte:
+    """``seed``: the entities that exist at each seed time (dense shape only)."""
+    entity, ts = plan.entity, plan.seed_times
+    items = [(f"ts.{quote(TIMESTAMP)}", _SEED_TIME), (f"e.{quote(entity.pkey)}", _ENTITY)]
+    if entity.time_col is None:
+        seed_from = f"FROM {ts} AS ts\n  CROSS JOIN {quote(plan.entity_table)} AS e"
     else:
-        active_parts = [
-            f"SELECT {_SEED_TIME}, {quote(h.via)} AS {_ENTITY} FROM {window_of[h]}"
-            for h in first_hops
-        ]
-        ctes.append(
-            (
-                f"{prefix}active",
-                "entities with any next-window row",
-                "SELECT DISTINCT * FROM (\n    "
-                + "\n    UNION ALL\n    ".join(active_parts)
-                + "\n  )",
-            )
+        seed_from = (
+            f"FROM {ts} AS ts\n  JOIN {quote(plan.entity_table)} AS e"
+            f" ON e.{quote(entity.time_col)} <= ts.{quote(TIMESTAMP)}"
         )
-        base_name, base_alias = f"{prefix}active", "act"
-
-    # vector: the task vector of every active (seed time, entity) pair.
-    v_items = [(f"{base_alias}.{_SEED_TIME}", _SEED_TIME), (f"{base_alias}.{_ENTITY}", _ENTITY)]
-    for d in defs:
-        src = f"{output_of[d.name]}.{quote(d.name)}"
-        v_items.append(
-            (f"coalesce({src}, 0)" if d.aggregation in COUNT_AGGREGATIONS else src, quote(d.name))
-        )
-    v_from = [f"FROM {base_name} AS {base_alias}"]
-    v_from += [
-        f"LEFT JOIN {name} AS {alias}\n    ON {on.format(a=alias, b=base_alias)}"
-        for name, alias in joins
-    ]
-    ctes.append(
-        (
-            f"{prefix}vector",
-            "task vectors of the active pairs",
-            f"SELECT {_select(v_items, '         ')}\n  " + "\n  ".join(v_from),
-        )
+    return _Cte(
+        f"{plan.prefix}seed",
+        f"{plan.entity_table} rows that exist at each seed time",
+        f"SELECT {_select(items, '         ')}\n  {seed_from}\n"
+        f"  WHERE e.{quote(entity.pkey)} IS NOT NULL",
     )
 
-    # Which CTEs are read more than once: materialise those (computed once, not inlined).
-    def readers(name: str) -> int:
-        return sum(len(re.findall(rf"\b{re.escape(name)}\b", body)) for _, _, body in ctes)
 
+def _window_cte(plan: _QueryPlan, hop: Hop, columns: _WindowColumns) -> _Cte:
+    """``window_<i>``: first-hop fact rows in the next window (t, t + Δ] of each seed time,
+    with the rows their "out" paths reach."""
+    time, t = f"f.{quote(plan.hop1_time(hop))}", f"ts.{quote(TIMESTAMP)}"
+    body = (
+        f"SELECT {_select(columns.items[hop], '         ')}\n"
+        f"  FROM {plan.seed_times} AS ts\n"
+        f"  JOIN {quote(hop.table)} AS f\n"
+        f"    ON {time} >  {t}\n"
+        f"   AND {time} <= {t} + {plan.next_window}\n"
+        + "".join(f"  {line}\n" for line in columns.joins[hop])
+        + f"  WHERE f.{quote(hop.via)} IS NOT NULL"
+    )
+    return _Cte(
+        plan.window_of(hop), f"next window: {hop.table} rows via {hop.table}.{hop.via}", body
+    )
+
+
+def _path_cte(plan: _QueryPlan, p: tuple[Hop, ...]) -> _Cte:
+    """``path_<j>``: the rows of a path with a later "in" hop, one join per hop from its
+    window; the rows of an "in" hop are those no later than the hop-1 row."""
+    j, last = plan.path_number(p), f"h{len(p)}"
+    values = list(dict.fromkeys(d.column for d in plan.defs_of(p) if d.column is not None))
+    items = [(f"h1.{_SEED_TIME}", _SEED_TIME), (f"h1.{quote(p[0].via)}", _ENTITY)]
+    items += [(f"{last}.{quote(c)}", None) for c in values]
+    lines = [f"FROM {plan.window_of(p[0])} AS h1"]
+    time1 = f"h1.{quote(plan.hop1_time(p[0]))}"
+    for k, hop in enumerate(p[1:], 2):
+        prev, cur, spec = f"h{k - 1}", f"h{k}", plan.schema_tables[hop.table]
+        if hop.direction == "out":
+            cond = f"{cur}.{quote(spec.pkey)} = {prev}.{quote(hop.via)}"
+        else:
+            prev_pkey = plan.schema_tables[p[k - 2].table].pkey
+            cond = f"{cur}.{quote(hop.via)} = {prev}.{quote(prev_pkey)}"
+            if spec.time_col is not None:
+                cond += f"\n   AND {cur}.{quote(spec.time_col)} <= {time1}"
+        lines.append(f"JOIN {quote(hop.table)} AS {cur}\n    ON {cond}")
+    return _Cte(
+        f"{plan.prefix}path_{j}",
+        _describe(plan.entity_table, p),
+        f"SELECT {_select(items, '         ')}\n  " + "\n  ".join(lines),
+    )
+
+
+def _aggregation_groups(plan: _QueryPlan, later_in: list[tuple[Hop, ...]]) -> list[_Group]:
+    """The paths aggregated together: per first hop, the paths read off its window; then
+    each path with a later "in" hop on its own."""
+    groups = []
+    for h in plan.first_hops:
+        member = [p for p in plan.paths if p[0] == h and _out_only(p)]
+        if member:
+            groups.append(
+                _Group(plan.path_number(member[0]), plan.window_of(h), quote(h.via), member)
+            )
+    for p in later_in:
+        j = plan.path_number(p)
+        groups.append(_Group(j, f"{plan.prefix}path_{j}", _ENTITY, [p]))
+    return groups
+
+
+def _agg_cte(
+    plan: _QueryPlan, group: _Group, value_of: Mapping[tuple[tuple[Hop, ...], str | None], str]
+) -> _Cte:
+    """``agg_<j>``: per (seed time, entity), the row counts and plain aggregates of the
+    group's paths, in one ``GROUP BY``."""
+    ent = group.entity
+    items = [(_SEED_TIME, None), (ent, None if ent == _ENTITY else _ENTITY)]
+    for p in group.paths:
+        for d in plan.defs_of(p):
+            if d.aggregation not in _VALUE_AGGREGATIONS:
+                items.append((_aggregate_sql(d, value_of[(p, d.column)]), quote(d.name)))
+    describe = ", ".join(_describe(plan.entity_table, p) for p in group.paths)
+    return _Cte(
+        f"{plan.prefix}agg_{group.j}",
+        f"aggregates of {describe}",
+        f"SELECT {_select(items, '         ')}\n"
+        f"  FROM {group.rows}\n  GROUP BY {_SEED_TIME}, {ent}",
+    )
+
+
+def _value_columns(plan: _QueryPlan, group: _Group) -> list[tuple[tuple[Hop, ...], str]]:
+    """The (path, column) pairs of the group with a mode or distinct count, in order."""
+    pairs = [
+        (p, d.column)
+        for p in group.paths
+        for d in plan.defs_of(p)
+        if d.aggregation in _VALUE_AGGREGATIONS
+    ]
+    return list(dict.fromkeys(pairs))
+
+
+def _value_defs(plan: _QueryPlan, path: tuple[Hop, ...], column: str) -> list[TargetDef]:
+    return [
+        d for d in plan.defs_of(path) if d.column == column and d.aggregation in _VALUE_AGGREGATIONS
+    ]
+
+
+def _value_cte(
+    plan: _QueryPlan,
+    group: _Group,
+    k: int,
+    path: tuple[Hop, ...],
+    column: str,
+    value_of: Mapping[tuple[tuple[Hop, ...], str | None], str],
+) -> _Cte:
+    """``mode_<j>_<k>``: one count per distinct value of the column, then the most frequent
+    (ties: the smallest) and how many.
+
+    One CTE per column: folding them into one GROUPING SETS pass keeps every column's
+    states alive at once and spills far more under the memory limit.
+    """
+    col, ent, rows = value_of[(path, column)], group.entity, group.rows
+    defs = _value_defs(plan, path, column)
+    items: list[tuple[str, str | None]] = [(_SEED_TIME, None), (_ENTITY, None)]
+    for d in defs:
+        if d.aggregation == "mode":
+            items.append(('first("value" ORDER BY "n" DESC, "value" ASC)', quote(d.name)))
+        else:
+            items.append(("count(*)", quote(d.name)))
+    body = (
+        f"SELECT {_select(items, '         ')}\n"
+        f'  FROM (SELECT {_SEED_TIME}, {ent} AS {_ENTITY}, {col} AS "value",'
+        f' count(*) AS "n"\n'
+        f"        FROM {rows} WHERE {col} IS NOT NULL\n"
+        f"        GROUP BY {_SEED_TIME}, {ent}, {col})\n"
+        f"  GROUP BY {_SEED_TIME}, {_ENTITY}"
+    )
+    what = " and ".join(
+        "most frequent value (ties -> smallest)" if d.aggregation == "mode" else "distinct values"
+        for d in defs
+    )
+    return _Cte(
+        f"{plan.prefix}mode_{group.j}_{k}",
+        f"{_describe(plan.entity_table, path)}, column {column}: {what}",
+        body,
+    )
+
+
+def _same_pair(a: str, b: str) -> str:
+    """The join condition of two relations keyed by (seed time, entity)."""
+    return f"{a}.{_SEED_TIME} = {b}.{_SEED_TIME} AND {a}.{_ENTITY} = {b}.{_ENTITY}"
+
+
+def _active_pairs(
+    plan: _QueryPlan, joins: list[tuple[str, str]]
+) -> tuple[_Cte | None, tuple[str, str], list[tuple[str, str]]]:
+    """The active (seed time, entity) pairs, as (their ``active`` CTE or None, (relation,
+    alias), the joins left to make): those of the one first hop's aggregate when it says it
+    all, else the distinct pairs of every window."""
+    out_paths = [p for p in plan.paths if _out_only(p)]
+    if len(plan.first_hops) == 1 and out_paths:
+        name = f"{plan.prefix}agg_{plan.path_number(out_paths[0])}"
+        base = next(join for join in joins if join[0] == name)
+        return None, base, [join for join in joins if join != base]
+    parts = [
+        f"SELECT {_SEED_TIME}, {quote(h.via)} AS {_ENTITY} FROM {plan.window_of(h)}"
+        for h in plan.first_hops
+    ]
+    active = _Cte(
+        f"{plan.prefix}active",
+        "entities with any next-window row",
+        "SELECT DISTINCT * FROM (\n    " + "\n    UNION ALL\n    ".join(parts) + "\n  )",
+    )
+    return active, (active.name, "act"), joins
+
+
+def _vector_cte(
+    plan: _QueryPlan,
+    base: tuple[str, str],
+    joins: list[tuple[str, str]],
+    output_of: Mapping[str, str],
+) -> _Cte:
+    """``vector``: the task vector of every active (seed time, entity) pair, every
+    aggregate left-joined onto the pairs (a count with no row is 0)."""
+    base_name, base_alias = base
+    items = [(f"{base_alias}.{_SEED_TIME}", _SEED_TIME), (f"{base_alias}.{_ENTITY}", _ENTITY)]
+    for d in plan.defs:
+        src = f"{output_of[d.name]}.{quote(d.name)}"
+        items.append(
+            (f"coalesce({src}, 0)" if d.aggregation in COUNT_AGGREGATIONS else src, quote(d.name))
+        )
+    lines = [f"FROM {base_name} AS {base_alias}"]
+    lines += [
+        f"LEFT JOIN {name} AS {alias}\n    ON {_same_pair(alias, base_alias)}"
+        for name, alias in joins
+    ]
+    return _Cte(
+        f"{plan.prefix}vector",
+        "task vectors of the active pairs",
+        f"SELECT {_select(items, '         ')}\n  " + "\n  ".join(lines),
+    )
+
+
+def _final_select(plan: _QueryPlan, dense: bool) -> tuple[list[tuple[str, str | None]], list[str]]:
+    """The output columns and FROM lines: dense, every existing entity (``seed``) with its
+    task vector or counts 0 and ``inactive = 1``; sparse, the active pairs of entities that
+    exist at their seed time."""
+    entity, prefix = plan.entity, plan.prefix
     if dense:
         final = [
             (f"s.{_ENTITY}", quote(entity.pkey)),
             (f"s.{_SEED_TIME}", quote(TIMESTAMP)),
             (f"CASE WHEN v.{_ENTITY} IS NULL THEN 1 ELSE 0 END", quote(INACTIVE)),
         ]
-        for d in defs:
+        for d in plan.defs:
             src = f"v.{quote(d.name)}"
-            final.append(
-                (
-                    f"coalesce({src}, 0)" if d.aggregation in COUNT_AGGREGATIONS else src,
-                    quote(d.name),
-                )
-            )
-        from_lines = [
+            count = d.aggregation in COUNT_AGGREGATIONS
+            final.append((f"coalesce({src}, 0)" if count else src, quote(d.name)))
+        return final, [
             f"FROM {prefix}seed AS s",
-            f"LEFT JOIN {prefix}vector AS v ON {on.format(a='v', b='s')}",
+            f"LEFT JOIN {prefix}vector AS v ON {_same_pair('v', 's')}",
         ]
-    else:
-        final = [
-            (f"v.{_ENTITY}", quote(entity.pkey)),
-            (f"v.{_SEED_TIME}", quote(TIMESTAMP)),
-            ("0", quote(INACTIVE)),
-        ]
-        final += [(f"v.{quote(d.name)}", quote(d.name)) for d in defs]
-        exists = f"e.{quote(entity.pkey)} = v.{_ENTITY}"
-        if entity.time_col is not None:
-            exists += f" AND e.{quote(entity.time_col)} <= v.{_SEED_TIME}"
-        from_lines = [
-            f"FROM {prefix}vector AS v",
-            f"JOIN {quote(entity_table)} AS e ON {exists}  {_comment('entities that exist at the seed time')}",
-        ]
+    final = [
+        (f"v.{_ENTITY}", quote(entity.pkey)),
+        (f"v.{_SEED_TIME}", quote(TIMESTAMP)),
+        ("0", quote(INACTIVE)),
+    ]
+    final += [(f"v.{quote(d.name)}", quote(d.name)) for d in plan.defs]
+    exists = f"e.{quote(entity.pkey)} = v.{_ENTITY}"
+    if entity.time_col is not None:
+        exists += f" AND e.{quote(entity.time_col)} <= v.{_SEED_TIME}"
+    return final, [
+        f"FROM {prefix}vector AS v",
+        f"JOIN {quote(plan.entity_table)} AS e ON {exists}"
+        f"  {_comment('entities that exist at the seed time')}",
+    ]
+
+
+def _with_query(
+    ctes: list[_Cte], final: list[tuple[str, str | None]], from_lines: list[str]
+) -> str:
+    """``WITH`` the CTEs ``SELECT`` the output; a CTE read more than once is materialised
+    (computed once, not inlined into each reader)."""
+
+    def readers(name: str) -> int:
+        return sum(len(re.findall(rf"\b{re.escape(name)}\b", cte.body)) for cte in ctes)
 
     blocks = []
-    for name, comment, body in ctes:
-        materialized = " MATERIALIZED" if readers(name) > 1 else ""
-        blocks.append(f"{name} AS{materialized} (  {_comment(comment)}\n  {body}\n)")
+    for cte in ctes:
+        materialized = " MATERIALIZED" if readers(cte.name) > 1 else ""
+        blocks.append(f"{cte.name} AS{materialized} (  {_comment(cte.comment)}\n  {cte.body}\n)")
     return (
         "WITH\n" + ",\n".join(blocks) + "\n"
         f"SELECT {_select(final, '       ')}\n" + "\n".join(from_lines) + "\nORDER BY 2, 1\n"
@@ -545,6 +704,42 @@ def targets_sql(
 
 
 # --------------------------------------------------------------------------- running it
+
+
+@dataclass(frozen=True, eq=False)
+class TargetQuery:
+    """The raw task vectors to compute, and how: what :func:`iter_targets`,
+    :func:`compute_targets`, :func:`write_targets` and :func:`write_targets_by_seed_time` run.
+
+    ``tables`` maps a table name to a pandas frame, an Arrow table or a parquet file path;
+    ``schema_tables`` gives each table's keys and time column (a RelBench manifest's
+    ``tables``); ``defs`` are the targets of ``entity_table``; ``timestamps`` the seed times
+    and ``timedelta`` Δ, the length of the next window. The rest only changes how the query
+    runs, never its rows: ``memory_limit`` caps DuckDB's memory (beyond it, operators spill
+    to ``temp_directory``, a fresh temporary folder by default); ``threads`` None keeps
+    DuckDB's default; ``seeds_per_query`` groups consecutive seed times per run of the
+    query (None: all at once); ``show_sql`` prints the query.
+
+    >>> query = TargetQuery(frames, manifest.tables, defs, "customers", seeds, Δ)  # doctest: +SKIP
+    >>> compute_targets(query)  # or write_targets(query, "targets.parquet")  # doctest: +SKIP
+    """
+
+    tables: Mapping[str, Any]
+    schema_tables: Mapping[str, TableSpecLike]
+    defs: Sequence[TargetDef]
+    entity_table: str
+    timestamps: Iterable
+    timedelta: pd.Timedelta
+    memory_limit: str = "4GB"
+    threads: int | None = None
+    temp_directory: str | None = None
+    seeds_per_query: int | None = DEFAULT_SEEDS_PER_QUERY
+    show_sql: bool = False
+
+    def __post_init__(self) -> None:
+        # Read once, so that a generator of seed times or definitions can be run again.
+        object.__setattr__(self, "defs", tuple(self.defs))
+        object.__setattr__(self, "timestamps", tuple(self.timestamps))
 
 
 def _seed_times_frame(timestamps: Iterable) -> pd.DataFrame:
@@ -574,36 +769,29 @@ def _columns_of(con, name: str) -> list[str]:
 
 
 @contextmanager
-def _connection(
-    tables: Mapping[str, Any],
-    used: Iterable[str],
-    seed_times: pd.DataFrame,
-    relation: str,
-    *,
-    memory_limit: str,
-    threads: int | None,
-    temp_directory: str | None,
-):
-    """An in-memory DuckDB with the used tables (frames, Arrow tables or parquet files) and the seed times."""
+def _connection(query: TargetQuery, used: Iterable[str], seed_times: pd.DataFrame, relation: str):
+    """An in-memory DuckDB with the used tables (frames, Arrow tables or parquet files) and
+    the seed times, under the query's memory limit, threads and temporary folder."""
     import duckdb
 
-    own_temp = temp_directory is None
-    temp_dir = tempfile.mkdtemp(prefix="tve-duckdb-") if own_temp else temp_directory
+    own_temp = query.temp_directory is None
+    temp_dir = tempfile.mkdtemp(prefix="tve-duckdb-") if own_temp else query.temp_directory
     con = duckdb.connect()
     try:
-        con.execute(f"SET memory_limit = {_literal(memory_limit)}")
+        con.execute(f"SET memory_limit = {_literal(query.memory_limit)}")
         con.execute(f"SET temp_directory = {_literal(temp_dir)}")
         con.execute("SET preserve_insertion_order = false")  # the query orders its result itself
-        if threads is not None:
-            con.execute(f"SET threads = {int(threads)}")
+        if query.threads is not None:
+            con.execute(f"SET threads = {int(query.threads)}")
         for name in used:
-            source = tables[name]
+            source = query.tables[name]
             if isinstance(source, (str, os.PathLike)):
                 path = Path(source)
                 if not path.exists():
                     raise ValueError(f"table {name!r}: no file {path}")
                 con.execute(
-                    f"CREATE VIEW {quote(name)} AS SELECT * FROM read_parquet({_literal(str(path))})"
+                    f"CREATE VIEW {quote(name)} AS"
+                    f" SELECT * FROM read_parquet({_literal(str(path))})"
                 )
             elif isinstance(source, pd.DataFrame):
                 con.register(name, _duckdb_ready(source))
@@ -642,20 +830,32 @@ def _check_inputs(
 
 
 def _arrow_table(relation):
-    """A DuckDB relation as an Arrow table (``to_arrow_table`` since DuckDB 1.4, ``arrow`` before)."""
+    """A DuckDB relation as an Arrow table (``to_arrow_table`` since DuckDB 1.4, ``arrow``
+    before)."""
     fetch = getattr(relation, "to_arrow_table", None) or relation.arrow
     return fetch()
 
 
-def _entity_keys(
-    con, schema_tables, entity_table: str
-) -> tuple[np.ndarray, np.ndarray | None, Any]:
-    """(pkeys sorted, their times or None, the Arrow type of the pkey) of the entity table."""
+class _EntityKeys(NamedTuple):
+    """The primary keys of the entity table, sorted, with their times (None when the table
+    has no time column) and the Arrow type of the key."""
+
+    keys: np.ndarray
+    times: np.ndarray | None
+    arrow_type: Any
+
+    def existing_at(self, t) -> np.ndarray:
+        """The keys of the entities that exist at seed time ``t`` (own time ``<= t``)."""
+        return self.keys if self.times is None else self.keys[self.times <= t]
+
+
+def _entity_keys(con, schema_tables, entity_table: str) -> _EntityKeys:
     spec = schema_tables[entity_table]
     cols = quote(spec.pkey) + ("" if spec.time_col is None else f", {quote(spec.time_col)}")
     arrow = _arrow_table(
         con.sql(
-            f"SELECT {cols} FROM {quote(entity_table)} WHERE {quote(spec.pkey)} IS NOT NULL ORDER BY 1"
+            f"SELECT {cols} FROM {quote(entity_table)}"
+            f" WHERE {quote(spec.pkey)} IS NOT NULL ORDER BY 1"
         )
     )
     keys = arrow.column(0).to_numpy()
@@ -668,9 +868,10 @@ def _entity_keys(
         times = arrow.column(1).to_numpy(zero_copy_only=False)
         if not np.issubdtype(times.dtype, np.datetime64):
             raise ValueError(
-                f"entity table {entity_table!r}: time column {spec.time_col!r} is not a timestamp column"
+                f"entity table {entity_table!r}: time column {spec.time_col!r}"
+                " is not a timestamp column"
             )
-    return keys, times, arrow.schema.field(0).type
+    return _EntityKeys(keys, times, arrow.schema.field(0).type)
 
 
 def _chunks(seed_times: pd.DataFrame, per_query: int | None) -> list[pd.DataFrame]:
@@ -733,7 +934,8 @@ def _prefetch(con, sql: str, relation: str, chunks: list[pd.DataFrame], depth: i
 
 
 def _spread(values, pos: np.ndarray, n: int, count: bool):
-    """An Arrow column of ``n`` rows with ``values`` at ``pos``: 0 elsewhere for a count, else null.
+    """An Arrow column of ``n`` rows with ``values`` at ``pos``: 0 elsewhere for a count,
+    else null.
 
     Fixed-width numbers are scattered with NumPy into a zeroed buffer, with a validity
     bitmap packed from a boolean mask (much cheaper than a ``take`` with null indices, and
@@ -767,130 +969,127 @@ def _spread(values, pos: np.ndarray, n: int, count: bool):
     return pc.fill_null(column, 0) if count else column
 
 
-def iter_targets(
-    tables: Mapping[str, Any],
-    schema_tables: Mapping[str, TableSpecLike],
-    defs: Sequence[TargetDef],
-    entity_table: str,
-    timestamps: Iterable,
-    timedelta: pd.Timedelta,
-    *,
-    memory_limit: str = "4GB",
-    threads: int | None = None,
-    temp_directory: str | None = None,
-    show_sql: bool = False,
-    slice_rows: int = DEFAULT_SLICE_ROWS,
-    seeds_per_query: int | None = DEFAULT_SEEDS_PER_QUERY,
-) -> Iterator:
+def iter_targets(query: TargetQuery, *, slice_rows: int = DEFAULT_SLICE_ROWS) -> Iterator:
     """The raw task vectors as Arrow tables, in (timestamp, pkey) order, a slice at a time.
 
     Yields one ``pyarrow.Table`` per seed time and slice of at most ``slice_rows``
     existing entities (none for a seed time at which no entity exists); together they are
     :func:`compute_targets`' rows. The first one yielded carries the full schema; when
     there is no row at all, a single empty table with that schema is yielded.
-    ``tables`` maps a table name to a pandas frame, an Arrow table or a parquet file path.
 
-    The (sparse) query runs once per group of at most ``seeds_per_query`` consecutive seed
-    times (None: all in one), set-based within each group, on a background thread one
-    group ahead: DuckDB's working set (the active pairs of a group) stays well inside its
-    memory limit instead of spilling, and filling in and writing one group's rows
-    overlaps computing the next. At 10 million orders x 52 weekly seed times, four groups
-    take about two thirds of the time of one.
+    The (sparse) query runs once per group of at most ``query.seeds_per_query``
+    consecutive seed times (None: all in one), set-based within each group, on a
+    background thread one group ahead: DuckDB's working set (the active pairs of a group)
+    stays well inside its memory limit instead of spilling, and filling in and writing one
+    group's rows overlaps computing the next. At 10 million orders x 52 weekly seed times,
+    four groups take about two thirds of the time of one.
     """
-    import pyarrow as pa
-
-    defs = list(defs)
+    defs, entity_table = list(query.defs), query.entity_table
     if slice_rows < 1:
         raise ValueError(f"slice_rows must be positive, got {slice_rows}")
-    seed_times = _seed_times_frame(timestamps)
-    relation = "timestamps" if "timestamps" not in schema_tables else "tve.timestamps"
+    seed_times = _seed_times_frame(query.timestamps)
+    relation = "timestamps" if "timestamps" not in query.schema_tables else "tve.timestamps"
     sql = targets_sql(
-        schema_tables, defs, entity_table, timedelta, timestamps_relation=relation, dense=False
+        query.schema_tables,
+        defs,
+        entity_table,
+        query.timedelta,
+        timestamps_relation=relation,
+        dense=False,
     )
-    if show_sql:
+    if query.show_sql:
         print(sql)
     used = {entity_table} | {hop.table for d in defs for hop in d.path}
-    missing = sorted(used - set(tables))
+    missing = sorted(used - set(query.tables))
     if missing:
         raise ValueError(f"no data for tables {missing}")
-    pkey = schema_tables[entity_table].pkey
-    counts = {d.name for d in defs if d.aggregation in COUNT_AGGREGATIONS}
 
-    with _connection(
-        tables,
-        used,
-        seed_times,
-        relation,
-        memory_limit=memory_limit,
-        threads=threads,
-        temp_directory=temp_directory,
-    ) as con:
-        _check_inputs(con, tables, defs, used)
-        keys, key_times, key_type = _entity_keys(con, schema_tables, entity_table)
-        groups = _chunks(seed_times, seeds_per_query) or [
-            seed_times
-        ]  # no seed time: still one query, for the schema
+    with _connection(query, used, seed_times, relation) as con:
+        _check_inputs(con, query.tables, defs, used)
+        entities = _entity_keys(con, query.schema_tables, entity_table)
+        pkey = query.schema_tables[entity_table].pkey
+        # no seed time: still one query, for the schema
+        groups = _chunks(seed_times, query.seeds_per_query) or [seed_times]
         results = _prefetch(con, sql, relation, groups)
         schema = None
         empty = True
         try:
             for group, rows in zip(groups, results):
                 if schema is None:
-                    fields = [
-                        pa.field(pkey, key_type),
-                        pa.field(TIMESTAMP, pa.timestamp("us")),
-                        pa.field(INACTIVE, pa.int64()),
-                    ]
-                    schema = pa.schema(fields + [rows.schema.field(d.name) for d in defs])
-                times = rows.column(1).to_numpy()
-                used_rows = 0
-                for t in group[TIMESTAMP].to_numpy():
-                    first, last = (
-                        np.searchsorted(times, t, side="left"),
-                        np.searchsorted(times, t, side="right"),
-                    )
-                    at_t = rows.slice(first, last - first)
-                    used_rows += at_t.num_rows
-                    exist = keys if key_times is None else keys[key_times <= t]
-                    ent = at_t.column(0).to_numpy()
-                    when = np.datetime64(t, "us")
-                    if at_t.num_rows and len(exist) == 0:
-                        raise AssertionError("active rows at a seed time at which no entity exists")
-                    for start in range(0, len(exist), slice_rows):
-                        chunk = exist[start : start + slice_rows]
-                        lo = int(np.searchsorted(ent, chunk[0], side="left"))
-                        hi = int(np.searchsorted(ent, chunk[-1], side="right"))
-                        pos = np.searchsorted(chunk, ent[lo:hi])
-                        if hi > lo and (
-                            pos.max() >= len(chunk) or not (chunk[pos] == ent[lo:hi]).all()
-                        ):
-                            raise AssertionError(
-                                "an active row of an entity that does not exist at its seed time"
-                            )
-                        part = at_t.slice(lo, hi - lo)
-                        inactive = np.ones(len(chunk), dtype=np.int64)
-                        inactive[pos] = 0
-                        columns = [
-                            pa.array(chunk, type=key_type),
-                            pa.array(np.full(len(chunk), when)),
-                            pa.array(inactive),
-                        ]
-                        for d in defs:
-                            columns.append(
-                                _spread(part.column(d.name), pos, len(chunk), d.name in counts)
-                            )
-                        empty = False
-                        yield pa.Table.from_arrays(columns, schema=schema)
-                if used_rows != rows.num_rows:
-                    raise AssertionError("active rows at a time that is not a seed time")
+                    schema = _targets_schema(pkey, entities.arrow_type, rows, defs)
+                for table in _fill_in_group(rows, group, entities, schema, defs, slice_rows):
+                    empty = False
+                    yield table
         finally:
             results.close()
         if empty:
             yield schema.empty_table()
 
 
+def _targets_schema(pkey: str, key_type, rows, defs: Sequence[TargetDef]):
+    """The Arrow schema of the task vectors: key, seed time, ``inactive``, then the targets
+    in the types the query gave them."""
+    import pyarrow as pa
+
+    fields = [
+        pa.field(pkey, key_type),
+        pa.field(TIMESTAMP, pa.timestamp("us")),
+        pa.field(INACTIVE, pa.int64()),
+    ]
+    return pa.schema(fields + [rows.schema.field(d.name) for d in defs])
+
+
+def _fill_in_group(
+    rows, group: pd.DataFrame, entities: _EntityKeys, schema, defs, slice_rows: int
+) -> Iterator:
+    """The task vectors of a group of seed times, a seed time and slice of existing
+    entities at a time, from the group's active rows (in (seed time, pkey) order)."""
+    times = rows.column(1).to_numpy()
+    used_rows = 0
+    for t in group[TIMESTAMP].to_numpy():
+        first = np.searchsorted(times, t, side="left")
+        last = np.searchsorted(times, t, side="right")
+        at_t = rows.slice(first, last - first)
+        used_rows += at_t.num_rows
+        exist = entities.existing_at(t)
+        if at_t.num_rows and len(exist) == 0:
+            raise AssertionError("active rows at a seed time at which no entity exists")
+        for start in range(0, len(exist), slice_rows):
+            chunk = exist[start : start + slice_rows]
+            yield _fill_in_slice(at_t, chunk, np.datetime64(t, "us"), entities, schema, defs)
+    if used_rows != rows.num_rows:
+        raise AssertionError("active rows at a time that is not a seed time")
+
+
+def _fill_in_slice(at_t, chunk: np.ndarray, when, entities: _EntityKeys, schema, defs):
+    """The task vectors of the entities ``chunk`` (sorted keys) at seed time ``when``: the
+    active rows of ``at_t`` scattered into place, ``inactive = 1``, counts 0 and every other
+    target null elsewhere."""
+    import pyarrow as pa
+
+    ent = at_t.column(0).to_numpy()
+    lo = int(np.searchsorted(ent, chunk[0], side="left"))
+    hi = int(np.searchsorted(ent, chunk[-1], side="right"))
+    pos = np.searchsorted(chunk, ent[lo:hi])
+    if hi > lo and (pos.max() >= len(chunk) or not (chunk[pos] == ent[lo:hi]).all()):
+        raise AssertionError("an active row of an entity that does not exist at its seed time")
+    part = at_t.slice(lo, hi - lo)
+    inactive = np.ones(len(chunk), dtype=np.int64)
+    inactive[pos] = 0
+    columns = [
+        pa.array(chunk, type=entities.arrow_type),
+        pa.array(np.full(len(chunk), when)),
+        pa.array(inactive),
+    ]
+    for d in defs:
+        count = d.aggregation in COUNT_AGGREGATIONS
+        columns.append(_spread(part.column(d.name), pos, len(chunk), count))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
 def _to_frame(table, defs: Sequence[TargetDef]) -> pd.DataFrame:
-    """Arrow rows -> pandas: counts int64, numeric aggregates float64, a text (or all-null) mode object.
+    """Arrow rows -> pandas: counts int64, numeric aggregates float64, a text (or all-null)
+    mode object.
 
     A mode of a text column is ``object`` whether or not a value was seen (DuckDB types an
     all-null object column as NULL, one with strings as VARCHAR), so that the dtype of a
@@ -912,55 +1111,23 @@ def _to_frame(table, defs: Sequence[TargetDef]) -> pd.DataFrame:
     return out
 
 
-def compute_targets(
-    tables: Mapping[str, Any],
-    schema_tables: Mapping[str, TableSpecLike],
-    defs: Sequence[TargetDef],
-    entity_table: str,
-    timestamps: Iterable,
-    timedelta: pd.Timedelta,
-    *,
-    memory_limit: str = "4GB",
-    threads: int | None = None,
-    temp_directory: str | None = None,
-    show_sql: bool = False,
-    seeds_per_query: int | None = DEFAULT_SEEDS_PER_QUERY,
-) -> pd.DataFrame:
-    """The raw task vectors of ``entity_table`` at every seed time in ``timestamps``.
+def compute_targets(query: TargetQuery) -> pd.DataFrame:
+    """The raw task vectors of ``query.entity_table`` at every seed time of the query.
 
     One row per (entity, seed time) for each entity that exists at the seed time, sorted
     by (timestamp, pkey): the pkey column, ``timestamp``, ``inactive`` (int, 1 when no
     path has a next-window row) and one column per target (counts int, numeric aggregates
-    float, a mode in the column's own type). ``tables`` maps a table name to a pandas
-    frame, an Arrow table or a parquet file path. ``memory_limit`` caps DuckDB's memory
-    (beyond it, operators spill to ``temp_directory``, a fresh temporary folder by
-    default); ``threads`` None keeps DuckDB's default. For more rows than fit in memory,
-    use :func:`write_targets`.
+    float, a mode in the column's own type). For more rows than fit in memory, use
+    :func:`write_targets`.
     """
     import pyarrow as pa
 
-    defs = list(defs)
-    parts = list(
-        iter_targets(
-            tables,
-            schema_tables,
-            defs,
-            entity_table,
-            timestamps,
-            timedelta,
-            memory_limit=memory_limit,
-            threads=threads,
-            temp_directory=temp_directory,
-            show_sql=show_sql,
-            seeds_per_query=seeds_per_query,
-        )
-    )
-    return _to_frame(pa.concat_tables(parts), defs)
+    return _to_frame(pa.concat_tables(list(iter_targets(query))), list(query.defs))
 
 
 def _parquet_options(schema, compression: str) -> dict[str, Any]:
-    """Plain-encoded numbers (a dictionary costs a hash per value and task vectors are mostly
-    zeros and nulls, which snappy shrinks anyway), dictionaries for text (modes)."""
+    """Plain-encoded numbers (a dictionary costs a hash per value and task vectors are
+    mostly zeros and nulls, which snappy shrinks anyway), dictionaries for text (modes)."""
     import pyarrow as pa
 
     text = [
@@ -975,41 +1142,34 @@ def _parquet_options(schema, compression: str) -> dict[str, Any]:
     return {"compression": compression, "use_dictionary": text}
 
 
+def _count_rows(stats: dict[str, int], table) -> None:
+    stats["rows"] += table.num_rows
+    if table.num_rows:
+        stats["inactive"] += int(table.column(INACTIVE).to_numpy().sum())
+
+
 def write_targets(
+    query: TargetQuery,
     out_path: str | os.PathLike,
-    tables: Mapping[str, Any],
-    schema_tables: Mapping[str, TableSpecLike],
-    defs: Sequence[TargetDef],
-    entity_table: str,
-    timestamps: Iterable,
-    timedelta: pd.Timedelta,
     *,
-    memory_limit: str = "4GB",
-    threads: int | None = None,
-    temp_directory: str | None = None,
-    show_sql: bool = False,
     slice_rows: int = DEFAULT_SLICE_ROWS,
-    seeds_per_query: int | None = DEFAULT_SEEDS_PER_QUERY,
     compression: str = "snappy",
 ) -> dict[str, int]:
     """:func:`compute_targets`' rows streamed into one parquet file at ``out_path``, atomically.
 
     The file is written next to ``out_path`` under a temporary name and moved into place
-    when complete (a reader sees the previous file or the new one, never a partial one).
-    Rows are in (timestamp, pkey) order, one row group per seed time and slice of
-    ``slice_rows`` entities; a writer thread encodes one slice while the next is built.
-    Returns ``{"rows": ..., "inactive": ...}``.
+    when complete (:func:`tve_pipeline.common.atomic_path`: a reader sees the previous file
+    or the new one, never a partial one). Rows are in (timestamp, pkey) order, one row
+    group per seed time and slice of ``slice_rows`` entities; a writer thread encodes one
+    slice while the next is built. Returns ``{"rows": ..., "inactive": ...}``.
     """
     import pyarrow.parquet as pq
 
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     stats = {"rows": 0, "inactive": 0}
     handoff: queue.Queue = queue.Queue(maxsize=1)
     failure: list[BaseException] = []
 
-    def write() -> None:
+    def write(tmp: Path) -> None:
         writer = None
         try:
             while (table := handoff.get()) is not None:
@@ -1027,52 +1187,27 @@ def write_targets(
             if writer is not None:
                 writer.close()
 
-    thread = threading.Thread(target=write, name="tve-targets-writer", daemon=True)
-    thread.start()
-    try:
+    with atomic_path(out_path) as tmp:
+        thread = threading.Thread(target=write, args=(tmp,), name="tve-targets-writer", daemon=True)
+        thread.start()
         try:
-            for table in iter_targets(
-                tables,
-                schema_tables,
-                defs,
-                entity_table,
-                timestamps,
-                timedelta,
-                memory_limit=memory_limit,
-                threads=threads,
-                temp_directory=temp_directory,
-                show_sql=show_sql,
-                slice_rows=slice_rows,
-                seeds_per_query=seeds_per_query,
-            ):
+            for table in iter_targets(query, slice_rows=slice_rows):
                 if failure:
                     break
-                stats["rows"] += table.num_rows
-                if table.num_rows:
-                    stats["inactive"] += int(table.column(INACTIVE).to_numpy().sum())
+                _count_rows(stats, table)
                 handoff.put(table)
         finally:
             handoff.put(None)
             thread.join()
         if failure:
             raise failure[0]
-        os.replace(tmp, out_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return stats
 
 
 def write_targets_by_seed_time(
+    query: TargetQuery,
     out_path_of: Callable[[pd.Timestamp], str | os.PathLike],
-    tables: Mapping[str, Any],
-    schema_tables: Mapping[str, TableSpecLike],
-    defs: Sequence[TargetDef],
-    entity_table: str,
-    timestamps: Iterable,
-    timedelta: pd.Timedelta,
     *,
-    memory_limit: str = "4GB",
     compression: str = "snappy",
 ) -> dict[pd.Timestamp, dict[str, int]]:
     """:func:`compute_targets`' rows of each seed time in a parquet file of its own
@@ -1083,58 +1218,46 @@ def write_targets_by_seed_time(
     and the one being written absent. A seed time at which no entity exists gets a file
     without rows. Returns ``{seed_time: {"rows": ..., "inactive": ...}}``.
     """
+    times = [pd.Timestamp(t) for t in query.timestamps]
+    stats: dict[pd.Timestamp, dict[str, int]] = {}
+    schema = None
+
+    def rows() -> Iterator:
+        nonlocal schema
+        for table in iter_targets(replace(query, timestamps=times)):
+            if schema is None:
+                schema = table.schema
+            if table.num_rows:
+                yield table
+
+    def seed_time(table) -> pd.Timestamp:
+        return pd.Timestamp(table.column(TIMESTAMP)[0].as_py())
+
+    for t, tables in itertools.groupby(rows(), key=seed_time):
+        stats[t] = _write_parquet(out_path_of(t), tables, schema, compression)
+    for t in times:
+        if t not in stats:  # no entity existed yet
+            stats[t] = _write_parquet(out_path_of(t), [], schema, compression)
+    return stats
+
+
+def _write_parquet(
+    path: str | os.PathLike, tables: Iterable, schema, compression: str
+) -> dict[str, int]:
+    """``tables`` (of ``schema``) in one parquet file at ``path``, a row group each,
+    atomically; returns ``{"rows": ..., "inactive": ...}``."""
     import pyarrow.parquet as pq
 
-    stats: dict[pd.Timestamp, dict[str, int]] = {}
-    state: dict[str, Any] = {"time": None, "writer": None, "tmp": None, "path": None}
-
-    def close() -> None:
-        if state["writer"] is not None:
-            state["writer"].close()
-            os.replace(state["tmp"], state["path"])
-        state.update(time=None, writer=None, tmp=None, path=None)
-
-    def start(t: pd.Timestamp, schema) -> None:
-        path = Path(out_path_of(t))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        state.update(
-            time=t,
-            path=path,
-            tmp=tmp,
-            writer=pq.ParquetWriter(tmp, schema, **_parquet_options(schema, compression)),
-        )
-        stats[t] = {"rows": 0, "inactive": 0}
-
-    times = [pd.Timestamp(t) for t in timestamps]
-    schema = None
-    try:
-        for table in iter_targets(
-            tables, schema_tables, defs, entity_table, times, timedelta, memory_limit=memory_limit
-        ):
-            schema = schema or table.schema
-            if not table.num_rows:
-                continue
-            t = pd.Timestamp(table.column(TIMESTAMP)[0].as_py())
-            if t != state["time"]:
-                close()
-                start(t, table.schema)
-            state["writer"].write_table(table, row_group_size=table.num_rows)
-            stats[t]["rows"] += table.num_rows
-            stats[t]["inactive"] += int(table.column(INACTIVE).to_numpy().sum())
-        close()
-        for t in times:
-            if t not in stats:  # no entity existed yet
-                start(t, schema)
-                close()
-    except BaseException:
-        if state["writer"] is not None:
-            state["writer"].close()
-            Path(state["tmp"]).unlink(missing_ok=True)
-        raise
+    stats = {"rows": 0, "inactive": 0}
+    options = _parquet_options(schema, compression)
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, **options) as writer:
+        for table in tables:
+            writer.write_table(table, row_group_size=table.num_rows)
+            _count_rows(stats, table)
     return stats
 
 
 def task_vector_aggregations(defs: Iterable[TargetDef]) -> dict[str, str]:
-    """target name -> aggregation: what :class:`tve_pipeline.normalise.TaskVectorNormaliser` fits on."""
+    """target name -> aggregation: what :class:`tve_pipeline.normalise.TaskVectorNormaliser`
+    fits on."""
     return {d.name: d.aggregation for d in defs}

@@ -12,11 +12,13 @@ at the seed time, in (timestamp, pkey) order; columns: the entity's primary key,
 ``timestamp``, ``inactive`` and one column per target name holding the raw value. Both
 files are written under temporary names and moved into place.
 
-Design. The command reads the dataset's manifest (keys, time columns) and infers column
-types with :func:`tve_pipeline.database.column_types` from the non-key columns of the tables
-the traversal can reach; the data itself never goes through pandas: DuckDB reads the
-parquet files (:func:`tve_pipeline.targets.write_targets`), so a database of tens of
-millions of rows runs in a few gigabytes. Rows are read as stored (the whole folder, like
+Design. The command reads the dataset's manifest (keys, time columns) and types columns
+with :func:`tve_pipeline.database.column_types` from the non-key columns of the tables the
+traversal can reach and the dataset's ``tve_types.json`` (declared types win), exactly as
+the ``traversal_graph`` asset does, so both define the same targets; the data itself
+never goes through pandas: DuckDB reads the parquet files
+(:func:`tve_pipeline.targets.write_targets`), so a database of tens of millions of rows
+runs in a few gigabytes. Rows are read as stored (the whole folder, like
 ``get_db(upto_test_timestamp=False)``): without ``--timestamps`` the seed times are the
 database's training seed times, whose windows end by the validation timestamp, so no row
 after it is read; explicit ``--timestamps`` get exactly the windows they ask for. A
@@ -32,10 +34,13 @@ has at least its row count.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tve_pipeline.targets import TargetQuery
 
 # pandas, DuckDB and the library are imported when the command runs, not when ``tve``
 # builds its parser (every ``tve`` command builds it).
@@ -77,7 +82,8 @@ def _parse_timestamps(value: str) -> list:
         out.append(ts)
     if not out:
         raise ValueError(
-            "--timestamps is empty: give comma-separated times, or leave it out for the training seed times"
+            "--timestamps is empty: give comma-separated times, or leave it out for the"
+            " training seed times"
         )
     return out
 
@@ -112,14 +118,17 @@ def _parse_columns(
 
 
 def _infer_types(
-    manifest, table_files: dict[str, Path], tables: list[str]
+    manifest, table_files: dict[str, Path], tables: list[str], dataset_dir: Path
 ) -> dict[str, dict[str, str]]:
-    """Semantic types of the columns of ``tables``: keys and time columns ``key``, the rest by
-    :func:`tve_pipeline.database.column_types` on the non-key columns only (read one table
-    at a time, so the largest table's values are the most that is ever in memory)."""
+    """Semantic types of the columns of ``tables``: what
+    :func:`tve_pipeline.database.column_types` gives the ``traversal_graph`` asset (keys and
+    time columns ``key``, then the types ``dataset_dir/tve_types.json`` declares, then
+    inference), read one table at a time and its non-key columns only, so the largest
+    table's values are the most that is ever in memory."""
     import pandas as pd
 
     from tve_pipeline import database as tdb
+    from tve_pipeline.schema import KEY
 
     out: dict[str, dict[str, str]] = {}
     for name in tables:
@@ -128,8 +137,9 @@ def _infer_types(
         names = _table_columns(table_files, name)
         values = [c for c in names if c not in keys]
         frame = pd.read_parquet(table_files[name], columns=values) if values else pd.DataFrame()
-        inferred = tdb.column_types({name: frame}, SimpleNamespace(tables={name: spec}))[name]
-        out[name] = {c: (tdb.KEY if c in keys else inferred[c]) for c in names}
+        one_table = SimpleNamespace(tables={name: spec})
+        typed = tdb.column_types({name: frame}, one_table, dataset_dir)[name]
+        out[name] = {c: (KEY if c in keys else typed[c]) for c in names}
         del frame
     return out
 
@@ -158,50 +168,81 @@ def _duration(td) -> str:
     return f"{td.days} days" if td.value % (86_400 * 10**9) == 0 else str(td)
 
 
-def _write_json_atomic(defs, path: Path) -> None:
-    from tve_pipeline.traversal import save_targets_json
-
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_targets_json(defs, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def run_targets_command(args) -> dict:
-    """Run ``tve targets`` with parsed ``args``; returns a summary (also printed)."""
-    import pandas as pd
+    """Run ``tve targets`` with parsed ``args``; returns a summary (also printed).
 
+    The steps, each a function below: the dataset's table files and the entity table, the
+    target definitions (traversal graph of the typed columns, narrowed by the options),
+    the next window and the seed times, then the two files.
+    """
     from tve_pipeline import database as tdb
-    from tve_pipeline.targets import DEFAULT_SEEDS_PER_QUERY, INACTIVE, write_targets
-    from tve_pipeline.traversal import AGGREGATIONS_BY_STYPE, build_traversal_graph, traversal_paths
+    from tve_pipeline.targets import DEFAULT_SEEDS_PER_QUERY, TargetQuery
 
     dataset = tdb.open_dataset(args.dataset_dir)
     manifest = dataset.manifest
-    table_files = {name: Path(dataset.db_dir) / f"{name}.parquet" for name in manifest.tables}
+    table_files = _table_files(dataset)
+    _check_entity(manifest, args.entity)
+    defs = _target_defs(args, manifest, table_files, Path(dataset.dataset_dir))
+    delta = _next_window(args, dataset)
+    seeds = _seed_times(args, dataset, table_files, delta)
+    query = TargetQuery(
+        table_files,
+        manifest.tables,
+        defs,
+        args.entity,
+        seeds,
+        delta,
+        memory_limit=args.memory_limit,
+        threads=args.threads,
+        show_sql=args.show_sql,
+        seeds_per_query=(
+            DEFAULT_SEEDS_PER_QUERY
+            if args.seeds_per_query is None
+            else args.seeds_per_query or None
+        ),
+    )
+    summary = _write_outputs(query, Path(args.out))
+    _print_summary(summary, delta)
+    return summary
+
+
+def _table_files(dataset) -> dict[str, Path]:
+    """The parquet file of every table of the manifest, each checked to exist."""
+    table_files = {
+        name: Path(dataset.db_dir) / f"{name}.parquet" for name in dataset.manifest.tables
+    }
     for name, path in table_files.items():
         if not path.exists():
             raise ValueError(f"table {name!r}: no file {path}")
-    entity = args.entity
+    return table_files
+
+
+def _check_entity(manifest, entity: str) -> None:
     if entity not in manifest.tables:
         raise ValueError(f"unknown entity table {entity!r} (tables: {', '.join(manifest.tables)})")
     if manifest.tables[entity].pkey is None:
         raise ValueError(f"entity table {entity!r} has no primary key")
 
-    exclude_tables = _split(args.exclude_tables)
-    for table in exclude_tables:
+
+def _known_tables(option: str, value: str | None, manifest) -> list[str]:
+    """``--include-tables`` / ``--exclude-tables``: the tables named, each checked to exist."""
+    tables = _split(value)
+    for table in tables:
         if table not in manifest.tables:
             raise ValueError(
-                f"--exclude-tables: unknown table {table!r} (tables: {', '.join(manifest.tables)})"
+                f"{option}: unknown table {table!r} (tables: {', '.join(manifest.tables)})"
             )
-    include_tables = _split(args.include_tables) or None
-    for table in include_tables or ():
-        if table not in manifest.tables:
-            raise ValueError(
-                f"--include-tables: unknown table {table!r} (tables: {', '.join(manifest.tables)})"
-            )
+    return tables
+
+
+def _target_defs(args, manifest, table_files: dict[str, Path], dataset_dir: Path) -> list:
+    """The target definitions: the traversal graph of the entity table over the typed
+    columns of the tables its paths reach, narrowed by the table and column options."""
+    from tve_pipeline.traversal import build_traversal_graph, traversal_paths
+
+    entity = args.entity
+    exclude_tables = _known_tables("--exclude-tables", args.exclude_tables, manifest)
+    include_tables = _known_tables("--include-tables", args.include_tables, manifest) or None
     exclude_columns = _parse_columns("--exclude-columns", args.exclude_columns, table_files)
     wanted = _parse_columns("--columns", args.columns, table_files)
 
@@ -215,24 +256,9 @@ def run_targets_command(args) -> dict:
         fact_key_fact=args.fact_key_fact,
     )
     last_tables = list(dict.fromkeys(p[-1].table for p in paths))
-    types = _infer_types(manifest, table_files, sorted(set(last_tables) | set(wanted)))
-
-    if wanted:  # aggregate exactly these columns: each must be aggregatable and reached
-        for table, columns in wanted.items():
-            for column in columns:
-                stype = types[table][column]
-                if stype not in AGGREGATIONS_BY_STYPE:
-                    raise ValueError(
-                        f"--columns: {table}.{column} is a {stype} column; only numerical and "
-                        "categorical columns can be aggregated"
-                    )
-                if column in exclude_columns.get(table, ()):
-                    raise ValueError(f"--columns: {table}.{column} is also in --exclude-columns")
-            if table not in last_tables:
-                raise ValueError(
-                    f"--columns: no path from {entity!r} ends in table {table!r} "
-                    f"(paths end in: {', '.join(last_tables)})"
-                )
+    types = _infer_types(manifest, table_files, sorted(set(last_tables) | set(wanted)), dataset_dir)
+    if wanted:  # aggregate exactly these columns
+        _check_wanted_columns(wanted, types, exclude_columns, entity, last_tables)
         for table in last_tables:
             others = [c for c in types[table] if c not in wanted.get(table, ())]
             exclude_columns.setdefault(table, []).extend(others)
@@ -249,29 +275,75 @@ def run_targets_command(args) -> dict:
     )
     if not defs:  # cannot happen (every path has its row count), but never write an empty set
         raise ValueError(f"no targets for entity table {entity!r}")
+    return defs
+
+
+def _check_wanted_columns(
+    wanted: dict[str, list[str]],
+    types: dict[str, dict[str, str]],
+    exclude_columns: dict[str, list[str]],
+    entity: str,
+    last_tables: list[str],
+) -> None:
+    """``--columns``: each must be aggregatable, not excluded, and reached by a path."""
+    from tve_pipeline.traversal import AGGREGATIONS_BY_STYPE
+
+    for table, columns in wanted.items():
+        for column in columns:
+            stype = types[table][column]
+            if stype not in AGGREGATIONS_BY_STYPE:
+                raise ValueError(
+                    f"--columns: {table}.{column} is a {stype} column; only numerical and "
+                    "categorical columns can be aggregated"
+                )
+            if column in exclude_columns.get(table, ()):
+                raise ValueError(f"--columns: {table}.{column} is also in --exclude-columns")
+        if table not in last_tables:
+            raise ValueError(
+                f"--columns: no path from {entity!r} ends in table {table!r} "
+                f"(paths end in: {', '.join(last_tables)})"
+            )
+
+
+def _next_window(args, dataset):
+    """Δ: ``--timedelta``, else the window of the dataset's tasks."""
+    from tve_pipeline import database as tdb
+    from tve_pipeline.schema import DatabaseError
 
     if args.timedelta is not None:
-        delta = _parse_timedelta(args.timedelta)
-    else:
-        try:
-            delta = tdb.task_timedelta(dataset)
-        except tdb.DatabaseError as exc:
-            raise ValueError(f"{exc}; or pass --timedelta") from exc
-    if args.timestamps is not None:
-        seeds = _parse_timestamps(args.timestamps)
-    else:
-        seeds = list(
-            tdb.training_seed_times(
-                dataset.val_timestamp, _min_timestamp(manifest, table_files), delta
-            )
-        )
-        if not seeds:
-            raise ValueError(
-                f"no training seed time between the first timestamp and val - {delta} "
-                f"({pd.Timestamp(dataset.val_timestamp) - delta}): give --timestamps"
-            )
+        return _parse_timedelta(args.timedelta)
+    try:
+        return tdb.task_timedelta(dataset)
+    except DatabaseError as exc:
+        raise ValueError(f"{exc}; or pass --timedelta") from exc
 
-    out_dir = Path(args.out)
+
+def _seed_times(args, dataset, table_files: dict[str, Path], delta) -> list:
+    """``--timestamps``, else the database's training seed times (windows that end by the
+    validation timestamp)."""
+    import pandas as pd
+
+    from tve_pipeline.windows import training_seed_times
+
+    if args.timestamps is not None:
+        return _parse_timestamps(args.timestamps)
+    first = _min_timestamp(dataset.manifest, table_files)
+    seeds = list(training_seed_times(dataset.val_timestamp, first, delta))
+    if not seeds:
+        raise ValueError(
+            f"no training seed time between the first timestamp and val - {delta} "
+            f"({pd.Timestamp(dataset.val_timestamp) - delta}): give --timestamps"
+        )
+    return seeds
+
+
+def _write_outputs(query: TargetQuery, out_dir: Path) -> dict:
+    """``targets.parquet`` and ``targets.json`` in ``out_dir``, each moved into place when
+    whole; returns the summary of the run. A DuckDB failure is one line naming the entity."""
+    from tve_pipeline.common import atomic_path, error_summary
+    from tve_pipeline.targets import write_targets
+    from tve_pipeline.traversal import save_targets_json
+
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {out_dir} exists and is not a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -282,49 +354,41 @@ def run_targets_command(args) -> dict:
     except ImportError:  # pragma: no cover
         duck_errors = ()
     try:
-        stats = write_targets(
-            out_dir / "targets.parquet",
-            table_files,
-            manifest.tables,
-            defs,
-            entity,
-            seeds,
-            delta,
-            memory_limit=args.memory_limit,
-            threads=args.threads,
-            show_sql=args.show_sql,
-            seeds_per_query=(
-                DEFAULT_SEEDS_PER_QUERY
-                if args.seeds_per_query is None
-                else args.seeds_per_query or None
-            ),
-        )
+        stats = write_targets(query, out_dir / "targets.parquet")
     except duck_errors as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RuntimeError(f"DuckDB failed computing the targets of {entity!r}: {first}") from exc
-    _write_json_atomic(defs, out_dir / "targets.json")
-
-    summary = {
-        "entity_table": entity,
-        "targets": len(defs),
-        "seed_times": len(set(seeds)),
-        "timedelta": str(delta),
+        raise RuntimeError(
+            f"DuckDB failed computing the targets of {query.entity_table!r}: {error_summary(exc)}"
+        ) from exc
+    with atomic_path(out_dir / "targets.json") as tmp:
+        save_targets_json(query.defs, tmp)
+    return {
+        "entity_table": query.entity_table,
+        "targets": len(query.defs),
+        "seed_times": len(set(query.timestamps)),
+        "timedelta": str(query.timedelta),
         "rows": stats["rows"],
         "inactive": stats["inactive"],
         "parquet": str(out_dir / "targets.parquet"),
         "json": str(out_dir / "targets.json"),
     }
-    rate = stats["inactive"] / stats["rows"] if stats["rows"] else 0.0
+
+
+def _print_summary(summary: dict, delta) -> None:
+    from tve_pipeline.targets import INACTIVE
+
+    entity, rows, inactive = summary["entity_table"], summary["rows"], summary["inactive"]
+    rate = inactive / rows if rows else 0.0
     print(
-        f"wrote {summary['parquet']}: {stats['rows']} rows ({entity} x {summary['seed_times']} seed times, "
-        f"{rate:.1%} {INACTIVE}), {len(defs)} targets, window {_duration(delta)}; definitions in {summary['json']}"
+        f"wrote {summary['parquet']}: {rows} rows ({entity} x {summary['seed_times']} seed times,"
+        f" {rate:.1%} {INACTIVE}), {summary['targets']} targets, window {_duration(delta)};"
+        f" definitions in {summary['json']}"
     )
-    if stats["rows"] == 0:
+    if rows == 0:
         print(
-            f"tve targets: warning: no {entity!r} row exists at any of the seed times; the file has no rows",
+            f"tve targets: warning: no {entity!r} row exists at any of the seed times;"
+            " the file has no rows",
             file=sys.stderr,
         )
-    return summary
 
 
 def add_targets_parser(subparsers) -> argparse.ArgumentParser:
@@ -395,10 +459,19 @@ def add_targets_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m tve_pipeline.targets_cli ...``: the subcommand on its own (same errors as ``tve``)."""
-    from tve_pipeline.cli import main as tve_main
+    """``python -m tve_pipeline.targets_cli ...``: the subcommand on its own, with ``tve``'s
+    usage and one-line errors (exit status 2), without importing the ``tve`` command."""
+    from tve_pipeline.common import error_summary
 
-    return tve_main(["targets", *(sys.argv[1:] if argv is None else argv)])
+    parser = argparse.ArgumentParser(prog="tve")
+    add_targets_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["targets", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"tve: error: {error_summary(exc)}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

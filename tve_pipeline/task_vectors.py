@@ -39,9 +39,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from tve_pipeline.normalise import INACTIVE, TargetScaler, TaskVectorNormaliser, category_key
-
-TIMESTAMP = "timestamp"
+from tve_pipeline.normalise import TargetScaler, TaskVectorNormaliser, category_key
+from tve_pipeline.targets import INACTIVE, TIMESTAMP
 
 #: Rows of raw task vectors read at once (472 float64 targets: about 120 MB).
 CHUNK_ROWS = 32_768
@@ -90,7 +89,8 @@ class RawTaskVectorChunks:
     def chunks(
         self, columns: Sequence[str], wanted: np.ndarray | None = None
     ) -> Iterator[tuple[np.ndarray, pd.DataFrame]]:
-        """``(positions, rows)`` chunk after chunk: the ``wanted`` rows (all when None) and their columns.
+        """``(positions, rows)`` chunk after chunk: the ``wanted`` rows (all when None) and
+        their columns.
 
         Rows are dropped before they become pandas (at scale nearly all of a chunk is
         inactive); a part (file) with no wanted row is not read.
@@ -156,7 +156,8 @@ class SeedTaskVectors:
         return self.vectors.shape[1]
 
     def task_vectors(self, index) -> torch.Tensor:
-        """Dense ``[len(index), width]`` float32 ``y`` of the seeds at ``index`` (a tensor, array or slice)."""
+        """Dense ``[len(index), width]`` float32 ``y`` of the seeds at ``index`` (a tensor,
+        array or slice)."""
         if isinstance(index, torch.Tensor):
             index = index.numpy()
         rows = self.vector_row[index]
@@ -274,7 +275,8 @@ def fit_normaliser(
 def _normalised_rows(
     source: RawTaskVectorChunks, normaliser: TaskVectorNormaliser, vector_row: np.ndarray
 ) -> np.ndarray:
-    """Pass 3: ``normaliser.transform`` of every row with a ``vector_row`` (>= 0), into that row (float32)."""
+    """Pass 3: ``normaliser.transform`` of every row with a ``vector_row`` (>= 0), into that
+    row (float32)."""
     out = np.empty((int((vector_row >= 0).sum()), normaliser.width), dtype=np.float32)
     for at, chunk in source.chunks(
         [INACTIVE, *(s.name for s in normaliser.scalers)], wanted=vector_row >= 0
@@ -284,7 +286,8 @@ def _normalised_rows(
 
 
 def _numeric_values(chunk: pd.DataFrame, names: Sequence[str]) -> np.ndarray:
-    """``[rows, len(names)]`` float64 of numeric targets, non-numbers as NaN (``pd.to_numeric``'s coercion)."""
+    """``[rows, len(names)]`` float64 of numeric targets, non-numbers as NaN
+    (``pd.to_numeric``'s coercion)."""
     block = chunk[list(names)]
     if all(dtype.kind in "biuf" for dtype in block.dtypes):  # what compute_targets writes: one copy
         return block.to_numpy(dtype=np.float64, na_value=np.nan)

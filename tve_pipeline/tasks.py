@@ -11,6 +11,7 @@ from __future__ import annotations
 import duckdb
 import pandas as pd
 
+from tve_pipeline.common import naive_timestamps
 from tve_pipeline.targets import quote
 
 
@@ -23,7 +24,8 @@ def past_activity(
     time_col: str,
     window: pd.Timedelta,
 ) -> pd.Series:
-    """Number of first-hop rows of each (entity, seed time) row of ``labels`` in ``(t - Δ, t]``."""
+    """Number of first-hop rows of each (entity, seed time) row of ``labels`` in
+    ``(t - Δ, t]``."""
     facts = [
         (name, col)
         for name, spec in schema_tables.items()
@@ -33,25 +35,30 @@ def past_activity(
     ]
     if not facts:
         raise ValueError(
-            f"entity table {entity_table!r} has no incoming time-stamped fact table to measure activity"
+            f"entity table {entity_table!r} has no incoming time-stamped fact table "
+            "to measure activity"
         )
     con = duckdb.connect()
     try:
         keys = labels[[entity_col, time_col]].reset_index(drop=True).copy()
-        keys[time_col] = pd.to_datetime(keys[time_col]).astype("datetime64[us]")
+        keys[time_col] = naive_timestamps(keys[time_col]).astype("datetime64[us]")
         keys["tve_row"] = range(len(keys))
         con.register("tve_labels", keys)
         counts = []
+        seconds = int(window.total_seconds())
         for i, (fact, col) in enumerate(facts):
             ftime = schema_tables[fact].time_col
             con.register(f"tve_fact_{i}", tables[fact][[col, ftime]])
             counts.append(
                 f"""(SELECT count(*) FROM "tve_fact_{i}" f
                      WHERE f.{quote(col)} = l.{quote(entity_col)}
-                       AND f.{quote(ftime)} > l.{quote(time_col)} - INTERVAL '{int(window.total_seconds())} seconds'
+                       AND f.{quote(ftime)} > l.{quote(time_col)} - INTERVAL '{seconds} seconds'
                        AND f.{quote(ftime)} <= l.{quote(time_col)})"""
             )
-        sql = f"SELECT l.tve_row, {' + '.join(counts)} AS activity FROM tve_labels l ORDER BY l.tve_row"
+        sql = (
+            f"SELECT l.tve_row, {' + '.join(counts)} AS activity "
+            "FROM tve_labels l ORDER BY l.tve_row"
+        )
         out = con.sql(sql).df()
     finally:
         con.close()

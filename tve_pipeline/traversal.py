@@ -39,10 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-Direction = Literal["in", "out"]
+from tve_pipeline.schema import CATEGORICAL, NUMERICAL
 
-NUMERICAL = "numerical"
-CATEGORICAL = "categorical"
+Direction = Literal["in", "out"]
 
 #: Aggregations of a column, by semantic type (DESIGN.md section 1, step 2).
 AGGREGATIONS_BY_STYPE: dict[str, tuple[str, ...]] = {
@@ -74,7 +73,8 @@ class TableSpecLike(Protocol):
 
 @dataclass(frozen=True)
 class Hop:
-    """One step of a path: into ``table`` through its (``in``) or the current row's (``out``) column ``via``."""
+    """One step of a path: into ``table`` through its (``in``) or the current row's
+    (``out``) column ``via``."""
 
     table: str
     via: str

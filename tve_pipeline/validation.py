@@ -39,7 +39,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tve_pipeline.database import DatabaseError
+from tve_pipeline.common import error_summary
+from tve_pipeline.schema import SEMANTIC_TYPES, TYPES_FILE, DatabaseError
 
 _SAMPLE = 5
 _PLAIN_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -120,23 +121,58 @@ def _odd_identifier(name: str) -> str | None:
 
 
 def validate_dataset(dataset_dir: str | Path) -> ValidationReport:
-    """Check the dataset folder ``dataset_dir``; never raises for a bad dataset."""
-    from relbench.manifest import DatasetManifest, TaskManifest
+    """Check the dataset folder ``dataset_dir``; never raises for a bad dataset.
 
+    The steps, each a function below: the manifest and its split timestamps, every table's
+    parquet file, each table's columns and keys, the row counts, the sidecar files, the
+    tasks.
+    """
     dataset_dir = Path(dataset_dir).expanduser()
     report = ValidationReport(str(dataset_dir))
-    err, warn, info = report.errors.append, report.warnings.append, report.info.append
+    manifest = _read_manifest(dataset_dir, report)
+    if manifest is None:
+        return report
+    stamps = _split_timestamps(manifest, report.errors.append)
+    if not manifest.tables:
+        report.errors.append("manifest: no tables")
+    frames = _read_tables(dataset_dir, manifest, report)
+    counts = {"null_fkeys": {}, "dangling_fkeys": {}, "null_times": {}}
+    for name, spec in manifest.tables.items():
+        if name in frames:
+            _check_table(name, spec, frames, manifest, report, counts)
+    rows = {name: len(frames[name]) for name in manifest.tables if name in frames}
+    report.counts.update(
+        tables=len(manifest.tables), rows=rows, rows_total=sum(rows.values()), **counts
+    )
+    if "test_timestamp" in stamps:
+        report.counts["rows_upto_test_timestamp"] = _rows_upto(
+            stamps["test_timestamp"], manifest, frames
+        )
+    _check_sidecars(dataset_dir, frames, report)
+    _check_tasks(dataset_dir, manifest, frames, stamps, report)
+    return report
+
+
+def _read_manifest(dataset_dir: Path, report: ValidationReport):
+    """The folder's ``DatasetManifest``, or None (and an error) when there is none to read."""
+    from relbench.manifest import DatasetManifest
 
     manifest_path = dataset_dir / "manifest.yaml"
     if not manifest_path.is_file():
-        err(f"{dataset_dir} is not a RelBench dataset folder: no manifest.yaml there")
-        return report
+        report.errors.append(
+            f"{dataset_dir} is not a RelBench dataset folder: no manifest.yaml there"
+        )
+        return None
     try:
-        manifest = DatasetManifest.load(manifest_path)
+        return DatasetManifest.load(manifest_path)
     except Exception as exc:  # yaml errors, missing keys, wrong shapes
-        err(f"manifest.yaml cannot be read: {' '.join(str(exc).split()) or type(exc).__name__}")
-        return report
+        report.errors.append(f"manifest.yaml cannot be read: {error_summary(exc, whole=True)}")
+        return None
 
+
+def _split_timestamps(manifest, err) -> dict[str, pd.Timestamp]:
+    """``val_timestamp`` and ``test_timestamp`` as naive timestamps, val before test; the
+    ones that are not are left out (and reported)."""
     stamps = {}
     for what in ("val_timestamp", "test_timestamp"):
         value = getattr(manifest, what)
@@ -152,110 +188,120 @@ def validate_dataset(dataset_dir: str | Path) -> ValidationReport:
         stamps[what] = ts
     if len(stamps) == 2 and not stamps["val_timestamp"] < stamps["test_timestamp"]:
         err(
-            f"manifest: val_timestamp {stamps['val_timestamp']} is not before test_timestamp {stamps['test_timestamp']}"
+            f"manifest: val_timestamp {stamps['val_timestamp']} is not before "
+            f"test_timestamp {stamps['test_timestamp']}"
         )
-    if not manifest.tables:
-        err("manifest: no tables")
+    return stamps
 
-    # Read every table first: foreign keys need their parents' sizes.
+
+def _read_tables(dataset_dir: Path, manifest, report: ValidationReport) -> dict[str, pd.DataFrame]:
+    """Every table of the manifest whose parquet file reads. All are read before any is
+    checked: foreign keys need their parents' sizes."""
     frames: dict[str, pd.DataFrame] = {}
-    for name, spec in manifest.tables.items():
+    for name in manifest.tables:
         why = _odd_identifier(name)
         if why:
-            info(f"table '{name}': name has {why} (works; quote it in SQL)")
+            report.info.append(f"table '{name}': name has {why} (works; quote it in SQL)")
         path = dataset_dir / "db" / f"{name}.parquet"
         if not path.is_file():
-            err(f"{_where(name)}: db/{name}.parquet is missing")
+            report.errors.append(f"{_where(name)}: db/{name}.parquet is missing")
             continue
         try:
             frames[name] = pd.read_parquet(path)
         except Exception as exc:
-            err(f"{_where(name)}: db/{name}.parquet cannot be read: {' '.join(str(exc).split())}")
+            report.errors.append(
+                f"{_where(name)}: db/{name}.parquet cannot be read: "
+                f"{error_summary(exc, whole=True)}"
+            )
     extra = sorted(
         p.stem for p in (dataset_dir / "db").glob("*.parquet") if p.stem not in manifest.tables
     )
     for name in extra:
-        warn(f"table '{name}': db/{name}.parquet is not in manifest.yaml, so RelBench ignores it")
+        report.warnings.append(
+            f"table '{name}': db/{name}.parquet is not in manifest.yaml, so RelBench ignores it"
+        )
+    return frames
 
-    rows, null_fkeys, dangling, null_times = {}, {}, {}, {}
-    for name, spec in manifest.tables.items():
-        if name not in frames:
-            continue
-        df = frames[name]
-        rows[name] = len(df)
-        for col in df.columns:
-            why = _odd_identifier(str(col))
-            if why:
-                info(f"{_where(name, col)}: name has {why} (works; quote it in SQL)")
-        named = [
-            ("pkey", spec.pkey),
-            ("time_col", spec.time_col),
-            *[("fkey", c) for c in spec.fkeys],
-        ]
-        missing = [(what, col) for what, col in named if col is not None and col not in df.columns]
-        for what, col in missing:
+
+def _check_table(
+    name: str, spec, frames: dict[str, pd.DataFrame], manifest, report, counts: dict
+) -> None:
+    """One table: its column names, the columns the manifest names, its primary key, its
+    time column, its foreign keys. Null times and null or dangling references go into
+    ``counts``."""
+    err, warn = report.errors.append, report.warnings.append
+    df = frames[name]
+    for col in df.columns:
+        why = _odd_identifier(str(col))
+        if why:
+            report.info.append(f"{_where(name, col)}: name has {why} (works; quote it in SQL)")
+    named = [("pkey", spec.pkey), ("time_col", spec.time_col), *[("fkey", c) for c in spec.fkeys]]
+    for what, col in named:
+        if col is not None and col not in df.columns:
             err(
-                f"{_where(name, col)}: named as {what} in manifest.yaml but missing from db/{name}.parquet"
+                f"{_where(name, col)}: named as {what} in manifest.yaml "
+                f"but missing from db/{name}.parquet"
             )
-        if len(df) == 0:
-            err(f"{_where(name)}: empty (0 rows)")
-        if spec.pkey is not None and spec.pkey in df.columns:
-            _check_pkey(name, spec.pkey, df[spec.pkey], err)
-        if spec.time_col is not None and spec.time_col in df.columns:
-            nulls = _check_time(
-                name, spec.time_col, df[spec.time_col], spec.pkey is not None, err, warn
+    if len(df) == 0:
+        err(f"{_where(name)}: empty (0 rows)")
+    if spec.pkey is not None and spec.pkey in df.columns:
+        _check_pkey(name, spec.pkey, df[spec.pkey], err)
+    if spec.time_col is not None and spec.time_col in df.columns:
+        keyed = spec.pkey is not None
+        nulls = _check_time(name, spec.time_col, df[spec.time_col], keyed, err, warn)
+        if nulls:
+            counts["null_times"][f"{name}.{spec.time_col}"] = nulls
+    for col in df.columns:
+        if col != spec.time_col and isinstance(df[col].dtype, pd.DatetimeTZDtype):
+            warn(
+                f"{_where(name, col)}: timezone-aware ({df[col].dtype.tz}); "
+                "the time columns are naive"
             )
-            if nulls:
-                null_times[f"{name}.{spec.time_col}"] = nulls
-        for col in df.columns:
-            if col != spec.time_col and isinstance(df[col].dtype, pd.DatetimeTZDtype):
-                warn(
-                    f"{_where(name, col)}: timezone-aware ({df[col].dtype.tz}); the time columns are naive"
-                )
-        for col, parent in spec.fkeys.items():
-            if col not in df.columns:
-                continue
-            if parent not in manifest.tables:
-                err(f"{_where(name, col)}: foreign key to unknown table '{parent}'")
-                continue
-            if manifest.tables[parent].pkey is None:
-                err(
-                    f"{_where(name, col)}: foreign key to table '{parent}', which has no primary key"
-                )
-                continue
-            if parent not in frames:
-                continue
-            label = f"{name}.{col}"
-            n_null, n_bad = _check_fkey(name, col, df[col], parent, len(frames[parent]), err)
-            null_fkeys[label] = n_null
-            if n_bad:
-                dangling[label] = n_bad
+    for col, parent in spec.fkeys.items():
+        if col in df.columns:
+            _check_reference(name, col, parent, frames, manifest, err, counts)
 
-    report.counts.update(
-        tables=len(manifest.tables),
-        rows=rows,
-        rows_total=sum(rows.values()),
-        null_fkeys=null_fkeys,
-        dangling_fkeys=dangling,
-        null_times=null_times,
-    )
-    if "test_timestamp" in stamps:
-        test = stamps["test_timestamp"]
-        upto = {}
-        for name, spec in manifest.tables.items():
-            if (
-                name in frames
-                and spec.time_col in frames[name].columns
-                and pd.api.types.is_datetime64_dtype(frames[name][spec.time_col].dtype)
-            ):
-                upto[name] = int((frames[name][spec.time_col] <= test).sum())
-            elif name in frames:
-                upto[name] = len(frames[name])
-        report.counts["rows_upto_test_timestamp"] = sum(upto.values())
 
-    _check_sidecars(dataset_dir, frames, report)
+def _check_reference(name: str, col: str, parent: str, frames, manifest, err, counts) -> None:
+    """One foreign key: to a known table with a primary key, holding ids in its range."""
+    if parent not in manifest.tables:
+        err(f"{_where(name, col)}: foreign key to unknown table '{parent}'")
+        return
+    if manifest.tables[parent].pkey is None:
+        err(f"{_where(name, col)}: foreign key to table '{parent}', which has no primary key")
+        return
+    if parent not in frames:
+        return
+    label = f"{name}.{col}"
+    n_null, n_bad = _check_fkey(name, col, frames[name][col], parent, len(frames[parent]), err)
+    counts["null_fkeys"][label] = n_null
+    if n_bad:
+        counts["dangling_fkeys"][label] = n_bad
 
-    # Tasks.
+
+def _rows_upto(test: pd.Timestamp, manifest, frames: dict[str, pd.DataFrame]) -> int:
+    """How many rows RelBench keeps up to the test timestamp (all of an untimed table)."""
+    upto = {}
+    for name, spec in manifest.tables.items():
+        if (
+            name in frames
+            and spec.time_col in frames[name].columns
+            and pd.api.types.is_datetime64_dtype(frames[name][spec.time_col].dtype)
+        ):
+            upto[name] = int((frames[name][spec.time_col] <= test).sum())
+        elif name in frames:
+            upto[name] = len(frames[name])
+    return sum(upto.values())
+
+
+def _check_tasks(
+    dataset_dir: Path, manifest, frames: dict[str, pd.DataFrame], stamps: dict, report
+) -> None:
+    """Every ``tasks/<task>/manifest.yaml``: it parses, names tables of the dataset, and its
+    window fits between the validation and test timestamps."""
+    from relbench.manifest import TaskManifest
+
+    err, warn = report.errors.append, report.warnings.append
     task_dirs = sorted(p.parent for p in (dataset_dir / "tasks").glob("*/manifest.yaml"))
     report.counts["tasks"] = len(task_dirs)
     for task_dir in task_dirs:
@@ -264,9 +310,7 @@ def validate_dataset(dataset_dir: str | Path) -> ValidationReport:
             tm = TaskManifest.load(task_dir / "manifest.yaml")
             tm.validate()
         except Exception as exc:
-            err(
-                f"task '{tname}': manifest cannot be used: {' '.join(str(exc).split()) or type(exc).__name__}"
-            )
+            err(f"task '{tname}': manifest cannot be used: {error_summary(exc, whole=True)}")
             continue
         for what in ("entity_table", "src_entity_table", "dst_entity_table"):
             table = getattr(tm, what)
@@ -278,27 +322,36 @@ def validate_dataset(dataset_dir: str | Path) -> ValidationReport:
             and manifest.tables[tm.entity_table].pkey is None
         ):
             err(
-                f"task '{tname}': entity table '{tm.entity_table}' has no primary key to predict about"
+                f"task '{tname}': entity table '{tm.entity_table}' "
+                "has no primary key to predict about"
             )
         for pair in tm.remove_columns or []:
-            if (
-                not isinstance(pair, (list, tuple))
-                or len(pair) != 2
-                or pair[0] not in frames
-                or pair[1] not in frames[pair[0]].columns
-            ):
+            if not _names_column(pair, frames):
                 warn(
                     f"task '{tname}': remove_columns entry {pair!r} names no column of the dataset"
                 )
         if tm.timedelta and len(stamps) == 2:
-            try:
-                delta = pd.Timedelta(tm.timedelta)
-            except (TypeError, ValueError):
-                err(f"task '{tname}': timedelta {tm.timedelta!r} is not a duration")
-                continue
-            if stamps["test_timestamp"] - stamps["val_timestamp"] < delta:
-                err(f"task '{tname}': timedelta {tm.timedelta} is longer than test - val")
-    return report
+            _check_task_window(tname, tm.timedelta, stamps, err)
+
+
+def _names_column(pair, frames: dict[str, pd.DataFrame]) -> bool:
+    """Whether a ``remove_columns`` entry is a ``[table, column]`` of the dataset."""
+    return (
+        isinstance(pair, (list, tuple))
+        and len(pair) == 2
+        and pair[0] in frames
+        and pair[1] in frames[pair[0]].columns
+    )
+
+
+def _check_task_window(tname: str, timedelta, stamps: dict, err) -> None:
+    try:
+        delta = pd.Timedelta(timedelta)
+    except (TypeError, ValueError):
+        err(f"task '{tname}': timedelta {timedelta!r} is not a duration")
+        return
+    if stamps["test_timestamp"] - stamps["val_timestamp"] < delta:
+        err(f"task '{tname}': timedelta {timedelta} is longer than test - val")
 
 
 def _check_sidecars(
@@ -306,37 +359,36 @@ def _check_sidecars(
 ) -> None:
     """``tve_types.json`` must name real columns with known types; ``tve_import.json``'s
     counts (what the import changed or added) go into ``counts["import_report"]``."""
-    from tve_pipeline.database import CATEGORICAL, KEY, NUMERICAL, TEXT, TIMESTAMP
-
-    types_path = dataset_dir / "tve_types.json"
+    types_path = dataset_dir / TYPES_FILE
     if types_path.is_file():
         try:
             columns = json.loads(types_path.read_text())["columns"]
             items = [(t, c, v) for t, cols in columns.items() for c, v in cols.items()]
         except Exception as exc:
-            report.errors.append(
-                f"tve_types.json cannot be read: {' '.join(str(exc).split()) or type(exc).__name__}"
-            )
+            report.errors.append(f"{TYPES_FILE} cannot be read: {error_summary(exc, whole=True)}")
             items = []
         for table, col, typ in items:
-            if typ not in (NUMERICAL, CATEGORICAL, TIMESTAMP, TEXT, KEY):
+            if typ not in SEMANTIC_TYPES:
                 report.errors.append(
-                    f"{_where(table, col)}: tve_types.json gives unknown type {typ!r}"
+                    f"{_where(table, col)}: {TYPES_FILE} gives unknown type {typ!r}"
                 )
             elif table in frames and col not in frames[table].columns:
                 report.warnings.append(
-                    f"{_where(table, col)}: named in tve_types.json but not in db/{table}.parquet"
+                    f"{_where(table, col)}: named in {TYPES_FILE} but not in db/{table}.parquet"
                 )
             elif table not in frames:
                 report.warnings.append(
-                    f"{_where(table, col)}: named in tve_types.json, but the dataset has no such table"
+                    f"{_where(table, col)}: named in {TYPES_FILE}, "
+                    "but the dataset has no such table"
                 )
     import_path = dataset_dir / "tve_import.json"
     if import_path.is_file():
         try:
             imported = json.loads(import_path.read_text())
         except ValueError as exc:
-            report.warnings.append(f"tve_import.json cannot be read: {' '.join(str(exc).split())}")
+            report.warnings.append(
+                f"tve_import.json cannot be read: {error_summary(exc, whole=True)}"
+            )
             return
         if isinstance(imported, dict):
             report.counts["import_report"] = {k: v for k, v in imported.items() if k != "source"}
@@ -351,7 +403,8 @@ def _check_pkey(name: str, col: str, key: pd.Series, err) -> None:
     dup = values[values.duplicated(keep=False)]
     if len(dup):
         err(
-            f"{where}: primary key has {int(values.duplicated().sum())} duplicate values, e.g. {_sample(dup.unique())}"
+            f"{where}: primary key has {int(values.duplicated().sum())} duplicate values, "
+            f"e.g. {_sample(dup.unique())}"
         )
     if not pd.api.types.is_integer_dtype(key.dtype):
         err(f"{where}: primary key must hold integers 0..n-1, got {key.dtype}")
@@ -376,21 +429,23 @@ def _check_fkey(
     values = ref.dropna()
     if pd.api.types.is_bool_dtype(ref.dtype) or not pd.api.types.is_numeric_dtype(ref.dtype):
         err(
-            f"{where}: foreign key to '{parent}' must hold integer ids 0..n-1, got {ref.dtype}, e.g. {_sample(values.unique())}"
+            f"{where}: foreign key to '{parent}' must hold integer ids 0..n-1, got {ref.dtype}, "
+            f"e.g. {_sample(values.unique())}"
         )
         return n_null, 0
     if pd.api.types.is_float_dtype(ref.dtype):
         fractional = values[values != np.floor(values)]
         if len(fractional):
             err(
-                f"{where}: foreign key to '{parent}' has {len(fractional)} non-integer values, e.g. {_sample(fractional.unique())}"
+                f"{where}: foreign key to '{parent}' has {len(fractional)} non-integer values, "
+                f"e.g. {_sample(fractional.unique())}"
             )
             return n_null, 0
     bad = values[(values < 0) | (values >= n_parent)]
     if len(bad):
         err(
-            f"{where}: {len(bad)} dangling foreign keys (not in 0..{n_parent - 1} of table '{parent}'), "
-            f"e.g. {_sample(pd.unique(bad))}"
+            f"{where}: {len(bad)} dangling foreign keys "
+            f"(not in 0..{n_parent - 1} of table '{parent}'), e.g. {_sample(pd.unique(bad))}"
         )
     return n_null, len(bad)
 
@@ -409,47 +464,51 @@ def _check_time(name: str, col: str, ser: pd.Series, keyed: bool, err, warn) -> 
     nulls = int(ser.isna().sum())
     if isinstance(dtype, pd.DatetimeTZDtype):
         err(
-            f"{where}: time column is timezone-aware ({dtype.tz}); RelBench compares naive times, convert and drop the zone"
+            f"{where}: time column is timezone-aware ({dtype.tz}); RelBench compares naive "
+            "times, convert and drop the zone"
         )
-    elif pd.api.types.is_datetime64_dtype(dtype):
-        pass
-    elif pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype):
-        err(f"{where}: time column holds {dtype}, not datetimes")
-        return nulls
-    else:
-        values = ser.dropna()
-        kinds = {type(v).__name__ for v in values}
-        if kinds and kinds <= {"Timestamp", "datetime"}:
-            zones = {str(getattr(v, "tzinfo", None)) for v in values}
-            if len(zones) > 1:
-                err(f"{where}: mixed timezones in the time column ({', '.join(sorted(zones))})")
-            else:
-                err(f"{where}: time column is stored as {dtype} objects, not datetime64")
-            return nulls
-        text = values.astype(str)
-        parsed = pd.to_datetime(text, errors="coerce", format="mixed", utc=True)
-        bad = text[parsed.isna()]
-        if len(bad):
-            err(
-                f"{where}: time column has {len(bad)} values that are not timestamps, e.g. {_sample(bad.unique())}"
-            )
-        else:
-            offsets = text.str.contains(r"(?:Z|[+-]\d{2}:?\d{2})$")
-            if offsets.any() and not offsets.all():
-                err(
-                    f"{where}: mixed timezones: {int(offsets.sum())} values carry a UTC offset, "
-                    f"{int((~offsets).sum())} do not"
-                )
-            else:
-                err(
-                    f"{where}: time column is stored as text ({dtype}), not datetime64; parse it on import"
-                )
+    elif not pd.api.types.is_datetime64_dtype(dtype):
+        _diagnose_stored_times(where, ser, err)
         return nulls
     if nulls:
         warn(f"{where}: {nulls} rows have no time; RelBench never shows them to a model")
     if keyed and not is_time_sorted(ser):
         err(
-            f"{where}: rows are not sorted by the time column (rows without a time last); RelBench's "
-            "upto() keeps a prefix, so 0..n-1 keys break"
+            f"{where}: rows are not sorted by the time column (rows without a time last); "
+            "RelBench's upto() keeps a prefix, so 0..n-1 keys break"
         )
     return nulls
+
+
+def _diagnose_stored_times(where: str, ser: pd.Series, err) -> None:
+    """Why a time column that is not ``datetime64`` is not: numbers, datetime objects
+    (mixed timezones), values that are not timestamps, mixed UTC offsets, or plain text."""
+    dtype = ser.dtype
+    if pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype):
+        err(f"{where}: time column holds {dtype}, not datetimes")
+        return
+    values = ser.dropna()
+    kinds = {type(v).__name__ for v in values}
+    if kinds and kinds <= {"Timestamp", "datetime"}:
+        zones = {str(getattr(v, "tzinfo", None)) for v in values}
+        if len(zones) > 1:
+            err(f"{where}: mixed timezones in the time column ({', '.join(sorted(zones))})")
+        else:
+            err(f"{where}: time column is stored as {dtype} objects, not datetime64")
+        return
+    text = values.astype(str)
+    parsed = pd.to_datetime(text, errors="coerce", format="mixed", utc=True)
+    bad = text[parsed.isna()]
+    offsets = text.str.contains(r"(?:Z|[+-]\d{2}:?\d{2})$")
+    if len(bad):
+        err(
+            f"{where}: time column has {len(bad)} values that are not timestamps, "
+            f"e.g. {_sample(bad.unique())}"
+        )
+    elif offsets.any() and not offsets.all():
+        err(
+            f"{where}: mixed timezones: {int(offsets.sum())} values carry a UTC offset, "
+            f"{int((~offsets).sum())} do not"
+        )
+    else:
+        err(f"{where}: time column is stored as text ({dtype}), not datetime64; parse it on import")

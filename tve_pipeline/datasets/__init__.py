@@ -1,4 +1,5 @@
-"""Build RelBench 3 dataset folders: the writer, rel-f1, rel-flights, a user's own files, a synthetic shop."""
+"""Build RelBench 3 dataset folders: the writer, rel-f1, rel-flights, a user's own files,
+a synthetic shop."""
 
 from tve_pipeline.datasets.files import build_from_files
 from tve_pipeline.datasets.flights import build_flights

@@ -16,7 +16,7 @@ and non-ASCII letters (quote them in YAML and, in task SQL, as DuckDB identifier
     val_timestamp: 2021-07-01         # required; rows up to here train, after it validate
     test_timestamp: 2021-10-01        # required
     missing_parents: add_parents      # dangling foreign keys: null (default) or add_parents
-    timezone: Europe/Berlin           # optional: zone for timestamps with a UTC offset (default UTC)
+    timezone: Europe/Berlin           # optional: zone for times with a UTC offset (default UTC)
     tables:
       customers:
         csv: data/customers.csv       # one of csv / parquet / sqlite / duckdb
@@ -42,7 +42,7 @@ and non-ASCII letters (quote them in YAML and, in task SQL, as DuckDB identifier
         foreign_keys:
           customer_id: customers
           line_id: {columns: [order_no, line_no], references: order lines}
-    tasks:                            # optional, RelBench task manifests (kind defaults to forecast)
+    tasks:                            # optional: RelBench task manifests (default kind: forecast)
       - name: customer-churn
         task_type: binary_classification
         entity_table: customers
@@ -64,6 +64,11 @@ A top-level ``sqlite: path`` or ``duckdb: path`` is the default source of tables
 none. CSV files are read with pandas' defaults (``read_options`` passes more keyword
 arguments to ``pandas.read_csv``).
 
+The file is read with ``yaml.safe_load`` and checked by typed models (:class:`ImportSchema`,
+its :class:`TableSchema` and :class:`ForeignKeySchema`, its tasks as RelBench's
+``TaskManifest``); unknown keys are errors, and every problem is one line naming the
+table and column (or task).
+
 What the import does
 ====================
 
@@ -83,14 +88,14 @@ What the import does
   columns set, everything else null) per distinct missing id. (A placeholder in a table
   with a time column has no time unless the time is part of its key, so RelBench's
   time-filtered views leave it out and the references to it read as null there.) Either
-  way they are counted
-  in ``tve_import.json`` (``unmatched_fkeys`` / ``added_parents``), as are references that
-  were null already (``null_fkeys``).
+  way they are counted in ``tve_import.json`` (``unmatched_fkeys`` / ``added_parents``),
+  as are references that were null already (``null_fkeys``).
 * **Times.** Time columns and columns typed ``timestamp`` are parsed (ISO 8601 first, or
   ``time_format``); a string column whose every value is an ISO date is parsed too.
   Values with a UTC offset, and epoch numbers (which count in UTC), are converted to
-  ``timezone`` and made naive (RelBench compares naive times); a column mixing values with and without an offset, or holding values that
-  are not timestamps, is an error naming the table, column and a sample. Rows with no
+  ``timezone`` and made naive (RelBench compares naive times); a column mixing values
+  with and without an offset, or holding values that are not timestamps, is an error
+  naming the table, column and a sample. Rows with no
   time are kept and counted (``null_times``); RelBench never shows them to a model.
   RelBench filters time columns with ``DataFrame.query``, which cannot name a column that
   is not a Python identifier, so such a time column is renamed (``ordered at`` ->
@@ -121,48 +126,35 @@ import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
 import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    InstanceOf,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from relbench.manifest import KIND_FORECAST, TableSpec, TaskManifest
 
-from tve_pipeline.database import CATEGORICAL, KEY, NUMERICAL, TEXT, TIMESTAMP, infer_column_type
+from tve_pipeline.common import error_summary
+from tve_pipeline.database import infer_column_type
 from tve_pipeline.datasets.writer import IMPORT_REPORT_FILE, write_dataset
+from tve_pipeline.schema import KEY, NUMERICAL, SEMANTIC_TYPES, TIMESTAMP, TYPES_FILE
 
-TYPES_FILE = "tve_types.json"
-SEMANTIC_TYPES = (NUMERICAL, CATEGORICAL, TIMESTAMP, TEXT, KEY)
 SOURCE_KINDS = ("csv", "parquet", "sqlite", "duckdb")
 POLICIES = ("null", "add_parents")
 
-_TABLE_KEYS = {
-    *SOURCE_KINDS,
-    "table",
-    "query",
-    "read_options",
-    "primary_key",
-    "key_column",
-    "original_id_column",
-    "time_column",
-    "time_format",
-    "foreign_keys",
-    "types",
-}
-_TOP_KEYS = {
-    "name",
-    "description",
-    "val_timestamp",
-    "test_timestamp",
-    "missing_parents",
-    "timezone",
-    "tables",
-    "tasks",
-    "sqlite",
-    "duckdb",
-}
 _ISO = re.compile(
-    r"^\d{4}-\d{2}-\d{2}(?:[ T]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:\s*(?:Z|[+-]\d{2}(?::?\d{2})?))?)?$"
+    r"^\d{4}-\d{2}-\d{2}"
+    r"(?:[ T]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:\s*(?:Z|[+-]\d{2}(?::?\d{2})?))?)?$"
 )
 # A UTC offset, only after a clock time (so the day of "2021-01-01" is not one).
 _OFFSET = re.compile(r"[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?\s*(?:Z|[+-]\d{2}(?::?\d{2})?)$")
@@ -174,8 +166,296 @@ def _fail(message: str):
 
 
 # --------------------------------------------------------------------------- #
-# The schema file
+# The schema file: what it may say (pydantic models), then what it means (_TableDef)
 # --------------------------------------------------------------------------- #
+#
+# A validator raises ValueError with the message a user reads; ``_schema_problem`` puts
+# in front of it where the problem is (the schema file, or ``table '<name>'`` and the key
+# of the table: ``primary_key``, ``foreign key '<column>'``, ``type of column
+# '<column>'``), so that every message is one line naming the table and column.
+
+
+def _column_names(value) -> list[str]:
+    """A column name or a non-empty list of them, as a list (none: [])."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise ValueError(f"must be a column name or a list of column names, got {value!r}")
+
+
+def _semantic_type(value) -> str:
+    if value not in SEMANTIC_TYPES:
+        raise ValueError(f"must be one of {list(SEMANTIC_TYPES)}, got {value!r}")
+    return value
+
+
+def _table_name(value) -> str:
+    name = str(value)
+    if not name or "/" in name or name.startswith(".") or name == "timestamps":
+        raise ValueError("not a usable table name (no '/', no leading '.', not 'timestamps')")
+    return name
+
+
+def _mapping_or_empty(what: str):
+    """A before-validator: a mapping as it is, nothing as {}, anything else an error."""
+
+    def check(value):
+        value = value or {}
+        if not isinstance(value, dict):
+            raise ValueError(what)
+        return value
+
+    return BeforeValidator(check)
+
+
+def _task_manifest(item: dict) -> TaskManifest:
+    """A task of the schema file as RelBench's manifest (``kind`` defaults to forecast)."""
+    item = {"kind": KIND_FORECAST, **item}
+    if "timedelta" in item and item["timedelta"] is not None:
+        item["timedelta"] = str(item["timedelta"])
+    unknown = sorted(set(item) - set(TaskManifest.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"task '{item['name']}': unknown keys {unknown}")
+    tm = TaskManifest.from_dict(item)
+    tm.validate()
+    return tm
+
+
+ColumnName = Annotated[str, BeforeValidator(str)]
+SemanticType = Annotated[str, BeforeValidator(_semantic_type)]
+TableName = Annotated[str, BeforeValidator(_table_name)]
+TaskSchema = Annotated[InstanceOf[TaskManifest], BeforeValidator(_task_manifest)]
+
+
+class _SchemaModel(BaseModel):
+    # Unknown keys are errors (a typo must not be ignored); a number where a name is
+    # expected is that name, as YAML reads ``2021`` or ``5`` unquoted.
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+
+
+class ForeignKeySchema(_SchemaModel):
+    """A foreign key: ``column: parent`` (the short form: the column holds the parent's
+    ids, rewritten in place) or ``{columns: [...], references: parent}`` (a new column
+    that references the parent through ``columns``)."""
+
+    references: str
+    columns: list[str] | None = None  # None: the short form
+
+    @model_validator(mode="before")
+    @classmethod
+    def _either_form(cls, value):
+        if isinstance(value, str):
+            return {"references": value}
+        long_form = isinstance(value, dict) and set(value) <= {"columns", "references"}
+        if long_form and value.get("references"):
+            return {"references": str(value["references"]), "columns": value.get("columns")}
+        raise ValueError("must be a parent table name or {columns: [...], references: parent}")
+
+    @field_validator("columns", mode="before")
+    @classmethod
+    def _columns(cls, value) -> list[str]:
+        return _column_names(value)
+
+    @model_validator(mode="after")
+    def _has_columns(self) -> ForeignKeySchema:
+        if self.columns == []:
+            raise ValueError("needs 'columns'")
+        return self
+
+
+class TableSchema(_SchemaModel):
+    """One table of the schema file: its source, its keys, its time column, its types."""
+
+    csv: str | None = None
+    parquet: str | None = None
+    sqlite: str | None = None
+    duckdb: str | None = None
+    table: str | None = None
+    query: str | None = None
+    read_options: Annotated[dict[str, Any], _mapping_or_empty("must be a mapping")] = {}
+    primary_key: Annotated[list[str], BeforeValidator(_column_names)] = []
+    key_column: str | None = None
+    original_id_column: str | None = None
+    time_column: str | None = None
+    time_format: str | None = None
+    foreign_keys: Annotated[
+        dict[ColumnName, ForeignKeySchema],
+        _mapping_or_empty("must map a column to its parent table"),
+    ] = {}
+    types: Annotated[
+        dict[ColumnName, SemanticType],
+        _mapping_or_empty(f"must map column names to one of {list(SEMANTIC_TYPES)}"),
+    ] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_mapping(cls, value):
+        value = value or {}
+        if not isinstance(value, dict):
+            raise ValueError("expected a mapping (csv/parquet/sqlite/duckdb, primary_key, ...)")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TableSchema:
+        kinds = self.own_sources
+        if len(kinds) > 1:
+            raise ValueError(f"give one source, not {kinds}")
+        if kinds and kinds[0] in ("csv", "parquet") and (self.table or self.query):
+            raise ValueError("'table' and 'query' apply to sqlite and duckdb sources only")
+        if self.table and self.query:
+            raise ValueError("give 'table' or 'query', not both")
+        pkey = self.primary_key
+        in_place = len(pkey) == 1 and (self.key_column or pkey[0]) == pkey[0]
+        if self.original_id_column and not in_place:
+            raise ValueError(
+                "original_id_column applies to a single-column primary_key without key_column"
+            )
+        if self.time_format is not None and not self.time_column:
+            raise ValueError("time_format given without time_column")
+        return self
+
+    @property
+    def own_sources(self) -> list[str]:
+        """The source kinds the table names itself (one, or none for the default)."""
+        return [kind for kind in SOURCE_KINDS if getattr(self, kind)]
+
+
+class ImportSchema(_SchemaModel):
+    """The schema file of ``tve import files`` (the YAML format above)."""
+
+    name: str | None = None
+    description: str | None = None
+    val_timestamp: str = Field(default=None, validate_default=True)
+    test_timestamp: str = Field(default=None, validate_default=True)
+    missing_parents: Literal["null", "add_parents"] = "null"
+    timezone: str = "UTC"
+    sqlite: str | None = None
+    duckdb: str | None = None
+    tables: dict[TableName, TableSchema] = Field(default=None, validate_default=True)
+    tasks: list[TaskSchema] = []
+
+    @field_validator("val_timestamp", "test_timestamp", mode="before")
+    @classmethod
+    def _required(cls, value, info: ValidationInfo) -> str:
+        if value is None:
+            raise ValueError(f"'{info.field_name}' is required")
+        return str(value)
+
+    @field_validator("missing_parents", mode="before")
+    @classmethod
+    def _policy(cls, value) -> str:
+        policy = value or "null"
+        if policy not in POLICIES:
+            raise ValueError(f"missing_parents must be one of {list(POLICIES)}, got {policy!r}")
+        return policy
+
+    @field_validator("timezone", mode="before")
+    @classmethod
+    def _zone(cls, value) -> str:
+        tz = str(value or "UTC")
+        try:
+            pd.Timestamp("2000-01-01", tz=tz)
+        except Exception:
+            raise ValueError(
+                f"timezone {tz!r} is not a time zone name (e.g. UTC, Europe/Berlin)"
+            ) from None
+        return tz
+
+    @field_validator("duckdb")
+    @classmethod
+    def _one_default_source(cls, value, info: ValidationInfo):
+        if value and info.data.get("sqlite"):
+            raise ValueError("give at most one of the top-level 'sqlite' and 'duckdb'")
+        return value
+
+    @field_validator("tables", mode="before")
+    @classmethod
+    def _some_tables(cls, value):
+        if not isinstance(value, dict) or not value:
+            raise ValueError("'tables' must map table names to their sources")
+        return value
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _task_list(cls, value):
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise ValueError("'tasks' must be a list of task manifests")
+        for i, item in enumerate(value):
+            if not isinstance(item, dict) or not item.get("name"):
+                raise ValueError(f"task #{i + 1} must be a mapping with a 'name'")
+        return value
+
+    @property
+    def default_source(self) -> tuple[str, str] | None:
+        """The top-level ``sqlite`` or ``duckdb`` file, for tables that name no source."""
+        kind = "sqlite" if self.sqlite else "duckdb" if self.duckdb else None
+        return None if kind is None else (kind, getattr(self, kind))
+
+
+def _schema_problem(exc: ValidationError, schema_yaml: Path) -> str:
+    """The first problem pydantic found, as the one line a user reads: the file's own
+    problems first, then each table's in the file's order (unknown keys first), then the
+    tasks'."""
+    errors = exc.errors()
+    seen: dict[tuple, int] = {}
+    for e in errors:
+        seen.setdefault(_scope(e["loc"]), len(seen))
+
+    def order(e) -> tuple:
+        scope = _scope(e["loc"])
+        group = 0 if not scope else 1 if scope[0] == "tables" else 2
+        return group, seen[scope], e["type"] != "extra_forbidden"
+
+    first = min(errors, key=order)
+    scope = _scope(first["loc"])
+    rest = first["loc"][len(scope) :]
+    if first["type"] == "extra_forbidden":
+        unknown = sorted(
+            (
+                e["loc"][-1]
+                for e in errors
+                if e["type"] == "extra_forbidden" and _scope(e["loc"]) == scope
+            ),
+            key=str,
+        )
+        fields = TableSchema.model_fields if scope else ImportSchema.model_fields
+        message = f"unknown keys {unknown}; expected some of {sorted(fields)}"
+    elif first["type"] == "value_error":
+        # The file's own validators name their key; a table's say what is wrong with it.
+        message = (_what(rest) if scope else "") + str(first["ctx"]["error"])
+    else:  # a value of the wrong type: its key and what pydantic expected instead
+        message = _what(rest) + first["msg"][0].lower() + first["msg"][1:]
+    if not scope:
+        return f"{schema_yaml}: {message}"
+    if scope[0] == "tables":
+        return f"table '{scope[1]}': {message}"
+    return message  # a task's: ours and RelBench's name the task ("task 'churn': ...")
+
+
+def _scope(loc: tuple) -> tuple:
+    """Whose problem an error at ``loc`` is: a table's (``("tables", name)``), a task's
+    (``("tasks", i)``) or the file's (``()``)."""
+    return tuple(loc[:2]) if loc[:1] in (("tables",), ("tasks",)) and len(loc) > 1 else ()
+
+
+def _what(loc: tuple) -> str:
+    """The key (of a table, or of the file) an error is about, as the start of its message."""
+    match loc:
+        case () | ("[key]",):
+            return ""
+        case ("foreign_keys", col):
+            return f"foreign key '{col}' "
+        case ("foreign_keys", col, "columns"):
+            return f"foreign key '{col}' columns "
+        case ("types", col):
+            return f"type of column '{col}' "
+        case _:
+            return f"{'.'.join(map(str, loc))} "
 
 
 @dataclass
@@ -188,6 +468,8 @@ class _FKey:
 
 @dataclass
 class _TableDef:
+    """What a table of the schema file means: its source resolved, its keys named."""
+
     name: str
     kind: str
     path: Path | None
@@ -203,149 +485,83 @@ class _TableDef:
     types: dict[str, str] = field(default_factory=dict)
 
 
-def _as_list(value, what: str) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
-        return list(value)
-    _fail(f"{what} must be a column name or a list of column names, got {value!r}")
-
-
-def _parse_schema(schema_yaml: Path) -> tuple[dict, dict[str, _TableDef]]:
+def _parse_schema(schema_yaml: Path) -> tuple[ImportSchema, dict[str, _TableDef]]:
+    """The schema file, checked (a problem is one line naming the table and column), and
+    what each of its tables means."""
     if not schema_yaml.is_file():
         raise FileNotFoundError(f"schema file {schema_yaml} does not exist")
     try:
         doc = yaml.safe_load(schema_yaml.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        _fail(f"{schema_yaml}: not valid YAML: {' '.join(str(exc).split())}")
+        _fail(f"{schema_yaml}: not valid YAML: {error_summary(exc, whole=True)}")
     if not isinstance(doc, dict):
         _fail(
             f"{schema_yaml}: expected a mapping with 'tables', 'val_timestamp' and 'test_timestamp'"
         )
-    unknown = sorted(set(doc) - _TOP_KEYS)
-    if unknown:
-        _fail(f"{schema_yaml}: unknown keys {unknown}; expected some of {sorted(_TOP_KEYS)}")
-    for key in ("val_timestamp", "test_timestamp"):
-        if doc.get(key) is None:
-            _fail(f"{schema_yaml}: '{key}' is required")
-    tables = doc.get("tables")
-    if not isinstance(tables, dict) or not tables:
-        _fail(f"{schema_yaml}: 'tables' must map table names to their sources")
-    policy = doc.get("missing_parents") or "null"
-    if policy not in POLICIES:
-        _fail(f"{schema_yaml}: missing_parents must be one of {list(POLICIES)}, got {policy!r}")
-    doc["missing_parents"] = policy
-    base = schema_yaml.parent
-    defaults = {kind: doc[kind] for kind in ("sqlite", "duckdb") if doc.get(kind)}
-    if len(defaults) > 1:
-        _fail(f"{schema_yaml}: give at most one of the top-level 'sqlite' and 'duckdb'")
+    try:
+        schema = ImportSchema.model_validate(doc)
+    except ValidationError as exc:
+        raise ValueError(_schema_problem(exc, schema_yaml)) from exc
+    defs = {
+        name: _table_def(name, spec, schema.default_source, schema_yaml.parent)
+        for name, spec in schema.tables.items()
+    }
+    _check_references(defs)
+    return schema, defs
 
-    defs: dict[str, _TableDef] = {}
-    for name, spec in tables.items():
-        name = str(name)
-        where = f"table '{name}'"
-        if not name or "/" in name or name.startswith(".") or name == "timestamps":
-            _fail(f"{where}: not a usable table name (no '/', no leading '.', not 'timestamps')")
-        spec = spec or {}
-        if not isinstance(spec, dict):
-            _fail(f"{where}: expected a mapping (csv/parquet/sqlite/duckdb, primary_key, ...)")
-        unknown = sorted(set(spec) - _TABLE_KEYS)
-        if unknown:
-            _fail(f"{where}: unknown keys {unknown}; expected some of {sorted(_TABLE_KEYS)}")
-        kinds = [k for k in SOURCE_KINDS if spec.get(k)]
-        if len(kinds) > 1:
-            _fail(f"{where}: give one source, not {kinds}")
-        if kinds:
-            kind, path = kinds[0], spec[kinds[0]]
-        elif defaults:
-            kind, path = next(iter(defaults.items()))
-        else:
-            _fail(f"{where}: no source; give one of {list(SOURCE_KINDS)} (a path)")
-        if kind in ("csv", "parquet") and (spec.get("table") or spec.get("query")):
-            _fail(f"{where}: 'table' and 'query' apply to sqlite and duckdb sources only")
-        if spec.get("table") and spec.get("query"):
-            _fail(f"{where}: give 'table' or 'query', not both")
-        pkey = _as_list(spec.get("primary_key"), f"{where}: primary_key")
-        single = len(pkey) == 1
-        key_column = spec.get("key_column") or (pkey[0] if single else f"{name}_id")
-        in_place = single and key_column == pkey[0]
-        original = spec.get("original_id_column") or (f"{pkey[0]}_original" if in_place else None)
-        if spec.get("original_id_column") and not in_place:
-            _fail(
-                f"{where}: original_id_column applies to a single-column primary_key without key_column"
-            )
-        time_format = spec.get("time_format")
-        if time_format is not None and not spec.get("time_column"):
-            _fail(f"{where}: time_format given without time_column")
-        fkeys = []
-        raw_fkeys = spec.get("foreign_keys") or {}
-        if not isinstance(raw_fkeys, dict):
-            _fail(f"{where}: foreign_keys must map a column to its parent table")
-        for col, target in raw_fkeys.items():
-            col = str(col)
-            if isinstance(target, str):
-                fkeys.append(_FKey([col], target, col, True))
-            elif (
-                isinstance(target, dict)
-                and set(target) <= {"columns", "references"}
-                and target.get("references")
-            ):
-                columns = _as_list(target.get("columns"), f"{where}: foreign key '{col}' columns")
-                if not columns:
-                    _fail(f"{where}: foreign key '{col}' needs 'columns'")
-                fkeys.append(_FKey(columns, str(target["references"]), col, columns == [col]))
-            else:
-                _fail(
-                    f"{where}: foreign key '{col}' must be a parent table name or "
-                    "{columns: [...], references: parent}"
-                )
-        types = spec.get("types") or {}
-        if not isinstance(types, dict):
-            _fail(f"{where}: types must map column names to one of {list(SEMANTIC_TYPES)}")
-        for col, typ in types.items():
-            if typ not in SEMANTIC_TYPES:
-                _fail(
-                    f"{where}: type of column '{col}' must be one of {list(SEMANTIC_TYPES)}, got {typ!r}"
-                )
-        read_options = spec.get("read_options") or {}
-        if read_options and kind != "csv":
-            _fail(f"{where}: read_options apply to csv sources only")
-        defs[name] = _TableDef(
-            name=name,
-            kind=kind,
-            path=(base / str(path)).resolve(),
-            table=spec.get("table"),
-            query=spec.get("query"),
-            read_options=dict(read_options),
-            pkey=pkey,
-            key_column=str(key_column),
-            original_id_column=original,
-            time_column=spec.get("time_column"),
-            time_format=None if time_format is None else str(time_format),
-            fkeys=fkeys,
-            types={str(k): v for k, v in types.items()},
-        )
 
+def _table_def(name: str, spec: TableSchema, default, base: Path) -> _TableDef:
+    """A table of the schema file with its source (its own, or the file's default) and its
+    key columns named (``key_column`` and ``original_id_column`` defaults)."""
+    where = f"table '{name}'"
+    kinds = spec.own_sources
+    if kinds:
+        kind, path = kinds[0], getattr(spec, kinds[0])
+    elif default:
+        kind, path = default
+    else:
+        _fail(f"{where}: no source; give one of {list(SOURCE_KINDS)} (a path)")
+    if spec.read_options and kind != "csv":
+        _fail(f"{where}: read_options apply to csv sources only")
+    pkey = spec.primary_key
+    single = len(pkey) == 1
+    key_column = spec.key_column or (pkey[0] if single else f"{name}_id")
+    in_place = single and key_column == pkey[0]
+    return _TableDef(
+        name=name,
+        kind=kind,
+        path=(base / str(path)).resolve(),
+        table=spec.table,
+        query=spec.query,
+        read_options=dict(spec.read_options),
+        pkey=pkey,
+        key_column=key_column,
+        original_id_column=spec.original_id_column or (f"{pkey[0]}_original" if in_place else None),
+        time_column=spec.time_column,
+        time_format=spec.time_format,
+        fkeys=[
+            _FKey(fk.columns or [col], fk.references, col, fk.columns in (None, [col]))
+            for col, fk in spec.foreign_keys.items()
+        ],
+        types=dict(spec.types),
+    )
+
+
+def _check_references(defs: dict[str, _TableDef]) -> None:
+    """Every foreign key names a table with a primary key of as many columns."""
     for d in defs.values():
         for fk in d.fkeys:
+            where = f"table '{d.name}': foreign key '{fk.new_column}'"
             if fk.parent not in defs:
-                _fail(
-                    f"table '{d.name}': foreign key '{fk.new_column}' -> unknown table '{fk.parent}'"
-                )
+                _fail(f"{where} -> unknown table '{fk.parent}'")
             parent = defs[fk.parent]
             if not parent.pkey:
-                _fail(
-                    f"table '{d.name}': foreign key '{fk.new_column}' -> table '{fk.parent}', "
-                    "which has no primary_key to reference"
-                )
+                _fail(f"{where} -> table '{fk.parent}', which has no primary_key to reference")
             if len(fk.columns) != len(parent.pkey):
                 _fail(
-                    f"table '{d.name}': foreign key '{fk.new_column}' has {len(fk.columns)} column(s) "
+                    f"{where} has {len(fk.columns)} column(s) "
                     f"but the primary key of '{fk.parent}' has {len(parent.pkey)}"
                 )
-    return doc, defs
 
 
 # --------------------------------------------------------------------------- #
@@ -383,8 +599,7 @@ def _read(d: _TableDef) -> pd.DataFrame:
     except FileNotFoundError:
         raise
     except Exception as exc:  # parser/sqlite3/duckdb/pyarrow errors: say which table and file
-        message = " ".join(str(exc).split()) or type(exc).__name__
-        _fail(f"{where}: cannot read {d.kind} source {d.path}: {message}")
+        _fail(f"{where}: cannot read {d.kind} source {d.path}: {error_summary(exc, whole=True)}")
 
 
 def _sha256(path: Path) -> str:
@@ -440,14 +655,13 @@ def _parse_times(ser: pd.Series, where: str, fmt: str | None, tz: str, notes: di
             f"one of {list(_EPOCH_UNITS)} if they are epoch times"
         )
     text = non_null.astype(str).str.strip()
-    if fmt is None:
-        with_offset = text.str.contains(_OFFSET)
-    else:
-        with_offset = pd.Series(False, index=text.index)
+    # An explicit time_format says how every value reads: no offsets to look for.
+    with_offset = text.str.contains(_OFFSET) if fmt is None else pd.Series(False, index=text.index)
     if with_offset.any() and not with_offset.all():
         _fail(
             f"{where}: mixed timezones: {int(with_offset.sum())} values carry a UTC offset, "
-            f"{int((~with_offset).sum())} do not, e.g. {_sample(text[with_offset], 1) + _sample(text[~with_offset], 1)}"
+            f"{int((~with_offset).sum())} do not, "
+            f"e.g. {_sample(text[with_offset], 1) + _sample(text[~with_offset], 1)}"
         )
     utc = bool(with_offset.any())
     parsed = None
@@ -464,7 +678,8 @@ def _parse_times(ser: pd.Series, where: str, fmt: str | None, tz: str, notes: di
         _fail(f"{where}: {len(bad)} values are not timestamps{hint}, e.g. {_sample(bad)}")
     if not pd.api.types.is_datetime64_any_dtype(parsed.dtype):  # several offsets, no utc=True
         _fail(
-            f"{where}: mixed timezones (values with different UTC offsets), e.g. {_sample(text.unique(), 2)}"
+            f"{where}: mixed timezones (values with different UTC offsets), "
+            f"e.g. {_sample(text.unique(), 2)}"
         )
     if isinstance(parsed.dtype, pd.DatetimeTZDtype):
         notes.setdefault("converted_timezone", []).append(where)
@@ -496,11 +711,6 @@ def _key_part(ser: pd.Series) -> pd.Series:
         non_null = ser.dropna()
         if (non_null == np.floor(non_null)).all():
             return ser.astype("Int64").astype(object).where(ser.notna(), None)
-        return ser.astype(object).where(ser.notna(), None)
-    if pd.api.types.is_integer_dtype(ser.dtype):
-        return ser.astype(object).where(ser.notna(), None)
-    if pd.api.types.is_datetime64_any_dtype(ser.dtype):
-        return ser.astype(object).where(ser.notna(), None)
     return ser.astype(object).where(ser.notna(), None)
 
 
@@ -554,7 +764,8 @@ def _check_columns(d: _TableDef, df: pd.DataFrame) -> None:
     for what, col in named:
         if col not in cols:
             _fail(
-                f"{where}: {what} names column '{col}', which the source does not have (columns: {sorted(map(str, cols))})"
+                f"{where}: {what} names column '{col}', which the source does not have "
+                f"(columns: {sorted(map(str, cols))})"
             )
     replaced = ([d.pkey[0]] if d.original_id_column else []) + [
         fk.columns[0] for fk in d.fkeys if fk.in_place
@@ -563,8 +774,8 @@ def _check_columns(d: _TableDef, df: pd.DataFrame) -> None:
         _fail(f"{where}: time_column '{d.time_column}' cannot also be a renumbered key column")
     if d.original_id_column and d.pkey[0] in [fk.columns[0] for fk in d.fkeys if fk.in_place]:
         _fail(
-            f"{where}: column '{d.pkey[0]}' is both the primary key and a foreign key; set key_column "
-            "to give the new primary key another name"
+            f"{where}: column '{d.pkey[0]}' is both the primary key and a foreign key; "
+            "set key_column to give the new primary key another name"
         )
     new_cols = [d.key_column] if not d.original_id_column else []
     new_cols += [d.original_id_column] if d.original_id_column else []
@@ -572,25 +783,80 @@ def _check_columns(d: _TableDef, df: pd.DataFrame) -> None:
     for col in new_cols:
         if col in cols:
             _fail(
-                f"{where}: new column '{col}' already exists in the source; choose another name in the schema"
+                f"{where}: new column '{col}' already exists in the source; "
+                "choose another name in the schema"
             )
     if len(set(new_cols)) != len(new_cols):
         _fail(f"{where}: two new key columns would share a name: {new_cols}")
 
 
 def build_from_files(schema_yaml: str | Path, out_dir: str | Path) -> Path:
-    """Build a RelBench 3 dataset folder at ``out_dir`` from the tables ``schema_yaml`` names."""
+    """Build a RelBench 3 dataset folder at ``out_dir`` from the tables ``schema_yaml`` names.
+
+    The steps, each a function below: the schema file; the sources as they are; each
+    table's values (times, numbers, text); the primary keys (comparable, unique); the
+    placeholder parents (``add_parents``); the rows in time order; the new 0..n-1 keys and
+    the references mapped to them; the final tables and their semantic types; the tasks;
+    then the dataset folder, with what the import did in ``tve_import.json``.
+    """
     schema_yaml = Path(schema_yaml).expanduser().resolve()
     out_dir = Path(out_dir)
-    doc, defs = _parse_schema(schema_yaml)
-    tz = str(doc.get("timezone") or "UTC")
-    try:
-        pd.Timestamp("2000-01-01", tz=tz)
-    except Exception:
-        _fail(f"{schema_yaml}: timezone {tz!r} is not a time zone name (e.g. UTC, Europe/Berlin)")
-    policy = doc["missing_parents"]
-
+    schema, defs = _parse_schema(schema_yaml)
+    add_parents = schema.missing_parents == "add_parents"
     notes: dict[str, Any] = {}
+    frames, sources = _read_sources(defs)
+    raw_rows = {name: len(df) for name, df in frames.items()}
+    for name, d in defs.items():
+        frames[name] = _parse_values(d, frames[name], schema.timezone, notes)
+    textual = _key_kinds(defs, frames, notes)
+    _check_primary_keys(defs, frames, textual)
+    added = _add_parents(defs, frames, textual) if add_parents else {}
+    _sort_by_time(defs, frames)
+    new_fkeys, null_fkeys, unmatched = _map_references(defs, frames, textual)
+    if add_parents:
+        assert not any(unmatched.values()), unmatched
+        unmatched = {}
+    tables, renamed, original_cols = _final_tables(defs, frames, new_fkeys)
+    types, overrides = _resolve_types(defs, tables, original_cols, renamed)
+    tasks = schema.tasks
+    rewritten = _rewrite_renamed(tasks, renamed, tables)
+    _check_task_sql(tasks, {name: df for name, (df, _) in tables.items()}, schema.val_timestamp)
+
+    report = {
+        "source": {"schema": str(schema_yaml), "tables": sources},
+        "policy": schema.missing_parents,
+        "raw_rows": raw_rows,
+        "rows": {name: len(df) for name, (df, _) in tables.items()},
+        "added_parents": added,
+        "unmatched_fkeys": unmatched,
+        "null_fkeys": null_fkeys,
+        "renamed_columns": renamed,
+        "rewritten_task_sql": rewritten,
+        "null_times": notes.get("null_times", {}),
+        "converted_timezone": {
+            "to": schema.timezone,
+            "columns": notes.get("converted_timezone", []),
+        },
+        "coerced_to_null": notes.get("coerced_to_null", {}),
+        "cast_to_text": notes.get("cast_to_text", []),
+        "left_as_text": notes.get("left_as_text", []),
+    }
+    sidecar_types = {"format": 1, "columns": types, "overrides": overrides}
+    return write_dataset(
+        out_dir,
+        str(schema.name or out_dir.name),
+        tables,
+        schema.val_timestamp,
+        schema.test_timestamp,
+        tasks,
+        schema.description,
+        sidecars={IMPORT_REPORT_FILE: report, TYPES_FILE: sidecar_types},
+    )
+
+
+def _read_sources(defs: dict[str, _TableDef]) -> tuple[dict[str, pd.DataFrame], dict]:
+    """Every table as its source holds it (column names as text, checked against the
+    schema), and where each came from (format, path, sha256, table or query)."""
     frames: dict[str, pd.DataFrame] = {}
     sources: dict[str, dict] = {}
     hashes: dict[Path, str] = {}
@@ -600,61 +866,68 @@ def build_from_files(schema_yaml: str | Path, out_dir: str | Path) -> Path:
         _check_columns(d, df)
         if d.path not in hashes:
             hashes[d.path] = _sha256(d.path)
+        in_file = d.kind in ("sqlite", "duckdb") and not d.query
         sources[name] = {
             "format": d.kind,
             "path": str(d.path),
             "sha256": hashes[d.path],
-            **(
-                {"table": d.table or name} if d.kind in ("sqlite", "duckdb") and not d.query else {}
-            ),
+            **({"table": d.table or name} if in_file else {}),
             **({"query": d.query} if d.query else {}),
         }
         frames[name] = df
-    raw_rows = {name: len(df) for name, df in frames.items()}
+    return frames, sources
 
-    # Column values: times, numbers, text.
-    for name, d in defs.items():
-        df = frames[name]
-        for col in df.columns:
-            where = f"table '{name}': column '{col}'"
-            ser = df[col]
-            wanted = d.types.get(col)
-            if col == d.time_column:
-                df[col] = _parse_times(
-                    ser, f"table '{name}': time column '{col}'", d.time_format, tz, notes
-                )
-            elif wanted == TIMESTAMP or isinstance(ser.dtype, pd.DatetimeTZDtype):
+
+def _parse_values(d: _TableDef, df: pd.DataFrame, tz: str, notes: dict) -> pd.DataFrame:
+    """A table's values as the dataset holds them: times parsed (the time column, columns
+    typed or stored as timestamps, ISO text), text typed ``numerical`` as numbers, object
+    columns mixing Python types as text; rows without a time counted."""
+    name = d.name
+    for col in df.columns:
+        where = f"table '{name}': column '{col}'"
+        ser = df[col]
+        wanted = d.types.get(col)
+        if col == d.time_column:
+            df[col] = _parse_times(
+                ser, f"table '{name}': time column '{col}'", d.time_format, tz, notes
+            )
+        elif wanted == TIMESTAMP or isinstance(ser.dtype, pd.DatetimeTZDtype):
+            df[col] = _parse_times(ser, where, None, tz, notes)
+        elif wanted is None and _looks_iso(ser):
+            try:
                 df[col] = _parse_times(ser, where, None, tz, notes)
-            elif wanted is None and _looks_iso(ser):
-                try:
-                    df[col] = _parse_times(ser, where, None, tz, notes)
-                except ValueError:  # e.g. mixed offsets in a column that is not the time
-                    notes.setdefault("left_as_text", []).append(f"{name}.{col}")
-            elif wanted == NUMERICAL and not pd.api.types.is_numeric_dtype(ser.dtype):
-                numbers = pd.to_numeric(ser, errors="coerce")
-                lost = int((numbers.isna() & ser.notna()).sum())
-                if lost:
-                    notes.setdefault("coerced_to_null", {})[f"{name}.{col}"] = lost
-                df[col] = numbers
-            elif pd.api.types.is_object_dtype(ser.dtype):
-                kinds = {type(v) for v in ser.dropna()}
-                if len(kinds) > 1 and not kinds <= {int, float, np.int64, np.float64}:
-                    notes.setdefault("cast_to_text", []).append(f"{name}.{col}")
-                    df[col] = ser.map(lambda v: None if pd.isna(v) else str(v)).astype(object)
-                elif kinds and kinds <= {int, float, np.int64, np.float64}:
-                    df[col] = pd.to_numeric(ser)
-        if d.time_column:
-            nulls = int(df[d.time_column].isna().sum())
-            if nulls:
-                notes.setdefault("null_times", {})[f"{name}.{d.time_column}"] = nulls
-        frames[name] = df
+            except ValueError:  # e.g. mixed offsets in a column that is not the time
+                notes.setdefault("left_as_text", []).append(f"{name}.{col}")
+        elif wanted == NUMERICAL and not pd.api.types.is_numeric_dtype(ser.dtype):
+            numbers = pd.to_numeric(ser, errors="coerce")
+            lost = int((numbers.isna() & ser.notna()).sum())
+            if lost:
+                notes.setdefault("coerced_to_null", {})[f"{name}.{col}"] = lost
+            df[col] = numbers
+        elif pd.api.types.is_object_dtype(ser.dtype):
+            kinds = {type(v) for v in ser.dropna()}
+            if len(kinds) > 1 and not kinds <= {int, float, np.int64, np.float64}:
+                notes.setdefault("cast_to_text", []).append(f"{name}.{col}")
+                df[col] = ser.map(lambda v: None if pd.isna(v) else str(v)).astype(object)
+            elif kinds and kinds <= {int, float, np.int64, np.float64}:
+                df[col] = pd.to_numeric(ser)
+    if d.time_column:
+        nulls = int(df[d.time_column].isna().sum())
+        if nulls:
+            notes.setdefault("null_times", {})[f"{name}.{d.time_column}"] = nulls
+    return df
 
-    # Primary keys: unique, non-null, as comparable tuples.
+
+def _key_kinds(
+    defs: dict[str, _TableDef], frames: dict[str, pd.DataFrame], notes: dict
+) -> dict[str, list[bool]]:
+    """Per keyed table, which primary key columns are compared as text: those that are
+    text on either side of a reference. A parent's ids that a child names by text become
+    text too (``cast_to_text``)."""
     textual: dict[str, list[bool]] = {}
     for name, d in defs.items():
-        if not d.pkey:
-            continue
-        textual[name] = [_is_text(frames[name][c]) for c in d.pkey]
+        if d.pkey:
+            textual[name] = [_is_text(frames[name][c]) for c in d.pkey]
     for d in defs.values():
         for fk in d.fkeys:  # text on either side: compare as text
             flags = textual[fk.parent]
@@ -663,11 +936,15 @@ def build_from_files(schema_yaml: str | Path, out_dir: str | Path) -> Path:
     for name, d in defs.items():
         for i, col in enumerate(d.pkey):
             if textual[name][i] and not _is_text(frames[name][col]):
-                # A child names this key by text: the parent's ids become text too.
                 notes.setdefault("cast_to_text", []).append(f"{name}.{col}")
                 frames[name][col] = _key_part(frames[name][col]).map(
                     lambda v: None if v is None else str(v)
                 )
+    return textual
+
+
+def _check_primary_keys(defs, frames: dict[str, pd.DataFrame], textual) -> None:
+    """Primary keys are unique and never null, compared as the references compare them."""
     for name, d in defs.items():
         if not d.pkey:
             continue
@@ -681,37 +958,40 @@ def build_from_files(schema_yaml: str | Path, out_dir: str | Path) -> Path:
             values = keys[dup].drop_duplicates().head(5).itertuples(index=False, name=None)
             sample = [v[0] if len(v) == 1 else v for v in values]
             _fail(
-                f"table '{name}': primary key '{label}' has {int(keys.duplicated().sum())} duplicate "
-                f"values, e.g. {sample}"
+                f"table '{name}': primary key '{label}' has {int(keys.duplicated().sum())} "
+                f"duplicate values, e.g. {sample}"
             )
 
-    # Dangling references: placeholder parents (add_parents) before any key is numbered.
-    added: dict[str, int] = {}
-    if policy == "add_parents":
-        for name, d in defs.items():
-            for fk in d.fkeys:
-                parent = defs[fk.parent]
-                flags = textual[fk.parent]
-                child_keys = _key_frame(frames[name], fk.columns, flags).dropna().drop_duplicates()
-                parent_keys = _key_frame(frames[fk.parent], parent.pkey, flags)
-                have = set(parent_keys.itertuples(index=False, name=None))
-                missing = [
-                    k for k in child_keys.itertuples(index=False, name=None) if k not in have
-                ]
-                if not missing:
-                    continue
-                missing = sorted(missing, key=lambda k: tuple(str(v) for v in k))
-                pdf = frames[fk.parent]
-                rows = {}
-                for i, col in enumerate(parent.pkey):
-                    values = [k[i] for k in missing]
-                    rows[col] = _placeholder_column(values, pdf[col])
-                placeholders = pd.DataFrame(rows)
-                frames[fk.parent] = pd.concat([pdf, placeholders], ignore_index=True)
-                added[fk.parent] = added.get(fk.parent, 0) + len(missing)
 
-    # Row order is key order: a table with a time column is sorted by it (stable, rows
-    # without a time last), placeholders included (their time is set when it is a key part).
+def _add_parents(defs, frames: dict[str, pd.DataFrame], textual) -> dict[str, int]:
+    """``add_parents``: one placeholder parent row (key columns set, the rest null) per
+    distinct id a reference names and its parent lacks, added before any key is numbered.
+    Returns how many were added per parent table."""
+    added: dict[str, int] = {}
+    for name, d in defs.items():
+        for fk in d.fkeys:
+            parent = defs[fk.parent]
+            flags = textual[fk.parent]
+            child_keys = _key_frame(frames[name], fk.columns, flags).dropna().drop_duplicates()
+            parent_keys = _key_frame(frames[fk.parent], parent.pkey, flags)
+            have = set(parent_keys.itertuples(index=False, name=None))
+            missing = [k for k in child_keys.itertuples(index=False, name=None) if k not in have]
+            if not missing:
+                continue
+            missing = sorted(missing, key=lambda k: tuple(str(v) for v in k))
+            pdf = frames[fk.parent]
+            rows = {}
+            for i, col in enumerate(parent.pkey):
+                values = [k[i] for k in missing]
+                rows[col] = _placeholder_column(values, pdf[col])
+            frames[fk.parent] = pd.concat([pdf, pd.DataFrame(rows)], ignore_index=True)
+            added[fk.parent] = added.get(fk.parent, 0) + len(missing)
+    return added
+
+
+def _sort_by_time(defs, frames: dict[str, pd.DataFrame]) -> None:
+    """Row order is key order: a table with a time column is sorted by it (stable, rows
+    without a time last), placeholders included (their time is set when it is a key part)."""
     for name, d in defs.items():
         if d.time_column:
             frames[name] = (
@@ -720,7 +1000,10 @@ def build_from_files(schema_yaml: str | Path, out_dir: str | Path) -> Path:
                 .reset_index(drop=True)
             )
 
-    # Number the rows; map references.
+
+def _map_references(defs, frames: dict[str, pd.DataFrame], textual) -> tuple[dict, dict, dict]:
+    """Number every keyed table's rows 0..n-1 and map each reference to the new number:
+    (new foreign key columns per table, null references, references to no parent)."""
     key_maps: dict[str, pd.DataFrame] = {}
     for name, d in defs.items():
         if d.pkey:
@@ -743,41 +1026,20 @@ def build_from_files(schema_yaml: str | Path, out_dir: str | Path) -> Path:
             unmatched[label] = int((new.isna() & ~any_null).sum())
             new = new.astype("Int64") if new.isna().any() else new.astype("int64")
             new_fkey_cols.setdefault(name, {})[fk.new_column] = new
-    if policy == "add_parents":
-        assert not any(unmatched.values()), unmatched
-        unmatched = {}
+    return new_fkey_cols, null_fkeys, unmatched
 
+
+def _final_tables(defs, frames: dict[str, pd.DataFrame], new_fkey_cols) -> tuple[dict, dict, dict]:
+    """Every table as the dataset holds it, with its ``TableSpec``: (tables, renamed time
+    columns per table, original-id columns per table)."""
     tables: dict[str, tuple[pd.DataFrame, TableSpec]] = {}
     renamed: dict[str, dict[str, str]] = {}
     original_cols: dict[str, list[str]] = {}
     for name, d in defs.items():
-        df = frames[name]
-        n = len(df)
-        new_key = pd.Series(np.arange(n, dtype="int64"), index=df.index)
-        originals = []
-        if d.pkey and d.original_id_column:  # single key renumbered in place
-            col = d.pkey[0]
-            position = df.columns.get_loc(col)
-            original = df[col]
-            df = df.drop(columns=[col])
-            df.insert(position, col, new_key)
-            df.insert(position + 1, d.original_id_column, original)
-            originals = [d.original_id_column]
-        else:
-            df.insert(0, d.key_column, new_key)
-            if len(d.pkey) == 1:
-                originals = [d.pkey[0]]
-        for fk in d.fkeys:
-            new = new_fkey_cols[name][fk.new_column]
-            if fk.in_place:
-                col = fk.columns[0]
-                position = df.columns.get_loc(col)
-                df = df.drop(columns=[col])
-                df.insert(position, col, new)
-            else:
-                df.insert(df.columns.get_loc(fk.columns[0]), fk.new_column, new)
+        df, originals = _with_new_keys(d, frames[name], new_fkey_cols.get(name, {}))
         time_col = d.time_column
         if time_col is not None and (not time_col.isidentifier() or keyword.iskeyword(time_col)):
+            # RelBench filters time columns with DataFrame.query: a Python identifier.
             safe = _unique_name(_safe_identifier(time_col), set(df.columns))
             df = df.rename(columns={time_col: safe})
             renamed.setdefault(name, {})[time_col] = safe
@@ -789,39 +1051,36 @@ def build_from_files(schema_yaml: str | Path, out_dir: str | Path) -> Path:
         )
         tables[name] = (df, spec)
         original_cols[name] = originals
+    return tables, renamed, original_cols
 
-    types, overrides = _resolve_types(defs, tables, original_cols, renamed)
-    tasks = _tasks(doc.get("tasks"), schema_yaml)
-    rewritten = _rewrite_renamed(tasks, renamed, tables)
-    _check_task_sql(tasks, {name: df for name, (df, _) in tables.items()}, doc["val_timestamp"])
 
-    report = {
-        "source": {"schema": str(schema_yaml), "tables": sources},
-        "policy": policy,
-        "raw_rows": raw_rows,
-        "rows": {name: len(df) for name, (df, _) in tables.items()},
-        "added_parents": added,
-        "unmatched_fkeys": unmatched,
-        "null_fkeys": null_fkeys,
-        "renamed_columns": renamed,
-        "rewritten_task_sql": rewritten,
-        "null_times": notes.get("null_times", {}),
-        "converted_timezone": {"to": tz, "columns": notes.get("converted_timezone", [])},
-        "coerced_to_null": notes.get("coerced_to_null", {}),
-        "cast_to_text": notes.get("cast_to_text", []),
-        "left_as_text": notes.get("left_as_text", []),
-    }
-    sidecar_types = {"format": 1, "columns": types, "overrides": overrides}
-    return write_dataset(
-        out_dir,
-        str(doc.get("name") or out_dir.name),
-        tables,
-        _timestamp_text(doc["val_timestamp"]),
-        _timestamp_text(doc["test_timestamp"]),
-        tasks,
-        doc.get("description"),
-        sidecars={IMPORT_REPORT_FILE: report, TYPES_FILE: sidecar_types},
-    )
+def _with_new_keys(d: _TableDef, df: pd.DataFrame, new_fkeys: dict[str, pd.Series]):
+    """A table with its new 0..n-1 key (in place, the original ids beside it, or a new
+    first column) and its references replaced or added; and its original-id columns."""
+    new_key = pd.Series(np.arange(len(df), dtype="int64"), index=df.index)
+    originals = []
+    if d.pkey and d.original_id_column:  # single key renumbered in place
+        col = d.pkey[0]
+        position = df.columns.get_loc(col)
+        original = df[col]
+        df = df.drop(columns=[col])
+        df.insert(position, col, new_key)
+        df.insert(position + 1, d.original_id_column, original)
+        originals = [d.original_id_column]
+    else:
+        df.insert(0, d.key_column, new_key)
+        if len(d.pkey) == 1:
+            originals = [d.pkey[0]]
+    for fk in d.fkeys:
+        new = new_fkeys[fk.new_column]
+        if fk.in_place:
+            col = fk.columns[0]
+            position = df.columns.get_loc(col)
+            df = df.drop(columns=[col])
+            df.insert(position, col, new)
+        else:
+            df.insert(df.columns.get_loc(fk.columns[0]), fk.new_column, new)
+    return df, originals
 
 
 def _placeholder_column(values: list, like: pd.Series) -> pd.Series:
@@ -831,10 +1090,6 @@ def _placeholder_column(values: list, like: pd.Series) -> pd.Series:
         return ser.astype(like.dtype)
     except (TypeError, ValueError):
         return ser
-
-
-def _timestamp_text(value) -> str:
-    return str(value)
 
 
 def _resolve_types(defs, tables, original_cols, renamed) -> tuple[dict, dict]:
@@ -850,34 +1105,13 @@ def _resolve_types(defs, tables, original_cols, renamed) -> tuple[dict, dict]:
             col = renamed.get(name, {}).get(col, col)
             if col in (spec.pkey, spec.time_col, *spec.fkeys):
                 _fail(
-                    f"table '{name}': column '{col}' is a key or time column; its type cannot be overridden"
+                    f"table '{name}': column '{col}' is a key or time column; "
+                    "its type cannot be overridden"
                 )
             out[col] = typ
             overrides.setdefault(name, {})[col] = typ
         types[name] = out
     return types, overrides
-
-
-def _tasks(raw, schema_yaml: Path) -> list[TaskManifest]:
-    if raw is None:
-        return []
-    if not isinstance(raw, list):
-        _fail(f"{schema_yaml}: 'tasks' must be a list of task manifests")
-    tasks = []
-    for i, item in enumerate(raw):
-        if not isinstance(item, dict) or not item.get("name"):
-            _fail(f"{schema_yaml}: task #{i + 1} must be a mapping with a 'name'")
-        item = {"kind": KIND_FORECAST, **item}
-        if "timedelta" in item and item["timedelta"] is not None:
-            item["timedelta"] = str(item["timedelta"])
-        known = set(TaskManifest.__dataclass_fields__)
-        unknown = sorted(set(item) - known)
-        if unknown:
-            _fail(f"task '{item['name']}': unknown keys {unknown}")
-        tm = TaskManifest.from_dict(item)
-        tm.validate()
-        tasks.append(tm)
-    return tasks
 
 
 def _rewrite_renamed(tasks, renamed, tables) -> dict[str, list[str]]:
@@ -932,7 +1166,7 @@ def _check_task_sql(
                 columns = list(result.columns)
                 result.limit(1).fetchall()
             except duckdb.Error as exc:
-                _fail(f"task '{tm.name}': its SQL fails: {' '.join(str(exc).split())}")
+                _fail(f"task '{tm.name}': its SQL fails: {error_summary(exc, whole=True)}")
         finally:
             con.close()
         wanted = [c for c in (tm.entity_col, tm.target_col, tm.time_col) if c]

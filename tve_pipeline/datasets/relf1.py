@@ -253,7 +253,8 @@ def load_tables(raw_dir: str | Path) -> dict[str, pd.DataFrame]:
         missing = [c for c in cols if c not in t[name].columns]
         if missing:
             raise ValueError(
-                f"table '{name}': source has no columns {missing}; not the Ergast snapshot rel-f1 expects"
+                f"table '{name}': source has no columns {missing}; "
+                "not the Ergast snapshot rel-f1 expects"
             )
         t[name] = t[name].drop(columns=cols)
 

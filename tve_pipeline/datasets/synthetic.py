@@ -12,9 +12,9 @@ later (after the first training seed times), so "exists at t" matters. Splits ar
 derived from ``n_days`` (val = start + n_days - 100 days, test = start + n_days - 60
 days) so that 30-day windows give RelBench at least three training seed times and a
 val and test window inside the data (RelBench wants val + 30 days to end at or before
-the last row before test, hence a gap of more than 30 days). Tasks: ``customer-churn`` (no order in the next
-30 days) and ``customer-spend`` (amount spent in the next 30 days), both over the
-customers that have signed up by the seed time.
+the last row before test, hence a gap of more than 30 days). Tasks: ``customer-churn``
+(no order in the next 30 days) and ``customer-spend`` (amount spent in the next 30
+days), both over the customers that have signed up by the seed time.
 """
 
 from __future__ import annotations
@@ -72,7 +72,10 @@ TASKS = [
         name="customer-churn",
         kind=KIND_FORECAST,
         task_type="binary_classification",
-        description="1 if a customer who has signed up by the seed time places no order in the next 30 days.",
+        description=(
+            "1 if a customer who has signed up by the seed time places no order in the next "
+            "30 days."
+        ),
         entity_table="customers",
         entity_col="customer_id",
         target_col="churn",
@@ -84,7 +87,10 @@ TASKS = [
         name="customer-spend",
         kind=KIND_FORECAST,
         task_type="regression",
-        description="Total order amount in the next 30 days (0 if none), for customers signed up by the seed time.",
+        description=(
+            "Total order amount in the next 30 days (0 if none), for customers signed up by "
+            "the seed time."
+        ),
         entity_table="customers",
         entity_col="customer_id",
         target_col="spend",
@@ -423,7 +429,9 @@ def build_synthetic_at_scale(
         test,
         TASKS,
         description=(
-            f"Synthetic e-commerce database from tve_pipeline.datasets.synthetic.build_synthetic_at_scale "
-            f"(rows={rows}, customers={n_customers}, products={n_products}, n_days={n_days}, seed={seed})."
+            "Synthetic e-commerce database from "
+            "tve_pipeline.datasets.synthetic.build_synthetic_at_scale "
+            f"(rows={rows}, customers={n_customers}, products={n_products}, "
+            f"n_days={n_days}, seed={seed})."
         ),
     )

@@ -235,7 +235,8 @@ def _prepare_tables(
             dtype = df[col].dtype
             if isinstance(dtype, pd.DatetimeTZDtype):
                 raise ValueError(
-                    f"table '{name}': column '{col}' is timezone-aware; RelBench compares naive times"
+                    f"table '{name}': column '{col}' is timezone-aware; "
+                    "RelBench compares naive times"
                 )
             if pd.api.types.is_datetime64_dtype(dtype) and dtype != np.dtype("datetime64[ns]"):
                 converted[col] = df[col].astype("datetime64[ns]")
@@ -279,8 +280,8 @@ def _prepare_tables(
                 )
             if len(values) and (values.min() < 0 or values.max() >= len(prepared[parent])):
                 raise ValueError(
-                    f"table '{name}': fkey '{col}' has values outside 0..{len(prepared[parent]) - 1} "
-                    f"of table '{parent}'"
+                    f"table '{name}': fkey '{col}' has values outside "
+                    f"0..{len(prepared[parent]) - 1} of table '{parent}'"
                 )
     return prepared
 
@@ -345,7 +346,8 @@ def _check_tasks(
             )
         if val + td > high_before_test:
             raise ValueError(
-                f"task '{tm.name}': val window ends after the last row before test ({high_before_test})"
+                f"task '{tm.name}': val window ends after the last row before test "
+                f"({high_before_test})"
             )
         if test + td > high:
             raise ValueError(f"task '{tm.name}': test window ends after the last row ({high})")

@@ -1,0 +1,151 @@
+"""Predictions of a fine-tuned model and RelBench's evaluator on them.
+
+A task's prediction for a seed is the head's output on the seed's sampled past subgraph:
+a probability for binary classification (sigmoid of the logit), a value for regression,
+clamped to percentiles of the labels the run trained on (RelBench's RDL clamps to the
+2nd-98th). Metrics are RelBench's own (``task.evaluate``); the first one a task reports
+chooses the best fine-tuning epoch on the validation table, higher is better for
+classification, lower for regression.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from relbench.base import TaskType
+from torch_geometric.data import HeteroData
+
+from tve_pipeline.config import Recipe
+from tve_pipeline.graph import seed_tensors, to_device
+from tve_pipeline.model import RDLModel
+from tve_pipeline.sampling import Prefetcher, TemporalNeighborSampler, sampler_for
+
+
+def higher_is_better(task) -> bool:
+    """Whether the task's first metric grows with quality (classification: AUROC)."""
+    return task.task_type == TaskType.BINARY_CLASSIFICATION
+
+
+def task_output(
+    task, logits: torch.Tensor, output_range: tuple[float, float] | None = None
+) -> np.ndarray:
+    """Head outputs as the task's predictions: probabilities, or clamped values."""
+    out = logits.view(-1)
+    if task.task_type == TaskType.BINARY_CLASSIFICATION:
+        out = torch.sigmoid(out)
+    elif output_range is not None:
+        out = out.clamp(*output_range)
+    return out.numpy()
+
+
+def regression_clamp(
+    task, labels: np.ndarray, percentiles: tuple[float, float] | None
+) -> tuple[float, float] | None:
+    """Where a regression model's predictions are clamped: percentiles of its training
+    labels."""
+    if task.task_type != TaskType.REGRESSION or percentiles is None or len(labels) == 0:
+        return None
+    lo, hi = np.percentile(labels, percentiles)
+    return float(lo), float(hi)
+
+
+@torch.no_grad()
+def predict(
+    model,
+    sampler,
+    entity_table,
+    nodes,
+    times,
+    batch_size,
+    device,
+    *,
+    seed: int = 0,
+    prefetch: bool = True,
+) -> torch.Tensor:
+    """Head outputs for every seed, in input order (sampling reproducible under ``seed``).
+
+    Batches are sampled one ahead on a worker thread (:class:`Prefetcher`), in order and
+    from one generator: the same draws as a plain loop.
+    """
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    starts = range(0, len(nodes), batch_size)
+
+    def draw(start: int):
+        sl = slice(start, start + batch_size)
+        return sampler.sample(entity_table, nodes[sl], times[sl], generator=gen)
+
+    outs = [
+        model(to_device(batch, device), entity_table).float().cpu()
+        for batch in Prefetcher(draw, starts, prefetch)
+    ]
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+def task_metrics(
+    model,
+    sampler: TemporalNeighborSampler,
+    task,
+    table,
+    labels,
+    batch_size: int,
+    device,
+    *,
+    seed: int = 0,
+    output_range: tuple[float, float] | None = None,
+    prefetch: bool = True,
+) -> dict:
+    """RelBench's metrics of the model's predictions for the seeds of ``table``, against
+    the labels of ``labels`` (the same table, or its unmasked version)."""
+    nodes, times = seed_tensors(table.df[task.entity_col], table.df[task.time_col])
+    logits = predict(
+        model,
+        sampler,
+        task.entity_table,
+        nodes,
+        times,
+        batch_size,
+        device,
+        seed=seed,
+        prefetch=prefetch,
+    )
+    return task.evaluate(task_output(task, logits, output_range), labels)
+
+
+def evaluate(
+    data: HeteroData,
+    col_stats: dict,
+    task,
+    tables: dict,
+    state_dict: dict,
+    recipe: Recipe,
+    device,
+    *,
+    seed: int = 0,
+    output_range: tuple[float, float] | None = None,
+) -> dict:
+    """RelBench's evaluator on val and test for a fine-tuned model state.
+
+    Predictions come from the masked tables; the labels from ``tables["val"]`` and
+    ``tables["test_labels"]`` (RelBench's own unmasked test table when absent).
+    ``output_range``: the fine-tuning run's clamp for regression outputs (its result's
+    ``"output_range"``).
+    """
+    model = RDLModel(data, col_stats, recipe.backbone, out_channels=1)
+    model.load_state_dict(state_dict)
+    model.to(device)
+    sampler = sampler_for(data, recipe.backbone)
+    return {
+        split: task_metrics(
+            model,
+            sampler,
+            task,
+            tables[split],
+            tables[split] if split == "val" else tables.get("test_labels"),
+            recipe.finetune.batch_size,
+            device,
+            seed=seed,
+            output_range=output_range,
+        )
+        for split in ("val", "test")
+    }
