@@ -629,10 +629,11 @@ def test_sql_is_set_based_and_readable(capsys):
         sql.count('FROM "timestamps" AS ts') == 2
     )  # the seed entities and the one window, not per time
     assert "INTERVAL '7 days'" in sql
-    assert (
-        "path_3 AS MATERIALIZED (  -- customers <- orders[customer_id] -> products[product_id]"
-        in sql
-    )
+    # fact -> key <- fact: per-key running aggregates looked up per first-hop row, no
+    # join of each first-hop row to every earlier row of its key
+    assert "run_3 AS (  -- orders rows per products key: running aggregates" in sql
+    assert sql.count("ASOF JOIN run_3 AS r") == 1 and "ASOF JOIN counts_3_1 AS c" in sql
+    assert "path_3" not in sql
     assert "INTERVAL '90 microseconds'" in targets_sql(
         schema, defs, "customers", pd.Timedelta(microseconds=90)
     )
@@ -654,3 +655,58 @@ def test_no_seed_times_gives_an_empty_frame_with_all_columns():
     ]
     with pytest.raises(ValueError, match="no target definitions"):
         compute_targets(TargetQuery(_fixed_shop(), schema, [], "customers", [BASE], DELTA))
+
+
+def test_fact_key_fact_of_other_shapes_joins_rows():
+    """Paths that running aggregates do not cover (a last table without a time column, an
+    "in" hop right after the first) are joined row by row, and still match the brute force."""
+    frames = _fixed_shop()
+    frames["reviews"] = pd.DataFrame(
+        {
+            "review_id": range(5),
+            "product_id": [0, 0, 1, None, 2],
+            "order_id": [0, 1, 1, 2, 7],
+            "stars": [5.0, 3.0, None, 4.0, 1.0],
+        }
+    )
+    schema = {
+        **shop_schema(True),
+        "reviews": Spec(pkey="review_id", fkeys={"product_id": "products", "order_id": "orders"}),
+    }
+    orders, products = Hop("orders", "customer_id", "in"), Hop("products", "product_id", "out")
+    paths = {
+        "untimed": (orders, products, Hop("reviews", "product_id", "in")),
+        "in_after_first": (orders, Hop("reviews", "order_id", "in")),
+        "timed": (orders, products, Hop("orders", "product_id", "in")),
+    }
+    defs = [
+        TargetDef(f"{name}__{agg}", "customers", path, column, agg)
+        for name, path in paths.items()
+        for column, agg in [(None, "count"), ("stars", "std"), ("stars", "mode")]
+        if not (name == "timed" and column == "stars")
+    ] + [TargetDef("timed__std", "customers", paths["timed"], "amount", "std")]
+    ts = [BASE, BASE + pd.Timedelta(days=2), BASE + pd.Timedelta(days=5)]
+    sql = targets_sql(schema, defs, "customers", DELTA)
+    assert "path_1 AS" in sql and "path_2 AS" in sql and "run_3 AS" in sql
+    got = compute_targets(TargetQuery(frames, schema, defs, "customers", ts, DELTA))
+    assert_same_targets(got, brute_force(frames, schema, defs, "customers", ts, DELTA), defs)
+
+
+def test_fact_key_fact_spread_far_from_zero():
+    """A std of values far from 0 (1e9 + small) still matches the brute force, and equal
+    values give exactly 0."""
+    frames = _fixed_shop()
+    frames["orders"]["amount"] = 1e9 + frames["orders"]["amount"].where(
+        frames["orders"]["product_id"] != 0, 3.0
+    )
+    schema = shop_schema(True)
+    path = (
+        Hop("orders", "customer_id", "in"),
+        Hop("products", "product_id", "out"),
+        Hop("orders", "product_id", "in"),
+    )
+    defs = [TargetDef(f"x__{a}", "customers", path, "amount", a) for a in ("std", "mean", "sum")]
+    ts = [BASE + pd.Timedelta(days=d) for d in range(6)]
+    got = compute_targets(TargetQuery(frames, schema, defs, "customers", ts, DELTA))
+    assert_same_targets(got, brute_force(frames, schema, defs, "customers", ts, DELTA), defs)
+    assert (got["x__std"] == 0.0).any()

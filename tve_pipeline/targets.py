@@ -183,7 +183,7 @@ def validate_targets(
             raise ValueError(f"target {d.name!r}: column names starting with 'tve.' are reserved")
 
 
-_CTE_NAME = r"(seed|active|vector|(window|path|agg)_\d+|mode_\d+_\d+)"
+_CTE_NAME = r"(seed|active|vector|(window|path|agg|run)_\d+|(mode|counts)_\d+_\d+)"
 
 
 def _cte_prefix(schema_tables: Mapping[str, TableSpecLike]) -> str:
@@ -332,11 +332,24 @@ def targets_sql(
     ctes = [_seed_cte(plan)] if dense else []
     ctes += [_window_cte(plan, hop, columns) for hop in plan.first_hops]
     later_in = [p for p in plan.paths if not _out_only(p)]
-    ctes += [_path_cte(plan, p) for p in later_in]
+    running = [p for p in later_in if _running_shape(plan, p)]
+    joined = [p for p in later_in if p not in running]
+    ctes += [_path_cte(plan, p) for p in joined]
 
     output_of: dict[str, str] = {}  # target name -> alias of the CTE that holds it
     joins: list[tuple[str, str]] = []  # (CTE name, alias) joined onto the active pairs
-    for group in _aggregation_groups(plan, later_in):
+    for p in running:
+        j = plan.path_number(p)
+        ctes += _running_ctes(plan, p)
+        joins.append((ctes[-1].name, f"a{j}"))
+        output_of.update(
+            {d.name: f"a{j}" for d in plan.defs_of(p) if d.aggregation not in _VALUE_AGGREGATIONS}
+        )
+        for k, column in enumerate(_running_value_columns(plan, p), 1):
+            ctes += _running_value_ctes(plan, p, k, column)
+            joins.append((ctes[-1].name, f"m{j}_{k}"))
+            output_of.update({d.name: f"m{j}_{k}" for d in _value_defs(plan, p, column)})
+    for group in _aggregation_groups(plan, joined):
         ctes.append(_agg_cte(plan, group, columns.value_of))
         joins.append((ctes[-1].name, f"a{group.j}"))
         for p in group.paths:
@@ -498,6 +511,231 @@ def _path_cte(plan: _QueryPlan, p: tuple[Hop, ...]) -> _Cte:
         _describe(plan.entity_table, p),
         f"SELECT {_select(items, '         ')}\n  " + "\n  ".join(lines),
     )
+
+
+# ----------------------------------------------------- fact -> key <- fact by running aggregates
+
+
+def _running_shape(plan: _QueryPlan, p: tuple[Hop, ...]) -> bool:
+    """``E <- F -> K <- F'`` with ``F'`` time-stamped: what :func:`_running_ctes` computes
+    without joining each first-hop row to every earlier row of ``F'`` with its key."""
+    return (
+        len(p) == 3
+        and p[1].direction == "out"
+        and p[2].direction == "in"
+        and plan.schema_tables[p[2].table].time_col is not None
+    )
+
+
+#: The running statistics of a column that each plain aggregation reads (``n`` non-null
+#: values, ``s`` sum, ``d`` and ``q`` sum and sum of squares of the values less a shift).
+_RUNNING_STATS: dict[str, tuple[str, ...]] = {
+    "count": ("n",),
+    "sum": ("s",),
+    "mean": ("s", "n"),
+    "min": ("min",),
+    "max": ("max",),
+    "std": ("n", "d", "q"),
+}
+#: Of a sum of squares less the square of the sum over n, what is left of rounding: below
+#: this share of the sum of squares, the spread is taken as 0 (equal values have std 0).
+_CANCELLATION = "1e-12"
+
+
+def _key_rows(plan: _QueryPlan, p: tuple[Hop, ...]) -> tuple[str, str, str]:
+    """For ``E <- F -> K <- F'``: the rows of ``F'`` (alias ``g``) that reference a row of
+    ``K`` and have a time, as (FROM, WHERE, the key and time expressions' select list)."""
+    key_table, fact2 = plan.schema_tables[p[1].table], plan.schema_tables[p[2].table]
+    key, time = f"g.{quote(p[2].via)}", f"g.{quote(fact2.time_col)}"
+    where = (
+        f"{key} IN (SELECT {quote(key_table.pkey)} FROM {quote(p[1].table)}) AND {time} IS NOT NULL"
+    )
+    return f"{quote(p[2].table)} AS g", where, f'{key} AS "tve.key", {time} AS "tve.time"'
+
+
+def _running_ctes(plan: _QueryPlan, p: tuple[Hop, ...]) -> list[_Cte]:
+    """``run_<j>`` and ``agg_<j>`` of ``E <- F -> K <- F'``: the plain aggregates of the
+    path, from per-key running aggregates of ``F'``.
+
+    The rows the path reaches from a first-hop row at time τ with key ``k`` are the rows of
+    ``F'`` with key ``k`` and time <= τ: a prefix, in time order, of the key's rows. So
+    ``run_<j>`` aggregates ``F'`` per (key, time) and accumulates in time order (row count,
+    non-null count, sum, min, max, and for ``std`` the sum and sum of squares of the values
+    less the column's mean over ``F'``, which keeps the squares small); ``agg_<j>`` looks
+    each first-hop row's prefix up (an ASOF join: the last (key, time) <= τ) and combines
+    them per (seed time, entity): counts and sums add up, min of mins, max of maxes, mean
+    = sum / count, std from the sums (sample; 0 when what is left after cancellation is
+    below ``_CANCELLATION`` of the sum of squares). Cost: one pass over ``F'`` and one
+    lookup per first-hop row, not one output row per (first-hop row, earlier ``F'`` row).
+    """
+    j, hop1, defs = plan.path_number(p), p[0], plan.defs_of(p)
+    plain = [d for d in defs if d.aggregation not in _VALUE_AGGREGATIONS]
+    stats = list(
+        dict.fromkeys(
+            (d.column, stat)
+            for d in plain
+            if d.column is not None
+            for stat in _RUNNING_STATS[d.aggregation]
+        )
+    )
+    col_no = {c: i for i, c in enumerate(dict.fromkeys(c for c, _ in stats), 1)}
+    from_rows, where, key_time = _key_rows(plan, p)
+    shifted = sorted({c for c, stat in stats if stat in ("d", "q")}, key=col_no.get)
+
+    def name(column: str, stat: str) -> str:
+        return quote(f"tve.{stat}_{col_no[column]}")
+
+    def value(column: str) -> str:
+        return f"CAST(g.{quote(column)} AS DOUBLE)"
+
+    per_time = {
+        "n": lambda c: f"count(g.{quote(c)})",
+        "s": lambda c: f"sum({value(c)})",
+        "d": lambda c: f"sum({value(c)} - c.{name(c, 'shift')})",
+        "q": lambda c: f"sum(({value(c)} - c.{name(c, 'shift')}) ** 2)",
+        "min": lambda c: f"min({value(c)})",
+        "max": lambda c: f"max({value(c)})",
+    }
+    inner = [("count(*)", '"tve.rows"')] + [(per_time[s](c), name(c, s)) for c, s in stats]
+    shift_from = ""
+    if shifted:
+        means = [(f"coalesce(avg({value(c)}), 0)", name(c, "shift")) for c in shifted]
+        shift_from = (
+            f"\n        CROSS JOIN (SELECT {_select(means, '                    ')}"
+            f"\n                    FROM {from_rows}) AS c"
+        )
+
+    def accumulate(stat: str, column: str, over: str = "") -> str:  # a key's prefix, or prefixes
+        total = f"{'min' if stat == 'min' else 'max' if stat == 'max' else 'sum'}({column}){over}"
+        return f"CAST({total} AS BIGINT)" if stat in ("rows", "n") else total
+
+    outer = [('"tve.key"', None), ('"tve.time"', None)]
+    outer += [(accumulate("rows", '"tve.rows"', " OVER w"), '"tve.rows"')]
+    outer += [(accumulate(s, name(c, s), " OVER w"), name(c, s)) for c, s in stats]
+    run = _Cte(
+        f"{plan.prefix}run_{j}",
+        f"{p[2].table} rows per {p[1].table} key: running aggregates in time order",
+        f"SELECT {_select(outer, '         ')}\n"
+        f"  FROM (SELECT {key_time},\n"
+        f"               {_select(inner, '               ')}\n"
+        f"          FROM {from_rows}{shift_from}\n"
+        f"         WHERE {where}\n"
+        f"         GROUP BY 1, 2)\n"
+        f'  WINDOW w AS (PARTITION BY "tve.key" ORDER BY "tve.time" ROWS UNBOUNDED PRECEDING)',
+    )
+
+    combine = [(f"w.{_SEED_TIME}", _SEED_TIME), (f"w.{quote(hop1.via)}", _ENTITY)]
+    combine.append((accumulate("rows", 'r."tve.rows"'), '"tve.rows"'))
+    combine += [(accumulate(s, f"r.{name(c, s)}"), name(c, s)) for c, s in stats]
+    for c in shifted:  # what is left of the sum of squares about the mean
+        d_, q, n = (f"sum(r.{name(c, s)})" for s in ("d", "q", "n"))
+        combine.append((f"{q} - {d_} * {d_} / {n}", name(c, "m2")))
+    final = [(_SEED_TIME, None), (_ENTITY, None)]
+    for d in plain:
+        final.append((_running_target(d, name), quote(d.name)))
+    time1 = f"w.{quote(plan.hop1_time(hop1))}"
+    agg = _Cte(
+        f"{plan.prefix}agg_{j}",
+        f"aggregates of {_describe(plan.entity_table, p)}, from each first-hop row's prefix",
+        f"SELECT {_select(final, '         ')}\n"
+        f"  FROM (SELECT {_select(combine, '               ')}\n"
+        f"          FROM {plan.window_of(hop1)} AS w\n"
+        f"          ASOF JOIN {plan.prefix}run_{j} AS r\n"
+        f'            ON r."tve.key" = w.{quote(p[1].via)} AND {time1} >= r."tve.time"\n'
+        f"         GROUP BY 1, 2)",
+    )
+    return [run, agg]
+
+
+def _running_target(d: TargetDef, name: Callable[[str, str], str]) -> str:
+    """One plain aggregate of ``E <- F -> K <- F'`` from the combined running statistics."""
+    if d.column is None:
+        return '"tve.rows"'
+    c = d.column
+    if d.aggregation in ("count", "sum", "min", "max"):
+        return name(c, {"count": "n", "sum": "s"}.get(d.aggregation, d.aggregation))
+    n = name(c, "n")
+    if d.aggregation == "mean":
+        return f"{name(c, 's')} / nullif({n}, 0)"
+    m2, q = name(c, "m2"), name(c, "q")
+    return (
+        f"CASE WHEN {n} < 2 THEN NULL WHEN {m2} <= {_CANCELLATION} * {q} THEN 0.0"
+        f" ELSE sqrt({m2} / ({n} - 1)) END"
+    )
+
+
+def _running_value_columns(plan: _QueryPlan, p: tuple[Hop, ...]) -> list[str]:
+    """The columns of ``E <- F -> K <- F'`` with a mode or distinct count, in order."""
+    return list(
+        dict.fromkeys(d.column for d in plan.defs_of(p) if d.aggregation in _VALUE_AGGREGATIONS)
+    )
+
+
+def _running_value_ctes(plan: _QueryPlan, p: tuple[Hop, ...], k: int, column: str) -> list[_Cte]:
+    """``counts_<j>_<k>`` and ``mode_<j>_<k>`` of ``E <- F -> K <- F'``: the mode and
+    distinct count of one column, exactly, from per (key, value) running counts.
+
+    A value is among the rows reached from a first-hop row (key ``k``, time τ) when its
+    first row with key ``k`` is no later than τ; it is reached as many times as its running
+    count with key ``k`` at τ (an ASOF join on (key, value)). First-hop rows with the same
+    (seed time, entity, key, time) are looked up once and weighted by their number. The
+    cost grows with the distinct values per key, not with the rows per key.
+    """
+    j, hop1, defs = plan.path_number(p), p[0], _value_defs(plan, p, column)
+    from_rows, where, key_time = _key_rows(plan, p)
+    col = f"g.{quote(column)}"
+    counts = _Cte(
+        f"{plan.prefix}counts_{j}_{k}",
+        f"{_describe(plan.entity_table, p)}, column {column}: running count per key and value",
+        f'SELECT "tve.key", "value", "tve.time",\n'
+        f'         CAST(sum("n") OVER (PARTITION BY "tve.key", "value" ORDER BY "tve.time"\n'
+        f'                             ROWS UNBOUNDED PRECEDING) AS BIGINT) AS "n"\n'
+        f'  FROM (SELECT {key_time}, {col} AS "value", count(*) AS "n"\n'
+        f"          FROM {from_rows}\n"
+        f"         WHERE {where} AND {col} IS NOT NULL\n"
+        f"         GROUP BY 1, 2, 3)",
+    )
+    hop_rows = (
+        f"SELECT {_SEED_TIME}, {quote(hop1.via)} AS {_ENTITY},"
+        f' {quote(p[1].via)} AS "tve.key", {quote(plan.hop1_time(hop1))} AS "tve.time",'
+        f' count(*) AS "n"\n'
+        f"                    FROM {plan.window_of(hop1)} GROUP BY 1, 2, 3, 4"
+    )
+    firsts = (
+        f'SELECT "tve.key", "value", min("tve.time") AS "tve.time" FROM {counts.name} GROUP BY 1, 2'
+    )
+    reached = (
+        f"          FROM ({hop_rows}) AS h\n"
+        f"          JOIN ({firsts}) AS f\n"
+        f'            ON f."tve.key" = h."tve.key" AND f."tve.time" <= h."tve.time"\n'
+    )
+    if any(d.aggregation == "mode" for d in defs):
+        values = (
+            f'SELECT h.{_SEED_TIME}, h.{_ENTITY}, f."value", sum(h."n" * c."n") AS "n"\n'
+            + reached
+            + f"          ASOF JOIN {counts.name} AS c\n"
+            f'            ON c."tve.key" = f."tve.key" AND c."value" = f."value"\n'
+            f'           AND h."tve.time" >= c."tve.time"\n'
+            f"         GROUP BY 1, 2, 3"
+        )
+    else:
+        values = f'SELECT DISTINCT h.{_SEED_TIME}, h.{_ENTITY}, f."value"\n' + reached.rstrip()
+    items: list[tuple[str, str | None]] = [(_SEED_TIME, None), (_ENTITY, None)]
+    for d in defs:
+        if d.aggregation == "mode":
+            items.append(('first("value" ORDER BY "n" DESC, "value" ASC)', quote(d.name)))
+        else:
+            items.append(("count(*)", quote(d.name)))
+    what = " and ".join(
+        "most frequent value (ties -> smallest)" if d.aggregation == "mode" else "distinct values"
+        for d in defs
+    )
+    mode = _Cte(
+        f"{plan.prefix}mode_{j}_{k}",
+        f"{_describe(plan.entity_table, p)}, column {column}: {what}",
+        f"SELECT {_select(items, '         ')}\n  FROM ({values})\n  GROUP BY 1, 2",
+    )
+    return [counts, mode]
 
 
 def _aggregation_groups(plan: _QueryPlan, later_in: list[tuple[Hop, ...]]) -> list[_Group]:
