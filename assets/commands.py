@@ -33,8 +33,8 @@ from assets.definitions import (
 from assets.partitions import contiguous_ranges, experiment_cells, parse_cell, windows_name
 from assets.registry import Database, check_folder_name, register_windows, registered_databases
 from assets.sensors import DATA_VERSION_TAG, RANGE_END_TAG, RANGE_START_TAG
-from tve_pipeline import database as tdb
 from tve_pipeline.config import make_recipe
+from tve_pipeline.database import fingerprint
 from tve_pipeline.results import markdown_table
 from tve_pipeline.summary import summarise_database
 
@@ -216,7 +216,7 @@ class Runner:
     def data_changed(self) -> bool:
         event = self.instance.get_latest_materialization_event(self.db.key("raw_tables"))
         stored = event.asset_materialization.tags.get(DATA_VERSION_TAG) if event else None
-        return stored != tdb.fingerprint(self.run_dir / "datasets" / self.db.name)
+        return stored != fingerprint(self.run_dir / "datasets" / self.db.name)
 
     def load(self, name: str, partition: str | None = None):
         logging.disable(logging.INFO)  # not the IO manager's DEBUG lines on the console
@@ -453,7 +453,7 @@ def _wait_for_backfill(
     while True:
         backfill = instance.get_backfill(backfill_id)
         runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/backfill": backfill_id}))
-        counts = Counter(r.status.value for r in runs)
+        counts = Counter(run.status.value for run in runs)
         line = f"backfill {backfill_id}: {backfill.status.value}; runs " + (
             ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) or "none yet"
         )
@@ -461,11 +461,11 @@ def _wait_for_backfill(
             print(line, flush=True)
             last = line
         if backfill.status.value in _DONE and not any(
-            r.status.value in ("QUEUED", "STARTING", "STARTED") for r in runs
+            run.status.value in ("QUEUED", "STARTING", "STARTED") for run in runs
         ):
             return {
                 "status": backfill.status.value,
-                "failed": [r for r in runs if r.status.value == "FAILURE"],
+                "failed": [run for run in runs if run.status.value == "FAILURE"],
             }
         if daemon.poll() is not None:
             raise RuntimeError(

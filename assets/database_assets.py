@@ -9,8 +9,13 @@ import pandas as pd
 from assets.failures import failure
 from assets.registry import Database, register_windows
 from resources import RecipeResource, TVEStorage
-from tve_pipeline import database as tdb
 from tve_pipeline.config import recipe_version
+from tve_pipeline.database import (
+    num_eval_timestamps,
+    open_dataset,
+    task_entity_tables,
+    task_timedelta,
+)
 from tve_pipeline.schema import DatabaseError
 from tve_pipeline.summary import summarise_database
 from tve_pipeline.traversal import build_traversal_graph
@@ -24,14 +29,14 @@ RAW_TABLES_VERSION = "2"
 def database_timedelta(summary, recipe) -> pd.Timedelta:
     if recipe.targets.timedelta:
         return pd.Timedelta(recipe.targets.timedelta)
-    return tdb.task_timedelta(tdb.open_dataset(summary.dataset_dir))
+    return task_timedelta(open_dataset(summary.dataset_dir))
 
 
 def seed_schedule(summary, recipe) -> pd.DataFrame:
     """Every seed time of the database with its split (RelBench's layout) and its window key."""
-    dataset = tdb.open_dataset(summary.dataset_dir)
+    dataset = open_dataset(summary.dataset_dir)
     schedule = database_seed_schedule(
-        summary, database_timedelta(summary, recipe), tdb.num_eval_timestamps(dataset)
+        summary, database_timedelta(summary, recipe), num_eval_timestamps(dataset)
     )
     schedule["window"] = [
         window_key(t) if s == "train" else None
@@ -95,9 +100,9 @@ def build_database_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
     ) -> dg.Output:
         """Every seed time of the database with its split; each training seed time is one
         window partition of tve_targets (registered here if the data grew)."""
-        r = recipe.recipe()
+        run_recipe = recipe.recipe()
         try:
-            schedule = seed_schedule(raw_tables, r)
+            schedule = seed_schedule(raw_tables, run_recipe)
         except ValueError as exc:
             raise failure(exc) from exc
         windows = list(schedule["window"].dropna())
@@ -105,7 +110,7 @@ def build_database_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
         return dg.Output(
             schedule,
             metadata={
-                "timedelta": str(database_timedelta(raw_tables, r)),
+                "timedelta": str(database_timedelta(raw_tables, run_recipe)),
                 "num_seed_times": len(schedule),
                 "num_windows": len(windows),
                 "windows_added": len(added),
@@ -125,9 +130,9 @@ def build_database_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
         context: dg.AssetExecutionContext, raw_tables, recipe: RecipeResource
     ) -> dg.Output:
         """Target definitions per entity table: schema paths x usable columns x aggregations."""
-        r = recipe.recipe()
-        dataset = tdb.open_dataset(raw_tables.dataset_dir)
-        entities = tdb.task_entity_tables(dataset)
+        run_recipe = recipe.recipe()
+        dataset = open_dataset(raw_tables.dataset_dir)
+        entities = task_entity_tables(dataset)
         if not entities:
             raise failure(
                 f"database {db.name!r} has no entity task, so no entity table to pre-train on"
@@ -139,8 +144,8 @@ def build_database_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
                     dataset.manifest.tables,
                     raw_tables.column_types,
                     entity,
-                    hops=r.targets.hops,
-                    fact_key_fact=r.targets.fact_key_fact,
+                    hops=run_recipe.targets.hops,
+                    fact_key_fact=run_recipe.targets.fact_key_fact,
                 )
                 graph[entity] = [d.to_dict() for d in defs]
         except ValueError as exc:
@@ -156,7 +161,7 @@ def build_database_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
             graph,
             metadata={
                 "num_targets": dg.MetadataValue.json({e: len(d) for e, d in graph.items()}),
-                "hops": r.targets.hops,
+                "hops": run_recipe.targets.hops,
                 "targets": dg.MetadataValue.md(
                     "| entity | name | path | column | aggregation |\n|---|---|---|---|---|\n"
                     + preview

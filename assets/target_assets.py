@@ -18,8 +18,8 @@ from assets.failures import failure
 from assets.partitions import window_partitions
 from assets.registry import Database
 from resources import RecipeResource, TVEStorage
-from tve_pipeline import database as tdb
 from tve_pipeline.config import recipe_version
+from tve_pipeline.database import open_dataset
 from tve_pipeline.targets import TargetQuery, write_targets_by_seed_time
 from tve_pipeline.traversal import TargetDef
 from tve_pipeline.windows import window_seed_time
@@ -89,7 +89,7 @@ def build_target_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
                 "(its seed schedule changed): materialise temporal_windows and the new windows"
             )
         delta = database_timedelta(raw_tables, r)
-        dataset = tdb.open_dataset(raw_tables.dataset_dir)
+        dataset = open_dataset(raw_tables.dataset_dir)
         tables = {name: t.df for name, t in dataset.get_db().table_dict.items()}
         rows = {entity: 0 for entity in traversal_graph}
         inactive = {entity: 0 for entity in traversal_graph}

@@ -27,9 +27,9 @@ from assets.partitions import (
 )
 from assets.registry import Database
 from resources import DeviceResource, MLflowTracking, RecipeResource, TVEStorage
-from tve_pipeline import database as tdb
 from tve_pipeline import evaluation, training
 from tve_pipeline.config import recipe_version
+from tve_pipeline.database import open_dataset
 from tve_pipeline.graph import graph_for
 from tve_pipeline.results import markdown_table, plot_tasks, summarise
 from tve_pipeline.tasks import past_activity, restrict_to_most_active
@@ -38,7 +38,8 @@ from tve_pipeline.tasks import past_activity, restrict_to_most_active
 RESULTS_VERSION = "1"
 
 
-def _graph(storage: TVEStorage, summary, dataset, recipe):
+def _cached_graph(storage: TVEStorage, summary, dataset, recipe):
+    """RelBench's tensor-frame graph of the database and its column stats, via the graph cache."""
     db = dataset.get_db()
     return graph_for(
         db,
@@ -71,7 +72,7 @@ def _target_files(
 
 def _pretrain_one(
     context,
-    r,
+    recipe,
     graph,
     entity: str,
     entity_col: str,
@@ -96,7 +97,7 @@ def _pretrain_one(
             entity_col,
             files,
             {d["name"]: d["aggregation"] for d in defs},
-            r,
+            recipe,
             device.torch_device(),
             objective=objective,
             checkpoint=checkpoint,
@@ -117,7 +118,7 @@ def _task_of(name: str, raw_tables, recipe, *, with_test_labels: bool = False):
             f"database {raw_tables.name!r} has no task {name!r}; "
             f"its tasks: {', '.join(raw_tables.task_names) or '(none)'}"
         )
-    dataset = tdb.open_dataset(raw_tables.dataset_dir)
+    dataset = open_dataset(raw_tables.dataset_dir)
     task = dataset.load_task(name)
     db = task.get_db(upto_test_timestamp=False)
     tables = {split: task.get_table(split, db=db) for split in ("train", "val", "test")}
@@ -179,28 +180,28 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
     ) -> dg.Output:
         """One pre-training objective's backbone state_dicts (CPU), one per entity table, with
         the task-vector normaliser each was trained with (fine-tuning reuses it)."""
-        r = recipe.recipe()
+        run_recipe = recipe.recipe()
         objective = context.partition_key
-        dataset = tdb.open_dataset(raw_tables.dataset_dir)
+        dataset = open_dataset(raw_tables.dataset_dir)
         files = {
             e: _target_files(tve_targets, temporal_windows, e, db.name) for e in traversal_graph
         }
         checkpoint = {
             "objective": objective,
-            "recipe": r.model_dump(mode="json"),
+            "recipe": run_recipe.model_dump(mode="json"),
             "column_types": raw_tables.column_types,
             "by_entity": {},
             "created": context.run_id,
         }
-        graph = _graph(storage, raw_tables, dataset, r)
+        graph = _cached_graph(storage, raw_tables, dataset, run_recipe)
         seeds, best_epoch, best_val_loss = {}, {}, {}
         with mlflow.run(context, f"pretrain {objective}", database=db.name) as run:
             run.log_params(
                 {
                     "objective": objective,
-                    "profile": r.profile,
-                    **{f"pretrain.{k}": v for k, v in r.pretrain.model_dump().items()},
-                    **{f"backbone.{k}": v for k, v in r.backbone.model_dump().items()},
+                    "profile": run_recipe.profile,
+                    **{f"pretrain.{k}": v for k, v in run_recipe.pretrain.model_dump().items()},
+                    **{f"backbone.{k}": v for k, v in run_recipe.backbone.model_dump().items()},
                 }
             )
             for entity, defs in traversal_graph.items():
@@ -208,12 +209,12 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
                     storage.checkpoint_file(
                         "pretrained_checkpoint", db.name, f"{objective}-{entity}"
                     ),
-                    r.checkpoint_every,
-                    key=f"{raw_tables.fingerprint}:{r.model_dump_json()}",
+                    run_recipe.checkpoint_every,
+                    key=f"{raw_tables.fingerprint}:{run_recipe.model_dump_json()}",
                 )
                 result = _pretrain_one(
                     context,
-                    r,
+                    run_recipe,
                     graph,
                     entity,
                     dataset.manifest.tables[entity].pkey,
@@ -271,9 +272,9 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
     ) -> dg.Output:
         """One experiment cell: a task fine-tuned from scratch or from one objective's backbone,
         on one label fraction (drawn with the seed, the same rows for every method), one seed."""
-        r = recipe.recipe()
+        run_recipe = recipe.recipe()
         task_name, method, fraction, seed = parse_cell(context.partition_key)
-        dataset, task, tables = _task_of(task_name, raw_tables, r)
+        dataset, task, tables = _task_of(task_name, raw_tables, run_recipe)
         backbone = None
         if method != SCRATCH:
             by_entity = (pretrained_checkpoint or {}).get("by_entity", {})
@@ -283,10 +284,10 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
                     f"{task.entity_table!r}: re-materialise pretrained_checkpoint {method}"
                 )
             backbone = by_entity[task.entity_table]["backbone"]
-        data, col_stats = _graph(storage, raw_tables, dataset, r)
+        data, col_stats = _cached_graph(storage, raw_tables, dataset, run_recipe)
         # a new pre-trained backbone makes an old fine-tuning checkpoint stale
         created = (pretrained_checkpoint or {}).get("created", "")
-        resume_key = f"{raw_tables.fingerprint}:{r.model_dump_json()}:{created}"
+        resume_key = f"{raw_tables.fingerprint}:{run_recipe.model_dump_json()}:{created}"
         with mlflow.run(context, f"finetune {method}", database=db.name) as run:
             run.log_params(
                 {
@@ -294,7 +295,7 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
                     "method": method,
                     "seed": seed,
                     "label_fraction": fraction,
-                    **{f"finetune.{k}": v for k, v in r.finetune.model_dump().items()},
+                    **{f"finetune.{k}": v for k, v in run_recipe.finetune.model_dump().items()},
                 }
             )
             try:
@@ -303,7 +304,7 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
                     col_stats,
                     task,
                     tables,
-                    r,
+                    run_recipe,
                     device.torch_device(),
                     seed=seed,
                     label_fraction=fraction,
@@ -313,7 +314,7 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
                         storage.checkpoint_file(
                             "finetuned_models", db.name, context.partition_key.replace("|", "_")
                         ),
-                        r.checkpoint_every,
+                        run_recipe.checkpoint_every,
                         key=resume_key,
                     ),
                 )
@@ -362,17 +363,17 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
         mlflow: MLflowTracking,
     ) -> dg.Output:
         """RelBench's evaluator on val and test for one cell's model; one row per metric."""
-        r = recipe.recipe()
+        run_recipe = recipe.recipe()
         task_name, method, fraction, seed = parse_cell(context.partition_key)
-        dataset, task, tables = _task_of(task_name, raw_tables, r, with_test_labels=True)
-        data, col_stats = _graph(storage, raw_tables, dataset, r)
+        dataset, task, tables = _task_of(task_name, raw_tables, run_recipe, with_test_labels=True)
+        data, col_stats = _cached_graph(storage, raw_tables, dataset, run_recipe)
         scores = evaluation.evaluate(
             data,
             col_stats,
             task,
             tables,
             finetuned_models["state_dict"],
-            r,
+            run_recipe,
             device.torch_device(),
             seed=seed,
             output_range=finetuned_models.get("output_range"),

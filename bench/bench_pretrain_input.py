@@ -168,9 +168,10 @@ def make_windows(data_dir: Path, db: Path, a) -> tuple[list[Path], dict[str, str
 def child_concat(files: list[str], aggregations: dict, cap_gb: float) -> dict:
     import pandas as pd
 
-    from tve_pipeline import training
+    from tve_pipeline import training  # noqa: F401  (every child imports it: same base RSS)
     from tve_pipeline.graph import seed_tensors
     from tve_pipeline.normalise import TaskVectorNormaliser
+    from tve_pipeline.task_vectors import split_pretrain_seeds
 
     cap = int(cap_gb * 2**30)
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
@@ -183,7 +184,7 @@ def child_concat(files: list[str], aggregations: dict, cap_gb: float) -> dict:
             .sort_values("timestamp", kind="stable")
             .reset_index(drop=True)
         )
-        train_raw, val_raw = training.split_pretrain_seeds(raw, 0.02)
+        train_raw, val_raw = split_pretrain_seeds(raw, 0.02)
         normaliser = TaskVectorNormaliser.fit(train_raw, aggregations)
         y_train, y_val = normaliser.transform(train_raw), normaliser.transform(val_raw)
         seed_tensors(train_raw["customer_id"], train_raw["timestamp"])

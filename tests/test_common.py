@@ -1,9 +1,10 @@
-"""The shared helpers: atomic writes keep the old result on failure; one-line errors."""
+"""The shared helpers: atomic writes keep the old result on failure; one-line errors;
+naive timestamps; UTC offsets in timestamp strings."""
 
 import pandas as pd
 import pytest
 
-from tve_pipeline.common import atomic_path, error_summary, naive_timestamps
+from tve_pipeline.common import atomic_path, error_summary, has_utc_offset, naive_timestamps
 
 
 def test_atomic_path_replaces_on_success_and_keeps_the_old_file_on_failure(tmp_path):
@@ -44,3 +45,22 @@ def test_naive_timestamps():
     ).dtype == ("datetime64[ns]")
     with pytest.raises(ValueError, match="timezone"):
         naive_timestamps(pd.Series(pd.to_datetime(["2020-01-02"], utc=True)))
+
+
+def test_has_utc_offset_only_after_a_clock_time():
+    with_offset = [
+        "2021-01-01T10:00:00Z",
+        "2021-01-01 10:00+01:00",
+        "2021-01-01 10:00 +0100",
+        "2021-01-01 10:00+01",
+        "2021-01-01T10:00:00.123-05:00",
+    ]
+    without = [
+        "2021-01-01",  # the day's "-01" is not an offset
+        "2021-01-01 10:00",
+        "2021-01-01T10:00:00.5",
+        "2021-01-01Z",  # no clock time
+        "2021-01-01 10:00:00 UTC",  # a zone name, not an offset
+    ]
+    got = has_utc_offset(pd.Series(with_offset + without))
+    assert got.tolist() == [True] * len(with_offset) + [False] * len(without)

@@ -17,7 +17,12 @@ from tve_pipeline.datasets import build_synthetic
 from tve_pipeline.graph import graph_for
 from tve_pipeline.normalise import TaskVectorNormaliser
 from tve_pipeline.targets import TargetQuery, compute_targets
-from tve_pipeline.task_vectors import SeedTaskVectors, held_out_seed_times, pretraining_task_vectors
+from tve_pipeline.task_vectors import (
+    SeedTaskVectors,
+    held_out_seed_times,
+    pretraining_task_vectors,
+    split_pretrain_seeds,
+)
 from tve_pipeline.traversal import build_traversal_graph
 from tve_pipeline.windows import training_seed_times
 
@@ -96,7 +101,7 @@ def test_compact_task_vectors_equal_the_dense_normalised_frame(windows, source):
         raw, "customer_id", agg, val_fraction=0.3, max_mode_categories=3, chunk_rows=7
     )
 
-    train_raw, val_raw = training.split_pretrain_seeds(dense, 0.3)
+    train_raw, val_raw = split_pretrain_seeds(dense, 0.3)
     oracle = TaskVectorNormaliser.fit(train_raw, agg, max_mode_categories=3)
     assert got.normaliser.to_dict() == oracle.to_dict()
     assert any(s.kind == "onehot" and len(s.categories) > 1 for s in oracle.scalers)

@@ -8,7 +8,7 @@ import torch
 from tve_pipeline.graph import seed_tensors
 from tve_pipeline.normalise import TaskVectorNormaliser
 from tve_pipeline.objectives import sce_loss
-from tve_pipeline.training import split_pretrain_seeds
+from tve_pipeline.task_vectors import split_pretrain_seeds
 
 
 @pytest.mark.parametrize("unit", ["s", "ms", "us", "ns"])

@@ -1,5 +1,5 @@
 """Small ideas every stage uses, written once: atomic writes, one-line error summaries,
-naive timestamps.
+naive timestamps, UTC offsets in timestamp strings.
 
 - :func:`atomic_path`: write a file or a folder beside its final place and move it there
   whole, so that a reader sees the old result or the new one, never half of one, and a
@@ -7,11 +7,15 @@ naive timestamps.
 - :func:`error_summary`: an exception as one line, for messages that name what failed.
 - :func:`naive_timestamps`: any column of times as naive ``datetime64[ns]`` (RelBench
   compares naive times; parquet and pandas hand back ``us`` or ``ns``).
+- :func:`has_utc_offset`: which timestamp strings end in a UTC offset (``UTC_OFFSET``, the
+  syntax, is shared with the importer's ISO pattern): the validator and the importer
+  decide "mixed timezones" with it.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import threading
 from collections.abc import Iterator
@@ -19,6 +23,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
+
+#: The UTC offset a timestamp string may end with: ``Z``, ``+01``, ``+0100`` or ``+01:00``.
+UTC_OFFSET = r"(?:Z|[+-]\d{2}(?::?\d{2})?)"
+# A UTC offset, only after a clock time (so the day of "2021-01-01" is not one).
+_CLOCK_TIME_THEN_OFFSET = re.compile(r"[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?\s*" + UTC_OFFSET + "$")
 
 
 @contextmanager
@@ -66,3 +75,8 @@ def naive_timestamps(values) -> pd.Series:
     if isinstance(series.dtype, pd.DatetimeTZDtype):
         raise ValueError(f"timestamps must be naive, got timezone {series.dtype.tz}")
     return series.astype("datetime64[ns]")
+
+
+def has_utc_offset(text: pd.Series) -> pd.Series:
+    """Per timestamp string (stripped), whether it ends in a UTC offset after its clock time."""
+    return text.str.contains(_CLOCK_TIME_THEN_OFFSET)

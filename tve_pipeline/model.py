@@ -137,34 +137,51 @@ def resnet_folded(resnet, tf: torch_frame.TensorFrame) -> Tensor:
             and plain
             and not torch.isinf(feat).any()
         ):
-            z = (feat - e.mean) / e.std
-            m = ~torch.isnan(z)
-            z = torch.where(m, z, torch.zeros_like(z))
-            p = torch.einsum("ocj,cj->co", wc, e.weight)  # [n, 2C]
-            q = torch.einsum("ocj,cj->co", wc, e.bias)
-            h = h + torch.cat([z, m.to(z.dtype)], 1) @ torch.cat([p, q], 0)
+            h = h + _folded_numerical(e, feat, wc)
         elif (
             st == torch_frame.categorical
             and type(e) is EmbeddingEncoder
             and plain
             and e.emb.num_embeddings * n < n_rows
         ):
-            idx = torch.where(feat < 0, torch.zeros_like(feat), feat + e.offset + 1)
-            v = e.emb.num_embeddings
-            emb_weight = e.emb.weight
-            if e.emb.padding_idx is not None:
-                # A missing cell looks up the padding row, which the Embedding keeps at zero
-                # with a zero gradient. Projected with the others, the row would receive
-                # the missing cells' gradient and learn (seen on rel-flights' airports):
-                # zero it here, so that its gradient is zero as in the encoder.
-                pad = torch.tensor([e.emb.padding_idx], device=emb_weight.device)
-                emb_weight = emb_weight.index_fill(0, pad, 0.0)
-            proj = torch.einsum("vj,ocj->cvo", emb_weight, wc).reshape(n * v, -1)  # [n * V, 2C]
-            h = h + F.embedding(idx + torch.arange(n, device=idx.device) * v, proj).sum(1)
+            h = h + _folded_categorical(e, feat, wc)
         else:
             x = e(feat, names)  # [N, n, C_in]
             h = h + x.reshape(n_rows, n * c_in) @ wc.reshape(wc.size(0), n * c_in).t()
         col += n
+    return _after_block0_linears(resnet, h, c_out)
+
+
+def _folded_numerical(e: LinearEncoder, feat: Tensor, wc: Tensor) -> Tensor:
+    """Numerical columns through their encoder and block 0's maps: ``[z*m | m] @ [Aw ; Ab]``."""
+    z = (feat - e.mean) / e.std
+    m = ~torch.isnan(z)
+    z = torch.where(m, z, torch.zeros_like(z))
+    p = torch.einsum("ocj,cj->co", wc, e.weight)  # [n, 2C]
+    q = torch.einsum("ocj,cj->co", wc, e.bias)
+    return torch.cat([z, m.to(z.dtype)], 1) @ torch.cat([p, q], 0)
+
+
+def _folded_categorical(e: EmbeddingEncoder, feat: Tensor, wc: Tensor) -> Tensor:
+    """Categorical columns through their encoder and block 0's maps: ``(Emb A^T)[idx]``."""
+    n = wc.size(1)
+    idx = torch.where(feat < 0, torch.zeros_like(feat), feat + e.offset + 1)
+    v = e.emb.num_embeddings
+    emb_weight = e.emb.weight
+    if e.emb.padding_idx is not None:
+        # A missing cell looks up the padding row, which the Embedding keeps at zero
+        # with a zero gradient. Projected with the others, the row would receive
+        # the missing cells' gradient and learn (seen on rel-flights' airports):
+        # zero it here, so that its gradient is zero as in the encoder.
+        pad = torch.tensor([e.emb.padding_idx], device=emb_weight.device)
+        emb_weight = emb_weight.index_fill(0, pad, 0.0)
+    proj = torch.einsum("vj,ocj->cvo", emb_weight, wc).reshape(n * v, -1)  # [n * V, 2C]
+    return F.embedding(idx + torch.arange(n, device=idx.device) * v, proj).sum(1)
+
+
+def _after_block0_linears(resnet, h: Tensor, c_out: int) -> Tensor:
+    """The rest of ``resnet`` from block 0's ``lin1`` | ``shortcut`` outputs ``h``."""
+    block0 = resnet.backbone[0]
     out, short = h[:, :c_out], h[:, c_out:]
     out = block0.norm1(out) if block0.norm1 else out
     out = block0.dropout(block0.relu(out))

@@ -85,19 +85,19 @@ def markdown_table(summary: pd.DataFrame, split: str = "test") -> str:
         "| vs scratch: mean difference [95% CI] (pairs) |",
         "|---|---|---:|---|---:|---:|",
     ]
-    for _, r in part.iterrows():
-        spread = f" ± {_fmt(r['std'])}" if r["n"] > 1 else ""
+    for _, row in part.iterrows():
+        spread = f" ± {_fmt(row['std'])}" if row["n"] > 1 else ""
         diff = ""
-        if r["n_pairs"]:
+        if row["n_pairs"]:
             ci = (
-                f" [{_fmt(r['diff_ci_low'])}, {_fmt(r['diff_ci_high'])}]"
-                if r["n_pairs"] > 1
+                f" [{_fmt(row['diff_ci_low'])}, {_fmt(row['diff_ci_high'])}]"
+                if row["n_pairs"] > 1
                 else ""
             )
-            diff = f"{r['diff_vs_scratch']:+.4f}{ci} ({int(r['n_pairs'])})"
+            diff = f"{row['diff_vs_scratch']:+.4f}{ci} ({int(row['n_pairs'])})"
         lines.append(
-            f"| {r['task']} | {r['metric']} | {r['label_fraction']:g} | {r['method']} | "
-            f"{_fmt(r['mean'])}{spread} ({int(r['n'])}) | {diff} |"
+            f"| {row['task']} | {row['metric']} | {row['label_fraction']:g} | {row['method']} | "
+            f"{_fmt(row['mean'])}{spread} ({int(row['n'])}) | {diff} |"
         )
     return "\n".join(lines)
 

@@ -106,8 +106,8 @@ def _segment_arange(counts: Tensor) -> tuple[Tensor, Tensor]:
 
 def _randbelow(n: Tensor, generator: torch.Generator | None) -> Tensor:
     """Uniform integers in [0, n) elementwise (modulo bias <= n / 2**62: negligible)."""
-    r = torch.randint(0, 2**62, n.shape, generator=generator, device=n.device)
-    return r % n
+    draws = torch.randint(0, 2**62, n.shape, generator=generator, device=n.device)
+    return draws % n
 
 
 @dataclass
@@ -214,13 +214,13 @@ class _CSC:
         if self.mode == "untimed":
             return start, end - start
         if self.mode in ("offset", "rank"):
-            # r = largest eligible time code: sources with code <= r are eligible, and
-            # 0 <= r <= span - 1 keeps the query inside v's own key range [v*span, (v+1)*span).
+            # top = largest eligible time code: sources with code <= top are eligible, and
+            # 0 <= top <= span - 1 keeps the query inside v's own key range [v*span, (v+1)*span).
             if self.mode == "offset":
-                r = seed_time.clamp(self.tmin - 1, self.tmin + self.span - 2) - (self.tmin - 1)
+                top = seed_time.clamp(self.tmin - 1, self.tmin + self.span - 2) - (self.tmin - 1)
             else:
-                r = torch.searchsorted(self.utimes, seed_time, right=True)
-            stop = torch.searchsorted(self.key, v * self.span + r, right=True)
+                top = torch.searchsorted(self.utimes, seed_time, right=True)
+            stop = torch.searchsorted(self.key, v * self.span + top, right=True)
             return start, stop - start
         # "bisect": vectorised bisection over every segment at once; the loop runs
         # log2(max degree) times, not once per node.
@@ -263,8 +263,8 @@ def _choose(
         perm = torch.randperm(seg.numel(), generator=generator, device=n.device)
         shuffled = perm[torch.argsort(seg[perm], stable=True)]  # grouped like `seg`
         keep = within < k
-        r = med[seg[keep]]
-        pos[offs[r] + within[keep]] = start[r] + within[shuffled[keep]]
+        kept_rows = med[seg[keep]]  # the frontier row of each kept slot
+        pos[offs[kept_rows] + within[keep]] = start[kept_rows] + within[shuffled[keep]]
 
     # Large segments (n > 2k): k draws with replacement, then re-draw every slot holding
     # a value already present in its row. Accepted values are the first k distinct ones of
@@ -283,9 +283,29 @@ def _choose(
             sub[dup] = _randbelow(nb[active][dup], generator)
             picks[active] = sub
             active = active[has_dup]
-        r = big.unsqueeze(1).expand(-1, k)
-        pos[offs[r] + torch.arange(k, device=n.device)] = start[r] + picks
+        pick_rows = big.unsqueeze(1).expand(-1, k)  # the frontier row of each pick
+        pos[offs[pick_rows] + torch.arange(k, device=n.device)] = start[pick_rows] + picks
     return rows, pos
+
+
+@dataclass
+class _Subgraphs:
+    """The seeds' subgraphs as sampled so far, built hop by hop by ``sample_output``.
+
+    Per node type: chunks of (global id, seed index) in local-index order, the node
+    count, and the sorted composite keys (batch * num_rows + id) of all nodes so far with
+    their local index, for "already in this seed's subgraph?" look-ups; per edge type the
+    (local src, local dst) chunks; per type and hop, the counts PyG's loaders record.
+    """
+
+    ids_chunks: dict[str, list[Tensor]]
+    batch_chunks: dict[str, list[Tensor]]
+    count: dict[str, int]
+    keys: dict[str, Tensor]
+    key_local: dict[str, Tensor]
+    n_sampled_nodes: dict[str, list[int]]
+    n_sampled_edges: dict[tuple, list[int]]
+    edge_chunks: dict[tuple, list[tuple[Tensor, Tensor]]]
 
 
 class TemporalNeighborSampler(NeighborSampler):
@@ -481,78 +501,95 @@ class TemporalNeighborSampler(NeighborSampler):
         empty = torch.empty(0, dtype=torch.long, device=device)
         if input_id is None:
             input_id = torch.arange(num_seeds, device=device)
-
-        # Per node type: chunks of (global id, seed index) in local-index order; and the
-        # sorted composite keys (batch * num_rows + id) of all nodes so far with their
-        # local index, for "already in this seed's subgraph?" look-ups.
-        ids_chunks: dict[str, list[Tensor]] = {nt: [] for nt in self.node_types}
-        batch_chunks: dict[str, list[Tensor]] = {nt: [] for nt in self.node_types}
-        count = {nt: 0 for nt in self.node_types}
-        keys: dict[str, Tensor] = {nt: empty for nt in self.node_types}
-        key_local: dict[str, Tensor] = {nt: empty for nt in self.node_types}
-        n_sampled_nodes = {nt: [0] for nt in self.node_types}
-        n_sampled_edges = {et: [] for et in self.edge_types}
-        edge_chunks: dict[tuple, list[Tensor]] = {et: [] for et in self.edge_types}
-
         seed_batch = torch.arange(num_seeds, device=device)
-        ids_chunks[entity_table].append(nodes)
-        batch_chunks[entity_table].append(seed_batch)
-        count[entity_table] = num_seeds
-        n_sampled_nodes[entity_table][0] = num_seeds
-        keys[entity_table], key_local[entity_table] = torch.sort(
-            seed_batch * self.num_rows[entity_table] + nodes
-        )
+        graphs = self._seed_subgraphs(entity_table, nodes, seed_batch, empty)
         # frontier: type -> (global id, seed index, local index) of the nodes new last hop
         frontier = {entity_table: (nodes, seed_batch, seed_batch)} if num_seeds else {}
-
         for hop, k in enumerate(self.fanout):
             last_hop = hop == len(self.fanout) - 1
-            # 1) sample per edge type; group candidates by source type.
+            # sample per edge type, candidates grouped by source type; then add them
             per_src = self._candidates(frontier, seed_time, k, generator)
+            frontier = self._add_hop(graphs, per_src, not last_hop, device)
+        return self._sampler_output(graphs, input_id, seed_time, empty)
 
-            # 2) per source type: map candidates to local indices, appending new nodes.
-            new_frontier = {}
-            hop_edges: dict[tuple, int] = {}
-            for nt in self.node_types:
-                parts = per_src.get(nt)
-                if not parts:
-                    n_sampled_nodes[nt].append(0)
-                    continue
-                cand_id = torch.cat([p[1] for p in parts])
-                cand_batch = torch.cat([p[2] for p in parts])
-                local, new = self._assign_local(
-                    nt, cand_id, cand_batch, count, keys, key_local, not last_hop
-                )
-                n_new = new[0].numel()
-                n_sampled_nodes[nt].append(n_new)
-                if n_new:
-                    new_local = torch.arange(count[nt], count[nt] + n_new, device=device)
-                    ids_chunks[nt].append(new[0])
-                    batch_chunks[nt].append(new[1])
-                    count[nt] += n_new
-                    new_frontier[nt] = (new[0], new[1], new_local)
-                offset = 0
-                for et, src, _, dst_local in parts:
-                    m = src.numel()
-                    # messages flow neighbour (src) -> frontier node (dst)
-                    edge_chunks[et].append((local[offset : offset + m], dst_local))
-                    hop_edges[et] = m
-                    offset += m
-            for et in self.edge_types:
-                n_sampled_edges[et].append(hop_edges.get(et, 0))
-            frontier = new_frontier
+    def _seed_subgraphs(
+        self, entity_table: str, nodes: Tensor, seed_batch: Tensor, empty: Tensor
+    ) -> _Subgraphs:
+        """The subgraphs before the first hop: each seed alone in its own."""
+        graphs = _Subgraphs(
+            ids_chunks={nt: [] for nt in self.node_types},
+            batch_chunks={nt: [] for nt in self.node_types},
+            count={nt: 0 for nt in self.node_types},
+            keys={nt: empty for nt in self.node_types},
+            key_local={nt: empty for nt in self.node_types},
+            n_sampled_nodes={nt: [0] for nt in self.node_types},
+            n_sampled_edges={et: [] for et in self.edge_types},
+            edge_chunks={et: [] for et in self.edge_types},
+        )
+        num_seeds = nodes.numel()
+        graphs.ids_chunks[entity_table].append(nodes)
+        graphs.batch_chunks[entity_table].append(seed_batch)
+        graphs.count[entity_table] = num_seeds
+        graphs.n_sampled_nodes[entity_table][0] = num_seeds
+        graphs.keys[entity_table], graphs.key_local[entity_table] = torch.sort(
+            seed_batch * self.num_rows[entity_table] + nodes
+        )
+        return graphs
+
+    def _add_hop(
+        self, graphs: _Subgraphs, per_src: dict[str, list[tuple]], update: bool, device
+    ) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+        """Add one hop's new nodes and its edges to the subgraphs; return the next frontier."""
+        # Per source type: map candidates to local indices, appending new nodes; ``update``
+        # keeps the look-up keys current (not needed after the last hop).
+        new_frontier = {}
+        hop_edges: dict[tuple, int] = {}
+        for nt in self.node_types:
+            parts = per_src.get(nt)
+            if not parts:
+                graphs.n_sampled_nodes[nt].append(0)
+                continue
+            cand_id = torch.cat([p[1] for p in parts])
+            cand_batch = torch.cat([p[2] for p in parts])
+            local, new = self._assign_local(
+                nt, cand_id, cand_batch, graphs.count, graphs.keys, graphs.key_local, update
+            )
+            n_new = new[0].numel()
+            graphs.n_sampled_nodes[nt].append(n_new)
+            if n_new:
+                count = graphs.count[nt]
+                new_local = torch.arange(count, count + n_new, device=device)
+                graphs.ids_chunks[nt].append(new[0])
+                graphs.batch_chunks[nt].append(new[1])
+                graphs.count[nt] += n_new
+                new_frontier[nt] = (new[0], new[1], new_local)
+            offset = 0
+            for et, src, _, dst_local in parts:
+                m = src.numel()
+                # messages flow neighbour (src) -> frontier node (dst)
+                graphs.edge_chunks[et].append((local[offset : offset + m], dst_local))
+                hop_edges[et] = m
+                offset += m
+        for et in self.edge_types:
+            graphs.n_sampled_edges[et].append(hop_edges.get(et, 0))
+        return new_frontier
+
+    def _sampler_output(
+        self, graphs: _Subgraphs, input_id: Tensor, seed_time: Tensor, empty: Tensor
+    ) -> HeteroSamplerOutput:
+        """The subgraphs as PyG's sampler output: each type's chunks concatenated."""
 
         def cat(chunks):
             return torch.cat(chunks) if chunks else empty
 
         return HeteroSamplerOutput(
-            node={nt: cat(ids_chunks[nt]) for nt in self.node_types},
-            row={et: cat([c[0] for c in edge_chunks[et]]) for et in self.edge_types},
-            col={et: cat([c[1] for c in edge_chunks[et]]) for et in self.edge_types},
+            node={nt: cat(graphs.ids_chunks[nt]) for nt in self.node_types},
+            row={et: cat([c[0] for c in graphs.edge_chunks[et]]) for et in self.edge_types},
+            col={et: cat([c[1] for c in graphs.edge_chunks[et]]) for et in self.edge_types},
             edge={et: None for et in self.edge_types},
-            batch={nt: cat(batch_chunks[nt]) for nt in self.node_types},
-            num_sampled_nodes=n_sampled_nodes,
-            num_sampled_edges=n_sampled_edges,
+            batch={nt: cat(graphs.batch_chunks[nt]) for nt in self.node_types},
+            num_sampled_nodes=graphs.n_sampled_nodes,
+            num_sampled_edges=graphs.n_sampled_edges,
             metadata=(input_id, seed_time),
         )
 

@@ -57,6 +57,14 @@ def held_out_seed_times(timestamps, val_fraction: float) -> np.ndarray:
     return times[len(times) - n_val :]
 
 
+def split_pretrain_seeds(
+    raw: pd.DataFrame, val_fraction: float
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Hold out the latest seed times (a temporal split) for choosing the best epoch."""
+    is_val = raw["timestamp"].isin(held_out_seed_times(raw["timestamp"], val_fraction))
+    return raw[~is_val].reset_index(drop=True), raw[is_val].reset_index(drop=True)
+
+
 class RawTaskVectorChunks:
     """Raw task vectors (a frame, or parquet files) read as consecutive chunks of rows.
 

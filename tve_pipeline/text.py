@@ -298,10 +298,10 @@ class GloveTextEmbedder:
         )
         out = np.zeros((len(index), self.dim), dtype=np.float32)
         vocab, vectors = self.vocab, self.vectors
-        for r, text in enumerate(index):
+        for row, text in enumerate(index):
             ids = [i for i in (vocab.get(t) for t in self._tok.findall(text)) if i is not None]
             if ids:
-                out[r] = np.asarray(vectors[np.sort(ids)]).mean(axis=0)
+                out[row] = np.asarray(vectors[np.sort(ids)]).mean(axis=0)
         return torch.from_numpy(out[inverse])
 
 

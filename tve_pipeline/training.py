@@ -33,7 +33,7 @@ from tve_pipeline.graph import seed_tensors, to_device
 from tve_pipeline.model import RDLModel, backbone_state, load_backbone
 from tve_pipeline.objectives import PretrainingLoss, objective_heads
 from tve_pipeline.sampling import Prefetcher, sampler_for
-from tve_pipeline.task_vectors import RawTaskVectors, held_out_seed_times, pretraining_task_vectors
+from tve_pipeline.task_vectors import RawTaskVectors, pretraining_task_vectors
 
 LogFn = Callable[[dict, int], None]
 
@@ -187,49 +187,34 @@ def _fit(
     best, history, start_epoch, start_step, losses, global_step = _progress(saved)
     for epoch in range(start_epoch, epochs):
         resumed = saved is not None  # this epoch is the one the checkpoint stopped in
-        if resumed:
-            epoch_order_state = saved["epoch_order_state"]
-            order.set_state(epoch_order_state)
-        else:
-            epoch_order_state = order.get_state()
+        epoch_order_state = _epoch_order_state(order, saved)
         batches = list(_batches(n, batch_size, order, steps_per_epoch))
         modules.train()
         first = start_step if resumed else 0
         if first == 0:
             losses = []
-        epoch_start = global_step - first  # the global step number of this epoch's step 0
-
-        def draw(step: int, batches=batches, epoch_start=epoch_start):
-            return sample(batches[step], step_generator(seed, epoch_start + step, "sample"))
-
-        steps = range(first, len(batches))
-        for step, batch in zip(steps, Prefetcher(draw, steps, enabled=prefetch)):
-            loss = batch_loss(
-                batch, batches[step], step_generator(seed, epoch_start + step, "noise")
-            )
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.detach())
-            global_step += 1
-            if checkpoint and global_step % checkpoint.every == 0:
-                losses = [float(v) for v in losses]
-                _save_checkpoint(
-                    checkpoint,
-                    modules,
-                    opt,
-                    sched,
-                    order,
-                    epoch_order_state=epoch_order_state,
-                    best=best,
-                    history=history,
-                    epoch=epoch,
-                    step=step + 1,
-                    losses=losses,
-                    global_step=global_step,
-                )
-            if on_step:
-                on_step(global_step)
+        losses, global_step = _train_epoch(
+            modules,
+            opt,
+            sched,
+            order,
+            batches,
+            first=first,
+            global_step=global_step,
+            losses=losses,
+            seed=seed,
+            sample=sample,
+            batch_loss=batch_loss,
+            checkpoint=checkpoint,
+            on_step=on_step,
+            prefetch=prefetch,
+            progress={
+                "epoch_order_state": epoch_order_state,
+                "best": best,
+                "history": history,
+                "epoch": epoch,
+            },
+        )
         _step_schedule(sched)
         metrics, score = evaluate_epoch()
         history.append(_epoch_row(epoch, losses, metrics, log))
@@ -240,6 +225,65 @@ def _fit(
     if checkpoint:
         checkpoint.clear()
     return best, history
+
+
+def _epoch_order_state(order: torch.Generator, saved: dict | None) -> torch.Tensor:
+    """The order generator's state at the epoch's start: the checkpoint's, when resuming."""
+    if saved is None:
+        return order.get_state()
+    order.set_state(saved["epoch_order_state"])
+    return saved["epoch_order_state"]
+
+
+def _train_epoch(
+    modules: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    sched,
+    order: torch.Generator,
+    batches: list[torch.Tensor],
+    *,
+    first: int,
+    global_step: int,
+    losses: list,
+    seed: int,
+    sample: Callable[[torch.Tensor, torch.Generator], object],
+    batch_loss: Callable[[object, torch.Tensor, torch.Generator], torch.Tensor],
+    checkpoint: Checkpointer | None,
+    on_step: Callable[[int], None] | None,
+    prefetch: bool,
+    progress: dict,
+) -> tuple[list, int]:
+    """The epoch's optimiser steps from step ``first`` on; returns (losses, global step)."""
+    # ``progress``: what a checkpoint records of the epoch besides step, losses, global step.
+    epoch_start = global_step - first  # the global step number of this epoch's step 0
+
+    def draw(step: int):
+        return sample(batches[step], step_generator(seed, epoch_start + step, "sample"))
+
+    steps = range(first, len(batches))
+    for step, batch in zip(steps, Prefetcher(draw, steps, enabled=prefetch)):
+        loss = batch_loss(batch, batches[step], step_generator(seed, epoch_start + step, "noise"))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+        global_step += 1
+        if checkpoint and global_step % checkpoint.every == 0:
+            losses = [float(v) for v in losses]
+            _save_checkpoint(
+                checkpoint,
+                modules,
+                opt,
+                sched,
+                order,
+                **progress,
+                step=step + 1,
+                losses=losses,
+                global_step=global_step,
+            )
+        if on_step:
+            on_step(global_step)
+    return losses, global_step
 
 
 def _epoch_row(epoch: int, losses: list, metrics: dict, log: LogFn | None) -> dict:
@@ -256,14 +300,6 @@ def _epoch_row(epoch: int, losses: list, metrics: dict, log: LogFn | None) -> di
 
 
 # --------------------------------------------------------------------------- pre-training
-
-
-def split_pretrain_seeds(
-    raw: pd.DataFrame, val_fraction: float
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Hold out the latest seed times (a temporal split) for choosing the best epoch."""
-    is_val = raw["timestamp"].isin(held_out_seed_times(raw["timestamp"], val_fraction))
-    return raw[~is_val].reset_index(drop=True), raw[is_val].reset_index(drop=True)
 
 
 def _pretraining_seeds(
@@ -333,12 +369,9 @@ def pretrain(
     n_train, t_train = seed_tensors(train.entity, train.seed_time)
     n_val, t_val = seed_tensors(val.entity, val.seed_time)
 
-    model = RDLModel(data, col_stats, recipe.backbone, out_channels=normaliser.width).to(device)
-    heads = objective_heads(objective, recipe.backbone.channels, data, col_stats, entity_table)
-    heads.to(device)
-    params = list(model.parameters()) + list(heads.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step_epochs, gamma=cfg.lr_gamma)
+    model, heads, opt, sched = _pretraining_model(
+        data, col_stats, entity_table, recipe, objective, normaliser.width, device
+    )
     sampler = sampler_for(data, recipe.backbone)
     loss = PretrainingLoss(objective, model, heads, entity_table, cfg)
     modules = torch.nn.ModuleDict({"model": model, "aux": heads})  # the checkpoint's keys
@@ -349,18 +382,7 @@ def pretrain(
     def batch_loss(batch, idx, gen):
         return loss(to_device(batch, device), train.task_vectors(idx), gen)
 
-    epochs_done = []
-
-    def evaluate_epoch():
-        epochs_done.append(1)
-        if not len(n_val):
-            return {}, float(len(epochs_done))  # nothing held out: the last epoch wins
-        held_out = (n_val, t_val, val)
-        val_loss = _held_out_loss(
-            loss, modules, sampler, entity_table, held_out, cfg.batch_size, recipe.seed, device
-        )
-        return {"val_loss": val_loss}, -val_loss
-
+    held_out = (n_val, t_val, val)
     best, history = _fit(
         modules,
         opt,
@@ -372,24 +394,70 @@ def pretrain(
         seed=recipe.seed,
         sample=sample,
         batch_loss=batch_loss,
-        evaluate_epoch=evaluate_epoch,
+        evaluate_epoch=_held_out_scorer(
+            loss, modules, sampler, entity_table, held_out, cfg.batch_size, recipe.seed, device
+        ),
         log=log,
         checkpoint=checkpoint,
         on_step=on_step,
         prefetch=prefetch,
     )
     modules.load_state_dict(best["state"])
+    return _pretrained(objective, entity_table, model, seeds, best, history)
+
+
+def _pretraining_model(
+    data: HeteroData,
+    col_stats: dict,
+    entity_table: str,
+    recipe: Recipe,
+    objective: str,
+    width: int,
+    device: torch.device,
+):
+    """The model, the objective's heads, their optimiser and schedule (init order kept)."""
+    cfg = recipe.pretrain
+    model = RDLModel(data, col_stats, recipe.backbone, out_channels=width).to(device)
+    heads = objective_heads(objective, recipe.backbone.channels, data, col_stats, entity_table)
+    heads.to(device)
+    params = list(model.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step_epochs, gamma=cfg.lr_gamma)
+    return model, heads, opt, sched
+
+
+def _held_out_scorer(
+    loss: PretrainingLoss, modules, sampler, entity_table: str, held_out, batch_size, seed, device
+) -> Callable[[], tuple[dict, float]]:
+    """Pre-training's ``evaluate_epoch``: minus the held-out loss (none held out: the epoch)."""
+    epochs_done = []
+    n_val = held_out[0]
+
+    def evaluate_epoch():
+        epochs_done.append(1)
+        if not len(n_val):
+            return {}, float(len(epochs_done))  # nothing held out: the last epoch wins
+        val_loss = _held_out_loss(
+            loss, modules, sampler, entity_table, held_out, batch_size, seed, device
+        )
+        return {"val_loss": val_loss}, -val_loss
+
+    return evaluate_epoch
+
+
+def _pretrained(objective: str, entity_table: str, model: RDLModel, seeds, best, history) -> dict:
+    """What :func:`pretrain` returns: the best epoch's CPU states, the normaliser, history."""
     return {
         "objective": objective,
         "entity_table": entity_table,
         "backbone": backbone_state(model),
         "head": {k: v.cpu() for k, v in model.head.state_dict().items()},
-        "normaliser": normaliser.to_dict(),
+        "normaliser": seeds.normaliser.to_dict(),
         "history": history,
         "best_epoch": best["epoch"],
         "best_val_loss": (best["metrics"] or {}).get("val_loss"),
-        "n_train_seeds": len(train),
-        "n_val_seeds": len(val),
+        "n_train_seeds": len(seeds.train),
+        "n_val_seeds": len(seeds.val),
         "inactive_rate": seeds.inactive_rate,
     }
 
@@ -433,10 +501,7 @@ def finetune(
 
     ``backbone`` is a pre-trained backbone state (TVE) or None (from scratch).
     """
-    if task.task_type not in (TaskType.BINARY_CLASSIFICATION, TaskType.REGRESSION):
-        raise ValueError(
-            f"task {task.name!r}: task type {task.task_type.value} is not supported yet"
-        )
+    _check_task_type(task)
     cfg = recipe.finetune
     torch.manual_seed(seed)
     train = _label_sample(task, tables["train"].df, label_fraction, seed)
@@ -452,7 +517,6 @@ def finetune(
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sampler = sampler_for(data, recipe.backbone)
     loss_fn = F.binary_cross_entropy_with_logits if higher_is_better(task) else F.l1_loss
-    sign = 1.0 if higher_is_better(task) else -1.0
 
     def sample(idx, gen):
         return sampler.sample(task.entity_table, n_tr[idx], t_tr[idx], generator=gen)
@@ -460,22 +524,6 @@ def finetune(
     def batch_loss(batch, idx, gen):
         pred = model(to_device(batch, device), task.entity_table).view(-1)
         return loss_fn(pred, y_tr[idx].to(device))
-
-    def evaluate_epoch():
-        val_metrics = task_metrics(
-            model,
-            sampler,
-            task,
-            val,
-            val,
-            cfg.batch_size,
-            device,
-            seed=seed,
-            output_range=clamp,
-            prefetch=prefetch,
-        )
-        metrics = {f"val_{k}": float(v) for k, v in val_metrics.items()}
-        return metrics, sign * next(iter(val_metrics.values()))
 
     best, history = _fit(
         model,
@@ -488,7 +536,9 @@ def finetune(
         seed=seed,
         sample=sample,
         batch_loss=batch_loss,
-        evaluate_epoch=evaluate_epoch,
+        evaluate_epoch=_val_scorer(
+            model, sampler, task, val, cfg.batch_size, device, seed, clamp, prefetch
+        ),
         log=log,
         checkpoint=checkpoint,
         on_step=on_step,
@@ -502,3 +552,36 @@ def finetune(
         "n_train": len(train),
         "output_range": clamp,
     }
+
+
+def _check_task_type(task) -> None:
+    """Fine-tuning trains binary classification (BCE) and regression (L1) tasks only."""
+    if task.task_type not in (TaskType.BINARY_CLASSIFICATION, TaskType.REGRESSION):
+        raise ValueError(
+            f"task {task.name!r}: task type {task.task_type.value} is not supported yet"
+        )
+
+
+def _val_scorer(
+    model, sampler, task, val, batch_size, device, seed, clamp, prefetch
+) -> Callable[[], tuple[dict, float]]:
+    """Fine-tuning's ``evaluate_epoch``: the val metrics, scored by the task's first metric."""
+    sign = 1.0 if higher_is_better(task) else -1.0
+
+    def evaluate_epoch():
+        val_metrics = task_metrics(
+            model,
+            sampler,
+            task,
+            val,
+            val,
+            batch_size,
+            device,
+            seed=seed,
+            output_range=clamp,
+            prefetch=prefetch,
+        )
+        metrics = {f"val_{k}": float(v) for k, v in val_metrics.items()}
+        return metrics, sign * next(iter(val_metrics.values()))
+
+    return evaluate_epoch

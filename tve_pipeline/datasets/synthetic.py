@@ -33,6 +33,7 @@ SEGMENTS = np.array(["consumer", "business", "student"])
 SEGMENT_RATE = np.array([1.0, 1.6, 0.6])  # multiplies the daily order rate
 CATEGORIES = np.array(["books", "games", "garden", "kitchen", "toys"])
 CHANNELS = np.array(["web", "app", "store"])
+SECONDS_PER_DAY = 86_400
 
 CHURN_SQL = """
 SELECT
@@ -124,33 +125,42 @@ def _shop_tables(customers: pd.DataFrame, products: pd.DataFrame, orders: pd.Dat
     }
 
 
-def build_synthetic(
-    out_dir: str | Path,
-    *,
-    name: str = "tiny",
-    n_customers: int = 60,
-    n_products: int = 25,
-    n_days: int = 360,
-    seed: int = 0,
-) -> Path:
-    """Generate the database and write it as a RelBench 3 folder at ``out_dir``."""
+def _check_sizes(n_days: int, n_customers: int, n_products: int) -> None:
+    """Refuse sizes too small for RelBench's windows or for the shop's schema."""
     if n_days < 200:
         raise ValueError(
             f"n_days={n_days}: need >= 200 for 3 training windows of 30 days before val"
         )
     if n_customers < 3 or n_products < 1:
         raise ValueError("need at least 3 customers and 1 product")
-    rng = np.random.default_rng(seed)
-    seconds_per_day = 86_400
 
-    # Customers, keyed in signup order (a keyed table with a time column must be sorted).
+
+def _signup_days(rng: np.random.Generator, n_customers: int, n_days: int) -> np.ndarray:
+    """Sorted signup days: two thirds in the first month, the rest up to ``n_days - 120``."""
     n_early = n_customers - n_customers // 3
-    signup_day = np.sort(
+    return np.sort(
         np.concatenate(
             [rng.uniform(0.5, 30, n_early), rng.uniform(30, n_days - 120, n_customers - n_early)]
         )
     )
-    signup_seconds = np.round(signup_day * seconds_per_day).astype("int64")
+
+
+def _split_timestamps(n_days: int) -> tuple[pd.Timestamp, pd.Timestamp]:
+    """The val and test timestamps: 100 and 60 days before the end of the data."""
+    # RelBench needs val + 30 days <= the last row at or before test, so test - val must
+    # exceed 30 days (with exactly 30, it would need a row stamped exactly at test).
+    val = START + pd.Timedelta(days=n_days - 100)
+    test = START + pd.Timedelta(days=n_days - 60)
+    return val, test
+
+
+def _customers(
+    rng: np.random.Generator, n_customers: int, n_days: int
+) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """The customers table, keyed in signup order, with their signup days and segments."""
+    # A keyed table with a time column must be sorted by it.
+    signup_day = _signup_days(rng, n_customers, n_days)
+    signup_seconds = np.round(signup_day * SECONDS_PER_DAY).astype("int64")
     segment = rng.integers(0, len(SEGMENTS), n_customers)
     customers = pd.DataFrame(
         {
@@ -162,7 +172,11 @@ def build_synthetic(
             "age": rng.integers(18, 76, n_customers).astype("int64"),
         }
     )
+    return customers, signup_day, segment
 
+
+def _products(rng: np.random.Generator, n_products: int) -> tuple[pd.DataFrame, np.ndarray]:
+    """The products table (lognormal price, a category each) and their category codes."""
     category = rng.integers(0, len(CATEGORIES), n_products)
     products = pd.DataFrame(
         {
@@ -171,7 +185,14 @@ def build_synthetic(
             "category": CATEGORIES[category],
         }
     )
+    return products, category
 
+
+def _daily_order_counts(
+    rng: np.random.Generator, signup_day: np.ndarray, segment: np.ndarray, n_days: int
+) -> np.ndarray:
+    """Orders per (customer, day): Poisson draws of each customer's drifting daily rate."""
+    n_customers = len(signup_day)
     # Daily order rate: level x segment, a slow multiplicative random walk, zero before
     # the first full day after signup and from the (possibly never) lapse day on.
     level = np.exp(rng.normal(np.log(0.08), 0.6, n_customers)) * SEGMENT_RATE[segment]
@@ -179,8 +200,17 @@ def build_synthetic(
     lapse_day = signup_day + rng.exponential(300.0, n_customers)
     day = np.arange(n_days)
     alive = (day[None, :] >= np.ceil(signup_day)[:, None]) & (day[None, :] < lapse_day[:, None])
-    counts = rng.poisson(level[:, None] * np.exp(drift) * alive)
+    return rng.poisson(level[:, None] * np.exp(drift) * alive)
 
+
+def _orders(
+    rng: np.random.Generator,
+    counts: np.ndarray,
+    products: pd.DataFrame,
+    category: np.ndarray,
+) -> pd.DataFrame:
+    """The orders table: one row per counted order, its product, channel and amount."""
+    n_customers, n_products = counts.shape[0], len(category)
     order_customer, order_day = np.nonzero(counts)
     repeats = counts[order_customer, order_day]
     order_customer = np.repeat(order_customer, repeats)
@@ -195,7 +225,7 @@ def build_synthetic(
     product = _pick(rng, product_weights, order_customer)
     channel = _pick(rng, rng.dirichlet(np.ones(len(CHANNELS)), n_customers), order_customer)
     quantity = 1 + rng.poisson(0.5, n_orders)
-    order_seconds = order_day * seconds_per_day + rng.integers(0, seconds_per_day, n_orders)
+    order_seconds = order_day * SECONDS_PER_DAY + rng.integers(0, SECONDS_PER_DAY, n_orders)
 
     orders = pd.DataFrame(
         {
@@ -213,11 +243,26 @@ def build_synthetic(
         ["order_time", "customer_id", "product_id"], kind="stable"
     ).reset_index(drop=True)
     orders.insert(0, "order_id", np.arange(n_orders, dtype="int64"))
+    return orders
 
-    # RelBench needs val + 30 days <= the last row at or before test, so test - val must
-    # exceed 30 days (with exactly 30, it would need a row stamped exactly at test).
-    val = START + pd.Timedelta(days=n_days - 100)
-    test = START + pd.Timedelta(days=n_days - 60)
+
+def build_synthetic(
+    out_dir: str | Path,
+    *,
+    name: str = "tiny",
+    n_customers: int = 60,
+    n_products: int = 25,
+    n_days: int = 360,
+    seed: int = 0,
+) -> Path:
+    """Generate the database and write it as a RelBench 3 folder at ``out_dir``."""
+    _check_sizes(n_days, n_customers, n_products)
+    rng = np.random.default_rng(seed)
+    customers, signup_day, segment = _customers(rng, n_customers, n_days)
+    products, category = _products(rng, n_products)
+    counts = _daily_order_counts(rng, signup_day, segment, n_days)
+    orders = _orders(rng, counts, products, category)
+    val, test = _split_timestamps(n_days)
     return write_dataset(
         out_dir,
         name,
@@ -243,7 +288,7 @@ FAVOURITE_SHARE = 0.6
 
 def _days_to_ns(days: np.ndarray) -> np.ndarray:
     """Days after START (float) -> datetime64[ns], rounded to the second."""
-    seconds = np.round(days * 86_400).astype("int64")
+    seconds = np.round(days * SECONDS_PER_DAY).astype("int64")
     return (np.datetime64(START.to_datetime64(), "s") + seconds.astype("timedelta64[s]")).astype(
         "datetime64[ns]"
     )
@@ -266,6 +311,157 @@ def _within(rng: np.random.Generator, key: np.ndarray, group: np.ndarray) -> np.
     """
     return np.minimum(
         np.searchsorted(key, group + rng.random(len(group)), side="left"), len(key) - 1
+    )
+
+
+def _scale_customers(
+    rng: np.random.Generator, n_customers: int, n_days: int
+) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """The customers table (with regions), their signup days as stored, and segments."""
+    signup_time = _days_to_ns(_signup_days(rng, n_customers, n_days))
+    # The days as written (rounded to the second), so no order falls before its signup.
+    signup_day = (signup_time - np.datetime64(START.to_datetime64(), "ns")) / np.timedelta64(1, "D")
+    segment = rng.integers(0, len(SEGMENTS), n_customers)
+    customers = pd.DataFrame(
+        {
+            "customer_id": np.arange(n_customers, dtype="int64"),
+            "signup_time": signup_time,
+            "segment": _strings(SEGMENTS, segment),
+            "region": _strings(REGIONS, rng.integers(0, len(REGIONS), n_customers)),
+            "age": rng.integers(18, 76, n_customers).astype("int64"),
+        }
+    )
+    return customers, signup_day, segment
+
+
+def _scale_products(
+    rng: np.random.Generator, n_products: int
+) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, np.ndarray]:
+    """The products table and each product's category code, quality and popularity."""
+    # Price: lognormal around a category-specific level.
+    category = rng.integers(0, len(CATEGORIES), n_products)
+    category_price = np.log([12.0, 35.0, 25.0, 30.0, 18.0])
+    products = pd.DataFrame(
+        {
+            "product_id": np.arange(n_products, dtype="int64"),
+            "price": np.round(
+                np.exp(category_price[category] + rng.normal(0.0, 0.5, n_products)), 2
+            ),
+            "category": CATEGORIES[category],
+        }
+    )
+    quality = rng.normal(3.6, 0.7, n_products)
+    popularity = rng.pareto(1.5, n_products) + 0.05
+    return products, category, quality, popularity
+
+
+def _order_times(
+    rng: np.random.Generator,
+    signup_day: np.ndarray,
+    segment: np.ndarray,
+    n_days: int,
+    rows: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each order's customer and day: ``rows`` draws from the customers' order processes."""
+    n_customers = len(signup_day)
+    # Order process per customer: rate(s) = level * exp(trend * s), s = days since signup,
+    # on [0, span), span = until the lapse or the end of the data.
+    level = np.exp(rng.normal(0.0, 0.8, n_customers)) * SEGMENT_RATE[segment]
+    trend = rng.normal(0.0, 0.6 / 365, n_customers)
+    span = np.minimum(rng.exponential(400.0, n_customers), n_days - signup_day)
+    growth = np.expm1(trend * span)  # integral of exp(trend * s) over the span, times trend
+    safe_trend = np.where(np.abs(trend) < 1e-12, 1.0, trend)
+    integral = np.where(np.abs(trend) < 1e-12, span, growth / safe_trend)
+    expected = level * integral
+    counts = rng.multinomial(rows, expected / expected.sum())
+
+    order_customer = np.repeat(np.arange(n_customers, dtype="int64"), counts)
+    u = rng.random(rows)
+    t_trend, t_growth = trend[order_customer], growth[order_customer]
+    since = np.where(
+        np.abs(t_trend) < 1e-12,
+        u * span[order_customer],
+        np.log1p(u * t_growth) / np.where(np.abs(t_trend) < 1e-12, 1.0, t_trend),
+    )
+    del t_trend, t_growth, u
+    # Strictly after signup (at least one second), strictly before the end of the data.
+    order_day = signup_day[order_customer] + np.clip(since, 1.0 / SECONDS_PER_DAY, None)
+    order_day = np.minimum(order_day, n_days - 1.0 / SECONDS_PER_DAY)
+    return order_customer, order_day
+
+
+def _order_products(
+    rng: np.random.Generator,
+    order_customer: np.ndarray,
+    category: np.ndarray,
+    popularity: np.ndarray,
+    n_customers: int,
+) -> np.ndarray:
+    """Each order's product: from the customer's favourite category, else by popularity."""
+    n_products, rows = len(category), len(order_customer)
+    by_category = np.lexsort((np.arange(n_products), category))
+    cat_sorted, pop_sorted = category[by_category], popularity[by_category]
+    cat_total = np.bincount(category, weights=popularity, minlength=len(CATEGORIES))
+    cum_within = np.cumsum(pop_sorted) - np.concatenate([[0.0], np.cumsum(cat_total)])[cat_sorted]
+    key = cat_sorted + cum_within / cat_total[cat_sorted]  # increasing; category c fills (c, c + 1]
+    global_key = np.cumsum(popularity) / popularity.sum()
+
+    favourite = rng.integers(0, len(CATEGORIES), n_customers)
+    from_favourite = rng.random(rows) < FAVOURITE_SHARE
+    product = np.empty(rows, dtype="int64")
+    product[from_favourite] = by_category[
+        _within(rng, key, favourite[order_customer[from_favourite]])
+    ]
+    n_other = int((~from_favourite).sum())
+    product[~from_favourite] = np.minimum(
+        np.searchsorted(global_key, rng.random(n_other)), n_products - 1
+    )
+    return product
+
+
+def _order_details(
+    rng: np.random.Generator,
+    order_customer: np.ndarray,
+    product: np.ndarray,
+    price: np.ndarray,
+    quality: np.ndarray,
+    n_customers: int,
+) -> dict[str, np.ndarray]:
+    """Each order's channel, quantity, amount (some discounted) and rating (30 %, else NaN)."""
+    rows = len(order_customer)
+    preferred = rng.integers(0, len(CHANNELS), n_customers)
+    channel = np.where(
+        rng.random(rows) < 0.7, preferred[order_customer], rng.integers(0, len(CHANNELS), rows)
+    )
+    quantity = 1 + rng.poisson(0.5, rows)
+    discount = np.where(rng.random(rows) < 0.15, 0.8, 1.0)
+    amount = np.round(price[product] * quantity * discount, 2)
+    bias = rng.normal(0.0, 0.5, n_customers)
+    rated = rng.random(rows) < 0.3
+    score = np.clip(
+        np.round(quality[product] + bias[order_customer] + rng.normal(0.0, 0.6, rows)), 1, 5
+    )
+    rating = np.where(rated, score, np.nan)
+    return {"channel": channel, "quantity": quantity, "amount": amount, "rating": rating}
+
+
+def _scale_orders(
+    order_time: np.ndarray, order_customer: np.ndarray, product: np.ndarray, details: dict
+) -> pd.DataFrame:
+    """The orders table in time order, keyed 0..rows-1."""
+    # Rows are generated customer by customer, so a stable sort by time orders ties by customer.
+    order = np.argsort(order_time, kind="stable")
+    return pd.DataFrame(
+        {
+            "order_id": np.arange(len(order), dtype="int64"),
+            "order_time": order_time[order],
+            "customer_id": order_customer[order],
+            "product_id": product[order],
+            "quantity": details["quantity"][order].astype("int64"),
+            "amount": details["amount"][order],
+            "rating": details["rating"][order],
+            "channel": _strings(CHANNELS, details["channel"][order]),
+        }
     )
 
 
@@ -298,129 +494,22 @@ def build_synthetic_at_scale(
     """
     if rows < 1:
         raise ValueError(f"rows={rows}: need at least one order")
-    if n_days < 200:
-        raise ValueError(
-            f"n_days={n_days}: need >= 200 for 3 training windows of 30 days before val"
-        )
     n_customers = max(3, rows // 10) if customers is None else customers
     n_products = max(50, rows // 1000) if products is None else products
-    if n_customers < 3 or n_products < 1:
-        raise ValueError("need at least 3 customers and 1 product")
+    _check_sizes(n_days, n_customers, n_products)
     rng = np.random.default_rng(seed)
-
-    # Customers, keyed in signup order.
-    n_early = n_customers - n_customers // 3
-    signup_day = np.sort(
-        np.concatenate(
-            [rng.uniform(0.5, 30, n_early), rng.uniform(30, n_days - 120, n_customers - n_early)]
-        )
-    )
-    signup_time = _days_to_ns(signup_day)
-    signup_day = (signup_time - np.datetime64(START.to_datetime64(), "ns")) / np.timedelta64(1, "D")
-    segment = rng.integers(0, len(SEGMENTS), n_customers)
-    customers_df = pd.DataFrame(
-        {
-            "customer_id": np.arange(n_customers, dtype="int64"),
-            "signup_time": signup_time,
-            "segment": _strings(SEGMENTS, segment),
-            "region": _strings(REGIONS, rng.integers(0, len(REGIONS), n_customers)),
-            "age": rng.integers(18, 76, n_customers).astype("int64"),
-        }
-    )
-
-    # Products: category, popularity, price (lognormal, category-specific level), quality.
-    category = rng.integers(0, len(CATEGORIES), n_products)
-    category_price = np.log([12.0, 35.0, 25.0, 30.0, 18.0])
-    products_df = pd.DataFrame(
-        {
-            "product_id": np.arange(n_products, dtype="int64"),
-            "price": np.round(
-                np.exp(category_price[category] + rng.normal(0.0, 0.5, n_products)), 2
-            ),
-            "category": CATEGORIES[category],
-        }
-    )
-    quality = rng.normal(3.6, 0.7, n_products)
-    popularity = rng.pareto(1.5, n_products) + 0.05
-    by_category = np.lexsort((np.arange(n_products), category))
-    cat_sorted, pop_sorted = category[by_category], popularity[by_category]
-    cat_total = np.bincount(category, weights=popularity, minlength=len(CATEGORIES))
-    cum_within = np.cumsum(pop_sorted) - np.concatenate([[0.0], np.cumsum(cat_total)])[cat_sorted]
-    key = cat_sorted + cum_within / cat_total[cat_sorted]  # increasing; category c fills (c, c + 1]
-    global_key = np.cumsum(popularity) / popularity.sum()
-
-    # Order process per customer: rate(s) = level * exp(trend * s), s = days since signup,
-    # on [0, span), span = until the lapse or the end of the data.
-    level = np.exp(rng.normal(0.0, 0.8, n_customers)) * SEGMENT_RATE[segment]
-    trend = rng.normal(0.0, 0.6 / 365, n_customers)
-    span = np.minimum(rng.exponential(400.0, n_customers), n_days - signup_day)
-    growth = np.expm1(trend * span)  # integral of exp(trend * s) over the span, times trend
-    safe_trend = np.where(np.abs(trend) < 1e-12, 1.0, trend)
-    integral = np.where(np.abs(trend) < 1e-12, span, growth / safe_trend)
-    expected = level * integral
-    counts = rng.multinomial(rows, expected / expected.sum())
-
-    order_customer = np.repeat(np.arange(n_customers, dtype="int64"), counts)
-    u = rng.random(rows)
-    t_trend, t_growth = trend[order_customer], growth[order_customer]
-    since = np.where(
-        np.abs(t_trend) < 1e-12,
-        u * span[order_customer],
-        np.log1p(u * t_growth) / np.where(np.abs(t_trend) < 1e-12, 1.0, t_trend),
-    )
-    del t_trend, t_growth, u
-    # Strictly after signup (at least one second), strictly before the end of the data.
-    order_day = signup_day[order_customer] + np.clip(since, 1.0 / 86_400, None)
-    order_day = np.minimum(order_day, n_days - 1.0 / 86_400)
-    del since
-
-    favourite = rng.integers(0, len(CATEGORIES), n_customers)
-    from_favourite = rng.random(rows) < FAVOURITE_SHARE
-    product = np.empty(rows, dtype="int64")
-    product[from_favourite] = by_category[
-        _within(rng, key, favourite[order_customer[from_favourite]])
-    ]
-    n_other = int((~from_favourite).sum())
-    product[~from_favourite] = np.minimum(
-        np.searchsorted(global_key, rng.random(n_other)), n_products - 1
-    )
-    del from_favourite
-
-    preferred = rng.integers(0, len(CHANNELS), n_customers)
-    channel = np.where(
-        rng.random(rows) < 0.7, preferred[order_customer], rng.integers(0, len(CHANNELS), rows)
-    )
-    quantity = 1 + rng.poisson(0.5, rows)
-    discount = np.where(rng.random(rows) < 0.15, 0.8, 1.0)
-    amount = np.round(products_df["price"].to_numpy()[product] * quantity * discount, 2)
-    bias = rng.normal(0.0, 0.5, n_customers)
-    rated = rng.random(rows) < 0.3
-    score = np.clip(
-        np.round(quality[product] + bias[order_customer] + rng.normal(0.0, 0.6, rows)), 1, 5
-    )
-    rating = np.where(rated, score, np.nan)
-    del rated, score, discount
-
+    customers_df, signup_day, segment = _scale_customers(rng, n_customers, n_days)
+    products_df, category, quality, popularity = _scale_products(rng, n_products)
+    order_customer, order_day = _order_times(rng, signup_day, segment, n_days, rows)
+    product = _order_products(rng, order_customer, category, popularity, n_customers)
+    price = products_df["price"].to_numpy()
+    details = _order_details(rng, order_customer, product, price, quality, n_customers)
     order_time = _days_to_ns(order_day)
     del order_day
-    # Rows are generated customer by customer, so a stable sort by time orders ties by customer.
-    order = np.argsort(order_time, kind="stable")
-    orders_df = pd.DataFrame(
-        {
-            "order_id": np.arange(rows, dtype="int64"),
-            "order_time": order_time[order],
-            "customer_id": order_customer[order],
-            "product_id": product[order],
-            "quantity": quantity[order].astype("int64"),
-            "amount": amount[order],
-            "rating": rating[order],
-            "channel": _strings(CHANNELS, channel[order]),
-        }
-    )
-    del order_time, order_customer, product, quantity, amount, rating, channel, order
+    orders_df = _scale_orders(order_time, order_customer, product, details)
+    del order_time, order_customer, product, details
 
-    val = START + pd.Timedelta(days=n_days - 100)
-    test = START + pd.Timedelta(days=n_days - 60)
+    val, test = _split_timestamps(n_days)
     return write_dataset(
         out_dir,
         name or f"synthetic-{rows}",

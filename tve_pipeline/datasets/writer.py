@@ -105,12 +105,26 @@ def reindex_primary_keys(
         raise ValueError(f"missing must be 'null' or 'add_parents', got {missing!r}")
     out = {name: df.copy() for name, df in tables.items()}
     report = KeyReport()
+    _check_key_names(out, pkeys, fkeys)
+    # Placeholder parents go in before any key is assigned, so that they get keys too.
+    if missing == "add_parents":
+        _add_missing_parents(out, pkeys, fkeys, report)
+    id_maps = _assign_primary_keys(out, pkeys)
+    _map_foreign_keys(out, fkeys, id_maps, missing, report)
+    return out, report
 
+
+def _check_key_names(
+    tables: Mapping[str, pd.DataFrame],
+    pkeys: Mapping[str, tuple[str | None, str]],
+    fkeys: Mapping[str, Sequence[ForeignKey]],
+) -> None:
+    """Refuse keys that name an unknown table or column, or a parent without original ids."""
     for name in pkeys:
-        if name not in out:
+        if name not in tables:
             raise ValueError(f"pkeys name unknown table '{name}'")
     for child, refs in fkeys.items():
-        if child not in out:
+        if child not in tables:
             raise ValueError(f"fkeys name unknown table '{child}'")
         for ref in refs:
             if ref.parent not in pkeys or pkeys[ref.parent][0] is None:
@@ -118,25 +132,36 @@ def reindex_primary_keys(
                     f"table '{child}': fkey '{ref.column}' -> '{ref.parent}', which has "
                     "no original id column in pkeys"
                 )
-            if ref.column not in out[child].columns:
+            if ref.column not in tables[child].columns:
                 raise ValueError(f"table '{child}': no fkey column '{ref.column}'")
 
-    # Placeholder parents go in before any key is assigned, so that they get keys too.
-    if missing == "add_parents":
-        wanted: dict[str, set] = {}
-        for child, refs in fkeys.items():
-            for ref in refs:
-                wanted.setdefault(ref.parent, set()).update(out[child][ref.column].dropna())
-        for parent, ids in wanted.items():
-            id_col = pkeys[parent][0]
-            absent = sorted(ids - set(out[parent][id_col].dropna()))
-            if absent:
-                placeholders = pd.DataFrame(
-                    {id_col: pd.Series(absent, dtype=out[parent][id_col].dtype)}
-                )
-                out[parent] = pd.concat([out[parent], placeholders], ignore_index=True)
-            report.added_parents[parent] = len(absent)
 
+def _add_missing_parents(
+    out: dict[str, pd.DataFrame],
+    pkeys: Mapping[str, tuple[str | None, str]],
+    fkeys: Mapping[str, Sequence[ForeignKey]],
+    report: KeyReport,
+) -> None:
+    """Append one placeholder row per referenced but missing parent id, in sorted id order."""
+    wanted: dict[str, set] = {}
+    for child, refs in fkeys.items():
+        for ref in refs:
+            wanted.setdefault(ref.parent, set()).update(out[child][ref.column].dropna())
+    for parent, ids in wanted.items():
+        id_col = pkeys[parent][0]
+        absent = sorted(ids - set(out[parent][id_col].dropna()))
+        if absent:
+            placeholders = pd.DataFrame(
+                {id_col: pd.Series(absent, dtype=out[parent][id_col].dtype)}
+            )
+            out[parent] = pd.concat([out[parent], placeholders], ignore_index=True)
+        report.added_parents[parent] = len(absent)
+
+
+def _assign_primary_keys(
+    out: dict[str, pd.DataFrame], pkeys: Mapping[str, tuple[str | None, str]]
+) -> dict[str, pd.Series]:
+    """Give each keyed table its 0..n-1 key; return original id -> new key per table."""
     id_maps: dict[str, pd.Series] = {}
     for name, (id_col, new_col) in pkeys.items():
         df = out[name].reset_index(drop=True)
@@ -154,7 +179,17 @@ def reindex_primary_keys(
         else:
             df.insert(0, new_col, np.arange(len(df), dtype="int64"))
         out[name] = df
+    return id_maps
 
+
+def _map_foreign_keys(
+    out: dict[str, pd.DataFrame],
+    fkeys: Mapping[str, Sequence[ForeignKey]],
+    id_maps: Mapping[str, pd.Series],
+    missing: str,
+    report: KeyReport,
+) -> None:
+    """Replace each reference's original ids by its parent's new keys, counting the nulls."""
     for child, refs in fkeys.items():
         df = out[child]
         for ref in refs:
@@ -169,7 +204,6 @@ def reindex_primary_keys(
             df = df.drop(columns=[ref.column])
             df.insert(position, ref.new_column, new)
         out[child] = df
-    return out, report
 
 
 # --------------------------------------------------------------------------- #
@@ -207,57 +241,77 @@ def _prepare_tables(
         raise ValueError("a dataset needs at least one table")
     prepared: dict[str, pd.DataFrame] = {}
     for name, (df, spec) in tables.items():
-        if not isinstance(df, pd.DataFrame) or not isinstance(spec, TableSpec):
-            raise ValueError(f"table '{name}': expected (DataFrame, TableSpec)")
-        if not name or "/" in name or name.startswith("."):
-            raise ValueError(f"table name {name!r} cannot be a parquet file name")
-        if not df.columns.is_unique:
-            raise ValueError(f"table '{name}': duplicate column names")
-        for col in [spec.pkey, spec.time_col, *spec.fkeys]:
-            if col is not None and col not in df.columns:
-                raise ValueError(f"table '{name}': column '{col}' named in its spec is missing")
-
-        if spec.pkey is not None:
-            key = df[spec.pkey]
-            if not pd.api.types.is_integer_dtype(key.dtype) or key.isna().any():
-                raise ValueError(
-                    f"table '{name}': pkey '{spec.pkey}' must be a non-null integer column"
-                )
-            if not np.array_equal(key.to_numpy(dtype="int64"), np.arange(len(df))):
-                raise ValueError(
-                    f"table '{name}': pkey '{spec.pkey}' must be 0..n-1 in row order "
-                    "(RelBench 3); use reindex_primary_keys"
-                )
-
-        df = df.reset_index(drop=True)
-        converted = {}
-        for col in df.columns:
-            dtype = df[col].dtype
-            if isinstance(dtype, pd.DatetimeTZDtype):
-                raise ValueError(
-                    f"table '{name}': column '{col}' is timezone-aware; "
-                    "RelBench compares naive times"
-                )
-            if pd.api.types.is_datetime64_dtype(dtype) and dtype != np.dtype("datetime64[ns]"):
-                converted[col] = df[col].astype("datetime64[ns]")
-        if converted:
-            df = df.assign(**converted)
-
-        if spec.time_col is not None:
-            if not pd.api.types.is_datetime64_dtype(df[spec.time_col].dtype):
-                raise ValueError(
-                    f"table '{name}': time column '{spec.time_col}' must be datetime64, "
-                    f"got {df[spec.time_col].dtype}"
-                )
-            # Database.upto keeps the rows with time <= t; for the survivors to still be
-            # keyed 0..m-1 (relbench checks this on every get_db) they must be a prefix.
-            if spec.pkey is not None and not is_time_sorted(df[spec.time_col]):
-                raise ValueError(
-                    f"table '{name}': rows must be sorted by time column '{spec.time_col}' "
-                    "(nulls last) because it has a pkey"
-                )
+        _check_table_spec(name, df, spec)
+        df = _naive_ns_datetimes(name, df.reset_index(drop=True))
+        _check_time_column(name, df, spec)
         prepared[name] = df
+    _check_foreign_keys(tables, prepared)
+    return prepared
 
+
+def _check_table_spec(name: str, df: pd.DataFrame, spec: TableSpec) -> None:
+    """The table's name, columns and spec fit together; its pkey is 0..n-1 in row order."""
+    if not isinstance(df, pd.DataFrame) or not isinstance(spec, TableSpec):
+        raise ValueError(f"table '{name}': expected (DataFrame, TableSpec)")
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"table name {name!r} cannot be a parquet file name")
+    if not df.columns.is_unique:
+        raise ValueError(f"table '{name}': duplicate column names")
+    for col in [spec.pkey, spec.time_col, *spec.fkeys]:
+        if col is not None and col not in df.columns:
+            raise ValueError(f"table '{name}': column '{col}' named in its spec is missing")
+
+    if spec.pkey is not None:
+        key = df[spec.pkey]
+        if not pd.api.types.is_integer_dtype(key.dtype) or key.isna().any():
+            raise ValueError(
+                f"table '{name}': pkey '{spec.pkey}' must be a non-null integer column"
+            )
+        if not np.array_equal(key.to_numpy(dtype="int64"), np.arange(len(df))):
+            raise ValueError(
+                f"table '{name}': pkey '{spec.pkey}' must be 0..n-1 in row order "
+                "(RelBench 3); use reindex_primary_keys"
+            )
+
+
+def _naive_ns_datetimes(name: str, df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with every datetime column as ``datetime64[ns]``; refuses timezone-aware ones."""
+    converted = {}
+    for col in df.columns:
+        dtype = df[col].dtype
+        if isinstance(dtype, pd.DatetimeTZDtype):
+            raise ValueError(
+                f"table '{name}': column '{col}' is timezone-aware; RelBench compares naive times"
+            )
+        if pd.api.types.is_datetime64_dtype(dtype) and dtype != np.dtype("datetime64[ns]"):
+            converted[col] = df[col].astype("datetime64[ns]")
+    if converted:
+        df = df.assign(**converted)
+    return df
+
+
+def _check_time_column(name: str, df: pd.DataFrame, spec: TableSpec) -> None:
+    """The time column is datetime64 and, in a keyed table, sorted (RelBench's upto)."""
+    if spec.time_col is None:
+        return
+    if not pd.api.types.is_datetime64_dtype(df[spec.time_col].dtype):
+        raise ValueError(
+            f"table '{name}': time column '{spec.time_col}' must be datetime64, "
+            f"got {df[spec.time_col].dtype}"
+        )
+    # Database.upto keeps the rows with time <= t; for the survivors to still be
+    # keyed 0..m-1 (relbench checks this on every get_db) they must be a prefix.
+    if spec.pkey is not None and not is_time_sorted(df[spec.time_col]):
+        raise ValueError(
+            f"table '{name}': rows must be sorted by time column '{spec.time_col}' "
+            "(nulls last) because it has a pkey"
+        )
+
+
+def _check_foreign_keys(
+    tables: Mapping[str, tuple[pd.DataFrame, TableSpec]], prepared: Mapping[str, pd.DataFrame]
+) -> None:
+    """Every fkey points at a keyed table and holds whole ids within that table's keys."""
     for name, (_, spec) in tables.items():
         for col, parent in spec.fkeys.items():
             if parent not in tables:
@@ -283,7 +337,6 @@ def _prepare_tables(
                     f"table '{name}': fkey '{col}' has values outside "
                     f"0..{len(prepared[parent]) - 1} of table '{parent}'"
                 )
-    return prepared
 
 
 def _time_range(tables: Mapping[str, pd.DataFrame], specs: Mapping[str, TableSpec], upto=None):
