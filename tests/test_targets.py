@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -302,14 +302,16 @@ FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthChe
     db=shop_databases(),
     entity=st.sampled_from(["customers", "products"]),
     hops=st.sampled_from([1, 2]),
+    running=st.booleans(),
 )
-def test_targets_match_brute_force(db, entity, hops):
+def test_targets_match_brute_force(db, entity, hops, running):
     customer_time, frames, timestamps = db
     schema = shop_schema(customer_time)
     defs = build_traversal_graph(schema, shop_column_types(), entity, hops=hops)
-    got = compute_targets(
-        TargetQuery(frames, schema, defs, entity, timestamps, DELTA, memory_limit="1GB", threads=2)
+    query = TargetQuery(
+        frames, schema, defs, entity, timestamps, DELTA, memory_limit="1GB", threads=2
     )
+    got = compute_targets(replace(query, running_aggregates=running))
     want = brute_force(frames, schema, defs, entity, timestamps, DELTA)
     assert_same_targets(got, want, defs)
 

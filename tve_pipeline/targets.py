@@ -227,6 +227,10 @@ class _Cte(NamedTuple):
     name: str
     comment: str
     body: str
+    #: reads no seed time (per-key running aggregates): can be computed once for all groups
+    seed_free: bool = False
+    #: of a ``run_<j>``: the per (key, time) aggregates that ``body`` accumulates per key
+    per_time: str | None = None
 
 
 class _Group(NamedTuple):
@@ -298,6 +302,7 @@ def targets_sql(
     *,
     timestamps_relation: str = "timestamps",
     dense: bool = True,
+    running_aggregates: bool = True,
 ) -> str:
     """The DuckDB query computing the raw task vectors of ``entity_table`` for every seed time.
 
@@ -306,7 +311,9 @@ def targets_sql(
     ``inactive``, then one column per target in ``defs`` order, ordered by (timestamp,
     pkey). ``dense=True``: one row per existing (entity, seed time); ``dense=False``: only
     the rows with ``inactive = 0`` (the others have counts 0 and everything else null),
-    which is what :func:`iter_targets` runs.
+    which is what :func:`iter_targets` runs. ``running_aggregates=False`` joins each
+    first-hop row of a fact->key<-fact path to every earlier row of its key instead of
+    reading per-key running aggregates (same rows; the benchmarks' straightforward baseline).
 
     Shape: ``window_<i>`` holds the next-window rows of first hop ``i`` and, left-joined
     onto each, the rows that the "out" hops of its paths reach (a fact row references one
@@ -324,6 +331,56 @@ def targets_sql(
     :class:`_WindowColumns`), :func:`_path_cte`, :func:`_agg_cte` and :func:`_value_cte`,
     :func:`_active_pairs`, :func:`_vector_cte`, then :func:`_final_select`.
     """
+    return _with_query(
+        *_targets_ctes(
+            schema_tables,
+            defs,
+            entity_table,
+            timedelta,
+            timestamps_relation,
+            dense,
+            running_aggregates,
+        )
+    )
+
+
+def _split_seed_free(
+    schema_tables: Mapping[str, TableSpecLike],
+    defs: Sequence[TargetDef],
+    entity_table: str,
+    timedelta: pd.Timedelta,
+    *,
+    timestamps_relation: str = "timestamps",
+    dense: bool = True,
+    running_aggregates: bool = True,
+) -> tuple[list[_Cte], str]:
+    """:func:`targets_sql` in two parts: each CTE that reads no
+    seed time (the per-key running aggregates of fact->key<-fact paths), to create as a
+    table once, and the query over the rest, which reads them by name. :func:`iter_targets`
+    runs the query once per group of seed times; the tables are the same for every group."""
+    ctes, final, from_lines = _targets_ctes(
+        schema_tables,
+        defs,
+        entity_table,
+        timedelta,
+        timestamps_relation,
+        dense,
+        running_aggregates,
+    )
+    tables = [cte for cte in ctes if cte.seed_free]
+    return tables, _with_query([cte for cte in ctes if not cte.seed_free], final, from_lines)
+
+
+def _targets_ctes(
+    schema_tables: Mapping[str, TableSpecLike],
+    defs: Sequence[TargetDef],
+    entity_table: str,
+    timedelta: pd.Timedelta,
+    timestamps_relation: str,
+    dense: bool,
+    running_aggregates: bool,
+) -> tuple[list[_Cte], list[tuple[str, str | None]], list[str]]:
+    """The CTEs of :func:`targets_sql`, its output columns and its ``FROM`` lines."""
     defs = list(defs)
     validate_targets(schema_tables, defs, entity_table)
     plan = _query_plan(schema_tables, defs, entity_table, timedelta, timestamps_relation)
@@ -332,7 +389,7 @@ def targets_sql(
     ctes = [_seed_cte(plan)] if dense else []
     ctes += [_window_cte(plan, hop, columns) for hop in plan.first_hops]
     later_in = [p for p in plan.paths if not _out_only(p)]
-    running = [p for p in later_in if _running_shape(plan, p)]
+    running = [p for p in later_in if running_aggregates and _running_shape(plan, p)]
     joined = [p for p in later_in if p not in running]
     ctes += [_path_cte(plan, p) for p in joined]
 
@@ -364,7 +421,7 @@ def targets_sql(
     active, base, joins = _active_pairs(plan, joins)
     ctes += [active] if active is not None else []
     ctes.append(_vector_cte(plan, base, joins, output_of))
-    return _with_query(ctes, *_final_select(plan, dense))
+    return (ctes, *_final_select(plan, dense))
 
 
 class _WindowColumns:
@@ -612,16 +669,21 @@ def _running_ctes(plan: _QueryPlan, p: tuple[Hop, ...]) -> list[_Cte]:
     outer = [('"tve.key"', None), ('"tve.time"', None)]
     outer += [(accumulate("rows", '"tve.rows"', " OVER w"), '"tve.rows"')]
     outer += [(accumulate(s, name(c, s), " OVER w"), name(c, s)) for c, s in stats]
+    per_time_sql = (
+        f"SELECT {key_time},\n"
+        f"               {_select(inner, '               ')}\n"
+        f"          FROM {from_rows}{shift_from}\n"
+        f"         WHERE {where}\n"
+        f"         GROUP BY 1, 2"
+    )
     run = _Cte(
         f"{plan.prefix}run_{j}",
         f"{p[2].table} rows per {p[1].table} key: running aggregates in time order",
         f"SELECT {_select(outer, '         ')}\n"
-        f"  FROM (SELECT {key_time},\n"
-        f"               {_select(inner, '               ')}\n"
-        f"          FROM {from_rows}{shift_from}\n"
-        f"         WHERE {where}\n"
-        f"         GROUP BY 1, 2)\n"
+        f"  FROM ({per_time_sql})\n"
         f'  WINDOW w AS (PARTITION BY "tve.key" ORDER BY "tve.time" ROWS UNBOUNDED PRECEDING)',
+        seed_free=True,
+        per_time=per_time_sql,
     )
 
     combine = [(f"w.{_SEED_TIME}", _SEED_TIME), (f"w.{quote(hop1.via)}", _ENTITY)]
@@ -652,9 +714,11 @@ def _running_target(d: TargetDef, name: Callable[[str, str], str]) -> str:
     if d.column is None:
         return '"tve.rows"'
     c = d.column
-    if d.aggregation in ("count", "sum", "min", "max"):
-        return name(c, {"count": "n", "sum": "s"}.get(d.aggregation, d.aggregation))
     n = name(c, "n")
+    if d.aggregation == "sum":  # null over no value, whatever a running sum holds then
+        return f"CASE WHEN {n} > 0 THEN {name(c, 's')} END"
+    if d.aggregation in ("count", "min", "max"):
+        return name(c, {"count": "n"}.get(d.aggregation, d.aggregation))
     if d.aggregation == "mean":
         return f"{name(c, 's')} / nullif({n}, 0)"
     m2, q = name(c, "m2"), name(c, "q")
@@ -694,6 +758,7 @@ def _running_value_ctes(plan: _QueryPlan, p: tuple[Hop, ...], k: int, column: st
         f"          FROM {from_rows}\n"
         f"         WHERE {where} AND {col} IS NOT NULL\n"
         f"         GROUP BY 1, 2, 3)",
+        seed_free=True,
     )
     hop_rows = (
         f"SELECT {_SEED_TIME}, {quote(hop1.via)} AS {_ENTITY},"
@@ -956,7 +1021,8 @@ class TargetQuery:
     runs, never its rows: ``memory_limit`` caps DuckDB's memory (beyond it, operators spill
     to ``temp_directory``, a fresh temporary folder by default); ``threads`` None keeps
     DuckDB's default; ``seeds_per_query`` groups consecutive seed times per run of the
-    query (None: all at once); ``show_sql`` prints the query.
+    query (None: all at once); ``show_sql`` prints the query; ``running_aggregates=False``
+    computes fact->key<-fact paths by joining rows (see :func:`targets_sql`).
 
     >>> query = TargetQuery(frames, manifest.tables, defs, "customers", seeds, Δ)  # doctest: +SKIP
     >>> compute_targets(query)  # or write_targets(query, "targets.parquet")  # doctest: +SKIP
@@ -973,6 +1039,7 @@ class TargetQuery:
     temp_directory: str | None = None
     seeds_per_query: int | None = DEFAULT_SEEDS_PER_QUERY
     show_sql: bool = False
+    running_aggregates: bool = True
 
     def __post_init__(self) -> None:
         # Read once, so that a generator of seed times or definitions can be run again.
@@ -1171,6 +1238,37 @@ def _prefetch(con, sql: str, relation: str, chunks: list[pd.DataFrame], depth: i
         thread.join()
 
 
+def _accumulate_per_key(con, per_time_sql: str):
+    """A ``run_<j>`` table without SQL window functions: the per (key, time) aggregates in
+    (key, time) order, each accumulated per key with pandas' grouped ``cumsum`` /
+    ``cummin`` / ``cummax`` (what the CTE's windows compute, several times faster; a value
+    missing at a time keeps the key's running value so far, and a running sum over no
+    value, 0 here and null in the CTE, is never read: the targets read it only when the
+    key's count is positive)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table = _arrow_table(con.sql(f"{per_time_sql}\n ORDER BY 1, 2"))
+    key, rows = table.column(0).combine_chunks(), table.num_rows
+    starts = np.ones(rows, dtype=bool)
+    if rows > 1:
+        same = pc.equal(key.slice(1), key.slice(0, rows - 1))
+        starts[1:] = ~pc.fill_null(same, False).to_numpy(zero_copy_only=False)
+    segment = np.cumsum(starts) - 1
+    columns = [table.column(0), table.column(1)]
+    for name in table.column_names[2:]:
+        values = pd.Series(table.column(name).to_numpy(zero_copy_only=False))
+        if name.startswith(("tve.min_", "tve.max_")):
+            grouped = values.groupby(segment)
+            running = grouped.cummin() if name.startswith("tve.min_") else grouped.cummax()
+            running = running.groupby(segment).ffill()
+        else:
+            running = values.fillna(0).groupby(segment).cumsum()
+        columns.append(pa.array(running.to_numpy(), from_pandas=True))
+        del values, running
+    return pa.Table.from_arrays(columns, names=table.column_names)
+
+
 def _spread(values, pos: np.ndarray, n: int, count: bool):
     """An Arrow column of ``n`` rows with ``values`` at ``pos``: 0 elsewhere for a count,
     else null.
@@ -1227,16 +1325,17 @@ def iter_targets(query: TargetQuery, *, slice_rows: int = DEFAULT_SLICE_ROWS) ->
         raise ValueError(f"slice_rows must be positive, got {slice_rows}")
     seed_times = _seed_times_frame(query.timestamps)
     relation = "timestamps" if "timestamps" not in query.schema_tables else "tve.timestamps"
-    sql = targets_sql(
+    tables, sql = _split_seed_free(
         query.schema_tables,
         defs,
         entity_table,
         query.timedelta,
         timestamps_relation=relation,
         dense=False,
+        running_aggregates=query.running_aggregates,
     )
     if query.show_sql:
-        print(sql)
+        print("".join(f"CREATE TEMP TABLE {t.name} AS\n{t.body};\n" for t in tables) + sql)
     used = {entity_table} | {hop.table for d in defs for hop in d.path}
     missing = sorted(used - set(query.tables))
     if missing:
@@ -1245,6 +1344,11 @@ def iter_targets(query: TargetQuery, *, slice_rows: int = DEFAULT_SLICE_ROWS) ->
     with _connection(query, used, seed_times, relation) as con:
         _check_inputs(con, query.tables, defs, used)
         entities = _entity_keys(con, query.schema_tables, entity_table)
+        for table in tables:  # read by every group's query: computed once
+            if table.per_time is not None:
+                con.register(table.name, _accumulate_per_key(con, table.per_time))
+            else:
+                con.execute(f"CREATE TEMP TABLE {table.name} AS {table.body}")
         pkey = query.schema_tables[entity_table].pkey
         # no seed time: still one query, for the schema
         groups = _chunks(seed_times, query.seeds_per_query) or [seed_times]
