@@ -19,7 +19,7 @@ from assets.partitions import window_partitions
 from assets.registry import Database
 from resources import RecipeResource, TVEStorage
 from tve_pipeline.config import recipe_version
-from tve_pipeline.database import open_dataset
+from tve_pipeline.database import open_dataset, table_files
 from tve_pipeline.targets import TargetQuery, write_targets_by_seed_time
 from tve_pipeline.traversal import TargetDef
 from tve_pipeline.windows import window_seed_time
@@ -90,7 +90,10 @@ def build_target_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
             )
         delta = database_timedelta(raw_tables, r)
         dataset = open_dataset(raw_tables.dataset_dir)
-        tables = {name: t.df for name, t in dataset.get_db().table_dict.items()}
+        try:  # DuckDB reads the parquet files: nothing in pandas; beyond memory, it spills
+            tables = table_files(dataset)
+        except ValueError as exc:
+            raise failure(exc) from exc
         rows = {entity: 0 for entity in traversal_graph}
         inactive = {entity: 0 for entity in traversal_graph}
         seed_times = {window_seed_time(w): w for w in windows}

@@ -129,9 +129,6 @@ _PROFILES: dict[str, dict] = {
     "reference": {},
     # `make demo`: the whole pipeline on rel-flights in a few minutes on 2 CPU cores.
     "demo": {
-        # Through a hub airport or carrier, fact -> key <- fact reaches most of the 336k
-        # flights for every first-hop row: minutes of DuckDB per window on 2 cores.
-        "targets": {"fact_key_fact": False},
         "backbone": {"channels": 64, "encoder_layers": 2, "num_neighbors": (32, 8)},
         "pretrain": {"epochs": 4, "steps_per_epoch": 25, "batch_size": 256, "lr_step_epochs": 3},
         "finetune": {"epochs": 4, "steps_per_epoch": 25, "batch_size": 256},

@@ -72,6 +72,17 @@ def open_dataset(name_or_path: str | Path):
     return relbench.load_dataset(str(name_or_path))
 
 
+def table_files(dataset) -> dict[str, Path]:
+    """The parquet file of every table of the dataset's manifest, each checked to exist:
+    what DuckDB reads (``tve targets``, the ``tve_targets`` asset) instead of loading the
+    tables into pandas, so a database larger than memory streams."""
+    files = {name: Path(dataset.db_dir) / f"{name}.parquet" for name in dataset.manifest.tables}
+    for name, path in files.items():
+        if not path.exists():
+            raise ValueError(f"table {name!r}: no file {path}")
+    return files
+
+
 def infer_column_type(ser: pd.Series) -> str:
     """The semantic type of one non-key column (deterministic: reads the whole column)."""
     if pd.api.types.is_datetime64_any_dtype(ser.dtype):

@@ -1047,6 +1047,51 @@ class TargetQuery:
         object.__setattr__(self, "timestamps", tuple(self.timestamps))
 
 
+def targets_script(query: TargetQuery) -> str:
+    """The task vectors of ``query`` as a DuckDB script that runs as it is (``duckdb <
+    script.sql``, or one ``execute`` on a fresh connection): a view per table over its
+    parquet file, the seed times as a table, then :func:`targets_sql`'s dense query. Its
+    rows are :func:`compute_targets`' rows, so the computation can move to an engine with
+    more memory (MotherDuck runs DuckDB SQL as it is; a warehouse needs the ``ASOF JOIN`` of
+    fact->key<-fact paths and the ``read_parquet`` views translated). Every table of the
+    query must be a parquet file path."""
+    used = {query.entity_table} | {hop.table for d in query.defs for hop in d.path}
+    relation = "timestamps" if "timestamps" not in query.schema_tables else "tve.timestamps"
+    lines = [
+        _comment(
+            f"tve targets: raw task vectors of {query.entity_table}, "
+            f"{len(set(query.timestamps))} seed times, next window {pd.Timedelta(query.timedelta)}"
+        )
+    ]
+    for name in sorted(used):
+        source = query.tables.get(name)
+        if not isinstance(source, (str, os.PathLike)):
+            raise ValueError(
+                f"table {name!r}: the script reads parquet files, not in-memory tables"
+            )
+        lines.append(
+            f"CREATE OR REPLACE TEMP VIEW {quote(name)} AS"
+            f" SELECT * FROM read_parquet({_literal(str(Path(source).resolve()))});"
+        )
+    seeds = _seed_times_frame(query.timestamps)[TIMESTAMP]
+    values = ",\n  ".join(f"(TIMESTAMP {_literal(t.isoformat(sep=' '))})" for t in seeds)
+    select = (
+        f"SELECT * FROM (VALUES\n  {values}\n) AS t({quote(TIMESTAMP)})"
+        if len(seeds)
+        else f"SELECT CAST(NULL AS TIMESTAMP) AS {quote(TIMESTAMP)} WHERE false"
+    )
+    lines.append(f"CREATE OR REPLACE TEMP TABLE {quote(relation)} AS {select};")
+    sql = targets_sql(
+        query.schema_tables,
+        query.defs,
+        query.entity_table,
+        query.timedelta,
+        timestamps_relation=relation,
+        running_aggregates=query.running_aggregates,
+    )
+    return "\n".join(lines) + "\n" + sql.rstrip() + ";\n"
+
+
 def _seed_times_frame(timestamps: Iterable) -> pd.DataFrame:
     seed_times = pd.to_datetime(pd.Series(list(timestamps), dtype=object))
     if seed_times.isna().any():

@@ -3,14 +3,17 @@
 ::
 
     tve targets DATASET_DIR --entity TABLE [--timedelta "30 days"] [--timestamps T1,T2,...]
-                [--hops 2] --out OUT_DIR [--show-sql] [--exclude-tables T,...]
+                [--hops 2] (--out OUT_DIR | --show-sql) [--exclude-tables T,...]
                 [--exclude-columns TABLE.COL,...] [--columns TABLE.COL,...] [--no-fact-key-fact]
 
 writes ``OUT_DIR/targets.json`` (the target definitions, :mod:`tve_pipeline.traversal`) and
 ``OUT_DIR/targets.parquet``: one row per (entity, seed time) for every entity that exists
 at the seed time, in (timestamp, pkey) order; columns: the entity's primary key,
 ``timestamp``, ``inactive`` and one column per target name holding the raw value. Both
-files are written under temporary names and moved into place.
+files are written under temporary names and moved into place. ``--show-sql`` writes
+nothing: it prints a DuckDB script that computes the same rows from the dataset's parquet
+files (:func:`tve_pipeline.targets.targets_script`), to run elsewhere (``duckdb <
+targets.sql``, MotherDuck) when one machine is not enough.
 
 Design. The command reads the dataset's manifest (keys, time columns) and types columns
 with :func:`tve_pipeline.database.column_types` from the non-key columns of the tables the
@@ -127,7 +130,7 @@ def _infer_types(
     table's values are the most that is ever in memory."""
     import pandas as pd
 
-    from tve_pipeline import database as tdb
+    from tve_pipeline import database
     from tve_pipeline.schema import KEY
 
     out: dict[str, dict[str, str]] = {}
@@ -138,7 +141,7 @@ def _infer_types(
         values = [c for c in names if c not in keys]
         frame = pd.read_parquet(table_files[name], columns=values) if values else pd.DataFrame()
         one_table = SimpleNamespace(tables={name: spec})
-        typed = tdb.column_types({name: frame}, one_table, dataset_dir)[name]
+        typed = database.column_types({name: frame}, one_table, dataset_dir)[name]
         out[name] = {c: (KEY if c in keys else typed[c]) for c in names}
         del frame
     return out
@@ -175,12 +178,12 @@ def run_targets_command(args) -> dict:
     target definitions (traversal graph of the typed columns, narrowed by the options),
     the next window and the seed times, then the two files.
     """
-    from tve_pipeline import database as tdb
+    from tve_pipeline import database
     from tve_pipeline.targets import DEFAULT_SEEDS_PER_QUERY, TargetQuery
 
-    dataset = tdb.open_dataset(args.dataset_dir)
+    dataset = database.open_dataset(args.dataset_dir)
     manifest = dataset.manifest
-    table_files = _table_files(dataset)
+    table_files = database.table_files(dataset)
     _check_entity(manifest, args.entity)
     defs = _target_defs(args, manifest, table_files, Path(dataset.dataset_dir))
     delta = _next_window(args, dataset)
@@ -194,27 +197,23 @@ def run_targets_command(args) -> dict:
         delta,
         memory_limit=args.memory_limit,
         threads=args.threads,
-        show_sql=args.show_sql,
         seeds_per_query=(
             DEFAULT_SEEDS_PER_QUERY
             if args.seeds_per_query is None
             else args.seeds_per_query or None
         ),
     )
+    if args.show_sql:
+        from tve_pipeline.targets import targets_script
+
+        script = targets_script(query)
+        print(script, end="")
+        return {"sql": script}
+    if args.out is None:
+        raise ValueError("--out is required (unless --show-sql)")
     summary = _write_outputs(query, Path(args.out))
     _print_summary(summary, delta)
     return summary
-
-
-def _table_files(dataset) -> dict[str, Path]:
-    """The parquet file of every table of the manifest, each checked to exist."""
-    table_files = {
-        name: Path(dataset.db_dir) / f"{name}.parquet" for name in dataset.manifest.tables
-    }
-    for name, path in table_files.items():
-        if not path.exists():
-            raise ValueError(f"table {name!r}: no file {path}")
-    return table_files
 
 
 def _check_entity(manifest, entity: str) -> None:
@@ -307,13 +306,13 @@ def _check_wanted_columns(
 
 def _next_window(args, dataset):
     """Δ: ``--timedelta``, else the window of the dataset's tasks."""
-    from tve_pipeline import database as tdb
+    from tve_pipeline import database
     from tve_pipeline.schema import DatabaseError
 
     if args.timedelta is not None:
         return _parse_timedelta(args.timedelta)
     try:
-        return tdb.task_timedelta(dataset)
+        return database.task_timedelta(dataset)
     except DatabaseError as exc:
         raise ValueError(f"{exc}; or pass --timedelta") from exc
 
@@ -405,7 +404,9 @@ def add_targets_parser(subparsers) -> argparse.ArgumentParser:
         help="entity table (a table with a primary key that facts reference)",
     )
     p.add_argument(
-        "--out", required=True, help="output folder for targets.parquet and targets.json"
+        "--out",
+        default=None,
+        help="output folder for targets.parquet and targets.json (required unless --show-sql)",
     )
     p.add_argument(
         "--timedelta",
@@ -453,7 +454,12 @@ def add_targets_parser(subparsers) -> argparse.ArgumentParser:
         help="seed times per run of the query, 0 for all at once (default: "
         "tve_pipeline.targets.DEFAULT_SEEDS_PER_QUERY; bounds memory, overlaps writing)",
     )
-    p.add_argument("--show-sql", action="store_true", help="print the generated SQL")
+    p.add_argument(
+        "--show-sql",
+        action="store_true",
+        help="print a DuckDB script computing the same rows from the parquet files, and stop"
+        " (run it with `duckdb < targets.sql`, e.g. on a machine with more memory)",
+    )
     p.set_defaults(func=run_targets_command)
     return p
 
