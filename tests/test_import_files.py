@@ -332,6 +332,14 @@ def test_import_report_counts(built):
         "columns": ["table 'reviews': time column 'written'"],
     }
     assert report["source"]["tables"]["order lines"]["format"] == "sqlite"
+    # SQLite's NULL customer of order 106 was null already: only the dangling c9 and 107
+    assert report["nulls"] == {"orders": {"customer_id": 1}, "order lines": {"order_no": 1}}
+    assert report["read_as_null"] == {} and report["coerced_to_null"] == {}
+    # In the CSV, order 106's customer is an empty field: the import made it null
+    csv_report = json.loads((built["csv"] / "tve_import.json").read_text())
+    assert csv_report["read_as_null"] == {"orders": {"customer_id": 1}}
+    assert csv_report["nulls"] == {"orders": {"customer_id": 2}, "order lines": {"order_no": 1}}
+    assert csv_report["source"]["tables"]["orders"]["null_values"] == [""]
 
 
 def test_types_sidecar_infers_and_overrides(built):
@@ -617,6 +625,20 @@ BAD = {
         r"table 'orders': type of column 'amount' must be one of",
     ),
     "no val timestamp": (lambda f, d: d.pop("val_timestamp"), r"'val_timestamp' is required"),
+    "NA in a time column": (
+        lambda f, d: _set(f["orders"], "ordered at", 2, "NA"),
+        r"table 'orders': time column 'ordered at': 1 values are not timestamps, "
+        r"e\.g\. \['NA'\]",
+    ),
+    "na_values in read_options": (
+        lambda f, d: d["tables"]["orders"].update(read_options={"na_values": ["NA"]}),
+        r"table 'orders': read_options may not set \['na_values'\]: only empty fields are "
+        r"null; give null_values",
+    ),
+    "unquoted null marker": (
+        lambda f, d: d["tables"]["orders"].update(null_values=[None]),
+        r"table 'orders': null_values must be strings; quote null",
+    ),
     "bad policy": (
         lambda f, d: d.update(missing_parents="drop"),
         r"missing_parents must be one of",
@@ -652,6 +674,129 @@ def test_missing_source_file(tmp_path):
         build_from_files(schema, tmp_path / "out")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         build_from_files(tmp_path / "missing.yaml", tmp_path / "out")
+
+
+# --------------------------------------------------------------------------- #
+# Nulls: only empty fields by default, more by opting in; every one counted
+# --------------------------------------------------------------------------- #
+
+# "NA" is a real status code here; note holds pandas' other default null markers as text.
+NULLS_CUSTOMERS = "id,segment\nc1,NA\nc2,\n"
+NULLS_ORDERS = (
+    "order_no,status,note,amount,qty,customer\n"
+    "1,NA,ok,10.5,1,c1\n"
+    "2,open,,,,c1\n"
+    "3,NA,NaN,7,x,c2\n"
+    "4,,None,3,4,c9\n"
+    "5,closed,null,,5,\n"
+    "6,NA,N/A,2,6,c2\n"
+)
+
+
+def _nulls_schema(tmp: Path, **top) -> Path:
+    (tmp / "customers.csv").write_text(NULLS_CUSTOMERS)
+    (tmp / "orders.csv").write_text(NULLS_ORDERS)
+    # A Parquet table's own nulls were null before the import: never counted.
+    pd.DataFrame({"tag": ["a", None, "NA"]}).to_parquet(tmp / "tags.parquet")
+    tables = {
+        "customers": {"csv": "customers.csv", "primary_key": "id"},
+        "orders": {
+            "csv": "orders.csv",
+            "primary_key": "order_no",
+            "foreign_keys": {"customer": "customers"},
+            "types": {"qty": "numerical", "status": "categorical"},
+        },
+        "tags": {"parquet": "tags.parquet"},
+    }
+    for name, extra in top.pop("table_extra", {}).items():
+        tables[name].update(extra)
+    doc = {"val_timestamp": "2020-06-01", "test_timestamp": "2020-07-01", "tables": tables}
+    return _write_yaml(tmp / "s.yaml", {**doc, **top})
+
+
+def _import_and_print(schema: Path, out: Path, capsys) -> tuple[dict, dict, list[str]]:
+    from tve_pipeline import cli
+
+    assert cli.main(["import", "files", str(schema), str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    report = json.loads((out / "tve_import.json").read_text())
+    return report, _db(out), printed
+
+
+def test_only_empty_fields_are_null_by_default(tmp_path, capsys):
+    report, db, printed = _import_and_print(_nulls_schema(tmp_path), tmp_path / "out", capsys)
+    orders, customers = db["orders"], db["customers"]
+    _assert_table(
+        orders,
+        pd.DataFrame(
+            {
+                "order_no": [0, 1, 2, 3, 4, 5],
+                "order_no_original": [1, 2, 3, 4, 5, 6],
+                "status": ["NA", "open", "NA", NA, "closed", "NA"],
+                "note": ["ok", NA, "NaN", "None", "null", "N/A"],
+                "amount": [10.5, NA, 7.0, 3.0, NA, 2.0],
+                "qty": [1.0, NA, NA, 4.0, 5.0, 6.0],  # "x" is no number
+                "customer": [0, 0, 1, NA, NA, 1],  # c9 dangles, order 5 has none
+            }
+        ),
+        "orders",
+    )
+    assert customers["segment"].tolist()[0] == "NA" and pd.isna(customers["segment"].iloc[1])
+    assert db["tags"]["tag"].tolist()[2] == "NA"
+    # Hand count. Empty fields: customers.segment 1; orders status 1, note 1, amount 2,
+    # qty 1, customer 1. Plus qty "x" (not a number) and customer c9 (dangling).
+    assert report["read_as_null"] == {
+        "customers": {"segment": 1},
+        "orders": {"status": 1, "note": 1, "amount": 2, "qty": 1, "customer": 1},
+    }
+    assert report["coerced_to_null"] == {"orders.qty": 1}
+    assert report["unmatched_fkeys"] == {"orders.customer": 1}
+    assert report["nulls"] == {
+        "customers": {"segment": 1},
+        "orders": {"status": 1, "note": 1, "amount": 2, "qty": 2, "customer": 2},
+    }
+    assert report["source"]["tables"]["orders"]["null_values"] == [""]
+    assert "null_values" not in report["source"]["tables"]["tags"]
+    assert printed == [
+        "customers: 1 value became null (segment 1)",
+        "orders: 8 values became null (amount 2, customer 2, qty 2, note 1, status 1)",
+        f"wrote {tmp_path / 'out'}",
+    ]
+
+
+def test_null_values_opt_in_more_markers(tmp_path, capsys):
+    # Top level: "NA" and "N/A" for every CSV table; orders replaces it with "NA" alone.
+    schema = _nulls_schema(
+        tmp_path, null_values=["NA", "N/A"], table_extra={"orders": {"null_values": ["NA"]}}
+    )
+    report, db, printed = _import_and_print(schema, tmp_path / "out", capsys)
+    orders, customers = db["orders"], db["customers"]
+    assert orders["status"].isna().tolist() == [True, False, True, True, False, True]
+    assert [v for v in orders["status"] if not pd.isna(v)] == ["open", "closed"]
+    assert [v for v in orders["note"] if not pd.isna(v)] == ["ok", "NaN", "None", "null", "N/A"]
+    assert customers["segment"].isna().tolist() == [True, True]
+    assert db["tags"]["tag"].tolist()[2] == "NA"  # markers apply to CSV sources only
+    # status: 3 "NA" + 1 empty; customers.segment: "NA" + empty; the rest as before
+    assert report["read_as_null"] == {
+        "customers": {"segment": 2},
+        "orders": {"status": 4, "note": 1, "amount": 2, "qty": 1, "customer": 1},
+    }
+    assert report["nulls"] == {
+        "customers": {"segment": 2},
+        "orders": {"status": 4, "note": 1, "amount": 2, "qty": 2, "customer": 2},
+    }
+    assert report["source"]["tables"]["orders"]["null_values"] == ["", "NA"]
+    assert report["source"]["tables"]["customers"]["null_values"] == ["", "NA", "N/A"]
+    assert printed[:2] == [
+        "customers: 2 values became null (segment 2)",
+        "orders: 11 values became null (status 4, amount 2, customer 2, qty 2, note 1)",
+    ]
+
+
+def test_null_values_apply_to_csv_only(tmp_path):
+    schema = _nulls_schema(tmp_path, table_extra={"tags": {"null_values": ["NA"]}})
+    with pytest.raises(ValueError, match=r"^table 'tags': null_values apply to csv sources only$"):
+        build_from_files(schema, tmp_path / "out")
 
 
 # --------------------------------------------------------------------------- #
@@ -745,3 +890,4 @@ def test_documented_example_parses(tmp_path):
         and defs["reviews"].key_column == "reviews_id"
     )
     assert doc.missing_parents == "add_parents" and doc.tasks[0].name == "customer-churn"
+    assert defs["customers"].null_values == ["NA", "n/a"] and doc.null_values == ["-"]

@@ -17,6 +17,7 @@ Dagster; the orchestration commands (``register``, ``run``, ``experiment``, ``re
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import warnings
@@ -38,9 +39,12 @@ def _cmd_import(args) -> None:
 
         path = build_rel_f1(Path(args.raw_dir), Path(args.out_dir))
     elif args.source == "files":
-        from tve_pipeline.datasets.files import build_from_files
+        from tve_pipeline.datasets.files import build_from_files, null_summary
 
         path = build_from_files(Path(args.schema_yaml), Path(args.out_dir))
+        report = json.loads((path / datasets.IMPORT_REPORT_FILE).read_text(encoding="utf-8"))
+        for line in null_summary(report):
+            print(line)
     else:
         if args.rows:
             from tve_pipeline.datasets.synthetic import build_synthetic_at_scale

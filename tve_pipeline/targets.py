@@ -8,8 +8,18 @@ into one set-based DuckDB query over a relation of seed times ``timestamps(times
   (a range join, ``t < time <= t + Δ``), with the dimension rows that the paths' "out"
   hops reach left-joined on (a fact row references one such row or none, so every path
   ``E <- F -> D ...`` made of "out" hops is read off the window's rows);
-- ``path_<j>``: a path with a later "in" hop (``E <- F -> K <- F'``: rows of ``F'`` no
-  later than the hop-1 row), which multiplies rows and so gets rows of its own;
+- ``run_<j>`` and ``agg_<j>`` of a fact->key<-fact path (``E <- F -> K <- F'``: rows of
+  ``F'`` with the hop-1 row's key, no later than it): the rows reached from a hop-1 row
+  at time τ are a prefix in time order of its key's rows, so ``run_<j>`` accumulates
+  ``F'`` per key in time order once (count, sum, min, max, sums of squares) and
+  ``agg_<j>`` looks each hop-1 row's prefix up with an ``ASOF JOIN`` and combines them per
+  (seed time, entity): one pass over ``F'`` and one lookup per hop-1 row, where joining
+  rows costs (hop-1 rows) x (rows per key); ``counts_<j>_<k>`` does the same per (key,
+  value) for modes and distinct counts, exactly. These tables read no seed time:
+  :func:`iter_targets` computes them once (with pandas' grouped running aggregates) for
+  all its groups of seed times;
+- ``path_<j>``: any other path with a later "in" hop (hand-written definitions: an "in"
+  hop right after the first, a last table without a time column), joined row by row;
 - ``agg_<j>``: per (seed time, entity), the row counts and plain aggregates of all the
   paths read off one window (or of one ``path_<j>``), in one ``GROUP BY``;
 - ``mode_<j>_<k>``: per column with a mode or distinct count, one count per distinct
@@ -625,22 +635,51 @@ def _running_ctes(plan: _QueryPlan, p: tuple[Hop, ...]) -> list[_Cte]:
     below ``_CANCELLATION`` of the sum of squares). Cost: one pass over ``F'`` and one
     lookup per first-hop row, not one output row per (first-hop row, earlier ``F'`` row).
     """
-    j, hop1, defs = plan.path_number(p), p[0], plan.defs_of(p)
-    plain = [d for d in defs if d.aggregation not in _VALUE_AGGREGATIONS]
-    stats = list(
-        dict.fromkeys(
-            (d.column, stat)
-            for d in plain
-            if d.column is not None
-            for stat in _RUNNING_STATS[d.aggregation]
-        )
-    )
-    col_no = {c: i for i, c in enumerate(dict.fromkeys(c for c, _ in stats), 1)}
-    from_rows, where, key_time = _key_rows(plan, p)
-    shifted = sorted({c for c, stat in stats if stat in ("d", "q")}, key=col_no.get)
+    stats = _RunningStats.of(plan, p)
+    return [_run_cte(plan, p, stats), _running_agg_cte(plan, p, stats)]
 
-    def name(column: str, stat: str) -> str:
-        return quote(f"tve.{stat}_{col_no[column]}")
+
+@dataclass(frozen=True)
+class _RunningStats:
+    """The running statistics of a fact->key<-fact path: (column, stat) pairs in order,
+    the columns' numbers (in internal names ``"tve.<stat>_<number>"``) and the columns whose
+    values are shifted by their mean (for ``std``)."""
+
+    plain: list[TargetDef]
+    pairs: list[tuple[str, str]]
+    number: dict[str, int]
+    shifted: list[str]
+
+    @classmethod
+    def of(cls, plan: _QueryPlan, p: tuple[Hop, ...]) -> _RunningStats:
+        plain = [d for d in plan.defs_of(p) if d.aggregation not in _VALUE_AGGREGATIONS]
+        pairs = list(
+            dict.fromkeys(
+                (d.column, stat)
+                for d in plain
+                if d.column is not None
+                for stat in _RUNNING_STATS[d.aggregation]
+            )
+        )
+        number = {c: i for i, c in enumerate(dict.fromkeys(c for c, _ in pairs), 1)}
+        shifted = sorted({c for c, stat in pairs if stat in ("d", "q")}, key=number.get)
+        return cls(plain, pairs, number, shifted)
+
+    def name(self, column: str, stat: str) -> str:
+        return quote(f"tve.{stat}_{self.number[column]}")
+
+    @staticmethod
+    def accumulate(stat: str, column: str, over: str = "") -> str:
+        """Over a key's prefix (``over``: the window) or over the prefixes of a pair."""
+        total = f"{'min' if stat == 'min' else 'max' if stat == 'max' else 'sum'}({column}){over}"
+        return f"CAST({total} AS BIGINT)" if stat in ("rows", "n") else total
+
+
+def _run_cte(plan: _QueryPlan, p: tuple[Hop, ...], stats: _RunningStats) -> _Cte:
+    """``run_<j>``: per key of ``K``, the running statistics of ``F'`` in time order (one row
+    per (key, time)); ``per_time`` holds the per (key, time) query it accumulates."""
+    from_rows, where, key_time = _key_rows(plan, p)
+    name = stats.name
 
     def value(column: str) -> str:
         return f"CAST(g.{quote(column)} AS DOUBLE)"
@@ -653,22 +692,17 @@ def _running_ctes(plan: _QueryPlan, p: tuple[Hop, ...]) -> list[_Cte]:
         "min": lambda c: f"min({value(c)})",
         "max": lambda c: f"max({value(c)})",
     }
-    inner = [("count(*)", '"tve.rows"')] + [(per_time[s](c), name(c, s)) for c, s in stats]
+    inner = [("count(*)", '"tve.rows"')] + [(per_time[s](c), name(c, s)) for c, s in stats.pairs]
     shift_from = ""
-    if shifted:
-        means = [(f"coalesce(avg({value(c)}), 0)", name(c, "shift")) for c in shifted]
+    if stats.shifted:
+        means = [(f"coalesce(avg({value(c)}), 0)", name(c, "shift")) for c in stats.shifted]
         shift_from = (
             f"\n        CROSS JOIN (SELECT {_select(means, '                    ')}"
             f"\n                    FROM {from_rows}) AS c"
         )
-
-    def accumulate(stat: str, column: str, over: str = "") -> str:  # a key's prefix, or prefixes
-        total = f"{'min' if stat == 'min' else 'max' if stat == 'max' else 'sum'}({column}){over}"
-        return f"CAST({total} AS BIGINT)" if stat in ("rows", "n") else total
-
     outer = [('"tve.key"', None), ('"tve.time"', None)]
-    outer += [(accumulate("rows", '"tve.rows"', " OVER w"), '"tve.rows"')]
-    outer += [(accumulate(s, name(c, s), " OVER w"), name(c, s)) for c, s in stats]
+    outer += [(stats.accumulate("rows", '"tve.rows"', " OVER w"), '"tve.rows"')]
+    outer += [(stats.accumulate(s, name(c, s), " OVER w"), name(c, s)) for c, s in stats.pairs]
     per_time_sql = (
         f"SELECT {key_time},\n"
         f"               {_select(inner, '               ')}\n"
@@ -676,8 +710,8 @@ def _running_ctes(plan: _QueryPlan, p: tuple[Hop, ...]) -> list[_Cte]:
         f"         WHERE {where}\n"
         f"         GROUP BY 1, 2"
     )
-    run = _Cte(
-        f"{plan.prefix}run_{j}",
+    return _Cte(
+        f"{plan.prefix}run_{plan.path_number(p)}",
         f"{p[2].table} rows per {p[1].table} key: running aggregates in time order",
         f"SELECT {_select(outer, '         ')}\n"
         f"  FROM ({per_time_sql})\n"
@@ -686,17 +720,21 @@ def _running_ctes(plan: _QueryPlan, p: tuple[Hop, ...]) -> list[_Cte]:
         per_time=per_time_sql,
     )
 
+
+def _running_agg_cte(plan: _QueryPlan, p: tuple[Hop, ...], stats: _RunningStats) -> _Cte:
+    """``agg_<j>``: each first-hop row's prefix of ``run_<j>`` (ASOF join), combined per
+    (seed time, entity) into the path's plain aggregates."""
+    j, hop1, name = plan.path_number(p), p[0], stats.name
     combine = [(f"w.{_SEED_TIME}", _SEED_TIME), (f"w.{quote(hop1.via)}", _ENTITY)]
-    combine.append((accumulate("rows", 'r."tve.rows"'), '"tve.rows"'))
-    combine += [(accumulate(s, f"r.{name(c, s)}"), name(c, s)) for c, s in stats]
-    for c in shifted:  # what is left of the sum of squares about the mean
+    combine.append((stats.accumulate("rows", 'r."tve.rows"'), '"tve.rows"'))
+    combine += [(stats.accumulate(s, f"r.{name(c, s)}"), name(c, s)) for c, s in stats.pairs]
+    for c in stats.shifted:  # what is left of the sum of squares about the mean
         d_, q, n = (f"sum(r.{name(c, s)})" for s in ("d", "q", "n"))
         combine.append((f"{q} - {d_} * {d_} / {n}", name(c, "m2")))
     final = [(_SEED_TIME, None), (_ENTITY, None)]
-    for d in plain:
-        final.append((_running_target(d, name), quote(d.name)))
+    final += [(_running_target(d, name), quote(d.name)) for d in stats.plain]
     time1 = f"w.{quote(plan.hop1_time(hop1))}"
-    agg = _Cte(
+    return _Cte(
         f"{plan.prefix}agg_{j}",
         f"aggregates of {_describe(plan.entity_table, p)}, from each first-hop row's prefix",
         f"SELECT {_select(final, '         ')}\n"
@@ -706,7 +744,6 @@ def _running_ctes(plan: _QueryPlan, p: tuple[Hop, ...]) -> list[_Cte]:
         f'            ON r."tve.key" = w.{quote(p[1].via)} AND {time1} >= r."tve.time"\n'
         f"         GROUP BY 1, 2)",
     )
-    return [run, agg]
 
 
 def _running_target(d: TargetDef, name: Callable[[str, str], str]) -> str:

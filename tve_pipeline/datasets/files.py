@@ -17,12 +17,14 @@ and non-ASCII letters (quote them in YAML and, in task SQL, as DuckDB identifier
     test_timestamp: 2021-10-01        # required
     missing_parents: add_parents      # dangling foreign keys: null (default) or add_parents
     timezone: Europe/Berlin           # optional: zone for times with a UTC offset (default UTC)
+    null_values: ["-"]                # optional: CSV fields read as null besides empty ones
     tables:
       customers:
         csv: data/customers.csv       # one of csv / parquet / sqlite / duckdb
         primary_key: customer_id
         time_column: signup_time
         types: {zip: categorical}     # optional overrides of inferred semantic types
+        null_values: ["NA", "n/a"]    # optional: this table's markers (instead of the file's)
       orders:
         parquet: data/orders.parquet
         primary_key: order_no
@@ -61,8 +63,13 @@ and non-ASCII letters (quote them in YAML and, in task SQL, as DuckDB identifier
           GROUP BY t.timestamp, c.customer_id
 
 A top-level ``sqlite: path`` or ``duckdb: path`` is the default source of tables that name
-none. CSV files are read with pandas' defaults (``read_options`` passes more keyword
-arguments to ``pandas.read_csv``).
+none. CSV files are read with ``pandas.read_csv`` (``read_options`` passes more keyword
+arguments to it), but only empty fields are null: ``NA``, ``N/A``, ``null``, ``NaN``,
+``None`` and the rest of pandas' default null markers stay text values. ``null_values``
+(a string or a list of strings, matched exactly, as ``pandas.read_csv``'s ``na_values``)
+opts in to more markers: at the top level for every CSV table, in a table for that table
+alone (replacing the top-level list; ``[]`` opts out). They apply to CSV sources only
+(``read_options`` may not set ``na_values``, ``keep_default_na`` or ``na_filter``).
 
 The file is read with ``yaml.safe_load`` and checked by typed models (:class:`ImportSchema`,
 its :class:`TableSchema` and :class:`ForeignKeySchema`, its tasks as RelBench's
@@ -110,6 +117,16 @@ What the import does
   ``numerical`` converts it; values that are not numbers become null and are counted
   (``coerced_to_null``). Object columns mixing Python types (SQLite allows it) are stored
   as text and listed under ``cast_to_text``.
+* **Nulls.** Every value the import turns into null is counted under ``nulls`` in
+  ``tve_import.json`` (``{table: {column: count}}``, nonzero counts only, column names
+  as in the source) and printed by ``tve import files`` (one line per table). It is the
+  sum of three counts: CSV fields read as null (empty fields, fields missing from a short
+  row, and fields equal to a ``null_values`` marker; ``read_as_null``, same shape), text
+  typed ``numerical`` that is not a number (``coerced_to_null``), and dangling foreign
+  keys set to null (``unmatched_fkeys``, counted in the reference column). Values that
+  were null in a Parquet, SQLite or DuckDB source are not counted (nothing turned them
+  into null), nor are the null cells of ``add_parents`` placeholder rows (counted as
+  ``added_parents``). Times never become null: a value that does not parse is an error.
 * **Tasks** are checked before anything is written: each forecast task's SQL is run once,
   at the validation timestamp, and must return its entity, target and time columns.
 
@@ -184,6 +201,24 @@ def _column_names(value) -> list[str]:
     raise ValueError(f"must be a column name or a list of column names, got {value!r}")
 
 
+def _null_markers(value) -> list[str]:
+    """``null_values``: a marker or a list of them, as text (YAML reads ``-1`` as a number)."""
+    items = value if isinstance(value, list) else [value]
+    for item in items:
+        if item is None or isinstance(item, bool):
+            raise ValueError(
+                "must be strings; quote null, ~, yes, no, true and false "
+                "(unquoted, YAML reads them as no string)"
+            )
+        if not isinstance(item, (str, int, float)):
+            raise ValueError(f"must be a string or a list of strings, got {item!r}")
+    return [str(item) for item in items]
+
+
+# Keyword arguments of ``pandas.read_csv`` that decide what is null: ``null_values`` does.
+_NULL_READ_OPTIONS = ("na_values", "keep_default_na", "na_filter")
+
+
 def _semantic_type(value) -> str:
     if value not in SEMANTIC_TYPES:
         raise ValueError(f"must be one of {list(SEMANTIC_TYPES)}, got {value!r}")
@@ -223,6 +258,7 @@ def _task_manifest(item: dict) -> TaskManifest:
 
 
 ColumnName = Annotated[str, BeforeValidator(str)]
+NullMarkers = Annotated[list[str], BeforeValidator(_null_markers)]
 SemanticType = Annotated[str, BeforeValidator(_semantic_type)]
 TableName = Annotated[str, BeforeValidator(_table_name)]
 TaskSchema = Annotated[InstanceOf[TaskManifest], BeforeValidator(_task_manifest)]
@@ -274,6 +310,7 @@ class TableSchema(_SchemaModel):
     table: str | None = None
     query: str | None = None
     read_options: Annotated[dict[str, Any], _mapping_or_empty("must be a mapping")] = {}
+    null_values: NullMarkers | None = None  # None: the file's top-level list
     primary_key: Annotated[list[str], BeforeValidator(_column_names)] = []
     key_column: str | None = None
     original_id_column: str | None = None
@@ -294,6 +331,17 @@ class TableSchema(_SchemaModel):
         value = value or {}
         if not isinstance(value, dict):
             raise ValueError("expected a mapping (csv/parquet/sqlite/duckdb, primary_key, ...)")
+        return value
+
+    @field_validator("read_options")
+    @classmethod
+    def _no_null_options(cls, value: dict) -> dict:
+        given = sorted(k for k in value if k in _NULL_READ_OPTIONS)
+        if given:
+            raise ValueError(
+                f"may not set {given}: only empty fields are null; "
+                "give null_values: [...] for more null markers"
+            )
         return value
 
     @model_validator(mode="after")
@@ -330,6 +378,7 @@ class ImportSchema(_SchemaModel):
     test_timestamp: str = Field(default=None, validate_default=True)
     missing_parents: Literal["null", "add_parents"] = "null"
     timezone: str = "UTC"
+    null_values: list[str] = []
     sqlite: str | None = None
     duckdb: str | None = None
     tables: dict[TableName, TableSchema] = Field(default=None, validate_default=True)
@@ -341,6 +390,16 @@ class ImportSchema(_SchemaModel):
         if value is None:
             raise ValueError(f"'{info.field_name}' is required")
         return str(value)
+
+    @field_validator("null_values", mode="before")
+    @classmethod
+    def _null_values(cls, value) -> list[str]:
+        if value is None:
+            return []
+        try:
+            return _null_markers(value)
+        except ValueError as exc:
+            raise ValueError(f"null_values {exc}") from None
 
     @field_validator("missing_parents", mode="before")
     @classmethod
@@ -474,6 +533,7 @@ class _TableDef:
     table: str | None
     query: str | None
     read_options: dict
+    null_values: list[str]  # CSV fields read as null besides empty ones
     pkey: list[str]  # [] = none
     key_column: str
     original_id_column: str | None  # only for an in-place single-column key
@@ -501,17 +561,19 @@ def _parse_schema(schema_yaml: Path) -> tuple[ImportSchema, dict[str, _TableDef]
     except ValidationError as exc:
         raise ValueError(_schema_problem(exc, schema_yaml)) from exc
     defs = {
-        name: _table_def(name, spec, schema.default_source, schema_yaml.parent)
+        name: _table_def(name, spec, schema, schema_yaml.parent)
         for name, spec in schema.tables.items()
     }
     _check_references(defs)
     return schema, defs
 
 
-def _table_def(name: str, spec: TableSchema, default, base: Path) -> _TableDef:
-    """A table of the schema file with its source (its own, or the file's default) and its
-    key columns named (``key_column`` and ``original_id_column`` defaults)."""
+def _table_def(name: str, spec: TableSchema, schema: ImportSchema, base: Path) -> _TableDef:
+    """A table of the schema file with its source (its own, or the file's default), its
+    null markers (its own, or the file's) and its key columns named (``key_column`` and
+    ``original_id_column`` defaults)."""
     where = f"table '{name}'"
+    default = schema.default_source
     kinds = spec.own_sources
     if kinds:
         kind, path = kinds[0], getattr(spec, kinds[0])
@@ -521,6 +583,9 @@ def _table_def(name: str, spec: TableSchema, default, base: Path) -> _TableDef:
         _fail(f"{where}: no source; give one of {list(SOURCE_KINDS)} (a path)")
     if spec.read_options and kind != "csv":
         _fail(f"{where}: read_options apply to csv sources only")
+    if spec.null_values is not None and kind != "csv":
+        _fail(f"{where}: null_values apply to csv sources only")
+    markers = schema.null_values if spec.null_values is None else spec.null_values
     pkey = spec.primary_key
     single = len(pkey) == 1
     key_column = spec.key_column or (pkey[0] if single else f"{name}_id")
@@ -532,6 +597,7 @@ def _table_def(name: str, spec: TableSchema, default, base: Path) -> _TableDef:
         table=spec.table,
         query=spec.query,
         read_options=dict(spec.read_options),
+        null_values=list(markers) if kind == "csv" else [],
         pkey=pkey,
         key_column=key_column,
         original_id_column=spec.original_id_column or (f"{pkey[0]}_original" if in_place else None),
@@ -577,7 +643,9 @@ def _read(d: _TableDef) -> pd.DataFrame:
         raise FileNotFoundError(f"{where}: {d.kind} source {d.path} does not exist")
     try:
         if d.kind == "csv":
-            return pd.read_csv(d.path, **d.read_options)
+            # Only empty fields and the schema's own markers are null: never "NA" & co.
+            na_values = ["", *d.null_values]
+            return pd.read_csv(d.path, keep_default_na=False, na_values=na_values, **d.read_options)
         if d.kind == "parquet":
             return pd.read_parquet(d.path)
         sql = d.query or f"SELECT * FROM {_quote(d.table or d.name)}"
@@ -802,8 +870,9 @@ def build_from_files(schema_yaml: str | Path, out_dir: str | Path) -> Path:
     schema, defs = _parse_schema(schema_yaml)
     add_parents = schema.missing_parents == "add_parents"
     notes: dict[str, Any] = {}
-    frames, sources = _read_sources(defs)
+    frames, sources = _read_sources(defs, notes)
     raw_rows = {name: len(df) for name, df in frames.items()}
+    source_columns = {name: list(df.columns) for name, df in frames.items()}
     for name, d in defs.items():
         frames[name] = _parse_values(d, frames[name], schema.timezone, notes)
     textual = _key_kinds(defs, frames, notes)
@@ -819,6 +888,7 @@ def build_from_files(schema_yaml: str | Path, out_dir: str | Path) -> Path:
     tasks = schema.tasks
     rewritten = _rewrite_renamed(tasks, renamed, tables)
     _check_task_sql(tasks, {name: df for name, (df, _) in tables.items()}, schema.val_timestamp)
+    nulls = _null_counts(defs, source_columns, notes, unmatched)
 
     report = {
         "source": {"schema": str(schema_yaml), "tables": sources},
@@ -835,6 +905,8 @@ def build_from_files(schema_yaml: str | Path, out_dir: str | Path) -> Path:
             "to": schema.timezone,
             "columns": notes.get("converted_timezone", []),
         },
+        "nulls": nulls,
+        "read_as_null": notes.get("read_as_null", {}),
         "coerced_to_null": notes.get("coerced_to_null", {}),
         "cast_to_text": notes.get("cast_to_text", []),
         "left_as_text": notes.get("left_as_text", []),
@@ -852,9 +924,10 @@ def build_from_files(schema_yaml: str | Path, out_dir: str | Path) -> Path:
     )
 
 
-def _read_sources(defs: dict[str, _TableDef]) -> tuple[dict[str, pd.DataFrame], dict]:
+def _read_sources(defs: dict[str, _TableDef], notes: dict) -> tuple[dict[str, pd.DataFrame], dict]:
     """Every table as its source holds it (column names as text, checked against the
-    schema), and where each came from (format, path, sha256, table or query)."""
+    schema), and where each came from (format, path, sha256, table or query; a CSV's null
+    markers). The cells a CSV read as null are counted per column (``read_as_null``)."""
     frames: dict[str, pd.DataFrame] = {}
     sources: dict[str, dict] = {}
     hashes: dict[Path, str] = {}
@@ -871,9 +944,49 @@ def _read_sources(defs: dict[str, _TableDef]) -> tuple[dict[str, pd.DataFrame], 
             "sha256": hashes[d.path],
             **({"table": d.table or name} if in_file else {}),
             **({"query": d.query} if d.query else {}),
+            **({"null_values": ["", *d.null_values]} if d.kind == "csv" else {}),
         }
+        if d.kind == "csv":  # a CSV has no nulls of its own: every one is the reader's
+            counts = {col: int(n) for col, n in df.isna().sum().items() if n}
+            if counts:
+                notes.setdefault("read_as_null", {})[name] = counts
         frames[name] = df
     return frames, sources
+
+
+def _null_counts(defs, source_columns, notes: dict, unmatched: dict) -> dict:
+    """Every value the import turned into null, per table and column (nonzero counts
+    only): CSV cells read as null, text typed ``numerical`` that is not a number, dangling
+    references set to null."""
+    read = notes.get("read_as_null", {})
+    coerced = notes.get("coerced_to_null", {})
+    nulls: dict[str, dict[str, int]] = {}
+    for name, d in defs.items():
+        counts: dict[str, int] = {}
+        for col in source_columns[name]:
+            counts[col] = read.get(name, {}).get(col, 0) + coerced.get(f"{name}.{col}", 0)
+        for fk in d.fkeys:
+            counts[fk.new_column] = counts.get(fk.new_column, 0) + unmatched.get(
+                f"{name}.{fk.new_column}", 0
+            )
+        counts = {col: n for col, n in counts.items() if n}
+        if counts:
+            nulls[name] = counts
+    return nulls
+
+
+def null_summary(report: Mapping) -> list[str]:
+    """The lines ``tve import files`` prints about ``report["nulls"]`` (a
+    ``tve_import.json``): one per table with values that became null, its columns by
+    count (most first, then by name), e.g. ``orders: 3 values became null (status 2,
+    note 1)``."""
+    lines = []
+    for name, counts in sorted(report.get("nulls", {}).items()):
+        total = sum(counts.values())
+        ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+        each = ", ".join(f"{col} {n}" for col, n in ranked)
+        lines.append(f"{name}: {total} value{'' if total == 1 else 's'} became null ({each})")
+    return lines
 
 
 def _parse_values(d: _TableDef, df: pd.DataFrame, tz: str, notes: dict) -> pd.DataFrame:
