@@ -694,9 +694,14 @@ def test_fact_key_fact_of_other_shapes_joins_rows():
     assert_same_targets(got, brute_force(frames, schema, defs, "customers", ts, DELTA), defs)
 
 
-def test_fact_key_fact_spread_far_from_zero():
+@pytest.mark.parametrize("pandas_rows", [10**9, 0])
+def test_fact_key_fact_spread_far_from_zero(monkeypatch, pandas_rows):
     """A std of values far from 0 (1e9 + small) still matches the brute force, and equal
-    values give exactly 0."""
+    values give exactly 0: running aggregates accumulated by pandas (small tables) and by
+    DuckDB's windows (tables past ``_PANDAS_RUNNING_ROWS``) alike."""
+    import tve_pipeline.targets as targets
+
+    monkeypatch.setattr(targets, "_PANDAS_RUNNING_ROWS", pandas_rows)
     frames = _fixed_shop()
     frames["orders"]["amount"] = 1e9 + frames["orders"]["amount"].where(
         frames["orders"]["product_id"] != 0, 3.0

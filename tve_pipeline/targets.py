@@ -1320,6 +1320,18 @@ def _prefetch(con, sql: str, relation: str, chunks: list[pd.DataFrame], depth: i
         thread.join()
 
 
+#: Up to this many rows of the table a ``run_<j>`` accumulates, pandas does it in memory
+#: (~15 columns of 8 bytes: ~250 MB); beyond, DuckDB's windows do, under its memory limit.
+_PANDAS_RUNNING_ROWS = 2_000_000
+
+
+def _fits_pandas(con, per_time_sql: str) -> bool:
+    """Whether the table that ``per_time_sql`` groups (``FROM "F'" AS g``) is small enough
+    for :func:`_accumulate_per_key` (its row count: parquet metadata, no scan)."""
+    source = re.search(r"FROM (\"(?:[^\"]|\"\")*\") AS g", per_time_sql).group(1)
+    return con.execute(f"SELECT count(*) FROM {source}").fetchall()[0][0] <= _PANDAS_RUNNING_ROWS
+
+
 def _accumulate_per_key(con, per_time_sql: str):
     """A ``run_<j>`` table without SQL window functions: the per (key, time) aggregates in
     (key, time) order, each accumulated per key with pandas' grouped ``cumsum`` /
@@ -1427,9 +1439,9 @@ def iter_targets(query: TargetQuery, *, slice_rows: int = DEFAULT_SLICE_ROWS) ->
         _check_inputs(con, query.tables, defs, used)
         entities = _entity_keys(con, query.schema_tables, entity_table)
         for table in tables:  # read by every group's query: computed once
-            if table.per_time is not None:
+            if table.per_time is not None and _fits_pandas(con, table.per_time):
                 con.register(table.name, _accumulate_per_key(con, table.per_time))
-            else:
+            else:  # SQL windows, under DuckDB's memory limit (spilling beyond it)
                 con.execute(f"CREATE TEMP TABLE {table.name} AS {table.body}")
         pkey = query.schema_tables[entity_table].pkey
         # no seed time: still one query, for the schema
