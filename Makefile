@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 RUN_DIR ?= $(CURDIR)/runs/demo
 
-.PHONY: install demo test run results experiment ui mlflow-ui clean
+.PHONY: install system-packages demo test run results experiment ui mlflow-ui clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -19,6 +19,16 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Debian's servers and browser that the tests start themselves: Redis (Celery broker),
+# PostgreSQL (the shared Dagster instance), Chromium + ChromeDriver (the browser test).
+DEB_PACKAGES := chromium chromium-driver redis-server postgresql
+system-packages:
+	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q $(DEB_PACKAGES) >/dev/null \
+	    || { apt-get update -q >/dev/null && apt-get install -y -q $(DEB_PACKAGES) >/dev/null; }; \
+	else echo "system-packages: needs root and apt-get (install: $(DEB_PACKAGES))"; exit 1; fi
 
 demo: $(STAMP)
 	$(BIN)/tve demo --run-dir "$(RUN_DIR)"
