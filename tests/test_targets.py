@@ -628,8 +628,8 @@ def test_sql_is_set_based_and_readable(capsys):
     defs = build_traversal_graph(schema, shop_column_types(), "customers")
     sql = targets_sql(schema, defs, "customers", pd.Timedelta(days=7))
     assert (
-        sql.count('FROM "timestamps" AS ts') == 2
-    )  # the seed entities and the one window, not per time
+        sql.count('FROM "timestamps" AS ts') == 4
+    )  # seed entities, the one window, its fact->key<-fact lookups (two kinds), not per time
     assert "INTERVAL '7 days'" in sql
     # fact -> key <- fact: per-key running aggregates looked up per first-hop row, no
     # join of each first-hop row to every earlier row of its key
@@ -694,14 +694,16 @@ def test_fact_key_fact_of_other_shapes_joins_rows():
     assert_same_targets(got, brute_force(frames, schema, defs, "customers", ts, DELTA), defs)
 
 
-@pytest.mark.parametrize("pandas_rows", [10**9, 0])
-def test_fact_key_fact_spread_far_from_zero(monkeypatch, pandas_rows):
+@pytest.mark.parametrize("how", ["one bucket", "buckets", "sql windows"])
+def test_fact_key_fact_spread_far_from_zero(monkeypatch, how):
     """A std of values far from 0 (1e9 + small) still matches the brute force, and equal
-    values give exactly 0: running aggregates accumulated by pandas (small tables) and by
-    DuckDB's windows (tables past ``_PANDAS_RUNNING_ROWS``) alike."""
+    values give exactly 0: running aggregates accumulated by pandas (keys in one bucket or
+    in several) and by the query's own SQL windows (what ``--show-sql`` prints) alike."""
+    import duckdb
+
     import tve_pipeline.targets as targets
 
-    monkeypatch.setattr(targets, "_PANDAS_RUNNING_ROWS", pandas_rows)
+    monkeypatch.setattr(targets, "_PANDAS_RUNNING_ROWS", 3 if how == "buckets" else 10**9)
     frames = _fixed_shop()
     frames["orders"]["amount"] = 1e9 + frames["orders"]["amount"].where(
         frames["orders"]["product_id"] != 0, 3.0
@@ -714,6 +716,14 @@ def test_fact_key_fact_spread_far_from_zero(monkeypatch, pandas_rows):
     )
     defs = [TargetDef(f"x__{a}", "customers", path, "amount", a) for a in ("std", "mean", "sum")]
     ts = [BASE + pd.Timedelta(days=d) for d in range(6)]
-    got = compute_targets(TargetQuery(frames, schema, defs, "customers", ts, DELTA))
+    if how == "sql windows":
+        con = duckdb.connect()
+        for name, frame in frames.items():
+            con.register(name, frame)
+        con.register("timestamps", pd.DataFrame({"timestamp": pd.to_datetime(ts)}))
+        got = con.sql(targets_sql(schema, defs, "customers", DELTA)).df()
+        got["inactive"] = got["inactive"].astype("int64")  # compute_targets' type
+    else:
+        got = compute_targets(TargetQuery(frames, schema, defs, "customers", ts, DELTA))
     assert_same_targets(got, brute_force(frames, schema, defs, "customers", ts, DELTA), defs)
     assert (got["x__std"] == 0.0).any()

@@ -237,8 +237,9 @@ class _Cte(NamedTuple):
     name: str
     comment: str
     body: str
-    #: reads no seed time (per-key running aggregates): can be computed once for all groups
-    seed_free: bool = False
+    #: computed once per query, as a table, before the groups of seed times: it reads no seed
+    #: time (per-key running aggregates) or all of them (their lookups), never a group's
+    once: bool = False
     #: of a ``run_<j>``: the per (key, time) aggregates that ``body`` accumulates per key
     per_time: str | None = None
 
@@ -354,7 +355,7 @@ def targets_sql(
     )
 
 
-def _split_seed_free(
+def _split_once(
     schema_tables: Mapping[str, TableSpecLike],
     defs: Sequence[TargetDef],
     entity_table: str,
@@ -377,8 +378,8 @@ def _split_seed_free(
         dense,
         running_aggregates,
     )
-    tables = [cte for cte in ctes if cte.seed_free]
-    return tables, _with_query([cte for cte in ctes if not cte.seed_free], final, from_lines)
+    tables = [cte for cte in ctes if cte.once]
+    return tables, _with_query([cte for cte in ctes if not cte.once], final, from_lines)
 
 
 def _targets_ctes(
@@ -412,8 +413,11 @@ def _targets_ctes(
         output_of.update(
             {d.name: f"a{j}" for d in plan.defs_of(p) if d.aggregation not in _VALUE_AGGREGATIONS}
         )
-        for k, column in enumerate(_running_value_columns(plan, p), 1):
-            ctes += _running_value_ctes(plan, p, k, column)
+        value_columns = _running_value_columns(plan, p)
+        if value_columns:
+            ctes.append(_hops_cte(plan, p))
+        for k, column in enumerate(value_columns, 1):
+            ctes += _running_mode_ctes(plan, p, k, column)
             joins.append((ctes[-1].name, f"m{j}_{k}"))
             output_of.update({d.name: f"m{j}_{k}" for d in _value_defs(plan, p, column)})
     for group in _aggregation_groups(plan, joined):
@@ -636,7 +640,45 @@ def _running_ctes(plan: _QueryPlan, p: tuple[Hop, ...]) -> list[_Cte]:
     lookup per first-hop row, not one output row per (first-hop row, earlier ``F'`` row).
     """
     stats = _RunningStats.of(plan, p)
-    return [_run_cte(plan, p, stats), _running_agg_cte(plan, p, stats)]
+    ctes = [_run_cte(plan, p, stats)]
+    for k, column in enumerate(_running_value_columns(plan, p), 1):
+        ctes += _running_value_ctes(plan, p, k, column)
+    return ctes + [_at_cte(plan, p, stats), _running_agg_cte(plan, p, stats)]
+
+
+def _at_cte(plan: _QueryPlan, p: tuple[Hop, ...], stats: _RunningStats) -> _Cte:
+    """``at_<j>``: the running statistics of ``run_<j>`` and the running mode and distinct
+    count of each ``best_<j>_<k>`` at every (key, time) of a first-hop row in any seed
+    time's window: one ASOF lookup per distinct (key, time), done once for all groups of
+    seed times (each group's query finds its rows by equality)."""
+    j, hop1 = plan.path_number(p), p[0]
+    windows = _all_windows(plan, p).replace("\n", "\n                ")
+    items = [('k."tve.key"', None), ('k."tve.time"', None), ('r."tve.rows"', None)]
+    items += [(f"r.{stats.name(c, s)}", None) for c, s in stats.pairs]
+    joins = [
+        f"  ASOF JOIN {plan.prefix}run_{j} AS r\n"
+        f'    ON r."tve.key" = k."tve.key" AND k."tve.time" >= r."tve.time"\n'
+    ]
+    for k, _ in enumerate(_running_value_columns(plan, p), 1):
+        items += [
+            (f'b{k}."value"', quote(f"tve.mode_{k}")),
+            (f'b{k}."distinct"', quote(f"tve.distinct_{k}")),
+        ]
+        joins.append(
+            f"  ASOF LEFT JOIN {plan.prefix}best_{j}_{k} AS b{k}\n"
+            f'    ON b{k}."tve.key" = k."tve.key" AND k."tve.time" >= b{k}."tve.time"\n'
+        )
+    return _Cte(
+        f"{plan.prefix}at_{j}",
+        f"{_describe(plan.entity_table, p)}: running aggregates at each first-hop (key, time)",
+        f"SELECT {_select(items, '         ')}\n"
+        f'  FROM (SELECT DISTINCT {quote(p[1].via)} AS "tve.key",'
+        f' {quote(plan.hop1_time(hop1))} AS "tve.time"\n'
+        f"          FROM ({windows})\n"
+        f"         WHERE {quote(p[1].via)} IS NOT NULL)"
+        " AS k\n" + "".join(joins).rstrip(),
+        once=True,
+    )
 
 
 @dataclass(frozen=True)
@@ -716,7 +758,7 @@ def _run_cte(plan: _QueryPlan, p: tuple[Hop, ...], stats: _RunningStats) -> _Cte
         f"SELECT {_select(outer, '         ')}\n"
         f"  FROM ({per_time_sql})\n"
         f'  WINDOW w AS (PARTITION BY "tve.key" ORDER BY "tve.time" ROWS UNBOUNDED PRECEDING)',
-        seed_free=True,
+        once=True,
         per_time=per_time_sql,
     )
 
@@ -740,8 +782,8 @@ def _running_agg_cte(plan: _QueryPlan, p: tuple[Hop, ...], stats: _RunningStats)
         f"SELECT {_select(final, '         ')}\n"
         f"  FROM (SELECT {_select(combine, '               ')}\n"
         f"          FROM {plan.window_of(hop1)} AS w\n"
-        f"          ASOF JOIN {plan.prefix}run_{j} AS r\n"
-        f'            ON r."tve.key" = w.{quote(p[1].via)} AND {time1} >= r."tve.time"\n'
+        f"          JOIN {plan.prefix}at_{j} AS r\n"
+        f'            ON r."tve.key" = w.{quote(p[1].via)} AND r."tve.time" = {time1}\n'
         f"         GROUP BY 1, 2)",
     )
 
@@ -772,42 +814,128 @@ def _running_value_columns(plan: _QueryPlan, p: tuple[Hop, ...]) -> list[str]:
     )
 
 
+def _all_windows(plan: _QueryPlan, p: tuple[Hop, ...]) -> str:
+    """The first-hop rows of ``E <- F -> K <- F'`` in the window of every seed time (the
+    columns a ``window_<i>`` keeps of them), for the tables computed once per query."""
+    hop1 = p[0]
+    time, t = f"f.{quote(plan.hop1_time(hop1))}", f"ts.{quote(TIMESTAMP)}"
+    columns = ", ".join(
+        f"f.{quote(c)}" for c in dict.fromkeys((hop1.via, p[1].via, plan.hop1_time(hop1)))
+    )
+    return (
+        f"SELECT {t} AS {_SEED_TIME}, {columns}\n"
+        f"  FROM {plan.seed_times} AS ts\n"
+        f"  JOIN {quote(hop1.table)} AS f\n"
+        f"    ON {time} >  {t}\n"
+        f"   AND {time} <= {t} + {plan.next_window}\n"
+        f"  WHERE f.{quote(hop1.via)} IS NOT NULL"
+    )
+
+
+def _hops_sql(plan: _QueryPlan, p: tuple[Hop, ...], rows: str) -> str:
+    """Of first-hop rows (``rows``: a window), the number per (seed time, entity, key, time)
+    and the number of (key, time) of their (seed time, entity)."""
+    hop1 = p[0]
+    return (
+        f'SELECT {_SEED_TIME}, {_ENTITY}, "tve.key", "tve.time", "n",\n'
+        f'       count(*) OVER (PARTITION BY {_SEED_TIME}, {_ENTITY}) AS "keys"\n'
+        f"  FROM (SELECT {_SEED_TIME}, {quote(hop1.via)} AS {_ENTITY},"
+        f' {quote(p[1].via)} AS "tve.key",\n'
+        f'               {quote(plan.hop1_time(hop1))} AS "tve.time", count(*) AS "n"\n'
+        f"          FROM {rows}\n"
+        f"         GROUP BY 1, 2, 3, 4)"
+    )
+
+
+def _hops_cte(plan: _QueryPlan, p: tuple[Hop, ...]) -> _Cte:
+    """``hops_<j>`` of ``E <- F -> K <- F'``: :func:`_hops_sql` of the group's window."""
+    return _Cte(
+        f"{plan.prefix}hops_{plan.path_number(p)}",
+        f"{_describe(plan.entity_table, p)}: first-hop rows per (key, time) of each pair,"
+        " and the pair's number of (key, time)",
+        _hops_sql(plan, p, plan.window_of(p[0])).replace("\n", "\n  "),
+    )
+
+
 def _running_value_ctes(plan: _QueryPlan, p: tuple[Hop, ...], k: int, column: str) -> list[_Cte]:
-    """``counts_<j>_<k>`` and ``mode_<j>_<k>`` of ``E <- F -> K <- F'``: the mode and
-    distinct count of one column, exactly, from per (key, value) running counts.
+    """``counts_<j>_<k>``, ``ranks_<j>_<k>`` and ``best_<j>_<k>`` of ``E <- F -> K <- F'``:
+    what the mode and distinct count of one column (:func:`_running_mode_ctes`) read.
 
     A value is among the rows reached from a first-hop row (key ``k``, time τ) when its
     first row with key ``k`` is no later than τ; it is reached as many times as its running
-    count with key ``k`` at τ (an ASOF join on (key, value)). First-hop rows with the same
-    (seed time, entity, key, time) are looked up once and weighted by their number. The
-    cost grows with the distinct values per key, not with the rows per key.
+    count with key ``k`` at τ. ``counts`` holds those running counts per (key, value, time).
+
+    Most (seed time, entity) pairs reach ``F'`` from one (key, time τ) only (however many
+    first-hop rows share it: the same multiset, repeated). Their mode is the key's running
+    mode at τ and their distinct count the key's running distinct count: ``best`` holds
+    both per (key, time), a running maximum of (count, -rank of the value) over the key's
+    ``counts`` rows, which is the value with the largest count at τ, ties to the smallest
+    (a value's count only grows), and a running count of first rows; ``at_<j>`` looks them
+    up once per first-hop (key, time). Pairs with several (key, time) add up the counts of
+    every value reached from each (an ASOF join on (key, value)): the cost grows with their
+    distinct values per key.
     """
-    j, hop1, defs = plan.path_number(p), p[0], _value_defs(plan, p, column)
+    j = plan.path_number(p)
     from_rows, where, key_time = _key_rows(plan, p)
     col = f"g.{quote(column)}"
     counts = _Cte(
         f"{plan.prefix}counts_{j}_{k}",
         f"{_describe(plan.entity_table, p)}, column {column}: running count per key and value",
         f'SELECT "tve.key", "value", "tve.time",\n'
-        f'         CAST(sum("n") OVER (PARTITION BY "tve.key", "value" ORDER BY "tve.time"\n'
-        f'                             ROWS UNBOUNDED PRECEDING) AS BIGINT) AS "n"\n'
+        f'         CAST(sum("n") OVER w AS BIGINT) AS "n", row_number() OVER w = 1 AS "new"\n'
         f'  FROM (SELECT {key_time}, {col} AS "value", count(*) AS "n"\n'
         f"          FROM {from_rows}\n"
         f"         WHERE {where} AND {col} IS NOT NULL\n"
-        f"         GROUP BY 1, 2, 3)",
-        seed_free=True,
+        f"         GROUP BY 1, 2, 3)\n"
+        f'  WINDOW w AS (PARTITION BY "tve.key", "value" ORDER BY "tve.time"\n'
+        f"               ROWS UNBOUNDED PRECEDING)",
+        once=True,
     )
-    hop_rows = (
-        f"SELECT {_SEED_TIME}, {quote(hop1.via)} AS {_ENTITY},"
-        f' {quote(p[1].via)} AS "tve.key", {quote(plan.hop1_time(hop1))} AS "tve.time",'
-        f' count(*) AS "n"\n'
-        f"                    FROM {plan.window_of(hop1)} GROUP BY 1, 2, 3, 4"
+    ranks = _Cte(
+        f"{plan.prefix}ranks_{j}_{k}",
+        f"{_describe(plan.entity_table, p)}, column {column}: the values in order",
+        f'SELECT "value", dense_rank() OVER (ORDER BY "value") AS "rank",\n'
+        f'         count(*) OVER () AS "size"\n'
+        f'  FROM (SELECT DISTINCT "value" FROM {counts.name})',
+        once=True,
     )
-    firsts = (
-        f'SELECT "tve.key", "value", min("tve.time") AS "tve.time" FROM {counts.name} GROUP BY 1, 2'
+    # a (key, time)'s best value: most rows, then smallest, as one number that max() orders
+    score = 'c."n" * r."size" + r."size" - r."rank"'
+    best = _Cte(
+        f"{plan.prefix}best_{j}_{k}",
+        f"{_describe(plan.entity_table, p)}, column {column}: running mode and distinct"
+        " count per key",
+        f'SELECT b."tve.key", b."tve.time", v."value", b."distinct"\n'
+        f'  FROM (SELECT "tve.key", "tve.time", "size", max("score") OVER w AS "score",\n'
+        f'               CAST(sum("new") OVER w AS BIGINT) AS "distinct"\n'
+        f'          FROM (SELECT c."tve.key", c."tve.time", max({score}) AS "score",\n'
+        f'                       any_value(r."size") AS "size",\n'
+        f'                       count(*) FILTER (WHERE c."new") AS "new"\n'
+        f"                  FROM {counts.name} AS c\n"
+        f'                  JOIN {ranks.name} AS r ON r."value" = c."value"\n'
+        f"                 GROUP BY 1, 2)\n"
+        f'        WINDOW w AS (PARTITION BY "tve.key" ORDER BY "tve.time"\n'
+        f"                     ROWS UNBOUNDED PRECEDING)) AS b\n"
+        f'  JOIN {ranks.name} AS v ON v."rank" = b."size" - b."score" % b."size"',
+        once=True,
     )
+    return [counts, ranks, best]
+
+
+def _running_mode_ctes(plan: _QueryPlan, p: tuple[Hop, ...], k: int, column: str) -> list[_Cte]:
+    """``several_<j>_<k>`` and ``mode_<j>_<k>``: per (seed time, entity), the mode and
+    distinct count of the ``k``-th value column of ``E <- F -> K <- F'`` (see
+    :func:`_running_value_ctes`). Pairs with one first-hop (key, time) read them off
+    ``at_<j>``; pairs with several sum the counts of every value reached from each
+    (``several``, computed once for all seed times: its ASOF join sorts all of
+    ``counts_<j>_<k>``)."""
+    j, defs = plan.path_number(p), _value_defs(plan, p, column)
+    counts = f"{plan.prefix}counts_{j}_{k}"
+    windows = _all_windows(plan, p).replace("\n", "\n" + " " * 16)
+    hops = _hops_sql(plan, p, f"({windows})").replace("\n", "\n" + " " * 16)
+    firsts = f'SELECT "tve.key", "value", "tve.time" FROM {counts} WHERE "new"'
     reached = (
-        f"          FROM ({hop_rows}) AS h\n"
+        f"          FROM ({hops}) AS h\n"
         f"          JOIN ({firsts}) AS f\n"
         f'            ON f."tve.key" = h."tve.key" AND f."tve.time" <= h."tve.time"\n'
     )
@@ -815,29 +943,50 @@ def _running_value_ctes(plan: _QueryPlan, p: tuple[Hop, ...], k: int, column: st
         values = (
             f'SELECT h.{_SEED_TIME}, h.{_ENTITY}, f."value", sum(h."n" * c."n") AS "n"\n'
             + reached
-            + f"          ASOF JOIN {counts.name} AS c\n"
+            + f"          ASOF JOIN {counts} AS c\n"
             f'            ON c."tve.key" = f."tve.key" AND c."value" = f."value"\n'
             f'           AND h."tve.time" >= c."tve.time"\n'
+            f'         WHERE h."keys" > 1\n'
             f"         GROUP BY 1, 2, 3"
         )
     else:
-        values = f'SELECT DISTINCT h.{_SEED_TIME}, h.{_ENTITY}, f."value"\n' + reached.rstrip()
-    items: list[tuple[str, str | None]] = [(_SEED_TIME, None), (_ENTITY, None)]
+        values = (
+            f'SELECT DISTINCT h.{_SEED_TIME}, h.{_ENTITY}, f."value"\n'
+            + reached
+            + '         WHERE h."keys" > 1'
+        )
+    single: list[tuple[str, str | None]] = [(f"h.{_SEED_TIME}", None), (f"h.{_ENTITY}", None)]
+    several: list[tuple[str, str | None]] = [(_SEED_TIME, None), (_ENTITY, None)]
     for d in defs:
         if d.aggregation == "mode":
-            items.append(('first("value" ORDER BY "n" DESC, "value" ASC)', quote(d.name)))
+            single.append((f"b.{quote(f'tve.mode_{k}')}", quote(d.name)))
+            several.append(('first("value" ORDER BY "n" DESC, "value" ASC)', quote(d.name)))
         else:
-            items.append(("count(*)", quote(d.name)))
+            single.append((f"b.{quote(f'tve.distinct_{k}')}", quote(d.name)))
+            several.append(("count(*)", quote(d.name)))
     what = " and ".join(
         "most frequent value (ties -> smallest)" if d.aggregation == "mode" else "distinct values"
         for d in defs
     )
+    several_cte = _Cte(
+        f"{plan.prefix}several_{j}_{k}",
+        f"{_describe(plan.entity_table, p)}, column {column}: {what} of the pairs with several"
+        " first-hop (key, time), every seed time",
+        f"SELECT {_select(several, '         ')}\n  FROM ({values})\n  GROUP BY 1, 2",
+        once=True,
+    )
     mode = _Cte(
         f"{plan.prefix}mode_{j}_{k}",
         f"{_describe(plan.entity_table, p)}, column {column}: {what}",
-        f"SELECT {_select(items, '         ')}\n  FROM ({values})\n  GROUP BY 1, 2",
+        f"SELECT {_select(single, '         ')}\n"
+        f'  FROM (SELECT * FROM {plan.prefix}hops_{j} WHERE "keys" = 1) AS h\n'
+        f"  JOIN {plan.prefix}at_{j} AS b\n"
+        f'    ON b."tve.key" = h."tve.key" AND b."tve.time" = h."tve.time"\n'
+        f"UNION ALL\n"
+        f"SELECT * FROM {several_cte.name}\n"
+        f" WHERE {_SEED_TIME} IN (SELECT {quote(TIMESTAMP)} FROM {plan.seed_times})",
     )
-    return [counts, mode]
+    return [several_cte, mode]
 
 
 def _aggregation_groups(plan: _QueryPlan, later_in: list[tuple[Hop, ...]]) -> list[_Group]:
@@ -1320,29 +1469,45 @@ def _prefetch(con, sql: str, relation: str, chunks: list[pd.DataFrame], depth: i
         thread.join()
 
 
-#: Up to this many rows of the table a ``run_<j>`` accumulates, pandas does it in memory
-#: (~15 columns of 8 bytes: ~250 MB); beyond, DuckDB's windows do, under its memory limit.
+#: The per (key, time) rows of a ``run_<j>`` are accumulated in pandas this many at a time
+#: at most (~15 columns of 8 bytes: ~250 MB), keys split into buckets by hash.
 _PANDAS_RUNNING_ROWS = 2_000_000
 
 
-def _fits_pandas(con, per_time_sql: str) -> bool:
-    """Whether the table that ``per_time_sql`` groups (``FROM "F'" AS g``) is small enough
-    for :func:`_accumulate_per_key` (its row count: parquet metadata, no scan)."""
-    source = re.search(r"FROM (\"(?:[^\"]|\"\")*\") AS g", per_time_sql).group(1)
-    return con.execute(f"SELECT count(*) FROM {source}").fetchall()[0][0] <= _PANDAS_RUNNING_ROWS
+def _create_running_table(con, table: _Cte) -> None:
+    """Create a ``run_<j>`` table in DuckDB without SQL window functions: the per (key, time)
+    aggregates (``table.per_time``) of one bucket of keys at a time, in (key, time) order,
+    accumulated per key with pandas' grouped ``cumsum`` / ``cummin`` / ``cummax`` (what the
+    CTE's windows compute, several times faster) and appended to the table, which DuckDB
+    keeps under its memory limit. Enough buckets that each holds about
+    ``_PANDAS_RUNNING_ROWS`` rows of the fact table (its row count: parquet metadata, no
+    scan)."""
+    source = re.search(r"FROM (\"(?:[^\"]|\"\")*\") AS g", table.per_time).group(1)
+    rows = con.execute(f"SELECT count(*) FROM {source}").fetchall()[0][0]
+    buckets = max(1, -(-rows // _PANDAS_RUNNING_ROWS))
+    for b in range(buckets):
+        where = f'WHERE hash("tve.key") % {buckets} = {b}\n ' if buckets > 1 else ""
+        chunk = _accumulate_per_key(
+            con.sql(f"SELECT * FROM ({table.per_time})\n {where}ORDER BY 1, 2")
+        )
+        con.register("tve_chunk", chunk)
+        if b == 0:
+            con.execute(f"CREATE TEMP TABLE {table.name} AS SELECT * FROM tve_chunk")
+        else:
+            con.execute(f"INSERT INTO {table.name} SELECT * FROM tve_chunk")
+        con.unregister("tve_chunk")
+        del chunk
 
 
-def _accumulate_per_key(con, per_time_sql: str):
-    """A ``run_<j>`` table without SQL window functions: the per (key, time) aggregates in
-    (key, time) order, each accumulated per key with pandas' grouped ``cumsum`` /
-    ``cummin`` / ``cummax`` (what the CTE's windows compute, several times faster; a value
-    missing at a time keeps the key's running value so far, and a running sum over no
-    value, 0 here and null in the CTE, is never read: the targets read it only when the
-    key's count is positive)."""
+def _accumulate_per_key(relation):
+    """The rows of ``relation`` (key, time, per-time aggregates; in (key, time) order) with
+    each aggregate accumulated per key: a value missing at a time keeps the key's running
+    value so far, and a running sum over no value, 0 here and null in the CTE, is never
+    read (the targets read it only when the key's count is positive)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    table = _arrow_table(con.sql(f"{per_time_sql}\n ORDER BY 1, 2"))
+    table = _arrow_table(relation)
     key, rows = table.column(0).combine_chunks(), table.num_rows
     starts = np.ones(rows, dtype=bool)
     if rows > 1:
@@ -1419,7 +1584,7 @@ def iter_targets(query: TargetQuery, *, slice_rows: int = DEFAULT_SLICE_ROWS) ->
         raise ValueError(f"slice_rows must be positive, got {slice_rows}")
     seed_times = _seed_times_frame(query.timestamps)
     relation = "timestamps" if "timestamps" not in query.schema_tables else "tve.timestamps"
-    tables, sql = _split_seed_free(
+    tables, sql = _split_once(
         query.schema_tables,
         defs,
         entity_table,
@@ -1438,11 +1603,14 @@ def iter_targets(query: TargetQuery, *, slice_rows: int = DEFAULT_SLICE_ROWS) ->
     with _connection(query, used, seed_times, relation) as con:
         _check_inputs(con, query.tables, defs, used)
         entities = _entity_keys(con, query.schema_tables, entity_table)
-        for table in tables:  # read by every group's query: computed once
-            if table.per_time is not None and _fits_pandas(con, table.per_time):
-                con.register(table.name, _accumulate_per_key(con, table.per_time))
-            else:  # SQL windows, under DuckDB's memory limit (spilling beyond it)
+        for table in tables:  # read by every group's query: computed once, in DuckDB
+            if table.per_time is not None:
+                _create_running_table(con, table)
+            else:
                 con.execute(f"CREATE TEMP TABLE {table.name} AS {table.body}")
+        for table in tables:  # only read to make the others (``run_<j>``: by ``at_<j>``)
+            if not re.search(rf"\b{re.escape(table.name)}\b", sql):
+                con.execute(f"DROP TABLE {table.name}")
         pkey = query.schema_tables[entity_table].pkey
         # no seed time: still one query, for the schema
         groups = _chunks(seed_times, query.seeds_per_query) or [seed_times]
