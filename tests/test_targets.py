@@ -243,7 +243,7 @@ def shop_column_types(names: dict[str, str] | None = None) -> dict[str, dict[str
 
 
 @st.composite
-def shop_databases(draw):
+def shop_databases(draw, orders: tuple[int, int] = (0, 12)):
     customer_time = draw(st.booleans())
     n_customers = draw(st.integers(1, 4))
     n_products = draw(st.integers(1, 3))
@@ -267,7 +267,7 @@ def shop_databases(draw):
             "label": [f"p{i}" for i in range(n_products)],
         }
     )
-    n_orders = draw(st.integers(0, 12))
+    n_orders = draw(st.integers(*orders))
     key = lambda n: st.one_of(st.none(), st.integers(0, n))  # noqa: E731  (n itself dangles)
     order_days = [draw(st.one_of(DAYS, st.just(None))) for _ in range(n_orders)]
     orders = pd.DataFrame(
@@ -314,6 +314,58 @@ def test_targets_match_brute_force(db, entity, hops, running):
     got = compute_targets(replace(query, running_aggregates=running))
     want = brute_force(frames, schema, defs, entity, timestamps, DELTA)
     assert_same_targets(got, want, defs)
+
+
+@FAST
+@given(
+    db=shop_databases(orders=(10, 40)),
+    entity=st.sampled_from(["customers", "products"]),
+    seeds=st.lists(st.integers(-1, 9), min_size=1, max_size=4),
+)
+def test_fact_key_fact_paths_match_brute_force(db, entity, seeds):
+    """fact->key<-fact paths alone, on databases with enough orders that many (seed time,
+    entity) pairs reach the key side from one (key, time) and many from several: the two
+    ways modes and distinct counts are computed."""
+    customer_time, frames, _ = db
+    timestamps = [BASE + pd.Timedelta(days=d) for d in seeds]
+    schema = shop_schema(customer_time)
+    defs = [
+        d
+        for d in build_traversal_graph(schema, shop_column_types(), entity, hops=2)
+        if len(d.path) == 3 and d.path[2].direction == "in"
+    ]
+    got = compute_targets(TargetQuery(frames, schema, defs, entity, timestamps, DELTA))
+    assert_same_targets(got, brute_force(frames, schema, defs, entity, timestamps, DELTA), defs)
+
+
+def test_fact_key_fact_mode_over_several_keys():
+    """A customer whose window orders reach two products: the mode is of the summed counts
+    (y: 2 + 0, x: 1 + 0, z: 0 + 1 -> y, not the smallest value x), hand-computed."""
+    t = lambda d: BASE + pd.Timedelta(days=d)  # noqa: E731
+    frames = _fixed_shop()
+    frames["orders"] = pd.DataFrame(
+        {
+            "order_id": range(6),
+            "time": [t(0), t(0), t(0), t(0), t(2), t(3)],
+            "customer_id": [1, 1, 1, 2, 0, 0],
+            "product_id": [0, 0, 0, 1, 0, 1],
+            "amount": [1.0] * 6,
+            "status": ["y", "y", "x", "z", None, None],
+        }
+    )
+    schema = shop_schema(True)
+    path = (
+        Hop("orders", "customer_id", "in"),
+        Hop("products", "product_id", "out"),
+        Hop("orders", "product_id", "in"),
+    )
+    defs = [
+        TargetDef(f"x__{a}", "customers", path, "status", a) for a in ("mode", "count_distinct")
+    ]
+    got = compute_targets(TargetQuery(frames, schema, defs, "customers", [t(1)], DELTA))
+    assert_same_targets(got, brute_force(frames, schema, defs, "customers", [t(1)], DELTA), defs)
+    row = got.set_index("customer_id").loc[0]
+    assert row["x__mode"] == "y" and row["x__count_distinct"] == 3
 
 
 def _fixed_shop():
