@@ -48,26 +48,27 @@ from tve_pipeline.windows import window_seed_time
 WARN = dg.AssetCheckSeverity.WARN
 
 
-def _result(verdict: quality.Verdict, severity=dg.AssetCheckSeverity.ERROR, **kw):
+def _result(verdict: quality.Verdict, severity=dg.AssetCheckSeverity.ERROR):
     return dg.AssetCheckResult(
         passed=verdict.passed,
         description=verdict.description,
         metadata=_metadata(verdict.metadata),
         severity=severity,
-        **kw,
     )
 
 
 def _metadata(values: dict) -> dict:
-    """Plain values as they are; dicts, lists and None as JSON (what the UI shows)."""
-    return {
-        k: dg.MetadataValue.json(v)
-        if isinstance(v, (dict, list)) or v is None
-        else dg.MetadataValue.md(v)
-        if k == "report"
-        else v
-        for k, v in values.items()
-    }
+    """A verdict's numbers as the UI shows them: dicts, lists and None as JSON, the
+    validation report as Markdown, numbers and text as they are."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, (dict, list)) or value is None:
+            out[key] = dg.MetadataValue.json(value)
+        elif key == "report":
+            out[key] = dg.MetadataValue.md(value)
+        else:
+            out[key] = value
+    return out
 
 
 def _materialisation(instance, key: dg.AssetKey, partition: str):

@@ -157,7 +157,8 @@ def leakage_verdict(
             amount = f", by {worst.by:.6g}" if worst.by is not None else ""
             failures.append(
                 f"{entity}: {len(differences)} values of {len(sample)} sampled rows differ from "
-                f"the recomputation from ({t}, {t + delta}] in {len(by_target)} targets "
+                f"the recomputation from ({t}, {t + delta}] in {len(by_target)} "
+                f"target{'s' if len(by_target) > 1 else ''} "
                 f"({_shown(list(by_target))}); e.g. {worst.target} of {key} {worst.entity}: "
                 f"file {worst.got!r}, recomputed {worst.want!r}{amount}"
             )
