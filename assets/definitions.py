@@ -19,7 +19,13 @@ from assets.registry import Database, registered_databases
 from assets.sensors import build_growth_sensor, build_targets_job
 from assets.target_assets import TaskVectorFiles, build_target_assets
 from assets.training_assets import build_training_assets
-from resources import DeviceResource, MLflowTracking, RecipeResource, TVEStorage
+from resources import (
+    AtomicFilesystemIOManager,
+    DeviceResource,
+    MLflowTracking,
+    RecipeResource,
+    TVEStorage,
+)
 
 # Data versions and single-run backfills are marked beta/preview; they are what we rely on.
 for _category in ("BetaWarning", "PreviewWarning", "SupersessionWarning"):
@@ -73,7 +79,8 @@ def build_resources(
             tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{run_dir}/mlflow.db"),
             artifact_location=(run_dir / "mlartifacts").as_uri(),
         ),
-        "io_manager": dg.FilesystemIOManager(base_dir=str(run_dir / "storage")),
+        # pickled asset values; Dagster's FilesystemIOManager writes them in place, not atomically
+        "io_manager": AtomicFilesystemIOManager(base_dir=str(run_dir / "storage")),
         "task_vector_files": TaskVectorFiles(run_dir=str(run_dir)),
     }
 

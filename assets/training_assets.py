@@ -10,7 +10,6 @@ so a changed recipe shows exactly those assets as stale.
 """
 
 import base64
-import os
 from pathlib import Path
 
 import dagster as dg
@@ -28,6 +27,7 @@ from assets.partitions import (
 from assets.registry import Database
 from resources import DeviceResource, MLflowTracking, RecipeResource, TVEStorage
 from tve_pipeline import evaluation, training
+from tve_pipeline.common import atomic_path
 from tve_pipeline.config import recipe_version
 from tve_pipeline.database import open_dataset
 from tve_pipeline.graph import graph_for
@@ -455,10 +455,8 @@ def write_results(out: Path, rows: pd.DataFrame, summary: pd.DataFrame) -> None:
     """summary.csv, cells.csv (every cell's metric), summary.md and the plots, each atomically."""
     out.mkdir(parents=True, exist_ok=True)
     for name, frame in (("summary.csv", summary), ("cells.csv", rows)):
-        tmp = out / f".{name}.tmp"
-        frame.to_csv(tmp, index=False)
-        os.replace(tmp, out / name)
-    tmp = out / ".summary.md.tmp"
-    tmp.write_text(markdown_table(summary) + "\n")
-    os.replace(tmp, out / "summary.md")
+        with atomic_path(out / name) as tmp:
+            frame.to_csv(tmp, index=False)
+    with atomic_path(out / "summary.md") as tmp:
+        tmp.write_text(markdown_table(summary) + "\n")
     plot_tasks(summary, out)

@@ -1,9 +1,14 @@
 """The shared helpers: atomic writes keep the old result on failure; one-line errors;
 naive timestamps; UTC offsets in timestamp strings."""
 
+import os
+import subprocess
+import sys
+
 import pandas as pd
 import pytest
 
+from tve_pipeline import common
 from tve_pipeline.common import atomic_path, error_summary, has_utc_offset, naive_timestamps
 
 
@@ -29,6 +34,27 @@ def test_atomic_path_moves_a_folder_into_place_whole(tmp_path):
         tmp.mkdir()
         raise ValueError
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+
+
+def test_atomic_path_removes_the_temporary_files_of_writers_that_are_gone(tmp_path):
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        text=True,
+        capture_output=True,
+        check=True,
+    )
+    dead_pid, host = int(gone.stdout), common._HOST
+    stale = tmp_path / f".a.txt.{host}.{dead_pid}.1.tmp"  # killed mid-write
+    kept = [
+        tmp_path / f".a.txt.{host}.{os.getpid()}.7.tmp",  # a live writer (this process)
+        tmp_path / f".a.txt.elsewhere.{dead_pid}.1.tmp",  # another host's: it may be alive
+        tmp_path / f".b.txt.{host}.{dead_pid}.1.tmp",  # another file's
+    ]
+    for path in (stale, *kept):
+        path.write_text("half")
+    with atomic_path(tmp_path / "a.txt") as tmp:
+        tmp.write_text("whole")
+    assert sorted(tmp_path.iterdir()) == sorted([tmp_path / "a.txt", *kept])
 
 
 def test_error_summary():

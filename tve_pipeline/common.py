@@ -3,7 +3,8 @@ naive timestamps, UTC offsets in timestamp strings.
 
 - :func:`atomic_path`: write a file or a folder beside its final place and move it there
   whole, so that a reader sees the old result or the new one, never half of one, and a
-  failure leaves the old one intact.
+  failure leaves the old one intact. A process killed mid-write leaves only its temporary
+  file, which the next write of the same path removes.
 - :func:`error_summary`: an exception as one line, for messages that name what failed.
 - :func:`naive_timestamps`: any column of times as naive ``datetime64[ns]`` (RelBench
   compares naive times; parquet and pandas hand back ``us`` or ``ns``).
@@ -14,9 +15,11 @@ naive timestamps, UTC offsets in timestamp strings.
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import shutil
+import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,18 +33,29 @@ UTC_OFFSET = r"(?:Z|[+-]\d{2}(?::?\d{2})?)"
 _CLOCK_TIME_THEN_OFFSET = re.compile(r"[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?\s*" + UTC_OFFSET + "$")
 
 
+# This host, as temporary file names carry it (without dots: "." separates the parts).
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary path beside ``path`` to write a file or a folder at; on success it
     replaces ``path`` (a file atomically; a folder by rename, when ``path`` does not exist
     yet), on failure it is removed and ``path`` stays as it was.
 
+    The temporary name says which host and process writes it
+    (``.<name>.<host>.<pid>.<thread>.tmp``): a process killed mid-write (SIGKILL, out of
+    memory) cannot remove its own, so each write first removes the ones of ``path`` left by
+    processes of this host that no longer exist (another host's, or a live writer's, are
+    left alone: they may still be writing).
+
     >>> with atomic_path(out / "summary.csv") as tmp:  # doctest: +SKIP
     ...     frame.to_csv(tmp)
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    _remove_stale_temps(final)
+    tmp = final.with_name(f".{final.name}.{_HOST}.{os.getpid()}.{threading.get_ident()}.tmp")
     _remove(tmp)
     try:
         yield tmp
@@ -49,6 +63,25 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         _remove(tmp)
         raise
+
+
+def _remove_stale_temps(final: Path) -> None:
+    """Remove the temporary files of ``final`` whose writer (a process of this host) is gone."""
+    name = re.compile(re.escape(f".{final.name}.{_HOST}.") + r"(\d+)\.\d+\.tmp")
+    for tmp in final.parent.glob(f".{glob.escape(final.name)}.{_HOST}.*.tmp"):
+        match = name.fullmatch(tmp.name)
+        if match and not _process_exists(int(match[1])):
+            _remove(tmp)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
 
 
 def _remove(path: Path) -> None:

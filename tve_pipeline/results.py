@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tve_pipeline.common import atomic_path
+
 SCRATCH = "scratch"
 KEYS = ["task", "method", "label_fraction", "split", "metric"]
 SUMMARY_COLUMNS = [
@@ -132,7 +134,8 @@ def plot_tasks(summary: pd.DataFrame, out_dir: Path, split: str = "test") -> lis
         ax.legend(fontsize=8)
         fig.tight_layout()
         path = out_dir / f"{task}.png"
-        fig.savefig(path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
         plt.close(fig)
         paths.append(path)
     return paths
