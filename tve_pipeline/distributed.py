@@ -10,7 +10,7 @@ back-propagates ``W x`` its share: the average is then the gradient of the globa
 
 What a slice's share is decides whether the split is exact. TVE's loss is a weighted mean
 over the batch (``sum w err / sum w``), so a slice's share is ``sum w err`` over its rows
-divided by the *global* ``sum w`` (:func:`tve_share` reads the weights of the whole global
+divided by the *global* ``sum w`` (``training._loss_share`` reads the weights of the whole global
 batch, which every rank knows); the sum of the shares is the single-process loss. MAE's
 per-cell means and CTR's in-batch negatives are not sums over seeds: under several
 processes they are each rank's own, weighted by its seed count (the usual data-parallel
@@ -38,10 +38,12 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class World:
-    """This process's place among the training processes: ``rank`` of ``size``."""
+    """This process's place among the training processes: ``rank`` of ``size``; ``group``
+    when it has joined a process group (training then goes through DDP, even alone)."""
 
     rank: int = 0
     size: int = 1
+    group: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -117,6 +119,7 @@ def start(
         if torch_device.type == "cuda":
             kwargs["device_id"] = torch_device
         dist.init_process_group(backend_for(torch_device), **kwargs)
+        return World(rank, size, group=True), torch_device
     return World(rank, size), torch_device
 
 

@@ -275,7 +275,7 @@ class _Step:
         self.batch_loss, self.world = batch_loss, world
         self.share = share or (lambda part, whole: len(part) / len(whole))
         self.ddp = None
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if world.group:
             from torch.nn.parallel import DistributedDataParallel
 
             # Not every parameter meets every batch (a node type absent from a rank's
