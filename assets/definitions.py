@@ -74,6 +74,7 @@ def build_resources(
         "device": DeviceResource(
             device=os.environ.get("TVE_DEVICE", device),
             threads=int(os.environ.get("TVE_THREADS", "0")),
+            processes=int(os.environ.get("TVE_PROCESSES", "1")),
         ),
         "mlflow": MLflowTracking(
             tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{run_dir}/mlflow.db"),

@@ -10,10 +10,15 @@ so a changed recipe shows exactly those assets as stale.
 """
 
 import base64
+import json
+import os
+import sys
+import tempfile
 from pathlib import Path
 
 import dagster as dg
 import pandas as pd
+from dagster._core.errors import DagsterPipesExecutionError
 
 from assets.failures import failure
 from assets.partitions import (
@@ -107,6 +112,101 @@ def _pretrain_one(
         raise failure(exc) from exc
 
 
+def _pretrain_params(objective: str, recipe) -> dict:
+    """What a pre-training run logs to MLflow as its parameters."""
+    return {
+        "objective": objective,
+        "profile": recipe.profile,
+        **{f"pretrain.{k}": v for k, v in recipe.pretrain.model_dump().items()},
+        **{f"backbone.{k}": v for k, v in recipe.backbone.model_dump().items()},
+    }
+
+
+def _pretrain_with_torchrun(
+    context, checkpoint: dict, raw_tables, traversal_graph, files, storage, device, mlflow
+) -> dg.Output:
+    """``pretrained_checkpoint`` on ``device.processes`` processes: ``torchrun`` launched
+    through Dagster Pipes (``assets.pretrain_worker``; rank 0 streams its log lines and the
+    metadata back), one model trained with DistributedDataParallel. The checkpoint and its
+    metadata are those of the in-process path, plus ``processes``, ``backend``, ``seconds``."""
+    import torch
+
+    from tve_pipeline.config import Recipe
+
+    recipe = Recipe.model_validate(checkpoint["recipe"])
+    objective, database = checkpoint["objective"], raw_tables.name
+    processes, kind = device.processes, device.launch_device()
+
+    def checkpoint_file(entity: str) -> Path:
+        return storage.checkpoint_file("pretrained_checkpoint", database, f"{objective}-{entity}")
+
+    tables = open_dataset(raw_tables.dataset_dir).manifest.tables
+    home = checkpoint_file("_").parent
+    home.mkdir(parents=True, exist_ok=True)
+    with (
+        tempfile.TemporaryDirectory(prefix=f".torchrun-{objective}-", dir=home) as launch,
+        mlflow.run(context, f"pretrain {objective}", database=database) as run,
+    ):
+        spec = {
+            "dataset_dir": str(raw_tables.dataset_dir),
+            "column_types": raw_tables.column_types,
+            "graph_cache": str(storage.graph_cache(database, raw_tables.fingerprint)),
+            "recipe": checkpoint["recipe"],
+            "objective": objective,
+            "device": kind,
+            "threads": device.threads,
+            # a checkpoint of another number of processes holds other generators' states
+            "checkpoint_key": f"{raw_tables.fingerprint}:{recipe.model_dump_json()}:"
+            f"processes={processes}",
+            "entities": [
+                {
+                    "entity": entity,
+                    "entity_col": tables[entity].pkey,
+                    "aggregations": {d["name"]: d["aggregation"] for d in defs},
+                    "files": [str(f) for f in files[entity]],
+                    "checkpoint": str(checkpoint_file(entity)),
+                }
+                for entity, defs in traversal_graph.items()
+            ],
+            "out": str(Path(launch) / "result.pt"),
+        }
+        spec_file = Path(launch) / "spec.json"
+        spec_file.write_text(json.dumps(spec))
+        run.log_params({**_pretrain_params(objective, recipe), "processes": processes})
+        context.log.info(f"pre-training {objective} on {processes} {kind} processes (torchrun)")
+        # the worker imports this project's code, wherever the parent found it
+        root = str(Path(__file__).resolve().parents[1])
+        path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        command += [f"--nproc-per-node={processes}", "-m", "assets.pretrain_worker", str(spec_file)]
+        try:
+            invocation = dg.PipesSubprocessClient(env={"PYTHONPATH": path}).run(
+                context=context, command=command
+            )
+        except DagsterPipesExecutionError as exc:
+            raise failure(
+                f"pre-training {objective} on {processes} processes failed: {exc} "
+                "(the ranks' tracebacks are in the run's stderr)"
+            ) from exc
+        reported = invocation.get_materialize_result().metadata or {}
+        result = torch.load(spec["out"], map_location="cpu", weights_only=False)
+        checkpoint["by_entity"] = result["by_entity"]
+        checkpoint["processes"] = processes
+        for entity, part in checkpoint["by_entity"].items():
+            for row in part["history"]:
+                metrics = {f"{entity}.{k}": v for k, v in row.items() if k != "epoch"}
+                run.log_metrics(metrics, row["epoch"])
+        run.log_torch({e: v["backbone"] for e, v in checkpoint["by_entity"].items()}, "backbone.pt")
+    return dg.Output(
+        checkpoint,
+        metadata={
+            "num_windows": len(next(iter(files.values()))),
+            **reported,
+            "mlflow_run_id": run.run_id,
+        },
+    )
+
+
 def _task_of(name: str, raw_tables, recipe, *, with_test_labels: bool = False):
     """The task and its tables (restricted when the recipe says so).
 
@@ -193,17 +293,14 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
             "by_entity": {},
             "created": context.run_id,
         }
+        if device.processes > 1:
+            return _pretrain_with_torchrun(
+                context, checkpoint, raw_tables, traversal_graph, files, storage, device, mlflow
+            )
         graph = _cached_graph(storage, raw_tables, dataset, run_recipe)
         seeds, best_epoch, best_val_loss = {}, {}, {}
         with mlflow.run(context, f"pretrain {objective}", database=db.name) as run:
-            run.log_params(
-                {
-                    "objective": objective,
-                    "profile": run_recipe.profile,
-                    **{f"pretrain.{k}": v for k, v in run_recipe.pretrain.model_dump().items()},
-                    **{f"backbone.{k}": v for k, v in run_recipe.backbone.model_dump().items()},
-                }
-            )
+            run.log_params(_pretrain_params(objective, run_recipe))
             for entity, defs in traversal_graph.items():
                 checkpointer = training.Checkpointer(
                     storage.checkpoint_file(

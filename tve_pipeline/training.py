@@ -28,10 +28,11 @@ from torch_geometric.data import HeteroData
 
 from tve_pipeline.common import atomic_path
 from tve_pipeline.config import Recipe
+from tve_pipeline.distributed import SINGLE, World
 from tve_pipeline.evaluation import higher_is_better, regression_clamp, task_metrics
 from tve_pipeline.graph import seed_tensors, to_device
 from tve_pipeline.model import RDLModel, backbone_state, load_backbone
-from tve_pipeline.objectives import PretrainingLoss, objective_heads
+from tve_pipeline.objectives import PretrainingLoss, objective_heads, row_weights
 from tve_pipeline.sampling import Prefetcher, sampler_for
 from tve_pipeline.task_vectors import RawTaskVectors, pretraining_task_vectors
 
@@ -93,32 +94,52 @@ class Checkpointer:
         self.path.unlink(missing_ok=True)
 
 
-def _save_checkpoint(checkpoint: Checkpointer, modules, opt, sched, order, **progress) -> None:
-    """The states a resumed run restores (:func:`_restore`), and where the run stands."""
+def _save_checkpoint(
+    checkpoint: Checkpointer, modules, opt, sched, order, world: World = SINGLE, **progress
+) -> None:
+    """The states a resumed run restores (:func:`_restore`), and where the run stands.
+
+    Under several processes every rank calls it (each rank's generators are gathered:
+    dropout draws from each rank's own) and rank 0 writes the file.
+    """
+    # dropout (torch_frame's ResNet) draws from the global generator
+    rng = (
+        torch.get_rng_state(),
+        torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    )
+    rng_by_rank = world.gather(rng)
+    if not world.is_main:
+        return
     checkpoint.save(
         {
             "modules": modules.state_dict(),
             "opt": opt.state_dict(),
             "sched": sched.state_dict() if sched is not None else None,
             "order_state": order.get_state(),
-            # dropout (torch_frame's ResNet) draws from the global generator
-            "global_rng_state": torch.get_rng_state(),
-            "cuda_rng_state": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "global_rng_state": rng_by_rank[0][0],
+            "cuda_rng_state": rng_by_rank[0][1],
+            "rng_by_rank": rng_by_rank if world.size > 1 else None,
+            "world_size": world.size,
             **progress,
         }
     )
 
 
-def _restore(saved: dict, modules, opt, sched, order: torch.Generator) -> None:
+def _restore(saved: dict, modules, opt, sched, order: torch.Generator, world: World) -> None:
     """Modules, optimiser, schedule and generators as :func:`_save_checkpoint` saved them."""
     modules.load_state_dict(saved["modules"])
     opt.load_state_dict(saved["opt"])
     if sched is not None:
         sched.load_state_dict(saved["sched"])
     order.set_state(saved["order_state"])
-    torch.set_rng_state(saved["global_rng_state"])
-    if saved.get("cuda_rng_state") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(saved["cuda_rng_state"])
+    cpu_rng, cuda_rng = (
+        saved["rng_by_rank"][world.rank]
+        if saved.get("rng_by_rank")
+        else (saved["global_rng_state"], saved.get("cuda_rng_state"))
+    )
+    torch.set_rng_state(cpu_rng)
+    if cuda_rng is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_rng)
 
 
 def _progress(saved: dict | None) -> tuple:
@@ -168,6 +189,9 @@ def _fit(
     checkpoint: Checkpointer | None = None,
     on_step: Callable[[int], None] | None = None,
     prefetch: bool = True,
+    world: World = SINGLE,
+    share: Callable[[torch.Tensor, torch.Tensor], float] | None = None,
+    step_losses: Callable[[list[float]], None] | None = None,
 ) -> tuple[dict, list[dict]]:
     """The training loop both stages share; returns (best, history).
 
@@ -178,12 +202,21 @@ def _fit(
     seed, s, "noise")`` (``batch_loss(batch, idx, gen)``); dropout draws from torch's
     global generator, on this thread only. ``evaluate_epoch`` returns (metrics, score):
     the higher score wins. Losses stay on the device until the epoch ends (no per-step
-    host sync).
+    host sync); ``step_losses`` receives each epoch's per-step losses when it ends.
+
+    With several processes (``world``, :mod:`tve_pipeline.distributed`) every rank draws
+    the same batches and trains on its slice of each (``world.chunk``); ``share(slice,
+    batch)`` is the fraction of the global loss that is the slice's loss (default: its
+    share of the seeds). Gradients are averaged by DistributedDataParallel, recorded losses
+    are the global batch's, rank 0 writes the checkpoints.
     """
     order = torch.Generator().manual_seed(seed)
     saved = checkpoint.load() if checkpoint else None
+    if saved is not None and saved.get("world_size", 1) != world.size:
+        saved = None  # another number of processes: other generators, not resumable
     if saved is not None:
-        _restore(saved, modules, opt, sched, order)
+        _restore(saved, modules, opt, sched, order, world)
+    step = _Step(modules, batch_loss, world, share)
     best, history, start_epoch, start_step, losses, global_step = _progress(saved)
     for epoch in range(start_epoch, epochs):
         resumed = saved is not None  # this epoch is the one the checkpoint stopped in
@@ -204,7 +237,7 @@ def _fit(
             losses=losses,
             seed=seed,
             sample=sample,
-            batch_loss=batch_loss,
+            step=step,
             checkpoint=checkpoint,
             on_step=on_step,
             prefetch=prefetch,
@@ -216,15 +249,67 @@ def _fit(
             },
         )
         _step_schedule(sched)
+        if step_losses:
+            step_losses([float(v) for v in losses])
         metrics, score = evaluate_epoch()
         history.append(_epoch_row(epoch, losses, metrics, log))
         if score > best["score"]:
             state = {k: v.detach().cpu().clone() for k, v in modules.state_dict().items()}
             best = {"score": score, "epoch": epoch, "state": state, "metrics": metrics}
         saved = None
-    if checkpoint:
+    if checkpoint and world.is_main:
         checkpoint.clear()
     return best, history
+
+
+class _Step:
+    """One optimiser step's loss on this process's slice of a global batch.
+
+    With one process: ``batch_loss(batch, idx, generator)`` on the whole batch. Under
+    DistributedDataParallel: the forward runs through the DDP wrapper (whose hooks then
+    all-reduce the gradients), the slice's loss is weighted by its ``share`` of the global
+    loss, and back-propagated ``size`` times over, since DDP averages over the ranks.
+    """
+
+    def __init__(self, modules, batch_loss, world: World, share):
+        self.batch_loss, self.world = batch_loss, world
+        self.share = share or (lambda part, whole: len(part) / len(whole))
+        self.ddp = None
+        if world.group:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # Not every parameter meets every batch (a node type absent from a rank's
+            # subgraphs, GNN layers the seeds do not need), hence find_unused_parameters;
+            # no buffer changes in training, hence no buffer sync per step.
+            self.ddp = DistributedDataParallel(
+                _LossModule(modules, batch_loss),
+                find_unused_parameters=True,
+                forward_sync_buffers=False,
+            )
+
+    def __call__(self, batch, part: torch.Tensor, whole: torch.Tensor, generator):
+        """(what to back-propagate, this step's global loss, detached)."""
+        if self.ddp is None:
+            loss = self.batch_loss(batch, part, generator)
+            return loss, loss.detach()
+        term = self.ddp(batch, part, generator) * self.share(part, whole)
+        return term * self.world.size, self.world.sum(term.detach())
+
+
+class _LossModule(torch.nn.Module):
+    """``batch_loss`` as a module's forward, for DistributedDataParallel to wrap."""
+
+    def __init__(self, modules: torch.nn.Module, batch_loss):
+        super().__init__()
+        self.modules_ = modules
+        self.batch_loss = batch_loss
+
+    def forward(self, batch, idx, generator):
+        if idx.numel() == 0:
+            # A global batch with fewer seeds than ranks leaves this one none: it still
+            # takes part in the gradient all-reduce, with zeros.
+            return sum(p.sum() for p in self.parameters()) * 0.0
+        return self.batch_loss(batch, idx, generator)
 
 
 def _epoch_order_state(order: torch.Generator, saved: dict | None) -> torch.Tensor:
@@ -247,7 +332,7 @@ def _train_epoch(
     losses: list,
     seed: int,
     sample: Callable[[torch.Tensor, torch.Generator], object],
-    batch_loss: Callable[[object, torch.Tensor, torch.Generator], torch.Tensor],
+    step: _Step,
     checkpoint: Checkpointer | None,
     on_step: Callable[[int], None] | None,
     prefetch: bool,
@@ -256,17 +341,20 @@ def _train_epoch(
     """The epoch's optimiser steps from step ``first`` on; returns (losses, global step)."""
     # ``progress``: what a checkpoint records of the epoch besides step, losses, global step.
     epoch_start = global_step - first  # the global step number of this epoch's step 0
+    world = step.world
 
-    def draw(step: int):
-        return sample(batches[step], step_generator(seed, epoch_start + step, "sample"))
+    def draw(i: int):
+        gen = step_generator(seed, epoch_start + i, world.stream("sample"))
+        return sample(world.chunk(batches[i]), gen)
 
     steps = range(first, len(batches))
-    for step, batch in zip(steps, Prefetcher(draw, steps, enabled=prefetch)):
-        loss = batch_loss(batch, batches[step], step_generator(seed, epoch_start + step, "noise"))
+    for i, batch in zip(steps, Prefetcher(draw, steps, enabled=prefetch)):
+        gen = step_generator(seed, epoch_start + i, world.stream("noise"))
+        loss, recorded = step(batch, world.chunk(batches[i]), batches[i], gen)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(loss.detach())
+        losses.append(recorded)
         global_step += 1
         if checkpoint and global_step % checkpoint.every == 0:
             losses = [float(v) for v in losses]
@@ -276,8 +364,9 @@ def _train_epoch(
                 opt,
                 sched,
                 order,
+                world,
                 **progress,
-                step=step + 1,
+                step=i + 1,
                 losses=losses,
                 global_step=global_step,
             )
@@ -322,20 +411,57 @@ def _pretraining_seeds(
 
 @torch.no_grad()
 def _held_out_loss(
-    loss: PretrainingLoss, modules, sampler, entity_table: str, seeds, batch_size, seed, device
+    loss: PretrainingLoss,
+    modules,
+    sampler,
+    entity_table: str,
+    seeds,
+    batch_size,
+    seed,
+    device,
+    world: World = SINGLE,
+    share=None,
 ) -> float:
-    """The objective's mean loss over the held-out seeds, the same corruption every epoch."""
+    """The objective's mean loss over the held-out seeds, the same corruption every epoch.
+
+    Under several processes each rank scores its slice of every batch (with generators of
+    its own, seeded per batch) and the batch's loss is the sum of the slices' shares.
+    """
     nodes, times, vectors = seeds
     modules.eval()
     gen = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
     for start in range(0, len(nodes), batch_size):
-        sl = slice(start, start + batch_size)
-        batch = sampler.sample(entity_table, nodes[sl], times[sl], generator=gen)
-        value = loss(to_device(batch, device), vectors.task_vectors(sl), gen).item()
-        total += value * len(nodes[sl])
-        count += len(nodes[sl])
+        whole = torch.arange(start, min(start + batch_size, len(nodes)))
+        part = world.chunk(whole)
+        if world.size > 1:
+            gen = step_generator(seed, start, world.stream("held-out"))
+        if len(part):
+            batch = sampler.sample(entity_table, nodes[part], times[part], generator=gen)
+            value = loss(to_device(batch, device), vectors.task_vectors(part), gen)
+        else:
+            value = torch.zeros((), device=device)  # fewer seeds than ranks: none here
+        if world.size > 1:
+            value = world.sum(value * share(part, whole))
+        total += value.item() * len(whole)
+        count += len(whole)
     return total / max(count, 1)
+
+
+def _loss_share(objective: str, seeds, inactive_weight: float):
+    """``share(slice, batch)``: the fraction of a batch's loss that is its slice's loss.
+
+    TVE's loss is ``sum w err / sum w`` over the batch, so a slice's loss counts by its
+    rows' weight ``sum w`` (the split is then exact); an objective with MAE or CTR by the
+    slice's seed count (their per-rank means are not sums over seeds).
+    """
+    if objective != "tve":
+        return lambda part, whole: len(part) / len(whole)
+
+    def weight(index):
+        return float(row_weights(seeds.task_vectors(index), inactive_weight).sum())
+
+    return lambda part, whole: weight(part) / weight(whole)
 
 
 def pretrain(
@@ -353,6 +479,8 @@ def pretrain(
     checkpoint: Checkpointer | None = None,
     on_step: Callable[[int], None] | None = None,
     prefetch: bool = True,
+    world: World = SINGLE,
+    step_losses: Callable[[list[float]], None] | None = None,
 ) -> dict:
     """Pre-train a backbone with one objective; returns CPU states, normaliser and history.
 
@@ -361,6 +489,10 @@ def pretrain(
     :class:`~tve_pipeline.task_vectors.SeedTaskVectors` (the same seeds, order and
     vectors as their concatenation). The latest seed times are held out to choose the
     best epoch by the objective's loss.
+
+    ``world``: this process's rank among several training processes, each on its slice of
+    every global batch (:mod:`tve_pipeline.distributed`; the process group is started by
+    the caller). ``step_losses`` receives each epoch's per-step (global batch) losses.
     """
     cfg = recipe.pretrain
     torch.manual_seed(recipe.seed)
@@ -375,6 +507,11 @@ def pretrain(
     sampler = sampler_for(data, recipe.backbone)
     loss = PretrainingLoss(objective, model, heads, entity_table, cfg)
     modules = torch.nn.ModuleDict({"model": model, "aux": heads})  # the checkpoint's keys
+    if world.rank > 0:
+        # Every rank starts from the same weights (seeded above); dropout masks are each
+        # rank's own (rank 0 keeps the single-process stream).
+        torch.manual_seed(int(step_generator(recipe.seed, world.rank, "dropout").initial_seed()))
+    share = _loss_share(objective, train, cfg.inactive_weight)
 
     def sample(idx, gen):
         return sampler.sample(entity_table, n_train[idx], t_train[idx], generator=gen)
@@ -395,12 +532,24 @@ def pretrain(
         sample=sample,
         batch_loss=batch_loss,
         evaluate_epoch=_held_out_scorer(
-            loss, modules, sampler, entity_table, held_out, cfg.batch_size, recipe.seed, device
+            loss,
+            modules,
+            sampler,
+            entity_table,
+            held_out,
+            cfg.batch_size,
+            recipe.seed,
+            device,
+            world,
+            _loss_share(objective, val, cfg.inactive_weight),
         ),
         log=log,
         checkpoint=checkpoint,
         on_step=on_step,
         prefetch=prefetch,
+        world=world,
+        share=share,
+        step_losses=step_losses,
     )
     modules.load_state_dict(best["state"])
     return _pretrained(objective, entity_table, model, seeds, best, history)
@@ -427,7 +576,16 @@ def _pretraining_model(
 
 
 def _held_out_scorer(
-    loss: PretrainingLoss, modules, sampler, entity_table: str, held_out, batch_size, seed, device
+    loss: PretrainingLoss,
+    modules,
+    sampler,
+    entity_table: str,
+    held_out,
+    batch_size,
+    seed,
+    device,
+    world: World = SINGLE,
+    share=None,
 ) -> Callable[[], tuple[dict, float]]:
     """Pre-training's ``evaluate_epoch``: minus the held-out loss (none held out: the epoch)."""
     epochs_done = []
@@ -438,7 +596,7 @@ def _held_out_scorer(
         if not len(n_val):
             return {}, float(len(epochs_done))  # nothing held out: the last epoch wins
         val_loss = _held_out_loss(
-            loss, modules, sampler, entity_table, held_out, batch_size, seed, device
+            loss, modules, sampler, entity_table, held_out, batch_size, seed, device, world, share
         )
         return {"val_loss": val_loss}, -val_loss
 
