@@ -262,15 +262,16 @@ def build_database_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
                 graph[entity] = [d.to_dict() for d in defs]
         except ValueError as exc:
             raise failure(exc) from exc
-        sql = {
-            entity: targets_sql(
-                dataset.manifest.tables,
-                [TargetDef.from_dict(d) for d in defs],
-                entity,
-                database_timedelta(raw_tables, run_recipe),
-            )
-            for entity, defs in graph.items()
-        }
+        try:  # the SQL is shown, not run: without a Δ the graph stands and the UI says why
+            delta = database_timedelta(raw_tables, run_recipe)
+            sql = {
+                entity: targets_sql(
+                    dataset.manifest.tables, [TargetDef.from_dict(d) for d in defs], entity, delta
+                )
+                for entity, defs in graph.items()
+            }
+        except ValueError as exc:
+            sql = {entity: f"-- no SQL: {str(exc).splitlines()[0]}" for entity in graph}
         return dg.Output(graph, metadata=traversal_graph_metadata(graph, sql, run_recipe))
 
     return [raw_tables, temporal_windows, traversal_graph]

@@ -4,7 +4,8 @@ The UI plots a numeric metadata key across an asset's materialisations (its part
 so every number has a key that is the same for every partition and database (``rows``,
 ``targets``, ``val_loss``, ``val_score``), never one built from an entity table, task or
 metric name; a breakdown by name (per table, per entity, per metric) is one table value
-under a fixed key. Plots are PNGs embedded in Markdown (the UI renders ``data:`` images);
+under a fixed key. Plots are PNGs embedded in Markdown (the UI renders ``data:`` images; a
+Markdown value over 1,000 characters sits behind a "[Show Markdown]" link that opens it);
 code is a fenced Markdown block. Dagster 1.13's UI renders no Mermaid (its web app has no
 Mermaid renderer): the ``schema`` block is Mermaid source, drawn by GitHub, mermaid.live
 or any Markdown viewer with Mermaid.
@@ -70,3 +71,9 @@ def code(text: str, language: str, heading: str = "") -> str:
         fence += "`"
     block = f"{fence}{language}\n{text.rstrip()}\n{fence}"
     return f"**{heading}**\n\n{block}" if heading else block
+
+
+def mlflow_metadata(run) -> dict:
+    """The MLflow run of a materialisation (:class:`resources.mlflow_tracking.MLflowRun`): a
+    link into the MLflow UI, and its id."""
+    return {"mlflow_run": dg.MetadataValue.url(run.url), "mlflow_run_id": run.run_id}

@@ -16,7 +16,7 @@ import dagster as dg
 import pandas as pd
 
 from assets.failures import failure
-from assets.metadata import image, png_markdown, table
+from assets.metadata import image, mlflow_metadata, png_markdown, table
 from assets.partitions import (
     SCRATCH,
     cell_partitions,
@@ -444,16 +444,12 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
                     "\n\n".join(png_markdown(p.read_bytes(), p.stem) for p in plots) or "(no plot)"
                 ),
                 "folder": dg.MetadataValue.path(str(out)),
+                "mlflow_experiment": dg.MetadataValue.url(run.experiment_url),
                 **mlflow_metadata(run),
             },
         )
 
     return [pretrained_checkpoint, finetuned_models, metrics, results]
-
-
-def mlflow_metadata(run) -> dict:
-    """The MLflow run of a materialisation: a link into the MLflow UI, and its id."""
-    return {"mlflow_run": dg.MetadataValue.url(run.url), "mlflow_run_id": run.run_id}
 
 
 def _mean(values) -> float:

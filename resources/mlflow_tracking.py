@@ -23,6 +23,8 @@ import dagster as dg
 #: MLflow 3's experiment-kind tag and its value for a (non-GenAI) model-training experiment.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING = "custom_model_development"
+#: The query that opens a page of MLflow 3's UI in its model-training view.
+MODEL_TRAINING_VIEW = "?workflowType=machine_learning"
 #: What ``make mlflow-ui`` serves.
 DEFAULT_UI_URL = "http://127.0.0.1:5000"
 
@@ -35,8 +37,9 @@ def mlflow_key(name: str) -> str:
 class MLflowRun:
     """A thin handle on one MLflow run (client API: no process-global active run)."""
 
-    def __init__(self, client, run_id: str, url: str = ""):
-        self.client, self.run_id, self.url = client, run_id, url
+    def __init__(self, client, run_id: str, url: str = "", experiment_url: str = ""):
+        self.client, self.run_id = client, run_id
+        self.url, self.experiment_url = url, experiment_url
 
     def log_params(self, params: dict) -> None:
         for key, value in params.items():
@@ -79,11 +82,13 @@ class MLflowTracking(dg.ConfigurableResource):
             return self.tracking_uri.rstrip("/")
         return DEFAULT_UI_URL
 
+    def experiment_url(self, experiment_id: str) -> str:
+        """The experiment's runs in the MLflow UI, in its model-training view."""
+        return f"{self.ui()}/#/experiments/{experiment_id}{MODEL_TRAINING_VIEW}"
+
     def run_url(self, experiment_id: str, run_id: str) -> str:
         """The run's page in the MLflow UI, in its model-training view."""
-        return (
-            f"{self.ui()}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
-        )
+        return f"{self.ui()}/#/experiments/{experiment_id}/runs/{run_id}{MODEL_TRAINING_VIEW}"
 
     def experiment_id(self, client) -> str:
         """The experiment's id, created as a model-training experiment when missing (and
@@ -116,7 +121,12 @@ class MLflowTracking(dg.ConfigurableResource):
         run = client.create_run(
             exp_id, tags=tags, run_name=" ".join(p for p in (name, database, str(partition)) if p)
         )
-        handle = MLflowRun(client, run.info.run_id, self.run_url(exp_id, run.info.run_id))
+        handle = MLflowRun(
+            client,
+            run.info.run_id,
+            self.run_url(exp_id, run.info.run_id),
+            self.experiment_url(exp_id),
+        )
         try:
             yield handle
         except BaseException:

@@ -105,7 +105,9 @@ KEYS = {
     | MLFLOW
     | IO_MANAGER,
     "metrics": {"metric", "val_score", "test_score", "scores", "plot"} | MLFLOW | IO_MANAGER,
-    "results": {"cells", "cells_expected", "summary", "plots", "folder"} | MLFLOW | IO_MANAGER,
+    "results": {"cells", "cells_expected", "summary", "plots", "folder", "mlflow_experiment"}
+    | MLFLOW
+    | IO_MANAGER,
 }
 # Numbers the UI plots across partitions: a number under the same key in every partition.
 PLOTTED = {
@@ -329,6 +331,10 @@ def test_mlflow_links_open_existing_runs_in_the_model_training_view(pipeline_run
             assert run.data.tags["dagster.partition"] == (m.partition or "")
             seen += 1
     assert seen >= 4
+    url = urlparse(_latest(pipeline_run, "results")["mlflow_experiment"].url)
+    route, _, query = url.fragment.partition("?")
+    exp = client.get_experiment_by_name("tve-pipeline")
+    assert (route, query) == (f"/experiments/{exp.experiment_id}", "workflowType=machine_learning")
 
 
 def test_experiment_is_marked_model_training_as_mlflow_ui_spells_it(pipeline_run):
@@ -358,8 +364,7 @@ def test_instance_turns_the_sign_up_dialog_off(pipeline_run, tmp_path, keep_tve_
     home = tmp_path / "dagster"
     home.mkdir()
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    before = dg.DagsterInstance.from_config(str(home))
-    assert before.nux_enabled is True  # Dagster's default: the dialog shows
+    assert dg.DagsterInstance.ephemeral().nux_enabled is True  # Dagster's default: it shows
     after = prepare_run_dir(tmp_path)
     assert after.nux_enabled is False
     assert yaml.safe_load((home / "dagster.yaml").read_text())["telemetry"] == {"enabled": False}

@@ -37,6 +37,7 @@ def plot_learning_curves(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rows = [row for history in curves.values() for row in history]
     quantities = list(quantities or curve_quantities(rows) or ["train_loss"])
@@ -53,6 +54,7 @@ def plot_learning_curves(
             if xy:
                 ax.plot(*zip(*xy), marker="o", markersize=3, label=label)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(quantity, fontsize=10)
         ax.grid(alpha=0.3)
     if points:
