@@ -55,7 +55,9 @@ def instance_config(parallel: int = 2) -> str:
     and the ``gpu`` pool limited to ``parallel`` at a time (what a backfill of experiment
     cells fans out to)."""
     return (
-        "telemetry:\n  enabled: false\n" + _NO_NUX + "concurrency:\n"
+        "telemetry:\n  enabled: false\n"
+        f"{_NO_NUX}"
+        "concurrency:\n"
         f"  runs:\n    max_concurrent_runs: {parallel}\n"
         f"  pools:\n    default_limit: {parallel}\n"
     )
