@@ -240,8 +240,11 @@ class _Cte(NamedTuple):
     #: computed once per query, as a table, before the groups of seed times: it reads no seed
     #: time (per-key running aggregates) or all of them (their lookups), never a group's
     once: bool = False
-    #: of a ``run_<j>``: the per (key, time) aggregates that ``body`` accumulates per key
-    per_time: str | None = None
+    #: of a ``run_<j>``: the per (key, time) aggregates that ``body`` accumulates per key,
+    #: of the rows of ``source`` that meet an extra condition on ``key`` (``" AND ..."``)
+    per_time: Callable[[str], str] | None = None
+    source: str | None = None
+    key: str | None = None
 
 
 class _Group(NamedTuple):
@@ -745,21 +748,26 @@ def _run_cte(plan: _QueryPlan, p: tuple[Hop, ...], stats: _RunningStats) -> _Cte
     outer = [('"tve.key"', None), ('"tve.time"', None)]
     outer += [(stats.accumulate("rows", '"tve.rows"', " OVER w"), '"tve.rows"')]
     outer += [(stats.accumulate(s, name(c, s), " OVER w"), name(c, s)) for c, s in stats.pairs]
-    per_time_sql = (
-        f"SELECT {key_time},\n"
-        f"               {_select(inner, '               ')}\n"
-        f"          FROM {from_rows}{shift_from}\n"
-        f"         WHERE {where}\n"
-        f"         GROUP BY 1, 2"
-    )
+
+    def per_time_sql(condition: str = "") -> str:
+        return (
+            f"SELECT {key_time},\n"
+            f"               {_select(inner, '               ')}\n"
+            f"          FROM {from_rows}{shift_from}\n"
+            f"         WHERE {where}{condition}\n"
+            f"         GROUP BY 1, 2"
+        )
+
     return _Cte(
         f"{plan.prefix}run_{plan.path_number(p)}",
         f"{p[2].table} rows per {p[1].table} key: running aggregates in time order",
         f"SELECT {_select(outer, '         ')}\n"
-        f"  FROM ({per_time_sql})\n"
+        f"  FROM ({per_time_sql()})\n"
         f'  WINDOW w AS (PARTITION BY "tve.key" ORDER BY "tve.time" ROWS UNBOUNDED PRECEDING)',
         once=True,
         per_time=per_time_sql,
+        source=quote(p[2].table),
+        key=f"g.{quote(p[2].via)}",
     )
 
 
@@ -1481,15 +1489,12 @@ def _create_running_table(con, table: _Cte) -> None:
     CTE's windows compute, several times faster) and appended to the table, which DuckDB
     keeps under its memory limit. Enough buckets that each holds about
     ``_PANDAS_RUNNING_ROWS`` rows of the fact table (its row count: parquet metadata, no
-    scan)."""
-    source = re.search(r"FROM (\"(?:[^\"]|\"\")*\") AS g", table.per_time).group(1)
-    rows = con.execute(f"SELECT count(*) FROM {source}").fetchall()[0][0]
+    scan); each bucket's rows are filtered before they are grouped."""
+    rows = con.execute(f"SELECT count(*) FROM {table.source}").fetchall()[0][0]
     buckets = max(1, -(-rows // _PANDAS_RUNNING_ROWS))
     for b in range(buckets):
-        where = f'WHERE hash("tve.key") % {buckets} = {b}\n ' if buckets > 1 else ""
-        chunk = _accumulate_per_key(
-            con.sql(f"SELECT * FROM ({table.per_time})\n {where}ORDER BY 1, 2")
-        )
+        bucket = f" AND hash({table.key}) % {buckets} = {b}" if buckets > 1 else ""
+        chunk = _accumulate_per_key(con.sql(f"{table.per_time(bucket)}\n ORDER BY 1, 2"))
         con.register("tve_chunk", chunk)
         if b == 0:
             con.execute(f"CREATE TEMP TABLE {table.name} AS SELECT * FROM tve_chunk")
