@@ -680,8 +680,8 @@ def test_sql_is_set_based_and_readable(capsys):
     defs = build_traversal_graph(schema, shop_column_types(), "customers")
     sql = targets_sql(schema, defs, "customers", pd.Timedelta(days=7))
     assert (
-        sql.count('FROM "timestamps" AS ts') == 4
-    )  # seed entities, the one window, its fact->key<-fact lookups (two kinds), not per time
+        sql.count('FROM "timestamps" AS ts') == 3
+    )  # the seed entities, the one window and its fact->key<-fact lookups, not per time
     assert "INTERVAL '7 days'" in sql
     # fact -> key <- fact: per-key running aggregates looked up per first-hop row, no
     # join of each first-hop row to every earlier row of its key

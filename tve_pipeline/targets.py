@@ -646,7 +646,21 @@ def _running_ctes(plan: _QueryPlan, p: tuple[Hop, ...]) -> list[_Cte]:
     ctes = [_run_cte(plan, p, stats)]
     for k, column in enumerate(_running_value_columns(plan, p), 1):
         ctes += _running_value_ctes(plan, p, k, column)
-    return ctes + [_at_cte(plan, p, stats), _running_agg_cte(plan, p, stats)]
+    ctes += [_all_hops_cte(plan, p), _at_cte(plan, p, stats)]
+    return ctes + [_running_agg_cte(plan, p, stats)]
+
+
+def _all_hops_cte(plan: _QueryPlan, p: tuple[Hop, ...]) -> _Cte:
+    """``hops_all_<j>``: :func:`_hops_sql` of the first-hop rows of every seed time's window
+    (what ``at_<j>`` and each ``several_<j>_<k>`` read), computed once."""
+    windows = _all_windows(plan, p).replace("\n", "\n                ")
+    return _Cte(
+        f"{plan.prefix}hops_all_{plan.path_number(p)}",
+        f"{_describe(plan.entity_table, p)}: first-hop rows per (key, time) of each pair, every"
+        " seed time",
+        _hops_sql(plan, p, f"({windows})").replace("\n", "\n  "),
+        once=True,
+    )
 
 
 def _at_cte(plan: _QueryPlan, p: tuple[Hop, ...], stats: _RunningStats) -> _Cte:
@@ -654,8 +668,7 @@ def _at_cte(plan: _QueryPlan, p: tuple[Hop, ...], stats: _RunningStats) -> _Cte:
     count of each ``best_<j>_<k>`` at every (key, time) of a first-hop row in any seed
     time's window: one ASOF lookup per distinct (key, time), done once for all groups of
     seed times (each group's query finds its rows by equality)."""
-    j, hop1 = plan.path_number(p), p[0]
-    windows = _all_windows(plan, p).replace("\n", "\n                ")
+    j = plan.path_number(p)
     items = [('k."tve.key"', None), ('k."tve.time"', None), ('r."tve.rows"', None)]
     items += [(f"r.{stats.name(c, s)}", None) for c, s in stats.pairs]
     joins = [
@@ -675,10 +688,8 @@ def _at_cte(plan: _QueryPlan, p: tuple[Hop, ...], stats: _RunningStats) -> _Cte:
         f"{plan.prefix}at_{j}",
         f"{_describe(plan.entity_table, p)}: running aggregates at each first-hop (key, time)",
         f"SELECT {_select(items, '         ')}\n"
-        f'  FROM (SELECT DISTINCT {quote(p[1].via)} AS "tve.key",'
-        f' {quote(plan.hop1_time(hop1))} AS "tve.time"\n'
-        f"          FROM ({windows})\n"
-        f"         WHERE {quote(p[1].via)} IS NOT NULL)"
+        f'  FROM (SELECT DISTINCT "tve.key", "tve.time" FROM {plan.prefix}hops_all_{j}\n'
+        f'         WHERE "tve.key" IS NOT NULL)'
         " AS k\n" + "".join(joins).rstrip(),
         once=True,
     )
@@ -939,11 +950,10 @@ def _running_mode_ctes(plan: _QueryPlan, p: tuple[Hop, ...], k: int, column: str
     ``counts_<j>_<k>``)."""
     j, defs = plan.path_number(p), _value_defs(plan, p, column)
     counts = f"{plan.prefix}counts_{j}_{k}"
-    windows = _all_windows(plan, p).replace("\n", "\n" + " " * 16)
-    hops = _hops_sql(plan, p, f"({windows})").replace("\n", "\n" + " " * 16)
+    hops = f"{plan.prefix}hops_all_{j}"
     firsts = f'SELECT "tve.key", "value", "tve.time" FROM {counts} WHERE "new"'
     reached = (
-        f"          FROM ({hops}) AS h\n"
+        f"          FROM {hops} AS h\n"
         f"          JOIN ({firsts}) AS f\n"
         f'            ON f."tve.key" = h."tve.key" AND f."tve.time" <= h."tve.time"\n'
     )
