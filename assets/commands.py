@@ -28,6 +28,7 @@ from assets.definitions import (
     build_definitions,
     build_resources,
     database_assets,
+    database_checks,
     read_settings,
 )
 from assets.partitions import contiguous_ranges, experiment_cells, parse_cell, windows_name
@@ -133,6 +134,9 @@ def registered_tasks(run_dir: Path, database: str) -> list[str]:
 
 
 def _failure_message(result) -> str:
+    for evaluation in result.get_asset_check_evaluations():  # a blocking check stopped the run
+        if evaluation.blocking and not evaluation.passed:
+            return f"check {evaluation.check_name} failed: {evaluation.description}"
     for event in result.all_events:
         if not event.is_step_failure:
             continue
@@ -158,6 +162,7 @@ class Runner:
         self.recipe = self.resources["recipe"].recipe()
         self.assets = database_assets(self.db, self.recipe)
         self.by_name = {a.key.path[-1]: a for a in self.assets}
+        self.checks = database_checks(self.db, self.recipe)  # run with the assets they check
         self.defs = build_definitions(self.run_dir)
         self.step = 0
 
@@ -178,7 +183,7 @@ class Runner:
         t0 = time.perf_counter()
         print(f"[{self.step:>2}] {'+'.join(names)} {label} ...", flush=True)
         result = dg.materialize(
-            self.assets,
+            [*self.assets, *self.checks],
             selection=[self.by_name[n] for n in names],
             instance=self.instance,
             resources=self.resources,

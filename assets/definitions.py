@@ -13,6 +13,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from assets.checks import build_checks
 from assets.database_assets import build_database_assets
 from assets.registry import Database, registered_databases
 from assets.sensors import build_growth_sensor, build_targets_job
@@ -86,6 +87,11 @@ def database_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
     ]
 
 
+def database_checks(db: Database, recipe) -> list[dg.AssetChecksDefinition]:
+    """The asset checks of one database's assets (:mod:`assets.checks`)."""
+    return build_checks(db, recipe)
+
+
 def build_definitions(run_dir: str | Path | None = None, **kwargs) -> dg.Definitions:
     run_dir = Path(run_dir or default_run_dir()).resolve()
     resources = build_resources(run_dir, **kwargs)
@@ -94,6 +100,7 @@ def build_definitions(run_dir: str | Path | None = None, **kwargs) -> dg.Definit
     jobs = [build_targets_job(db) for db in databases]
     return dg.Definitions(
         assets=[a for db in databases for a in database_assets(db, recipe)],
+        asset_checks=[c for db in databases for c in database_checks(db, recipe)],
         jobs=jobs,
         sensors=[build_growth_sensor(databases, jobs)],
         resources=resources,

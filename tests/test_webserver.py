@@ -45,3 +45,19 @@ def test_webserver_lists_assets_and_location_loads(webserver):
     stats = node["assetNodeOrError"]["partitionStats"]
     assert stats["numPartitions"] == len(node["assetNodeOrError"]["partitionKeys"]) == 8
     assert stats["numMaterialized"] == 8 and stats["numFailed"] == 0
+    # its checks (the Checks tab), each passed in every window of the one `tve run`
+    node = _graphql(
+        webserver,
+        """{ assetNodeOrError(assetKey: {path: ["tiny", "tve_targets"]}) {
+        ... on AssetNode { assetChecksOrError { ... on AssetChecks { checks {
+            name blocking partitionStatuses {
+            ... on AssetCheckDefaultPartitionStatuses { succeededPartitions } } } } } } } }""",
+    )
+    checks = node["assetNodeOrError"]["assetChecksOrError"]["checks"]
+    assert {c["name"]: c["blocking"] for c in checks} == {
+        "no_leakage": True,
+        "seed_times": True,
+        "coverage": False,
+    }
+    for c in checks:
+        assert len(c["partitionStatuses"]["succeededPartitions"]) == 8, c

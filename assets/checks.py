@@ -1,0 +1,331 @@
+"""Asset checks of one database: each stage's result looked at from outside, per partition.
+
+- ``raw_tables``: ``validation`` (blocking), the dataset folder's validation report has no
+  error.
+- ``tve_targets``, per window, one step for three checks (the tables are read once):
+  ``no_leakage`` (blocking), a sample of rows recomputed in pandas from the rows in the
+  next window ``(t, t+Δ]`` alone equals the file, and the rows are the entities that exist
+  at ``t``; ``seed_times`` (blocking), every window ends by the validation timestamp;
+  ``coverage`` (warning), the share of inactive rows, and no target null in every row (a
+  column that real data fills only in later years does that, so it warns, not blocks).
+- ``pretrained_checkpoint``, per objective: ``finite_weights`` (blocking) and
+  ``beats_trivial_predictor``, the held-out task-vector loss below that of the mean
+  normalised task vector.
+- ``metrics``, per cell: ``beats_trivial_baseline`` (warning), the model's metric better
+  than a constant prediction's on val and test.
+
+A blocking check that fails stops what follows in the run that materialised its asset (the
+step fails with the check's description), and the check result shows on the asset's Checks
+tab either way. The measurements are :mod:`tve_pipeline.quality`'s; this module wires
+them to partitions.
+
+``tve_targets`` materialises a range of windows in one run, and Dagster records an
+``AssetCheckResult`` of such a run without a partition (the windows' checks would stay
+"planned"); so its checks emit one ``AssetCheckEvaluation`` per window, each pointing at
+that window's materialisation.
+"""
+
+import dagster as dg
+import pandas as pd
+from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+    AssetCheckEvaluationTargetMaterializationData,
+)
+
+from assets.database_assets import database_timedelta
+from assets.partitions import cell_partitions, objective_partitions, parse_cell, window_partitions
+from assets.registry import Database
+from assets.training_assets import _cached_graph, _target_files, _task_of
+from resources import DeviceResource, RecipeResource, TVEStorage
+from tve_pipeline import quality
+from tve_pipeline.database import open_dataset, table_files
+from tve_pipeline.evaluation import higher_is_better
+from tve_pipeline.recompute import read_tables
+from tve_pipeline.task_vectors import pretraining_task_vectors
+from tve_pipeline.traversal import TargetDef
+from tve_pipeline.windows import window_seed_time
+
+#: Checks whose failure warns instead of stopping anything.
+WARN = dg.AssetCheckSeverity.WARN
+
+
+def _result(verdict: quality.Verdict, severity=dg.AssetCheckSeverity.ERROR):
+    return dg.AssetCheckResult(
+        passed=verdict.passed,
+        description=verdict.description,
+        metadata=_metadata(verdict.metadata),
+        severity=severity,
+    )
+
+
+def _metadata(values: dict) -> dict:
+    """A verdict's numbers as the UI shows them: dicts, lists and None as JSON, the
+    validation report as Markdown, numbers and text as they are."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, (dict, list)) or value is None:
+            out[key] = dg.MetadataValue.json(value)
+        elif key == "report":
+            out[key] = dg.MetadataValue.md(value)
+        else:
+            out[key] = value
+    return out
+
+
+def _materialisation(instance, key: dg.AssetKey, partition: str):
+    """The latest materialisation of one partition, as a check evaluation points at it."""
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1
+    ).records
+    if not records:
+        return None
+    return AssetCheckEvaluationTargetMaterializationData(
+        storage_id=records[0].storage_id, run_id=records[0].run_id, timestamp=records[0].timestamp
+    )
+
+
+def _evaluation(instance, spec: dg.AssetCheckSpec, partition: str, verdict, severity):
+    return dg.AssetCheckEvaluation(
+        asset_key=spec.asset_key,
+        check_name=spec.name,
+        passed=verdict.passed,
+        metadata=_metadata(verdict.metadata),
+        target_materialization_data=_materialisation(instance, spec.asset_key, partition),
+        severity=severity,
+        description=verdict.description,
+        blocking=spec.blocking,
+        partition=partition,
+    )
+
+
+def build_checks(db: Database, recipe) -> list[dg.AssetChecksDefinition]:
+    """The asset checks of one database's assets (see the module docstring)."""
+    return [
+        _raw_tables_check(db),
+        _targets_checks(db),
+        *_checkpoint_checks(db, recipe),
+        _metrics_check(db, recipe),
+    ]
+
+
+def _raw_tables_check(db: Database) -> dg.AssetChecksDefinition:
+    @dg.asset_check(
+        asset=db.key("raw_tables"),
+        name="validation",
+        blocking=True,
+        description="The dataset folder's validation report (tve validate) has no error.",
+    )
+    def validation(raw_tables) -> dg.AssetCheckResult:
+        return _result(
+            quality.validation_verdict(raw_tables.dataset_dir, f"database {db.name!r} raw_tables")
+        )
+
+    return validation
+
+
+def _targets_checks(db: Database) -> dg.AssetChecksDefinition:
+    windows = window_partitions(db.name)
+    upstream = [db.key("raw_tables"), db.key("traversal_graph")]
+    key = db.key("tve_targets")
+    specs = {
+        "no_leakage": dg.AssetCheckSpec(
+            "no_leakage",
+            asset=key,
+            additional_deps=upstream,
+            blocking=True,
+            partitions_def=windows,
+            description=(
+                "A sample of each window's rows, recomputed in pandas from the rows in its next "
+                "window (t, t+Δ] alone, equals the file; the rows are the entities that exist "
+                "at t."
+            ),
+        ),
+        "seed_times": dg.AssetCheckSpec(
+            "seed_times",
+            asset=key,
+            additional_deps=upstream,
+            blocking=True,
+            partitions_def=windows,
+            description=(
+                "Every row is at the window's seed time t, and t + Δ is no later than the "
+                "validation timestamp."
+            ),
+        ),
+        "coverage": dg.AssetCheckSpec(
+            "coverage",
+            asset=key,
+            additional_deps=upstream,
+            partitions_def=windows,
+            description=(
+                "The share of inactive rows; warns when a target is null in every row of the "
+                "window."
+            ),
+        ),
+    }
+
+    @dg.multi_asset_check(
+        specs=list(specs.values()),
+        name=f"{db.group}_tve_targets_checks",
+        ins={
+            "tve_targets": dg.AssetIn(key=key),
+            "raw_tables": dg.AssetIn(key=db.key("raw_tables")),
+            "traversal_graph": dg.AssetIn(key=db.key("traversal_graph")),
+        },
+    )
+    def tve_targets_checks(
+        context: dg.AssetCheckExecutionContext,
+        tve_targets,
+        raw_tables,
+        traversal_graph,
+        recipe: RecipeResource,
+    ):
+        delta = database_timedelta(raw_tables, recipe.recipe())
+        dataset = open_dataset(raw_tables.dataset_dir)
+        schema = dataset.manifest.tables
+        defs = {e: [TargetDef.from_dict(d) for d in ds] for e, ds in traversal_graph.items()}
+        frames = _frames_of_all(dataset, schema, defs)
+        instance = context.instance
+        for window, folder in sorted(tve_targets.items()):
+            where = f"{db.name} tve_targets window {window}"
+            t = window_seed_time(window)
+            verdicts = {
+                "no_leakage": quality.leakage_verdict(
+                    folder, t, frames, schema, defs, delta, where
+                ),
+                "seed_times": quality.seed_time_verdict(
+                    folder, t, list(defs), delta, raw_tables.val_timestamp, where
+                ),
+                "coverage": quality.coverage_verdict(folder, defs, where),
+            }
+            for name, verdict in verdicts.items():
+                spec = specs[name]
+                severity = dg.AssetCheckSeverity.ERROR if spec.blocking else WARN
+                yield _evaluation(instance, spec, window, verdict, severity)
+        for spec in specs.values():
+            yield dg.Output(None, output_name=spec.get_python_identifier())
+
+    return tve_targets_checks
+
+
+def _frames_of_all(dataset, schema, defs):
+    """The columns every entity table's definitions read, one frame per table."""
+    frames = {}
+    for entity, entity_defs in defs.items():
+        for name, frame in read_tables(table_files(dataset), schema, entity_defs, entity).items():
+            if name in frames:
+                extra = [c for c in frame.columns if c not in frames[name].columns]
+                frames[name] = frames[name].join(frame[extra]) if extra else frames[name]
+            else:
+                frames[name] = frame
+    return frames
+
+
+def _checkpoint_checks(db: Database, recipe) -> list[dg.AssetChecksDefinition]:
+    objectives = objective_partitions(recipe)
+    key = db.key("pretrained_checkpoint")
+
+    @dg.asset_check(
+        asset=key,
+        name="finite_weights",
+        blocking=True,
+        partitions_def=objectives,
+        description="Every weight of every entity table's backbone and head is finite.",
+    )
+    def finite_weights(context: dg.AssetCheckExecutionContext, pretrained_checkpoint):
+        where = f"{db.name} pretrained_checkpoint {context.op_execution_context.partition_key}"
+        return _result(quality.finite_weights_verdict(pretrained_checkpoint, where))
+
+    @dg.asset_check(
+        asset=key,
+        name="beats_trivial_predictor",
+        partitions_def=objectives,
+        additional_ins={
+            "raw_tables": dg.AssetIn(key=db.key("raw_tables")),
+            "traversal_graph": dg.AssetIn(key=db.key("traversal_graph")),
+            "temporal_windows": dg.AssetIn(key=db.key("temporal_windows")),
+        },
+        description=(
+            "Held-out task-vector loss below the trivial predictor's (the mean normalised "
+            "task vector of the training seeds), both by pre-training's own loss."
+        ),
+    )
+    def beats_trivial_predictor(
+        context: dg.AssetCheckExecutionContext,
+        pretrained_checkpoint,
+        raw_tables,
+        traversal_graph,
+        temporal_windows,
+        storage: TVEStorage,
+        recipe: RecipeResource,
+        device: DeviceResource,
+    ):
+        objective = context.op_execution_context.partition_key
+        where = f"{db.name} pretrained_checkpoint {objective}"
+        if "tve" not in objective.split("+"):
+            return dg.AssetCheckResult(
+                passed=True,
+                description=f"{where}: objective {objective!r} predicts no task vector",
+            )
+        run_recipe = recipe.recipe()
+        dataset = open_dataset(raw_tables.dataset_dir)
+        # The window folders the checkpoint read. (A check's input does not take the
+        # AllPartitionMapping that pretrained_checkpoint's does: Dagster maps the objective
+        # key onto tve_targets' windows and fails.)
+        folders = {
+            w: storage.targets_file(db.name, w, "-").parent
+            for w in temporal_windows["window"].dropna()
+        }
+        losses = {}
+        for entity, result in pretrained_checkpoint["by_entity"].items():
+            seeds = pretraining_task_vectors(
+                _target_files(folders, temporal_windows, entity, db.name),
+                dataset.manifest.tables[entity].pkey,
+                {d["name"]: d["aggregation"] for d in traversal_graph[entity]},
+                val_fraction=run_recipe.pretrain.val_fraction,
+                max_mode_categories=run_recipe.targets.max_mode_categories,
+            )
+            if objective == "tve":  # its held-out loss is the task-vector loss, recorded
+                model = result["best_val_loss"]
+            else:  # beside an auxiliary loss: the task-vector part, recomputed
+                graph = _cached_graph(storage, raw_tables, dataset, run_recipe)
+                model = quality.model_held_out_loss(
+                    graph, entity, result, seeds, run_recipe, device.torch_device()
+                )
+            losses[entity] = (model, quality.trivial_held_out_loss(seeds, run_recipe, entity))
+        return _result(quality.pretraining_verdict(losses, where))
+
+    return [finite_weights, beats_trivial_predictor]
+
+
+def _metrics_check(db: Database, recipe) -> dg.AssetChecksDefinition:
+    @dg.asset_check(
+        asset=db.key("metrics"),
+        name="beats_trivial_baseline",
+        partitions_def=cell_partitions(db.tasks, recipe),
+        additional_ins={"raw_tables": dg.AssetIn(key=db.key("raw_tables"))},
+        description=(
+            "The model's metric (the task's first: AUROC, MAE) is better than a constant "
+            "prediction's (majority class, training mean) on val and test, by RelBench's "
+            "evaluator."
+        ),
+    )
+    def beats_trivial_baseline(
+        context: dg.AssetCheckExecutionContext, metrics, raw_tables, recipe: RecipeResource
+    ):
+        cell = context.op_execution_context.partition_key
+        task_name = parse_cell(cell)[0]
+        _, task, tables = _task_of(task_name, raw_tables, recipe.recipe(), with_test_labels=True)
+        metric = task.metrics[0].__name__
+        scores = {
+            split: dict(zip(rows["metric"], rows["value"]))
+            for split, rows in pd.DataFrame(metrics).groupby("split")
+        }
+        verdict = quality.baseline_verdict(
+            scores,
+            quality.trivial_scores(task, tables),
+            metric,
+            higher_is_better(task),
+            f"{db.name} metrics {cell}",
+        )
+        return _result(verdict, severity=WARN)
+
+    return beats_trivial_baseline

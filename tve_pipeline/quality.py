@@ -1,0 +1,499 @@
+"""What the pipeline's asset checks measure, without Dagster: one :class:`Verdict` each.
+
+Each function looks at one stage's result from outside and says whether it holds, in
+one line that names the place (database, partition, table, column or task) and by how
+much it misses, with the numbers behind it as metadata:
+
+- the database: :func:`validation_verdict`, the validation report of the dataset folder
+  (:mod:`tve_pipeline.validation`) has no error;
+- a window of task vectors: :func:`leakage_verdict`, a sample of rows recomputed from
+  the next window's rows alone (:mod:`tve_pipeline.recompute`, independent of the SQL
+  generator) agrees with the file, and the rows are the entities that exist at the seed
+  time; :func:`coverage_verdict`, the share of inactive rows, and no target null in
+  every row; :func:`seed_time_verdict`, every row's seed time is the window's and its
+  window ``(t, t+Δ]`` ends by the validation timestamp;
+- a pre-trained checkpoint: :func:`finite_weights_verdict`; :func:`pretraining_verdict`,
+  its held-out task-vector loss below that of the trivial predictor (the mean normalised
+  task vector of the training seeds), both computed by pre-training's own loss;
+- a fine-tuned cell: :func:`baseline_verdict`, its metric better than a constant
+  prediction's (the majority class, or the training mean), scored by RelBench's evaluator.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tve_pipeline.recompute import (
+    compare_task_vectors,
+    existing_entities,
+    recompute_task_vectors,
+)
+from tve_pipeline.targets import COUNT_AGGREGATIONS, INACTIVE, TIMESTAMP
+from tve_pipeline.traversal import TableSpecLike, TargetDef
+
+#: Rows of a window recomputed per entity table (three in four active, when there are).
+LEAKAGE_SAMPLE_ROWS = 64
+
+
+@dataclass
+class Verdict:
+    """A check's outcome: passed or not, one line saying so, the numbers behind it."""
+
+    passed: bool
+    description: str
+    metadata: dict = field(default_factory=dict)
+
+
+def _shown(items: Sequence, n: int = 3) -> str:
+    items = list(items)
+    return ", ".join(str(i) for i in items[:n]) + (
+        f" and {len(items) - n} more" if len(items) > n else ""
+    )
+
+
+# --------------------------------------------------------------------------- the database
+
+
+def validation_verdict(dataset_dir: str | Path, where: str) -> Verdict:
+    """The validation report of the dataset folder as it is now: failed on any error."""
+    from tve_pipeline.validation import validate_dataset
+
+    report = validate_dataset(dataset_dir)
+    metadata = {
+        "errors": len(report.errors),
+        "warnings": len(report.warnings),
+        "report": "\n".join(f"- {line}" for line in report.lines()),
+    }
+    if report.errors:
+        more = f" (and {len(report.errors) - 1} more)" if len(report.errors) > 1 else ""
+        return Verdict(False, f"{where}: validation error: {report.errors[0]}{more}", metadata)
+    return Verdict(
+        True, f"{where}: no validation error ({len(report.warnings)} warnings)", metadata
+    )
+
+
+# --------------------------------------------------------------------------- task vectors
+
+
+def _sample_rows(rows: pd.DataFrame, key: str, size: int, seed_text: str) -> np.ndarray:
+    """Up to ``size`` entity keys of a window's rows, three in four active when there are
+    that many, drawn reproducibly (the seed is a hash of ``seed_text``)."""
+    if len(rows) <= size:
+        return rows[key].to_numpy()
+    seed = int.from_bytes(hashlib.blake2b(seed_text.encode(), digest_size=8).digest(), "little")
+    rng = np.random.default_rng(seed)
+    active = rows.loc[rows[INACTIVE] == 0, key].to_numpy()
+    inactive = rows.loc[rows[INACTIVE] != 0, key].to_numpy()
+    n_active = min(len(active), max(size - len(inactive), (3 * size) // 4))
+    n_inactive = min(len(inactive), size - n_active)
+    return np.concatenate(
+        [
+            rng.choice(active, n_active, replace=False),
+            rng.choice(inactive, n_inactive, replace=False),
+        ]
+    )
+
+
+def _read_rows(path: Path, columns: Sequence[str], key: str | None = None, keys=None):
+    """Some columns of a task-vector file, or every column of the rows whose ``key`` is in
+    ``keys`` (filtered while reading: memory holds the sample, not the window)."""
+    if keys is None:
+        return pd.read_parquet(path, columns=list(columns))
+    values = [k.item() if hasattr(k, "item") else k for k in keys]
+    return pd.read_parquet(path, filters=[(key, "in", values)] if values else None)
+
+
+def leakage_verdict(
+    folder: Path,
+    seed_time,
+    frames: Mapping[str, pd.DataFrame],
+    schema: Mapping[str, TableSpecLike],
+    defs_by_entity: Mapping[str, Sequence[TargetDef]],
+    delta: pd.Timedelta,
+    where: str,
+    *,
+    sample_rows: int = LEAKAGE_SAMPLE_ROWS,
+) -> Verdict:
+    """A window's task vectors against a recomputation from the rows in ``(t, t+Δ]`` only:
+    the rows are the entities that exist at ``t``, and a sample of them has the recomputed
+    value in every target (``inactive`` included). ``frames``: the tables, as
+    :func:`tve_pipeline.recompute.read_tables` reads them."""
+    t = pd.Timestamp(seed_time)
+    failures, checked, metadata = [], {}, {}
+    for entity, defs in defs_by_entity.items():
+        key = schema[entity].pkey
+        path = Path(folder) / f"{entity}.parquet"
+        if not path.exists():
+            failures.append(f"{entity}: no file {path}")
+            continue
+        rows = _read_rows(path, [key, INACTIVE])
+        expected = existing_entities(frames, schema, entity, t)
+        have = np.sort(rows[key].to_numpy())
+        if len(have) != len(expected) or not (have == expected).all():
+            missing = np.setdiff1d(expected, have)
+            extra = np.setdiff1d(have, expected)
+            failures.append(
+                f"{entity}: {len(have)} rows where {len(expected)} entities exist at {t}"
+                + (f"; missing {key} {_shown(missing)}" if len(missing) else "")
+                + (f"; not existing yet {_shown(extra)}" if len(extra) else "")
+            )
+        sample = _sample_rows(rows, key, sample_rows, f"{where}:{entity}")
+        got = _read_rows(path, (), key, sample)
+        want = recompute_task_vectors(frames, schema, defs, entity, sample, t, delta)
+        differences = compare_task_vectors(got, want, defs)
+        checked[entity] = len(sample)
+        if differences:
+            by_target: dict[str, list] = {}
+            for d in differences:
+                by_target.setdefault(d.target, []).append(d)
+            worst = max(differences, key=lambda d: -1 if d.by is None else d.by)
+            amount = f", by {worst.by:.6g}" if worst.by is not None else ""
+            failures.append(
+                f"{entity}: {len(differences)} values of {len(sample)} sampled rows differ from "
+                f"the recomputation from ({t}, {t + delta}] in {len(by_target)} "
+                f"target{'s' if len(by_target) > 1 else ''} "
+                f"({_shown(list(by_target))}); e.g. {worst.target} of {key} {worst.entity}: "
+                f"file {worst.got!r}, recomputed {worst.want!r}{amount}"
+            )
+            metadata[f"{entity}.differences"] = {
+                name: len(items) for name, items in by_target.items()
+            }
+    metadata.update(
+        {
+            "sampled_rows": checked,
+            "targets": {e: len(d) for e, d in defs_by_entity.items()},
+            "next_window": f"({t}, {t + delta}]",
+        }
+    )
+    if failures:
+        return Verdict(False, f"{where}: " + "; ".join(failures), metadata)
+    return Verdict(
+        True,
+        f"{where}: {sum(checked.values())} sampled rows equal their recomputation from "
+        f"({t}, {t + delta}]",
+        metadata,
+    )
+
+
+def _null_counts(path: Path, columns: Sequence[str]) -> tuple[int, dict[str, int]]:
+    """Rows of a parquet file and nulls per column, from the file's statistics where every
+    row group has them (no value is read), otherwise from the column itself."""
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(path).metadata
+    names = meta.schema.names
+    nulls = {}
+    for name in columns:
+        if name not in names:
+            continue
+        at = names.index(name)
+        stats = [meta.row_group(g).column(at).statistics for g in range(meta.num_row_groups)]
+        if all(s is not None and s.has_null_count for s in stats):
+            nulls[name] = sum(s.null_count for s in stats)
+        else:
+            nulls[name] = int(pq.read_table(path, columns=[name]).column(0).null_count)
+    return meta.num_rows, nulls
+
+
+def coverage_verdict(
+    folder: Path, defs_by_entity: Mapping[str, Sequence[TargetDef]], where: str
+) -> Verdict:
+    """The share of inactive rows of a window (metadata), failed when a target is null in
+    every row of the window (an empty window has no row to judge)."""
+    inactive_share, empty, rows_by_entity, failures = {}, {}, {}, []
+    for entity, defs in defs_by_entity.items():
+        path = Path(folder) / f"{entity}.parquet"
+        if not path.exists():
+            failures.append(f"{entity}: no file {path}")
+            continue
+        names = [d.name for d in defs if d.aggregation not in COUNT_AGGREGATIONS]
+        n, nulls = _null_counts(path, names)
+        rows_by_entity[entity] = n
+        inactive = pd.read_parquet(path, columns=[INACTIVE])[INACTIVE]
+        inactive_share[entity] = float(inactive.mean()) if n else None
+        missing = [
+            d.name for d in defs if d.name not in nulls and d.aggregation not in COUNT_AGGREGATIONS
+        ]
+        if missing:
+            failures.append(f"{entity}: no column {_shown(missing)}")
+        all_null = [name for name, k in nulls.items() if n and k == n]
+        if all_null:
+            empty[entity] = all_null
+            failures.append(
+                f"{entity}: {len(all_null)} of {len(defs)} targets null in all {n} rows "
+                f"({_shown(all_null)}; inactive share {inactive_share[entity]:.2f})"
+            )
+    metadata = {
+        "inactive_share": inactive_share,
+        "rows": rows_by_entity,
+        "all_null_targets": empty,
+    }
+    if failures:
+        return Verdict(False, f"{where}: " + "; ".join(failures), metadata)
+    shares = ", ".join(
+        f"{e} {s:.2f}" if s is not None else f"{e} (no rows)" for e, s in inactive_share.items()
+    )
+    return Verdict(True, f"{where}: every target has a value; inactive share {shares}", metadata)
+
+
+def seed_time_verdict(
+    folder: Path,
+    seed_time,
+    entities: Sequence[str],
+    delta: pd.Timedelta,
+    val_timestamp,
+    where: str,
+) -> Verdict:
+    """Every row of the window is at the window's seed time ``t``, and ``t + Δ`` (the end of
+    the window its task vector reads) is no later than the validation timestamp."""
+    t, val = pd.Timestamp(seed_time), pd.Timestamp(val_timestamp)
+    failures, latest = [], {}
+    for entity in entities:
+        path = Path(folder) / f"{entity}.parquet"
+        if not path.exists():
+            failures.append(f"{entity}: no file {path}")
+            continue
+        times = pd.to_datetime(pd.read_parquet(path, columns=[TIMESTAMP])[TIMESTAMP])
+        if not len(times):
+            continue
+        last = times.max()
+        latest[entity] = str(last)
+        other = times[times != t]
+        if len(other):
+            failures.append(
+                f"{entity}: {len(other)} of {len(times)} rows at seed times other than the "
+                f"window's {t} ({_shown(sorted(set(map(str, other))))})"
+            )
+        if last + delta > val:
+            failures.append(
+                f"{entity}: seed time {last} + Δ {delta} = {last + delta} is past the "
+                f"validation timestamp {val} by {last + delta - val}"
+            )
+    if t + delta > val and not failures:
+        failures.append(
+            f"window seed time {t} + Δ {delta} is past the validation timestamp {val} "
+            f"by {t + delta - val}"
+        )
+    metadata = {
+        "seed_time": str(t),
+        "window_end": str(t + delta),
+        "val_timestamp": str(val),
+        "latest_seed_time": latest,
+    }
+    if failures:
+        return Verdict(False, f"{where}: " + "; ".join(failures), metadata)
+    return Verdict(
+        True,
+        f"{where}: window ({t}, {t + delta}] ends by the validation timestamp {val} "
+        f"({val - (t + delta)} before it)",
+        metadata,
+    )
+
+
+# --------------------------------------------------------------------------- pre-training
+
+
+def finite_weights_verdict(checkpoint: Mapping, where: str) -> Verdict:
+    """Every tensor of every entity table's backbone and head is finite."""
+    import torch
+
+    failures, counted = [], {}
+    for entity, result in checkpoint.get("by_entity", {}).items():
+        n = 0
+        for part in ("backbone", "head"):
+            for name, tensor in result.get(part, {}).items():
+                if not torch.is_tensor(tensor) or not tensor.is_floating_point():
+                    continue
+                n += tensor.numel()
+                bad = int((~torch.isfinite(tensor)).sum())
+                if bad:
+                    failures.append(
+                        f"{entity}: {bad} of {tensor.numel()} values of {part} tensor {name} "
+                        "are not finite (NaN or inf)"
+                    )
+        counted[entity] = n
+    metadata = {"values": counted}
+    if not counted:
+        return Verdict(False, f"{where}: the checkpoint has no entity table", metadata)
+    if failures:
+        return Verdict(False, f"{where}: " + "; ".join(failures), metadata)
+    return Verdict(True, f"{where}: all {sum(counted.values())} weights finite", metadata)
+
+
+class _MeanPredictor:
+    """The trivial predictor of pre-training: every seed's task vector is the mean one."""
+
+    def __init__(self, mean):
+        self.mean = mean
+
+    def head(self, z):
+        return self.mean.to(z.device).expand(z.shape[0], -1)
+
+
+def _mean_task_vector(seeds, chunk: int = 65_536):
+    import torch
+
+    total = torch.zeros(seeds.width, dtype=torch.float64)
+    for start in range(0, len(seeds), chunk):
+        total += seeds.task_vectors(slice(start, start + chunk)).double().sum(0)
+    return (total / max(len(seeds), 1)).float()
+
+
+def trivial_held_out_loss(seeds, recipe, entity_table: str) -> float | None:
+    """The held-out task-vector loss of the mean normalised task vector of the training
+    seeds, computed as pre-training computes its held-out loss: the objective's TVE loss
+    (:meth:`~tve_pipeline.objectives.PretrainingLoss.task_vector_loss`) per batch of
+    ``batch_size`` held-out seeds, averaged weighted by batch size. None without held-out
+    seeds. ``seeds``: :func:`tve_pipeline.task_vectors.pretraining_task_vectors`."""
+    import torch
+
+    from tve_pipeline.objectives import PretrainingLoss
+
+    val = seeds.val
+    if not len(val):
+        return None
+    loss = PretrainingLoss(
+        "tve", _MeanPredictor(_mean_task_vector(seeds.train)), {}, entity_table, recipe.pretrain
+    )
+    total, count = 0.0, 0
+    size = recipe.pretrain.batch_size
+    for start in range(0, len(val), size):
+        vectors = val.task_vectors(slice(start, start + size))
+        n = len(vectors)
+        total += loss.task_vector_loss(torch.zeros(n, 1), vectors).item() * n
+        count += n
+    return total / count
+
+
+def model_held_out_loss(
+    graph, entity_table: str, result: Mapping, seeds, recipe, device
+) -> float | None:
+    """The held-out task-vector loss of a pre-trained backbone and head (``result``, one
+    entity table's entry of a checkpoint), TVE's part only, by pre-training's own held-out
+    loss: for the objective ``tve`` it is the recorded ``best_val_loss``; beside an
+    auxiliary loss (``tve+mae``) the part that the trivial predictor is comparable with."""
+    import torch
+
+    from tve_pipeline.graph import seed_tensors
+    from tve_pipeline.model import RDLModel
+    from tve_pipeline.objectives import PretrainingLoss
+    from tve_pipeline.sampling import sampler_for
+    from tve_pipeline.training import _held_out_loss
+
+    val = seeds.val
+    if not len(val):
+        return None
+    data, col_stats = graph
+    model = RDLModel(data, col_stats, recipe.backbone, out_channels=seeds.normaliser.width)
+    model.load_state_dict(
+        {**result["backbone"], **{f"head.{k}": v for k, v in result["head"].items()}}
+    )
+    model.to(device)
+    loss = PretrainingLoss("tve", model, torch.nn.ModuleDict(), entity_table, recipe.pretrain)
+    nodes, times = seed_tensors(val.entity, val.seed_time)
+    return _held_out_loss(
+        loss,
+        model,
+        sampler_for(data, recipe.backbone),
+        entity_table,
+        (nodes, times, val),
+        recipe.pretrain.batch_size,
+        recipe.seed,
+        device,
+    )
+
+
+def pretraining_verdict(
+    losses: Mapping[str, tuple[float | None, float | None]], where: str
+) -> Verdict:
+    """Each entity table's held-out loss ``(model, trivial)``: the model's must be lower."""
+    failures, notes = [], []
+    for entity, (model, trivial) in losses.items():
+        if model is None or trivial is None:
+            notes.append(f"{entity}: no held-out seeds to compare on")
+        elif not (math.isfinite(model) and model < trivial):
+            failures.append(
+                f"{entity}: held-out task-vector loss {model:.6g} is not below the trivial "
+                f"predictor's {trivial:.6g} (the mean normalised task vector), by "
+                f"{model - trivial:.6g}"
+            )
+    metadata = {
+        "model_loss": {e: m for e, (m, _) in losses.items()},
+        "trivial_loss": {e: t for e, (_, t) in losses.items()},
+    }
+    if failures:
+        return Verdict(False, f"{where}: " + "; ".join(failures), metadata)
+    shown = "; ".join(
+        f"{e}: {m:.4g} < {t:.4g}" for e, (m, t) in losses.items() if m is not None and t is not None
+    )
+    return Verdict(
+        True,
+        f"{where}: held-out loss below the trivial predictor's"
+        + (f" ({shown})" if shown else "")
+        + ("; " + "; ".join(notes) if notes else ""),
+        metadata,
+    )
+
+
+# --------------------------------------------------------------------------- fine-tuning
+
+
+def trivial_scores(task, tables: Mapping) -> tuple[str, dict[str, float]]:
+    """A constant prediction's metrics on val and test by RelBench's evaluator: the
+    majority class of the training labels (binary classification) or their mean
+    (regression). Returns (what the constant is, {split: {metric: value}})."""
+    from relbench.base import TaskType
+
+    labels = tables["train"].df[task.target_col].astype(float)
+    if task.task_type == TaskType.BINARY_CLASSIFICATION:
+        value = float(labels.mean() >= 0.5)
+        what = f"majority class {int(value)}"
+    else:
+        value = float(labels.mean())
+        what = f"training mean {value:.6g}"
+    scores = {}
+    for split, labelled in (("val", tables["val"]), ("test", tables.get("test_labels"))):
+        n = len(tables[split].df)
+        scores[split] = {k: float(v) for k, v in task.evaluate(np.full(n, value), labelled).items()}
+    return what, scores
+
+
+def baseline_verdict(
+    model_scores: Mapping[str, Mapping[str, float]],
+    trivial: tuple[str, Mapping[str, Mapping[str, float]]],
+    metric: str,
+    higher_is_better: bool,
+    where: str,
+) -> Verdict:
+    """The model beats the constant prediction on the task's first metric, val and test."""
+    what, scores = trivial
+    failures, shown = [], []
+    for split in ("val", "test"):
+        model, base = model_scores.get(split, {}).get(metric), scores[split][metric]
+        if model is None:
+            failures.append(f"{split}: no {metric} in the metrics")
+            continue
+        better = model > base if higher_is_better else model < base
+        shown.append(f"{split} {metric} {model:.4g} vs {base:.4g}")
+        if not better:
+            failures.append(
+                f"{split} {metric} {model:.4g} is not better than the trivial baseline's "
+                f"{base:.4g} ({what}) by {abs(model - base):.4g} "
+                f"({'higher' if higher_is_better else 'lower'} is better)"
+            )
+    metadata = {
+        "metric": metric,
+        "model": {s: model_scores.get(s, {}).get(metric) for s in ("val", "test")},
+        "trivial": {s: scores[s][metric] for s in ("val", "test")},
+        "trivial_prediction": what,
+    }
+    if failures:
+        return Verdict(False, f"{where}: " + "; ".join(failures), metadata)
+    return Verdict(True, f"{where}: beats the trivial baseline ({'; '.join(shown)})", metadata)
