@@ -21,6 +21,7 @@ from pathlib import Path
 
 import dagster as dg
 import pandas as pd
+import yaml
 
 from assets.database_assets import training_windows
 from assets.definitions import (
@@ -44,11 +45,19 @@ from tve_pipeline.summary import summarise_database
 _QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 
 
+# The web UI's "Join the Dagster community" dialog covers the first page a new user opens;
+# the instance setting ``nux`` turns it off (the UI asks ``shouldShowNux``, which is
+# ``instance.nux_enabled`` and no dismissal stored yet).
+_NO_NUX = "nux:\n  enabled: false\n"
+
+
 def instance_config(parallel: int = 2) -> str:
-    """The run folder's dagster.yaml: no telemetry; queued runs and the ``gpu`` pool limited
-    to ``parallel`` at a time (what a backfill of experiment cells fans out to)."""
+    """The run folder's dagster.yaml: no telemetry, no sign-up dialog in the UI; queued runs
+    and the ``gpu`` pool limited to ``parallel`` at a time (what a backfill of experiment
+    cells fans out to)."""
     return (
         "telemetry:\n  enabled: false\n"
+        f"{_NO_NUX}"
         "concurrency:\n"
         f"  runs:\n    max_concurrent_runs: {parallel}\n"
         f"  pools:\n    default_limit: {parallel}\n"
@@ -63,6 +72,8 @@ def prepare_run_dir(run_dir: Path, parallel: int | None = None) -> dg.DagsterIns
     cfg = home / "dagster.yaml"
     if parallel is not None or not cfg.exists():
         cfg.write_text(instance_config(parallel or 2))
+    elif "nux" not in (yaml.safe_load(cfg.read_text()) or {}):  # a folder from before
+        cfg.write_text(cfg.read_text().rstrip("\n") + "\n" + _NO_NUX)
     os.environ["DAGSTER_HOME"] = str(home)
     os.environ["TVE_RUN_DIR"] = str(run_dir)
     return dg.DagsterInstance.get()

@@ -7,6 +7,7 @@ import dagster as dg
 import pandas as pd
 
 from assets.failures import failure
+from assets.metadata import code, table
 from assets.registry import Database, register_windows
 from resources import RecipeResource, TVEStorage
 from tve_pipeline.config import recipe_version
@@ -17,8 +18,10 @@ from tve_pipeline.database import (
     task_timedelta,
 )
 from tve_pipeline.schema import DatabaseError
+from tve_pipeline.schema_diagram import er_diagram
 from tve_pipeline.summary import summarise_database
-from tve_pipeline.traversal import build_traversal_graph
+from tve_pipeline.targets import targets_sql
+from tve_pipeline.traversal import TargetDef, build_traversal_graph
 from tve_pipeline.windows import seed_schedule as database_seed_schedule
 from tve_pipeline.windows import window_key
 
@@ -51,6 +54,130 @@ def training_windows(summary, recipe) -> list[str]:
     return list(schedule.loc[schedule["split"] == "train", "window"])
 
 
+def raw_tables_metadata(summary) -> dict:
+    """The schema as a Mermaid diagram, the row count of every table, the checks' notes."""
+    tables = open_dataset(summary.dataset_dir).manifest.tables
+    counts = [
+        {
+            "table": name,
+            "rows": summary.rows.get(name, 0),
+            "columns": len(summary.column_types.get(name, {})),
+            "primary_key": spec.pkey or "",
+            "time_column": spec.time_col or "",
+            "foreign_keys": ", ".join(f"{c} -> {p}" for c, p in spec.fkeys.items()),
+        }
+        for name, spec in tables.items()
+    ]
+    total = sum(summary.rows.values())
+    return {
+        "dataset_dir": dg.MetadataValue.path(summary.dataset_dir),
+        "fingerprint": summary.fingerprint,
+        "rows": total,
+        "dagster/row_count": total,
+        "tables": len(tables),
+        "row_counts": table(
+            counts,
+            {
+                "table": "string",
+                "rows": "int",
+                "columns": "int",
+                "primary_key": "string",
+                "time_column": "string",
+                "foreign_keys": "string",
+            },
+        ),
+        "schema": dg.MetadataValue.md(
+            code(er_diagram(tables, summary.column_types), "mermaid")
+            + "\n\nMermaid source of the schema (GitHub and mermaid.live draw it): a table per "
+            'entity, PK/FK marking keys, `"time"` the time column, a line per foreign key.'
+        ),
+        "time_range": f"{summary.min_timestamp} .. {summary.max_timestamp}",
+        "val_timestamp": summary.val_timestamp,
+        "test_timestamp": summary.test_timestamp,
+        "tasks": ", ".join(summary.task_names),
+        "column_types": dg.MetadataValue.json(summary.column_types),
+        "changed_rows": dg.MetadataValue.json(summary.changed_rows or {}),
+        "warnings": dg.MetadataValue.md("\n".join(f"- {w}" for w in summary.warnings) or "(none)"),
+        "info": dg.MetadataValue.md("\n".join(f"- {i}" for i in summary.info) or "(none)"),
+    }
+
+
+#: The generated SQL shown per entity table, at most (a 2-hop graph of a wide database can
+#: reach hundreds of kilobytes; `tve targets --show-sql` prints all of it).
+SQL_SHOWN_CHARS = 100_000
+
+
+def sql_markdown(sql: dict[str, str], note: str) -> str:
+    """Each entity table's SQL as a ```sql block under its name, after ``note``."""
+    blocks = []
+    for entity, text in sql.items():
+        if len(text) > SQL_SHOWN_CHARS:
+            text = (
+                text[:SQL_SHOWN_CHARS]
+                + f"\n-- ... {len(text) - SQL_SHOWN_CHARS} more characters: "
+                + f"tve targets DATASET_DIR --entity {entity} --show-sql"
+            )
+        blocks.append(code(text, "sql", heading=entity))
+    return "\n\n".join([note, *blocks])
+
+
+def traversal_graph_metadata(graph: dict, sql: dict[str, str], recipe) -> dict:
+    """The targets: counted, listed (entity, name, path, column, aggregation), and as SQL."""
+    listed = [
+        {
+            "entity": entity,
+            "target": d["name"],
+            "path": entity
+            + "".join(
+                f" {'<-' if h['direction'] == 'in' else '->'} {h['table']}[{h['via']}]"
+                for h in d["path"]
+            ),
+            "column": d["column"] or "*",
+            "aggregation": d["aggregation"],
+        }
+        for entity, defs in graph.items()
+        for d in defs
+    ]
+    by_entity = [
+        {
+            "entity": entity,
+            "targets": len(defs),
+            "paths": len({tuple(tuple(sorted(h.items())) for h in d["path"]) for d in defs}),
+        }
+        for entity, defs in graph.items()
+    ]
+    return {
+        "targets": len(listed),
+        "entity_tables": len(graph),
+        "hops": recipe.targets.hops,
+        "by_entity": table(by_entity, {"entity": "string", "targets": "int", "paths": "int"}),
+        "target_list": table(
+            listed,
+            {
+                "entity": "string",
+                "target": "string",
+                "path": "string",
+                "column": "string",
+                "aggregation": "string",
+            },
+            {
+                "path": "entity <- TABLE[FKEY]: rows of TABLE whose FKEY references the "
+                "previous row; -> TABLE[FKEY]: the TABLE row the previous row's FKEY references"
+            },
+        ),
+        "sql": dg.MetadataValue.md(
+            sql_markdown(
+                sql,
+                "The DuckDB query of each entity table's raw task vectors. It reads every "
+                "table as a relation of its name and the seed times as "
+                "`timestamps(timestamp)`; `tve_targets` shows it as a script over the "
+                "parquet files that runs as it is.",
+            )
+        ),
+        "targets_json": dg.MetadataValue.json(json.loads(json.dumps(graph))),
+    }
+
+
 def build_database_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
     targets_version = recipe_version(recipe, "targets")
 
@@ -71,22 +198,7 @@ def build_database_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
         return dg.Output(
             summary,
             data_version=dg.DataVersion(summary.fingerprint),
-            metadata={
-                "dataset_dir": dg.MetadataValue.path(summary.dataset_dir),
-                "fingerprint": summary.fingerprint,
-                "rows": dg.MetadataValue.json(summary.rows),
-                "total_rows": sum(summary.rows.values()),
-                "time_range": f"{summary.min_timestamp} .. {summary.max_timestamp}",
-                "val_timestamp": summary.val_timestamp,
-                "test_timestamp": summary.test_timestamp,
-                "tasks": ", ".join(summary.task_names),
-                "column_types": dg.MetadataValue.json(summary.column_types),
-                "changed_rows": dg.MetadataValue.json(summary.changed_rows or {}),
-                "warnings": dg.MetadataValue.md(
-                    "\n".join(f"- {w}" for w in summary.warnings) or "(none)"
-                ),
-                "info": dg.MetadataValue.md("\n".join(f"- {i}" for i in summary.info) or "(none)"),
-            },
+            metadata=raw_tables_metadata(summary),
         )
 
     @dg.asset(
@@ -150,24 +262,16 @@ def build_database_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
                 graph[entity] = [d.to_dict() for d in defs]
         except ValueError as exc:
             raise failure(exc) from exc
-        preview = "\n".join(
-            f"| {entity} | {d['name']} "
-            f"| {' '.join(h['direction'] + ':' + h['table'] for h in d['path'])} "
-            f"| {d['column'] or '*'} | {d['aggregation']} |"
-            for entity, defs in graph.items()
-            for d in defs
-        )
-        return dg.Output(
-            graph,
-            metadata={
-                "num_targets": dg.MetadataValue.json({e: len(d) for e, d in graph.items()}),
-                "hops": run_recipe.targets.hops,
-                "targets": dg.MetadataValue.md(
-                    "| entity | name | path | column | aggregation |\n|---|---|---|---|---|\n"
-                    + preview
-                ),
-                "targets_json": dg.MetadataValue.json(json.loads(json.dumps(graph))),
-            },
-        )
+        try:  # the SQL is shown, not run: without a Δ the graph stands and the UI says why
+            delta = database_timedelta(raw_tables, run_recipe)
+            sql = {
+                entity: targets_sql(
+                    dataset.manifest.tables, [TargetDef.from_dict(d) for d in defs], entity, delta
+                )
+                for entity, defs in graph.items()
+            }
+        except ValueError as exc:
+            sql = {entity: f"-- no SQL: {str(exc).splitlines()[0]}" for entity in graph}
+        return dg.Output(graph, metadata=traversal_graph_metadata(graph, sql, run_recipe))
 
     return [raw_tables, temporal_windows, traversal_graph]

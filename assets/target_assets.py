@@ -13,14 +13,16 @@ from pathlib import Path
 
 import dagster as dg
 
-from assets.database_assets import database_timedelta
+from assets.database_assets import database_timedelta, sql_markdown
 from assets.failures import failure
+from assets.metadata import table
 from assets.partitions import window_partitions
 from assets.registry import Database
 from resources import RecipeResource, TVEStorage
 from tve_pipeline.config import recipe_version
 from tve_pipeline.database import open_dataset, table_files
-from tve_pipeline.targets import TargetQuery, write_targets_by_seed_time
+from tve_pipeline.target_summary import summarise_targets
+from tve_pipeline.targets import TargetQuery, targets_script, write_targets_by_seed_time
 from tve_pipeline.traversal import TargetDef
 from tve_pipeline.windows import window_seed_time
 
@@ -52,6 +54,75 @@ class TaskVectorFiles(dg.ConfigurableIOManager):
     def load_input(self, context: dg.InputContext) -> dict[str, Path]:
         database = context.upstream_output.definition_metadata[DATABASE_METADATA]
         return {w: self.folder(database, w) for w in context.asset_partition_keys}
+
+
+def tve_targets_metadata(
+    graph: dict,
+    rows: dict,
+    inactive: dict,
+    scripts: dict,
+    files: dict,
+    *,
+    windows: list[str],
+    timedelta,
+    folder: Path,
+) -> dict:
+    """Counts under fixed keys, per entity table in ``by_entity``, every target with what
+    its values look like (``target_values``), and the DuckDB script of this run."""
+    total, total_inactive = sum(rows.values()), sum(inactive.values())
+    values = [
+        {"entity": entity, "aggregation": d["aggregation"], **summary}
+        for entity, defs in graph.items()
+        for d, summary in zip(defs, summarise_targets(files[entity], [d["name"] for d in defs]))
+    ]
+    return {
+        "timedelta": str(timedelta),
+        "num_windows": len(windows),
+        "first_window": windows[0],
+        "last_window": windows[-1],
+        "rows": total,
+        "dagster/row_count": total,
+        "inactive_rate": total_inactive / total if total else 0.0,
+        "targets": sum(len(d) for d in graph.values()),
+        "by_entity": table(
+            [
+                {
+                    "entity": e,
+                    "targets": len(graph[e]),
+                    "rows": rows[e],
+                    "inactive_rate": inactive[e] / rows[e] if rows[e] else 0.0,
+                }
+                for e in rows
+            ],
+            {"entity": "string", "targets": "int", "rows": "int", "inactive_rate": "float"},
+        ),
+        "target_values": table(
+            values,
+            {
+                "entity": "string",
+                "target": "string",
+                "aggregation": "string",
+                "active_rows": "int",
+                "non_null": "int",
+                "mean": "float",
+                "min": "string",
+                "max": "string",
+            },
+            {
+                "active_rows": "rows of this run's windows with a next-window row (inactive = 0)",
+                "non_null": "active rows where the target has a value",
+            },
+        ),
+        "sql": dg.MetadataValue.md(
+            sql_markdown(
+                scripts,
+                "The DuckDB script of each entity table's raw task vectors for this run's "
+                "windows: a view per table over its parquet file, the seed times, the query. "
+                "It runs as it is (`duckdb < targets.sql`) and gives the rows written here.",
+            )
+        ),
+        "folder": dg.MetadataValue.path(str(folder)),
+    }
 
 
 def build_target_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
@@ -96,6 +167,7 @@ def build_target_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
             raise failure(exc) from exc
         rows = {entity: 0 for entity in traversal_graph}
         inactive = {entity: 0 for entity in traversal_graph}
+        scripts = {}
         seed_times = {window_seed_time(w): w for w in windows}
         for entity, defs in traversal_graph.items():
             try:
@@ -111,6 +183,7 @@ def build_target_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
                 stats = write_targets_by_seed_time(
                     query, lambda t, e=entity: storage.targets_file(db.name, seed_times[t], e)
                 )
+                scripts[entity] = targets_script(query)
             except ValueError as exc:
                 raise failure(exc) from exc
             rows[entity] = sum(v["rows"] for v in stats.values())
@@ -120,22 +193,16 @@ def build_target_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
             )
         return dg.Output(
             {w: str(storage.targets_file(db.name, w, "x").parent) for w in windows},
-            metadata={
-                "timedelta": str(delta),
-                "num_windows": len(windows),
-                "first_window": windows[0],
-                "last_window": windows[-1],
-                "rows": dg.MetadataValue.json(rows),
-                "inactive_rate": dg.MetadataValue.json(
-                    {e: inactive[e] / rows[e] if rows[e] else 0.0 for e in rows}
-                ),
-                "num_targets": dg.MetadataValue.json(
-                    {e: len(d) for e, d in traversal_graph.items()}
-                ),
-                "folder": dg.MetadataValue.path(
-                    str(storage.targets_file(db.name, windows[0], "x").parent.parent)
-                ),
-            },
+            metadata=tve_targets_metadata(
+                traversal_graph,
+                rows,
+                inactive,
+                scripts,
+                {e: [storage.targets_file(db.name, w, e) for w in windows] for e in rows},
+                windows=windows,
+                timedelta=delta,
+                folder=storage.targets_file(db.name, windows[0], "x").parent.parent,
+            ),
         )
 
     return [tve_targets]

@@ -9,7 +9,6 @@ is missing. Each asset's code version hashes the recipe sections that decide its
 so a changed recipe shows exactly those assets as stale.
 """
 
-import base64
 import os
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import dagster as dg
 import pandas as pd
 
 from assets.failures import failure
+from assets.metadata import image, mlflow_metadata, png_markdown, table
 from assets.partitions import (
     SCRATCH,
     cell_partitions,
@@ -31,6 +31,7 @@ from tve_pipeline import evaluation, training
 from tve_pipeline.config import recipe_version
 from tve_pipeline.database import open_dataset
 from tve_pipeline.graph import graph_for
+from tve_pipeline.learning_curves import plot_learning_curves
 from tve_pipeline.results import markdown_table, plot_tasks, summarise
 from tve_pipeline.tasks import past_activity, restrict_to_most_active
 
@@ -194,7 +195,6 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
             "created": context.run_id,
         }
         graph = _cached_graph(storage, raw_tables, dataset, run_recipe)
-        seeds, best_epoch, best_val_loss = {}, {}, {}
         with mlflow.run(context, f"pretrain {objective}", database=db.name) as run:
             run.log_params(
                 {
@@ -226,11 +226,6 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
                     device,
                 )
                 checkpoint["by_entity"][entity] = result
-                seeds[entity] = result["n_train_seeds"] + result["n_val_seeds"]
-                best_epoch[entity], best_val_loss[entity] = (
-                    result["best_epoch"],
-                    result["best_val_loss"],
-                )
             run.log_torch(
                 {e: v["backbone"] for e, v in checkpoint["by_entity"].items()}, "backbone.pt"
             )
@@ -238,10 +233,8 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
             checkpoint,
             metadata={
                 "num_windows": len(next(iter(files.values()))),
-                "seeds": dg.MetadataValue.json(seeds),
-                "best_epoch": dg.MetadataValue.json(best_epoch),
-                "best_val_loss": dg.MetadataValue.json(best_val_loss),
-                "mlflow_run_id": run.run_id,
+                **checkpoint_metadata(objective, checkpoint["by_entity"], traversal_graph),
+                **mlflow_metadata(run),
             },
         )
 
@@ -324,6 +317,8 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
                 raise failure(exc) from exc
             run.log_torch(result["state_dict"], "model.pt")
             result["mlflow_run_id"] = run.run_id
+        val = {k: float(v) for k, v in result["val_metrics"].items()}
+        metric = next(iter(val), "")
         return dg.Output(
             result,
             metadata={
@@ -335,10 +330,21 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
                 "n_val": len(tables["val"].df),
                 "n_test": len(tables["test"].df),
                 "best_epoch": result["best_epoch"],
-                "val_metrics": dg.MetadataValue.json(
-                    {k: float(v) for k, v in result["val_metrics"].items()}
+                "metric": metric,
+                "val_score": dg.MetadataValue.float(val.get(metric, float("nan"))),
+                "val_metrics": table(
+                    [{"metric": k, "value": v} for k, v in val.items()],
+                    {"metric": "string", "value": "float"},
                 ),
-                "mlflow_run_id": run.run_id,
+                "learning_curve": image(
+                    plot_learning_curves(
+                        {method: result["history"]},
+                        title=f"fine-tuning {context.partition_key}",
+                        points={"kept (best epoch)": (result["best_epoch"], val.get(metric))},
+                    ),
+                    "learning curve",
+                ),
+                **mlflow_metadata(run),
             },
         )
 
@@ -397,8 +403,8 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
         return dg.Output(
             pd.DataFrame(rows),
             metadata={
-                **{f"{row['split']}_{row['metric']}": row["value"] for row in rows},
-                "mlflow_run_id": run.run_id,
+                **cell_metrics_metadata(scores, finetuned_models, context.partition_key),
+                **mlflow_metadata(run),
             },
         )
 
@@ -435,20 +441,92 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
                 "cells_expected": len(experiment_cells(db.tasks, recipe)),
                 "summary": dg.MetadataValue.md(markdown_table(summary)),
                 "plots": dg.MetadataValue.md(
-                    "\n\n".join(_embedded_png(p) for p in plots) or "(no plot)"
+                    "\n\n".join(png_markdown(p.read_bytes(), p.stem) for p in plots) or "(no plot)"
                 ),
                 "folder": dg.MetadataValue.path(str(out)),
-                "mlflow_run_id": run.run_id,
+                "mlflow_experiment": dg.MetadataValue.url(run.experiment_url),
+                **mlflow_metadata(run),
             },
         )
 
     return [pretrained_checkpoint, finetuned_models, metrics, results]
 
 
-def _embedded_png(path: Path) -> str:
-    """A PNG inside Markdown metadata, so that the UI shows the image itself."""
-    encoded = base64.b64encode(path.read_bytes()).decode()
-    return f"**{path.stem}**\n\n![{path.stem}](data:image/png;base64,{encoded})"
+def _mean(values) -> float:
+    values = [float(v) for v in values if v is not None]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def checkpoint_metadata(objective: str, by_entity: dict, graph: dict) -> dict:
+    """Seeds and best validation loss (mean over entity tables: one number per
+    checkpoint, plotted across objectives), a row per entity table, the loss curves."""
+    return {
+        "seeds": sum(r["n_train_seeds"] + r["n_val_seeds"] for r in by_entity.values()),
+        "val_loss": dg.MetadataValue.float(_mean(r["best_val_loss"] for r in by_entity.values())),
+        "by_entity": table(
+            [
+                {
+                    "entity": entity,
+                    "targets": len(graph.get(entity, ())),
+                    "train_seeds": r["n_train_seeds"],
+                    "val_seeds": r["n_val_seeds"],
+                    "inactive_rate": r["inactive_rate"],
+                    "best_epoch": r["best_epoch"],
+                    "best_val_loss": r["best_val_loss"],
+                }
+                for entity, r in by_entity.items()
+            ],
+            {
+                "entity": "string",
+                "targets": "int",
+                "train_seeds": "int",
+                "val_seeds": "int",
+                "inactive_rate": "float",
+                "best_epoch": "int",
+                "best_val_loss": "float",
+            },
+        ),
+        "loss_curves": image(
+            plot_learning_curves(
+                {entity: r["history"] for entity, r in by_entity.items()},
+                title=f"pre-training {objective}",
+                quantities=["train_loss", "val_loss"],
+            ),
+            "loss curves",
+        ),
+    }
+
+
+def cell_metrics_metadata(scores: dict, finetuned: dict, cell: str) -> dict:
+    """The task's first metric (RelBench's order; the one fine-tuning chose its epoch by)
+    under fixed keys, every metric in a table, and a plot: the fine-tuning curve with the
+    evaluated val and test scores at the kept epoch."""
+    metric = next(iter(scores.get("val") or scores.get("test") or {}), "")
+    nan = float("nan")
+    val, test = scores.get("val", {}).get(metric, nan), scores.get("test", {}).get(metric, nan)
+    epoch = finetuned.get("best_epoch", 0)
+    return {
+        "metric": metric,
+        "val_score": dg.MetadataValue.float(float(val)),
+        "test_score": dg.MetadataValue.float(float(test)),
+        "scores": table(
+            [
+                {"split": split, "metric": name, "value": value}
+                for split, values in scores.items()
+                for name, value in values.items()
+            ],
+            {"split": "string", "metric": "string", "value": "float"},
+        ),
+        "plot": image(
+            plot_learning_curves(
+                {"fine-tuning": finetuned.get("history", [])},
+                title=cell,
+                quantities=["train_loss", f"val_{metric}"],
+                points={"val (evaluated)": (epoch, val), "test": (epoch, test)},
+            ),
+            f"{metric}: fine-tuning curve, val and test at the kept epoch",
+        ),
+    }
 
 
 def write_results(out: Path, rows: pd.DataFrame, summary: pd.DataFrame) -> None:

@@ -3,8 +3,14 @@
 ``dagster-mlflow`` keeps one MLflow run per Dagster run and pins an older Dagster, so this
 small resource opens its own run for every asset partition, tagged with the Dagster run
 id, the asset and the partition key; the asset writes the MLflow run id into its output
-metadata so that the UI links the two. The embedded default is a SQLite store in the run
-folder (MLflow 3 refuses plain file stores).
+metadata so that the UI links the two, as a URL into the MLflow UI (``make mlflow-ui``, or
+the tracking server when the tracking URI is one). The embedded default is a SQLite store
+in the run folder (MLflow 3 refuses plain file stores).
+
+MLflow 3's UI opens an experiment in its GenAI view (traces) unless told otherwise: the
+experiment is created with the experiment-kind tag of a model-training experiment, and
+the run links carry ``workflowType=machine_learning``, which is what MLflow 3.17's web app
+itself reads (the URL's switch wins over the one it remembers in the browser).
 """
 
 import contextlib
@@ -13,6 +19,14 @@ import tempfile
 from pathlib import Path
 
 import dagster as dg
+
+#: MLflow 3's experiment-kind tag and its value for a (non-GenAI) model-training experiment.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+#: The query that opens a page of MLflow 3's UI in its model-training view.
+MODEL_TRAINING_VIEW = "?workflowType=machine_learning"
+#: What ``make mlflow-ui`` serves.
+DEFAULT_UI_URL = "http://127.0.0.1:5000"
 
 
 def mlflow_key(name: str) -> str:
@@ -23,8 +37,9 @@ def mlflow_key(name: str) -> str:
 class MLflowRun:
     """A thin handle on one MLflow run (client API: no process-global active run)."""
 
-    def __init__(self, client, run_id: str):
+    def __init__(self, client, run_id: str, url: str = "", experiment_url: str = ""):
         self.client, self.run_id = client, run_id
+        self.url, self.experiment_url = url, experiment_url
 
     def log_params(self, params: dict) -> None:
         for key, value in params.items():
@@ -56,20 +71,45 @@ class MLflowTracking(dg.ConfigurableResource):
     # Where a new experiment keeps its artifacts (models, plots); MLflow's default is
     # ./mlruns under whatever folder the process runs in.
     artifact_location: str = ""
+    # The MLflow UI the run links point at: the tracking server when the tracking URI is
+    # one, otherwise what `make mlflow-ui` serves.
+    ui_url: str = ""
+
+    def ui(self) -> str:
+        if self.ui_url:
+            return self.ui_url.rstrip("/")
+        if self.tracking_uri.startswith(("http://", "https://")):
+            return self.tracking_uri.rstrip("/")
+        return DEFAULT_UI_URL
+
+    def experiment_url(self, experiment_id: str) -> str:
+        """The experiment's runs in the MLflow UI, in its model-training view."""
+        return f"{self.ui()}/#/experiments/{experiment_id}{MODEL_TRAINING_VIEW}"
+
+    def run_url(self, experiment_id: str, run_id: str) -> str:
+        """The run's page in the MLflow UI, in its model-training view."""
+        return f"{self.ui()}/#/experiments/{experiment_id}/runs/{run_id}{MODEL_TRAINING_VIEW}"
+
+    def experiment_id(self, client) -> str:
+        """The experiment's id, created as a model-training experiment when missing (and
+        tagged so when an older version created it)."""
+        exp = client.get_experiment_by_name(self.experiment)
+        if exp is None:
+            return client.create_experiment(
+                self.experiment,
+                artifact_location=self.artifact_location or None,
+                tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING},
+            )
+        if EXPERIMENT_KIND_TAG not in exp.tags:
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+        return exp.experiment_id
 
     @contextlib.contextmanager
     def run(self, context: dg.AssetExecutionContext, name: str, database: str = ""):
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=self.tracking_uri)
-        exp = client.get_experiment_by_name(self.experiment)
-        exp_id = (
-            exp.experiment_id
-            if exp
-            else client.create_experiment(
-                self.experiment, artifact_location=self.artifact_location or None
-            )
-        )
+        exp_id = self.experiment_id(client)
         partition = context.partition_key if context.has_partition_key else ""
         tags = {
             "dagster.run_id": context.run_id,
@@ -81,7 +121,12 @@ class MLflowTracking(dg.ConfigurableResource):
         run = client.create_run(
             exp_id, tags=tags, run_name=" ".join(p for p in (name, database, str(partition)) if p)
         )
-        handle = MLflowRun(client, run.info.run_id)
+        handle = MLflowRun(
+            client,
+            run.info.run_id,
+            self.run_url(exp_id, run.info.run_id),
+            self.experiment_url(exp_id),
+        )
         try:
             yield handle
         except BaseException:

@@ -33,6 +33,8 @@ def test_webserver_lists_assets_and_location_loads(webserver):
     assert entries, "no code location"
     for e in entries:
         assert e["locationOrLoadError"]["__typename"] == "RepositoryLocation", e
+    # no "Join the Dagster community" dialog over the first page (the run folder's nux)
+    assert _graphql(webserver, "{ shouldShowNux }")["shouldShowNux"] is False
     nodes = _graphql(webserver, "{ assetNodes { assetKey { path } } }")["assetNodes"]
     assert {"/".join(n["assetKey"]["path"]) for n in nodes} == EIGHT
     # the windows of tve_targets are the database's own, all materialised: none missing

@@ -1,0 +1,370 @@
+"""What the Dagster UI shows of the tiny database's assets, read from the materialisation
+events of the pipeline's own Dagster instance: fixed metadata keys, a schema diagram that
+names every table and foreign key, row counts of the parquet files, SQL that DuckDB runs
+to the rows written, plots and tables, links to existing MLflow runs; and the instance and
+MLflow settings that keep a sign-up dialog and the GenAI view out of a new user's way."""
+
+import base64
+import re
+import struct
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+import dagster as dg
+import duckdb
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from tests.conftest import load_asset
+from tve_pipeline.schema_diagram import er_diagram
+
+ASSETS = (
+    "raw_tables",
+    "temporal_windows",
+    "traversal_graph",
+    "tve_targets",
+    "pretrained_checkpoint",
+    "finetuned_models",
+    "metrics",
+    "results",
+)
+MLFLOW = {"mlflow_run", "mlflow_run_id"}
+IO_MANAGER = {"path"}  # the file Dagster's FilesystemIOManager wrote
+KEYS = {
+    "raw_tables": {
+        "dataset_dir",
+        "fingerprint",
+        "rows",
+        "dagster/row_count",
+        "tables",
+        "row_counts",
+        "schema",
+        "time_range",
+        "val_timestamp",
+        "test_timestamp",
+        "tasks",
+        "column_types",
+        "changed_rows",
+        "warnings",
+        "info",
+    }
+    | IO_MANAGER,
+    "temporal_windows": {
+        "timedelta",
+        "num_seed_times",
+        "num_windows",
+        "windows_added",
+        "by_split",
+        "first_window",
+        "last_window",
+    }
+    | IO_MANAGER,
+    "traversal_graph": {
+        "targets",
+        "entity_tables",
+        "hops",
+        "by_entity",
+        "target_list",
+        "sql",
+        "targets_json",
+    }
+    | IO_MANAGER,
+    "tve_targets": {
+        "timedelta",
+        "num_windows",
+        "first_window",
+        "last_window",
+        "rows",
+        "dagster/row_count",
+        "inactive_rate",
+        "targets",
+        "by_entity",
+        "target_values",
+        "sql",
+        "folder",
+    },
+    "pretrained_checkpoint": {"num_windows", "seeds", "val_loss", "by_entity", "loss_curves"}
+    | MLFLOW
+    | IO_MANAGER,
+    "finetuned_models": {
+        "task",
+        "method",
+        "label_fraction",
+        "seed",
+        "n_train",
+        "n_val",
+        "n_test",
+        "best_epoch",
+        "metric",
+        "val_score",
+        "val_metrics",
+        "learning_curve",
+    }
+    | MLFLOW
+    | IO_MANAGER,
+    "metrics": {"metric", "val_score", "test_score", "scores", "plot"} | MLFLOW | IO_MANAGER,
+    "results": {"cells", "cells_expected", "summary", "plots", "folder", "mlflow_experiment"}
+    | MLFLOW
+    | IO_MANAGER,
+}
+# Numbers the UI plots across partitions: a number under the same key in every partition.
+PLOTTED = {
+    "raw_tables": ("rows", "tables"),
+    "traversal_graph": ("targets",),
+    "tve_targets": ("rows", "targets", "inactive_rate"),
+    "pretrained_checkpoint": ("seeds", "val_loss"),
+    "finetuned_models": ("n_train", "best_epoch", "val_score"),
+    "metrics": ("val_score", "test_score"),
+}
+
+
+def _materialisations(run, asset: str) -> list[dg.AssetMaterialization]:
+    records = run["instance"].fetch_materializations(dg.AssetKey(["tiny", asset]), limit=10_000)
+    return [r.asset_materialization for r in records.records]
+
+
+def _latest(run, asset: str) -> dict:
+    return _materialisations(run, asset)[0].metadata
+
+
+def _blocks(markdown: str, language: str) -> dict[str, str]:
+    """Fenced blocks of ``language``, each under the bold heading before it ('' if none)."""
+    found = re.findall(
+        r"(?:\*\*([^*\n]+)\*\*\s*\n\s*\n)?(`{3,})" + language + r"\n(.*?)\n\2", markdown, re.S
+    )
+    return {heading: body for heading, _, body in found}
+
+
+def _png(markdown: str) -> tuple[int, int]:
+    """Width and height of the PNG embedded in ``markdown`` (it must be one)."""
+    match = re.search(r"!\[[^\]]*\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", markdown)
+    assert match, "no embedded PNG"
+    data = base64.b64decode(match.group(1))
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_every_materialisation_has_the_fixed_keys_and_plottable_numbers(pipeline_run):
+    for asset in ASSETS:
+        mats = _materialisations(pipeline_run, asset)
+        assert mats, f"{asset} was never materialised"
+        for m in mats:
+            assert set(m.metadata) == KEYS[asset], (asset, m.partition)
+            for key in PLOTTED.get(asset, ()):
+                value = m.metadata[key]
+                assert isinstance(value, (dg.IntMetadataValue, dg.FloatMetadataValue)), (
+                    asset,
+                    key,
+                    value,
+                )
+
+
+def test_schema_diagram_names_every_table_column_and_foreign_key(pipeline_run):
+    dataset = pipeline_run["dataset_dir"]
+    manifest = yaml.safe_load((dataset / "manifest.yaml").read_text())["tables"]
+    (diagram,) = _blocks(_latest(pipeline_run, "raw_tables")["schema"].value, "mermaid").values()
+    lines = diagram.splitlines()
+    assert lines[0] == "erDiagram"
+    entities, current = {}, None
+    for line in lines[1:]:
+        if m := re.fullmatch(r" {4}(\S+) \{", line):
+            current = entities.setdefault(m.group(1), {})
+        elif line == "    }":
+            current = None
+        elif current is not None:
+            m = re.fullmatch(r' {8}(\S+) (\S+)((?: (?:PK|FK)(?:, (?:PK|FK))*)?)( "[^"]*")?', line)
+            assert m, line
+            current[m.group(2)] = (m.group(3).replace(",", "").split(), (m.group(4) or "").strip())
+    relations = {
+        m.groups()
+        for line in lines
+        if (m := re.fullmatch(r' {4}(\S+) \|o--o\{ (\S+) : "([^"]+)"', line))
+    }
+    assert set(entities) == set(manifest)
+    expected_relations = set()
+    for name, spec in manifest.items():
+        columns = pq.read_schema(dataset / "db" / f"{name}.parquet").names
+        assert set(entities[name]) == set(columns), name
+        assert entities[name][spec["pkey"]][0] == ["PK"]
+        if spec.get("time_col"):
+            assert entities[name][spec["time_col"]][1] == '"time"'
+        for col, parent in (spec.get("fkeys") or {}).items():
+            assert entities[name][col][0] == ["FK"]
+            expected_relations.add((parent, name, col))
+    assert relations == expected_relations and expected_relations
+
+
+def test_diagram_names_survive_odd_table_and_column_names():
+    from relbench.manifest import TableSpec
+
+    tables = {
+        "order items": TableSpec(pkey="id", time_col="at", fkeys={"2nd-ref": "lists"}),
+        "lists": TableSpec(pkey="id"),
+    }
+    text = er_diagram(tables, {"order items": {"id": "key", "x y": "numerical"}})
+    assert "    order_items {" in text and "        numerical x_y" in text
+    assert "        key _2nd-ref FK" in text and '        timestamp at "time"' in text
+    assert '    lists |o--o{ order_items : "2nd-ref"' in text
+
+
+def test_row_count_table_equals_the_parquet_files(pipeline_run):
+    meta = _latest(pipeline_run, "raw_tables")
+    counts = {r.data["table"]: r.data["rows"] for r in meta["row_counts"].records}
+    files = {
+        p.stem: pq.ParquetFile(p).metadata.num_rows
+        for p in (pipeline_run["dataset_dir"] / "db").glob("*.parquet")
+    }
+    assert counts == files
+    assert meta["rows"].value == meta["dagster/row_count"].value == sum(files.values())
+
+
+def _windows_of_last_run(run) -> tuple[dict, list[str]]:
+    mats = _materialisations(run, "tve_targets")
+    meta = mats[0].metadata
+    last = meta["last_window"].text
+    first = meta["first_window"].text
+    folder = Path(meta["folder"].path)
+    windows = sorted(p.name for p in folder.iterdir() if first <= p.name <= last)
+    assert len(windows) == meta["num_windows"].value
+    return meta, windows
+
+
+def _written(run_dir: Path, windows: list[str], entity: str) -> pd.DataFrame:
+    frames = [
+        pd.read_parquet(run_dir / "targets" / "tiny" / w / f"{entity}.parquet") for w in windows
+    ]
+    return pd.concat(frames, ignore_index=True)
+
+
+def _same_rows(got: pd.DataFrame, want: pd.DataFrame, key: str) -> None:
+    assert list(got.columns) == list(want.columns)
+    order = ["timestamp", key]
+    pd.testing.assert_frame_equal(
+        got.sort_values(order).reset_index(drop=True),
+        want.sort_values(order).reset_index(drop=True),
+        check_dtype=False,
+    )
+
+
+def test_tve_targets_script_runs_in_duckdb_and_gives_the_rows_written(pipeline_run):
+    meta, windows = _windows_of_last_run(pipeline_run)
+    scripts = _blocks(meta["sql"].value, "sql")
+    assert set(scripts) == {"customers"}
+    got = duckdb.connect().execute(scripts["customers"]).df()
+    _same_rows(got, _written(pipeline_run["run_dir"], windows, "customers"), "customer_id")
+
+
+def test_traversal_graph_query_runs_in_duckdb_on_the_tables(pipeline_run):
+    run = pipeline_run
+    queries = _blocks(_latest(run, "traversal_graph")["sql"].value, "sql")
+    assert set(queries) == {"customers"}
+    _, windows = _windows_of_last_run(run)
+    want = _written(run["run_dir"], windows[-2:], "customers")
+    con = duckdb.connect()
+    for p in (run["dataset_dir"] / "db").glob("*.parquet"):
+        con.execute(f"CREATE VIEW \"{p.stem}\" AS SELECT * FROM read_parquet('{p}')")
+    con.register("seed_times", want[["timestamp"]].drop_duplicates())
+    con.execute("CREATE TABLE timestamps AS SELECT * FROM seed_times")
+    _same_rows(con.execute(queries["customers"]).df(), want, "customer_id")
+
+
+def test_target_list_and_values_cover_every_target(pipeline_run):
+    graph = load_asset(pipeline_run, "traversal_graph")
+    names = [d["name"] for d in graph["customers"]]
+    listed = _latest(pipeline_run, "traversal_graph")["target_list"].records
+    assert [r.data["target"] for r in listed] == names
+    meta, windows = _windows_of_last_run(pipeline_run)
+    frame = _written(pipeline_run["run_dir"], windows, "customers")
+    active = frame[frame["inactive"] == 0]
+    values = {r.data["target"]: r.data for r in meta["target_values"].records}
+    assert list(values) == names
+    for name in names:
+        assert values[name]["active_rows"] == len(active)
+        assert values[name]["non_null"] == active[name].notna().sum(), name
+    amount = next(n for n in names if n.endswith("amount__sum") and ">" not in n)
+    assert values[amount]["mean"] == pytest.approx(active[amount].mean())
+    assert meta["rows"].value == len(frame)
+
+
+def test_metrics_show_a_plot_and_the_evaluated_scores(pipeline_run):
+    for m in _materialisations(pipeline_run, "metrics"):
+        meta = m.metadata
+        width, height = _png(meta["plot"].value)
+        assert width > 300 and height > 200
+        frame = load_asset(pipeline_run, "metrics", m.partition)
+        rows = {
+            (r.data["split"], r.data["metric"]): r.data["value"] for r in meta["scores"].records
+        }
+        assert rows == pytest.approx(
+            {(s, k): v for s, k, v in zip(frame["split"], frame["metric"], frame["value"])}
+        )
+        assert meta["val_score"].value == pytest.approx(rows[("val", meta["metric"].text)])
+        assert meta["test_score"].value == pytest.approx(rows[("test", meta["metric"].text)])
+    for asset, key in (
+        ("pretrained_checkpoint", "loss_curves"),
+        ("finetuned_models", "learning_curve"),
+        ("results", "plots"),
+    ):
+        for m in _materialisations(pipeline_run, asset):
+            _png(m.metadata[key].value)
+
+
+def test_mlflow_links_open_existing_runs_in_the_model_training_view(pipeline_run):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{pipeline_run['run_dir']}/mlflow.db")
+    seen = 0
+    for asset in ("pretrained_checkpoint", "finetuned_models", "metrics", "results"):
+        for m in _materialisations(pipeline_run, asset):
+            url = urlparse(m.metadata["mlflow_run"].url)
+            assert f"{url.scheme}://{url.netloc}" == "http://127.0.0.1:5000"  # make mlflow-ui
+            route, _, query = url.fragment.partition("?")
+            assert parse_qs(query) == {"workflowType": ["machine_learning"]}
+            _, experiments, exp_id, runs, run_id = route.split("/")
+            assert (experiments, runs) == ("experiments", "runs")
+            assert run_id == m.metadata["mlflow_run_id"].text
+            run = client.get_run(run_id)
+            assert run.info.experiment_id == exp_id
+            assert run.data.tags["dagster.asset"] == asset
+            assert run.data.tags["dagster.partition"] == (m.partition or "")
+            seen += 1
+    assert seen >= 4
+    url = urlparse(_latest(pipeline_run, "results")["mlflow_experiment"].url)
+    route, _, query = url.fragment.partition("?")
+    exp = client.get_experiment_by_name("tve-pipeline")
+    assert (route, query) == (f"/experiments/{exp.experiment_id}", "workflowType=machine_learning")
+
+
+def test_experiment_is_marked_model_training_as_mlflow_ui_spells_it(pipeline_run):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{pipeline_run['run_dir']}/mlflow.db")
+    tags = client.get_experiment_by_name("tve-pipeline").tags
+    kind = tags["mlflow.experimentKind"]
+    # the values MLflow's own web app knows, read from its build
+    bundles = (Path(mlflow.__file__).parent / "server" / "js" / "build" / "static" / "js").glob(
+        "*.js"
+    )
+    known = set()
+    for bundle in bundles:
+        text = bundle.read_text(errors="ignore")
+        if "mlflow.experimentKind" in text:
+            known |= set(re.findall(r'CUSTOM_MODEL_DEVELOPMENT="([a-z_]+)"', text))
+    assert known == {kind} == {"custom_model_development"}
+
+
+def test_instance_turns_the_sign_up_dialog_off(pipeline_run, tmp_path, keep_tve_environment):
+    from assets.commands import prepare_run_dir
+
+    assert pipeline_run["instance"].nux_enabled is False
+    # a run folder from before keeps its settings and gains the setting
+    home = tmp_path / "dagster"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    assert dg.DagsterInstance.ephemeral().nux_enabled is True  # Dagster's default: it shows
+    after = prepare_run_dir(tmp_path)
+    assert after.nux_enabled is False
+    assert yaml.safe_load((home / "dagster.yaml").read_text())["telemetry"] == {"enabled": False}
