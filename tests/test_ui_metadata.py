@@ -364,7 +364,8 @@ def test_instance_turns_the_sign_up_dialog_off(pipeline_run, tmp_path, keep_tve_
     home = tmp_path / "dagster"
     home.mkdir()
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    assert dg.DagsterInstance.ephemeral().nux_enabled is True  # Dagster's default: it shows
+    before = dg.DagsterInstance.from_config(str(home))
+    assert before.nux_enabled is True  # Dagster's default: the dialog shows
     after = prepare_run_dir(tmp_path)
     assert after.nux_enabled is False
     assert yaml.safe_load((home / "dagster.yaml").read_text())["telemetry"] == {"enabled": False}
