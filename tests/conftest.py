@@ -73,7 +73,7 @@ def webserver(pipeline_run, tmp_path_factory):
             cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
         try:
-            deadline = time.time() + 180
+            deadline = time.time() + 300
             while True:
                 try:
                     if requests.get(f"{url}/server_info", timeout=2).ok:
@@ -83,7 +83,7 @@ def webserver(pipeline_run, tmp_path_factory):
                 if proc.poll() is not None:
                     raise RuntimeError(f"dagster-webserver exited: {log_path.read_text()[-3000:]}")
                 if time.time() > deadline:
-                    raise RuntimeError("dagster-webserver did not come up in 180 s")
+                    raise RuntimeError("dagster-webserver did not come up in 300 s")
                 time.sleep(1)
             yield url
         finally:

@@ -23,6 +23,7 @@ import base64
 import re
 import shutil
 import struct
+import time
 from dataclasses import dataclass
 
 import dagster as dg
@@ -51,7 +52,8 @@ CHECKS = {
 }
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # Without the background-networking flags Chromium stalls on a closed network (component
-# updates, sync); Playwright gives it a new empty profile (user data dir) of its own.
+# updates, sync). Playwright passes most of these itself (and a new empty --user-data-dir,
+# which it will not take as an argument); they are listed so that none depends on it.
 FLAGS = [
     "--headless",
     "--no-sandbox",
@@ -191,31 +193,46 @@ def walk_the_ui(page: Page, url: str, expected: Expected, shots) -> None:
     see_checks(page, expected.checks["metrics"])
     shots("metrics_checks")
 
-    page.goto(f"{url}/assets/tiny/tve_targets?view=checks")
+    # back to the lineage view through the app (no page load), on to tve_targets' checks
+    page.get_by_role("navigation").locator('a[href="/asset-groups"]').click()
+    nodes.filter(has=page.get_by_text("tve_targets", exact=True)).click()
+    page.get_by_role("link", name="View in Asset Catalog").click()
+    expect(page).to_have_url(f"{url}/assets/tiny/tve_targets")
+    page.get_by_role("tab", name="Checks").click()
     see_checks(page, expected.checks["tve_targets"])
     shots("tve_targets_checks")
     # the run folder's dagster.yaml (nux) keeps the sign-up dialog away
     expect(page.get_by_text("Join the Dagster community")).to_have_count(0)
 
 
+def _launch_error(e: PlaywrightError) -> str:
+    """Playwright's first line and what the browser itself wrote to stderr, if anything."""
+    lines = str(e).splitlines()
+    said = [line.split("[err] ", 1)[1] for line in lines if "][err] " in line]
+    return "; ".join(dict.fromkeys([lines[0], *said[-3:]]))
+
+
 def test_ui_in_a_real_browser(webserver, pipeline_run, tmp_path, capsys):
-    expected = expected_from_the_run(pipeline_run)
-    # in the tiny run every window's target checks pass (test_webserver.py asks the server)
-    assert all(c.all_passed for c in expected.checks["tve_targets"].values())
     folder = tmp_path / "screenshots"
     folder.mkdir()
     with sync_playwright() as p:
         try:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, timeout=WAIT_MS)
         except PlaywrightError as e:
-            pytest.skip(f"Chromium at {CHROMIUM} does not start: {str(e).splitlines()[0]}")
+            pytest.skip(f"Chromium at {CHROMIUM} does not start: {_launch_error(e)}")
         try:
+            expected = expected_from_the_run(pipeline_run)
+            # in the tiny run every window's target checks pass (test_webserver.py asks too)
+            assert all(c.all_passed for c in expected.checks["tve_targets"].values())
             page = browser.new_page(viewport=VIEWPORT)
             page.set_default_timeout(WAIT_MS)
             expect.set_options(timeout=WAIT_MS)
 
+            start, seen = time.monotonic(), []
+
             def shots(name):
                 page.screenshot(path=folder / f"{name}.png", animations="disabled")
+                seen.append(f"{name} {time.monotonic() - start:.1f} s")
 
             try:
                 walk_the_ui(page, webserver, expected, shots)
@@ -224,4 +241,4 @@ def test_ui_in_a_real_browser(webserver, pipeline_run, tmp_path, capsys):
         finally:
             browser.close()
             with capsys.disabled():
-                print(f"\nbrowser screenshots: {folder}")
+                print(f"\nbrowser screenshots: {folder} ({', '.join(seen)})")
