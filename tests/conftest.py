@@ -1,8 +1,15 @@
 """Shared fixtures: one tiny synthetic database pushed through the whole pipeline, once."""
 
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
+import requests
 import torch
 
 from assets.commands import Runner, prepare_run_dir, register_dataset
@@ -42,6 +49,50 @@ def pipeline_run(tmp_path_factory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def webserver(pipeline_run, tmp_path_factory):
+    """The real ``dagster-webserver`` over the pipeline's run folder; yields its base URL.
+
+    Started once for the session (its code location takes a minute to load on a busy
+    machine) and stopped with its process group at the end.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run_dir = pipeline_run["run_dir"]
+    env = {**os.environ, "DAGSTER_HOME": str(run_dir / "dagster"), "TVE_RUN_DIR": str(run_dir)}
+    root = Path(__file__).resolve().parents[1]
+    server = Path(sys.executable).parent / "dagster-webserver"
+    cmd = [str(server), "-w", str(root / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)]
+    url = f"http://127.0.0.1:{port}"
+    log_path = tmp_path_factory.mktemp("webserver") / "webserver.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            deadline = time.time() + 300
+            while True:
+                try:
+                    if requests.get(f"{url}/server_info", timeout=2).ok:
+                        break
+                except requests.ConnectionError:
+                    pass
+                if proc.poll() is not None:
+                    raise RuntimeError(f"dagster-webserver exited: {log_path.read_text()[-3000:]}")
+                if time.time() > deadline:
+                    raise RuntimeError("dagster-webserver did not come up in 300 s")
+                time.sleep(1)
+            yield url
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
 
 def load_asset(run, asset: str, partition: str | None = None, database: str = "tiny"):
