@@ -291,7 +291,7 @@ def _checkpoint_checks(db: Database, recipe) -> list[dg.AssetChecksDefinition]:
                     graph, entity, result, seeds, run_recipe, device.torch_device()
                 )
             losses[entity] = (model, quality.trivial_held_out_loss(seeds, run_recipe, entity))
-        return _result(quality.pretraining_verdict(losses, where))
+        return _result(quality.pretraining_verdict(losses, where), severity=WARN)  # not blocking
 
     return [finite_weights, beats_trivial_predictor]
 
