@@ -161,6 +161,28 @@ def test_recomputation_matches_the_brute_force(db, entity):
         assert compare_task_vectors(rows, got, defs) == []
 
 
+def test_recomputation_leaves_out_what_would_join_too_many_rows():
+    """Past ``max_joined_rows``, the fact->key<-fact values of the remaining entities are
+    not recomputed (a wrong one there is not reported), every other target still is."""
+    import test_targets
+
+    frames, schema = test_targets._fixed_shop(), shop_schema(True)
+    defs = build_traversal_graph(schema, shop_column_types(), "customers", hops=2)
+    fkf = [d.name for d in defs if len(d.path) == 3 and d.path[2].direction == "in"]
+    t = test_targets.BASE + pd.Timedelta(days=1)
+    rows = brute_force(frames, schema, defs, "customers", [t], SHOP_DELTA)
+    active = rows.loc[rows["inactive"] == 0, "customer_id"].tolist()
+    got = recompute_task_vectors(
+        frames, schema, defs, "customers", rows["customer_id"], t, SHOP_DELTA, max_joined_rows=0
+    )
+    assert fkf and active and got.unchecked == {(n, e) for n in fkf for e in active}
+    wrong = rows.copy()
+    wrong.loc[wrong["customer_id"] == active[0], fkf[0]] = 12345
+    assert compare_task_vectors(wrong, got, defs) == []
+    wrong.loc[wrong["customer_id"] == active[0], "orders__count"] += 1
+    assert [d.target for d in compare_task_vectors(wrong, got, defs)] == ["orders__count"]
+
+
 def _window_copy(run, tmp_path, window: str):
     folder = tmp_path / window
     shutil.copytree(run["run_dir"] / "targets" / "tiny" / window, folder)
