@@ -21,6 +21,7 @@ from pathlib import Path
 
 import dagster as dg
 import pandas as pd
+import yaml
 
 from assets.database_assets import training_windows
 from assets.definitions import (
@@ -43,15 +44,16 @@ from tve_pipeline.summary import summarise_database
 _QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 
 
-def instance_config(parallel: int = 2) -> str:
+def instance_config(parallel: int = 2, existing: str = "") -> str:
     """The run folder's dagster.yaml: no telemetry; queued runs and the ``gpu`` pool limited
-    to ``parallel`` at a time (what a backfill of experiment cells fans out to)."""
-    return (
-        "telemetry:\n  enabled: false\n"
-        "concurrency:\n"
-        f"  runs:\n    max_concurrent_runs: {parallel}\n"
-        f"  pools:\n    default_limit: {parallel}\n"
-    )
+    to ``parallel`` at a time (what a backfill of experiment cells fans out to). Everything
+    else of an ``existing`` file (a PostgreSQL storage, a run launcher) stays as it is."""
+    config = yaml.safe_load(existing) or {}
+    config.setdefault("telemetry", {"enabled": False})
+    concurrency = config.setdefault("concurrency", {})
+    concurrency.setdefault("runs", {})["max_concurrent_runs"] = parallel
+    concurrency.setdefault("pools", {})["default_limit"] = parallel
+    return yaml.safe_dump(config, sort_keys=False)
 
 
 def prepare_run_dir(run_dir: Path, parallel: int | None = None) -> dg.DagsterInstance:
@@ -61,10 +63,32 @@ def prepare_run_dir(run_dir: Path, parallel: int | None = None) -> dg.DagsterIns
     home.mkdir(parents=True, exist_ok=True)
     cfg = home / "dagster.yaml"
     if parallel is not None or not cfg.exists():
-        cfg.write_text(instance_config(parallel or 2))
+        cfg.write_text(instance_config(parallel or 2, cfg.read_text() if cfg.exists() else ""))
     os.environ["DAGSTER_HOME"] = str(home)
     os.environ["TVE_RUN_DIR"] = str(run_dir)
-    return dg.DagsterInstance.get()
+    instance = dg.DagsterInstance.get()
+    write_gpu_pool(instance)
+    return instance
+
+
+def write_gpu_pool(instance: dg.DagsterInstance) -> None:
+    """Write the ``gpu`` pool's limit (the instance's default) before any run needs it.
+
+    Dagster writes a pool's row when a step first claims it, and rewrites it when the default
+    changed. On PostgreSQL that fails the run when two runs do it at once (the first cells of
+    a backfill) or when the row is already there (the failed INSERT aborts the transaction that
+    its fallback UPDATE needs); a row in place with the right limit is never written again.
+    A limit set by hand (``dagster instance concurrency set gpu N``) is left as it is."""
+    storage = instance.event_log_storage
+    limit = instance.global_op_concurrency_default_limit
+    if limit is None or not storage.supports_global_concurrency_limits:
+        return
+    pool = {p.name: p for p in storage.get_pool_limits()}.get("gpu")
+    if pool is not None and (not pool.from_default or pool.limit == limit):
+        return
+    if pool is not None:
+        storage.delete_concurrency_limit("gpu")
+    storage.initialize_concurrency_limit_to_default("gpu")
 
 
 def set_profile(run_dir: Path, profile: str | None) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
+from assets.executors import GPU_STEP_TAGS
 from assets.failures import failure
 from assets.partitions import (
     SCRATCH,
@@ -165,6 +166,7 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
         group_name=db.group,
         kinds={"pytorch", "mlflow"},
         pool="gpu",
+        op_tags=GPU_STEP_TAGS,
         code_version=pretrain_version,
     )
     def pretrained_checkpoint(
@@ -259,6 +261,7 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
         group_name=db.group,
         kinds={"pytorch", "mlflow"},
         pool="gpu",
+        op_tags=GPU_STEP_TAGS,
         code_version=finetune_version,
     )
     def finetuned_models(
