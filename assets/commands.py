@@ -553,6 +553,13 @@ def _run_backfill_with_daemon(instance: dg.DagsterInstance, backfill_id: str) ->
             os.killpg(daemon.pid, signal.SIGKILL)
 
 
+def create_tracking_store(runner: "Runner") -> None:
+    """Create MLflow's tables and the experiment before runs start in parallel: MLflow writes
+    a new SQLite store's schema on first use, and two runs (or Celery workers) doing it at
+    once fail one of them (alembic: ``table _alembic_tmp_... already exists``)."""
+    runner.resources["mlflow"].experiment_id()
+
+
 def set_experiment(run_dir: Path, database: str, preset: str, tasks: list[str] | None) -> None:
     """Write the run folder's ``recipe.json`` for an experiment: the preset, the overrides
     that were there, and the tasks to fine-tune (every task when ``tasks`` is empty)."""
@@ -599,6 +606,7 @@ def run_experiment(
         print("every cell is finished: nothing to launch")
         print_results(runner.results())
         return runner.results()
+    create_tracking_store(runner)
     backfill_id = _launch_backfill(runner, todo, f"{database} experiment ({preset})")
     print(
         f"launched backfill {backfill_id} of {len(todo)} partitions "

@@ -57,19 +57,32 @@ class MLflowTracking(dg.ConfigurableResource):
     # ./mlruns under whatever folder the process runs in.
     artifact_location: str = ""
 
+    def experiment_id(self) -> str:
+        """The experiment's id, created on first use. Runs that start at once on a new store
+        (parallel runs, Celery workers) may all try to create it: the losers read the id."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=self.tracking_uri)
+        exp = client.get_experiment_by_name(self.experiment)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return client.create_experiment(
+                self.experiment, artifact_location=self.artifact_location or None
+            )
+        except MlflowException:
+            exp = client.get_experiment_by_name(self.experiment)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
     @contextlib.contextmanager
     def run(self, context: dg.AssetExecutionContext, name: str, database: str = ""):
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=self.tracking_uri)
-        exp = client.get_experiment_by_name(self.experiment)
-        exp_id = (
-            exp.experiment_id
-            if exp
-            else client.create_experiment(
-                self.experiment, artifact_location=self.artifact_location or None
-            )
-        )
+        exp_id = self.experiment_id()
         partition = context.partition_key if context.has_partition_key else ""
         tags = {
             "dagster.run_id": context.run_id,

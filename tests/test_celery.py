@@ -213,7 +213,7 @@ def celery_cluster(tmp_path_factory):
 
 
 def _cluster_on(base: Path, pg: dict) -> dict:
-    from assets.commands import Runner, prepare_run_dir, register_dataset
+    from assets.commands import Runner, create_tracking_store, prepare_run_dir, register_dataset
     from tve_pipeline.datasets import build_synthetic
 
     run_dir = base / "run"
@@ -233,11 +233,7 @@ def _cluster_on(base: Path, pg: dict) -> dict:
         runner = Runner("tiny", run_dir)
         runner.materialize(["raw_tables"], "tiny")
         runner.materialize(["temporal_windows", "traversal_graph"], "tiny")
-        # MLflow creates its SQLite schema on first use; two workers doing it at once race
-        # (a cluster has a tracking server: MLFLOW_TRACKING_URI)
-        from mlflow.tracking import MlflowClient
-
-        MlflowClient(runner.resources["mlflow"].tracking_uri).search_experiments()
+        create_tracking_store(runner)  # as `tve experiment` does before its backfill
         names = _wait_for_workers(workers, logs)
         return {
             "runner": runner,
