@@ -48,20 +48,21 @@ _QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 # The web UI's "Join the Dagster community" dialog covers the first page a new user opens;
 # the instance setting ``nux`` turns it off (the UI asks ``shouldShowNux``, which is
 # ``instance.nux_enabled`` and no dismissal stored yet).
-_NO_NUX = "nux:\n  enabled: false\n"
+_NO_NUX = {"enabled": False}
 
 
-def instance_config(parallel: int = 2) -> str:
+def instance_config(parallel: int = 2, existing: str = "") -> str:
     """The run folder's dagster.yaml: no telemetry, no sign-up dialog in the UI; queued runs
     and the ``gpu`` pool limited to ``parallel`` at a time (what a backfill of experiment
-    cells fans out to)."""
-    return (
-        "telemetry:\n  enabled: false\n"
-        f"{_NO_NUX}"
-        "concurrency:\n"
-        f"  runs:\n    max_concurrent_runs: {parallel}\n"
-        f"  pools:\n    default_limit: {parallel}\n"
-    )
+    cells fans out to). Everything else of an ``existing`` file (a PostgreSQL storage, a run
+    launcher) stays as it is."""
+    config = yaml.safe_load(existing) or {}
+    config.setdefault("telemetry", {"enabled": False})
+    config.setdefault("nux", dict(_NO_NUX))
+    concurrency = config.setdefault("concurrency", {})
+    concurrency.setdefault("runs", {})["max_concurrent_runs"] = parallel
+    concurrency.setdefault("pools", {})["default_limit"] = parallel
+    return yaml.safe_dump(config, sort_keys=False)
 
 
 def prepare_run_dir(run_dir: Path, parallel: int | None = None) -> dg.DagsterInstance:
@@ -71,12 +72,34 @@ def prepare_run_dir(run_dir: Path, parallel: int | None = None) -> dg.DagsterIns
     home.mkdir(parents=True, exist_ok=True)
     cfg = home / "dagster.yaml"
     if parallel is not None or not cfg.exists():
-        cfg.write_text(instance_config(parallel or 2))
-    elif "nux" not in (yaml.safe_load(cfg.read_text()) or {}):  # a folder from before
-        cfg.write_text(cfg.read_text().rstrip("\n") + "\n" + _NO_NUX)
+        cfg.write_text(instance_config(parallel or 2, cfg.read_text() if cfg.exists() else ""))
+    elif "nux" not in (config := yaml.safe_load(cfg.read_text()) or {}):  # a folder from before
+        cfg.write_text(yaml.safe_dump({**config, "nux": dict(_NO_NUX)}, sort_keys=False))
     os.environ["DAGSTER_HOME"] = str(home)
     os.environ["TVE_RUN_DIR"] = str(run_dir)
-    return dg.DagsterInstance.get()
+    instance = dg.DagsterInstance.get()
+    write_gpu_pool(instance)
+    return instance
+
+
+def write_gpu_pool(instance: dg.DagsterInstance) -> None:
+    """Write the ``gpu`` pool's limit (the instance's default) before any run needs it.
+
+    Dagster writes a pool's row when a step first claims it, and rewrites it when the default
+    changed. On PostgreSQL that fails the run when two runs do it at once (the first cells of
+    a backfill) or when the row is already there (the failed INSERT aborts the transaction that
+    its fallback UPDATE needs); a row in place with the right limit is never written again.
+    A limit set by hand (``dagster instance concurrency set gpu N``) is left as it is."""
+    storage = instance.event_log_storage
+    limit = instance.global_op_concurrency_default_limit
+    if limit is None or not storage.supports_global_concurrency_limits:
+        return
+    pool = {p.name: p for p in storage.get_pool_limits()}.get("gpu")
+    if pool is not None and (not pool.from_default or pool.limit == limit):
+        return
+    if pool is not None:
+        storage.delete_concurrency_limit("gpu")
+    storage.initialize_concurrency_limit_to_default("gpu")
 
 
 def set_profile(run_dir: Path, profile: str | None) -> str:
@@ -545,6 +568,13 @@ def _run_backfill_with_daemon(instance: dg.DagsterInstance, backfill_id: str) ->
             os.killpg(daemon.pid, signal.SIGKILL)
 
 
+def create_tracking_store(runner: "Runner") -> None:
+    """Create MLflow's tables and the experiment before runs start in parallel: MLflow writes
+    a new SQLite store's schema on first use, and two runs (or Celery workers) doing it at
+    once fail one of them (alembic: ``table _alembic_tmp_... already exists``)."""
+    runner.resources["mlflow"].experiment_id()
+
+
 def set_experiment(run_dir: Path, database: str, preset: str, tasks: list[str] | None) -> None:
     """Write the run folder's ``recipe.json`` for an experiment: the preset, the overrides
     that were there, and the tasks to fine-tune (every task when ``tasks`` is empty)."""
@@ -591,6 +621,7 @@ def run_experiment(
         print("every cell is finished: nothing to launch")
         print_results(runner.results())
         return runner.results()
+    create_tracking_store(runner)
     backfill_id = _launch_backfill(runner, todo, f"{database} experiment ({preset})")
     print(
         f"launched backfill {backfill_id} of {len(todo)} partitions "

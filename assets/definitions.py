@@ -15,6 +15,7 @@ import dagster as dg
 
 from assets.checks import build_checks
 from assets.database_assets import build_database_assets
+from assets.executors import executor_from_environment
 from assets.registry import Database, registered_databases
 from assets.sensors import build_growth_sensor, build_targets_job
 from assets.target_assets import TaskVectorFiles, build_target_assets
@@ -113,10 +114,11 @@ def build_definitions(run_dir: str | Path | None = None, **kwargs) -> dg.Definit
         sensors=[build_growth_sensor(databases, jobs)],
         resources=resources,
         # A run here is one partition of one or two steps (a window, a checkpoint, a cell);
-        # parallelism comes from runs (the run queue and the `gpu` pool), not from steps. The
-        # multiprocess executor would start a Python per step (torch + relbench imports: ~14 s
-        # each) and load the graph again in each.
-        executor=dg.in_process_executor,
+        # parallelism comes from runs (the run queue and the `gpu` pool), not from steps, so
+        # the default is the in-process executor: the multiprocess one would start a Python per
+        # step (torch + relbench imports: ~14 s each) and load the graph again in each.
+        # TVE_EXECUTOR=celery|k8s sends the steps past one machine (assets/executors.py).
+        executor=executor_from_environment(),
     )
 
 

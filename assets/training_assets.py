@@ -19,6 +19,7 @@ import dagster as dg
 import pandas as pd
 from dagster._core.errors import DagsterPipesExecutionError
 
+from assets.executors import GPU_STEP_TAGS
 from assets.failures import failure
 from assets.metadata import image, mlflow_metadata, png_markdown, table
 from assets.partitions import (
@@ -267,6 +268,7 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
         group_name=db.group,
         kinds={"pytorch", "mlflow"},
         pool="gpu",
+        op_tags=GPU_STEP_TAGS,
         code_version=pretrain_version,
     )
     def pretrained_checkpoint(
@@ -350,6 +352,7 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
         group_name=db.group,
         kinds={"pytorch", "mlflow"},
         pool="gpu",
+        op_tags=GPU_STEP_TAGS,
         code_version=finetune_version,
     )
     def finetuned_models(

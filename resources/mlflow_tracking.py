@@ -90,16 +90,26 @@ class MLflowTracking(dg.ConfigurableResource):
         """The run's page in the MLflow UI, in its model-training view."""
         return f"{self.ui()}/#/experiments/{experiment_id}/runs/{run_id}{MODEL_TRAINING_VIEW}"
 
-    def experiment_id(self, client) -> str:
+    def experiment_id(self, client=None) -> str:
         """The experiment's id, created as a model-training experiment when missing (and
-        tagged so when an older version created it)."""
+        tagged so when an older version created it). Runs that start at once on a new store
+        (parallel runs, Celery workers) may all try to create it: the losers read the id."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        client = client or MlflowClient(tracking_uri=self.tracking_uri)
         exp = client.get_experiment_by_name(self.experiment)
         if exp is None:
-            return client.create_experiment(
-                self.experiment,
-                artifact_location=self.artifact_location or None,
-                tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING},
-            )
+            try:
+                return client.create_experiment(
+                    self.experiment,
+                    artifact_location=self.artifact_location or None,
+                    tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING},
+                )
+            except MlflowException:
+                exp = client.get_experiment_by_name(self.experiment)
+                if exp is None:
+                    raise
         if EXPERIMENT_KIND_TAG not in exp.tags:
             client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
         return exp.experiment_id
