@@ -416,10 +416,7 @@ def _targets_ctes(
         output_of.update(
             {d.name: f"a{j}" for d in plan.defs_of(p) if d.aggregation not in _VALUE_AGGREGATIONS}
         )
-        value_columns = _running_value_columns(plan, p)
-        if value_columns:
-            ctes.append(_hops_cte(plan, p))
-        for k, column in enumerate(value_columns, 1):
+        for k, column in enumerate(_running_value_columns(plan, p), 1):
             ctes += _running_mode_ctes(plan, p, k, column)
             joins.append((ctes[-1].name, f"m{j}_{k}"))
             output_of.update({d.name: f"m{j}_{k}" for d in _value_defs(plan, p, column)})
@@ -652,7 +649,8 @@ def _running_ctes(plan: _QueryPlan, p: tuple[Hop, ...]) -> list[_Cte]:
 
 def _all_hops_cte(plan: _QueryPlan, p: tuple[Hop, ...]) -> _Cte:
     """``hops_all_<j>``: :func:`_hops_sql` of the first-hop rows of every seed time's window
-    (what ``at_<j>`` and each ``several_<j>_<k>`` read), computed once."""
+    (what ``at_<j>``, each ``several_<j>_<k>`` and, for its seed times, each group's
+    ``mode_<j>_<k>`` read), computed once."""
     windows = _all_windows(plan, p).replace("\n", "\n                ")
     return _Cte(
         f"{plan.prefix}hops_all_{plan.path_number(p)}",
@@ -866,16 +864,6 @@ def _hops_sql(plan: _QueryPlan, p: tuple[Hop, ...], rows: str) -> str:
     )
 
 
-def _hops_cte(plan: _QueryPlan, p: tuple[Hop, ...]) -> _Cte:
-    """``hops_<j>`` of ``E <- F -> K <- F'``: :func:`_hops_sql` of the group's window."""
-    return _Cte(
-        f"{plan.prefix}hops_{plan.path_number(p)}",
-        f"{_describe(plan.entity_table, p)}: first-hop rows per (key, time) of each pair,"
-        " and the pair's number of (key, time)",
-        _hops_sql(plan, p, plan.window_of(p[0])).replace("\n", "\n  "),
-    )
-
-
 def _running_value_ctes(plan: _QueryPlan, p: tuple[Hop, ...], k: int, column: str) -> list[_Cte]:
     """``counts_<j>_<k>``, ``ranks_<j>_<k>`` and ``best_<j>_<k>`` of ``E <- F -> K <- F'``:
     what the mode and distinct count of one column (:func:`_running_mode_ctes`) read.
@@ -950,7 +938,8 @@ def _running_mode_ctes(plan: _QueryPlan, p: tuple[Hop, ...], k: int, column: str
     ``counts_<j>_<k>``)."""
     j, defs = plan.path_number(p), _value_defs(plan, p, column)
     counts = f"{plan.prefix}counts_{j}_{k}"
-    hops = f"{plan.prefix}hops_all_{j}"
+    hops = f"{plan.prefix}hops_all_{j}"  # every seed time's: a group reads its own
+    group_seeds = f"(SELECT {quote(TIMESTAMP)} FROM {plan.seed_times})"
     firsts = f'SELECT "tve.key", "value", "tve.time" FROM {counts} WHERE "new"'
     reached = (
         f"          FROM {hops} AS h\n"
@@ -997,12 +986,13 @@ def _running_mode_ctes(plan: _QueryPlan, p: tuple[Hop, ...], k: int, column: str
         f"{plan.prefix}mode_{j}_{k}",
         f"{_describe(plan.entity_table, p)}, column {column}: {what}",
         f"SELECT {_select(single, '         ')}\n"
-        f'  FROM (SELECT * FROM {plan.prefix}hops_{j} WHERE "keys" = 1) AS h\n'
+        f"  FROM {hops} AS h\n"
         f"  JOIN {plan.prefix}at_{j} AS b\n"
         f'    ON b."tve.key" = h."tve.key" AND b."tve.time" = h."tve.time"\n'
+        f'  WHERE h."keys" = 1 AND h.{_SEED_TIME} IN {group_seeds}\n'
         f"UNION ALL\n"
         f"SELECT * FROM {several_cte.name}\n"
-        f" WHERE {_SEED_TIME} IN (SELECT {quote(TIMESTAMP)} FROM {plan.seed_times})",
+        f" WHERE {_SEED_TIME} IN {group_seeds}",
     )
     return [several_cte, mode]
 
