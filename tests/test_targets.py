@@ -368,6 +368,40 @@ def test_fact_key_fact_mode_over_several_keys():
     assert row["x__mode"] == "y" and row["x__count_distinct"] == 3
 
 
+def test_fact_key_fact_mode_of_one_key():
+    """Customers whose window orders reach one product each read the product's running
+    mode and distinct count at their order's time, rows at that time included
+    (hand-computed: product 0 up to day 2 holds y, y, x, z -> y, 3 values; product 1 up to
+    day 3 holds z, x -> the tie goes to the smaller x, 2 values)."""
+    t = lambda d: BASE + pd.Timedelta(days=d)  # noqa: E731
+    frames = _fixed_shop()
+    frames["orders"] = pd.DataFrame(
+        {
+            "order_id": range(7),
+            "time": [t(0), t(0), t(0), t(2), t(0), t(3), t(4)],
+            "customer_id": [1, 1, 2, 0, 2, 1, 2],
+            "product_id": [0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0],
+            "amount": [1.0] * 7,
+            "status": ["y", "y", "x", "z", "z", "x", "x"],
+        }
+    )
+    schema = shop_schema(True)
+    path = (
+        Hop("orders", "customer_id", "in"),
+        Hop("products", "product_id", "out"),
+        Hop("orders", "product_id", "in"),
+    )
+    defs = [
+        TargetDef(f"x__{a}", "customers", path, "status", a)
+        for a in ("mode", "count_distinct", "count")
+    ]
+    got = compute_targets(TargetQuery(frames, schema, defs, "customers", [t(1)], DELTA))
+    assert_same_targets(got, brute_force(frames, schema, defs, "customers", [t(1)], DELTA), defs)
+    rows = got.set_index("customer_id")
+    assert rows.loc[0, ["x__mode", "x__count_distinct", "x__count"]].tolist() == ["y", 3, 4]
+    assert rows.loc[1, ["x__mode", "x__count_distinct", "x__count"]].tolist() == ["x", 2, 2]
+
+
 def _fixed_shop():
     """A hand-made database with ties, single values, boundaries and a late customer."""
     t = lambda d, h=0: BASE + pd.Timedelta(days=d, hours=h)  # noqa: E731
@@ -755,7 +789,7 @@ def test_fact_key_fact_spread_far_from_zero(monkeypatch, how):
 
     import tve_pipeline.targets as targets
 
-    monkeypatch.setattr(targets, "_PANDAS_RUNNING_ROWS", 3 if how == "buckets" else 10**9)
+    monkeypatch.setattr(targets, "_LOOKUP_BUCKET_ROWS", 3 if how == "buckets" else 10**9)
     frames = _fixed_shop()
     frames["orders"]["amount"] = 1e9 + frames["orders"]["amount"].where(
         frames["orders"]["product_id"] != 0, 3.0

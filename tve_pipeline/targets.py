@@ -240,11 +240,9 @@ class _Cte(NamedTuple):
     #: computed once per query, as a table, before the groups of seed times: it reads no seed
     #: time (per-key running aggregates) or all of them (their lookups), never a group's
     once: bool = False
-    #: of a ``run_<j>``: the per (key, time) aggregates that ``body`` accumulates per key,
-    #: of the rows of ``source`` that meet an extra condition on ``key`` (``" AND ..."``)
-    per_time: Callable[[str], str] | None = None
-    source: str | None = None
-    key: str | None = None
+    #: of an ``at_<j>``: how :func:`iter_targets` makes it (and the ``reach_<j>_<k>``) in
+    #: process, from the rows of ``F'`` in key buckets, without the tables it reads here
+    native: _NativeLookups | None = None
 
 
 class _Group(NamedTuple):
@@ -690,6 +688,84 @@ def _at_cte(plan: _QueryPlan, p: tuple[Hop, ...], stats: _RunningStats) -> _Cte:
         f'         WHERE "tve.key" IS NOT NULL)'
         " AS k\n" + "".join(joins).rstrip(),
         once=True,
+        native=_native_lookups(plan, p, stats),
+    )
+
+
+def _reach_name(plan: _QueryPlan, p: tuple[Hop, ...], k: int) -> str:
+    return f"{plan.prefix}reach_{plan.path_number(p)}_{k}"
+
+
+@dataclass(frozen=True)
+class _NativeLookups:
+    """What :func:`_create_lookup_tables` reads to make ``at`` and each ``reach`` of one
+    fact->key<-fact path in process (the tables in ``replaces`` are then never made)."""
+
+    at: str
+    reach: tuple[str, ...]  # per value column
+    ranks: tuple[str, ...]  # per value column: its values in order (made before ``at``)
+    replaces: frozenset[str]
+    #: rows of ``F'`` ("tve.lookup" false) and first-hop (key, time) ("tve.lookup" true,
+    #: "tve.several": of a pair with several): key, time, lookup, several, then per running
+    #: column "tve.v_<i>" and per value column "tve.rank_<k>"
+    rows_sql: str
+    count_sql: str  # rows of F' and first-hop rows: how many buckets
+    shift_sql: str | None  # the shifts of the ``std`` columns, in ``shifted`` order
+    pairs: tuple[tuple[int, str, str], ...]  # (column number, stat, output name)
+    shifted: tuple[int, ...]
+
+
+def _native_lookups(plan: _QueryPlan, p: tuple[Hop, ...], stats: _RunningStats) -> _NativeLookups:
+    j = plan.path_number(p)
+    from_rows, where, key_time = _key_rows(plan, p)
+    hops = f"{plan.prefix}hops_all_{j}"
+    values = _running_value_columns(plan, p)
+    ranks = tuple(f"{plan.prefix}ranks_{j}_{k}" for k in range(1, len(values) + 1))
+    doubles = {c for c, stat in stats.pairs if stat != "n"}
+    facts: list[tuple[str, str | None]] = [
+        (key_time, None),
+        ("false", quote("tve.lookup")),
+        ("false", quote("tve.several")),
+    ]
+    looks: list[tuple[str, str | None]] = [
+        ('"tve.key", "tve.time", true, bool_or("keys" > 1)', None)
+    ]
+    for c, i in stats.number.items():
+        cast = f"CAST(g.{quote(c)} AS DOUBLE)" if c in doubles else f"g.{quote(c)} IS NOT NULL"
+        facts.append((cast, quote(f"tve.v_{i}")))
+        looks.append((f"NULL::{'DOUBLE' if c in doubles else 'BOOLEAN'}", None))
+    joins = ""
+    for k, (column, name) in enumerate(zip(values, ranks), 1):
+        facts.append((f'r{k}."rank"', quote(f"tve.rank_{k}")))
+        looks.append(("NULL::BIGINT", None))
+        joins += f'\n          LEFT JOIN {name} AS r{k} ON r{k}."value" = g.{quote(column)}'
+    rows_sql = (
+        f"SELECT {_select(facts, '               ')}\n"
+        f"          FROM {from_rows}{joins}\n"
+        f"         WHERE {where}\n"
+        f"        UNION ALL\n"
+        f"        SELECT {_select(looks, '               ')}\n"
+        f'          FROM {hops} WHERE "tve.key" IS NOT NULL GROUP BY 1, 2'
+    )
+    shift_sql = None
+    if stats.shifted:
+        means = [f"coalesce(avg(CAST(g.{quote(c)} AS DOUBLE)), 0)" for c in stats.shifted]
+        shift_sql = f"SELECT {', '.join(means)} FROM {from_rows} WHERE {where}"
+    reach = tuple(_reach_name(plan, p, k) for k in range(1, len(values) + 1))
+    replaces = {f"{plan.prefix}run_{j}", *reach}
+    for k in range(1, len(values) + 1):
+        replaces |= {f"{plan.prefix}counts_{j}_{k}", f"{plan.prefix}best_{j}_{k}"}
+    return _NativeLookups(
+        at=f"{plan.prefix}at_{j}",
+        reach=reach,
+        ranks=ranks,
+        replaces=frozenset(replaces),
+        rows_sql=rows_sql,
+        count_sql=f"SELECT (SELECT count(*) FROM {quote(p[2].table)})"
+        f" + (SELECT count(*) FROM {hops})",
+        shift_sql=shift_sql,
+        pairs=tuple((stats.number[c], s, f"tve.{s}_{stats.number[c]}") for c, s in stats.pairs),
+        shifted=tuple(stats.number[c] for c in stats.shifted),
     )
 
 
@@ -731,7 +807,7 @@ class _RunningStats:
 
 def _run_cte(plan: _QueryPlan, p: tuple[Hop, ...], stats: _RunningStats) -> _Cte:
     """``run_<j>``: per key of ``K``, the running statistics of ``F'`` in time order (one row
-    per (key, time)); ``per_time`` holds the per (key, time) query it accumulates."""
+    per (key, time))."""
     from_rows, where, key_time = _key_rows(plan, p)
     name = stats.name
 
@@ -758,25 +834,21 @@ def _run_cte(plan: _QueryPlan, p: tuple[Hop, ...], stats: _RunningStats) -> _Cte
     outer += [(stats.accumulate("rows", '"tve.rows"', " OVER w"), '"tve.rows"')]
     outer += [(stats.accumulate(s, name(c, s), " OVER w"), name(c, s)) for c, s in stats.pairs]
 
-    def per_time_sql(condition: str = "") -> str:
-        return (
-            f"SELECT {key_time},\n"
-            f"               {_select(inner, '               ')}\n"
-            f"          FROM {from_rows}{shift_from}\n"
-            f"         WHERE {where}{condition}\n"
-            f"         GROUP BY 1, 2"
-        )
+    per_time_sql = (
+        f"SELECT {key_time},\n"
+        f"               {_select(inner, '               ')}\n"
+        f"          FROM {from_rows}{shift_from}\n"
+        f"         WHERE {where}\n"
+        f"         GROUP BY 1, 2"
+    )
 
     return _Cte(
         f"{plan.prefix}run_{plan.path_number(p)}",
         f"{p[2].table} rows per {p[1].table} key: running aggregates in time order",
         f"SELECT {_select(outer, '         ')}\n"
-        f"  FROM ({per_time_sql()})\n"
+        f"  FROM ({per_time_sql})\n"
         f'  WINDOW w AS (PARTITION BY "tve.key" ORDER BY "tve.time" ROWS UNBOUNDED PRECEDING)',
         once=True,
-        per_time=per_time_sql,
-        source=quote(p[2].table),
-        key=f"g.{quote(p[2].via)}",
     )
 
 
@@ -903,7 +975,8 @@ def _running_value_ctes(plan: _QueryPlan, p: tuple[Hop, ...], k: int, column: st
         f"{_describe(plan.entity_table, p)}, column {column}: the values in order",
         f'SELECT "value", dense_rank() OVER (ORDER BY "value") AS "rank",\n'
         f'         count(*) OVER () AS "size"\n'
-        f'  FROM (SELECT DISTINCT "value" FROM {counts.name})',
+        f'  FROM (SELECT DISTINCT {col} AS "value" FROM {from_rows}\n'
+        f"         WHERE {where} AND {col} IS NOT NULL)",
         once=True,
     )
     # a (key, time)'s best value: most rows, then smallest, as one number that max() orders
@@ -930,38 +1003,37 @@ def _running_value_ctes(plan: _QueryPlan, p: tuple[Hop, ...], k: int, column: st
 
 
 def _running_mode_ctes(plan: _QueryPlan, p: tuple[Hop, ...], k: int, column: str) -> list[_Cte]:
-    """``several_<j>_<k>`` and ``mode_<j>_<k>``: per (seed time, entity), the mode and
-    distinct count of the ``k``-th value column of ``E <- F -> K <- F'`` (see
+    """``reach_<j>_<k>``, ``several_<j>_<k>`` and ``mode_<j>_<k>``: per (seed time, entity),
+    the mode and distinct count of the ``k``-th value column of ``E <- F -> K <- F'`` (see
     :func:`_running_value_ctes`). Pairs with one first-hop (key, time) read them off
-    ``at_<j>``; pairs with several sum the counts of every value reached from each
-    (``several``, computed once for all seed times: its ASOF join sorts all of
-    ``counts_<j>_<k>``)."""
+    ``at_<j>``; pairs with several sum the counts of every value reached from each: ``reach``
+    holds them per (key, time) of such a pair (an ASOF join on (key, value) that sorts all
+    of ``counts_<j>_<k>``), ``several`` sums them per pair; both once for all seed times."""
     j, defs = plan.path_number(p), _value_defs(plan, p, column)
     counts = f"{plan.prefix}counts_{j}_{k}"
     hops = f"{plan.prefix}hops_all_{j}"  # every seed time's: a group reads its own
     group_seeds = f"(SELECT {quote(TIMESTAMP)} FROM {plan.seed_times})"
-    firsts = f'SELECT "tve.key", "value", "tve.time" FROM {counts} WHERE "new"'
-    reached = (
-        f"          FROM {hops} AS h\n"
-        f"          JOIN ({firsts}) AS f\n"
-        f'            ON f."tve.key" = h."tve.key" AND f."tve.time" <= h."tve.time"\n'
+    reach = _Cte(
+        _reach_name(plan, p, k),
+        f"{_describe(plan.entity_table, p)}, column {column}: the count of each value reached"
+        " from each first-hop (key, time) of a pair with several",
+        f'SELECT h."tve.key", h."tve.time", f."value", c."n"\n'
+        f'  FROM (SELECT DISTINCT "tve.key", "tve.time" FROM {hops} WHERE "keys" > 1) AS h\n'
+        f'  JOIN (SELECT "tve.key", "value", "tve.time" FROM {counts} WHERE "new") AS f\n'
+        f'    ON f."tve.key" = h."tve.key" AND f."tve.time" <= h."tve.time"\n'
+        f"  ASOF JOIN {counts} AS c\n"
+        f'    ON c."tve.key" = f."tve.key" AND c."value" = f."value"\n'
+        f'   AND h."tve.time" >= c."tve.time"',
+        once=True,
     )
-    if any(d.aggregation == "mode" for d in defs):
-        values = (
-            f'SELECT h.{_SEED_TIME}, h.{_ENTITY}, f."value", sum(h."n" * c."n") AS "n"\n'
-            + reached
-            + f"          ASOF JOIN {counts} AS c\n"
-            f'            ON c."tve.key" = f."tve.key" AND c."value" = f."value"\n'
-            f'           AND h."tve.time" >= c."tve.time"\n'
-            f'         WHERE h."keys" > 1\n'
-            f"         GROUP BY 1, 2, 3"
-        )
-    else:
-        values = (
-            f'SELECT DISTINCT h.{_SEED_TIME}, h.{_ENTITY}, f."value"\n'
-            + reached
-            + '         WHERE h."keys" > 1'
-        )
+    values = (
+        f'SELECT h.{_SEED_TIME}, h.{_ENTITY}, r."value", sum(h."n" * r."n") AS "n"\n'
+        f"          FROM {hops} AS h\n"
+        f"          JOIN {reach.name} AS r\n"
+        f'            ON r."tve.key" = h."tve.key" AND r."tve.time" = h."tve.time"\n'
+        f'         WHERE h."keys" > 1\n'
+        f"         GROUP BY 1, 2, 3"
+    )
     single: list[tuple[str, str | None]] = [(f"h.{_SEED_TIME}", None), (f"h.{_ENTITY}", None)]
     several: list[tuple[str, str | None]] = [(_SEED_TIME, None), (_ENTITY, None)]
     for d in defs:
@@ -994,7 +1066,7 @@ def _running_mode_ctes(plan: _QueryPlan, p: tuple[Hop, ...], k: int, column: str
         f"SELECT * FROM {several_cte.name}\n"
         f" WHERE {_SEED_TIME} IN {group_seeds}",
     )
-    return [several_cte, mode]
+    return [reach, several_cte, mode]
 
 
 def _aggregation_groups(plan: _QueryPlan, later_in: list[tuple[Hop, ...]]) -> list[_Group]:
@@ -1477,60 +1549,214 @@ def _prefetch(con, sql: str, relation: str, chunks: list[pd.DataFrame], depth: i
         thread.join()
 
 
-#: The per (key, time) rows of a ``run_<j>`` are accumulated in pandas this many at a time
-#: at most (~15 columns of 8 bytes: ~250 MB), keys split into buckets by hash.
-_PANDAS_RUNNING_ROWS = 2_000_000
+#: The rows of ``F'`` (and first-hop (key, time)) of a fact->key<-fact path are read into
+#: NumPy this many at a time at most (keys split into buckets by hash): ~25 columns of 8
+#: bytes, ~400 MB with the intermediate arrays.
+_LOOKUP_BUCKET_ROWS = 2_000_000
 
 
-def _create_running_table(con, table: _Cte) -> None:
-    """Create a ``run_<j>`` table in DuckDB without SQL window functions: the per (key, time)
-    aggregates (``table.per_time``) of one bucket of keys at a time, in (key, time) order,
-    accumulated per key with pandas' grouped ``cumsum`` / ``cummin`` / ``cummax`` (what the
-    CTE's windows compute, several times faster) and appended to the table, which DuckDB
-    keeps under its memory limit. Enough buckets that each holds about
-    ``_PANDAS_RUNNING_ROWS`` rows of the fact table (its row count: parquet metadata, no
-    scan); each bucket's rows are filtered before they are grouped."""
-    rows = con.execute(f"SELECT count(*) FROM {table.source}").fetchall()[0][0]
-    buckets = max(1, -(-rows // _PANDAS_RUNNING_ROWS))
+def _create_lookup_tables(con, spec: _NativeLookups) -> None:
+    """Create ``at_<j>`` and each ``reach_<j>_<k>`` of one fact->key<-fact path (what their
+    CTEs compute from ``run``, ``counts`` and ``best``) from the rows of ``F'`` and the
+    first-hop (key, time), in buckets of keys (by hash) of at most ``_LOOKUP_BUCKET_ROWS``
+    rows, each sorted by (key, time, rows of ``F'`` before lookups) by DuckDB and scanned
+    once with NumPy (:func:`_lookups_of_bucket`); appended to DuckDB tables, which stay
+    under DuckDB's memory limit."""
+    rows = con.execute(spec.count_sql).fetchall()[0][0]
+    buckets = max(1, -(-rows // _LOOKUP_BUCKET_ROWS))
+    shifts = list(con.execute(spec.shift_sql).fetchall()[0]) if spec.shift_sql else []
+    sizes = [con.execute(f"SELECT count(*) FROM {r}").fetchall()[0][0] for r in spec.ranks]
     for b in range(buckets):
-        bucket = f" AND hash({table.key}) % {buckets} = {b}" if buckets > 1 else ""
-        chunk = _accumulate_per_key(con.sql(f"{table.per_time(bucket)}\n ORDER BY 1, 2"))
-        con.register("tve_chunk", chunk)
-        if b == 0:
-            con.execute(f"CREATE TEMP TABLE {table.name} AS SELECT * FROM tve_chunk")
+        where = f'\n WHERE hash("tve.key") % {buckets} = {b}' if buckets > 1 else ""
+        sql = f"SELECT * FROM (\n        {spec.rows_sql}){where}\n ORDER BY 1, 2, 3"
+        at, reach = _lookups_of_bucket(_arrow_table(con.sql(sql)), spec, shifts, sizes)
+        _append(con, spec.at, at, spec.ranks, None, create=b == 0)
+        for k, chunk in enumerate(reach):
+            _append(con, spec.reach[k], chunk, spec.ranks, k, create=b == 0)
+        del at, reach
+
+
+def _append(con, name: str, chunk, ranks: Sequence[str], k: int | None, create: bool) -> None:
+    """Append ``chunk`` to the table ``name`` (create it first), each rank column turned
+    into its value: ``"tve.rank_<k>"`` -> ``"tve.mode_<k>"`` in ``at`` (``k`` None),
+    ``"rank"`` -> ``"value"`` in the ``reach`` of the ``k``-th value column (from 0)."""
+    con.register("tve_chunk", chunk)
+    try:
+        if k is None:
+            items = [quote(c) for c in chunk.column_names if not c.startswith("tve.rank_")]
+            joins = ""
+            for k, table in enumerate(ranks, 1):
+                items.insert(
+                    items.index(quote(f"tve.distinct_{k}")),
+                    f'r{k}."value" AS {quote(f"tve.mode_{k}")}',
+                )
+                joins += f' LEFT JOIN {table} AS r{k} ON r{k}."rank" = c.{quote(f"tve.rank_{k}")}'
+            items = [i if " AS " in i else f"c.{i}" for i in items]
+            select = f"SELECT {', '.join(items)} FROM tve_chunk AS c{joins}"
         else:
-            con.execute(f"INSERT INTO {table.name} SELECT * FROM tve_chunk")
+            table = ranks[k]
+            select = (
+                f'SELECT c."tve.key", c."tve.time", r."value", c."n" FROM tve_chunk AS c'
+                f' JOIN {table} AS r ON r."rank" = c."rank"'
+            )
+        if create:
+            con.execute(f"CREATE TEMP TABLE {name} AS {select}")
+        else:
+            con.execute(f"INSERT INTO {name} {select}")
+    finally:
         con.unregister("tve_chunk")
-        del chunk
 
 
-def _accumulate_per_key(relation):
-    """The rows of ``relation`` (key, time, per-time aggregates; in (key, time) order) with
-    each aggregate accumulated per key: a value missing at a time keeps the key's running
-    value so far, and a running sum over no value, 0 here and null in the CTE, is never
-    read (the targets read it only when the key's count is positive)."""
+def _segment_cumsum(values: np.ndarray, segment: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Running sums of integers restarting at each segment (``starts``: first positions)."""
+    total = np.cumsum(values)
+    return total - (total[starts] - values[starts])[segment]
+
+
+def _lookups_of_bucket(table, spec: _NativeLookups, shifts: list, sizes: list[int]):
+    """One bucket's ``at`` rows and ``reach`` rows per value column, as Arrow tables.
+
+    ``table``: rows of ``F'`` and lookups sorted by (key, time, lookup), so the rows of
+    ``F'`` before a lookup in its key's segment are exactly those it reaches (time <= τ).
+    Running statistics are computed over the rows of ``F'`` alone and read at each
+    lookup's last row of ``F'``: counts by cumulative sums, sums (and ``std``'s shifted
+    sums) by pandas' grouped ``cumsum`` (summed in order, as the CTE's window), min and max
+    by grouped ``cummin``/``cummax`` (NaN values taken as null). Per value column, each row's
+    running count of its (key, value) (a stable sort by (key, value)); the running mode is
+    the running maximum of count x size + size - rank (most rows, then smallest value) and
+    the distinct count the running count of first rows. ``reach``: for each lookup of a
+    pair with several, every value of its key with a row no later than it, and that count.
+    """
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    table = _arrow_table(relation)
-    key, rows = table.column(0).combine_chunks(), table.num_rows
-    starts = np.ones(rows, dtype=bool)
-    if rows > 1:
-        same = pc.equal(key.slice(1), key.slice(0, rows - 1))
+    n = table.num_rows
+    key = table.column(0).combine_chunks()
+    starts = np.ones(n, dtype=bool)
+    if n > 1:
+        same = pc.equal(key.slice(1), key.slice(0, n - 1))
         starts[1:] = ~pc.fill_null(same, False).to_numpy(zero_copy_only=False)
     segment = np.cumsum(starts) - 1
-    columns = [table.column(0), table.column(1)]
-    for name in table.column_names[2:]:
-        values = pd.Series(table.column(name).to_numpy(zero_copy_only=False))
-        if name.startswith(("tve.min_", "tve.max_")):
-            grouped = values.groupby(segment)
-            running = grouped.cummin() if name.startswith("tve.min_") else grouped.cummax()
-            running = running.groupby(segment).ffill()
-        else:
-            running = values.fillna(0).groupby(segment).cumsum()
-        columns.append(pa.array(running.to_numpy(), from_pandas=True))
-        del values, running
-    return pa.Table.from_arrays(columns, names=table.column_names)
+    lookup = table.column(2).to_numpy(zero_copy_only=False).astype(bool)
+    fact = ~lookup
+    facts = np.flatnonzero(fact)
+    fact_segment = segment[facts]
+    fact_starts = np.flatnonzero(np.r_[True, fact_segment[1:] != fact_segment[:-1]])
+    if len(facts) == 0:
+        fact_starts = fact_starts[:0]
+    seen = np.cumsum(fact)  # rows of F' up to each position, all segments
+    before = (seen - fact)[np.flatnonzero(starts)]  # ... before each segment
+    looks = np.flatnonzero(lookup)
+    reached = seen[looks] - before[segment[looks]]
+    looks, reached = looks[reached > 0], reached[reached > 0]
+    last = seen[looks] - 1  # each lookup's last row of F' (same key: it reaches one)
+    take = pa.array(looks)
+    at = {"tve.key": key.take(take), "tve.time": table.column(1).take(take), "tve.rows": reached}
+
+    def column(name: str):
+        values = table.column(name).combine_chunks().take(pa.array(facts))
+        if pa.types.is_boolean(values.type):  # "IS NOT NULL" of a column only counted
+            return None, pc.fill_null(values, False).to_numpy(zero_copy_only=False)
+        return values.to_numpy(zero_copy_only=False), values.is_valid().to_numpy(
+            zero_copy_only=False
+        )
+
+    shift = dict(zip(spec.shifted, shifts))
+    for i in dict.fromkeys(number for number, _, _ in spec.pairs):
+        x, valid = column(f"tve.v_{i}")
+        stats = {s: out for number, s, out in spec.pairs if number == i}
+        if "n" in stats:
+            at[stats["n"]] = _segment_cumsum(valid.astype(np.int64), fact_segment, fact_starts)[
+                last
+            ]
+        if "s" in stats:
+            summed = pd.Series(np.where(valid, x, 0.0)).groupby(fact_segment).cumsum()
+            at[stats["s"]] = summed.to_numpy()[last]
+        if "d" in stats or "q" in stats:
+            shifted = np.where(valid, x.astype(np.float64) - shift[i], 0.0)
+            for stat, y in (("d", shifted), ("q", shifted * shifted)):
+                if stat in stats:
+                    at[stats[stat]] = pd.Series(y).groupby(fact_segment).cumsum().to_numpy()[last]
+        for stat in ("min", "max"):
+            if stat in stats:
+                ok = valid & ~np.isnan(x)
+                fill = np.inf if stat == "min" else -np.inf
+                grouped = pd.Series(np.where(ok, x, fill)).groupby(fact_segment)
+                running = (grouped.cummin() if stat == "min" else grouped.cummax()).to_numpy()
+                some = _segment_cumsum(ok.astype(np.int64), fact_segment, fact_starts)[last] > 0
+                at[stats[stat]] = pa.array(running[last], mask=~some)
+    reach = []
+    several = table.column(3).to_numpy(zero_copy_only=False).astype(bool)[looks]
+    for k, size in enumerate(sizes, 1):
+        rank = table.column(f"tve.rank_{k}").combine_chunks().take(pa.array(facts))
+        rank = pc.fill_null(rank, 0).to_numpy().astype(np.int64)
+        has = np.flatnonzero(rank > 0)  # rows of F' with a value (positions among facts)
+        ids = fact_segment[has] * (size + 1) + rank[has]
+        order = np.argsort(ids, kind="stable")  # by (key, value), then position
+        ids_sorted = ids[order]
+        first = np.r_[True, ids_sorted[1:] != ids_sorted[:-1]] if len(ids) else np.ones(0, bool)
+        run_start = np.flatnonzero(first)
+        run = np.cumsum(first) - 1
+        count = np.empty(len(ids), dtype=np.int64)
+        count[order] = np.arange(len(ids)) - run_start[run] + 1
+        score = np.zeros(len(facts), dtype=np.int64)
+        score[has] = count * size + size - rank[has]
+        new = np.zeros(len(facts), dtype=np.int64)
+        new[has] = count == 1
+        best = pd.Series(score).groupby(fact_segment).cummax().to_numpy()[last]
+        distinct = _segment_cumsum(new, fact_segment, fact_starts)[last]
+        at[f"tve.rank_{k}"] = pa.array(size - best % size if size else best, mask=best <= 0)
+        at[f"tve.distinct_{k}"] = pa.array(distinct, mask=distinct <= 0)
+        reach.append(
+            _reach_of_bucket(
+                several,
+                looks,
+                last,
+                fact_segment,
+                ids_sorted,
+                order,
+                has,
+                run_start,
+                size,
+                key,
+                table,
+            )
+        )
+    return pa.table(at), reach
+
+
+def _reach_of_bucket(
+    several, looks, last, fact_segment, ids_sorted, order, has, run_start, size, key, table
+):
+    """``reach`` rows of one bucket and value column: per lookup of a pair with several,
+    each (key, value) run of rows of ``F'`` that starts no later than the lookup, and how
+    many of its rows are no later (``searchsorted`` on (run, position))."""
+    import pyarrow as pa
+
+    looks_s, last_s = looks[several], last[several]
+    segment_s = fact_segment[last_s]
+    run_ids = ids_sorted[run_start]
+    run_segment = run_ids // (size + 1)
+    lo = np.searchsorted(run_segment, segment_s, "left")
+    hi = np.searchsorted(run_segment, segment_s, "right")
+    per = hi - lo
+    which = np.repeat(np.arange(len(looks_s)), per)
+    offset = np.arange(len(which)) - np.repeat(np.cumsum(per) - per, per)
+    runs = lo[which] + offset
+    nf = max(len(fact_segment), 1)
+    run_of = np.repeat(np.arange(len(run_start)), np.diff(np.r_[run_start, len(ids_sorted)]))
+    composite = run_of * nf + has[order]  # sorted: by run, then position among facts
+    count = np.searchsorted(composite, runs * nf + last_s[which], "right") - run_start[runs]
+    keep = count > 0
+    take = pa.array(looks_s[which[keep]])
+    return pa.table(
+        {
+            "tve.key": key.take(take),
+            "tve.time": table.column(1).take(take),
+            "rank": (run_ids[runs[keep]] % (size + 1)).astype(np.int64),
+            "n": count[keep],
+        }
+    )
 
 
 def _spread(values, pos: np.ndarray, n: int, count: bool):
@@ -1608,14 +1834,18 @@ def iter_targets(query: TargetQuery, *, slice_rows: int = DEFAULT_SLICE_ROWS) ->
     with _connection(query, used, seed_times, relation) as con:
         _check_inputs(con, query.tables, defs, used)
         entities = _entity_keys(con, query.schema_tables, entity_table)
-        for table in tables:  # read by every group's query: computed once, in DuckDB
-            if table.per_time is not None:
-                _create_running_table(con, table)
-            else:
+        made = []  # read by every group's query: computed once (fkf lookups: in process)
+        replaced = {name for t in tables if t.native for name in t.native.replaces}
+        for table in tables:
+            if table.native is not None:
+                _create_lookup_tables(con, table.native)
+                made += [table.name, *table.native.reach]
+            elif table.name not in replaced:
                 con.execute(f"CREATE TEMP TABLE {table.name} AS {table.body}")
-        for table in tables:  # only read to make the others (``run_<j>``: by ``at_<j>``)
-            if not re.search(rf"\b{re.escape(table.name)}\b", sql):
-                con.execute(f"DROP TABLE {table.name}")
+                made.append(table.name)
+        for name in made:  # only read to make the others (``ranks_<j>_<k>``: by ``at_<j>``)
+            if not re.search(rf"\b{re.escape(name)}\b", sql):
+                con.execute(f"DROP TABLE {name}")
         pkey = query.schema_tables[entity_table].pkey
         # no seed time: still one query, for the schema
         groups = _chunks(seed_times, query.seeds_per_query) or [seed_times]
