@@ -16,8 +16,11 @@ into one set-based DuckDB query over a relation of seed times ``timestamps(times
   (seed time, entity): one pass over ``F'`` and one lookup per hop-1 row, where joining
   rows costs (hop-1 rows) x (rows per key); ``counts_<j>_<k>`` does the same per (key,
   value) for modes and distinct counts, exactly. These tables read no seed time:
-  :func:`iter_targets` computes them once (with pandas' grouped running aggregates) for
-  all its groups of seed times;
+  :func:`iter_targets` computes them once for all its groups of seed times, and makes the
+  lookups (``at_<j>``, ``reach_<j>_<k>``) in process from one sorted scan of ``F'`` with
+  the first-hop (key, time) interleaved (NumPy running sums, counts and maxima per key),
+  never materialising ``run``, ``counts`` or ``best``; ``--show-sql``'s script keeps the
+  SQL of all of them;
 - ``path_<j>``: any other path with a later "in" hop (hand-written definitions: an "in"
   hop right after the first, a last table without a time column), joined row by row;
 - ``agg_<j>``: per (seed time, entity), the row counts and plain aggregates of all the
@@ -241,7 +244,7 @@ class _Cte(NamedTuple):
     #: time (per-key running aggregates) or all of them (their lookups), never a group's
     once: bool = False
     #: of an ``at_<j>``: how :func:`iter_targets` makes it (and the ``reach_<j>_<k>``) in
-    #: process, from the rows of ``F'`` in key buckets, without the tables it reads here
+    #: process, from a sorted scan of ``F'``, without the tables it reads here
     native: _NativeLookups | None = None
 
 
@@ -709,7 +712,6 @@ class _NativeLookups:
     #: "tve.several": of a pair with several): key, time, lookup, several, then per running
     #: column "tve.v_<i>" and per value column "tve.rank_<k>"
     rows_sql: str
-    count_sql: str  # rows of F' and first-hop rows: how many buckets
     shift_sql: str | None  # the shifts of the ``std`` columns, in ``shifted`` order
     pairs: tuple[tuple[int, str, str], ...]  # (column number, stat, output name)
     shifted: tuple[int, ...]
@@ -761,8 +763,6 @@ def _native_lookups(plan: _QueryPlan, p: tuple[Hop, ...], stats: _RunningStats) 
         ranks=ranks,
         replaces=frozenset(replaces),
         rows_sql=rows_sql,
-        count_sql=f"SELECT (SELECT count(*) FROM {quote(p[2].table)})"
-        f" + (SELECT count(*) FROM {hops})",
         shift_sql=shift_sql,
         pairs=tuple((stats.number[c], s, f"tve.{s}_{stats.number[c]}") for c, s in stats.pairs),
         shifted=tuple(stats.number[c] for c in stats.shifted),
@@ -1549,62 +1549,90 @@ def _prefetch(con, sql: str, relation: str, chunks: list[pd.DataFrame], depth: i
         thread.join()
 
 
-#: The rows of ``F'`` (and first-hop (key, time)) of a fact->key<-fact path are read into
-#: NumPy this many at a time at most (keys split into buckets by hash): ~25 columns of 8
-#: bytes, ~400 MB with the intermediate arrays.
+#: The rows of ``F'`` (and first-hop (key, time)) of a fact->key<-fact path are scanned
+#: with NumPy this many at a time (whole keys: a key's rows are never split): ~25 columns
+#: of 8 bytes, ~400 MB with the intermediate arrays.
 _LOOKUP_BUCKET_ROWS = 2_000_000
+
+
+def release_arrow_memory() -> None:
+    """Give what Arrow's memory pool holds free back to the system: its default pool
+    (mimalloc) keeps freed buffers for reuse, which at 10M rows left ~700 MB of RSS behind
+    after reading a table's columns once."""
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
 
 
 def _create_lookup_tables(con, spec: _NativeLookups) -> None:
     """Create ``at_<j>`` and each ``reach_<j>_<k>`` of one fact->key<-fact path (what their
     CTEs compute from ``run``, ``counts`` and ``best``) from the rows of ``F'`` and the
-    first-hop (key, time), in buckets of keys (by hash) of at most ``_LOOKUP_BUCKET_ROWS``
-    rows, each sorted by (key, time, rows of ``F'`` before lookups) by DuckDB and scanned
-    once with NumPy (:func:`_lookups_of_bucket`); appended to DuckDB tables, which stay
-    under DuckDB's memory limit."""
-    rows = con.execute(spec.count_sql).fetchall()[0][0]
-    buckets = max(1, -(-rows // _LOOKUP_BUCKET_ROWS))
+    first-hop (key, time) sorted once by DuckDB by (key, time, rows of ``F'`` before
+    lookups) and streamed: each run of whole keys of about ``_LOOKUP_BUCKET_ROWS`` rows is
+    scanned with NumPy (:func:`_lookups_of_bucket`) and appended, through a second
+    connection to the same database (the stream holds the first), to tables that DuckDB
+    keeps under its memory limit. The sort spills to disk past the limit."""
+    import pyarrow as pa
+
     shifts = list(con.execute(spec.shift_sql).fetchall()[0]) if spec.shift_sql else []
-    sizes = [con.execute(f"SELECT count(*) FROM {r}").fetchall()[0][0] for r in spec.ranks]
-    for b in range(buckets):
-        where = f'\n WHERE hash("tve.key") % {buckets} = {b}' if buckets > 1 else ""
-        sql = f"SELECT * FROM (\n        {spec.rows_sql}){where}\n ORDER BY 1, 2, 3"
-        at, reach = _lookups_of_bucket(_arrow_table(con.sql(sql)), spec, shifts, sizes)
-        _append(con, spec.at, at, spec.ranks, None, create=b == 0)
-        for k, chunk in enumerate(reach):
-            _append(con, spec.reach[k], chunk, spec.ranks, k, create=b == 0)
-        del at, reach
+    values = [
+        _arrow_table(con.sql(f'SELECT "value" FROM {r} ORDER BY "rank"')).column(0).combine_chunks()
+        for r in spec.ranks
+    ]
+    sizes = [len(v) for v in values]
+    out = con.cursor()
+    made: set[str] = set()
 
+    def scan(table) -> None:
+        at, reach = _lookups_of_bucket(table, spec, shifts, sizes)
+        for k, column in enumerate(values, 1):  # ranks -> values (dense ranks from 1)
+            i = at.schema.get_field_index(f"tve.rank_{k}")
+            at = at.set_column(i, f"tve.mode_{k}", _value_of_rank(column, at.column(i)))
+        reach = [
+            r.set_column(2, "value", _value_of_rank(column, r.column(2)))
+            for r, column in zip(reach, values)
+        ]
+        for name, chunk in [(spec.at, at), *zip(spec.reach, reach)]:
+            out.register("tve_chunk", chunk)
+            verb = f"INSERT INTO {name}" if name in made else f"CREATE TABLE {name} AS"
+            out.execute(f"{verb} SELECT * FROM tve_chunk")
+            out.unregister("tve_chunk")
+            made.add(name)
 
-def _append(con, name: str, chunk, ranks: Sequence[str], k: int | None, create: bool) -> None:
-    """Append ``chunk`` to the table ``name`` (create it first), each rank column turned
-    into its value: ``"tve.rank_<k>"`` -> ``"tve.mode_<k>"`` in ``at`` (``k`` None),
-    ``"rank"`` -> ``"value"`` in the ``reach`` of the ``k``-th value column (from 0)."""
-    con.register("tve_chunk", chunk)
+    sql = f"SELECT * FROM (\n        {spec.rows_sql})\n ORDER BY 1, 2, 3"
     try:
-        if k is None:
-            items = [quote(c) for c in chunk.column_names if not c.startswith("tve.rank_")]
-            joins = ""
-            for k, table in enumerate(ranks, 1):
-                items.insert(
-                    items.index(quote(f"tve.distinct_{k}")),
-                    f'r{k}."value" AS {quote(f"tve.mode_{k}")}',
-                )
-                joins += f' LEFT JOIN {table} AS r{k} ON r{k}."rank" = c.{quote(f"tve.rank_{k}")}'
-            items = [i if " AS " in i else f"c.{i}" for i in items]
-            select = f"SELECT {', '.join(items)} FROM tve_chunk AS c{joins}"
-        else:
-            table = ranks[k]
-            select = (
-                f'SELECT c."tve.key", c."tve.time", r."value", c."n" FROM tve_chunk AS c'
-                f' JOIN {table} AS r ON r."rank" = c."rank"'
-            )
-        if create:
-            con.execute(f"CREATE TEMP TABLE {name} AS {select}")
-        else:
-            con.execute(f"INSERT INTO {name} {select}")
+        reader = con.sql(sql).fetch_record_batch(1 << 17)
+        pending, rows = [], 0
+        for batch in reader:
+            pending.append(batch)
+            rows += batch.num_rows
+            if rows >= _LOOKUP_BUCKET_ROWS:
+                table = pa.Table.from_batches(pending)
+                cut = _last_key_start(table.column(0))
+                if cut > 0:  # else one key holds them all: read on
+                    scan(table.slice(0, cut))
+                    rest = table.slice(cut)
+                    pending, rows = rest.to_batches(), rest.num_rows
+                    del table, rest
+                    release_arrow_memory()
+        scan(pa.Table.from_batches(pending, schema=reader.schema))
     finally:
-        con.unregister("tve_chunk")
+        out.close()
+
+
+def _last_key_start(key) -> int:
+    """The position where the last run of equal keys of a sorted column starts."""
+    import pyarrow.compute as pc
+
+    last = pc.equal(key, key[len(key) - 1]).to_numpy(zero_copy_only=False)
+    return len(last) - int(np.argmin(last[::-1])) if not last.all() else 0
+
+
+def _value_of_rank(values, rank):
+    """The values of dense ranks (from 1; null stays null)."""
+    import pyarrow.compute as pc
+
+    return values.take(pc.subtract(rank, 1))
 
 
 def _segment_cumsum(values: np.ndarray, segment: np.ndarray, starts: np.ndarray) -> np.ndarray:
@@ -1614,7 +1642,8 @@ def _segment_cumsum(values: np.ndarray, segment: np.ndarray, starts: np.ndarray)
 
 
 def _lookups_of_bucket(table, spec: _NativeLookups, shifts: list, sizes: list[int]):
-    """One bucket's ``at`` rows and ``reach`` rows per value column, as Arrow tables.
+    """The ``at`` rows and ``reach`` rows per value column of a run of whole keys (a
+    "bucket"), as Arrow tables.
 
     ``table``: rows of ``F'`` and lookups sorted by (key, time, lookup), so the rows of
     ``F'`` before a lookup in its key's segment are exactly those it reaches (time <= τ).
@@ -1859,6 +1888,8 @@ def iter_targets(query: TargetQuery, *, slice_rows: int = DEFAULT_SLICE_ROWS) ->
                 for table in _fill_in_group(rows, group, entities, schema, defs, slice_rows):
                     empty = False
                     yield table
+                del rows
+                release_arrow_memory()
         finally:
             results.close()
         if empty:

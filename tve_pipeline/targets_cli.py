@@ -132,6 +132,7 @@ def _infer_types(
 
     from tve_pipeline import database
     from tve_pipeline.schema import KEY
+    from tve_pipeline.targets import release_arrow_memory
 
     out: dict[str, dict[str, str]] = {}
     for name in tables:
@@ -144,6 +145,7 @@ def _infer_types(
         typed = database.column_types({name: frame}, one_table, dataset_dir)[name]
         out[name] = {c: (KEY if c in keys else typed[c]) for c in names}
         del frame
+    release_arrow_memory()  # the value columns' Arrow buffers, kept by the pool
     return out
 
 
