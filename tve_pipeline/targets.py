@@ -1691,6 +1691,8 @@ def _lookups_of_bucket(table, spec: _NativeLookups, shifts: list, sizes: list[in
         )
 
     shift = dict(zip(spec.shifted, shifts))
+    running: dict[str, dict[str, np.ndarray]] = {"cumsum": {}, "cummin": {}, "cummax": {}}
+    masks = {}
     for i in dict.fromkeys(number for number, _, _ in spec.pairs):
         x, valid = column(f"tve.v_{i}")
         stats = {s: out for number, s, out in spec.pairs if number == i}
@@ -1699,21 +1701,26 @@ def _lookups_of_bucket(table, spec: _NativeLookups, shifts: list, sizes: list[in
                 last
             ]
         if "s" in stats:
-            summed = pd.Series(np.where(valid, x, 0.0)).groupby(fact_segment).cumsum()
-            at[stats["s"]] = summed.to_numpy()[last]
+            running["cumsum"][stats["s"]] = np.where(valid, x, 0.0)
         if "d" in stats or "q" in stats:
             shifted = np.where(valid, x.astype(np.float64) - shift[i], 0.0)
             for stat, y in (("d", shifted), ("q", shifted * shifted)):
                 if stat in stats:
-                    at[stats[stat]] = pd.Series(y).groupby(fact_segment).cumsum().to_numpy()[last]
-        for stat in ("min", "max"):
-            if stat in stats:
-                ok = valid & ~np.isnan(x)
-                fill = np.inf if stat == "min" else -np.inf
-                grouped = pd.Series(np.where(ok, x, fill)).groupby(fact_segment)
-                running = (grouped.cummin() if stat == "min" else grouped.cummax()).to_numpy()
-                some = _segment_cumsum(ok.astype(np.int64), fact_segment, fact_starts)[last] > 0
-                at[stats[stat]] = pa.array(running[last], mask=~some)
+                    running["cumsum"][stats[stat]] = y
+        if "min" in stats or "max" in stats:
+            ok = valid & ~np.isnan(x)
+            none = _segment_cumsum(ok.astype(np.int64), fact_segment, fact_starts)[last] == 0
+            for stat, how, fill in (("min", "cummin", np.inf), ("max", "cummax", -np.inf)):
+                if stat in stats:
+                    running[how][stats[stat]] = np.where(ok, x, fill)
+                    masks[stats[stat]] = none
+    for how, columns in running.items():  # one grouping per kind, every column at once
+        if columns:
+            frame = getattr(pd.DataFrame(columns).groupby(fact_segment), how)()
+            for name in columns:
+                values = frame[name].to_numpy()[last]
+                at[name] = pa.array(values, mask=masks[name]) if name in masks else values
+            del frame
     reach = []
     several = table.column(3).to_numpy(zero_copy_only=False).astype(bool)[looks]
     for k, size in enumerate(sizes, 1):
@@ -1792,16 +1799,17 @@ def _spread(values, pos: np.ndarray, n: int, count: bool):
     """An Arrow column of ``n`` rows with ``values`` at ``pos``: 0 elsewhere for a count,
     else null.
 
-    Fixed-width numbers are scattered with NumPy into a zeroed buffer, with a validity
-    bitmap packed from a boolean mask (much cheaper than a ``take`` with null indices, and
-    this runs for every column of every slice); other types use ``take``.
+    Fixed-width numbers are scattered with NumPy into a buffer (zeroed for a count; left
+    as it is under nulls otherwise, which no reader looks at), with a validity bitmap
+    packed from a boolean mask (much cheaper than a ``take`` with null indices, and this
+    runs for every column of every slice); other types use ``take``.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
 
     kind = values.type
     if pa.types.is_integer(kind) or pa.types.is_floating(kind):
-        out = np.zeros(n, dtype=kind.to_pandas_dtype())
+        out = (np.zeros if count else np.empty)(n, dtype=kind.to_pandas_dtype())
         if values.null_count == 0:
             out[pos] = values.to_numpy()
             if count:
