@@ -455,6 +455,25 @@ def _tiny_library(tiny):
     return ds, tables, defs
 
 
+def test_groups_hold_fewer_seed_times_past_the_pair_budget(tiny, monkeypatch):
+    """A group of seed times spans at most ``_GROUP_PAIRS`` (entity, seed time) pairs,
+    whatever ``seeds_per_query`` asks (here: all at once): same rows, more queries."""
+    import tve_pipeline.targets as targets
+
+    ds, tables, defs = _tiny_library(tiny)
+    start = pd.Timestamp(ds.val_timestamp) - pd.Timedelta(days=200)
+    seeds = [start + pd.Timedelta(days=30 * i) for i in range(5)]
+    query = TargetQuery(
+        tables, ds.manifest.tables, defs, "customers", seeds, DELTA, seeds_per_query=None
+    )
+    want = compute_targets(query)
+    asked, chunks = [], targets._chunks
+    monkeypatch.setattr(targets, "_chunks", lambda s, n: (asked.append(n), chunks(s, n))[1])
+    monkeypatch.setattr(targets, "_GROUP_PAIRS", 2 * len(tables["customers"]))
+    pd.testing.assert_frame_equal(compute_targets(query), want)
+    assert asked == [2]
+
+
 def test_dense_sql_gives_the_same_rows(tiny, frames):
     """The printable one-query form (seed LEFT JOIN vector) equals what compute_targets returns."""
     import duckdb

@@ -101,6 +101,12 @@ _NESTED_LOOP_SEEDS = 128
 #: Seed times per run of the query (see :func:`iter_targets`); None runs them all at once.
 DEFAULT_SEEDS_PER_QUERY = 16
 
+#: ... and fewer when the entity table is large: a group's result is held in Arrow while it
+#: is filled in (and the next group's while it is computed), so a group spans at most this
+#: many (entity, seed time) pairs (16 seed times of a million entities; at 5 million
+#: entities 16 seed times held 2 GB of results twice over, beside DuckDB's own limit).
+_GROUP_PAIRS = 16_000_000
+
 #: Entities per output slice of :func:`iter_targets` (one parquet row group each).
 DEFAULT_SLICE_ROWS = 1 << 19
 
@@ -1287,8 +1293,10 @@ class TargetQuery:
     runs, never its rows: ``memory_limit`` caps DuckDB's memory (beyond it, operators spill
     to ``temp_directory``, a fresh temporary folder by default); ``threads`` None keeps
     DuckDB's default; ``seeds_per_query`` groups consecutive seed times per run of the
-    query (None: all at once); ``show_sql`` prints the query; ``running_aggregates=False``
-    computes fact->key<-fact paths by joining rows (see :func:`targets_sql`).
+    query (None: all at once; and never more than 16 million (entity, seed time) pairs a
+    group: fewer seed times per query past a million entities); ``show_sql`` prints the
+    query; ``running_aggregates=False`` computes fact->key<-fact paths by joining rows (see
+    :func:`targets_sql`).
 
     >>> query = TargetQuery(frames, manifest.tables, defs, "customers", seeds, Δ)  # doctest: +SKIP
     >>> compute_targets(query)  # or write_targets(query, "targets.parquet")  # doctest: +SKIP
@@ -1885,7 +1893,10 @@ def iter_targets(query: TargetQuery, *, slice_rows: int = DEFAULT_SLICE_ROWS) ->
                 con.execute(f"DROP TABLE {name}")
         pkey = query.schema_tables[entity_table].pkey
         # no seed time: still one query, for the schema
-        groups = _chunks(seed_times, query.seeds_per_query) or [seed_times]
+        per_query = max(1, _GROUP_PAIRS // max(len(entities.keys), 1))
+        if query.seeds_per_query is not None:
+            per_query = min(per_query, query.seeds_per_query)
+        groups = _chunks(seed_times, per_query) or [seed_times]
         results = _prefetch(con, sql, relation, groups)
         schema = None
         empty = True
