@@ -780,6 +780,50 @@ def test_fact_key_fact_of_other_shapes_joins_rows():
     assert_same_targets(got, brute_force(frames, schema, defs, "customers", ts, DELTA), defs)
 
 
+@pytest.mark.parametrize("bucket_rows", [3, 10**9])
+def test_fact_key_fact_into_another_table(monkeypatch, bucket_rows):
+    """``E <- F -> K <- F'`` with ``F'`` another table than ``F`` (reviews of the ordered
+    products): keys that first-hop rows reach but ``F'`` never references (products 0 and
+    2 have orders, no review; 0 sorts before the reviewed 1), reviews before, at and after
+    each order, in one scan of whole keys or several; every aggregate against the brute
+    force."""
+    import tve_pipeline.targets as targets
+
+    monkeypatch.setattr(targets, "_LOOKUP_BUCKET_ROWS", bucket_rows)
+    t = lambda d, h=0: BASE + pd.Timedelta(days=d, hours=h)  # noqa: E731
+    frames = _fixed_shop()
+    frames["reviews"] = pd.DataFrame(
+        {
+            "review_id": range(7),
+            "product_id": [1.0, 1.0, 1.0, 1.0, None, 1.0, 3.0],
+            "time": [t(0), t(2), t(2, 5), t(9), t(1), pd.NaT, t(1)],
+            "stars": [5.0, None, 3.0, 4.0, 1.0, 2.0, 2.0],
+            "kind": ["a", "b", "a", None, "b", "b", "c"],
+        }
+    )
+    schema = {
+        **shop_schema(True),
+        "reviews": Spec(pkey="review_id", time_col="time", fkeys={"product_id": "products"}),
+    }
+    path = (
+        Hop("orders", "customer_id", "in"),
+        Hop("products", "product_id", "out"),
+        Hop("reviews", "product_id", "in"),
+    )
+    defs = [TargetDef("n__count", "customers", path, None, "count")] + [
+        TargetDef(f"{column}__{agg}", "customers", path, column, agg)
+        for column, aggs in [
+            ("stars", ("count", "sum", "mean", "min", "max", "std")),
+            ("kind", ("mode", "count_distinct", "count")),
+        ]
+        for agg in aggs
+    ]
+    ts = [BASE + pd.Timedelta(days=d) for d in range(-1, 8)]
+    got = compute_targets(TargetQuery(frames, schema, defs, "customers", ts, DELTA))
+    assert_same_targets(got, brute_force(frames, schema, defs, "customers", ts, DELTA), defs)
+    assert (got["n__count"] > 0).any() and got["kind__mode"].notna().any()
+
+
 @pytest.mark.parametrize("how", ["one bucket", "buckets", "sql windows"])
 def test_fact_key_fact_spread_far_from_zero(monkeypatch, how):
     """A std of values far from 0 (1e9 + small) still matches the brute force, and equal

@@ -1677,10 +1677,10 @@ def _lookups_of_bucket(table, spec: _NativeLookups, shifts: list, sizes: list[in
     lookup = table.column(2).to_numpy(zero_copy_only=False).astype(bool)
     fact = ~lookup
     facts = np.flatnonzero(fact)
-    fact_segment = segment[facts]
-    fact_starts = np.flatnonzero(np.r_[True, fact_segment[1:] != fact_segment[:-1]])
-    if len(facts) == 0:
-        fact_starts = fact_starts[:0]
+    # the keys with rows of F', numbered 0, 1, ... (keys with lookups only are skipped)
+    new_key = np.r_[True, segment[facts][1:] != segment[facts][:-1]][: len(facts)]
+    fact_segment = np.cumsum(new_key) - 1
+    fact_starts = np.flatnonzero(new_key)
     seen = np.cumsum(fact)  # rows of F' up to each position, all segments
     before = (seen - fact)[np.flatnonzero(starts)]  # ... before each segment
     looks = np.flatnonzero(lookup)
