@@ -338,6 +338,14 @@ def test_fact_key_fact_paths_match_brute_force(db, entity, seeds):
     assert_same_targets(got, brute_force(frames, schema, defs, entity, timestamps, DELTA), defs)
 
 
+#: Other orders of the products a customer's orders are of: a fact->key<-fact path.
+FKF_PATH = (
+    Hop("orders", "customer_id", "in"),
+    Hop("products", "product_id", "out"),
+    Hop("orders", "product_id", "in"),
+)
+
+
 def test_fact_key_fact_mode_over_several_keys():
     """A customer whose window orders reach two products: the mode is of the summed counts
     (y: 2 + 0, x: 1 + 0, z: 0 + 1 -> y, not the smallest value x), hand-computed."""
@@ -354,11 +362,7 @@ def test_fact_key_fact_mode_over_several_keys():
         }
     )
     schema = shop_schema(True)
-    path = (
-        Hop("orders", "customer_id", "in"),
-        Hop("products", "product_id", "out"),
-        Hop("orders", "product_id", "in"),
-    )
+    path = FKF_PATH
     defs = [
         TargetDef(f"x__{a}", "customers", path, "status", a) for a in ("mode", "count_distinct")
     ]
@@ -386,11 +390,7 @@ def test_fact_key_fact_mode_of_one_key():
         }
     )
     schema = shop_schema(True)
-    path = (
-        Hop("orders", "customer_id", "in"),
-        Hop("products", "product_id", "out"),
-        Hop("orders", "product_id", "in"),
-    )
+    path = FKF_PATH
     defs = [
         TargetDef(f"x__{a}", "customers", path, "status", a)
         for a in ("mode", "count_distinct", "count")
@@ -839,11 +839,7 @@ def test_fact_key_fact_spread_far_from_zero(monkeypatch, how):
         frames["orders"]["product_id"] != 0, 3.0
     )
     schema = shop_schema(True)
-    path = (
-        Hop("orders", "customer_id", "in"),
-        Hop("products", "product_id", "out"),
-        Hop("orders", "product_id", "in"),
-    )
+    path = FKF_PATH
     defs = [TargetDef(f"x__{a}", "customers", path, "amount", a) for a in ("std", "mean", "sum")]
     ts = [BASE + pd.Timedelta(days=d) for d in range(6)]
     if how == "sql windows":
