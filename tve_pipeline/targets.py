@@ -65,6 +65,7 @@ key being unique (RelBench's 0..n-1 keys are; the entity table's is checked).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import queue
@@ -252,8 +253,12 @@ class _Cte(NamedTuple):
     #: time (per-key running aggregates) or all of them (their lookups), never a group's
     once: bool = False
     #: of an ``at_<j>``: how :func:`iter_targets` makes it (and the ``reach_<j>_<k>``) in
-    #: process, from a sorted scan of ``F'``, without the tables it reads here
-    native: _NativeLookups | None = None
+    #: process, from a sorted scan of ``F'``, without the tables it reads here; of an
+    #: ``agg_<j>`` in the in-process shape: what :func:`_aggregate_rows` reads
+    native: _NativeLookups | _NativeAggregate | None = None
+    #: a window in the in-process shape: computed by its own query once per group of seed
+    #: times and registered (an Arrow table) under its name for the queries that read it
+    fetched: bool = False
 
 
 class _Group(NamedTuple):
@@ -376,11 +381,13 @@ def _split_once(
     timestamps_relation: str = "timestamps",
     dense: bool = True,
     running_aggregates: bool = True,
-) -> tuple[list[_Cte], str]:
-    """:func:`targets_sql` in two parts: each CTE that reads no
-    seed time (the per-key running aggregates of fact->key<-fact paths), to create as a
-    table once, and the query over the rest, which reads them by name. :func:`iter_targets`
-    runs the query once per group of seed times; the tables are the same for every group."""
+    native: bool = False,
+) -> tuple[list[_Cte], list[_Cte], str]:
+    """:func:`targets_sql` in three parts: each CTE that reads no seed time (the per-key
+    running aggregates of fact->key<-fact paths), to create as a table once; with
+    ``native``, the windows and native aggregates, to make per group of seed times (in
+    order) and register under their names; and the query over the rest, which reads both
+    by name. :func:`iter_targets` runs the last two once per group of seed times."""
     ctes, final, from_lines = _targets_ctes(
         schema_tables,
         defs,
@@ -389,9 +396,12 @@ def _split_once(
         timestamps_relation,
         dense,
         running_aggregates,
+        native,
     )
     tables = [cte for cte in ctes if cte.once]
-    return tables, _with_query([cte for cte in ctes if not cte.once], final, from_lines)
+    steps = [cte for cte in ctes if cte.fetched or isinstance(cte.native, _NativeAggregate)]
+    rest = [cte for cte in ctes if not cte.once and cte not in steps]
+    return tables, steps, _with_query(rest, final, from_lines)
 
 
 def _targets_ctes(
@@ -402,15 +412,20 @@ def _targets_ctes(
     timestamps_relation: str,
     dense: bool,
     running_aggregates: bool,
+    native: bool = False,
 ) -> tuple[list[_Cte], list[tuple[str, str | None]], list[str]]:
-    """The CTEs of :func:`targets_sql`, its output columns and its ``FROM`` lines."""
+    """The CTEs of :func:`targets_sql`, its output columns and its ``FROM`` lines.
+
+    ``native``: the in-process shape of :func:`iter_targets`: windows ``fetched`` (made by a
+    query of their own per group of seed times) and every ``agg_<j>`` with its
+    ``mode_<j>_<k>`` replaced by one :class:`_NativeAggregate` (NumPy, per group)."""
     defs = list(defs)
     validate_targets(schema_tables, defs, entity_table)
     plan = _query_plan(schema_tables, defs, entity_table, timedelta, timestamps_relation)
     columns = _WindowColumns.of(plan)
 
     ctes = [_seed_cte(plan)] if dense else []
-    ctes += [_window_cte(plan, hop, columns) for hop in plan.first_hops]
+    ctes += [_window_cte(plan, hop, columns)._replace(fetched=native) for hop in plan.first_hops]
     later_in = [p for p in plan.paths if not _out_only(p)]
     running = [p for p in later_in if running_aggregates and _running_shape(plan, p)]
     joined = [p for p in later_in if p not in running]
@@ -430,6 +445,11 @@ def _targets_ctes(
             joins.append((ctes[-1].name, f"m{j}_{k}"))
             output_of.update({d.name: f"m{j}_{k}" for d in _value_defs(plan, p, column)})
     for group in _aggregation_groups(plan, joined):
+        if native:
+            ctes.append(_native_aggregate(plan, group, columns.value_of, ctes))
+            joins.append((ctes[-1].name, f"a{group.j}"))
+            output_of.update({d.name: f"a{group.j}" for p in group.paths for d in plan.defs_of(p)})
+            continue
         ctes.append(_agg_cte(plan, group, columns.value_of))
         joins.append((ctes[-1].name, f"a{group.j}"))
         for p in group.paths:
@@ -1113,6 +1133,53 @@ def _agg_cte(
     )
 
 
+@dataclass(frozen=True)
+class _NativeAggregate:
+    """What :func:`_aggregate_rows` reads to make one ``agg_<j>`` (with what its
+    ``mode_<j>_<k>`` hold) in process: ``rows_sql`` selects the group's rows as (seed time,
+    entity, then each column read); ``targets`` are (name, aggregation, column number in
+    those columns, None for the rows themselves), every target of the group's paths."""
+
+    rows_sql: str
+    targets: tuple[tuple[str, str, int | None], ...]
+
+
+def _native_aggregate(
+    plan: _QueryPlan,
+    group: _Group,
+    value_of: Mapping[tuple[tuple[Hop, ...], str | None], str],
+    ctes: Sequence[_Cte],
+) -> _Cte:
+    """``agg_<j>`` of the in-process shape: the group's rows read once per group of seed
+    times (a ``path_<j>`` from its CTE, over the fetched window) and aggregated by NumPy."""
+    columns: list[str] = []
+    targets = []
+    for p in group.paths:
+        for d in plan.defs_of(p):
+            expr = value_of[(p, d.column)]
+            if expr == "*":
+                targets.append((d.name, "count", None))
+                continue
+            if expr not in columns:
+                columns.append(expr)
+            aggregation = "count" if d.column is None else d.aggregation
+            targets.append((d.name, aggregation, columns.index(expr)))
+    ent = group.entity
+    items = [(_SEED_TIME, None), (ent, None if ent == _ENTITY else _ENTITY)]
+    items += [(c, None) for c in columns]
+    rows_sql = f"SELECT {_select(items, '       ')}\nFROM {group.rows}"
+    path = next((c for c in ctes if c.name == group.rows and not c.fetched), None)
+    if path is not None:
+        rows_sql = f"WITH {path.name} AS (\n  {path.body}\n)\n" + rows_sql
+    describe = ", ".join(_describe(plan.entity_table, p) for p in group.paths)
+    return _Cte(
+        f"{plan.prefix}agg_{group.j}",
+        f"aggregates of {describe} (in process)",
+        "",
+        native=_NativeAggregate(rows_sql, tuple(targets)),
+    )
+
+
 def _value_columns(plan: _QueryPlan, group: _Group) -> list[tuple[tuple[Hop, ...], str]]:
     """The (path, column) pairs of the group with a mode or distinct count, in order."""
     pairs = [
@@ -1267,8 +1334,19 @@ def _with_query(
     """``WITH`` the CTEs ``SELECT`` the output; a CTE read more than once is materialised
     (computed once, not inlined into each reader)."""
 
+    def reads(text: str, name: str) -> int:
+        return len(re.findall(rf"\b{re.escape(name)}\b", text))
+
     def readers(name: str) -> int:
-        return sum(len(re.findall(rf"\b{re.escape(name)}\b", cte.body)) for cte in ctes)
+        return sum(reads(cte.body, name) for cte in ctes)
+
+    # only what the output reads, directly or not (the in-process shape leaves CTEs that
+    # only a native aggregate read)
+    needed = "\n".join([*(c for c, _ in final), *from_lines])
+    for cte in reversed(ctes):
+        if reads(needed, cte.name):
+            needed += "\n" + cte.body
+    ctes = [cte for cte in ctes if reads(needed, cte.name)]
 
     blocks = []
     for cte in ctes:
@@ -1514,8 +1592,163 @@ def _chunks(seed_times: pd.DataFrame, per_query: int | None) -> list[pd.DataFram
     ]
 
 
-def _prefetch(con, sql: str, relation: str, chunks: list[pd.DataFrame], depth: int = 1) -> Iterator:
-    """Run ``sql`` once per group of seed times on a background thread, one group ahead.
+def _group_query(con, *, sql: str, steps: Sequence[_Cte]):
+    """The sparse rows of the group of seed times registered on ``con``: each step made
+    and registered under its name (a window by its query, an aggregate by NumPy over its
+    rows), then ``sql`` over them, as an Arrow table."""
+    texts = [step.native.rows_sql if step.body == "" else step.body for step in steps] + [sql]
+    made: list[str] = []
+    try:
+        for i, step in enumerate(steps):
+            if isinstance(step.native, _NativeAggregate):
+                rows = _arrow_table(con.sql(texts[i]))
+                table = _aggregate_rows(rows, step.native)
+                del rows
+            else:
+                table = _arrow_table(con.sql(texts[i]))
+            con.register(step.name, table)
+            made.append(step.name)
+            del table
+            for name in list(made):  # what nothing later reads is let go (a window, once
+                # aggregated, when only its aggregate is read)
+                if not any(re.search(rf"\b{re.escape(name)}\b", t) for t in texts[i + 1 :]):
+                    con.unregister(name)
+                    made.remove(name)
+        return _arrow_table(con.sql(sql))
+    finally:
+        for name in made:
+            con.unregister(name)
+
+
+def _aggregate_rows(rows, spec: _NativeAggregate):
+    """``spec``'s aggregates of ``rows`` (seed time, entity, then the columns read) per
+    (seed time, entity), as an Arrow table: the pairs, then one column per target.
+
+    Rows are sorted by pair (Arrow's stable multi-key sort), then reduced per run of a pair
+    with NumPy: counts and sums by ``add.reduceat``, min by ``fmin`` (NaN only when every
+    value is NaN, as DuckDB's NaN-is-largest ``min``), max by ``maximum`` (NaN wins), std
+    in two passes (sample; null under two values); every aggregate but a count is null
+    over no values. Mode and distinct count per column: values coded by their rank in
+    ascending order (Arrow's order: DuckDB's, NaN last), one sort of (pair, code), then
+    per pair the number of runs and the run with the largest count, ties to the smallest
+    code. Numbers are read cast to double, as the SQL's ``CAST(... AS DOUBLE)``.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    n = rows.num_rows
+    order = pc.sort_indices(
+        rows.select([0, 1]),
+        sort_keys=[(rows.column_names[0], "ascending"), (rows.column_names[1], "ascending")],
+    )
+    seed, ent = (rows.column(i).take(order).combine_chunks() for i in (0, 1))
+    new = np.ones(n, dtype=bool)
+    if n > 1:
+        same = pc.and_(
+            pc.equal(seed.slice(1), seed.slice(0, n - 1)),
+            pc.equal(ent.slice(1), ent.slice(0, n - 1)),
+        )
+        new[1:] = ~same.to_numpy(zero_copy_only=False)
+    starts = np.flatnonzero(new)
+    m = len(starts)
+    pair = np.cumsum(new) - 1
+    sizes = np.diff(np.append(starts, n))
+    out = {"tve.seed_time": seed.take(pa.array(starts)), "tve.entity": ent.take(pa.array(starts))}
+    columns: dict[int, Any] = {}
+    valids: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    numbers: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    values: dict[int, tuple[Any, np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def column(c: int):
+        if c not in columns:
+            columns[c] = rows.column(2 + c).take(order).combine_chunks()
+        return columns[c]
+
+    def reduce(ufunc, x: np.ndarray) -> np.ndarray:
+        return ufunc.reduceat(x, starts) if m else x[:0]
+
+    def counted(c: int) -> tuple[np.ndarray, np.ndarray]:
+        """(valid; non-null count per pair)"""
+        if c not in valids:
+            valid = column(c).is_valid().to_numpy(zero_copy_only=False)
+            valids[c] = (valid, reduce(np.add, valid.astype(np.int64)))
+        return valids[c]
+
+    def number(c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(values as double, 0 under nulls; valid; non-null count per pair)"""
+        if c not in numbers:
+            x = pc.fill_null(pc.cast(column(c), pa.float64()), 0.0)
+            numbers[c] = (x.to_numpy(zero_copy_only=False), *counted(c))
+        return numbers[c]
+
+    def value_runs(c: int):
+        """(sorted distinct values; per pair: distinct count, code of the mode or -1)"""
+        if c not in values:
+            col = column(c)
+            valid = counted(c)[0]
+            if not valid.any():
+                values[c] = (col.slice(0, 0), np.zeros(m, np.int64), np.full(m, -1, np.int64))
+                return values[c]
+            encoded = pc.dictionary_encode(col)
+            ranked = np.asarray(pc.sort_indices(encoded.dictionary))
+            k = len(ranked)
+            rank_of = np.empty(k, dtype=np.int64)
+            rank_of[ranked] = np.arange(k)
+            code = rank_of[encoded.indices.to_numpy(zero_copy_only=False)[valid].astype(np.int64)]
+            key = np.sort(pair[valid] * k + code)
+            first = np.flatnonzero(np.append(True, key[1:] != key[:-1]))
+            run_pair, run_code = np.divmod(key[first], k)
+            run_len = np.diff(np.append(first, len(key)))
+            distinct = np.bincount(run_pair, minlength=m).astype(np.int64)
+            pair_first = np.flatnonzero(np.append(True, run_pair[1:] != run_pair[:-1]))
+            best = np.maximum.reduceat(run_len * k + (k - 1 - run_code), pair_first)
+            mode = np.full(m, -1, dtype=np.int64)
+            mode[run_pair[pair_first]] = k - 1 - best % k
+            values[c] = (encoded.dictionary.take(pa.array(ranked)), distinct, mode)
+        return values[c]
+
+    def doubles(x: np.ndarray, ok: np.ndarray):
+        return pa.array(x, type=pa.float64(), mask=~ok)
+
+    for name, aggregation, c in spec.targets:
+        if c is None:
+            out[name] = pa.array(sizes, type=pa.int64())
+        elif aggregation == "count":
+            out[name] = pa.array(counted(c)[1], type=pa.int64())
+        elif aggregation in ("mode", "count_distinct"):
+            ordered, distinct, mode = value_runs(c)
+            if aggregation == "count_distinct":
+                out[name] = pa.array(distinct, type=pa.int64())
+            else:
+                out[name] = ordered.take(pa.array(mode, mask=mode < 0))
+        else:
+            x, valid, count = number(c)
+            some = count > 0
+            with np.errstate(invalid="ignore", divide="ignore"):
+                if aggregation == "min":
+                    out[name] = doubles(reduce(np.fmin, np.where(valid, x, np.nan)), some)
+                elif aggregation == "max":
+                    out[name] = doubles(reduce(np.maximum, np.where(valid, x, -np.inf)), some)
+                else:
+                    total = reduce(np.add, x)
+                    if aggregation == "sum":
+                        out[name] = doubles(total, some)
+                    elif aggregation == "mean":
+                        out[name] = doubles(total / count, some)
+                    elif aggregation == "std":
+                        dev = np.where(valid, x - (total / np.maximum(count, 1))[pair], 0.0)
+                        spread = reduce(np.add, dev * dev) / (count - 1)
+                        out[name] = doubles(np.sqrt(spread), count > 1)
+                    else:  # pragma: no cover
+                        raise ValueError(f"unknown aggregation {aggregation!r}")
+    return pa.table(out)
+
+
+def _prefetch(
+    con, run: Callable, relation: str, chunks: list[pd.DataFrame], depth: int = 1
+) -> Iterator:
+    """Run ``run(con)`` once per group of seed times (registered as ``relation``) on a
+    background thread, one group ahead.
 
     Yields each group's result as an Arrow table while the next one is being computed
     (DuckDB releases the GIL), so the caller's work on a group overlaps the query of the
@@ -1538,7 +1771,7 @@ def _prefetch(con, sql: str, relation: str, chunks: list[pd.DataFrame], depth: i
         try:
             for chunk in chunks:
                 con.register(relation, chunk)
-                if not put(_arrow_table(con.sql(sql))):
+                if not put(run(con)):
                     return
             put(done)
         except BaseException as exc:  # handed to the consumer
@@ -1862,7 +2095,8 @@ def iter_targets(query: TargetQuery, *, slice_rows: int = DEFAULT_SLICE_ROWS) ->
         raise ValueError(f"slice_rows must be positive, got {slice_rows}")
     seed_times = _seed_times_frame(query.timestamps)
     relation = "timestamps" if "timestamps" not in query.schema_tables else "tve.timestamps"
-    tables, sql = _split_once(
+    split = functools.partial(
+        _split_once,
         query.schema_tables,
         defs,
         entity_table,
@@ -1871,8 +2105,10 @@ def iter_targets(query: TargetQuery, *, slice_rows: int = DEFAULT_SLICE_ROWS) ->
         dense=False,
         running_aggregates=query.running_aggregates,
     )
-    if query.show_sql:
+    if query.show_sql:  # the all-SQL shape (the same rows)
+        tables, _, sql = split()
         print("".join(f"CREATE TEMP TABLE {t.name} AS\n{t.body};\n" for t in tables) + sql)
+    tables, steps, sql = split(native=True)
     used = {entity_table} | {hop.table for d in defs for hop in d.path}
     missing = sorted(used - set(query.tables))
     if missing:
@@ -1890,8 +2126,11 @@ def iter_targets(query: TargetQuery, *, slice_rows: int = DEFAULT_SLICE_ROWS) ->
             elif table.name not in replaced:
                 con.execute(f"CREATE TEMP TABLE {table.name} AS {table.body}")
                 made.append(table.name)
+        read = "\n".join(
+            [sql, *(step.native.rows_sql if step.body == "" else step.body for step in steps)]
+        )
         for name in made:  # only read to make the others (``ranks_<j>_<k>``: by ``at_<j>``)
-            if not re.search(rf"\b{re.escape(name)}\b", sql):
+            if not re.search(rf"\b{re.escape(name)}\b", read):
                 con.execute(f"DROP TABLE {name}")
         pkey = query.schema_tables[entity_table].pkey
         # no seed time: still one query, for the schema
@@ -1899,7 +2138,9 @@ def iter_targets(query: TargetQuery, *, slice_rows: int = DEFAULT_SLICE_ROWS) ->
         if query.seeds_per_query is not None:
             per_query = min(per_query, query.seeds_per_query)
         groups = _chunks(seed_times, per_query) or [seed_times]
-        results = _prefetch(con, sql, relation, groups)
+        results = _prefetch(
+            con, functools.partial(_group_query, sql=sql, steps=steps), relation, groups
+        )
         schema = None
         empty = True
         try:
@@ -2030,7 +2271,12 @@ def _parquet_options(schema, compression: str) -> dict[str, Any]:
             or pa.types.is_timestamp(f.type)
         )
     ]
-    return {"compression": compression, "use_dictionary": text}
+    return {
+        "compression": compression,
+        "use_dictionary": text,
+        "write_statistics": list(schema.names[:3]),
+        "write_batch_size": 1 << 16,
+    }
 
 
 def _count_rows(stats: dict[str, int], table) -> None:
