@@ -106,7 +106,7 @@ DEFAULT_SEEDS_PER_QUERY = 16
 #: is filled in (and the next group's while it is computed), so a group spans at most this
 #: many (entity, seed time) pairs (16 seed times of a million entities; at 5 million
 #: entities 16 seed times held 2 GB of results twice over, beside DuckDB's own limit).
-_GROUP_PAIRS = 16_000_000
+_GROUP_PAIRS = 4_000_000
 
 #: Entities per output slice of :func:`iter_targets` (one parquet row group each). Up to
 #: three are alive at once (built, queued, being written): ~50 MB each at 48 targets; four
@@ -359,17 +359,16 @@ def targets_sql(
     :class:`_WindowColumns`), :func:`_path_cte`, :func:`_agg_cte` and :func:`_value_cte`,
     :func:`_active_pairs`, :func:`_vector_cte`, then :func:`_final_select`.
     """
-    return _with_query(
-        *_targets_ctes(
-            schema_tables,
-            defs,
-            entity_table,
-            timedelta,
-            timestamps_relation,
-            dense,
-            running_aggregates,
-        )
+    ctes, final, from_lines, _ = _targets_ctes(
+        schema_tables,
+        defs,
+        entity_table,
+        timedelta,
+        timestamps_relation,
+        dense,
+        running_aggregates,
     )
+    return _with_query(ctes, final, from_lines)
 
 
 def _split_once(
@@ -381,14 +380,11 @@ def _split_once(
     timestamps_relation: str = "timestamps",
     dense: bool = True,
     running_aggregates: bool = True,
-    native: bool = False,
-) -> tuple[list[_Cte], list[_Cte], str]:
-    """:func:`targets_sql` in three parts: each CTE that reads no seed time (the per-key
-    running aggregates of fact->key<-fact paths), to create as a table once; with
-    ``native``, the windows and native aggregates, to make per group of seed times (in
-    order) and register under their names; and the query over the rest, which reads both
-    by name. :func:`iter_targets` runs the last two once per group of seed times."""
-    ctes, final, from_lines = _targets_ctes(
+) -> tuple[list[_Cte], str]:
+    """:func:`targets_sql` in two parts: each CTE that reads no seed time (the per-key
+    running aggregates of fact->key<-fact paths), to create as a table once, and the query
+    over the rest, which reads them by name (what ``show_sql`` prints)."""
+    ctes, final, from_lines, _ = _targets_ctes(
         schema_tables,
         defs,
         entity_table,
@@ -396,12 +392,45 @@ def _split_once(
         timestamps_relation,
         dense,
         running_aggregates,
-        native,
+    )
+    tables = [cte for cte in ctes if cte.once]
+    return tables, _with_query([cte for cte in ctes if not cte.once], final, from_lines)
+
+
+def _in_process(
+    schema_tables: Mapping[str, TableSpecLike],
+    defs: Sequence[TargetDef],
+    entity_table: str,
+    timedelta: pd.Timedelta,
+    *,
+    timestamps_relation: str,
+    running_aggregates: bool,
+) -> tuple[list[_Cte], list[_Cte], _Assembly]:
+    """What :func:`iter_targets` runs: the tables to create once (as :func:`_split_once`);
+    the steps of each group of seed times, in order: each window by its query (registered
+    under its name for the queries that read it), each window or path aggregate by NumPy
+    (:class:`_NativeAggregate`), each other aggregate (of fact->key<-fact paths) by a
+    query of its own (``WITH`` what it reads ``SELECT *``); and how :func:`_assemble` puts
+    the steps' pairs and columns together."""
+    ctes, _, _, assembly = _targets_ctes(
+        schema_tables,
+        defs,
+        entity_table,
+        timedelta,
+        timestamps_relation,
+        False,
+        running_aggregates,
+        native=True,
     )
     tables = [cte for cte in ctes if cte.once]
     steps = [cte for cte in ctes if cte.fetched or isinstance(cte.native, _NativeAggregate)]
     rest = [cte for cte in ctes if not cte.once and cte not in steps]
-    return tables, steps, _with_query(rest, final, from_lines)
+    sources = {name for _, name in assembly.sources} - {step.name for step in steps}
+    for cte in rest:
+        if cte.name in sources:
+            body = _with_query(rest, [("*", None)], [f"FROM {cte.name}"], order=False)
+            steps.append(cte._replace(body=body, fetched=True))
+    return tables, steps, assembly
 
 
 def _targets_ctes(
@@ -413,12 +442,13 @@ def _targets_ctes(
     dense: bool,
     running_aggregates: bool,
     native: bool = False,
-) -> tuple[list[_Cte], list[tuple[str, str | None]], list[str]]:
+) -> tuple[list[_Cte], list[tuple[str, str | None]], list[str], _Assembly | None]:
     """The CTEs of :func:`targets_sql`, its output columns and its ``FROM`` lines.
 
     ``native``: the in-process shape of :func:`iter_targets`: windows ``fetched`` (made by a
-    query of their own per group of seed times) and every ``agg_<j>`` with its
-    ``mode_<j>_<k>`` replaced by one :class:`_NativeAggregate` (NumPy, per group)."""
+    query of their own per group of seed times), every ``agg_<j>`` with its
+    ``mode_<j>_<k>`` replaced by one :class:`_NativeAggregate` (NumPy, per group), and no
+    ``vector`` or output columns: an :class:`_Assembly` instead."""
     defs = list(defs)
     validate_targets(schema_tables, defs, entity_table)
     plan = _query_plan(schema_tables, defs, entity_table, timedelta, timestamps_relation)
@@ -461,10 +491,22 @@ def _targets_ctes(
             joins.append((ctes[-1].name, f"m{group.j}_{k}"))
             output_of.update({d.name: f"m{group.j}_{k}" for d in _value_defs(plan, path, column)})
 
+    if native:  # no vector: :func:`_assemble` puts the sources together in process
+        name_of = dict((alias, name) for name, alias in joins)
+        out_paths = [p for p in plan.paths if _out_only(p)]
+        base = None
+        if len(plan.first_hops) == 1 and out_paths:  # its pairs are the window's
+            base = f"{plan.prefix}agg_{plan.path_number(out_paths[0])}"
+        assembly = _Assembly(
+            windows=tuple(plan.window_of(h) for h in plan.first_hops),
+            base=base,
+            sources=tuple((d.name, name_of[output_of[d.name]]) for d in plan.defs),
+        )
+        return ctes, [], [], assembly
     active, base, joins = _active_pairs(plan, joins)
     ctes += [active] if active is not None else []
     ctes.append(_vector_cte(plan, base, joins, output_of))
-    return (ctes, *_final_select(plan, dense))
+    return (ctes, *_final_select(plan, dense), None)
 
 
 class _WindowColumns:
@@ -1144,6 +1186,17 @@ class _NativeAggregate:
     targets: tuple[tuple[str, str, int | None], ...]
 
 
+@dataclass(frozen=True)
+class _Assembly:
+    """How :func:`_assemble` makes a group's sparse rows from its steps' tables: the active
+    pairs are those of ``base`` (the one window's aggregate), else of every window; each
+    target's column comes from the table of its step in ``sources`` (target, step)."""
+
+    windows: tuple[str, ...]
+    base: str | None
+    sources: tuple[tuple[str, str], ...]
+
+
 def _native_aggregate(
     plan: _QueryPlan,
     group: _Group,
@@ -1329,10 +1382,15 @@ def _final_select(plan: _QueryPlan, dense: bool) -> tuple[list[tuple[str, str | 
 
 
 def _with_query(
-    ctes: list[_Cte], final: list[tuple[str, str | None]], from_lines: list[str]
+    ctes: list[_Cte],
+    final: list[tuple[str, str | None]],
+    from_lines: list[str],
+    *,
+    order: bool = True,
 ) -> str:
-    """``WITH`` the CTEs ``SELECT`` the output; a CTE read more than once is materialised
-    (computed once, not inlined into each reader)."""
+    """``WITH`` the CTEs ``SELECT`` the output (ordered by (timestamp, pkey) unless not
+    ``order``); a CTE read more than once is materialised (computed once, not inlined into
+    each reader)."""
 
     def reads(text: str, name: str) -> int:
         return len(re.findall(rf"\b{re.escape(name)}\b", text))
@@ -1354,7 +1412,10 @@ def _with_query(
         blocks.append(f"{cte.name} AS{materialized} (  {_comment(cte.comment)}\n  {cte.body}\n)")
     return (
         "WITH\n" + ",\n".join(blocks) + "\n"
-        f"SELECT {_select(final, '       ')}\n" + "\n".join(from_lines) + "\nORDER BY 2, 1\n"
+        f"SELECT {_select(final, '       ')}\n"
+        + "\n".join(from_lines)
+        + "\n"
+        + ("ORDER BY 2, 1\n" if order else "")
     )
 
 
@@ -1592,32 +1653,122 @@ def _chunks(seed_times: pd.DataFrame, per_query: int | None) -> list[pd.DataFram
     ]
 
 
-def _group_query(con, *, sql: str, steps: Sequence[_Cte]):
-    """The sparse rows of the group of seed times registered on ``con``: each step made
-    and registered under its name (a window by its query, an aggregate by NumPy over its
-    rows), then ``sql`` over them, as an Arrow table."""
-    texts = [step.native.rows_sql if step.body == "" else step.body for step in steps] + [sql]
-    made: list[str] = []
+def _step_query(step: _Cte) -> str:
+    """The query of a step of :func:`_in_process` (of an aggregate: its rows)."""
+    return step.native.rows_sql if isinstance(step.native, _NativeAggregate) else step.body
+
+
+def _group_query(
+    con, group: pd.DataFrame, *, steps: Sequence[_Cte], assembly: _Assembly, entities, defs
+):
+    """The sparse rows of the group of seed times ``group`` (registered on ``con`` as the
+    seed-time relation): each step made in order, registered under its name while a later
+    step's query reads it, then :func:`_assemble`'d."""
+    texts = [_step_query(step) for step in steps]
+    made: dict[str, Any] = {}
+    registered: list[str] = []
+    keep = set(assembly.windows if assembly.base is None else ()) | {n for _, n in assembly.sources}
     try:
         for i, step in enumerate(steps):
+            table = _arrow_table(con.sql(texts[i]))
             if isinstance(step.native, _NativeAggregate):
-                rows = _arrow_table(con.sql(texts[i]))
-                table = _aggregate_rows(rows, step.native)
-                del rows
-            else:
-                table = _arrow_table(con.sql(texts[i]))
-            con.register(step.name, table)
-            made.append(step.name)
+                table = _aggregate_rows(table, step.native)
+            later = texts[i + 1 :]
+            if any(re.search(rf"\b{re.escape(step.name)}\b", t) for t in later):
+                con.register(step.name, table)
+                registered.append(step.name)
+            if step.name in keep:
+                made[step.name] = table
             del table
-            for name in list(made):  # what nothing later reads is let go (a window, once
-                # aggregated, when only its aggregate is read)
-                if not any(re.search(rf"\b{re.escape(name)}\b", t) for t in texts[i + 1 :]):
+            for name in list(registered):  # what no later step reads is let go (a window,
+                # once aggregated, when the aggregate gives the pairs)
+                if not any(re.search(rf"\b{re.escape(name)}\b", t) for t in later):
                     con.unregister(name)
-                    made.remove(name)
-        return _arrow_table(con.sql(sql))
+                    registered.remove(name)
     finally:
-        for name in made:
+        for name in registered:
             con.unregister(name)
+    return _assemble(made, assembly, entities, group[TIMESTAMP].to_numpy(), defs)
+
+
+def _pair_codes(table, seeds: np.ndarray, entities: _EntityKeys) -> tuple[np.ndarray, np.ndarray]:
+    """Of each row's (seed time, entity) (its first two columns): the pair's code, seed
+    time's number x entities + the entity's, and whether the entity exists then (the key
+    is the entity table's and its time is no later)."""
+    keys, n = entities.keys, len(entities.keys)
+    seed = table.column(0).to_numpy().astype("datetime64[us]")
+    ent = table.column(1).to_numpy(zero_copy_only=False)
+    if n == 0 or len(ent) == 0:
+        return np.zeros(len(ent), dtype=np.int64), np.zeros(len(ent), dtype=bool)
+    at = np.minimum(np.searchsorted(keys, ent), n - 1)
+    ok = keys[at] == ent
+    if entities.times is not None:
+        ok &= entities.times[at].astype("datetime64[us]") <= seed
+    number = np.searchsorted(seeds, seed)
+    if (
+        len(seeds) == 0
+        or (number >= len(seeds)).any()
+        or (seeds[np.minimum(number, len(seeds) - 1)] != seed).any()
+    ):
+        raise AssertionError("a row at a time that is not a seed time of its group")
+    return number.astype(np.int64) * n + at, ok
+
+
+def _assemble(made: Mapping[str, Any], assembly: _Assembly, entities: _EntityKeys, seeds, defs):
+    """The sparse rows of a group of seed times (``seeds``): the active pairs of existing
+    entities in (seed time, key) order (the pairs of ``assembly.base``, else of every
+    window), then ``inactive`` 0 and each target from its step's table (placed by pair: a
+    count is 0 and everything else null for a pair the step has no row of)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    seed_times = np.sort(np.asarray(seeds).astype("datetime64[us]"))
+    n = len(entities.keys)
+    codes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def code(name: str):
+        if name not in codes:
+            codes[name] = _pair_codes(made[name], seed_times, entities)
+        return codes[name]
+
+    if assembly.base is not None:
+        active = code(assembly.base)[0][code(assembly.base)[1]]
+        if len(active) > 1 and not (active[1:] > active[:-1]).all():
+            active = np.unique(active)
+    else:
+        parts = [c[ok] for c, ok in (code(w) for w in assembly.windows)]
+        active = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+    if n:
+        number, at = np.divmod(active, n)
+    else:
+        number = at = active
+    columns = [
+        pa.array(entities.keys[at], type=entities.arrow_type),
+        pa.array(seed_times[number]),
+        pa.array(np.zeros(len(active), dtype=np.int64)),
+    ]
+    names = ["tve.entity", "tve.seed_time", INACTIVE]
+    source = dict(assembly.sources)
+    places: dict[str, tuple[np.ndarray, Any]] = {}
+    for d in defs:
+        name = source[d.name]
+        if name not in places:  # where the step's rows go, and which rows
+            c, ok = code(name)
+            pos = np.searchsorted(active, c[ok])
+            if len(pos) and (pos.max() >= len(active) or (active[pos] != c[ok]).any()):
+                raise AssertionError(f"{name}: a pair that is not active")
+            in_order = len(pos) == len(active) and (len(pos) < 2 or (pos[1:] > pos[:-1]).all())
+            places[name] = (None if in_order else pos, None if ok.all() else pa.array(ok))
+        pos, keep = places[name]
+        values = made[name].column(d.name)
+        values = (values if keep is None else values.filter(keep)).combine_chunks()
+        count = d.aggregation in COUNT_AGGREGATIONS
+        if pos is None:  # every active pair, in order
+            columns.append(pc.fill_null(values, 0) if count and values.null_count else values)
+        else:
+            columns.append(_spread(values, pos, len(active), count))
+        names.append(d.name)
+    return pa.Table.from_arrays(columns, names=names)
 
 
 def _aggregate_rows(rows, spec: _NativeAggregate):
@@ -1747,8 +1898,8 @@ def _aggregate_rows(rows, spec: _NativeAggregate):
 def _prefetch(
     con, run: Callable, relation: str, chunks: list[pd.DataFrame], depth: int = 1
 ) -> Iterator:
-    """Run ``run(con)`` once per group of seed times (registered as ``relation``) on a
-    background thread, one group ahead.
+    """Run ``run(con, group)`` once per group of seed times (registered as ``relation``) on
+    a background thread, one group ahead.
 
     Yields each group's result as an Arrow table while the next one is being computed
     (DuckDB releases the GIL), so the caller's work on a group overlaps the query of the
@@ -1771,7 +1922,7 @@ def _prefetch(
         try:
             for chunk in chunks:
                 con.register(relation, chunk)
-                if not put(run(con)):
+                if not put(run(con, chunk)):
                     return
             put(done)
         except BaseException as exc:  # handed to the consumer
@@ -2038,14 +2189,15 @@ def _reach_of_bucket(
     )
 
 
-def _spread(values, pos: np.ndarray, n: int, count: bool):
+def _spread(values, pos: np.ndarray, n: int, count: bool, active=None):
     """An Arrow column of ``n`` rows with ``values`` at ``pos``: 0 elsewhere for a count,
     else null.
 
     Fixed-width numbers are scattered with NumPy into a buffer (zeroed for a count; left
     as it is under nulls otherwise, which no reader looks at), with a validity bitmap
     packed from a boolean mask (much cheaper than a ``take`` with null indices, and this
-    runs for every column of every slice); other types use ``take``.
+    runs for every column of every slice); ``active``, the bitmap of ``pos`` alone, is
+    shared by the columns without nulls. Other types use ``take``.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -2057,22 +2209,33 @@ def _spread(values, pos: np.ndarray, n: int, count: bool):
             out[pos] = values.to_numpy()
             if count:
                 return pa.array(out, type=kind)
-            valid = np.zeros(n, dtype=bool)
-            valid[pos] = True
-        else:
-            out[pos] = pc.fill_null(values, 0).to_numpy()
-            if count:
-                return pa.array(out, type=kind)
-            valid = np.zeros(n, dtype=bool)
-            valid[pos] = pc.is_valid(values).to_numpy(zero_copy_only=False)
+            if active is None:
+                active = _bitmap_of(pos, n)
+            return pa.Array.from_buffers(
+                kind, n, [active, pa.py_buffer(out)], null_count=n - len(pos)
+            )
+        out[pos] = pc.fill_null(values, 0).to_numpy()
+        if count:
+            return pa.array(out, type=kind)
+        valid = np.zeros(n, dtype=bool)
+        valid[pos] = pc.is_valid(values).to_numpy(zero_copy_only=False)
         bitmap = pa.py_buffer(np.packbits(valid, bitorder="little"))
         return pa.Array.from_buffers(
-            kind, n, [bitmap, pa.py_buffer(out)], null_count=n - int(valid.sum())
+            kind, n, [bitmap, pa.py_buffer(out)], null_count=n - int(np.count_nonzero(valid))
         )
     idx = np.full(n, -1, dtype=np.int64)
     idx[pos] = np.arange(len(pos))
     column = values.take(pa.array(idx, mask=idx < 0))
     return pc.fill_null(column, 0) if count else column
+
+
+def _bitmap_of(pos: np.ndarray, n: int):
+    """An Arrow validity bitmap of ``n`` slots, set at ``pos``."""
+    import pyarrow as pa
+
+    valid = np.zeros(n, dtype=bool)
+    valid[pos] = True
+    return pa.py_buffer(np.packbits(valid, bitorder="little"))
 
 
 def iter_targets(query: TargetQuery, *, slice_rows: int = DEFAULT_SLICE_ROWS) -> Iterator:
@@ -2095,20 +2258,15 @@ def iter_targets(query: TargetQuery, *, slice_rows: int = DEFAULT_SLICE_ROWS) ->
         raise ValueError(f"slice_rows must be positive, got {slice_rows}")
     seed_times = _seed_times_frame(query.timestamps)
     relation = "timestamps" if "timestamps" not in query.schema_tables else "tve.timestamps"
-    split = functools.partial(
-        _split_once,
-        query.schema_tables,
-        defs,
-        entity_table,
-        query.timedelta,
-        timestamps_relation=relation,
-        dense=False,
-        running_aggregates=query.running_aggregates,
-    )
+    shape = dict(timestamps_relation=relation, running_aggregates=query.running_aggregates)
     if query.show_sql:  # the all-SQL shape (the same rows)
-        tables, _, sql = split()
+        tables, sql = _split_once(
+            query.schema_tables, defs, entity_table, query.timedelta, dense=False, **shape
+        )
         print("".join(f"CREATE TEMP TABLE {t.name} AS\n{t.body};\n" for t in tables) + sql)
-    tables, steps, sql = split(native=True)
+    tables, steps, assembly = _in_process(
+        query.schema_tables, defs, entity_table, query.timedelta, **shape
+    )
     used = {entity_table} | {hop.table for d in defs for hop in d.path}
     missing = sorted(used - set(query.tables))
     if missing:
@@ -2126,9 +2284,7 @@ def iter_targets(query: TargetQuery, *, slice_rows: int = DEFAULT_SLICE_ROWS) ->
             elif table.name not in replaced:
                 con.execute(f"CREATE TEMP TABLE {table.name} AS {table.body}")
                 made.append(table.name)
-        read = "\n".join(
-            [sql, *(step.native.rows_sql if step.body == "" else step.body for step in steps)]
-        )
+        read = "\n".join(_step_query(step) for step in steps)
         for name in made:  # only read to make the others (``ranks_<j>_<k>``: by ``at_<j>``)
             if not re.search(rf"\b{re.escape(name)}\b", read):
                 con.execute(f"DROP TABLE {name}")
@@ -2138,15 +2294,17 @@ def iter_targets(query: TargetQuery, *, slice_rows: int = DEFAULT_SLICE_ROWS) ->
         if query.seeds_per_query is not None:
             per_query = min(per_query, query.seeds_per_query)
         groups = _chunks(seed_times, per_query) or [seed_times]
-        results = _prefetch(
-            con, functools.partial(_group_query, sql=sql, steps=steps), relation, groups
+        run = functools.partial(
+            _group_query, steps=steps, assembly=assembly, entities=entities, defs=defs
         )
+        results = _prefetch(con, run, relation, groups)
         schema = None
         empty = True
         try:
             for group, rows in zip(groups, results):
                 if schema is None:
                     schema = _targets_schema(pkey, entities.arrow_type, rows, defs)
+                rows = rows.rename_columns(schema.names)
                 for table in _fill_in_group(rows, group, entities, schema, defs, slice_rows):
                     empty = False
                     yield table
@@ -2213,9 +2371,10 @@ def _fill_in_slice(at_t, chunk: np.ndarray, when, entities: _EntityKeys, schema,
         pa.array(np.full(len(chunk), when)),
         pa.array(inactive),
     ]
+    active = _bitmap_of(pos, len(chunk))
     for d in defs:
         count = d.aggregation in COUNT_AGGREGATIONS
-        columns.append(_spread(part.column(d.name), pos, len(chunk), count))
+        columns.append(_spread(part.column(d.name), pos, len(chunk), count, active))
     return pa.Table.from_arrays(columns, schema=schema)
 
 
