@@ -36,17 +36,26 @@ each seed time (own time column ``<= t``, so a null time never exists; every row
 table has no time column), and left-joins ``vector`` onto it: an entity with an empty
 next window gets counts 0, every other aggregate null and ``inactive = 1``. The *sparse*
 one (``dense=False``) returns the active pairs of existing entities in (seed time,
-entity) order; it is what :func:`iter_targets` (behind :func:`compute_targets` and
-:func:`write_targets`) runs, adding the inactive rows itself, one seed time and slice of
-entities at a time, with NumPy scatters into zeroed buffers. At scale almost every row is
-inactive (one million customers x 52 weekly seed times: 47 million rows, 7.6 % active),
-and hash-joining or sorting that many 30-column rows in DuckDB costs far more than
-filling them in order. The query runs in an in-memory DuckDB with a memory limit (large
-inputs spill to a temporary directory instead of being killed), once per group of
-``seeds_per_query`` consecutive seed times on a background thread, so that DuckDB's
-working set stays small and the next group's query overlaps writing the current one;
-:func:`write_targets` streams the rows into one parquet file (a row group per slice) on a
-writer thread, so memory does not grow with the number of seed times or entities.
+entity) order (what ``show_sql`` prints).
+
+:func:`iter_targets` (behind :func:`compute_targets` and :func:`write_targets`) computes
+the sparse rows in process, per group of consecutive seed times on a background thread
+(:func:`_in_process`): DuckDB fetches each window (the range join, an in-memory DuckDB
+with a memory limit: large inputs spill to a temporary directory instead of being killed);
+NumPy aggregates the rows of windows and ``path_<j>`` (:func:`_aggregate_rows`: one sort
+by (seed time, entity), ``reduceat`` per pair, modes and distinct counts from runs of
+coded values), where DuckDB's hash aggregates, mode CTEs and their joins cost 4 times
+the CPU; the fact->key<-fact aggregates (``agg_<j>`` and ``mode_<j>_<k>`` over the
+lookups) run as queries of their own; and :func:`_assemble` places every column by pair
+code onto the active pairs of existing entities. Then it adds the inactive rows itself,
+one seed time and slice of entities at a time, with NumPy scatters into zeroed buffers.
+At scale almost every row is inactive (one million customers x 52 weekly seed times: 47
+million rows, 7.6 % active), and hash-joining or sorting that many 30-column rows in
+DuckDB costs far more than filling them in order. Groups are small (4 million pairs), so
+the working set stays small and the next group's rows are computed while the current one
+is written; :func:`write_targets` streams the rows into one parquet file (a row group per
+slice) on a writer thread, so memory does not grow with the number of seed times or
+entities.
 
 What to compute is one value, a :class:`TargetQuery` (the tables, their schema, the
 definitions, the entity table, the seed times, Δ, and the DuckDB settings); the four ways
@@ -102,10 +111,11 @@ _NESTED_LOOP_SEEDS = 128
 #: Seed times per run of the query (see :func:`iter_targets`); None runs them all at once.
 DEFAULT_SEEDS_PER_QUERY = 16
 
-#: ... and fewer when the entity table is large: a group's result is held in Arrow while it
-#: is filled in (and the next group's while it is computed), so a group spans at most this
-#: many (entity, seed time) pairs (16 seed times of a million entities; at 5 million
-#: entities 16 seed times held 2 GB of results twice over, beside DuckDB's own limit).
+#: ... and fewer when the entity table is large: a group's rows are held in Arrow while they
+#: are aggregated and filled in (and the next group's while they are computed), so a group
+#: spans at most this many (entity, seed time) pairs (4 seed times of a million entities:
+#: 10M orders' peak RSS 1.0 GB, 1.9 GB at 16 seed times, in the same time; with
+#: fact->key<-fact paths too: 2.97 GB against 3.32 GB, 62.0 / 51.7 s against 63.0 / 52.4 s).
 _GROUP_PAIRS = 4_000_000
 
 #: Entities per output slice of :func:`iter_targets` (one parquet row group each). Up to
@@ -1434,8 +1444,8 @@ class TargetQuery:
     runs, never its rows: ``memory_limit`` caps DuckDB's memory (beyond it, operators spill
     to ``temp_directory``, a fresh temporary folder by default); ``threads`` None keeps
     DuckDB's default; ``seeds_per_query`` groups consecutive seed times per run of the
-    query (None: all at once; and never more than 16 million (entity, seed time) pairs a
-    group: fewer seed times per query past a million entities); ``show_sql`` prints the
+    query (None: all at once; and never more than 4 million (entity, seed time) pairs a
+    group: fewer seed times per query past 250,000 entities); ``show_sql`` prints the
     query; ``running_aggregates=False`` computes fact->key<-fact paths by joining rows (see
     :func:`targets_sql`).
 
@@ -1780,7 +1790,8 @@ def _aggregate_rows(rows, spec: _NativeAggregate):
     value is NaN, as DuckDB's NaN-is-largest ``min``), max by ``maximum`` (NaN wins), std
     in two passes (sample; null under two values); every aggregate but a count is null
     over no values. Mode and distinct count per column: values coded by their rank in
-    ascending order (Arrow's order: DuckDB's, NaN last), one sort of (pair, code), then
+    ascending order (Arrow's order: DuckDB's, NaN last; -0.0 read as 0.0, as DuckDB groups
+    them), one sort of (pair, code), then
     per pair the number of runs and the run with the largest count, ties to the smallest
     code. Numbers are read cast to double, as the SQL's ``CAST(... AS DOUBLE)``.
     """
@@ -1840,6 +1851,8 @@ def _aggregate_rows(rows, spec: _NativeAggregate):
             if not valid.any():
                 values[c] = (col.slice(0, 0), np.zeros(m, np.int64), np.full(m, -1, np.int64))
                 return values[c]
+            if pa.types.is_floating(col.type):  # -0.0 is 0.0, as DuckDB groups them
+                col = pc.add(col, pa.scalar(0.0, col.type))
             encoded = pc.dictionary_encode(col)
             ranked = np.asarray(pc.sort_indices(encoded.dictionary))
             k = len(ranked)
@@ -2246,12 +2259,11 @@ def iter_targets(query: TargetQuery, *, slice_rows: int = DEFAULT_SLICE_ROWS) ->
     :func:`compute_targets`' rows. The first one yielded carries the full schema; when
     there is no row at all, a single empty table with that schema is yielded.
 
-    The (sparse) query runs once per group of at most ``query.seeds_per_query``
-    consecutive seed times (None: all in one), set-based within each group, on a
-    background thread one group ahead: DuckDB's working set (the active pairs of a group)
-    stays well inside its memory limit instead of spilling, and filling in and writing one
-    group's rows overlaps computing the next. At 10 million orders x 52 weekly seed times,
-    four groups take about two thirds of the time of one.
+    The sparse rows are computed (:func:`_group_query`) once per group of at most
+    ``query.seeds_per_query`` consecutive seed times (None: all in one) and 4 million
+    (entity, seed time) pairs, set-based within each group, on a background thread one
+    group ahead: the working set stays small, and filling in and writing one group's rows
+    overlaps computing the next.
     """
     defs, entity_table = list(query.defs), query.entity_table
     if slice_rows < 1:
@@ -2418,7 +2430,11 @@ def compute_targets(query: TargetQuery) -> pd.DataFrame:
 
 def _parquet_options(schema, compression: str) -> dict[str, Any]:
     """Plain-encoded numbers (a dictionary costs a hash per value and task vectors are
-    mostly zeros and nulls, which snappy shrinks anyway), dictionaries for text (modes)."""
+    mostly zeros and nulls, which snappy shrinks anyway), dictionaries for text (modes), an
+    integer key delta-encoded (sorted within a row group: half the encoding time of plain);
+    statistics only for the key, the seed time and ``inactive`` (what a reader filters
+    on; those of 30 target columns cost ~15 % of the writer's time); values handed to the
+    encoder 64k at a time."""
     import pyarrow as pa
 
     text = [
@@ -2430,12 +2446,15 @@ def _parquet_options(schema, compression: str) -> dict[str, Any]:
             or pa.types.is_timestamp(f.type)
         )
     ]
-    return {
+    options = {
         "compression": compression,
         "use_dictionary": text,
         "write_statistics": list(schema.names[:3]),
         "write_batch_size": 1 << 16,
     }
+    if pa.types.is_integer(schema.field(0).type):
+        options["column_encoding"] = {schema.names[0]: "DELTA_BINARY_PACKED"}
+    return options
 
 
 def _count_rows(stats: dict[str, int], table) -> None:
