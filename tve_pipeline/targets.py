@@ -1888,7 +1888,7 @@ def _aggregate_rows(rows, spec: _NativeAggregate):
         else:
             x, valid, count = number(c)
             some = count > 0
-            with np.errstate(invalid="ignore", divide="ignore"):
+            with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
                 if aggregation == "min":
                     out[name] = doubles(reduce(np.fmin, np.where(valid, x, np.nan)), some)
                 elif aggregation == "max":
