@@ -215,7 +215,7 @@ def validate_targets(
             raise ValueError(f"target {d.name!r}: column names starting with 'tve.' are reserved")
 
 
-_CTE_NAME = r"(seed|active|vector|(window|path|agg|run)_\d+|(mode|counts)_\d+_\d+)"
+_CTE_NAME = r"(seed|active|vector|(window|path|aggs?|run)_\d+|(mode|counts)_\d+_\d+)"
 
 
 def _cte_prefix(schema_tables: Mapping[str, TableSpecLike]) -> str:
@@ -484,12 +484,15 @@ def _targets_ctes(
             ctes += _running_mode_ctes(plan, p, k, column)
             joins.append((ctes[-1].name, f"m{j}_{k}"))
             output_of.update({d.name: f"m{j}_{k}" for d in _value_defs(plan, p, column)})
+    windows = {plan.window_of(h) for h in plan.first_hops}
     for group in _aggregation_groups(plan, joined):
-        if native:
-            ctes.append(_native_aggregate(plan, group, columns.value_of, ctes))
+        group_defs = [d for p in group.paths for d in plan.defs_of(p)]
+        if native and group.rows in windows:
+            ctes.append(_native_aggregate(plan, group, columns.value_of))
             joins.append((ctes[-1].name, f"a{group.j}"))
-            output_of.update({d.name: f"a{group.j}" for p in group.paths for d in plan.defs_of(p)})
+            output_of.update({d.name: f"a{group.j}" for d in group_defs})
             continue
+        first = len(ctes)
         ctes.append(_agg_cte(plan, group, columns.value_of))
         joins.append((ctes[-1].name, f"a{group.j}"))
         for p in group.paths:
@@ -500,6 +503,11 @@ def _targets_ctes(
             ctes.append(_value_cte(plan, group, k, path, column, columns.value_of))
             joins.append((ctes[-1].name, f"m{group.j}_{k}"))
             output_of.update({d.name: f"m{group.j}_{k}" for d in _value_defs(plan, path, column)})
+        if native:  # a path_<j> (its rows multiply): aggregated by DuckDB as they stream,
+            # in one query with its modes, so that the path is joined once
+            ctes.append(_together_cte(plan, group, ctes[first:], output_of))
+            joins.append((ctes[-1].name, f"t{group.j}"))
+            output_of.update({d.name: f"t{group.j}" for d in group_defs})
 
     if native:  # no vector: :func:`_assemble` puts the sources together in process
         name_of = dict((alias, name) for name, alias in joins)
@@ -1207,14 +1215,34 @@ class _Assembly:
     sources: tuple[tuple[str, str], ...]
 
 
+def _together_cte(
+    plan: _QueryPlan, group: _Group, made: Sequence[_Cte], output_of: Mapping[str, str]
+) -> _Cte:
+    """``aggs_<j>`` (in-process shape): ``agg_<j>`` with the columns of its ``mode_<j>_<k>``
+    (whose pairs are among its own), for one query per group of seed times."""
+    agg, modes = made[0], made[1:]
+    items: list[tuple[str, str | None]] = [("a.*", None)]
+    lines = [f"FROM {agg.name} AS a"]
+    for k, mode in enumerate(modes, 1):
+        alias = f"m{group.j}_{k}"
+        items += [
+            (f"{alias}.{quote(d.name)}", None) for d in plan.defs if output_of.get(d.name) == alias
+        ]
+        lines.append(f"LEFT JOIN {mode.name} AS {alias}\n    ON {_same_pair(alias, 'a')}")
+    return _Cte(
+        f"{plan.prefix}aggs_{group.j}",
+        f"{agg.comment}, with its modes",
+        f"SELECT {_select(items, '         ')}\n  " + "\n  ".join(lines),
+    )
+
+
 def _native_aggregate(
     plan: _QueryPlan,
     group: _Group,
     value_of: Mapping[tuple[tuple[Hop, ...], str | None], str],
-    ctes: Sequence[_Cte],
 ) -> _Cte:
-    """``agg_<j>`` of the in-process shape: the group's rows read once per group of seed
-    times (a ``path_<j>`` from its CTE, over the fetched window) and aggregated by NumPy."""
+    """``agg_<j>`` of the in-process shape: the rows of a window, read once per group of
+    seed times, aggregated by NumPy."""
     columns: list[str] = []
     targets = []
     for p in group.paths:
@@ -1231,9 +1259,6 @@ def _native_aggregate(
     items = [(_SEED_TIME, None), (ent, None if ent == _ENTITY else _ENTITY)]
     items += [(c, None) for c in columns]
     rows_sql = f"SELECT {_select(items, '       ')}\nFROM {group.rows}"
-    path = next((c for c in ctes if c.name == group.rows and not c.fetched), None)
-    if path is not None:
-        rows_sql = f"WITH {path.name} AS (\n  {path.body}\n)\n" + rows_sql
     describe = ", ".join(_describe(plan.entity_table, p) for p in group.paths)
     return _Cte(
         f"{plan.prefix}agg_{group.j}",
