@@ -1816,9 +1816,9 @@ def _aggregate_rows(rows, spec: _NativeAggregate):
     in two passes (sample; null under two values); every aggregate but a count is null
     over no values. Mode and distinct count per column: values coded by their rank in
     ascending order (Arrow's order: DuckDB's, NaN last; -0.0 read as 0.0, as DuckDB groups
-    them), one sort of (pair, code), then
-    per pair the number of runs and the run with the largest count, ties to the smallest
-    code. Numbers are read cast to double, as the SQL's ``CAST(... AS DOUBLE)``.
+    them), one sort of (pair, code), then per pair the number of runs and the run with the
+    largest count, ties to the smallest code. Numbers are read cast to double, as the SQL's
+    ``CAST(... AS DOUBLE)``.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -1844,7 +1844,7 @@ def _aggregate_rows(rows, spec: _NativeAggregate):
     columns: dict[int, Any] = {}
     valids: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     numbers: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-    values: dict[int, tuple[Any, np.ndarray, np.ndarray, np.ndarray]] = {}
+    values: dict[int, tuple[Any, np.ndarray, np.ndarray]] = {}
 
     def column(c: int):
         if c not in columns:
