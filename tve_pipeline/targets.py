@@ -1697,32 +1697,37 @@ def _group_query(
     con, group: pd.DataFrame, *, steps: Sequence[_Cte], assembly: _Assembly, entities, defs
 ):
     """The sparse rows of the group of seed times ``group`` (registered on ``con`` as the
-    seed-time relation): each step made in order, registered under its name while a later
-    step's query reads it, then :func:`_assemble`'d."""
+    seed-time relation): each step made in order (a window as a temporary table under its
+    name while a later step reads it; the others as Arrow tables), then
+    :func:`_assemble`'d."""
     texts = [_step_query(step) for step in steps]
     made: dict[str, Any] = {}
-    registered: list[str] = []
+    tables: list[str] = []  # windows: DuckDB tables (joins read them 1.7x faster than Arrow)
     keep = set(assembly.windows if assembly.base is None else ()) | {n for _, n in assembly.sources}
+
+    def let_go(later: Sequence[str]) -> None:  # what no later step reads (a window, once
+        # aggregated, when the aggregate gives the pairs)
+        for name in list(tables):
+            if not any(re.search(rf"\b{re.escape(name)}\b", t) for t in later):
+                con.execute(f"DROP TABLE {name}")
+                tables.remove(name)
+
     try:
         for i, step in enumerate(steps):
-            table = _arrow_table(con.sql(texts[i]))
-            if isinstance(step.native, _NativeAggregate):
-                table = _aggregate_rows(table, step.native)
-            later = texts[i + 1 :]
-            if any(re.search(rf"\b{re.escape(step.name)}\b", t) for t in later):
-                con.register(step.name, table)
-                registered.append(step.name)
-            if step.name in keep:
+            if step.name in assembly.windows:
+                con.execute(f"CREATE OR REPLACE TEMP TABLE {step.name} AS {texts[i]}")
+                tables.append(step.name)
+                if step.name in keep:
+                    made[step.name] = _arrow_table(con.sql(f"SELECT * FROM {step.name}"))
+            else:
+                table = _arrow_table(con.sql(texts[i]))
+                if isinstance(step.native, _NativeAggregate):
+                    table = _aggregate_rows(table, step.native)
                 made[step.name] = table
-            del table
-            for name in list(registered):  # what no later step reads is let go (a window,
-                # once aggregated, when the aggregate gives the pairs)
-                if not any(re.search(rf"\b{re.escape(name)}\b", t) for t in later):
-                    con.unregister(name)
-                    registered.remove(name)
+                del table
+            let_go(texts[i + 1 :])
     finally:
-        for name in registered:
-            con.unregister(name)
+        let_go([])
     return _assemble(made, assembly, entities, group[TIMESTAMP].to_numpy(), defs)
 
 
