@@ -40,15 +40,17 @@ entity) order (what ``show_sql`` prints).
 
 :func:`iter_targets` (behind :func:`compute_targets` and :func:`write_targets`) computes
 the sparse rows in process, per group of consecutive seed times on a background thread
-(:func:`_in_process`): DuckDB fetches each window (the range join, an in-memory DuckDB
-with a memory limit: large inputs spill to a temporary directory instead of being killed);
-NumPy aggregates the rows of windows and ``path_<j>`` (:func:`_aggregate_rows`: one sort
-by (seed time, entity), ``reduceat`` per pair, modes and distinct counts from runs of
-coded values), where DuckDB's hash aggregates, mode CTEs and their joins cost 4 times
-the CPU; the fact->key<-fact aggregates (``agg_<j>`` and ``mode_<j>_<k>`` over the
-lookups) run as queries of their own; and :func:`_assemble` places every column by pair
-code onto the active pairs of existing entities. Then it adds the inactive rows itself,
-one seed time and slice of entities at a time, with NumPy scatters into zeroed buffers.
+(:func:`_in_process`): DuckDB makes each window as a temporary table (the range join, in
+an in-memory DuckDB with a memory limit: large inputs spill to a temporary directory
+instead of being killed); NumPy aggregates the paths read off a window
+(:func:`_aggregate_rows`: one sort by (seed time, entity), ``reduceat`` per pair, modes and
+distinct counts from runs of coded values), where DuckDB's hash aggregates, mode CTEs and
+their joins cost 4 times the CPU; the fact->key<-fact aggregates (``agg_<j>`` and
+``mode_<j>_<k>`` over the lookups) and each ``path_<j>`` (rows that multiply: aggregated
+as they stream, ``aggs_<j>``) run as queries of their own; and :func:`_assemble` places
+every column by pair code onto the active pairs of existing entities. Then it adds the
+inactive rows itself, one seed time and slice of entities at a time, with NumPy scatters
+into zeroed buffers.
 At scale almost every row is inactive (one million customers x 52 weekly seed times: 47
 million rows, 7.6 % active), and hash-joining or sorting that many 30-column rows in
 DuckDB costs far more than filling them in order. Groups are small (4 million pairs), so
@@ -417,10 +419,11 @@ def _in_process(
     running_aggregates: bool,
 ) -> tuple[list[_Cte], list[_Cte], _Assembly]:
     """What :func:`iter_targets` runs: the tables to create once (as :func:`_split_once`);
-    the steps of each group of seed times, in order: each window by its query (registered
-    under its name for the queries that read it), each window or path aggregate by NumPy
-    (:class:`_NativeAggregate`), each other aggregate (of fact->key<-fact paths) by a
-    query of its own (``WITH`` what it reads ``SELECT *``); and how :func:`_assemble` puts
+    the steps of each group of seed times, in order: each window by its query (a
+    temporary table under its name for the queries that read it), each window's aggregate
+    by NumPy (:class:`_NativeAggregate`), each other aggregate (of fact->key<-fact paths,
+    and each ``aggs_<j>`` of a ``path_<j>``) by a query of its own (``WITH`` what it reads
+    ``SELECT *``); and how :func:`_assemble` puts
     the steps' pairs and columns together."""
     ctes, _, _, assembly = _targets_ctes(
         schema_tables,
@@ -456,9 +459,10 @@ def _targets_ctes(
     """The CTEs of :func:`targets_sql`, its output columns and its ``FROM`` lines.
 
     ``native``: the in-process shape of :func:`iter_targets`: windows ``fetched`` (made by a
-    query of their own per group of seed times), every ``agg_<j>`` with its
-    ``mode_<j>_<k>`` replaced by one :class:`_NativeAggregate` (NumPy, per group), and no
-    ``vector`` or output columns: an :class:`_Assembly` instead."""
+    query of their own per group of seed times), the ``agg_<j>`` of a window with its
+    ``mode_<j>_<k>`` replaced by one :class:`_NativeAggregate` (NumPy, per group), that of
+    a ``path_<j>`` joined to its modes in one ``aggs_<j>``, and no ``vector`` or output
+    columns: an :class:`_Assembly` instead."""
     defs = list(defs)
     validate_targets(schema_tables, defs, entity_table)
     plan = _query_plan(schema_tables, defs, entity_table, timedelta, timestamps_relation)
@@ -1717,8 +1721,9 @@ def _group_query(
             if step.name in assembly.windows:
                 con.execute(f"CREATE OR REPLACE TEMP TABLE {step.name} AS {texts[i]}")
                 tables.append(step.name)
-                if step.name in keep:
-                    made[step.name] = _arrow_table(con.sql(f"SELECT * FROM {step.name}"))
+                if step.name in keep:  # its pairs: the active ones (several windows)
+                    rows = con.sql(f"SELECT * FROM {step.name}")
+                    made[step.name] = _arrow_table(rows.select(*map(quote, rows.columns[:2])))
             else:
                 table = _arrow_table(con.sql(texts[i]))
                 if isinstance(step.native, _NativeAggregate):
