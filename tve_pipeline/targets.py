@@ -76,7 +76,6 @@ key being unique (RelBench's 0..n-1 keys are; the entity table's is checked).
 
 from __future__ import annotations
 
-import functools
 import itertools
 import os
 import queue
@@ -1698,12 +1697,22 @@ def _step_query(step: _Cte) -> str:
 
 
 def _group_query(
-    con, group: pd.DataFrame, *, steps: Sequence[_Cte], assembly: _Assembly, entities, defs
+    con,
+    group: pd.DataFrame,
+    *,
+    views: Sequence[str] = (),
+    steps: Sequence[_Cte],
+    assembly: _Assembly,
+    entities,
+    defs,
 ):
     """The sparse rows of the group of seed times ``group`` (registered on ``con`` as the
-    seed-time relation): each step made in order (a window as a temporary table under its
+    seed-time relation): ``views`` run (statements: the group's files of the tables made
+    once), each step made in order (a window as a temporary table under its
     name while a later step reads it; the others as Arrow tables), then
     :func:`_assemble`'d."""
+    for view in views:
+        con.execute(view)
     texts = [_step_query(step) for step in steps]
     made: dict[str, Any] = {}
     tables: list[str] = []  # windows: DuckDB tables (joins read them 1.7x faster than Arrow)
@@ -2006,12 +2015,79 @@ def release_arrow_memory() -> None:
     pa.default_memory_pool().release_unused()
 
 
-def _create_lookup_tables(con, spec: _NativeLookups) -> None:
-    """Create ``at_<j>`` and each ``reach_<j>_<k>`` of one fact->key<-fact path (what their
-    CTEs compute from ``run``, ``counts`` and ``best``) from the rows of ``F'`` and the
-    first-hop (key, time) sorted once by DuckDB by (key, time, rows of ``F'`` before
-    lookups) and streamed: each run of whole keys of about ``_LOOKUP_BUCKET_ROWS`` rows is
-    scanned with NumPy (:func:`_lookups_of_bucket`) and appended, through a second
+class _GroupFiles:
+    """Parquet files of one table's rows, a file per group of seed times, each holding (at
+    least) the rows that group's queries read: read by the group's queries through a view
+    under the table's name (:func:`_group_query`), so that neither DuckDB's memory nor a
+    group's scans hold the rows of other groups."""
+
+    def __init__(self, directory: str, name: str, groups: int) -> None:
+        self.paths = [os.path.join(directory, f"{name}.{g}.parquet") for g in range(groups)]
+        self._writers: list[Any] = [None] * groups
+        self.schema = None
+
+    def append(self, g: int, table) -> None:
+        import pyarrow.parquet as pq
+
+        if self.schema is None:
+            self.schema = table.schema
+        if self._writers[g] is None:
+            self._writers[g] = pq.ParquetWriter(self.paths[g], self.schema)
+        self._writers[g].write_table(table.cast(self.schema))
+
+    def close(self) -> None:
+        """Close every file (a group without rows gets one without rows)."""
+        import pyarrow.parquet as pq
+
+        for g, writer in enumerate(self._writers):
+            if writer is None and self.schema is None:  # failed before any row
+                continue
+            if writer is None:
+                writer = pq.ParquetWriter(self.paths[g], self.schema)
+            writer.close()
+        self._writers = [None] * len(self._writers)
+
+    def view_sql(self, name: str, g: int) -> str:
+        return (
+            f"CREATE OR REPLACE TEMP VIEW {name} AS"
+            f" SELECT * FROM read_parquet({_literal(self.paths[g])})"
+        )
+
+
+def _time_ns(column) -> np.ndarray | None:
+    """A tz-naive timestamp (or date) column as int64 nanoseconds; None for other types."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    t = column.type
+    if not (pa.types.is_date(t) or (pa.types.is_timestamp(t) and t.tz is None)):
+        return None
+    ns = pc.cast(pc.cast(column, pa.timestamp("ns")), pa.int64())
+    return pc.fill_null(ns, np.iinfo(np.int64).min).to_numpy(zero_copy_only=False)  # in none
+
+
+def _group_windows(groups: Sequence[pd.DataFrame], timedelta: pd.Timedelta) -> np.ndarray:
+    """Per group of seed times, the (low, high] nanoseconds its next windows cover: from
+    its first seed time to its last plus Δ."""
+    out = np.empty((len(groups), 2), dtype=np.int64)
+    for g, group in enumerate(groups):
+        seeds = group[TIMESTAMP].to_numpy().astype("datetime64[ns]").astype(np.int64)
+        if len(seeds) == 0:  # (no seed time at all: one group, for the schema)
+            out[g] = np.iinfo(np.int64).max, np.iinfo(np.int64).min
+        else:
+            out[g] = seeds.min(), seeds.max() + pd.Timedelta(timedelta).value
+    return out
+
+
+def _create_lookup_tables(
+    con, spec: _NativeLookups, files: _GroupFiles, windows: np.ndarray
+) -> None:
+    """Write ``at_<j>`` of one fact->key<-fact path to ``files`` (a group's file: the rows
+    at its first-hop times, ``windows``) and create each ``reach_<j>_<k>`` (what their CTEs
+    compute from ``run``, ``counts`` and ``best``) from the rows of ``F'`` and the first-hop
+    (key, time) sorted once by DuckDB by (key, time, rows of ``F'`` before lookups) and
+    streamed: each run of whole keys of about ``_LOOKUP_BUCKET_ROWS`` rows is scanned with
+    NumPy (:func:`_lookups_of_bucket`) and appended to the files and, through a second
     connection to the same database (the stream holds the first), to tables that DuckDB
     keeps under its memory limit. The sort spills to disk past the limit."""
     import pyarrow as pa
@@ -2034,7 +2110,14 @@ def _create_lookup_tables(con, spec: _NativeLookups) -> None:
             r.set_column(2, "value", _value_of_rank(column, r.column(2)))
             for r, column in zip(reach, values)
         ]
-        for name, chunk in [(spec.at, at), *zip(spec.reach, reach)]:
+        when = _time_ns(at.column("tve.time"))
+        for g, (low, high) in enumerate(windows):
+            # (a time that is not a tz-naive timestamp: every row in every group's file)
+            keep = None if when is None else pa.array((when > low) & (when <= high))
+            part = at if keep is None else at.filter(keep)
+            if part.num_rows or g == 0:
+                files.append(g, part)
+        for name, chunk in zip(spec.reach, reach):
             out.register("tve_chunk", chunk)
             verb = f"INSERT INTO {name}" if name in made else f"CREATE TABLE {name} AS"
             out.execute(f"{verb} SELECT * FROM tve_chunk")
@@ -2060,6 +2143,7 @@ def _create_lookup_tables(con, spec: _NativeLookups) -> None:
         scan(pa.Table.from_batches(pending, schema=reader.schema))
     finally:
         out.close()
+        files.close()
 
 
 def _last_key_start(key) -> int:
@@ -2322,28 +2406,34 @@ def iter_targets(query: TargetQuery, *, slice_rows: int = DEFAULT_SLICE_ROWS) ->
     with _connection(query, used, seed_times, relation) as con:
         _check_inputs(con, query.tables, defs, used)
         entities = _entity_keys(con, query.schema_tables, entity_table)
-        made = []  # read by every group's query: computed once (fkf lookups: in process)
-        replaced = {name for t in tables if t.native for name in t.native.replaces}
-        for table in tables:
-            if table.native is not None:
-                _create_lookup_tables(con, table.native)
-                made += [table.name, *table.native.reach]
-            elif table.name not in replaced:
-                con.execute(f"CREATE TEMP TABLE {table.name} AS {table.body}")
-                made.append(table.name)
-        read = "\n".join(_step_query(step) for step in steps)
-        for name in made:  # only read to make the others (``ranks_<j>_<k>``: by ``at_<j>``)
-            if not re.search(rf"\b{re.escape(name)}\b", read):
-                con.execute(f"DROP TABLE {name}")
         pkey = query.schema_tables[entity_table].pkey
         # no seed time: still one query, for the schema
         per_query = max(1, _GROUP_PAIRS // max(len(entities.keys), 1))
         if query.seeds_per_query is not None:
             per_query = min(per_query, query.seeds_per_query)
         groups = _chunks(seed_times, per_query) or [seed_times]
-        run = functools.partial(
-            _group_query, steps=steps, assembly=assembly, entities=entities, defs=defs
-        )
+        spill = con.execute("SELECT current_setting('temp_directory')").fetchall()[0][0]
+        os.makedirs(spill, exist_ok=True)
+        directory = tempfile.mkdtemp(prefix="tve-groups-", dir=spill)
+        try:
+            files = _once_tables(con, tables, steps, groups, query.timedelta, directory)
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        number = {id(group): g for g, group in enumerate(groups)}
+
+        def run(con, group):
+            views = [f.view_sql(name, number[id(group)]) for name, f in files.items()]
+            return _group_query(
+                con,
+                group,
+                views=views,
+                steps=steps,
+                assembly=assembly,
+                entities=entities,
+                defs=defs,
+            )
+
         results = _prefetch(con, run, relation, groups)
         schema = None
         empty = True
@@ -2359,8 +2449,57 @@ def iter_targets(query: TargetQuery, *, slice_rows: int = DEFAULT_SLICE_ROWS) ->
                 release_arrow_memory()
         finally:
             results.close()
+            shutil.rmtree(directory, ignore_errors=True)
         if empty:
             yield schema.empty_table()
+
+
+def _once_tables(
+    con, tables: Sequence[_Cte], steps: Sequence[_Cte], groups, timedelta, directory: str
+) -> dict[str, _GroupFiles]:
+    """Make what every group's steps read, computed once: DuckDB tables, and each
+    fact->key<-fact path's ``at_<j>`` (in process) as files of each group's rows
+    (:class:`_GroupFiles`, in ``directory``); tables no step reads (only read to make
+    the others, such as ``ranks_<j>_<k>``) are dropped. Returns the files by name."""
+    made = []
+    files: dict[str, _GroupFiles] = {}
+    windows = _group_windows(groups, timedelta)
+    replaced = {name for t in tables if t.native for name in t.native.replaces}
+    for table in tables:
+        if table.native is not None:
+            others = [t.body for t in tables if t is not table and t.name not in replaced]
+            if any(re.search(rf"\b{re.escape(table.name)}\b", body) for body in others):
+                raise AssertionError(f"{table.name} is read by a table made once")
+            files[table.name] = _GroupFiles(directory, table.name, len(groups))
+            _create_lookup_tables(con, table.native, files[table.name], windows)
+            made += table.native.reach
+        elif table.name not in replaced:
+            con.execute(f"CREATE TEMP TABLE {table.name} AS {table.body}")
+            made.append(table.name)
+    read = "\n".join(_step_query(step) for step in steps)
+    for name in made:
+        if not re.search(rf"\b{re.escape(name)}\b", read):
+            con.execute(f"DROP TABLE {name}")
+        elif _SEED_TIME.strip('"') in _columns_of(con, name):
+            files[name] = _split_by_seed_time(con, name, groups, directory)
+            con.execute(f"DROP TABLE {name}")
+    return files
+
+
+def _split_by_seed_time(con, name: str, groups, directory: str) -> _GroupFiles:
+    """The rows of table ``name`` of each group's seed times, as :class:`_GroupFiles`."""
+    files = _GroupFiles(directory, name, len(groups))
+    try:
+        for g, group in enumerate(groups):
+            con.register("tve.group", group)
+            con.execute(
+                f"COPY (SELECT * FROM {name} WHERE {_SEED_TIME} IN"
+                f' (SELECT {quote(TIMESTAMP)} FROM "tve.group"))'
+                f" TO {_literal(files.paths[g])} (FORMAT parquet)"
+            )
+    finally:
+        con.unregister("tve.group")
+    return files
 
 
 def _targets_schema(pkey: str, key_type, rows, defs: Sequence[TargetDef]):
