@@ -321,11 +321,14 @@ def test_targets_match_brute_force(db, entity, hops, running):
     db=shop_databases(orders=(10, 40)),
     entity=st.sampled_from(["customers", "products"]),
     seeds=st.lists(st.integers(-1, 9), min_size=1, max_size=4),
+    per_query=st.sampled_from([None, 1, 2]),
 )
-def test_fact_key_fact_paths_match_brute_force(db, entity, seeds):
+def test_fact_key_fact_paths_match_brute_force(db, entity, seeds, per_query):
     """fact->key<-fact paths alone, on databases with enough orders that many (seed time,
     entity) pairs reach the key side from one (key, time) and many from several: the two
-    ways modes and distinct counts are computed."""
+    ways modes and distinct counts are computed; in one group of seed times or several
+    (each group reads its own files of the lookups: windows of 2 days a day apart overlap
+    from group to group)."""
     customer_time, frames, _ = db
     timestamps = [BASE + pd.Timedelta(days=d) for d in seeds]
     schema = shop_schema(customer_time)
@@ -334,7 +337,8 @@ def test_fact_key_fact_paths_match_brute_force(db, entity, seeds):
         for d in build_traversal_graph(schema, shop_column_types(), entity, hops=2)
         if len(d.path) == 3 and d.path[2].direction == "in"
     ]
-    got = compute_targets(TargetQuery(frames, schema, defs, entity, timestamps, DELTA))
+    query = TargetQuery(frames, schema, defs, entity, timestamps, DELTA, seeds_per_query=per_query)
+    got = compute_targets(query)
     assert_same_targets(got, brute_force(frames, schema, defs, entity, timestamps, DELTA), defs)
 
 
