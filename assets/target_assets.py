@@ -178,7 +178,7 @@ def build_target_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
                     entity,
                     list(seed_times),
                     delta,
-                    memory_limit=r.targets.duckdb_memory_limit,
+                    memory_limit=r.targets.memory_limit,
                 )
                 stats = write_targets_by_seed_time(
                     query, lambda t, e=entity: storage.targets_file(db.name, seed_times[t], e)

@@ -27,8 +27,10 @@ group, reindex, ``concat``, ``to_parquet``) and ``pandas-vec`` the same with a v
 mode, both checked to give tve targets' values; ``joined`` is tve targets with
 fact->key<-fact paths computed the straightforward way (each first-hop row joined to
 every earlier row of its key, ``running_aggregates=False``; the method before per-key
-running aggregates) at ``--fkf-rows``, checked equal too. ``--spill-rows`` adds one run
-over a database that does not fit the memory limit (hops 2, all path kinds). The
+running aggregates) at ``--fkf-rows``, checked equal too. ``--memory-limit`` is each
+run's memory budget (``tve targets --memory-limit``: DuckDB is given half as its own limit,
+the in-process work is sized to the rest). ``--spill-rows`` adds one run over a database
+that does not fit the budget (hops 2, all path kinds). The
 rel-f1 database of ``../shared/data`` runs with the ``reference`` recipe's targets
 (entity drivers, hops 2, every path kind). Wall times are medians of ``--repeat`` runs
 (baselines, fkf and spill: one run); on shared cores, compare ratios from the same run.
@@ -375,7 +377,8 @@ def main() -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     print(
         f"tve targets benchmark: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, "
-        f"DuckDB memory limit {a.memory_limit}, {a.seeds} weekly seed times, Δ = {DELTA}",
+        f"memory budget {a.memory_limit} (DuckDB given half), {a.seeds} weekly seed times,"
+        f" Δ = {DELTA}",
         flush=True,
     )
     big, small = dataset(data_dir, a.rows), dataset(data_dir, a.pandas_rows)
@@ -405,7 +408,7 @@ def main() -> None:
             "drivers", "ours", relf1_dataset(data_dir), a, 2, a.repeat, True, entity="drivers"
         )
     if a.spill_rows:
-        print(f"\n{a.spill_rows:,} orders, hops 2, all path kinds, memory limit {a.memory_limit}:")
+        print(f"\n{a.spill_rows:,} orders, hops 2, all path kinds, memory budget {a.memory_limit}:")
         results["spill"] = measure(
             "larger than memory", "ours", dataset(data_dir, a.spill_rows), a, 2, 1, True
         )
@@ -451,7 +454,7 @@ def _print_summary(a, r: dict[str, dict]) -> None:
     if "spill" in r:
         x = r["spill"]
         line(
-            f"{a.spill_rows:,} orders, all path kinds, limit {a.memory_limit}:"
+            f"{a.spill_rows:,} orders, all path kinds, budget {a.memory_limit}:"
             f" {x['wall_s']:.1f} s, {x['peak_rss_gb']:.2f} GB peak"
         )
 

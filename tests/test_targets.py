@@ -20,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tve_pipeline import targets
 from tve_pipeline.targets import TargetQuery, compute_targets, iter_targets, targets_sql
 from tve_pipeline.traversal import (
     Hop,
@@ -984,3 +985,39 @@ def test_assemble_places_each_source_by_pair_whatever_its_order():
     assert got.column("b__mean").to_pylist() == [101.0, 201.0, 100.0, 200.0, 300.0]
     assert got.column("c__count").to_pylist() == [0, 8, 0, 0, 7]
     assert got.column("c__mode").to_pylist() == [None, "y", None, None, "x"]
+
+
+@pytest.mark.parametrize(
+    "text, size",
+    [
+        ("2GB", 2 * 10**9),
+        ("4GiB", 4 * 2**30),
+        ("1500MB", 1_500_000_000),
+        ("512 MiB", 512 * 2**20),
+        ("1.5gb", 1_500_000_000),
+        ("64kB", 64_000),
+        ("1TiB", 2**40),
+        ("123456789 bytes", 123_456_789),
+    ],
+)
+def test_memory_limit_reads_sizes_as_duckdb_writes_them(text, size):
+    """Hand-computed: DuckDB's units (KB/MB/GB/TB: powers of 1000; KiB/...: of 1024)."""
+    assert targets.memory_bytes(text) == size
+
+
+@pytest.mark.parametrize("text", ["lots", "1e9", "-1GB", "0GB", "2XB", "GB", ""])
+def test_unreadable_memory_limit_fails_in_one_line_naming_it(text):
+    with pytest.raises(ValueError, match=r"^memory_limit: cannot read") as info:
+        TargetQuery({}, {}, [], "customers", [], DELTA, memory_limit=text)
+    assert "\n" not in str(info.value) and repr(text) in str(info.value)
+
+
+def test_duckdb_is_given_half_of_the_memory_budget():
+    """The budget is the whole computation's: DuckDB's own limit is half of it (DuckDB's
+    setting, read back from the connection)."""
+    seeds = targets._seed_times_frame([BASE])
+    for limit, want in [("2GiB", "1.0 GiB"), ("3GiB", "1.5 GiB"), ("1000MiB", "500.0 MiB")]:
+        query = TargetQuery({}, {}, [], "customers", [BASE], DELTA, memory_limit=limit)
+        with targets._connection(query, [], seeds, "timestamps") as con:
+            got = con.execute("SELECT current_setting('memory_limit')").fetchall()[0][0]
+        assert got == want, (limit, got)

@@ -385,6 +385,7 @@ def test_out_or_show_sql_is_required(tiny, capsys):
         (["--entity", "customers", "--exclude-columns", "amount"], ["amount"]),
         (["--entity", "customers", "--timestamps", "2020-13-01"], ["2020-13-01"]),
         (["--entity", "customers", "--timedelta", "30 dayz"], ["30 dayz"]),
+        (["--entity", "customers", "--memory-limit", "2 XB"], ["--memory-limit", "2 XB"]),
     ],
 )
 def test_bad_input_fails_in_one_line_naming_it(tiny, tmp_path, capsys, argv, names):

@@ -14,7 +14,7 @@ import hashlib
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 
 class BackboneConfig(BaseModel):
@@ -47,7 +47,21 @@ class TargetConfig(BaseModel):
     fact_key_fact: bool = True
     # Next-window length; None means "the downstream tasks' window for this database".
     timedelta: str | None = None
-    duckdb_memory_limit: str = "4GB"
+    # Memory budget of the targets' computation (DuckDB is given half as its limit and spills
+    # beyond it; the in-process work is sized to the rest). Formerly ``duckdb_memory_limit``
+    # (DuckDB's limit alone), still read under that name.
+    memory_limit: str = Field(
+        default="4GB", validation_alias=AliasChoices("memory_limit", "duckdb_memory_limit")
+    )
+
+    @field_validator("memory_limit")
+    @classmethod
+    def _readable_size(cls, value: str) -> str:
+        from tve_pipeline.targets import memory_bytes
+
+        memory_bytes(value, "targets.memory_limit")
+        return value
+
     # One-hot width of a categorical MODE target (most frequent training values; the rest
     # share one 'other' slot).
     max_mode_categories: int = 10

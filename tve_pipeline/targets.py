@@ -119,10 +119,39 @@ DEFAULT_SEEDS_PER_QUERY = 16
 #: fact->key<-fact paths too: 2.97 GB against 3.32 GB, 62.0 / 51.7 s against 63.0 / 52.4 s).
 _GROUP_PAIRS = 4_000_000
 
+#: Of a query's memory budget (``TargetQuery.memory_limit``), the share DuckDB is given as
+#: its own limit; the rest is for what runs in process (the lookup scans, a group's
+#: aggregates, the slices being filled in and written). 10M orders, all path kinds, budget
+#: 2 GB: 41.9 s and 1.77 GB peak RSS at this share (DuckDB given all 2 GB: 41.8 s, 2.79 GB).
+_DUCKDB_SHARE = 0.5
+
+#: Bytes of a group's in-process work per (entity, seed time) pair: groups span at most
+#: the budget's worth of pairs (and ``_GROUP_PAIRS``): 4M pairs at 2 GB.
+_BYTES_PER_PAIR = 500
+
+_UNITS = {"b": 1, "byte": 1, "bytes": 1}
+for _i, _prefix in enumerate("kmgt", 1):
+    _UNITS |= {_prefix: 1000**_i, f"{_prefix}b": 1000**_i, f"{_prefix}ib": 1024**_i}
+
 #: Entities per output slice of :func:`iter_targets` (one parquet row group each). Up to
 #: three are alive at once (built, queued, being written): ~50 MB each at 48 targets; four
 #: times larger cost ~0.3 GB more peak at 10M orders for the same time.
 DEFAULT_SLICE_ROWS = 1 << 17
+
+
+def memory_bytes(limit: str, argument: str = "memory_limit") -> int:
+    """A memory size as DuckDB reads one, in bytes: ``"2GB"`` (10^9 bytes a GB), ``"4GiB"``
+    (2^30 a GiB), ``"1500MB"``, ``"512 MiB"``, or ``"50%"`` of this machine's memory."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*(%|[a-z]*)\s*", str(limit).lower())
+    if m is None or (m.group(2) != "%" and m.group(2) not in _UNITS) or float(m.group(1)) <= 0:
+        raise ValueError(
+            f"{argument}: cannot read {limit!r} as a memory size"
+            " (such as '2GB', '1500MB', '4GiB' or '50%')"
+        )
+    if m.group(2) == "%":
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return int(total * float(m.group(1)) / 100)
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
 def quote(identifier: str) -> str:
@@ -1469,8 +1498,10 @@ class TargetQuery:
     ``schema_tables`` gives each table's keys and time column (a RelBench manifest's
     ``tables``); ``defs`` are the targets of ``entity_table``; ``timestamps`` the seed times
     and ``timedelta`` Δ, the length of the next window. The rest only changes how the query
-    runs, never its rows: ``memory_limit`` caps DuckDB's memory (beyond it, operators spill
-    to ``temp_directory``, a fresh temporary folder by default); ``threads`` None keeps
+    runs, never its rows: ``memory_limit`` is the memory budget of the whole computation
+    (as DuckDB writes sizes: ``"2GB"``, ``"4GiB"``, ``"50%"``): DuckDB is given half of it as
+    its limit (beyond it, operators spill to ``temp_directory``, a fresh temporary folder by
+    default) and the work in process is sized to the rest; ``threads`` None keeps
     DuckDB's default; ``seeds_per_query`` groups consecutive seed times per run of the
     query (None: all at once; and never more than 4 million (entity, seed time) pairs a
     group: fewer seed times per query past 250,000 entities); ``show_sql`` prints the
@@ -1498,6 +1529,12 @@ class TargetQuery:
         # Read once, so that a generator of seed times or definitions can be run again.
         object.__setattr__(self, "defs", tuple(self.defs))
         object.__setattr__(self, "timestamps", tuple(self.timestamps))
+        memory_bytes(self.memory_limit)  # a clear error now, not in DuckDB
+
+    @property
+    def budget(self) -> int:
+        """``memory_limit`` in bytes."""
+        return memory_bytes(self.memory_limit)
 
 
 def targets_script(query: TargetQuery) -> str:
@@ -1581,7 +1618,8 @@ def _connection(query: TargetQuery, used: Iterable[str], seed_times: pd.DataFram
     temp_dir = tempfile.mkdtemp(prefix="tve-duckdb-") if own_temp else query.temp_directory
     con = duckdb.connect()
     try:
-        con.execute(f"SET memory_limit = {_literal(query.memory_limit)}")
+        duckdb_limit = int(query.budget * _DUCKDB_SHARE)
+        con.execute(f"SET memory_limit = '{duckdb_limit}B'")
         con.execute(f"SET temp_directory = {_literal(temp_dir)}")
         con.execute("SET preserve_insertion_order = false")  # the query orders its result itself
         if query.threads is not None:
@@ -2079,14 +2117,22 @@ def _group_windows(groups: Sequence[pd.DataFrame], timedelta: pd.Timedelta) -> n
     return out
 
 
+def _bucket_rows(spec: _NativeLookups, budget: int) -> int:
+    """Rows per lookup scan (at most ``_LOOKUP_BUCKET_ROWS``): a quarter of the memory
+    budget, at ~16 bytes per column of ``at`` and 160 of intermediate arrays a row
+    (10M orders, 21 columns: 1M rows at 2 GB; measured ~1.7 GB peak, half of it DuckDB's)."""
+    width = 3 + len(spec.pairs) + 2 * len(spec.ranks)
+    return min(_LOOKUP_BUCKET_ROWS, max(1_000, budget // 4 // (16 * width + 160)))
+
+
 def _create_lookup_tables(
-    con, spec: _NativeLookups, files: _GroupFiles, windows: np.ndarray
+    con, spec: _NativeLookups, files: _GroupFiles, windows: np.ndarray, bucket_rows: int
 ) -> None:
     """Write ``at_<j>`` of one fact->key<-fact path to ``files`` (a group's file: the rows
     at its first-hop times, ``windows``) and create each ``reach_<j>_<k>`` (what their CTEs
     compute from ``run``, ``counts`` and ``best``) from the rows of ``F'`` and the first-hop
     (key, time) sorted once by DuckDB by (key, time, rows of ``F'`` before lookups) and
-    streamed: each run of whole keys of about ``_LOOKUP_BUCKET_ROWS`` rows is scanned with
+    streamed: each run of whole keys of about ``bucket_rows`` rows is scanned with
     NumPy (:func:`_lookups_of_bucket`) and appended to the files and, through a second
     connection to the same database (the stream holds the first), to tables that DuckDB
     keeps under its memory limit. The sort spills to disk past the limit."""
@@ -2131,7 +2177,7 @@ def _create_lookup_tables(
         for batch in reader:
             pending.append(batch)
             rows += batch.num_rows
-            if rows >= _LOOKUP_BUCKET_ROWS:
+            if rows >= bucket_rows:
                 table = pa.Table.from_batches(pending)
                 cut = _last_key_start(table.column(0))
                 if cut > 0:  # else one key holds them all: read on
@@ -2408,7 +2454,8 @@ def iter_targets(query: TargetQuery, *, slice_rows: int = DEFAULT_SLICE_ROWS) ->
         entities = _entity_keys(con, query.schema_tables, entity_table)
         pkey = query.schema_tables[entity_table].pkey
         # no seed time: still one query, for the schema
-        per_query = max(1, _GROUP_PAIRS // max(len(entities.keys), 1))
+        pairs = min(_GROUP_PAIRS, query.budget // _BYTES_PER_PAIR)
+        per_query = max(1, pairs // max(len(entities.keys), 1))
         if query.seeds_per_query is not None:
             per_query = min(per_query, query.seeds_per_query)
         groups = _chunks(seed_times, per_query) or [seed_times]
@@ -2416,7 +2463,9 @@ def iter_targets(query: TargetQuery, *, slice_rows: int = DEFAULT_SLICE_ROWS) ->
         os.makedirs(spill, exist_ok=True)
         directory = tempfile.mkdtemp(prefix="tve-groups-", dir=spill)
         try:
-            files = _once_tables(con, tables, steps, groups, query.timedelta, directory)
+            files = _once_tables(
+                con, tables, steps, groups, query.timedelta, directory, query.budget
+            )
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
             raise
@@ -2455,7 +2504,13 @@ def iter_targets(query: TargetQuery, *, slice_rows: int = DEFAULT_SLICE_ROWS) ->
 
 
 def _once_tables(
-    con, tables: Sequence[_Cte], steps: Sequence[_Cte], groups, timedelta, directory: str
+    con,
+    tables: Sequence[_Cte],
+    steps: Sequence[_Cte],
+    groups,
+    timedelta,
+    directory: str,
+    budget: int,
 ) -> dict[str, _GroupFiles]:
     """Make what every group's steps read, computed once: DuckDB tables, and each
     fact->key<-fact path's ``at_<j>`` (in process) as files of each group's rows
@@ -2471,7 +2526,8 @@ def _once_tables(
             if any(re.search(rf"\b{re.escape(table.name)}\b", body) for body in others):
                 raise AssertionError(f"{table.name} is read by a table made once")
             files[table.name] = _GroupFiles(directory, table.name, len(groups))
-            _create_lookup_tables(con, table.native, files[table.name], windows)
+            rows = _bucket_rows(table.native, budget)
+            _create_lookup_tables(con, table.native, files[table.name], windows, rows)
             made += table.native.reach
         elif table.name not in replaced:
             con.execute(f"CREATE TEMP TABLE {table.name} AS {table.body}")
