@@ -871,7 +871,7 @@ def _native_lookups(plan: _QueryPlan, p: tuple[Hop, ...], stats: _RunningStats) 
     )
     shift_sql = None
     if stats.shifted:
-        means = [f"coalesce(avg(CAST(g.{quote(c)} AS DOUBLE)), 0)" for c in stats.shifted]
+        means = [_shift_sql(f"CAST(g.{quote(c)} AS DOUBLE)") for c in stats.shifted]
         shift_sql = f"SELECT {', '.join(means)} FROM {from_rows} WHERE {where}"
     reach = tuple(_reach_name(plan, p, k) for k in range(1, len(values) + 1))
     replaces = {f"{plan.prefix}run_{j}", *reach}
@@ -945,7 +945,7 @@ def _run_cte(plan: _QueryPlan, p: tuple[Hop, ...], stats: _RunningStats) -> _Cte
     inner = [("count(*)", '"tve.rows"')] + [(per_time[s](c), name(c, s)) for c, s in stats.pairs]
     shift_from = ""
     if stats.shifted:
-        means = [(f"coalesce(avg({value(c)}), 0)", name(c, "shift")) for c in stats.shifted]
+        means = [(_shift_sql(value(c)), name(c, "shift")) for c in stats.shifted]
         shift_from = (
             f"\n        CROSS JOIN (SELECT {_select(means, '                    ')}"
             f"\n                    FROM {from_rows}) AS c"
@@ -970,6 +970,12 @@ def _run_cte(plan: _QueryPlan, p: tuple[Hop, ...], stats: _RunningStats) -> _Cte
         f'  WINDOW w AS (PARTITION BY "tve.key" ORDER BY "tve.time" ROWS UNBOUNDED PRECEDING)',
         once=True,
     )
+
+
+def _shift_sql(value: str) -> str:
+    """The shift of a ``std`` column's values (their sums of squares are taken about it):
+    the mean of its finite values (one NaN or infinity would make every shifted value NaN)."""
+    return f"coalesce(avg({value}) FILTER (WHERE isfinite({value})), 0)"
 
 
 def _running_agg_cte(plan: _QueryPlan, p: tuple[Hop, ...], stats: _RunningStats) -> _Cte:
@@ -1010,9 +1016,9 @@ def _running_target(d: TargetDef, name: Callable[[str, str], str]) -> str:
     if d.aggregation == "mean":
         return f"{name(c, 's')} / nullif({n}, 0)"
     m2, q = name(c, "m2"), name(c, "q")
-    return (
-        f"CASE WHEN {n} < 2 THEN NULL WHEN {m2} <= {_CANCELLATION} * {q} THEN 0.0"
-        f" ELSE sqrt({m2} / ({n} - 1)) END"
+    return (  # an infinity or NaN among the values: NaN, as DuckDB's stddev_samp
+        f"CASE WHEN {n} < 2 THEN NULL WHEN NOT isfinite({m2}) THEN CAST('nan' AS DOUBLE)"
+        f" WHEN {m2} <= {_CANCELLATION} * {q} THEN 0.0 ELSE sqrt({m2} / ({n} - 1)) END"
     )
 
 
@@ -2221,12 +2227,15 @@ def _lookups_of_bucket(table, spec: _NativeLookups, shifts: list, sizes: list[in
     ``F'`` before a lookup in its key's segment are exactly those it reaches (time <= τ).
     Running statistics are computed over the rows of ``F'`` alone and read at each
     lookup's last row of ``F'``: counts by cumulative sums, sums (and ``std``'s shifted
-    sums) by pandas' grouped ``cumsum`` (summed in order, as the CTE's window), min and max
-    by grouped ``cummin``/``cummax`` (NaN values taken as null). Per value column, each row's
-    running count of its (key, value) (a stable sort by (key, value)); the running mode is
-    the running maximum of count x size + size - rank (most rows, then smallest value) and
-    the distinct count the running count of first rows. ``reach``: for each lookup of a
-    pair with several, every value of its key with a row no later than it, and that count.
+    sums) by pandas' grouped ``cumsum`` of the finite values (summed in order, as the CTE's
+    window; then infinite or NaN as DuckDB's sum is once one is reached), min and max
+    by grouped ``cummin``/``cummax`` of the values that are not NaN (NaN is then the max
+    once one is reached and the min when every value reached is NaN, as DuckDB has it).
+    Per value column, each row's running count of its (key, value) (a stable sort by (key,
+    value)); the running mode is the running maximum of count x size + size - rank (most
+    rows, then smallest value) and the distinct count the running count of first rows.
+    ``reach``: for each lookup of a pair with several, every value of its key with a row no
+    later than it, and that count.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -2279,19 +2288,40 @@ def _lookups_of_bucket(table, spec: _NativeLookups, shifts: list, sizes: list[in
             for stat, y in (("d", shifted), ("q", shifted * shifted)):
                 if stat in stats:
                     running["cumsum"][stats[stat]] = y
-        if "min" in stats or "max" in stats:
-            ok = valid & ~np.isnan(x)
+        if "min" in stats or "max" in stats:  # NaN as DuckDB orders it: above every value
+            nan = valid & np.isnan(x)
+            ok = valid & ~nan
             none = _segment_cumsum(ok.astype(np.int64), fact_segment, fact_starts)[last] == 0
+            nans = _segment_cumsum(nan.astype(np.int64), fact_segment, fact_starts)[last] > 0
             for stat, how, fill in (("min", "cummin", np.inf), ("max", "cummax", -np.inf)):
                 if stat in stats:
                     running[how][stats[stat]] = np.where(ok, x, fill)
-                    masks[stats[stat]] = none
+                    # max: NaN once one is reached; min: only when all values are NaN
+                    masks[stats[stat]] = (none & ~nans, nans if stat == "max" else nans & none)
+    special = {}  # sums over infinities or NaN: what DuckDB's sum gives, not Kahan's
+    for name, y in running["cumsum"].items():
+        finite = np.isfinite(y)
+        if not finite.all():
+            kinds = (y == np.inf, y == -np.inf, np.isnan(y))
+            up, down, nan = (
+                _segment_cumsum(k.astype(np.int64), fact_segment, fact_starts)[last] > 0
+                for k in kinds
+            )
+            special[name] = (up, down, nan | (up & down))
+            running["cumsum"][name] = np.where(finite, y, 0.0)
     for how, columns in running.items():  # one grouping per kind, every column at once
         if columns:
             frame = getattr(pd.DataFrame(columns).groupby(fact_segment), how)()
             for name in columns:
                 values = frame[name].to_numpy()[last]
-                at[name] = pa.array(values, mask=masks[name]) if name in masks else values
+                if name in special:
+                    up, down, nan = special[name]
+                    values = np.where(up, np.inf, np.where(down, -np.inf, values))
+                    values[nan] = np.nan
+                if name in masks:
+                    null, nan = masks[name]
+                    values = pa.array(np.where(nan, np.nan, values), mask=null)
+                at[name] = values
             del frame
     reach = []
     several = table.column(3).to_numpy(zero_copy_only=False).astype(bool)[looks]
