@@ -192,3 +192,10 @@ def test_changed_recipe_marks_exactly_what_it_changes_stale(pipeline_run):
     assert one_hop.get_status(db.key("traversal_graph")) == StaleStatus.STALE
     window = sorted(instance.get_dynamic_partitions("tiny.windows"))[0]
     assert one_hop.get_status(db.key("tve_targets"), window) == StaleStatus.STALE
+
+    # a memory budget changes how the task vectors are computed, not their rows
+    budget = get_stale_status_resolver(
+        instance, database_assets(db, make_recipe("test", {"targets": {"memory_limit": "1GB"}}))
+    )
+    assert budget.get_status(db.key("tve_targets"), window) == StaleStatus.FRESH
+    assert budget.get_status(db.key("pretrained_checkpoint"), "tve") == StaleStatus.FRESH

@@ -219,6 +219,10 @@ def make_recipe(profile: str = "reference", overrides: dict | None = None) -> Re
 # experiment grown by a task, an objective, a seed or a label fraction keeps its finished cells.
 GRID_FIELDS = {"pretrain": ("objectives",), "finetune": ("tasks", "seeds", "label_fractions")}
 
+# Fields that change how a result is computed, never the result: a new memory budget keeps
+# the task vectors (and everything trained on them) fresh.
+RUN_FIELDS = {"targets": ("memory_limit",)}
+
 
 def recipe_version(recipe: Recipe, *sections: str) -> str:
     """A short, stable hash of some sections of a recipe (e.g. ``"backbone", "pretrain"``).
@@ -226,12 +230,14 @@ def recipe_version(recipe: Recipe, *sections: str) -> str:
     The orchestration uses it as the code version of what those sections decide, so that a
     changed recipe marks exactly the results it changes as stale. The experiment grid
     (:data:`GRID_FIELDS`) is left out: a cell's own objective, task, seed and fraction are
-    in its partition key.
+    in its partition key; so are the fields that only change how a result is computed
+    (:data:`RUN_FIELDS`).
     """
     payload = {}
     for name in sections:
         value = getattr(recipe, name)
         if isinstance(value, BaseModel):
-            value = value.model_dump(mode="json", exclude=set(GRID_FIELDS.get(name, ())))
+            leave_out = {*GRID_FIELDS.get(name, ()), *RUN_FIELDS.get(name, ())}
+            value = value.model_dump(mode="json", exclude=leave_out)
         payload[name] = value
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]

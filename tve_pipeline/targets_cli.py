@@ -127,26 +127,31 @@ def _infer_types(
     """Semantic types of the columns of ``tables``: what
     :func:`tve_pipeline.database.column_types` gives the ``traversal_graph`` asset (keys and
     time columns ``key``, then the types ``dataset_dir/tve_types.json`` declares, then
-    inference), read one table at a time and its non-key columns only, so the largest
-    table's values are the most that is ever in memory."""
+    inference, column by column), read one non-key column at a time (and none that
+    ``tve_types.json`` declares), so the largest column is the most that is ever in memory
+    (50M orders: 4.0 GB peak when a table's value columns were read together)."""
     import pandas as pd
 
     from tve_pipeline import database
     from tve_pipeline.schema import KEY
     from tve_pipeline.targets import release_arrow_memory
 
+    declared = database.declared_column_types(dataset_dir)
     out: dict[str, dict[str, str]] = {}
     for name in tables:
         spec = manifest.tables[name]
         keys = {c for c in [spec.pkey, spec.time_col, *spec.fkeys] if c}
-        names = _table_columns(table_files, name)
-        values = [c for c in names if c not in keys]
-        frame = pd.read_parquet(table_files[name], columns=values) if values else pd.DataFrame()
+        given = declared.get(name, {})
         one_table = SimpleNamespace(tables={name: spec})
-        typed = database.column_types({name: frame}, one_table, dataset_dir)[name]
-        out[name] = {c: (KEY if c in keys else typed[c]) for c in names}
-        del frame
-    release_arrow_memory()  # the value columns' Arrow buffers, kept by the pool
+        out[name] = {}
+        for c in _table_columns(table_files, name):
+            if c in keys or given.get(c):
+                out[name][c] = KEY if c in keys else given[c]
+                continue
+            frame = pd.read_parquet(table_files[name], columns=[c])
+            out[name][c] = database.column_types({name: frame}, one_table, dataset_dir)[name][c]
+            del frame
+            release_arrow_memory()  # the column's Arrow buffers, kept by the pool
     return out
 
 
