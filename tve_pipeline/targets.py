@@ -122,7 +122,7 @@ _GROUP_PAIRS = 4_000_000
 #: Of a query's memory budget (``TargetQuery.memory_limit``), the share DuckDB is given as
 #: its own limit; the rest is for what runs in process (the lookup scans, a group's
 #: aggregates, the slices being filled in and written). 10M orders, all path kinds, budget
-#: 2 GB: 41.9 s and 1.77 GB peak RSS at this share (DuckDB given all 2 GB: 41.8 s, 2.79 GB).
+#: 2 GB: 41.9 s and 1.77 GiB peak RSS at this share (DuckDB given all 2 GB: 41.8 s, 2.79 GiB).
 _DUCKDB_SHARE = 0.5
 
 #: Bytes of a group's in-process work per (entity, seed time) pair: groups span at most
@@ -2107,7 +2107,8 @@ def _time_ns(column) -> np.ndarray | None:
     if not (pa.types.is_date(t) or (pa.types.is_timestamp(t) and t.tz is None)):
         return None
     ns = pc.cast(pc.cast(column, pa.timestamp("ns")), pa.int64())
-    return pc.fill_null(ns, np.iinfo(np.int64).min).to_numpy(zero_copy_only=False)  # in none
+    # (a null time: before every window, so in no group's)
+    return pc.fill_null(ns, np.iinfo(np.int64).min).to_numpy(zero_copy_only=False)
 
 
 def _group_windows(groups: Sequence[pd.DataFrame], timedelta: pd.Timedelta) -> np.ndarray:
@@ -2127,7 +2128,7 @@ def _bucket_rows(spec: _NativeLookups, budget: int) -> int:
     """Rows per lookup scan (at most ``_LOOKUP_BUCKET_ROWS``; whole keys, so a key with more
     rows makes a larger one): an eighth of the memory budget at ~16 bytes per column of
     ``at`` and 160 of intermediate arrays a row (21 columns: 0.5M rows at 2 GB; 10M orders:
-    1.66 GiB peak, half of it DuckDB's, at a quarter 1.77 GiB, the same time)."""
+    1.59 GiB peak, half of it DuckDB's; at a quarter 1.77 GiB, the same time)."""
     width = 3 + len(spec.pairs) + 2 * len(spec.ranks)
     return min(_LOOKUP_BUCKET_ROWS, max(1_000, budget // 8 // (16 * width + 160)))
 
@@ -2546,7 +2547,8 @@ def _once_tables(
     """Make what every group's steps read, computed once: DuckDB tables, and each
     fact->key<-fact path's ``at_<j>`` (in process) as files of each group's rows
     (:class:`_GroupFiles`, in ``directory``); tables no step reads (only read to make
-    the others, such as ``ranks_<j>_<k>``) are dropped. Returns the files by name."""
+    the others, such as ``ranks_<j>_<k>``) are dropped, and those with a seed-time column
+    are split into files per group too. Returns the files by name."""
     made = []
     files: dict[str, _GroupFiles] = {}
     windows = _group_windows(groups, timedelta)
