@@ -879,7 +879,6 @@ def test_special_values_aggregate_as_duckdb_does(amounts, scores, qty, days, who
     over the same Arrow tables (``targets_sql``, run as it is): NaN is a value (min skips it
     unless all are NaN, max, sums and std take it), NaN is the largest value for a mode and
     one distinct value, and null is not NaN. (fact->key<-fact paths: the test after this.)"""
-    import duckdb
     import pyarrow as pa
 
     n = len(amounts)
@@ -908,23 +907,38 @@ def test_special_values_aggregate_as_duckdb_does(amounts, scores, qty, days, who
     ts = [BASE + pd.Timedelta(days=d) for d in (0, 2, 4)]
     query = TargetQuery(frames, schema, defs, "customers", ts, DELTA)
     got = pa.concat_tables(iter_targets(query))  # Arrow: null is not NaN
+    con = _duckdb_over(frames, ts)
+    want = con.sql(targets_sql(schema, defs, "customers", DELTA)).to_arrow_table()
+    assert got.num_rows == want.num_rows
+    _assert_same_arrow_values(got, want, defs)
+
+
+def _duckdb_over(frames: dict, ts: list):
+    """A fresh DuckDB connection with the Arrow ``frames`` and seed times ``ts`` registered."""
+    import duckdb
+    import pyarrow as pa
+
     con = duckdb.connect()
     for name, table in frames.items():
         con.register(name, table)
     con.register("timestamps", pa.table({"timestamp": pa.array(ts, type=pa.timestamp("us"))}))
-    want = con.sql(targets_sql(schema, defs, "customers", DELTA)).to_arrow_table()
-    assert got.num_rows == want.num_rows
+    return con
+
+
+def _assert_same_arrow_values(got, want, defs, label: str = "", abs_tol: float = 0.0) -> None:
+    """Same keys and, per target, the same values: null only where null, NaN where NaN,
+    numbers equal to 1e-9 relative (and ``abs_tol``)."""
     assert got.column(0).to_pylist() == want.column(0).to_pylist()
     for d in defs:
         g, w = got.column(d.name).to_pylist(), want.column(d.name).to_pylist()
         for i, (a, b) in enumerate(zip(g, w)):
-            where = f"{d.name} row {i}: got {a!r}, want {b!r}"
+            where = f"{d.name} row {i}{label}: got {a!r}, want {b!r}"
             if b is None:
                 assert a is None, where
             elif isinstance(b, float) and math.isnan(b):
                 assert isinstance(a, float) and math.isnan(a), where
             else:
-                assert a == b or math.isclose(a, b, rel_tol=1e-9), where
+                assert a == b or math.isclose(a, b, rel_tol=1e-9, abs_tol=abs_tol), where
 
 
 FKF_SPECIAL = st.one_of(
@@ -947,7 +961,6 @@ def test_fact_key_fact_special_values_aggregate_as_duckdb_does(amounts, qty, day
     (what ``--show-sql`` prints): NaN is the max once reached and the min only when every
     value is NaN, one NaN does not make the ``std`` of rows that never reach it NaN. (1e300
     is left out: the running ``std`` is taken from sums of squares, which overflow there.)"""
-    import duckdb
     import pyarrow as pa
 
     n = len(amounts)
@@ -978,24 +991,11 @@ def test_fact_key_fact_special_values_aggregate_as_duckdb_does(amounts, qty, day
     assert {d.aggregation for d in defs} >= {"mode", "count_distinct", "min", "max", "std"}
     ts = [BASE + pd.Timedelta(days=d) for d in (0, 2, 4)]
     got = pa.concat_tables(iter_targets(TargetQuery(frames, schema, defs, "customers", ts, DELTA)))
-    con = duckdb.connect()
-    for name, table in frames.items():
-        con.register(name, table)
-    con.register("timestamps", pa.table({"timestamp": pa.array(ts, type=pa.timestamp("us"))}))
+    con = _duckdb_over(frames, ts)
     for running in (False, True):
         sql = targets_sql(schema, defs, "customers", DELTA, running_aggregates=running)
         want = con.sql(sql).to_arrow_table()
-        assert got.column(0).to_pylist() == want.column(0).to_pylist()
-        for d in defs:
-            g, w = got.column(d.name).to_pylist(), want.column(d.name).to_pylist()
-            for i, (a, b) in enumerate(zip(g, w)):
-                where = f"{d.name} row {i} (running SQL: {running}): got {a!r}, want {b!r}"
-                if b is None:
-                    assert a is None, where
-                elif isinstance(b, float) and math.isnan(b):
-                    assert isinstance(a, float) and math.isnan(a), where
-                else:
-                    assert a == b or math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12), where
+        _assert_same_arrow_values(got, want, defs, f" (running SQL: {running})", abs_tol=1e-12)
 
 
 def test_assemble_places_each_source_by_pair_whatever_its_order():
