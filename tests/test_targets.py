@@ -882,20 +882,15 @@ def test_special_values_aggregate_as_duckdb_does(amounts, scores, qty, days, who
     import pyarrow as pa
 
     n = len(amounts)
-    customers = pa.table({"customer_id": [0, 1, 2], "created": [BASE] * 3})
-    products = pa.table({"product_id": [0, 1], "price": [1.0, math.nan]})
-    orders = pa.table(
-        {
-            "order_id": list(range(n)),
-            "time": [BASE + pd.Timedelta(days=d) for d in days[:n]],
-            "customer_id": who[:n],
-            "product_id": [i % 3 for i in range(n)],  # 2 dangles
-            "amount": pa.array(amounts, type=pa.float64()),
-            "score": pa.array(scores[:n], type=pa.float64()),
-            "qty": pa.array(qty[:n], type=pa.int64()),
-        }
+    frames = _special_shop(
+        [1.0, math.nan],
+        days[:n],
+        who[:n],
+        [i % 3 for i in range(n)],  # 2 dangles
+        amount=pa.array(amounts, type=pa.float64()),
+        score=pa.array(scores[:n], type=pa.float64()),
+        qty=pa.array(qty[:n], type=pa.int64()),
     )
-    frames = {"customers": customers, "products": products, "orders": orders}
     schema = shop_schema(True)
     types = {
         "customers": {},
@@ -911,6 +906,26 @@ def test_special_values_aggregate_as_duckdb_does(amounts, scores, qty, days, who
     want = con.sql(targets_sql(schema, defs, "customers", DELTA)).to_arrow_table()
     assert got.num_rows == want.num_rows
     _assert_same_arrow_values(got, want, defs)
+
+
+def _special_shop(prices: list, days: list, who: list, product: list, **values) -> dict:
+    """Three customers, products 0 and 1 at ``prices``, and an order per day offset in
+    ``days`` (of customer ``who``, product ``product``) with the value columns ``values``,
+    as Arrow tables."""
+    import pyarrow as pa
+
+    orders = {
+        "order_id": list(range(len(days))),
+        "time": [BASE + pd.Timedelta(days=d) for d in days],
+        "customer_id": who,
+        "product_id": product,
+        **values,
+    }
+    return {
+        "customers": pa.table({"customer_id": [0, 1, 2], "created": [BASE] * 3}),
+        "products": pa.table({"product_id": [0, 1], "price": prices}),
+        "orders": pa.table(orders),
+    }
 
 
 def _duckdb_over(frames: dict, ts: list):
@@ -964,19 +979,14 @@ def test_fact_key_fact_special_values_aggregate_as_duckdb_does(amounts, qty, day
     import pyarrow as pa
 
     n = len(amounts)
-    customers = pa.table({"customer_id": [0, 1, 2], "created": [BASE] * 3})
-    products = pa.table({"product_id": [0, 1], "price": [1.0, 2.0]})
-    orders = pa.table(
-        {
-            "order_id": list(range(n)),
-            "time": [BASE + pd.Timedelta(days=d) for d in days[:n]],
-            "customer_id": who[:n],
-            "product_id": product[:n],  # 2 dangles
-            "amount": pa.array(amounts, type=pa.float64()),
-            "qty": pa.array(qty[:n], type=pa.int64()),
-        }
+    frames = _special_shop(
+        [1.0, 2.0],
+        days[:n],
+        who[:n],
+        product[:n],  # 2 dangles
+        amount=pa.array(amounts, type=pa.float64()),
+        qty=pa.array(qty[:n], type=pa.int64()),
     )
-    frames = {"customers": customers, "products": products, "orders": orders}
     schema = shop_schema(True)
     types = {
         "customers": {},

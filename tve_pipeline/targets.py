@@ -122,7 +122,8 @@ _GROUP_PAIRS = 4_000_000
 #: Of a query's memory budget (``TargetQuery.memory_limit``), the share DuckDB is given as
 #: its own limit; the rest is for what runs in process (the lookup scans, a group's
 #: aggregates, the slices being filled in and written). 10M orders, all path kinds, budget
-#: 2 GB: 41.9 s and 1.77 GiB peak RSS at this share (DuckDB given all 2 GB: 41.8 s, 2.79 GiB).
+#: 2 GB: 41.9 s and 1.77 GiB peak RSS at this share with quarter-budget scans (DuckDB given
+#: all 2 GB: 41.8 s, 2.79 GiB).
 _DUCKDB_SHARE = 0.5
 
 #: Bytes of a group's in-process work per (entity, seed time) pair: groups span at most
