@@ -41,7 +41,7 @@ def sce_loss(pred: Tensor, target: Tensor, weight: Tensor, alpha: float) -> Tens
     return (weight * err).sum() / weight.sum().clamp_min(1e-12)
 
 
-def info_nce(z1: Tensor, z2: Tensor, tau: float, chunk: int = 2048) -> Tensor:
+def info_nce(z1: Tensor, z2: Tensor, tau: float, chunk: int = 4096) -> Tensor:
     """Symmetric InfoNCE: row i of ``z1`` and ``z2`` are positives, other rows negatives.
 
     ``(CE(S, I) + CE(S^T, I)) / 2`` with ``S = norm(z1) norm(z2)^T / tau``, the reference's
