@@ -295,18 +295,25 @@ def test_ctr_is_an_explicit_info_nce_over_every_sampled_node(objective):
     _finite_grads(model, heads)
 
 
-def test_info_nce_in_blocks_equals_the_whole_matrix():
+@pytest.mark.parametrize("tau,chunk", [(0.1, 7), (0.1, 4096), (0.01, 7), (0.01, 4096)])
+def test_info_nce_in_blocks_equals_cross_entropy_over_the_whole_matrix(tau, chunk):
+    """Value and gradients against torch's cross-entropy over the whole similarity matrix
+    (and the value against the node-by-node loop); tau 0.01 takes the logsumexp route."""
     from tve_pipeline.objectives import info_nce
 
     g = torch.Generator().manual_seed(0)
-    a0, b0 = torch.randn(50, 6, generator=g), torch.randn(50, 6, generator=g)
+    a0, b0 = torch.randn(50, 6, generator=g) * 3, torch.randn(50, 6, generator=g)
     a1, b1 = (a0.clone().requires_grad_(), b0.clone().requires_grad_())
     a2, b2 = (a0.clone().requires_grad_(), b0.clone().requires_grad_())
-    whole, blocks = info_nce(a1, b1, 0.1), info_nce(a2, b2, 0.1, chunk=7)
-    assert whole.item() == pytest.approx(_info_nce_by_hand(a0, b0, 0.1), rel=1e-5)
+    s = torch.nn.functional.normalize(a1, dim=1) @ torch.nn.functional.normalize(b1, dim=1).t()
+    labels = torch.arange(50)
+    F = torch.nn.functional
+    whole = (F.cross_entropy(s / tau, labels) + F.cross_entropy(s.t() / tau, labels)) / 2
+    blocks = info_nce(a2, b2, tau, chunk=chunk)
+    assert whole.item() == pytest.approx(_info_nce_by_hand(a0, b0, tau), rel=1e-5)
     torch.testing.assert_close(blocks, whole)
-    whole.backward()
-    blocks.backward()
+    (whole * 3).backward()
+    (blocks * 3).backward()
     torch.testing.assert_close(a2.grad, a1.grad)
     torch.testing.assert_close(b2.grad, b1.grad)
 
