@@ -74,8 +74,10 @@ class PretrainConfig(BaseModel):
     """Pre-training objectives on one backbone and budget (DESIGN.md section 1, step 4).
 
     ``tve``: scaled cosine error over the normalised task vector, inputs corrupted.
-    ``mae``: masked-attribute reconstruction of the seed rows' own attributes.
-    ``ctr``: InfoNCE between a clean and a corrupted view of each seed's subgraph.
+    ``mae``: masked-attribute reconstruction: every node of the sampled subgraph decoded
+    from a corrupted view (the reference's MAE, src/models/mae.py).
+    ``ctr``: InfoNCE between every node's clean and corrupted-view embedding, per node
+    type (the reference's contrastive baseline, src/models/contrastive.py).
     ``tve+mae`` / ``tve+ctr``: TVE plus ``aux_weight`` x the other loss.
     Each objective in ``objectives`` yields its own pre-trained backbone.
     """
@@ -86,6 +88,7 @@ class PretrainConfig(BaseModel):
     aux_weight: float = 0.1
     ctr_tau: float = 0.1
     ctr_corruption_rate: float = 0.25  # the contrastive baseline's view corruption
+    mae_corruption_rate: float = 0.25  # MAE's (cfg/rel-amazon/*-ssl/mae-*.yaml: mask_rate)
     sce_alpha: float = 2.0
     inactive_weight: float = 0.2  # w for inactive rows, 1 - w for active rows
     corruption_rate: float = 0.15  # input cells swapped within their column

@@ -567,7 +567,9 @@ def _pretraining_model(
     """The model, the objective's heads, their optimiser and schedule (init order kept)."""
     cfg = recipe.pretrain
     model = RDLModel(data, col_stats, recipe.backbone, out_channels=width).to(device)
-    heads = objective_heads(objective, recipe.backbone.channels, data, col_stats, entity_table)
+    heads = objective_heads(
+        objective, recipe.backbone.channels, data, col_stats, entity_table, recipe.backbone.aggr
+    )
     heads.to(device)
     params = list(model.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
