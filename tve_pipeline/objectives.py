@@ -168,9 +168,14 @@ class PretrainingLoss:
         # The auxiliary loss is the whole objective when it stands alone, 0.1 x beside TVE.
         self.aux_weight = cfg.aux_weight if "tve" in self.parts else 1.0
 
-    def __call__(self, batch: HeteroData, task_vectors: Tensor, generator) -> Tensor:
+    def __call__(
+        self, batch: HeteroData, task_vectors: Tensor, generator, *, corrupt: bool = True
+    ) -> Tensor:
+        """The loss; ``corrupt=False`` scores clean inputs, as the reference's validation does
+        (its models corrupt only ``if self.training``: src/models/tve.py:90, mae.py:134,
+        contrastive.py:95)."""
         seeds = slice(0, batch[self.entity_table].seed_time.size(0))
-        noisy = corrupted_copy(batch, self.cfg.corruption_rate, generator)
+        noisy = corrupted_copy(batch, self.cfg.corruption_rate if corrupt else 0.0, generator)
         z = self.model.embed(noisy, self.entity_table)
         loss = torch.zeros((), device=z.device)
         if "tve" in self.parts:
@@ -179,7 +184,7 @@ class PretrainingLoss:
             seed_rows = batch[self.entity_table].tf[seeds]
             loss = loss + self.aux_weight * self.heads["mae"].loss(z, seed_rows)
         if "ctr" in self.parts:
-            loss = loss + self.aux_weight * self.contrastive_loss(batch, z, generator)
+            loss = loss + self.aux_weight * self.contrastive_loss(batch, z, generator, corrupt)
         return loss
 
     def task_vector_loss(self, z: Tensor, task_vectors: Tensor) -> Tensor:
@@ -192,13 +197,16 @@ class PretrainingLoss:
             self.cfg.sce_alpha,
         )
 
-    def contrastive_loss(self, batch: HeteroData, z: Tensor, generator) -> Tensor:
+    def contrastive_loss(
+        self, batch: HeteroData, z: Tensor, generator, corrupt: bool = True
+    ) -> Tensor:
         """InfoNCE between the clean batch and a corrupted view, through the projection."""
         # TVE+CTR contrasts TVE's own corrupted view; CTR alone uses its stronger corruption.
         if "tve" in self.parts:
             z_view = z
         else:
-            view = corrupted_copy(batch, self.cfg.ctr_corruption_rate, generator)
+            rate = self.cfg.ctr_corruption_rate if corrupt else 0.0
+            view = corrupted_copy(batch, rate, generator)
             z_view = self.model.embed(view, self.entity_table)
         z_clean = self.model.embed(batch, self.entity_table)
         proj = self.heads["proj"]
