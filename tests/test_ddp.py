@@ -185,6 +185,8 @@ def test_pipes_launch_from_the_asset(pipeline_run, tmp_path, keep_tve_environmen
     for entity, part in checkpoint["by_entity"].items():
         assert part["backbone"], entity
         assert len(part["history"]) == runner.recipe.pretrain.epochs
+        # the worker was handed the validation window: every epoch scored on it
+        assert part["n_val_seeds"] > 0 and all("val_loss" in r for r in part["history"])
     # nothing of the launch is left behind: no spec, no result file, no training checkpoint
     left = [p for p in (run_dir / "checkpoints").rglob("*") if p.is_file()]
     assert left == [], left
