@@ -102,6 +102,8 @@ def _pretrain_one(
         f"pre-training {objective} on {entity}: {len(train_files)} training and "
         f"{len(val_files)} validation windows, {len(defs)} targets"
     )
+    if not val_files:  # a schedule whose validation window would pass the test timestamp
+        context.log.warning(f"{entity}: no validation window, so the last epoch is kept")
     data, col_stats = graph
     try:
         return training.pretrain(
