@@ -1,6 +1,7 @@
 """Every pre-training objective and label fraction, on the tiny database (the end-to-end
 run covers one objective, one fraction and one seed)."""
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -33,11 +34,17 @@ def setup(tmp_path_factory):
             delta,
         )
     )
+    val_raw = compute_targets(  # the validation window, on which each epoch is scored
+        TargetQuery(
+            tables, ds.manifest.tables, defs, "customers", [pd.Timestamp(ds.val_timestamp)], delta
+        )
+    )
     recipe = make_recipe("test")
     data, col_stats = graph_for(db, types, recipe.backbone)
     return {
         "ds": ds,
         "raw": raw,
+        "val_raw": val_raw,
         "defs": defs,
         "data": data,
         "col_stats": col_stats,
@@ -58,9 +65,12 @@ def test_each_objective_trains_its_own_backbone(setup):
             {d.name: d.aggregation for d in s["defs"]},
             s["recipe"],
             torch.device("cpu"),
+            val_targets=s["val_raw"],
             objective=objective,
         )
         assert result["objective"] == objective and result["n_train_seeds"] > 0
+        # each objective's own loss on the validation window, clean inputs: finite
+        assert result["n_val_seeds"] > 0 and np.isfinite(result["best_val_loss"])
         states[objective] = result["backbone"]
     key = next(k for k in states["tve"] if k.startswith("gnn.") and k.endswith("weight"))
     for a in states:

@@ -328,8 +328,13 @@ class PretrainingLoss:
         else:
             self.rate = cfg.ctr_corruption_rate
 
-    def __call__(self, batch: HeteroData, task_vectors: Tensor, generator) -> Tensor:
-        view = corrupted_copy(batch, self.rate, generator)
+    def __call__(
+        self, batch: HeteroData, task_vectors: Tensor, generator, *, corrupt: bool = True
+    ) -> Tensor:
+        """The loss; ``corrupt=False`` scores clean inputs, as the reference's validation does
+        (its models corrupt only ``if self.training``: src/models/tve.py:90, mae.py:134,
+        contrastive.py:95; CTR then contrasts two clean views)."""
+        view = corrupted_copy(batch, self.rate if corrupt else 0.0, generator)
         if self.parts == {"tve"}:  # the seeds' embeddings only: the fast path
             return self.task_vector_loss(self.model.embed(view, self.entity_table), task_vectors)
         x_view = self.model.embed_all(view, self.entity_table)
