@@ -342,7 +342,8 @@ def test_pretraining_check_against_a_loss_by_hand(pipeline_run):
         "customer_id",
         {d["name"]: d["aggregation"] for d in graph["customers"]},
         val_fraction=cfg.val_fraction,
-        max_mode_categories=recipe.targets.max_mode_categories,
+        mode_encoding=recipe.targets.mode_encoding,
+        mca_components=recipe.targets.mca_components,
     )
     mean = seeds.train.task_vectors(np.arange(len(seeds.train))).numpy().mean(0)
     val = seeds.val.task_vectors(np.arange(len(seeds.val))).numpy()

@@ -400,7 +400,8 @@ def _pretraining_seeds(
         entity_col,
         aggregations,
         val_fraction=recipe.pretrain.val_fraction,
-        max_mode_categories=recipe.targets.max_mode_categories,
+        mode_encoding=recipe.targets.mode_encoding,
+        mca_components=recipe.targets.mca_components,
     )
     if len(seeds.train) == 0:
         raise ValueError(
