@@ -1,6 +1,7 @@
 """Database-level assets of one database: validated tables, its seed schedule, its traversal
 graph."""
 
+import hashlib
 import json
 
 import dagster as dg
@@ -347,8 +348,13 @@ def build_database_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
             }
         except ValueError as exc:
             sql = {entity: f"-- no SQL: {str(exc).splitlines()[0]}" for entity in graph}
+        # The graph now depends on the data (what is pruned): its data version is its content,
+        # so that new rows that prune the same targets leave every window's targets fresh.
+        content = hashlib.sha256(json.dumps(graph, sort_keys=True).encode()).hexdigest()[:16]
         return dg.Output(
-            graph, metadata=traversal_graph_metadata(graph, sql, run_recipe, left_out, seconds)
+            graph,
+            data_version=dg.DataVersion(content),
+            metadata=traversal_graph_metadata(graph, sql, run_recipe, left_out, seconds),
         )
 
     return [raw_tables, temporal_windows, traversal_graph]
