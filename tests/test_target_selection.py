@@ -374,3 +374,57 @@ def test_auto_takes_one_hot_up_to_the_component_count():
     )
     again = TaskVectorNormaliser.from_dict(wide.to_dict())
     np.testing.assert_array_equal(again.transform(train), wide.transform(train))
+
+
+# --------------------------------------------------------------------------- the asset
+
+
+def test_traversal_graph_asset_leaves_out_what_pandas_finds(tmp_path, monkeypatch):
+    """The tiny database with a constant column added to its orders: the asset's graph is
+    the schema's less the targets pandas finds null or constant on the active rows of the
+    training seed times, and its metadata lists each with its reason."""
+    import dagster as dg
+
+    from assets.commands import Runner, prepare_run_dir, register_dataset
+    from tve_pipeline.database import open_dataset, table_files
+    from tve_pipeline.datasets import build_synthetic
+    from tve_pipeline.summary import summarise_database
+
+    for name in ("DAGSTER_HOME", "TVE_RUN_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    source = build_synthetic(tmp_path / "src" / "pruned")
+    orders = pd.read_parquet(source / "db" / "orders.parquet")
+    orders["channel"] = "web"
+    orders.to_parquet(source / "db" / "orders.parquet", index=False)
+    run_dir = tmp_path / "run"
+    instance = prepare_run_dir(run_dir)
+    register_dataset(source, run_dir, instance, profile="test")
+    runner = Runner("pruned", run_dir)
+    runner.materialize(["raw_tables", "temporal_windows", "traversal_graph"], "pruned")
+
+    folder = run_dir / "datasets" / "pruned"
+    summary, dataset = summarise_database(folder), open_dataset(folder)
+    schedule = runner.load("temporal_windows")
+    defs = traversal_targets(
+        dataset.manifest.tables, summary.column_types, "customers", make_recipe("test").targets
+    )
+    query = TargetQuery(
+        table_files(dataset),
+        dataset.manifest.tables,
+        defs,
+        "customers",
+        schedule.loc[schedule["split"] == "train", "timestamp"],
+        pd.Timedelta(days=30),
+    )
+    want = pandas_left_out(query)
+    assert "orders.channel__mode" in want and "orders.channel__count_distinct" in want
+    graph = runner.load("traversal_graph")
+    assert [d["name"] for d in graph["customers"]] == [d.name for d in defs if d.name not in want]
+    record = instance.fetch_materializations(
+        dg.AssetKey(["pruned", "traversal_graph"]), limit=1
+    ).records[0]
+    meta = record.asset_materialization.metadata
+    rows = [r.data for r in meta["left_out_targets"].records]
+    assert [r["target"] for r in rows] == [d.name for d in defs if d.name in want]
+    assert all(r["entity"] == "customers" and r["reason"].startswith("constant") for r in rows)
+    assert meta["left_out"].value == len(want)
