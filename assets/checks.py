@@ -290,7 +290,8 @@ def _checkpoint_checks(db: Database, recipe) -> list[dg.AssetChecksDefinition]:
                 dataset.manifest.tables[entity].pkey,
                 {d["name"]: d["aggregation"] for d in traversal_graph[entity]},
                 val=val_files,
-                max_mode_categories=run_recipe.targets.max_mode_categories,
+                mode_encoding=run_recipe.targets.mode_encoding,
+                mca_components=run_recipe.targets.mca_components,
             )
             if objective == "tve":  # its validation loss is the task-vector loss, recorded
                 model = result["best_val_loss"]

@@ -377,7 +377,8 @@ def test_pretraining_check_against_a_loss_by_hand(pipeline_run):
         "customer_id",
         {d["name"]: d["aggregation"] for d in graph["customers"]},
         val=val_files,
-        max_mode_categories=recipe.targets.max_mode_categories,
+        mode_encoding=recipe.targets.mode_encoding,
+        mca_components=recipe.targets.mca_components,
     )
     assert len(seeds.val) == len(pd.read_parquet(val_files[0])) > 0
     mean = seeds.train.task_vectors(np.arange(len(seeds.train))).numpy().mean(0)

@@ -82,18 +82,26 @@ def concatenated(files) -> pd.DataFrame:
     )
 
 
-def _assert_seeds_equal(seeds: SeedTaskVectors, raw: pd.DataFrame, y: np.ndarray):
+def _assert_seeds_equal(seeds: SeedTaskVectors, raw: pd.DataFrame, y: np.ndarray, atol=0.0):
     np.testing.assert_array_equal(seeds.entity, raw["customer_id"].to_numpy())
     np.testing.assert_array_equal(
         seeds.seed_time, raw["timestamp"].to_numpy(dtype="datetime64[ns]")
     )
-    np.testing.assert_array_equal(seeds.task_vectors(slice(None)).numpy(), y)
+    np.testing.assert_allclose(seeds.task_vectors(slice(None)).numpy(), y, rtol=0, atol=atol)
 
 
 @pytest.mark.parametrize(
-    "source", ["files", "files reversed", "frame", "files, an int64 mode in one"]
+    "source, encoding",
+    [
+        ("files", "onehot"),
+        ("files reversed", "onehot"),
+        ("frame", "onehot"),
+        ("files, an int64 mode in one", "onehot"),
+        ("files", "mca"),
+        ("files, an int64 mode in one", "mca"),
+    ],
 )
-def test_compact_task_vectors_equal_the_dense_normalised_frame(windows, source):
+def test_compact_task_vectors_equal_the_dense_normalised_frame(windows, source, encoding):
     agg = windows["aggregations"]
     assert "mode" in agg.values()
     files = windows["mixed_dtypes"] if source.startswith("files, an int64") else windows["files"]
@@ -102,22 +110,31 @@ def test_compact_task_vectors_equal_the_dense_normalised_frame(windows, source):
     val = windows["val"]
     val_raw = pd.read_parquet(val)
     # chunks of 7 rows: a chunk of an integer mode column with no null reads as int64, not float64
+    modes = dict(mode_encoding=encoding, mca_components=3)
     got = pretraining_task_vectors(
         raw,
         "customer_id",
         agg,
         val=val_raw if source == "frame" else [val],
-        max_mode_categories=3,
         chunk_rows=7,
+        **modes,
     )
 
     train_raw = dense  # every training window: none held out
-    oracle = TaskVectorNormaliser.fit(train_raw, agg, max_mode_categories=3)
-    assert got.normaliser.to_dict() == oracle.to_dict()
-    assert any(s.kind == "onehot" and len(s.categories) > 1 for s in oracle.scalers)
+    oracle = TaskVectorNormaliser.fit(train_raw, agg, **modes)
+    if encoding == "onehot":
+        assert got.normaliser.to_dict() == oracle.to_dict()
+        assert any(s.kind == "onehot" and len(s.categories) > 1 for s in oracle.scalers)
+    else:  # the MCA's sums are added in another order: equal up to rounding
+        mine, theirs = got.normaliser.to_dict(), oracle.to_dict()
+        assert mine["scalers"] == theirs["scalers"]
+        assert mine["mca"]["categories"] == theirs["mca"]["categories"]
+        np.testing.assert_allclose(mine["mca"]["loadings"], theirs["mca"]["loadings"], atol=1e-9)
+        assert oracle.mca.width == 3
     assert len(got.train) == len(train_raw) and len(got.val) == len(val_raw) > 0
-    _assert_seeds_equal(got.train, train_raw, oracle.transform(train_raw))
-    _assert_seeds_equal(got.val, val_raw, oracle.transform(val_raw))
+    atol = 0.0 if encoding == "onehot" else 1e-6
+    _assert_seeds_equal(got.train, train_raw, oracle.transform(train_raw), atol)
+    _assert_seeds_equal(got.val, val_raw, oracle.transform(val_raw), atol)
     both = pd.concat([dense["inactive"], val_raw["inactive"]])
     assert got.inactive_rate == pytest.approx(both.mean())
     # only the active seeds' vectors are stored
@@ -249,7 +266,8 @@ def test_the_checkpoint_kept_has_the_lowest_clean_validation_loss(windows, monke
         "customer_id",
         w["aggregations"],
         val=[w["val"]],
-        max_mode_categories=recipe.targets.max_mode_categories,
+        mode_encoding=recipe.targets.mode_encoding,
+        mca_components=recipe.targets.mca_components,
     )
     model = RDLModel(w["data"], w["col_stats"], recipe.backbone, seeds.normaliser.width)
     model.load_state_dict(

@@ -39,13 +39,14 @@ def test_normaliser_fits_on_active_rows_only():
     )
     norm = TaskVectorNormaliser.fit(raw, {"amount_sum": "sum", "channel_mode": "mode"})
     y = norm.transform(raw)
-    # columns: inactive | amount (min 10, max 30 over active rows) | web, app, other
+    # columns: inactive | amount (min 10, max 30 over active rows) | web, app (every
+    # training category, as the reference's OneHotEncoder; no 'other' slot)
     expected = np.array(
         [
-            [0, 0.0, 1, 0, 0],
-            [0, 1.0, 0, 1, 0],
-            [1, 0.0, 0, 0, 0],  # inactive: all zeros but the flag
-            [0, 0.0, 1, 0, 0],  # missing numeric -> 0
+            [0, 0.0, 1, 0],
+            [0, 1.0, 0, 1],
+            [1, 0.0, 0, 0],  # inactive: all zeros but the flag
+            [0, 0.0, 1, 0],  # missing numeric -> 0
         ],
         dtype=np.float32,
     )

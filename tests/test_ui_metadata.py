@@ -65,6 +65,8 @@ KEYS = {
         "targets",
         "entity_tables",
         "hops",
+        "left_out",
+        "left_out_targets",
         "by_entity",
         "target_list",
         "sql",

@@ -38,6 +38,20 @@ class BackboneConfig(BaseModel):
     time_features: bool = True
 
 
+class TargetPick(BaseModel):
+    """Targets of one path chosen by hand (``targets.select``): ``path`` as the traversal
+    names it (``results``, ``results>races``, ``results>constructors<results``), ``columns``
+    of its last table (None: every usable one), ``aggregations`` of each (None: every one
+    of the column's type), ``count``: the path's row count too."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    path: str
+    columns: tuple[str, ...] | None = None
+    aggregations: tuple[str, ...] | None = None
+    count: bool = True
+
+
 class TargetConfig(BaseModel):
     """How task vectors are derived from the schema (DESIGN.md section 1)."""
 
@@ -63,9 +77,17 @@ class TargetConfig(BaseModel):
         memory_bytes(value, "targets.memory_limit")
         return value
 
-    # One-hot width of a categorical MODE target (most frequent training values; the rest
-    # share one 'other' slot).
-    max_mode_categories: int = 10
+    # Targets null or constant on every active training row are left out of the traversal
+    # graph (tve_pipeline.target_selection), hand-picked ones too.
+    prune: bool = True
+    # A target set chosen by hand, per entity table (the others keep the schema's graph):
+    # paths, columns and aggregations, as the reference's notebooks pick theirs.
+    select: dict[str, tuple[TargetPick, ...]] | None = None
+    # Modes: one-hot over every training category, or, where all modes together have more
+    # than ``mca_components`` categories ("auto"), one multiple correspondence analysis of
+    # them all with that many components (the reference's rel-hm user-tve-2-hop notebook).
+    mode_encoding: Literal["auto", "onehot", "mca"] = "auto"
+    mca_components: int = Field(default=64, ge=1)
 
 
 Objective = Literal["tve", "mae", "ctr", "tve+mae", "tve+ctr"]

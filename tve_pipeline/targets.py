@@ -724,7 +724,7 @@ def _running_shape(plan: _QueryPlan, p: tuple[Hop, ...]) -> bool:
 #: values, ``s`` sum, ``d`` and ``q`` sum and sum of squares of the values less a shift).
 _RUNNING_STATS: dict[str, tuple[str, ...]] = {
     "count": ("n",),
-    "sum": ("s",),
+    "sum": ("s", "n"),  # n: a sum over no value is null
     "mean": ("s", "n"),
     "min": ("min",),
     "max": ("max",),

@@ -22,9 +22,9 @@ rows at a time:
    time (a stable sort: the rows of one seed time keep their input order, files in the
    order given): the order of the concatenated frame.
 2. *fit*: the normaliser's statistics (each numeric target's min and max, the counts of
-   each mode's categories) on the active rows of the *training* windows only, summed over
-   chunks into the :class:`~tve_pipeline.normalise.TaskVectorNormaliser` that ``fit`` on
-   the whole training frame returns.
+   each mode's categories, the MCA's sums) on the active rows of the *training* windows
+   only, summed over chunks into the :class:`~tve_pipeline.normalise.TaskVectorNormaliser`
+   that ``fit`` on the whole training frame returns.
 3. *vectors*: each chunk's active rows normalised into their rows of the matrix; the
    validation windows' with the training statistics, as the reference scales its val
    split with the training scalers (visualization/rel-hm/user-tve-2-hop.ipynb, cell 3:
@@ -34,7 +34,6 @@ rows at a time:
 from __future__ import annotations
 
 import os
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +42,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from tve_pipeline.normalise import TargetScaler, TaskVectorNormaliser, category_key
+from tve_pipeline.normalise import ModeStatistics, TaskVectorNormaliser
 from tve_pipeline.targets import INACTIVE, TIMESTAMP
 
 #: Rows of raw task vectors read at once (472 float64 targets: about 120 MB).
@@ -179,7 +178,8 @@ def pretraining_task_vectors(
     aggregations: dict[str, str],
     *,
     val: RawTaskVectors | None = None,
-    max_mode_categories: int = 10,
+    mode_encoding: str = "auto",
+    mca_components: int = 64,
     chunk_rows: int = CHUNK_ROWS,
 ) -> PretrainingTaskVectors:
     """Read raw task vectors (a frame or parquet files) into the compact seeds of pre-training.
@@ -194,7 +194,7 @@ def pretraining_task_vectors(
     columns = [entity_col, TIMESTAMP, INACTIVE, *aggregations]
     source = RawTaskVectorChunks(raw, columns, chunk_rows)
     entity, seed_time, inactive = _read_seeds(source, entity_col)
-    normaliser = fit_normaliser(source, aggregations, inactive == 0, max_mode_categories)
+    normaliser = fit_normaliser(source, aggregations, inactive == 0, mode_encoding, mca_components)
     train = _seeds(source, normaliser, entity, seed_time, inactive)
     if val is None:
         val = pd.DataFrame(columns=columns)
@@ -249,40 +249,30 @@ def fit_normaliser(
     source: RawTaskVectorChunks,
     aggregations: dict[str, str],
     fit_rows: np.ndarray,
-    max_mode_categories: int = 10,
+    mode_encoding: str = "auto",
+    mca_components: int = 64,
 ) -> TaskVectorNormaliser:
     """Pass 2: :meth:`TaskVectorNormaliser.fit` on the rows where ``fit_rows``, chunk by chunk.
 
-    Min and max of the chunks' min and max, and category counts summed over the chunks,
-    are those of the rows together; the normaliser is built from them by the same rules
-    (ties between counts broken by the category's name).
+    Min and max of the chunks' min and max, and the modes' category counts and MCA sums
+    (:class:`~tve_pipeline.normalise.ModeStatistics`) added over the chunks, are those of
+    the rows together; the normaliser is built from them by the same rules.
     """
     modes = [name for name, agg in aggregations.items() if agg == "mode"]
     numeric = [name for name, agg in aggregations.items() if agg != "mode"]
-    counts: dict[str, Counter] = {name: Counter() for name in modes}
+    stats = ModeStatistics(modes, burt=mode_encoding != "onehot")
     low = np.full(len(numeric), np.nan)
     high = np.full(len(numeric), np.nan)
     for _, chunk in source.chunks([*aggregations], wanted=fit_rows):
-        for name in modes:
-            counts[name].update(chunk[name].dropna().map(category_key).value_counts().to_dict())
+        stats.add(chunk)
         values = _numeric_values(chunk, numeric)
         # fmin / fmax skip NaN (missing); a target with no value anywhere stays NaN -> 0
         low = np.fmin(low, np.fmin.reduce(values, axis=0, initial=np.nan))
         high = np.fmax(high, np.fmax.reduce(values, axis=0, initial=np.nan))
-    low = dict(zip(numeric, np.where(np.isnan(low), 0.0, low).tolist()))
-    high = dict(zip(numeric, np.where(np.isnan(high), 0.0, high).tolist()))
-    scalers = []
-    for name in aggregations:
-        if name in counts:
-            ordered = sorted(counts[name].items(), key=lambda kv: (-kv[1], kv[0]))
-            scalers.append(
-                TargetScaler(
-                    name, "onehot", categories=[c for c, _ in ordered[:max_mode_categories]]
-                )
-            )
-        else:
-            scalers.append(TargetScaler(name, "minmax", low=low[name], high=high[name]))
-    return TaskVectorNormaliser(scalers)
+    low = np.where(np.isnan(low), 0.0, low).tolist()
+    high = np.where(np.isnan(high), 0.0, high).tolist()
+    ranges = {name: (lo, hi) for name, lo, hi in zip(numeric, low, high)}
+    return TaskVectorNormaliser.of(aggregations, ranges, stats, mode_encoding, mca_components)
 
 
 def _normalised_rows(

@@ -405,7 +405,8 @@ def _pretraining_seeds(
         entity_col,
         aggregations,
         val=val_targets,
-        max_mode_categories=recipe.targets.max_mode_categories,
+        mode_encoding=recipe.targets.mode_encoding,
+        mca_components=recipe.targets.mca_components,
     )
     if len(seeds.train) == 0:
         raise ValueError(
