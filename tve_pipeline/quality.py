@@ -8,10 +8,11 @@ much it misses, with the numbers behind it as metadata:
   (:mod:`tve_pipeline.validation`) has no error;
 - a window of task vectors: :func:`leakage_verdict`, a sample of rows recomputed from
   the next window's rows alone (:mod:`tve_pipeline.recompute`, independent of the SQL
-  generator) agrees with the file, and the rows are the entities that exist at the seed
-  time; :func:`coverage_verdict`, the share of inactive rows, and no target null in
-  every row; :func:`seed_time_verdict`, every row's seed time is the window's and its
-  window ``(t, t+Δ]`` ends by the validation timestamp;
+  generator) agrees with the file, and the rows are the seeds at the seed time (the
+  reference's "universal" table, :func:`tve_pipeline.recompute.existing_entities`);
+  :func:`coverage_verdict`, the share of inactive rows, and no target null in every row;
+  :func:`seed_time_verdict`, every row's seed time is the window's and its window
+  ``(t, t+Δ]`` ends by the validation timestamp;
 - a pre-trained checkpoint: :func:`finite_weights_verdict`; :func:`pretraining_verdict`,
   its held-out task-vector loss below that of the trivial predictor (the mean normalised
   task vector of the training seeds), both computed by pre-training's own loss;
@@ -127,9 +128,9 @@ def leakage_verdict(
     sample_rows: int = LEAKAGE_SAMPLE_ROWS,
 ) -> Verdict:
     """A window's task vectors against a recomputation from the rows in ``(t, t+Δ]`` only:
-    the rows are the entities that exist at ``t``, and a sample of them has the recomputed
-    value in every target (``inactive`` included). ``frames``: the tables, as
-    :func:`tve_pipeline.recompute.read_tables` reads them."""
+    the rows are the seeds at ``t`` (:func:`~tve_pipeline.recompute.existing_entities`),
+    and a sample of them has the recomputed value in every target (``inactive`` included).
+    ``frames``: the tables, as :func:`tve_pipeline.recompute.read_tables` reads them."""
     t = pd.Timestamp(seed_time)
     failures, checked, metadata, unchecked = [], {}, {}, {}
     for entity, defs in defs_by_entity.items():
@@ -139,15 +140,15 @@ def leakage_verdict(
             failures.append(f"{entity}: no file {path}")
             continue
         rows = _read_rows(path, [key, INACTIVE])
-        expected = existing_entities(frames, schema, entity, t)
+        expected = existing_entities(frames, schema, entity, t, defs=defs, delta=delta)
         have = np.sort(rows[key].to_numpy())
         if len(have) != len(expected) or not (have == expected).all():
             missing = np.setdiff1d(expected, have)
             extra = np.setdiff1d(have, expected)
             failures.append(
-                f"{entity}: {len(have)} rows where {len(expected)} entities exist at {t}"
+                f"{entity}: {len(have)} rows where {len(expected)} entities are seeds at {t}"
                 + (f"; missing {key} {_shown(missing)}" if len(missing) else "")
-                + (f"; not existing yet {_shown(extra)}" if len(extra) else "")
+                + (f"; not seeds {_shown(extra)}" if len(extra) else "")
             )
         sample = _sample_rows(rows, key, sample_rows, f"{where}:{entity}")
         got = _read_rows(path, (), key, sample)
