@@ -148,7 +148,7 @@ def leakage_verdict(
             failures.append(
                 f"{entity}: {len(have)} rows where {len(expected)} entities are seeds at {t}"
                 + (f"; missing {key} {_shown(missing)}" if len(missing) else "")
-                + (f"; not seeds {_shown(extra)}" if len(extra) else "")
+                + (f"; not seeds: {key} {_shown(extra)}" if len(extra) else "")
             )
         sample = _sample_rows(rows, key, sample_rows, f"{where}:{entity}")
         got = _read_rows(path, (), key, sample)
