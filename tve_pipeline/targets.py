@@ -51,7 +51,7 @@ their joins cost 4 times the CPU; the fact->key<-fact aggregates (``agg_<j>`` an
 ``mode_<j>_<k>`` over the lookups) and each ``path_<j>`` (rows that multiply: aggregated
 as they stream, ``aggs_<j>``) run as queries of their own; and :func:`_assemble` places
 every column by pair code onto the active pairs of seeds. Then it adds the
-inactive seeds' rows itself, one seed time and slice of entities at a time, with NumPy scatters
+inactive rows itself, one seed time and slice of entities at a time, with NumPy scatters
 into zeroed buffers.
 At scale almost every row is inactive (one million customers x 52 weekly seed times: 47
 million rows, 7.6 % active), and hash-joining or sorting that many 30-column rows in
@@ -381,12 +381,11 @@ def targets_sql(
     It reads each table of the schema as a relation of the same name and the seed times as
     ``timestamps_relation(timestamp)``; output columns: the entity's pkey, ``timestamp``,
     ``inactive``, then one column per target in ``defs`` order, ordered by (timestamp,
-    pkey). ``dense=True``: one row per seed (entity, seed time) (:func:`_seed_cte`);
-    ``dense=False``: only the rows with ``inactive = 0`` (the others have counts 0 and
-    everything else null), which is what :func:`iter_targets` runs.
-    ``running_aggregates=False`` joins each first-hop row of a fact->key<-fact path to
-    every earlier row of its key instead of reading per-key running aggregates (same rows;
-    the benchmarks' straightforward baseline).
+    pkey). ``dense=True``: one row per seed (:func:`_seed_cte`); ``dense=False``: only
+    the rows with ``inactive = 0`` (the others have counts 0 and everything else null),
+    which is what :func:`iter_targets` runs. ``running_aggregates=False`` joins each
+    first-hop row of a fact->key<-fact path to every earlier row of its key instead of
+    reading per-key running aggregates (same rows; the benchmarks' straightforward baseline).
 
     Shape: ``window_<i>`` holds the next-window rows of first hop ``i`` and, left-joined
     onto each, the rows that the "out" hops of its paths reach (a fact row references one
