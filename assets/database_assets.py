@@ -35,23 +35,34 @@ def database_timedelta(summary, recipe) -> pd.Timedelta:
     return task_timedelta(open_dataset(summary.dataset_dir))
 
 
+#: The splits whose seed times are windows of tve_targets: pre-training trains on the
+#: training windows and chooses its checkpoint on the validation ones (the reference's
+#: val split of task vectors, src/helpers/task_vector_generation_helper.py:240-254). All
+#: the tasks' validation seed times, not only the first: the reference's notebooks take one
+#: (num_eval_timestamps = 1, its databases' tasks too), but rel-f1's tasks have 40, and its
+#: first window (2005-01-01, 2005-01-31] holds no race: every driver inactive.
+WINDOW_SPLITS = ("train", "val")
+
+
 def seed_schedule(summary, recipe) -> pd.DataFrame:
-    """Every seed time of the database with its split (RelBench's layout) and its window key."""
+    """Every seed time of the database with its split (RelBench's layout) and its window key
+    (training and validation seed times; test seed times have none)."""
     dataset = open_dataset(summary.dataset_dir)
     schedule = database_seed_schedule(
         summary, database_timedelta(summary, recipe), num_eval_timestamps(dataset)
     )
     schedule["window"] = [
-        window_key(t) if s == "train" else None
+        window_key(t) if s in WINDOW_SPLITS else None
         for t, s in zip(schedule["timestamp"], schedule["split"])
     ]
     return schedule
 
 
-def training_windows(summary, recipe) -> list[str]:
-    """The window keys of a database: one per training seed time, oldest first."""
+def pretraining_windows(summary, recipe) -> list[str]:
+    """The window keys of a database, oldest first: one per training seed time, then one
+    per validation seed time."""
     schedule = seed_schedule(summary, recipe)
-    return list(schedule.loc[schedule["split"] == "train", "window"])
+    return list(schedule["window"].dropna())
 
 
 def raw_tables_metadata(summary) -> dict:
@@ -210,8 +221,8 @@ def build_database_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
     def temporal_windows(
         context: dg.AssetExecutionContext, raw_tables, recipe: RecipeResource
     ) -> dg.Output:
-        """Every seed time of the database with its split; each training seed time is one
-        window partition of tve_targets (registered here if the data grew)."""
+        """Every seed time of the database with its split; each training or validation seed
+        time is one window partition of tve_targets (registered here if the data grew)."""
         run_recipe = recipe.recipe()
         try:
             schedule = seed_schedule(raw_tables, run_recipe)

@@ -1,6 +1,6 @@
 """TVE targets: the raw next-window task vectors of one database, one partition per window.
 
-A window partition is a training seed time ``t``; its value is one parquet file per entity
+A window partition is a training or val seed time ``t``; its value is one parquet file per entity
 table (``targets/<database>/<window>/<entity>.parquet``). A backfill of many windows runs
 as one run (``BackfillPolicy.single_run``): the tables are loaded once and one streamed
 query computes every window's rows, each window written to its own file atomically
@@ -176,16 +176,17 @@ def build_target_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
         recipe: RecipeResource,
         storage: TVEStorage,
     ) -> dg.Output:
-        """Raw task vectors per entity table at each window's training seed time: the
-        next-window set aggregations of every traversal path (DuckDB), plus ``inactive``."""
+        """Raw task vectors per entity table at each window's seed time: the next-window
+        set aggregations of every traversal path (DuckDB), plus ``inactive``."""
         r = recipe.recipe()
         windows = sorted(context.partition_keys)
-        training = set(temporal_windows["window"].dropna())
-        gone = [w for w in windows if w not in training]
+        scheduled = set(temporal_windows["window"].dropna())
+        gone = [w for w in windows if w not in scheduled]
         if gone:
             raise failure(
-                f"window {gone[0]} is not a training seed time of {db.name!r} any more "
-                "(its seed schedule changed): materialise temporal_windows and the new windows"
+                f"window {gone[0]} is not a training or validation seed time of {db.name!r} "
+                "any more (its seed schedule changed): materialise temporal_windows and the "
+                "new windows"
             )
         delta = database_timedelta(raw_tables, r)
         dataset = open_dataset(raw_tables.dataset_dir)
