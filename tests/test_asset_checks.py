@@ -152,8 +152,7 @@ def test_every_check_is_defined_and_recorded_for_every_partition(pipeline_run):
 @given(db=shop_databases(), entity=st.sampled_from(["customers", "products"]))
 def test_recomputation_matches_the_brute_force(db, entity):
     """The check's pandas recomputation gives the brute force's rows (test_targets.py: plain
-    loops, nulls, dangling keys, times at t and t + Δ, ties) for every seed (entities of a
-    table without time: first active by t + Δ)."""
+    loops, nulls, dangling keys, times at t and t + Δ, ties) for every existing entity."""
     customer_time, frames, timestamps = db
     schema = shop_schema(customer_time)
     defs = build_traversal_graph(schema, shop_column_types(), entity, hops=2)

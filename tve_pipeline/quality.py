@@ -130,9 +130,9 @@ def leakage_verdict(
     sample_rows: int = LEAKAGE_SAMPLE_ROWS,
 ) -> Verdict:
     """A window's task vectors against a recomputation from the rows in ``(t, t+Δ]`` only:
-    the rows are the seeds at ``t`` (:func:`~tve_pipeline.recompute.existing_entities`),
-    and a sample of them has the recomputed value in every target (``inactive`` included).
-    ``frames``: the tables, as :func:`tve_pipeline.recompute.read_tables` reads them."""
+    the rows are the entities that exist at ``t``, and a sample of them has the recomputed
+    value in every target (``inactive`` included). ``frames``: the tables, as
+    :func:`tve_pipeline.recompute.read_tables` reads them."""
     t = pd.Timestamp(seed_time)
     failures, checked, metadata, unchecked = [], {}, {}, {}
     for entity, defs in defs_by_entity.items():
