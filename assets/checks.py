@@ -4,9 +4,10 @@
   error.
 - ``tve_targets``, per window, one step for three checks (the tables are read once):
   ``no_leakage`` (blocking), a sample of rows recomputed in pandas from the rows in the
-  next window ``(t, t+Δ]`` alone equals the file, and the rows are the entities that exist
-  at ``t``; ``seed_times`` (blocking), every training window ends by the validation
-  timestamp, every validation window by the test timestamp;
+  next window ``(t, t+Δ]`` alone equals the file, and the rows are the seeds at ``t``
+  (own time ``<= t``; without one, first active by ``t + Δ``); ``seed_times``
+  (blocking), every training window ends by the validation timestamp, every validation
+  window by the test timestamp;
   ``coverage`` (warning), the share of inactive rows, and no target null in every row (a
   column that real data fills only in later years does that, so it warns, not blocks).
 - ``pretrained_checkpoint``, per objective: ``finite_weights`` (blocking) and
@@ -136,8 +137,8 @@ def _targets_checks(db: Database) -> dg.AssetChecksDefinition:
             partitions_def=windows,
             description=(
                 "A sample of each window's rows, recomputed in pandas from the rows in its next "
-                "window (t, t+Δ] alone, equals the file; the rows are the entities that exist "
-                "at t."
+                "window (t, t+Δ] alone, equals the file; the rows are the seeds at t (own time "
+                "<= t; an entity table without time: first fact row <= t + Δ)."
             ),
         ),
         "seed_times": dg.AssetCheckSpec(

@@ -160,9 +160,41 @@ def test_recomputation_matches_the_brute_force(db, entity):
     pkey = schema[entity].pkey
     for t in sorted(set(timestamps)):
         rows = want[want["timestamp"] == t]
-        assert list(existing_entities(frames, schema, entity, t)) == rows[pkey].tolist()
+        seeds = existing_entities(frames, schema, entity, t, defs=defs, delta=SHOP_DELTA)
+        assert list(seeds) == rows[pkey].tolist()
         got = recompute_task_vectors(frames, schema, defs, entity, rows[pkey], t, SHOP_DELTA)
         assert compare_task_vectors(rows, got, defs) == []
+
+
+def test_no_leakage_holds_the_files_to_the_references_seeds(tmp_path):
+    """The check's seeds on the hand-computed database of test_targets.py (users without a
+    time column): the engine's files pass; a file with every user at every seed time (the
+    old rows: users first active after t + Δ, or never) fails, naming them."""
+    from tests.test_targets import _seeds_db
+    from tve_pipeline.targets import TargetQuery, compute_targets, write_targets_by_seed_time
+
+    frames, schema, defs, ts, delta = _seeds_db()
+    query = TargetQuery(frames, schema, defs, "users", ts, delta)
+    write_targets_by_seed_time(query, lambda t: tmp_path / str(t.day) / "users.parquet")
+    for t in ts:
+        verdict = quality.leakage_verdict(
+            tmp_path / str(t.day), t, frames, schema, {"users": defs}, delta, "w"
+        )
+        assert verdict.passed, verdict.description
+    t = ts[0]  # seeds 0, 1, 6, 7
+    every = compute_targets(query)
+    every = every[every["timestamp"] == t].set_index("user_id").reindex(range(8))
+    every = every.fillna({"timestamp": t, "inactive": 1, "reviews__count": 0, "visits__count": 0})
+    (tmp_path / "all").mkdir()
+    every.reset_index().astype(
+        {"inactive": "int64", "reviews__count": "int64", "visits__count": "int64"}
+    ).to_parquet(tmp_path / "all" / "users.parquet")
+    verdict = quality.leakage_verdict(
+        tmp_path / "all", t, frames, schema, {"users": defs}, delta, "w"
+    )
+    assert not verdict.passed
+    assert "users: 8 rows where 4 entities are seeds at" in verdict.description
+    assert "; not seeds: user_id 2, 3, 4 and 1 more" in verdict.description
 
 
 def test_recomputation_leaves_out_what_would_join_too_many_rows():

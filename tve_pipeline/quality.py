@@ -8,11 +8,12 @@ much it misses, with the numbers behind it as metadata:
   (:mod:`tve_pipeline.validation`) has no error;
 - a window of task vectors: :func:`leakage_verdict`, a sample of rows recomputed from
   the next window's rows alone (:mod:`tve_pipeline.recompute`, independent of the SQL
-  generator) agrees with the file, and the rows are the entities that exist at the seed
-  time; :func:`coverage_verdict`, the share of inactive rows, and no target null in
-  every row; :func:`seed_time_verdict`, every row's seed time is the window's and its
-  window ``(t, t+Δ]`` ends by the validation timestamp (a validation window's: by the
-  test timestamp);
+  generator) agrees with the file, and the rows are the seeds at the seed time (the
+  reference's "universal" table, :func:`tve_pipeline.recompute.existing_entities`);
+  :func:`coverage_verdict`, the share of inactive rows, and no target null in every row;
+  :func:`seed_time_verdict`, every row's seed time is the window's and its window
+  ``(t, t+Δ]`` ends by the validation timestamp (a validation window's: by the test
+  timestamp);
 - a pre-trained checkpoint: :func:`finite_weights_verdict`; :func:`pretraining_verdict`,
   its task-vector loss on the validation windows below that of the trivial predictor (the
   mean normalised task vector of the training seeds), both computed by pre-training's own
@@ -141,15 +142,15 @@ def leakage_verdict(
             failures.append(f"{entity}: no file {path}")
             continue
         rows = _read_rows(path, [key, INACTIVE])
-        expected = existing_entities(frames, schema, entity, t)
+        expected = existing_entities(frames, schema, entity, t, defs=defs, delta=delta)
         have = np.sort(rows[key].to_numpy())
         if len(have) != len(expected) or not (have == expected).all():
             missing = np.setdiff1d(expected, have)
             extra = np.setdiff1d(have, expected)
             failures.append(
-                f"{entity}: {len(have)} rows where {len(expected)} entities exist at {t}"
+                f"{entity}: {len(have)} rows where {len(expected)} entities are seeds at {t}"
                 + (f"; missing {key} {_shown(missing)}" if len(missing) else "")
-                + (f"; not existing yet {_shown(extra)}" if len(extra) else "")
+                + (f"; not seeds: {key} {_shown(extra)}" if len(extra) else "")
             )
         sample = _sample_rows(rows, key, sample_rows, f"{where}:{entity}")
         got = _read_rows(path, (), key, sample)
