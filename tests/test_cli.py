@@ -194,7 +194,7 @@ def test_tve_materialize_checks_partition_keys(pipeline_run, capsys):
         (
             ["tve_targets", "--partition", "tiny|2020-13-01"],
             "got '2020-13-01'",
-            "2020-01-21 .. 2020-08-18 (8)",
+            "2020-01-21 .. 2020-09-17 (9)",  # 8 training windows and the validation one
         ),
         (
             ["metrics", "--partition", "tiny|plane-active"],

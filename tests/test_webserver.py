@@ -37,7 +37,8 @@ def test_webserver_lists_assets_and_location_loads(webserver):
     assert _graphql(webserver, "{ shouldShowNux }")["shouldShowNux"] is False
     nodes = _graphql(webserver, "{ assetNodes { assetKey { path } } }")["assetNodes"]
     assert {"/".join(n["assetKey"]["path"]) for n in nodes} == EIGHT
-    # the windows of tve_targets are the database's own, all materialised: none missing
+    # the windows of tve_targets are the database's own (8 training, 1 validation), all
+    # materialised: none missing
     node = _graphql(
         webserver,
         """{ assetNodeOrError(assetKey: {path: ["tiny", "tve_targets"]}) {
@@ -45,8 +46,8 @@ def test_webserver_lists_assets_and_location_loads(webserver):
             partitionStats { numMaterialized numPartitions numFailed } } } }""",
     )
     stats = node["assetNodeOrError"]["partitionStats"]
-    assert stats["numPartitions"] == len(node["assetNodeOrError"]["partitionKeys"]) == 8
-    assert stats["numMaterialized"] == 8 and stats["numFailed"] == 0
+    assert stats["numPartitions"] == len(node["assetNodeOrError"]["partitionKeys"]) == 9
+    assert stats["numMaterialized"] == 9 and stats["numFailed"] == 0
     # its checks (the Checks tab), each passed in every window of the one `tve run`
     node = _graphql(
         webserver,
@@ -62,4 +63,4 @@ def test_webserver_lists_assets_and_location_loads(webserver):
         "coverage": False,
     }
     for c in checks:
-        assert len(c["partitionStatuses"]["succeededPartitions"]) == 8, c
+        assert len(c["partitionStatuses"]["succeededPartitions"]) == 9, c
