@@ -1255,3 +1255,19 @@ def test_duckdb_is_given_half_of_the_memory_budget():
         with targets._connection(query, [], seeds, "timestamps") as con:
             got = con.execute("SELECT current_setting('memory_limit')").fetchall()[0][0]
         assert got == want, (limit, got)
+
+
+def test_recipe_second_hop_window_is_a_positive_duration():
+    """``targets.second_hop_window``: None is Δ (the reference); a duration is Δ2; anything
+    else fails when the recipe is read, naming the field."""
+    from pydantic import ValidationError
+
+    from tve_pipeline.config import TargetConfig
+
+    assert TargetConfig().second_hop_delta() is None
+    assert TargetConfig(second_hop_window="3 days").second_hop_delta() == pd.Timedelta(days=3)
+    for bad in ("-2 days", "0s", "soon"):
+        with pytest.raises(ValidationError, match="second_hop_window"):
+            TargetConfig(second_hop_window=bad)
+    with pytest.raises(ValueError, match="second_hop_window"):
+        TargetQuery({}, {}, [], "customers", [BASE], DELTA, second_hop_window=pd.Timedelta(0))

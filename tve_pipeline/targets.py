@@ -297,7 +297,7 @@ class _Cte(NamedTuple):
     comment: str
     body: str
     #: computed once per query, as a table, before the groups of seed times: it reads no seed
-    #: time (per-key running aggregates) or all of them (their lookups), never a group's
+    #: time (per (key, time) aggregates) or all of them (their lookups), never a group's
     once: bool = False
     #: of an ``at_<j>``: how :func:`iter_targets` makes it (and the ``reach_<j>_<k>``) in
     #: process, from a sorted scan of ``F'``, without the tables it reads here; of an
@@ -451,7 +451,7 @@ def _split_once(
     second_hop_window: pd.Timedelta | None = None,
 ) -> tuple[list[_Cte], str]:
     """:func:`targets_sql` in two parts: each CTE that reads no seed time (the per-key
-    running aggregates of fact->key<-fact paths), to create as a table once, and the query
+    lookups of fact->key<-fact paths), to create as a table once, and the query
     over the rest, which reads them by name (what ``show_sql`` prints)."""
     ctes, final, from_lines, _ = _targets_ctes(
         schema_tables,
@@ -748,7 +748,7 @@ def _path_cte(plan: _QueryPlan, p: tuple[Hop, ...]) -> _Cte:
 
 def _running_shape(plan: _QueryPlan, p: tuple[Hop, ...]) -> bool:
     """``E <- F -> K <- F'`` with ``F'`` time-stamped: what :func:`_running_ctes` computes
-    without joining each first-hop row to every earlier row of ``F'`` with its key."""
+    without joining each first-hop row to the rows of ``F'`` with its key."""
     return (
         len(p) == 3
         and p[1].direction == "out"
@@ -757,8 +757,9 @@ def _running_shape(plan: _QueryPlan, p: tuple[Hop, ...]) -> bool:
     )
 
 
-#: The running statistics of a column that each plain aggregation reads (``n`` non-null
-#: values, ``s`` sum, ``d`` and ``q`` sum and sum of squares of the values less a shift).
+#: The statistics of a column over a window that each plain aggregation reads (``n``
+#: non-null values, ``s`` sum, ``d`` and ``q`` sum and sum of squares of the values less a
+#: shift).
 _RUNNING_STATS: dict[str, tuple[str, ...]] = {
     "count": ("n",),
     "sum": ("s",),
@@ -959,7 +960,7 @@ def _native_lookups(plan: _QueryPlan, p: tuple[Hop, ...], stats: _RunningStats) 
 
 @dataclass(frozen=True)
 class _RunningStats:
-    """The running statistics of a fact->key<-fact path: (column, stat) pairs in order,
+    """The statistics of a fact->key<-fact path's windows: (column, stat) pairs in order,
     the columns' numbers (in internal names ``"tve.<stat>_<number>"``) and the columns whose
     values are shifted by their mean (for ``std``)."""
 
@@ -987,9 +988,9 @@ class _RunningStats:
         return quote(f"tve.{stat}_{self.number[column]}")
 
     @staticmethod
-    def accumulate(stat: str, column: str, over: str = "") -> str:
-        """Over a key's prefix (``over``: the window) or over the prefixes of a pair."""
-        total = f"{'min' if stat == 'min' else 'max' if stat == 'max' else 'sum'}({column}){over}"
+    def accumulate(stat: str, column: str) -> str:
+        """Over the (key, time) of a lookup's window, or over the lookups of a pair."""
+        total = f"{'min' if stat == 'min' else 'max' if stat == 'max' else 'sum'}({column})"
         return f"CAST({total} AS BIGINT)" if stat in ("rows", "n") else total
 
 
@@ -1060,7 +1061,7 @@ def _running_agg_cte(plan: _QueryPlan, p: tuple[Hop, ...], stats: _RunningStats)
 
 
 def _running_target(d: TargetDef, name: Callable[[str, str], str]) -> str:
-    """One plain aggregate of ``E <- F -> K <- F'`` from the combined running statistics."""
+    """One plain aggregate of ``E <- F -> K <- F'`` from the combined window statistics."""
     if d.column is None:
         return '"tve.rows"'
     c = d.column
