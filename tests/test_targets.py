@@ -513,13 +513,16 @@ def _window_shop() -> dict[str, pd.DataFrame]:
         ),
     ],
 )
-def test_second_hop_window_bounds_every_aggregate(second, want):
+@pytest.mark.parametrize("values", [0, 16])
+def test_second_hop_window_bounds_every_aggregate(monkeypatch, second, want, values):
     """Hand-computed: customer 0's one window order (day 11, product 0) reaches product 0's
     orders in (day 11 - Δ2, day 11], itself included; the bound changes every aggregate
     (count, sum, mean, min, max, std, mode, distinct count, value count) against the whole
-    history, in process and in the SQL that ``--show-sql`` prints (lookups and joined rows)."""
+    history, in process (value counts from prefix counts per value, or from runs) and in
+    the SQL that ``--show-sql`` prints (lookups and joined rows)."""
     import duckdb
 
+    monkeypatch.setattr(targets, "_DENSE_VALUES", values)
     frames = _window_shop()
     schema = shop_schema(True)
     names = ["n", "sum", "mean", "min", "max", "std", "mode", "distinct", "count"]
