@@ -1090,7 +1090,7 @@ def test_fact_key_fact_special_values_aggregate_as_duckdb_does(
     the lookups (what ``--show-sql`` prints): NaN is the max once reached and the min only
     when every value is NaN, one NaN or infinity that has left the window (τ - Δ2, τ] no
     longer makes a sum, min, max or ``std`` NaN. (1e300 is left out: ``std`` is taken from
-    sums of squares, which overflow there.)"""
+    squared distances, which overflow there.)"""
     import pyarrow as pa
 
     n = len(amounts)

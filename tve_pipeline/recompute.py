@@ -19,7 +19,7 @@ ties broken by the smallest; a count over no row is 0, any other aggregate null;
 :func:`compare_task_vectors` says where two frames of task vectors differ (the file that
 ``tve_targets`` wrote against the recomputation), within a tolerance scaled to the
 magnitude of the values aggregated: a float sum of many values differs in its last bits
-with the order of summation, and a ``std`` from running sums of squares loses digits when
+with the order of summation, and a ``std`` combined from parts loses digits when
 the mean is large.
 """
 

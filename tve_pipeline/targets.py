@@ -13,7 +13,7 @@ into one set-based DuckDB query over a relation of seed times ``timestamps(times
   hop-1 row's time τ; Δ2 is Δ unless the query says otherwise, as the reference's
   ``t1 <= t0 AND t1 > t0 - Δ``): the rows reached from a hop-1 row depend on its (key, τ)
   only, so ``at_<j>`` aggregates each distinct (key, τ) of every seed time's windows once
-  (from ``per_time_<j>``, ``F'`` per (key, time): count, sum, min, max, sums of squares)
+  (from ``per_time_<j>``, ``F'`` per (key, time): count, sum, min, max, squared distances)
   and ``agg_<j>`` combines them per (seed time, entity), where joining rows costs (hop-1
   rows of every seed time) x (rows of the key in Δ2); ``counts_<j>_<k>``, ``reach_<j>_<k>``
   and ``best_<j>_<k>`` do the same per (key, value) for modes and distinct counts,
@@ -758,19 +758,15 @@ def _running_shape(plan: _QueryPlan, p: tuple[Hop, ...]) -> bool:
 
 
 #: The statistics of a column over a window that each plain aggregation reads (``n``
-#: non-null values, ``s`` sum, ``d`` and ``q`` sum and sum of squares of the values less a
-#: shift).
+#: non-null values, ``s`` sum, ``m2`` sum of squared distances from the window's own mean).
 _RUNNING_STATS: dict[str, tuple[str, ...]] = {
     "count": ("n",),
     "sum": ("s",),
     "mean": ("s", "n"),
     "min": ("min",),
     "max": ("max",),
-    "std": ("n", "d", "q"),
+    "std": ("n", "s", "m2"),
 }
-#: Of a sum of squares less the square of the sum over n, what is left of rounding: below
-#: this share of the sum of squares, the spread is taken as 0 (equal values have std 0).
-_CANCELLATION = "1e-12"
 
 
 def _key_rows(plan: _QueryPlan, p: tuple[Hop, ...]) -> tuple[str, str, str]:
@@ -792,14 +788,15 @@ def _running_ctes(plan: _QueryPlan, p: tuple[Hop, ...]) -> list[_Cte]:
     ``F'`` with key ``k`` and time in ``(τ - Δ2, τ]`` (the reference's
     ``t1 <= t0 AND t1 > t0 - Δ``), the same for every first-hop row with that (key, τ),
     whatever its seed time. So ``per_time_<j>`` aggregates ``F'`` per (key, time) once (row
-    count, non-null count, sum, min, max, and for ``std`` the sum and sum of squares of the
-    values less the column's mean over ``F'``, which keeps the squares small); ``at_<j>``
+    count, non-null count, sum, min, max, and for ``std`` the squared distances from the
+    time's mean); ``at_<j>``
     combines them over each distinct first-hop (key, τ)'s window (a range join of the
     distinct (key, τ) of every seed time's windows, ``hops_all_<j>``, with the key's
     distinct times in the window); ``agg_<j>`` joins each first-hop row of a group's window
     to its (key, τ) and combines them per (seed time, entity): counts and sums add up, min
-    of mins, max of maxes, mean = sum / count, std from the sums (sample; 0 when what is
-    left after cancellation is below ``_CANCELLATION`` of the sum of squares). The mode and
+    of mins, max of maxes, mean = sum / count, std from each part's ``m2`` (squared distances
+    from its own mean) and mean, as Chan et al. combine them (:func:`_combined_sql`: no sum
+    of squares about a far-away mean to cancel). The mode and
     distinct count of each (key, τ) (``best_<j>_<k>``) come from the count of each value in
     its window (``reach_<j>_<k>``, from per (key, value, time) counts ``counts_<j>_<k>``).
     Cost in SQL: (distinct first-hop (key, τ)) x (distinct times of the key in Δ2), not
@@ -855,11 +852,14 @@ def _at_cte(plan: _QueryPlan, p: tuple[Hop, ...], stats: _RunningStats) -> _Cte:
     each value column (``best_<j>_<k>``): computed once for all groups of seed times (each
     group's query finds its rows by equality)."""
     j = plan.path_number(p)
-    items = [('k."tve.key"', None), ('k."tve.time"', None)]
-    items.append((stats.accumulate("rows", 'r."tve.rows"'), '"tve.rows"'))
-    items += [
-        (stats.accumulate(s, f"r.{stats.name(c, s)}"), stats.name(c, s)) for c, s in stats.pairs
-    ]
+    keys = [('k."tve.key"', '"tve.key"'), ('k."tve.time"', '"tve.time"')]
+    source = (
+        f"FROM {_lookup_keys(plan, p)}\n"
+        f"  JOIN {plan.prefix}per_time_{j} AS r\n"
+        f"    ON {_in_second_window(plan, 'r')}"
+    )
+    inner, combined = _combined_sql(stats, keys, source, 'k."tve.key", k."tve.time"')
+    items = [('i."tve.key"', None), ('i."tve.time"', None), *combined]
     joins = ""
     for k, _ in enumerate(_running_value_columns(plan, p), 1):
         items += [
@@ -868,18 +868,47 @@ def _at_cte(plan: _QueryPlan, p: tuple[Hop, ...], stats: _RunningStats) -> _Cte:
         ]
         joins += (
             f"\n  LEFT JOIN {plan.prefix}best_{j}_{k} AS b{k}\n"
-            f'    ON b{k}."tve.key" = k."tve.key" AND b{k}."tve.time" = k."tve.time"'
+            f'    ON b{k}."tve.key" = i."tve.key" AND b{k}."tve.time" = i."tve.time"'
         )
+    inner = inner.replace("\n", "\n        ")
     return _Cte(
         f"{plan.prefix}at_{j}",
         f"{_describe(plan.entity_table, p)}: aggregates of each first-hop (key, time)'s window",
         f"SELECT {_select(items, '         ')}\n"
-        f"  FROM {_lookup_keys(plan, p)}\n"
-        f"  JOIN {plan.prefix}per_time_{j} AS r\n"
-        f"    ON {_in_second_window(plan, 'r')}" + joins + "\n  GROUP BY 1, 2",
+        f"  FROM ({inner}) AS i" + joins + "\n  GROUP BY 1, 2",
         once=True,
         native=_native_lookups(plan, p, stats),
     )
+
+
+def _combined_sql(
+    stats: _RunningStats, keys: list[tuple[str, str]], source: str, partition: str
+) -> tuple[str, list[tuple[str, str | None]]]:
+    """Window statistics (alias ``r`` in ``source``, a FROM clause) combined per group
+    (``keys``, ``partition``): the rows with, per ``std`` column, the mean of their group's
+    values, and the select list over them: counts and sums add up, min of mins, max of
+    maxes, and ``m2`` as Chan et al. combine parts: the parts' ``m2`` plus each part's
+    count x (its mean - the group's mean)^2. A NaN or infinity makes ``m2`` NaN."""
+    name = stats.name
+    inner = [*keys, ('r."tve.rows"', None)]
+    inner += [(f"r.{name(c, s)}", None) for c, s in stats.pairs]
+    for c in stats.spread:
+        n, total = name(c, "n"), name(c, "s")
+        inner.append((f"sum(r.{total}) OVER g / nullif(sum(r.{n}) OVER g, 0)", name(c, "mean")))
+    inner_sql = (
+        f"SELECT {_select(inner, '       ')}\n{source}\nWINDOW g AS (PARTITION BY {partition})"
+    )
+    combined: list[tuple[str, str | None]] = [
+        (stats.accumulate("rows", '"tve.rows"'), '"tve.rows"')
+    ]
+    for c, s in stats.pairs:
+        if s == "m2":
+            n, total, mean = name(c, "n"), name(c, "s"), name(c, "mean")
+            spread = f"{n} * ({total} / nullif({n}, 0) - {mean}) ** 2"
+            combined.append((f"sum({name(c, 'm2')}) + sum({spread})", name(c, s)))
+        else:
+            combined.append((stats.accumulate(s, name(c, s)), name(c, s)))
+    return inner_sql, combined
 
 
 def _reach_name(plan: _QueryPlan, p: tuple[Hop, ...], k: int) -> str:
@@ -899,9 +928,7 @@ class _NativeLookups:
     #: "tve.several": of a pair with several): key, time, lookup, several, then per running
     #: column "tve.v_<i>" and per value column "tve.rank_<k>"
     rows_sql: str
-    shift_sql: str | None  # the shifts of the ``std`` columns, in ``shifted`` order
     pairs: tuple[tuple[int, str, str], ...]  # (column number, stat, output name)
-    shifted: tuple[int, ...]
     window_ns: int  # Δ2 in nanoseconds: a lookup at τ reads the rows in (τ - Δ2, τ]
 
 
@@ -937,10 +964,6 @@ def _native_lookups(plan: _QueryPlan, p: tuple[Hop, ...], stats: _RunningStats) 
         f"        SELECT {_select(looks, '               ')}\n"
         f'          FROM {hops} WHERE "tve.key" IS NOT NULL GROUP BY 1, 2'
     )
-    shift_sql = None
-    if stats.shifted:
-        means = [_shift_sql(f"CAST(g.{quote(c)} AS DOUBLE)") for c in stats.shifted]
-        shift_sql = f"SELECT {', '.join(means)} FROM {from_rows} WHERE {where}"
     reach = tuple(_reach_name(plan, p, k) for k in range(1, len(values) + 1))
     replaces = {f"{plan.prefix}per_time_{j}", *reach}
     for k in range(1, len(values) + 1):
@@ -951,9 +974,7 @@ def _native_lookups(plan: _QueryPlan, p: tuple[Hop, ...], stats: _RunningStats) 
         ranks=ranks,
         replaces=frozenset(replaces),
         rows_sql=rows_sql,
-        shift_sql=shift_sql,
         pairs=tuple((stats.number[c], s, f"tve.{s}_{stats.number[c]}") for c, s in stats.pairs),
-        shifted=tuple(stats.number[c] for c in stats.shifted),
         window_ns=plan.second_window_ns,
     )
 
@@ -962,12 +983,12 @@ def _native_lookups(plan: _QueryPlan, p: tuple[Hop, ...], stats: _RunningStats) 
 class _RunningStats:
     """The statistics of a fact->key<-fact path's windows: (column, stat) pairs in order,
     the columns' numbers (in internal names ``"tve.<stat>_<number>"``) and the columns whose
-    values are shifted by their mean (for ``std``)."""
+    values have a ``std``."""
 
     plain: list[TargetDef]
     pairs: list[tuple[str, str]]
     number: dict[str, int]
-    shifted: list[str]
+    spread: list[str]
 
     @classmethod
     def of(cls, plan: _QueryPlan, p: tuple[Hop, ...]) -> _RunningStats:
@@ -981,8 +1002,8 @@ class _RunningStats:
             )
         )
         number = {c: i for i, c in enumerate(dict.fromkeys(c for c, _ in pairs), 1)}
-        shifted = sorted({c for c, stat in pairs if stat in ("d", "q")}, key=number.get)
-        return cls(plain, pairs, number, shifted)
+        spread = [c for c, stat in pairs if stat == "m2"]
+        return cls(plain, pairs, number, spread)
 
     def name(self, column: str, stat: str) -> str:
         return quote(f"tve.{stat}_{self.number[column]}")
@@ -1005,57 +1026,44 @@ def _per_time_cte(plan: _QueryPlan, p: tuple[Hop, ...], stats: _RunningStats) ->
     per_time = {
         "n": lambda c: f"count(g.{quote(c)})",
         "s": lambda c: f"sum({value(c)})",
-        "d": lambda c: f"sum({value(c)} - c.{name(c, 'shift')})",
-        "q": lambda c: f"sum(({value(c)} - c.{name(c, 'shift')}) ** 2)",
+        "m2": lambda c: f"var_pop({value(c)}) * count(g.{quote(c)})",
         "min": lambda c: f"min({value(c)})",
         "max": lambda c: f"max({value(c)})",
     }
     items = [("count(*)", '"tve.rows"')] + [(per_time[s](c), name(c, s)) for c, s in stats.pairs]
-    shift_from = ""
-    if stats.shifted:
-        means = [(_shift_sql(value(c)), name(c, "shift")) for c in stats.shifted]
-        shift_from = (
-            f"\n  CROSS JOIN (SELECT {_select(means, '              ')}"
-            f"\n              FROM {from_rows}) AS c"
-        )
     return _Cte(
         f"{plan.prefix}per_time_{plan.path_number(p)}",
         f"{p[2].table} rows per {p[1].table} key and time",
         f"SELECT {key_time},\n         {_select(items, '         ')}\n"
-        f"  FROM {from_rows}{shift_from}\n"
+        f"  FROM {from_rows}\n"
         f"  WHERE {where}\n"
         f"  GROUP BY 1, 2",
         once=True,
     )
 
 
-def _shift_sql(value: str) -> str:
-    """The shift of a ``std`` column's values (their sums of squares are taken about it):
-    the mean of its finite values (one NaN or infinity would make every shifted value NaN)."""
-    return f"coalesce(avg({value}) FILTER (WHERE isfinite({value})), 0)"
-
-
 def _running_agg_cte(plan: _QueryPlan, p: tuple[Hop, ...], stats: _RunningStats) -> _Cte:
     """``agg_<j>``: each first-hop row's window aggregates (``at_<j>``, by (key, time)),
     combined per (seed time, entity) into the path's plain aggregates."""
     j, hop1, name = plan.path_number(p), p[0], stats.name
-    combine = [(f"w.{_SEED_TIME}", _SEED_TIME), (f"w.{quote(hop1.via)}", _ENTITY)]
-    combine.append((stats.accumulate("rows", 'r."tve.rows"'), '"tve.rows"'))
-    combine += [(stats.accumulate(s, f"r.{name(c, s)}"), name(c, s)) for c, s in stats.pairs]
-    for c in stats.shifted:  # what is left of the sum of squares about the mean
-        d_, q, n = (f"sum(r.{name(c, s)})" for s in ("d", "q", "n"))
-        combine.append((f"{q} - {d_} * {d_} / {n}", name(c, "m2")))
+    time1 = f"w.{quote(plan.hop1_time(hop1))}"
+    keys = [(f"w.{_SEED_TIME}", _SEED_TIME), (f"w.{quote(hop1.via)}", _ENTITY)]
+    source = (
+        f"FROM {plan.window_of(hop1)} AS w\n"
+        f"  JOIN {plan.prefix}at_{j} AS r\n"
+        f'    ON r."tve.key" = w.{quote(p[1].via)} AND r."tve.time" = {time1}'
+    )
+    inner, combined = _combined_sql(stats, keys, source, f"w.{_SEED_TIME}, w.{quote(hop1.via)}")
+    inner = inner.replace("\n", "\n                ")
+    items = [(_SEED_TIME, None), (_ENTITY, None), *combined]
     final = [(_SEED_TIME, None), (_ENTITY, None)]
     final += [(_running_target(d, name), quote(d.name)) for d in stats.plain]
-    time1 = f"w.{quote(plan.hop1_time(hop1))}"
     return _Cte(
         f"{plan.prefix}agg_{j}",
-        f"aggregates of {_describe(plan.entity_table, p)}, from each first-hop row's prefix",
+        f"aggregates of {_describe(plan.entity_table, p)}, from each first-hop row's window",
         f"SELECT {_select(final, '         ')}\n"
-        f"  FROM (SELECT {_select(combine, '               ')}\n"
-        f"          FROM {plan.window_of(hop1)} AS w\n"
-        f"          JOIN {plan.prefix}at_{j} AS r\n"
-        f'            ON r."tve.key" = w.{quote(p[1].via)} AND r."tve.time" = {time1}\n'
+        f"  FROM (SELECT {_select(items, '               ')}\n"
+        f"          FROM ({inner})\n"
         f"         GROUP BY 1, 2)",
     )
 
@@ -1072,10 +1080,10 @@ def _running_target(d: TargetDef, name: Callable[[str, str], str]) -> str:
         return name(c, {"count": "n"}.get(d.aggregation, d.aggregation))
     if d.aggregation == "mean":
         return f"{name(c, 's')} / nullif({n}, 0)"
-    m2, q = name(c, "m2"), name(c, "q")
+    m2 = name(c, "m2")
     return (  # an infinity or NaN among the values: NaN, as DuckDB's stddev_samp
         f"CASE WHEN {n} < 2 THEN NULL WHEN NOT isfinite({m2}) THEN CAST('nan' AS DOUBLE)"
-        f" WHEN {m2} <= {_CANCELLATION} * {q} THEN 0.0 ELSE sqrt({m2} / ({n} - 1)) END"
+        f" ELSE sqrt(greatest({m2}, 0.0) / ({n} - 1)) END"
     )
 
 
@@ -2187,7 +2195,6 @@ def _create_lookup_tables(
     keeps under its memory limit. The sort spills to disk past the limit."""
     import pyarrow as pa
 
-    shifts = list(con.execute(spec.shift_sql).fetchall()[0]) if spec.shift_sql else []
     values = [
         _arrow_table(con.sql(f'SELECT "value" FROM {r} ORDER BY "rank"')).column(0).combine_chunks()
         for r in spec.ranks
@@ -2197,7 +2204,7 @@ def _create_lookup_tables(
     made: set[str] = set()
 
     def scan(table) -> None:
-        at, reach = _lookups_of_bucket(table, spec, shifts, sizes)
+        at, reach = _lookups_of_bucket(table, spec, sizes)
         for k, column in enumerate(values, 1):  # ranks -> values (dense ranks from 1)
             i = at.schema.get_field_index(f"tve.rank_{k}")
             at = at.set_column(i, f"tve.mode_{k}", _value_of_rank(column, at.column(i)))
@@ -2317,13 +2324,56 @@ def _window_reduce(values: np.ndarray, lo: np.ndarray, hi: np.ndarray, ufunc, id
     return out
 
 
+def _window_m2(x: np.ndarray, ok: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Of the values ``x[ok]`` in each ``[lo, hi)``, the sum of squared distances from their
+    mean, by the segment tree of :func:`_window_reduce` with (count, sum, m2) per node and
+    Chan et al.'s combination (m2 = m2a + m2b + (mean b - mean a)^2 na nb / n): no sum of
+    squares about another mean, so the window's own spread keeps its digits."""
+    count, total = ok.astype(np.float64), np.where(ok, x, 0.0)
+    level = (count, total, np.zeros(len(x)))
+
+    def combine(a, b):
+        (na, sa, ma), (nb, sb, mb) = a, b
+        n = na + nb
+        with np.errstate(invalid="ignore", divide="ignore"):
+            delta = np.where(
+                (na > 0) & (nb > 0), sb / np.maximum(nb, 1) - sa / np.maximum(na, 1), 0
+            )
+            return n, sa + sb, ma + mb + delta * delta * na * nb / np.maximum(n, 1)
+
+    out = (np.zeros(len(lo)), np.zeros(len(lo)), np.zeros(len(lo)))
+    idx = np.flatnonzero(lo < hi)
+    lo, hi = lo[idx], hi[idx]
+
+    def take(at, where):
+        part = combine(tuple(o[idx[where]] for o in out), tuple(v[at] for v in level))
+        for o, v in zip(out, part):
+            o[idx[where]] = v
+
+    while len(idx):
+        left = (lo & 1).astype(bool)
+        take(lo[left], left)
+        lo = lo + left
+        right = (hi & 1).astype(bool) & (lo < hi)
+        hi = hi - right
+        take(hi[right], right)
+        lo, hi = lo >> 1, hi >> 1
+        more = lo < hi
+        idx, lo, hi = idx[more], lo[more], hi[more]
+        if len(idx):
+            if len(level[0]) % 2:
+                level = tuple(np.append(v, 0.0) for v in level)
+            level = combine(tuple(v[0::2] for v in level), tuple(v[1::2] for v in level))
+    return out[2]
+
+
 def _window_counts(mask: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     """How many of ``mask`` are set in each ``[lo, hi)``: a difference of prefix counts."""
     prefix = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
     return prefix[hi] - prefix[lo]
 
 
-def _lookups_of_bucket(table, spec: _NativeLookups, shifts: list, sizes: list[int]):
+def _lookups_of_bucket(table, spec: _NativeLookups, sizes: list[int]):
     """The ``at`` rows and ``reach`` rows per value column of a run of whole keys (a
     "bucket"), as Arrow tables.
 
@@ -2332,7 +2382,8 @@ def _lookups_of_bucket(table, spec: _NativeLookups, shifts: list, sizes: list[in
     ``(τ - Δ2, τ]`` is the range ``[lo, hi)`` of the rows of ``F'`` in that order (``lo``
     by :func:`_window_starts`). Over each window: counts (rows, non-null values, NaN and
     infinities) are differences of prefix counts, exact; sums (of the finite values, and
-    ``std``'s sums of the values less the shift and of their squares) and min and max
+    ``std``'s ``m2``, the squared distances from the window's mean, by :func:`_window_m2`)
+    and min and max
     (of the values that are not NaN) come from :func:`_window_reduce`. Special values are
     applied as DuckDB's aggregates over the rows do: a sum is +inf / -inf when one is
     reached, NaN with both or a NaN; NaN is the max once reached and the min when every
@@ -2374,7 +2425,6 @@ def _lookups_of_bucket(table, spec: _NativeLookups, shifts: list, sizes: list[in
             zero_copy_only=False
         )
 
-    shift = dict(zip(spec.shifted, shifts))
     summed: dict[str, np.ndarray] = {}  # output name -> values to sum (before special values)
     lowest: dict[str, np.ndarray] = {}
     highest: dict[str, np.ndarray] = {}
@@ -2386,11 +2436,11 @@ def _lookups_of_bucket(table, spec: _NativeLookups, shifts: list, sizes: list[in
             at[stats["n"]] = _window_counts(valid, lo, hi)
         if "s" in stats:
             summed[stats["s"]] = np.where(valid, x, 0.0)
-        if "d" in stats or "q" in stats:
-            shifted = np.where(valid, x.astype(np.float64) - shift[i], 0.0)
-            for stat, y in (("d", shifted), ("q", shifted * shifted)):
-                if stat in stats:
-                    summed[stats[stat]] = y
+        if "m2" in stats:  # NaN when an infinity or NaN is in the window, as stddev_samp
+            finite = valid & np.isfinite(x)
+            m2 = _window_m2(np.where(finite, x, 0.0).astype(np.float64), finite, lo, hi)
+            m2[_window_counts(valid & ~finite, lo, hi) > 0] = np.nan
+            at[stats["m2"]] = m2
         if "min" in stats or "max" in stats:  # NaN as DuckDB orders it: above every value
             nan = valid & np.isnan(x)
             ok = valid & ~nan
