@@ -4,13 +4,15 @@
   error.
 - ``tve_targets``, per window, one step for three checks (the tables are read once):
   ``no_leakage`` (blocking), a sample of rows recomputed in pandas from the rows in the
-  next window ``(t, t+Δ]`` alone equals the file, and the rows are the entities that exist
-  at ``t``; ``seed_times`` (blocking), every window ends by the validation timestamp;
+  next window ``(t, t+Δ]`` alone equals the file, and the rows are the seeds at ``t``
+  (own time ``<= t``; without one, first active by ``t + Δ``); ``seed_times``
+  (blocking), every training window ends by the validation timestamp, every validation
+  window by the test timestamp;
   ``coverage`` (warning), the share of inactive rows, and no target null in every row (a
   column that real data fills only in later years does that, so it warns, not blocks).
 - ``pretrained_checkpoint``, per objective: ``finite_weights`` (blocking) and
-  ``beats_trivial_predictor``, the held-out task-vector loss below that of the mean
-  normalised task vector.
+  ``beats_trivial_predictor``, the task-vector loss on the validation windows below that
+  of the mean normalised task vector of the training windows.
 - ``metrics``, per cell: ``beats_trivial_baseline`` (warning), the model's metric better
   than a constant prediction's on val and test.
 
@@ -135,8 +137,8 @@ def _targets_checks(db: Database) -> dg.AssetChecksDefinition:
             partitions_def=windows,
             description=(
                 "A sample of each window's rows, recomputed in pandas from the rows in its next "
-                "window (t, t+Δ] alone, equals the file; the rows are the entities that exist "
-                "at t."
+                "window (t, t+Δ] alone, equals the file; the rows are the seeds at t (own time "
+                "<= t; an entity table without time: first fact row <= t + Δ)."
             ),
         ),
         "seed_times": dg.AssetCheckSpec(
@@ -147,7 +149,7 @@ def _targets_checks(db: Database) -> dg.AssetChecksDefinition:
             partitions_def=windows,
             description=(
                 "Every row is at the window's seed time t, and t + Δ is no later than the "
-                "validation timestamp."
+                "validation timestamp (a validation window's: the test timestamp)."
             ),
         ),
         "coverage": dg.AssetCheckSpec(
@@ -199,7 +201,13 @@ def _targets_checks(db: Database) -> dg.AssetChecksDefinition:
                     second_hop_window=recipe.recipe().targets.second_hop_delta(),
                 ),
                 "seed_times": quality.seed_time_verdict(
-                    folder, t, list(defs), delta, raw_tables.val_timestamp, where
+                    folder,
+                    t,
+                    list(defs),
+                    delta,
+                    raw_tables.val_timestamp,
+                    where,
+                    test_timestamp=raw_tables.test_timestamp,
                 ),
                 "coverage": quality.coverage_verdict(folder, defs, where),
             }
@@ -251,8 +259,9 @@ def _checkpoint_checks(db: Database, recipe) -> list[dg.AssetChecksDefinition]:
             "temporal_windows": dg.AssetIn(key=db.key("temporal_windows")),
         },
         description=(
-            "Held-out task-vector loss below the trivial predictor's (the mean normalised "
-            "task vector of the training seeds), both by pre-training's own loss."
+            "Task-vector loss on the validation windows below the trivial predictor's (the "
+            "mean normalised task vector of the training seeds), both by pre-training's own "
+            "loss on clean inputs."
         ),
     )
     def beats_trivial_predictor(
@@ -283,21 +292,23 @@ def _checkpoint_checks(db: Database, recipe) -> list[dg.AssetChecksDefinition]:
         }
         losses = {}
         for entity, result in pretrained_checkpoint["by_entity"].items():
+            train_files, val_files = _target_files(folders, temporal_windows, entity, db.name)
             seeds = pretraining_task_vectors(
-                _target_files(folders, temporal_windows, entity, db.name),
+                train_files,
                 dataset.manifest.tables[entity].pkey,
                 {d["name"]: d["aggregation"] for d in traversal_graph[entity]},
-                val_fraction=run_recipe.pretrain.val_fraction,
-                max_mode_categories=run_recipe.targets.max_mode_categories,
+                val=val_files,
+                mode_encoding=run_recipe.targets.mode_encoding,
+                mca_components=run_recipe.targets.mca_components,
             )
-            if objective == "tve":  # its held-out loss is the task-vector loss, recorded
+            if objective == "tve":  # its validation loss is the task-vector loss, recorded
                 model = result["best_val_loss"]
             else:  # beside an auxiliary loss: the task-vector part, recomputed
                 graph = _cached_graph(storage, raw_tables, dataset, run_recipe)
-                model = quality.model_held_out_loss(
+                model = quality.model_validation_loss(
                     graph, entity, result, seeds, run_recipe, device.torch_device()
                 )
-            losses[entity] = (model, quality.trivial_held_out_loss(seeds, run_recipe, entity))
+            losses[entity] = (model, quality.trivial_validation_loss(seeds, run_recipe, entity))
         return _result(quality.pretraining_verdict(losses, where), severity=WARN)  # not blocking
 
     return [finite_weights, beats_trivial_predictor]

@@ -23,7 +23,7 @@ import dagster as dg
 import pandas as pd
 import yaml
 
-from assets.database_assets import training_windows
+from assets.database_assets import pretraining_windows
 from assets.definitions import (
     ASSET_NAMES,
     build_definitions,
@@ -140,7 +140,7 @@ def register_dataset(
     registered_databases(run_dir / "datasets")  # an asset-prefix clash fails here
     profile = set_profile(run_dir, profile)
     recipe = build_resources(run_dir)["recipe"].recipe()
-    windows = training_windows(summarise_database(target), recipe)
+    windows = pretraining_windows(summarise_database(target), recipe)
     added = register_windows(instance, name, windows)
     return {
         "name": name,

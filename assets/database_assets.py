@@ -1,6 +1,7 @@
 """Database-level assets of one database: validated tables, its seed schedule, its traversal
 graph."""
 
+import hashlib
 import json
 
 import dagster as dg
@@ -14,14 +15,21 @@ from tve_pipeline.config import recipe_version
 from tve_pipeline.database import (
     num_eval_timestamps,
     open_dataset,
+    table_files,
     task_entity_tables,
     task_timedelta,
 )
 from tve_pipeline.schema import DatabaseError
 from tve_pipeline.schema_diagram import er_diagram
 from tve_pipeline.summary import summarise_database
-from tve_pipeline.targets import targets_sql
-from tve_pipeline.traversal import TargetDef, build_traversal_graph
+from tve_pipeline.target_selection import (
+    TargetSelection,
+    check_picked_entities,
+    select_targets,
+    traversal_targets,
+)
+from tve_pipeline.targets import TargetQuery, targets_sql
+from tve_pipeline.traversal import TargetDef
 from tve_pipeline.windows import seed_schedule as database_seed_schedule
 from tve_pipeline.windows import window_key
 
@@ -35,23 +43,58 @@ def database_timedelta(summary, recipe) -> pd.Timedelta:
     return task_timedelta(open_dataset(summary.dataset_dir))
 
 
+#: The splits whose seed times are windows of tve_targets: pre-training trains on the
+#: training windows and chooses its checkpoint on the validation ones (the reference's
+#: val split of task vectors, src/helpers/task_vector_generation_helper.py:240-254). All
+#: the tasks' validation seed times, not only the first: the reference's notebooks take one
+#: (num_eval_timestamps = 1, its databases' tasks too), but rel-f1's tasks have 40, and its
+#: first window (2005-01-01, 2005-01-31] holds no race: every driver inactive.
+WINDOW_SPLITS = ("train", "val")
+
+
 def seed_schedule(summary, recipe) -> pd.DataFrame:
-    """Every seed time of the database with its split (RelBench's layout) and its window key."""
+    """Every seed time of the database with its split (RelBench's layout) and its window key
+    (training and validation seed times; test seed times have none)."""
     dataset = open_dataset(summary.dataset_dir)
     schedule = database_seed_schedule(
         summary, database_timedelta(summary, recipe), num_eval_timestamps(dataset)
     )
     schedule["window"] = [
-        window_key(t) if s == "train" else None
+        window_key(t) if s in WINDOW_SPLITS else None
         for t, s in zip(schedule["timestamp"], schedule["split"])
     ]
     return schedule
 
 
-def training_windows(summary, recipe) -> list[str]:
-    """The window keys of a database: one per training seed time, oldest first."""
+def pretraining_windows(summary, recipe) -> list[str]:
+    """The window keys of a database, oldest first: one per training seed time, then one
+    per validation seed time."""
     schedule = seed_schedule(summary, recipe)
-    return list(schedule.loc[schedule["split"] == "train", "window"])
+    return list(schedule["window"].dropna())
+
+
+def pruned_targets(summary, schedule, defs, entity: str, recipe) -> TargetSelection:
+    """``defs`` less the targets null or constant on every active row of the training seed
+    times of ``schedule`` (temporal_windows), computed by the targets engine."""
+    dataset = open_dataset(summary.dataset_dir)
+    training = schedule.loc[schedule["split"] == "train", "timestamp"]
+    chosen = select_targets(
+        TargetQuery(
+            table_files(dataset),
+            dataset.manifest.tables,
+            defs,
+            entity,
+            list(training),
+            database_timedelta(summary, recipe),
+            memory_limit=recipe.targets.memory_limit,
+        )
+    )
+    if defs and not chosen.kept:
+        raise ValueError(
+            f"entity table {entity!r}: every one of its {len(defs)} targets is null or constant "
+            f"on the active rows of the {len(training)} training seed times"
+        )
+    return chosen
 
 
 def raw_tables_metadata(summary) -> dict:
@@ -121,8 +164,17 @@ def sql_markdown(sql: dict[str, str], note: str) -> str:
     return "\n\n".join([note, *blocks])
 
 
-def traversal_graph_metadata(graph: dict, sql: dict[str, str], recipe) -> dict:
-    """The targets: counted, listed (entity, name, path, column, aggregation), and as SQL."""
+def traversal_graph_metadata(
+    graph: dict,
+    sql: dict[str, str],
+    recipe,
+    left_out: dict | None = None,
+    seconds: dict | None = None,
+) -> dict:
+    """The targets: counted, listed (entity, name, path, column, aggregation), and as SQL;
+    the ones left out (null or constant on the active training rows) with the reason."""
+    left_out, seconds = left_out or {}, seconds or {}
+    dropped = [{"entity": e, **row} for e, rows in left_out.items() for row in rows]
     listed = [
         {
             "entity": entity,
@@ -143,6 +195,8 @@ def traversal_graph_metadata(graph: dict, sql: dict[str, str], recipe) -> dict:
             "entity": entity,
             "targets": len(defs),
             "paths": len({tuple(tuple(sorted(h.items())) for h in d["path"]) for d in defs}),
+            "left_out": len(left_out.get(entity, ())),
+            "profile_seconds": round(seconds.get(entity, 0.0), 2),
         }
         for entity, defs in graph.items()
     ]
@@ -150,7 +204,27 @@ def traversal_graph_metadata(graph: dict, sql: dict[str, str], recipe) -> dict:
         "targets": len(listed),
         "entity_tables": len(graph),
         "hops": recipe.targets.hops,
-        "by_entity": table(by_entity, {"entity": "string", "targets": "int", "paths": "int"}),
+        "left_out": len(dropped),
+        "by_entity": table(
+            by_entity,
+            {
+                "entity": "string",
+                "targets": "int",
+                "paths": "int",
+                "left_out": "int",
+                "profile_seconds": "float",
+            },
+            {
+                "left_out": "targets null or constant on every active training row",
+                "profile_seconds": "computing the targets over the training seed times to "
+                "find them",
+            },
+        ),
+        "left_out_targets": table(
+            dropped,
+            {"entity": "string", "target": "string", "aggregation": "string", "reason": "string"},
+            {"reason": "over the active rows (inactive = 0) of every training seed time"},
+        ),
         "target_list": table(
             listed,
             {
@@ -210,8 +284,8 @@ def build_database_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
     def temporal_windows(
         context: dg.AssetExecutionContext, raw_tables, recipe: RecipeResource
     ) -> dg.Output:
-        """Every seed time of the database with its split; each training seed time is one
-        window partition of tve_targets (registered here if the data grew)."""
+        """Every seed time of the database with its split; each training or validation seed
+        time is one window partition of tve_targets (registered here if the data grew)."""
         run_recipe = recipe.recipe()
         try:
             schedule = seed_schedule(raw_tables, run_recipe)
@@ -234,14 +308,19 @@ def build_database_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
 
     @dg.asset(
         key=db.key("traversal_graph"),
-        ins={"raw_tables": dg.AssetIn(key=db.key("raw_tables"))},
+        ins={
+            "raw_tables": dg.AssetIn(key=db.key("raw_tables")),
+            "temporal_windows": dg.AssetIn(key=db.key("temporal_windows")),
+        },
         group_name=db.group,
         code_version=targets_version,
     )
     def traversal_graph(
-        context: dg.AssetExecutionContext, raw_tables, recipe: RecipeResource
+        context: dg.AssetExecutionContext, raw_tables, temporal_windows, recipe: RecipeResource
     ) -> dg.Output:
-        """Target definitions per entity table: schema paths x usable columns x aggregations."""
+        """Target definitions per entity table: schema paths x usable columns x aggregations
+        (or the recipe's hand-picked set), less those null or constant on every active
+        training row (found by running the targets over the training seed times)."""
         run_recipe = recipe.recipe()
         dataset = open_dataset(raw_tables.dataset_dir)
         entities = task_entity_tables(dataset)
@@ -249,16 +328,24 @@ def build_database_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
             raise failure(
                 f"database {db.name!r} has no entity task, so no entity table to pre-train on"
             )
-        graph = {}
+        graph, left_out, seconds = {}, {}, {}
         try:
+            check_picked_entities(run_recipe.targets.select or {}, entities)
             for entity in entities:
-                defs = build_traversal_graph(
-                    dataset.manifest.tables,
-                    raw_tables.column_types,
-                    entity,
-                    hops=run_recipe.targets.hops,
-                    fact_key_fact=run_recipe.targets.fact_key_fact,
+                defs = traversal_targets(
+                    dataset.manifest.tables, raw_tables.column_types, entity, run_recipe.targets
                 )
+                if run_recipe.targets.prune:
+                    chosen = pruned_targets(raw_tables, temporal_windows, defs, entity, run_recipe)
+                    defs, left_out[entity], seconds[entity] = (
+                        chosen.kept,
+                        chosen.left_out,
+                        chosen.seconds,
+                    )
+                    context.log.info(
+                        f"traversal_graph {db.name} {entity}: {len(defs)} targets kept, "
+                        f"{len(chosen.left_out)} left out ({chosen.seconds:.1f}s)"
+                    )
                 graph[entity] = [d.to_dict() for d in defs]
         except ValueError as exc:
             raise failure(exc) from exc
@@ -272,6 +359,13 @@ def build_database_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
             }
         except ValueError as exc:
             sql = {entity: f"-- no SQL: {str(exc).splitlines()[0]}" for entity in graph}
-        return dg.Output(graph, metadata=traversal_graph_metadata(graph, sql, run_recipe))
+        # The graph now depends on the data (what is pruned): its data version is its content,
+        # so that new rows that prune the same targets leave every window's targets fresh.
+        content = hashlib.sha256(json.dumps(graph, sort_keys=True).encode()).hexdigest()[:16]
+        return dg.Output(
+            graph,
+            data_version=dg.DataVersion(content),
+            metadata=traversal_graph_metadata(graph, sql, run_recipe, left_out, seconds),
+        )
 
     return [raw_tables, temporal_windows, traversal_graph]

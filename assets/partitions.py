@@ -7,9 +7,10 @@ dimension, tasks a database does not have). So each registered database gets its
 seven assets under its own key prefix and asset group (``rel_flights/tve_targets``), and:
 
 - its **windows** are a dynamic partitions definition of its own
-  (``"<database>.windows"``), one key per *training seed time* ``t`` (the window is the
-  next window ``(t, t+Δ]`` whose rows make the task vectors at ``t``), registered from the
-  database's seed schedule when it is registered and extended when the data grows;
+  (``"<database>.windows"``), one key per *training or validation seed time* ``t`` (the
+  window is the next window ``(t, t+Δ]`` whose rows make the task vectors at ``t``),
+  registered from the database's seed schedule when it is registered and extended when
+  the data grows;
 - its **experiment cells** (task x method x label fraction x seed, for exactly the tasks
   in its folder) and its pre-training objectives are static partitions definitions
   derived from the recipe (below).

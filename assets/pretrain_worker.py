@@ -75,7 +75,8 @@ def run(spec: dict, world: distributed.World, device: torch.device, report) -> d
         entity = part["entity"]
         report.log.info(
             f"rank 0 of {world.size}: pre-training {spec['objective']} on {entity}, "
-            f"{len(part['files'])} windows, {len(part['aggregations'])} targets, {device}"
+            f"{len(part['files'])} training and {len(part.get('val_files', []))} validation "
+            f"windows, {len(part['aggregations'])} targets, {device}"
         )
         t0 = time.perf_counter()
 
@@ -93,6 +94,7 @@ def run(spec: dict, world: distributed.World, device: torch.device, report) -> d
             recipe,
             device,
             log=log,
+            val_targets=[Path(f) for f in part.get("val_files", [])],
             objective=spec["objective"],
             checkpoint=training.Checkpointer(
                 part["checkpoint"], recipe.checkpoint_every, key=spec["checkpoint_key"]

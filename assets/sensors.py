@@ -18,7 +18,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from assets.database_assets import training_windows
+from assets.database_assets import pretraining_windows
 from assets.failures import one_line
 from assets.partitions import contiguous_ranges, window_partitions, windows_name
 from assets.registry import Database, dataset_folders, folder_signature
@@ -105,7 +105,7 @@ def evaluate_growth(
         cursor[name] = signature
         try:
             summary = summarise_database(folder)
-            windows = training_windows(summary, recipe)
+            windows = pretraining_windows(summary, recipe)
         except (
             ValueError
         ) as exc:  # a folder being edited or broken: say so, try again when it changes

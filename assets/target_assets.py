@@ -1,10 +1,12 @@
 """TVE targets: the raw next-window task vectors of one database, one partition per window.
 
-A window partition is a training seed time ``t``; its value is one parquet file per entity
+A window partition is a training or val seed time ``t``; its value is one parquet file per entity
 table (``targets/<database>/<window>/<entity>.parquet``). A backfill of many windows runs
 as one run (``BackfillPolicy.single_run``): the tables are loaded once and one streamed
 query computes every window's rows, each window written to its own file atomically
-(``write_targets_by_seed_time``), not a process start or a query per window. Downstream
+(``write_targets_by_seed_time``), not a process start or a query per window; each
+window's materialisation still carries that window's own counts (seeds, active share),
+so the asset's plots are a trend over windows. Downstream
 assets receive the files through the :class:`TaskVectorFiles` IO manager, so Dagster knows
 which windows a checkpoint read.
 """
@@ -56,10 +58,51 @@ class TaskVectorFiles(dg.ConfigurableIOManager):
         return {w: self.folder(database, w) for w in context.asset_partition_keys}
 
 
+def window_metadata(graph: dict, stats: dict) -> dict:
+    """One window's own numbers (``stats``: entity -> ``{"rows", "inactive"}`` of that
+    window), added to that partition's materialisation alone: its seeds (one row each:
+    own time ``<= t``, or first fact row ``<= t + Δ``, as the reference's "universal"
+    table), the active share, per entity table in ``by_entity``."""
+    rows = sum(s["rows"] for s in stats.values())
+    inactive = sum(s["inactive"] for s in stats.values())
+
+    def share(active: int, total: int) -> float:
+        return active / total if total else 0.0
+
+    return {
+        "rows": rows,
+        "dagster/row_count": rows,
+        "inactive_rate": share(inactive, rows),
+        "active_share": share(rows - inactive, rows),
+        "by_entity": table(
+            [
+                {
+                    "entity": e,
+                    "targets": len(graph[e]),
+                    "seeds": s["rows"],
+                    "active": s["rows"] - s["inactive"],
+                    "active_share": share(s["rows"] - s["inactive"], s["rows"]),
+                }
+                for e, s in stats.items()
+            ],
+            {
+                "entity": "string",
+                "targets": "int",
+                "seeds": "int",
+                "active": "int",
+                "active_share": "float",
+            },
+            {
+                "seeds": "(entity, seed time) rows: own time <= t, or (a table without time) "
+                "first row in a first-hop fact table <= t + Δ",
+                "active": "seeds with a next-window row on some path (inactive = 0)",
+            },
+        ),
+    }
+
+
 def tve_targets_metadata(
     graph: dict,
-    rows: dict,
-    inactive: dict,
     scripts: dict,
     files: dict,
     *,
@@ -67,9 +110,9 @@ def tve_targets_metadata(
     timedelta,
     folder: Path,
 ) -> dict:
-    """Counts under fixed keys, per entity table in ``by_entity``, every target with what
-    its values look like (``target_values``), and the DuckDB script of this run."""
-    total, total_inactive = sum(rows.values()), sum(inactive.values())
+    """What a run's windows share, under fixed keys: every target with what its values
+    look like over the run's windows (``target_values``) and the DuckDB script of this
+    run; each window's own counts are :func:`window_metadata`'s."""
     values = [
         {"entity": entity, "aggregation": d["aggregation"], **summary}
         for entity, defs in graph.items()
@@ -80,22 +123,7 @@ def tve_targets_metadata(
         "num_windows": len(windows),
         "first_window": windows[0],
         "last_window": windows[-1],
-        "rows": total,
-        "dagster/row_count": total,
-        "inactive_rate": total_inactive / total if total else 0.0,
         "targets": sum(len(d) for d in graph.values()),
-        "by_entity": table(
-            [
-                {
-                    "entity": e,
-                    "targets": len(graph[e]),
-                    "rows": rows[e],
-                    "inactive_rate": inactive[e] / rows[e] if rows[e] else 0.0,
-                }
-                for e in rows
-            ],
-            {"entity": "string", "targets": "int", "rows": "int", "inactive_rate": "float"},
-        ),
         "target_values": table(
             values,
             {
@@ -148,16 +176,17 @@ def build_target_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
         recipe: RecipeResource,
         storage: TVEStorage,
     ) -> dg.Output:
-        """Raw task vectors per entity table at each window's training seed time: the
-        next-window set aggregations of every traversal path (DuckDB), plus ``inactive``."""
+        """Raw task vectors per entity table at each window's seed time: the next-window
+        set aggregations of every traversal path (DuckDB), plus ``inactive``."""
         r = recipe.recipe()
         windows = sorted(context.partition_keys)
-        training = set(temporal_windows["window"].dropna())
-        gone = [w for w in windows if w not in training]
+        scheduled = set(temporal_windows["window"].dropna())
+        gone = [w for w in windows if w not in scheduled]
         if gone:
             raise failure(
-                f"window {gone[0]} is not a training seed time of {db.name!r} any more "
-                "(its seed schedule changed): materialise temporal_windows and the new windows"
+                f"window {gone[0]} is not a training or validation seed time of {db.name!r} "
+                "any more (its seed schedule changed): materialise temporal_windows and the "
+                "new windows"
             )
         delta = database_timedelta(raw_tables, r)
         dataset = open_dataset(raw_tables.dataset_dir)
@@ -165,8 +194,7 @@ def build_target_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
             tables = table_files(dataset)
         except ValueError as exc:
             raise failure(exc) from exc
-        rows = {entity: 0 for entity in traversal_graph}
-        inactive = {entity: 0 for entity in traversal_graph}
+        stats = {}  # window -> entity -> {"rows", "inactive"}
         scripts = {}
         seed_times = {window_seed_time(w): w for w in windows}
         for entity, defs in traversal_graph.items():
@@ -181,25 +209,32 @@ def build_target_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
                     memory_limit=r.targets.memory_limit,
                     second_hop_window=r.targets.second_hop_delta(),
                 )
-                stats = write_targets_by_seed_time(
+                by_time = write_targets_by_seed_time(
                     query, lambda t, e=entity: storage.targets_file(db.name, seed_times[t], e)
                 )
                 scripts[entity] = targets_script(query)
             except ValueError as exc:
                 raise failure(exc) from exc
-            rows[entity] = sum(v["rows"] for v in stats.values())
-            inactive[entity] = sum(v["inactive"] for v in stats.values())
+            for t, counts in by_time.items():
+                stats.setdefault(seed_times[t], {})[entity] = counts
+            rows = sum(v["rows"] for v in by_time.values())
+            active = rows - sum(v["inactive"] for v in by_time.values())
             context.log.info(
-                f"tve_targets {db.name} {entity}: {len(windows)} windows, {rows[entity]} rows"
+                f"tve_targets {db.name} {entity}: {len(windows)} windows, {rows} seed rows,"
+                f" {active / rows if rows else 0.0:.1%} active"
             )
+        # A backfill is one run: each window's materialisation carries its own counts
+        for w in windows:
+            context.add_asset_metadata(
+                window_metadata(traversal_graph, stats.get(w, {})), partition_key=w
+            )
+        entities = list(traversal_graph)
         return dg.Output(
             {w: str(storage.targets_file(db.name, w, "x").parent) for w in windows},
             metadata=tve_targets_metadata(
                 traversal_graph,
-                rows,
-                inactive,
                 scripts,
-                {e: [storage.targets_file(db.name, w, e) for w in windows] for e in rows},
+                {e: [storage.targets_file(db.name, w, e) for w in windows] for e in entities},
                 windows=windows,
                 timedelta=delta,
                 folder=storage.targets_file(db.name, windows[0], "x").parent.parent,

@@ -58,9 +58,12 @@ def _cached_graph(storage: TVEStorage, summary, dataset, recipe):
 
 def _target_files(
     tve_targets: dict, temporal_windows: pd.DataFrame, entity: str, database: str
-) -> list:
-    """The task-vector files of one entity table: one per training window of the schedule."""
-    windows = list(temporal_windows["window"].dropna())
+) -> tuple[list, list]:
+    """The task-vector files of one entity table, one per window of the schedule: the
+    training windows' (pre-training's seeds) and the validation windows' (its checkpoint's
+    choice)."""
+    scheduled = temporal_windows.dropna(subset=["window"])
+    windows, splits = list(scheduled["window"]), list(scheduled["split"])
     files = [tve_targets.get(w, Path("/nonexistent")) / f"{entity}.parquet" for w in windows]
     missing = [w for w, f in zip(windows, files) if not f.exists()]
     if missing:
@@ -70,11 +73,12 @@ def _target_files(
             f"run `tve run {database}` "
             "or backfill its tve_targets in the UI"
         )
-    if not files:
+    train = [f for f, s in zip(files, splits) if s == "train"]
+    if not train:
         raise failure(
             f"database {database!r} has no training seed time, so no task vectors to pre-train on"
         )
-    return files
+    return train, [f for f, s in zip(files, splits) if s == "val"]
 
 
 def _pretrain_one(
@@ -91,10 +95,15 @@ def _pretrain_one(
     device,
 ) -> dict:
     """One objective on one entity table, streamed from the task-vector files of its windows
-    (active rows only, float32: a few hundred MB where the dense frame took 20 GB)."""
+    (active rows only, float32: a few hundred MB where the dense frame took 20 GB);
+    ``files``: (training windows' files, validation windows' files)."""
+    train_files, val_files = files
     context.log.info(
-        f"pre-training {objective} on {entity}: {len(files)} windows, {len(defs)} targets"
+        f"pre-training {objective} on {entity}: {len(train_files)} training and "
+        f"{len(val_files)} validation windows, {len(defs)} targets"
     )
+    if not val_files:  # a schedule whose validation window would pass the test timestamp
+        context.log.warning(f"{entity}: no validation window, so the last epoch is kept")
     data, col_stats = graph
     try:
         return training.pretrain(
@@ -102,10 +111,11 @@ def _pretrain_one(
             col_stats,
             entity,
             entity_col,
-            files,
+            train_files,
             {d["name"]: d["aggregation"] for d in defs},
             recipe,
             device.torch_device(),
+            val_targets=val_files,
             objective=objective,
             checkpoint=checkpoint,
             log=lambda m, step: run.log_metrics({f"{entity}.{k}": v for k, v in m.items()}, step),
@@ -165,7 +175,8 @@ def _pretrain_with_torchrun(
                     "entity": entity,
                     "entity_col": tables[entity].pkey,
                     "aggregations": {d["name"]: d["aggregation"] for d in defs},
-                    "files": [str(f) for f in files[entity]],
+                    "files": [str(f) for f in files[entity][0]],
+                    "val_files": [str(f) for f in files[entity][1]],
                     "checkpoint": str(checkpoint_file(entity)),
                 }
                 for entity, defs in traversal_graph.items()
@@ -202,7 +213,7 @@ def _pretrain_with_torchrun(
     return dg.Output(
         checkpoint,
         metadata={
-            "num_windows": len(next(iter(files.values()))),
+            "num_windows": sum(map(len, next(iter(files.values())))),
             **checkpoint_metadata(objective, checkpoint["by_entity"], traversal_graph),
             **reported,
             **mlflow_metadata(run),
@@ -332,7 +343,7 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
         return dg.Output(
             checkpoint,
             metadata={
-                "num_windows": len(next(iter(files.values()))),
+                "num_windows": sum(map(len, next(iter(files.values())))),
                 **checkpoint_metadata(objective, checkpoint["by_entity"], traversal_graph),
                 **mlflow_metadata(run),
             },

@@ -24,7 +24,7 @@ max RSS) and its wall time without interpreter start and imports (every child im
 
 - ``concat`` (the baseline; what ``pretrained_checkpoint`` + ``training.pretrain`` did
   before): ``pd.read_parquet`` of every window (the list kept alive, as the asset kept
-  it), ``pd.concat``, stable sort by timestamp, ``split_pretrain_seeds``, the dense
+  it), ``pd.concat``, stable sort by timestamp, the latest seed time apart, the dense
   ``TaskVectorNormaliser.fit`` / ``transform`` of train and val, ``seed_tensors``. Run
   under an address-space limit (``RLIMIT_AS``, ``--baseline-cap-gb``) so that it cannot
   take the machine down; above it, it stops with MemoryError and the figure printed is
@@ -34,8 +34,9 @@ max RSS) and its wall time without interpreter start and imports (every child im
   same seeds, split and vectors; ``--repeat`` runs, median).
 - ``pretrain``: what the asset runs now: the graph (``graph.graph_for``) and
   ``training.pretrain`` on the window files, recipe ``test`` (channels 16, fan-out 8, 4)
-  with one epoch of ``--steps`` steps of 512 seeds and one held-out seed time
-  (``val_fraction`` 0.02: 21k held-out seeds, one validation pass), objective ``tve``.
+  with one epoch of ``--steps`` steps of 512 seeds and one validation seed time (the
+  latest window stands in for it: 21k validation seeds, one validation pass), objective
+  ``tve``.
 
 Prints each peak RSS and wall time and the ratios against the baseline; target: pretrain
 within 3 GB. On shared cores, compare times from the same run only.
@@ -171,7 +172,6 @@ def child_concat(files: list[str], aggregations: dict, cap_gb: float) -> dict:
     from tve_pipeline import training  # noqa: F401  (every child imports it: same base RSS)
     from tve_pipeline.graph import seed_tensors
     from tve_pipeline.normalise import TaskVectorNormaliser
-    from tve_pipeline.task_vectors import split_pretrain_seeds
 
     cap = int(cap_gb * 2**30)
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
@@ -184,7 +184,8 @@ def child_concat(files: list[str], aggregations: dict, cap_gb: float) -> dict:
             .sort_values("timestamp", kind="stable")
             .reset_index(drop=True)
         )
-        train_raw, val_raw = split_pretrain_seeds(raw, 0.02)
+        is_val = raw["timestamp"] == raw["timestamp"].max()  # the validation window
+        train_raw, val_raw = raw[~is_val], raw[is_val]
         normaliser = TaskVectorNormaliser.fit(train_raw, aggregations)
         y_train, y_val = normaliser.transform(train_raw), normaliser.transform(val_raw)
         seed_tensors(train_raw["customer_id"], train_raw["timestamp"])
@@ -211,7 +212,7 @@ def child_compact(files: list[str], aggregations: dict) -> dict:
     from tve_pipeline.task_vectors import pretraining_task_vectors
 
     start = time.perf_counter()
-    seeds = pretraining_task_vectors(files, "customer_id", aggregations, val_fraction=0.02)
+    seeds = pretraining_task_vectors(files[:-1], "customer_id", aggregations, val=files[-1:])
     return {
         "wall_s": time.perf_counter() - start,
         "rows": len(seeds.train) + len(seeds.val),
@@ -239,7 +240,6 @@ def child_pretrain(files: list[str], aggregations: dict, db: str, steps: int) ->
                 "epochs": 1,
                 "steps_per_epoch": steps,
                 "batch_size": 512,
-                "val_fraction": 0.02,
             }
         },
     )
@@ -250,10 +250,11 @@ def child_pretrain(files: list[str], aggregations: dict, db: str, steps: int) ->
         col_stats,
         "customers",
         "customer_id",
-        files,
+        files[:-1],
         aggregations,
         recipe,
         torch.device("cpu"),
+        val_targets=files[-1:],
         objective="tve",
     )
     return {

@@ -127,6 +127,11 @@ def main() -> None:
                 delta,
             )
         )
+        val_raw = compute_targets(  # the validation window: the checkpoint is chosen on it
+            TargetQuery(
+                tables, ds.manifest.tables, defs, "drivers", [pd.Timestamp(ds.val_timestamp)], delta
+            )
+        )
         print(
             f"targets: {len(raw)} rows x {len(defs)} targets in {time.perf_counter() - t0:.1f}s",
             flush=True,
@@ -141,6 +146,7 @@ def main() -> None:
             {d.name: d.aggregation for d in defs},
             recipe,
             device,
+            val_targets=val_raw,
             objective="tve",
         )
         backbone = pre["backbone"]

@@ -66,8 +66,12 @@ def _evaluations(instance) -> dict:
     return out
 
 
-def _windows(run) -> list[str]:
-    return list(load_asset(run, "temporal_windows")["window"].dropna())
+def _windows(run, split: str | None = None) -> list[str]:
+    """The window keys of the run (training and validation), or those of one split."""
+    schedule = load_asset(run, "temporal_windows").dropna(subset=["window"])
+    return list(
+        schedule["window"] if split is None else schedule.loc[schedule["split"] == split, "window"]
+    )
 
 
 def _defs(run) -> dict[str, list[TargetDef]]:
@@ -161,11 +165,43 @@ def test_recomputation_matches_the_brute_force(db, entity, second):
     pkey = schema[entity].pkey
     for t in sorted(set(timestamps)):
         rows = want[want["timestamp"] == t]
-        assert list(existing_entities(frames, schema, entity, t)) == rows[pkey].tolist()
+        seeds = existing_entities(frames, schema, entity, t, defs=defs, delta=SHOP_DELTA)
+        assert list(seeds) == rows[pkey].tolist()
         got = recompute_task_vectors(
             frames, schema, defs, entity, rows[pkey], t, SHOP_DELTA, second_hop_window=second
         )
         assert compare_task_vectors(rows, got, defs) == []
+
+
+def test_no_leakage_holds_the_files_to_the_references_seeds(tmp_path):
+    """The check's seeds on the hand-computed database of test_targets.py (users without a
+    time column): the engine's files pass; a file with every user at every seed time (the
+    old rows: users first active after t + Δ, or never) fails, naming them."""
+    from tests.test_targets import _seeds_db
+    from tve_pipeline.targets import TargetQuery, compute_targets, write_targets_by_seed_time
+
+    frames, schema, defs, ts, delta = _seeds_db()
+    query = TargetQuery(frames, schema, defs, "users", ts, delta)
+    write_targets_by_seed_time(query, lambda t: tmp_path / str(t.day) / "users.parquet")
+    for t in ts:
+        verdict = quality.leakage_verdict(
+            tmp_path / str(t.day), t, frames, schema, {"users": defs}, delta, "w"
+        )
+        assert verdict.passed, verdict.description
+    t = ts[0]  # seeds 0, 1, 6, 7
+    every = compute_targets(query)
+    every = every[every["timestamp"] == t].set_index("user_id").reindex(range(8))
+    every = every.fillna({"timestamp": t, "inactive": 1, "reviews__count": 0, "visits__count": 0})
+    (tmp_path / "all").mkdir()
+    every.reset_index().astype(
+        {"inactive": "int64", "reviews__count": "int64", "visits__count": "int64"}
+    ).to_parquet(tmp_path / "all" / "users.parquet")
+    verdict = quality.leakage_verdict(
+        tmp_path / "all", t, frames, schema, {"users": defs}, delta, "w"
+    )
+    assert not verdict.passed
+    assert "users: 8 rows where 4 entities are seeds at" in verdict.description
+    assert "; not seeds: user_id 2, 3, 4 and 1 more" in verdict.description
 
 
 def test_recomputation_leaves_out_what_would_join_too_many_rows():
@@ -248,7 +284,7 @@ def test_no_leakage_fails_on_a_corrupt_value_and_on_rows_past_the_window(pipelin
 def test_seed_time_check_fails_past_validation(pipeline_run, tmp_path):
     run = pipeline_run
     val = pd.Timestamp(load_asset(run, "raw_tables").val_timestamp)
-    window = _windows(run)[-1]  # its window ends exactly at the validation timestamp
+    window = _windows(run, "train")[-1]  # its window ends exactly at the validation timestamp
     folder = _window_copy(run, tmp_path, window)
     t = window_seed_time(window)
     ok = quality.seed_time_verdict(folder, t, ["customers"], DELTA, val, f"tiny {window}")
@@ -267,6 +303,34 @@ def test_seed_time_check_fails_past_validation(pipeline_run, tmp_path):
     assert not verdict.passed and f"{len(frame)} of {len(frame)} rows at seed times other" in (
         verdict.description
     )
+
+
+def test_seed_time_check_bounds_a_validation_window_by_the_test_timestamp(pipeline_run, tmp_path):
+    """The validation window (seed time = the validation timestamp) passes when its window
+    ends by the test timestamp, and fails, naming the test timestamp, when it does not."""
+    run = pipeline_run
+    summary = load_asset(run, "raw_tables")
+    val, test = pd.Timestamp(summary.val_timestamp), pd.Timestamp(summary.test_timestamp)
+    (window,) = _windows(run, "val")
+    assert window_seed_time(window) == val
+    folder = _window_copy(run, tmp_path, window)
+    where = f"tiny {window}"
+    ok = quality.seed_time_verdict(folder, val, ["customers"], DELTA, val, where, test)
+    assert ok.passed and f"ends by the test timestamp {test}" in ok.description
+    assert ok.metadata["split"] == "val"
+    # without the test timestamp it would be judged as a training window: past validation
+    assert not quality.seed_time_verdict(folder, val, ["customers"], DELTA, val, where).passed
+    # a validation seed time whose window ends past the test timestamp
+    late = test - DELTA + pd.Timedelta(days=1)
+    frame = pd.read_parquet(folder / "customers.parquet")
+    frame["timestamp"] = late
+    frame.to_parquet(folder / "customers.parquet")
+    verdict = quality.seed_time_verdict(folder, late, ["customers"], DELTA, val, where, test)
+    assert not verdict.passed
+    assert f"is past the test timestamp {test} by 1 days" in verdict.description
+    # the recorded check of the run's validation window passed
+    recorded = _evaluations(run["instance"])[("tve_targets", "seed_times", window)]
+    assert recorded.passed and "validation window" in recorded.description
 
 
 def test_coverage_reports_the_inactive_share_and_fails_on_an_all_null_target(
@@ -334,23 +398,28 @@ def _sce_by_hand(y: np.ndarray, prediction: np.ndarray, w: float, alpha: float) 
 
 def test_pretraining_check_against_a_loss_by_hand(pipeline_run):
     """The recorded check's trivial loss is NumPy's scaled cosine error of the mean training
-    vector (batch by batch, as pre-training averages its held-out loss); the model's is the
-    checkpoint's held-out loss, and recomputing it from the stored weights gives it back.
+    vector over the validation window (batch by batch, as pre-training averages its
+    validation loss); the model's is the checkpoint's validation loss, and recomputing it
+    from the stored weights (clean inputs) gives it back.
     The tiny test-profile model (2 epochs) is worse than the constant: the check says so."""
     run = pipeline_run
     recipe = run["resources"]["recipe"].recipe()
     cfg = recipe.pretrain
     checkpoint = load_asset(run, "pretrained_checkpoint", "tve")
     result = checkpoint["by_entity"]["customers"]
-    files = [run["run_dir"] / "targets" / "tiny" / w / "customers.parquet" for w in _windows(run)]
+    folder = run["run_dir"] / "targets" / "tiny"
+    files = [folder / w / "customers.parquet" for w in _windows(run, "train")]
+    val_files = [folder / w / "customers.parquet" for w in _windows(run, "val")]
     graph = load_asset(run, "traversal_graph")
     seeds = pretraining_task_vectors(
         files,
         "customer_id",
         {d["name"]: d["aggregation"] for d in graph["customers"]},
-        val_fraction=cfg.val_fraction,
-        max_mode_categories=recipe.targets.max_mode_categories,
+        val=val_files,
+        mode_encoding=recipe.targets.mode_encoding,
+        mca_components=recipe.targets.mca_components,
     )
+    assert len(seeds.val) == len(pd.read_parquet(val_files[0])) > 0
     mean = seeds.train.task_vectors(np.arange(len(seeds.train))).numpy().mean(0)
     val = seeds.val.task_vectors(np.arange(len(seeds.val))).numpy()
     batches = [val[i : i + cfg.batch_size] for i in range(0, len(val), cfg.batch_size)]
@@ -366,7 +435,7 @@ def test_pretraining_check_against_a_loss_by_hand(pipeline_run):
     assert model == pytest.approx(result["best_val_loss"], rel=1e-9)
     assert evaluation.passed == (model < trivial)
     if not evaluation.passed:
-        assert f"customers: held-out task-vector loss {model:.6g} is not below" in (
+        assert f"customers: validation task-vector loss {model:.6g} is not below" in (
             evaluation.description
         )
         assert f"by {model - trivial:.6g}" in evaluation.description
@@ -374,7 +443,7 @@ def test_pretraining_check_against_a_loss_by_hand(pipeline_run):
     dataset = open_dataset(run["dataset_dir"])
     raw_tables = load_asset(run, "raw_tables")
     cached = _cached_graph(run["resources"]["storage"], raw_tables, dataset, recipe)
-    again = quality.model_held_out_loss(
+    again = quality.model_validation_loss(
         cached, "customers", result, seeds, recipe, torch.device("cpu")
     )
     assert again == pytest.approx(result["best_val_loss"], rel=1e-4)
@@ -384,7 +453,7 @@ def test_pretraining_check_against_a_loss_by_hand(pipeline_run):
     )
     assert (
         not worse.passed
-        and "customers: held-out task-vector loss 0.9 is not below the "
+        and "customers: validation task-vector loss 0.9 is not below the "
         "trivial predictor's 0.25 (the mean normalised task vector), by 0.65"
         in worse.description
     )

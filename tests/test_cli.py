@@ -240,7 +240,8 @@ def test_fresh_database_says_what_to_run_first(tmp_path, capsys):
         "test",
     )
     assert code == 0, err
-    assert "registered database 'fresh'" in out and "8 windows" in out and "profile 'test'" in out
+    # 8 training seed times and the validation one
+    assert "registered database 'fresh'" in out and "9 windows" in out and "profile 'test'" in out
     code, _, err = _tve(
         capsys,
         "materialize",
@@ -280,7 +281,7 @@ def test_fresh_database_says_what_to_run_first(tmp_path, capsys):
     )
     assert code == 2
     assert (
-        "tve_targets of 'fresh' missing for 7 of 8 windows (2020-01-21, 2020-02-20, 2020-04-20 ...)"
+        "tve_targets of 'fresh' missing for 8 of 9 windows (2020-01-21, 2020-02-20, 2020-04-20 ...)"
         in _one_line_error(err)
         and "tve run fresh" in err
     )

@@ -60,7 +60,12 @@ def _rank_main(rank: int, size: int, rendezvous: str, inputs: dict, out_dir: str
     world, _ = distributed.start("cpu", init_method=rendezvous, rank=rank, size=size)
     try:
         losses = []
-        result = training.pretrain(*_pretrain_args(inputs), world=world, step_losses=losses.extend)
+        result = training.pretrain(
+            *_pretrain_args(inputs),
+            val_targets=inputs["val_raw"],
+            world=world,
+            step_losses=losses.extend,
+        )
         torch.save({"losses": losses, "result": result}, Path(out_dir) / f"rank{rank}.pt")
     finally:
         distributed.stop()
@@ -85,11 +90,16 @@ def tiny_pretraining_inputs(folder: Path) -> dict:
             delta,
         )
     )
+    val_raw = compute_targets(  # the validation window: each epoch's loss is scored on it
+        TargetQuery(
+            tables, ds.manifest.tables, defs, "customers", [pd.Timestamp(ds.val_timestamp)], delta
+        )
+    )
     recipe = make_recipe(
         "test",
         {
             "backbone": {"sampling": "last"},
-            # 63 seeds: the ranks get 32 and 31; 3 steps per epoch, 2 epochs, a held-out loss
+            # 63 seeds: the ranks get 32 and 31; 3 steps per epoch, 2 epochs, a validation loss
             "pretrain": {"corruption_rate": 0.0, "batch_size": 63, "epochs": 2},
         },
     )
@@ -98,6 +108,7 @@ def tiny_pretraining_inputs(folder: Path) -> dict:
         "data": data,
         "col_stats": col_stats,
         "raw": raw,
+        "val_raw": val_raw,
         "aggregations": {d.name: d.aggregation for d in defs},
         "recipe": recipe,
     }
@@ -128,7 +139,9 @@ def test_two_gloo_processes_match_one(inputs, tmp_path, monkeypatch):
 
     monkeypatch.setattr(model.FastDropout, "forward", _no_dropout)
     single_losses = []
-    single = training.pretrain(*_pretrain_args(inputs), step_losses=single_losses.extend)
+    single = training.pretrain(
+        *_pretrain_args(inputs), val_targets=inputs["val_raw"], step_losses=single_losses.extend
+    )
 
     recipe = inputs["recipe"].pretrain
     assert len(single_losses) == recipe.epochs * recipe.steps_per_epoch
@@ -136,6 +149,7 @@ def test_two_gloo_processes_match_one(inputs, tmp_path, monkeypatch):
         assert rank["losses"] == pytest.approx(single_losses, rel=RELATIVE_TOLERANCE)
     ddp = ranks[0]["result"]
     assert ddp["n_train_seeds"] == single["n_train_seeds"]
+    assert ddp["n_val_seeds"] == single["n_val_seeds"] > 0
     assert ddp["best_val_loss"] == pytest.approx(single["best_val_loss"], rel=RELATIVE_TOLERANCE)
     # the ranks hold one model, and it is the single process's model
     for key, value in single["backbone"].items():
@@ -171,6 +185,8 @@ def test_pipes_launch_from_the_asset(pipeline_run, tmp_path, keep_tve_environmen
     for entity, part in checkpoint["by_entity"].items():
         assert part["backbone"], entity
         assert len(part["history"]) == runner.recipe.pretrain.epochs
+        # the worker was handed the validation window: every epoch scored on it
+        assert part["n_val_seeds"] > 0 and all("val_loss" in r for r in part["history"])
     # nothing of the launch is left behind: no spec, no result file, no training checkpoint
     left = [p for p in (run_dir / "checkpoints").rglob("*") if p.is_file()]
     assert left == [], left

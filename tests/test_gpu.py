@@ -30,7 +30,10 @@ def _pretrain(inputs, device, **kwargs) -> tuple[dict, list[float]]:
     losses = []
     args = list(_pretrain_args(inputs))
     args[-1] = torch.device(device)
-    result = training.pretrain(*args, step_losses=losses.extend, **kwargs)
+    # each epoch scored on the validation window too: the clean-input pass runs on the device
+    result = training.pretrain(
+        *args, val_targets=inputs["val_raw"], step_losses=losses.extend, **kwargs
+    )
     return result, losses
 
 

@@ -74,10 +74,10 @@ def test_growth_adds_windows_and_materialises_their_targets(grown):
     (add,) = result.dynamic_partitions_requests
     new = list(add.partition_keys)
     val = pd.Timestamp(g["val"])
-    assert new == [
-        str((val - 2 * DELTA).date()),
-        str((val - DELTA).date()),
-    ]  # the two seed times the 60 days added
+    # the seed times the 60 days added: a training one and the new validation one (the
+    # other new training seed time, val - 2Δ, was the old validation window: registered)
+    assert new == [str((val - DELTA).date()), str(val.date())]
+    assert str((val - 2 * DELTA).date()) == g["old_windows"][-1]
     assert add.partitions_def_name == "grow.windows"
     (run,) = result.run_requests
     assert {k.path[-1] for k in run.asset_selection} == {
@@ -125,9 +125,10 @@ def test_growth_adds_windows_and_materialises_their_targets(grown):
 def test_changed_data_without_new_windows_reruns_raw_tables(grown):
     g = grown
     instance, runner = g["instance"], g["runner"]
-    instance.add_dynamic_partitions(
-        "grow.windows", ["2020-09-17", "2020-10-17"]
-    )  # as if already registered
+    val = pd.Timestamp(g["val"])
+    instance.add_dynamic_partitions(  # as if already registered
+        "grow.windows", [str((val - DELTA).date()), str(val.date())]
+    )
     result = g["sensor"](
         dg.build_sensor_context(instance=instance, resources=runner.resources, cursor=g["cursor"])
     )

@@ -154,3 +154,32 @@ def test_state_dict_is_unchanged_by_the_fast_path():
     b = RDLModel(data, col_stats, cfg, out_channels=1, fast=False)
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("entity,aggr", [("users", "sum"), ("posts", "mean")])
+def test_embed_all_is_every_node_of_the_full_gnn_and_embed_its_seed_rows(entity, aggr):
+    """The self-supervised objectives read every sampled node (``embed_all``): relbench's
+    modules over every row (the oracle) for every node type, with the fast encoder's
+    distinct-row encoding; the seeds' rows are ``embed``'s."""
+    data, col_stats = make_graph(1)
+    cfg = BackboneConfig(channels=16, encoder_layers=2, num_neighbors=(6, 4), aggr=aggr)
+    torch.manual_seed(0)
+    model = RDLModel(data, col_stats, cfg, out_channels=1).eval()
+    sampler = TemporalNeighborSampler(data, [6, 4])
+    nodes, seed_time = random_seeds(data, entity, 16, 3)
+    batch = sampler.sample(entity, nodes, seed_time, generator=torch.Generator().manual_seed(0))
+    got = model.embed_all(batch, entity)
+    seed_time = batch[entity].seed_time
+    x = {nt: model.encoder.encoders[nt](tf) for nt, tf in batch.collect("tf").items()}
+    for nt, t in model.temporal_encoder(
+        seed_time, batch.collect("time"), batch.collect("batch")
+    ).items():
+        x[nt] = x[nt] + t
+    want = model.gnn(x, batch.collect("edge_index"))
+    assert set(got) == set(want) == set(data.node_types)
+    for nt in want:
+        assert got[nt].shape == (batch[nt].num_nodes, 16)
+        torch.testing.assert_close(got[nt], want[nt], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        model.embed(batch, entity), got[entity][: seed_time.size(0)], rtol=1e-4, atol=1e-5
+    )

@@ -29,8 +29,9 @@ def _tables(run):
 
 def test_every_partition_materialised_and_no_other(pipeline_run):
     """The windows are exactly the training seed times (recomputed here from the manifest's
-    validation timestamp and the first row's time), the task partitions exactly the folder's
-    tasks, and after one `tve run` none of them is missing."""
+    validation timestamp and the first row's time) and the validation seed time (the
+    validation timestamp, its window ending by the test timestamp), the task partitions
+    exactly the folder's tasks, and after one `tve run` none of them is missing."""
     inst, runner = pipeline_run["instance"], pipeline_run["runner"]
     t = _tables(pipeline_run)
     ds = open_dataset(pipeline_run["dataset_dir"])
@@ -39,7 +40,9 @@ def test_every_partition_materialised_and_no_other(pipeline_run):
     while ts >= first:
         seeds.append(ts)
         ts -= DELTA
-    expected = sorted(window_key(s) for s in seeds)
+    val = pd.Timestamp(ds.val_timestamp)
+    assert val + DELTA <= pd.Timestamp(ds.test_timestamp)  # so it has a validation window
+    expected = sorted(window_key(s) for s in [*seeds, val])
     cells = {
         f"{task}|{method}|1|s0"
         for task in ("customer-churn", "customer-spend")
@@ -196,12 +199,19 @@ def test_tve_targets_match_pandas_oracle_and_never_pass_val(pipeline_run):
         for d in graph
         if len(d["path"]) == 1 and d["column"] == "amount" and d["aggregation"] == "sum"
     )
-    val = pd.Timestamp(open_dataset(run["dataset_dir"]).val_timestamp)
+    ds = open_dataset(run["dataset_dir"])
+    val, test = pd.Timestamp(ds.val_timestamp), pd.Timestamp(ds.test_timestamp)
     seen = 0
     for path in sorted((run["run_dir"] / "targets" / "tiny").iterdir()):
         frame = pd.read_parquet(path / "customers.parquet")
-        assert (frame["timestamp"] + DELTA <= val).all(), (
-            "a pre-training window reaches past the validation timestamp"
+        # a training window ends by the validation timestamp, the validation window by the
+        # test timestamp: no task vector reads a row of the test period
+        is_val = frame["timestamp"] >= val
+        assert (frame.loc[~is_val, "timestamp"] + DELTA <= val).all(), (
+            "a training window reaches past the validation timestamp"
+        )
+        assert (frame.loc[is_val, "timestamp"] + DELTA <= test).all(), (
+            "the validation window reaches past the test timestamp"
         )
         assert {window_key(ts) for ts in frame["timestamp"]} == {
             path.name
@@ -233,7 +243,15 @@ def test_checkpoint_is_cpu_backbone_state(pipeline_run):
     for k, v in entry["backbone"].items():
         assert k.split(".")[0] in {"encoder", "temporal_encoder", "gnn"}
         assert isinstance(v, torch.Tensor) and v.device.type == "cpu"
-    assert entry["n_train_seeds"] > 0 and entry["n_val_seeds"] > 0
+    # every training window is trained on; the validation window's seeds only score
+    val = pd.Timestamp(open_dataset(pipeline_run["dataset_dir"]).val_timestamp)
+    rows = {
+        path.name: len(pd.read_parquet(path / "customers.parquet"))
+        for path in (pipeline_run["run_dir"] / "targets" / "tiny").iterdir()
+    }
+    assert entry["n_val_seeds"] == rows.pop(window_key(val)) > 0
+    assert entry["n_train_seeds"] == sum(rows.values()) > 0
+    assert all("val_loss" in row for row in entry["history"])
     # the tve cell starts from it, the scratch cell does not
     tve = load_asset(pipeline_run, "finetuned_models", "customer-churn|tve|1|s0")["state_dict"]
     scratch = load_asset(pipeline_run, "finetuned_models", "customer-churn|scratch|1|s0")[

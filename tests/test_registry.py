@@ -110,6 +110,7 @@ def test_windows_are_the_seed_times_whatever_the_first_year(tmp_path, monkeypatc
     )
     val, delta = pd.Timestamp(manifest["val_timestamp"]), pd.Timedelta("30 days")
     expected = [t for t in (val - k * delta for k in range(1, 40)) if t >= first]
-    assert info["windows"] == [str(t.date()) for t in sorted(expected)]
+    # the training seed times, then the validation seed time
+    assert info["windows"] == [str(t.date()) for t in sorted(expected)] + [str(val.date())]
     assert info["windows"][0].startswith("1870")
     assert list(instance.get_dynamic_partitions("old.windows")) == info["windows"]

@@ -39,6 +39,12 @@ def setup(tmp_path_factory):
             delta,
         )
     )
+    # the validation window's task vectors: every epoch is scored on them
+    val_raw = compute_targets(
+        TargetQuery(
+            tables, ds.manifest.tables, defs, "customers", [pd.Timestamp(ds.val_timestamp)], delta
+        )
+    )
     recipe = make_recipe(
         "test",
         {
@@ -50,6 +56,7 @@ def setup(tmp_path_factory):
     return {
         "ds": ds,
         "raw": raw,
+        "val_raw": val_raw,
         "defs": defs,
         "data": data,
         "col_stats": col_stats,
@@ -86,14 +93,16 @@ def test_pretrain_resumes_to_the_same_result(setup, tmp_path, kill_step):
         s["recipe"],
         torch.device("cpu"),
     )
-    whole = training.pretrain(*args, objective="tve+ctr")
+    kw = {"objective": "tve+ctr", "val_targets": s["val_raw"]}
+    whole = training.pretrain(*args, **kw)
     ckpt = training.Checkpointer(tmp_path / "pretrain.pt", every=2)
     with pytest.raises(Killed):
-        training.pretrain(*args, objective="tve+ctr", checkpoint=ckpt, on_step=_kill_at(kill_step))
+        training.pretrain(*args, **kw, checkpoint=ckpt, on_step=_kill_at(kill_step))
     assert ckpt.path.exists()
-    resumed = training.pretrain(*args, objective="tve+ctr", checkpoint=ckpt)
+    resumed = training.pretrain(*args, **kw, checkpoint=ckpt)
     _assert_same_states(whole["backbone"], resumed["backbone"])
-    assert whole["history"] == resumed["history"]
+    assert whole["history"] == resumed["history"] and "val_loss" in whole["history"][0]
+    assert whole["best_epoch"] == resumed["best_epoch"]
     assert not ckpt.path.exists()  # a finished run leaves no stale checkpoint behind
 
 
@@ -145,8 +154,9 @@ def test_prefetching_changes_nothing(setup, tmp_path):
         s["recipe"],
         torch.device("cpu"),
     )
-    a = training.pretrain(*pre, objective="tve+mae", prefetch=True)
-    b = training.pretrain(*pre, objective="tve+mae", prefetch=False)
+    kw = {"objective": "tve+mae", "val_targets": s["val_raw"]}
+    a = training.pretrain(*pre, **kw, prefetch=True)
+    b = training.pretrain(*pre, **kw, prefetch=False)
     _assert_same_states(a["backbone"], b["backbone"])
 
 

@@ -137,10 +137,23 @@ def brute_force(frames, schema, defs, entity_table, timestamps, delta, second=No
 
     out = []
     first_hops = list(dict.fromkeys(d.path[0] for d in defs))
+    # A table without time: an entity is a seed from t + Δ >= its first row in any first-hop
+    # table on (the reference's "universal" table); never without a non-null-time row.
+    first_activity: dict = {}
+    for h in first_hops:
+        time = schema[h.table].time_col
+        for r in rows[h.table]:
+            if r[h.via] is not None and r[time] is not None:
+                before = first_activity.get(r[h.via], r[time])
+                first_activity[r[h.via]] = min(before, r[time])
     for t in sorted(set(pd.to_datetime(list(timestamps)))):
         for e in sorted(rows[entity_table], key=lambda r: r[entity.pkey]):
             if entity.time_col is not None and (
                 e[entity.time_col] is None or e[entity.time_col] > t
+            ):
+                continue
+            if entity.time_col is None and not (
+                e[entity.pkey] in first_activity and first_activity[e[entity.pkey]] <= t + delta
             ):
                 continue
             record = {entity.pkey: e[entity.pkey], "timestamp": t}
@@ -320,6 +333,10 @@ def test_targets_match_brute_force(db, entity, hops, running):
     got = compute_targets(replace(query, running_aggregates=running))
     want = brute_force(frames, schema, defs, entity, timestamps, DELTA)
     assert_same_targets(got, want, defs)
+    # the dense SQL (`--show-sql`'s spec): the same rows, its seeds included
+    con = _duckdb_over(frames, sorted(set(timestamps)))
+    dense = con.sql(targets_sql(schema, defs, entity, DELTA, running_aggregates=running)).df()
+    assert_same_targets(dense.astype({"inactive": "int64"}), want, defs)
 
 
 @FAST
@@ -579,6 +596,103 @@ def test_mode_ties_take_smallest_value():
     assert got.set_index("customer_id")["orders.status__mode"].to_dict() == {0: "y", 1: "x"}
 
 
+# --------------------------------------------------------------------------- seeds
+
+
+def _seeds_db():
+    """Users without a time column, two fact tables (reviews, visits); seed times 01-10 and
+    01-20, Δ = 10 days (a step of Δ apart, as the reference's are)."""
+    day = lambda d: pd.Timestamp("2021-01-01") + pd.Timedelta(days=d - 1)  # noqa: E731
+    none = pd.NaT
+    # user: 0 first active 01-01 (before the first window), 1 on 01-15 (inside the first
+    # window), 2 on 01-25 (inside the second only), 3 on 02-05 (after the last), 4 only
+    # null-time rows, 5 no row, 6 on 01-20 exactly (t + Δ of the first seed time; plus a
+    # null-time review), 7 first in reviews (01-08) though later in visits (01-26); a
+    # null-key review on 01-02 is no one's
+    reviews = pd.DataFrame(
+        {
+            "review_id": range(8),
+            "user_id": pd.array([0, 2, 3, 4, 4, 6, 7, None], dtype="Int64"),
+            "at": pd.to_datetime([day(1), day(25), day(36), none, none, none, day(8), day(2)]),
+        }
+    )
+    visits = pd.DataFrame(
+        {
+            "visit_id": range(5),
+            "user_id": pd.array([1, 3, 6, 7, 4], dtype="Int64"),
+            "day": pd.to_datetime([day(15), day(40), day(20), day(26), none]),
+        }
+    )
+    frames = {"users": pd.DataFrame({"user_id": range(8)}), "reviews": reviews, "visits": visits}
+    schema = {
+        "users": Spec(pkey="user_id"),
+        "reviews": Spec(pkey="review_id", time_col="at", fkeys={"user_id": "users"}),
+        "visits": Spec(pkey="visit_id", time_col="day", fkeys={"user_id": "users"}),
+    }
+    defs = [
+        TargetDef(f"{f}__count", "users", (Hop(f, "user_id", "in"),), None, "count")
+        for f in ("reviews", "visits")
+    ]
+    return frames, schema, defs, [day(10), day(20)], pd.Timedelta(days=10)
+
+
+#: (user, seed day of January, inactive, reviews__count, visits__count), by hand
+SEED_ROWS = [
+    (0, 10, 1, 0, 0),
+    (1, 10, 0, 0, 1),
+    (6, 10, 0, 0, 1),
+    (7, 10, 1, 0, 0),
+    (0, 20, 1, 0, 0),
+    (1, 20, 1, 0, 0),
+    (2, 20, 0, 1, 0),
+    (6, 20, 1, 0, 0),
+    (7, 20, 0, 0, 1),
+]
+
+
+def _seed_rows(frame: pd.DataFrame) -> list[tuple]:
+    return [
+        (int(r.user_id), pd.Timestamp(r.timestamp).day, int(r.inactive), int(r[3]), int(r[4]))
+        for r in frame.itertuples(index=False)
+    ]
+
+
+def test_seeds_of_a_table_without_time_are_first_active_by_the_next_window_end(tmp_path):
+    """Seeds as the reference's "universal" table, by hand: an entity of a table without
+    time is a seed at t from t + Δ >= its first row in any first-hop table on; one with only
+    null-time rows, or none, or first active after t + Δ, is not; in the dense SQL, the
+    in-process engine (frame, one file, a file per seed time) and the pandas oracle."""
+    from tve_pipeline.recompute import existing_entities, recompute_task_vectors
+
+    frames, schema, defs, ts, delta = _seeds_db()
+    con = _duckdb_over(frames, ts)
+    assert _seed_rows(con.sql(targets_sql(schema, defs, "users", delta)).df()) == SEED_ROWS
+    query = TargetQuery(frames, schema, defs, "users", ts, delta)
+    assert _seed_rows(compute_targets(query)) == SEED_ROWS
+    stats = targets.write_targets(query, tmp_path / "all.parquet", slice_rows=2)
+    assert _seed_rows(pd.read_parquet(tmp_path / "all.parquet")) == SEED_ROWS
+    assert stats == {"rows": 9, "inactive": 5}
+    by_time = targets.write_targets_by_seed_time(query, lambda t: tmp_path / f"{t.day}.parquet")
+    assert {t.day: v["rows"] for t, v in by_time.items()} == {10: 4, 20: 5}
+    files = [pd.read_parquet(tmp_path / f"{d}.parquet") for d in (10, 20)]
+    assert _seed_rows(pd.concat(files)) == SEED_ROWS
+    oracle = []
+    for t in ts:
+        seeds = existing_entities(frames, schema, "users", t, defs=defs, delta=delta)
+        oracle += _seed_rows(
+            recompute_task_vectors(frames, schema, defs, "users", seeds, t, delta).frame
+        )
+    assert oracle == SEED_ROWS
+    # an entity table with its own time keeps `time <= t`, whatever its activity
+    timed = {**schema, "users": Spec(pkey="user_id", time_col="joined")}
+    joined = {**frames, "users": frames["users"].assign(joined=[ts[1]] * 4 + [ts[0]] * 4)}
+    got = compute_targets(TargetQuery(joined, timed, defs, "users", ts, delta))
+    assert [(int(u), t.day) for u, t in zip(got["user_id"], got["timestamp"])] == [
+        *[(u, 10) for u in range(4, 8)],
+        *[(u, 20) for u in range(8)],
+    ]
+
+
 # --------------------------------------------------------------------------- leakage
 
 
@@ -616,11 +730,16 @@ def test_rows_outside_what_a_target_reads_do_not_change_it(db, extra):
     pd.testing.assert_frame_equal(before, after)
 
     # Past rows (time <= t) are outside every first hop: the paths that read first-hop rows
-    # only (orders, orders>products) and `inactive` keep their values.
+    # only (orders, orders>products) and `inactive` keep their values. A past row can make
+    # an entity without a time column a seed (first active by t + Δ): an inactive one.
     past = with_orders([-pd.Timedelta(days=i) for i in range(len(extra))])
     after = compute_targets(TargetQuery(past, schema, defs, "customers", [t], DELTA))
     first_hop_only = ["inactive"] + [d.name for d in defs if len(d.path) <= 2]
-    pd.testing.assert_frame_equal(before[first_hop_only], after[first_hop_only])
+    seen = after["customer_id"].isin(before["customer_id"]).to_numpy()
+    kept = after[seen].reset_index(drop=True)
+    pd.testing.assert_frame_equal(before[first_hop_only], kept[first_hop_only])
+    assert (after.loc[~seen, "inactive"] == 1).all()
+    assert seen.all() or not customer_time
 
 
 # --------------------------------------------------------------------------- traversal graph

@@ -8,7 +8,6 @@ import torch
 from tve_pipeline.graph import seed_tensors
 from tve_pipeline.normalise import TaskVectorNormaliser
 from tve_pipeline.objectives import sce_loss
-from tve_pipeline.task_vectors import split_pretrain_seeds
 
 
 @pytest.mark.parametrize("unit", ["s", "ms", "us", "ns"])
@@ -40,13 +39,14 @@ def test_normaliser_fits_on_active_rows_only():
     )
     norm = TaskVectorNormaliser.fit(raw, {"amount_sum": "sum", "channel_mode": "mode"})
     y = norm.transform(raw)
-    # columns: inactive | amount (min 10, max 30 over active rows) | web, app, other
+    # columns: inactive | amount (min 10, max 30 over active rows) | web, app (every
+    # training category, as the reference's OneHotEncoder; no 'other' slot)
     expected = np.array(
         [
-            [0, 0.0, 1, 0, 0],
-            [0, 1.0, 0, 1, 0],
-            [1, 0.0, 0, 0, 0],  # inactive: all zeros but the flag
-            [0, 0.0, 1, 0, 0],  # missing numeric -> 0
+            [0, 0.0, 1, 0],
+            [0, 1.0, 0, 1],
+            [1, 0.0, 0, 0],  # inactive: all zeros but the flag
+            [0, 0.0, 1, 0],  # missing numeric -> 0
         ],
         dtype=np.float32,
     )
@@ -55,13 +55,41 @@ def test_normaliser_fits_on_active_rows_only():
     np.testing.assert_array_equal(again, expected)
 
 
-def test_pretrain_split_holds_out_latest_seed_times():
-    raw = pd.DataFrame(
-        {"timestamp": pd.to_datetime(["2020-01-01"] * 2 + ["2020-02-01"] * 2 + ["2020-03-01"])}
+def test_a_recipe_with_the_old_hold_out_fraction_still_loads_and_says_it_is_ignored():
+    from tve_pipeline.config import Recipe, make_recipe
+
+    with pytest.warns(FutureWarning, match=r"pretrain\.val_fraction is ignored"):
+        old = make_recipe("test", {"pretrain": {"val_fraction": 0.1}})
+    assert old == make_recipe("test")
+    stored = make_recipe("test").model_dump(mode="json")  # as a checkpoint stores its recipe
+    stored["pretrain"]["val_fraction"] = 0.2
+    with pytest.warns(FutureWarning):
+        assert Recipe.model_validate(stored) == make_recipe("test")
+
+
+def test_pretraining_optimiser_is_adamw_with_the_reference_weight_decay():
+    from test_sampling import make_db
+
+    from tve_pipeline.config import make_recipe
+    from tve_pipeline.graph import build_graph
+    from tve_pipeline.training import _pretraining_model
+
+    recipe = make_recipe("test")
+    assert recipe.pretrain.weight_decay == 0.01  # torch's AdamW default, the reference's
+    db = make_db(0)
+    types = {
+        "users": {"user_id": "key", "age": "numerical", "country": "categorical"},
+        "events": {"event_id": "key", "user_id": "key", "product_id": "key", "ts": "key"},
+        "products": {"product_id": "key", "price": "numerical", "listed": "key"},
+        "posts": {"post_id": "key", "user_id": "key", "parent_id": "key", "ts": "key"},
+        "tags": {"tag_id": "key", "user_id": "key", "w": "numerical"},
+    }
+    data, col_stats = build_graph(db, types, None)
+    _, _, opt, _ = _pretraining_model(
+        data, col_stats, "users", recipe, "tve", 3, torch.device("cpu")
     )
-    train, val = split_pretrain_seeds(raw, 0.3)
-    assert set(val["timestamp"]) == {pd.Timestamp("2020-03-01")}
-    assert train["timestamp"].max() < val["timestamp"].min()
+    assert isinstance(opt, torch.optim.AdamW)
+    assert {g["weight_decay"] for g in opt.param_groups} == {0.01}
 
 
 def test_info_nce_hand_computed():

@@ -65,6 +65,8 @@ KEYS = {
         "targets",
         "entity_tables",
         "hops",
+        "left_out",
+        "left_out_targets",
         "by_entity",
         "target_list",
         "sql",
@@ -79,6 +81,7 @@ KEYS = {
         "rows",
         "dagster/row_count",
         "inactive_rate",
+        "active_share",
         "targets",
         "by_entity",
         "target_values",
@@ -113,7 +116,7 @@ KEYS = {
 PLOTTED = {
     "raw_tables": ("rows", "tables"),
     "traversal_graph": ("targets",),
-    "tve_targets": ("rows", "targets", "inactive_rate"),
+    "tve_targets": ("rows", "targets", "inactive_rate", "active_share"),
     "pretrained_checkpoint": ("seeds", "val_loss"),
     "finetuned_models": ("n_train", "best_epoch", "val_score"),
     "metrics": ("val_score", "test_score"),
@@ -285,7 +288,27 @@ def test_target_list_and_values_cover_every_target(pipeline_run):
         assert values[name]["non_null"] == active[name].notna().sum(), name
     amount = next(n for n in names if n.endswith("amount__sum") and ">" not in n)
     assert values[amount]["mean"] == pytest.approx(active[amount].mean())
-    assert meta["rows"].value == len(frame)
+
+
+def test_each_window_carries_its_own_seeds_and_active_share(pipeline_run):
+    """A backfill of many windows is one run, yet each window's materialisation has that
+    window's own counts (its file's rows), not the run's totals."""
+    run_dir = pipeline_run["run_dir"]
+    latest = {}  # window -> its latest materialisation (newest first), that of its file
+    for m in _materialisations(pipeline_run, "tve_targets"):
+        latest.setdefault(m.partition, m)
+    assert len(latest) > 1
+    sizes = set()
+    for window, m in latest.items():
+        frame = _written(run_dir, [window], "customers")
+        sizes.add(len(frame))
+        active = int((frame["inactive"] == 0).sum())
+        assert m.metadata["dagster/row_count"].value == len(frame)
+        assert m.metadata["active_share"].value == pytest.approx(active / len(frame))
+        assert m.metadata["inactive_rate"].value == pytest.approx(1 - active / len(frame))
+        (row,) = [r.data for r in m.metadata["by_entity"].records]
+        assert (row["entity"], row["seeds"], row["active"]) == ("customers", len(frame), active)
+    assert len(sizes) > 1  # customers join over time: the windows' counts differ
 
 
 def test_metrics_show_a_plot_and_the_evaluated_scores(pipeline_run):

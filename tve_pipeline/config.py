@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class BackboneConfig(BaseModel):
@@ -35,6 +36,20 @@ class BackboneConfig(BaseModel):
     # Each table's time column as a timestamp feature of its rows (RelBench's RDL does the
     # same; the relative-time encoding alone loses the absolute date, e.g. the era of a race).
     time_features: bool = True
+
+
+class TargetPick(BaseModel):
+    """Targets of one path chosen by hand (``targets.select``): ``path`` as the traversal
+    names it (``results``, ``results>races``, ``results>constructors<results``), ``columns``
+    of its last table (None: every usable one), ``aggregations`` of each (None: every one
+    of the column's type), ``count``: the path's row count too."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    path: str
+    columns: tuple[str, ...] | None = None
+    aggregations: tuple[str, ...] | None = None
+    count: bool = True
 
 
 class TargetConfig(BaseModel):
@@ -86,9 +101,17 @@ class TargetConfig(BaseModel):
         memory_bytes(value, "targets.memory_limit")
         return value
 
-    # One-hot width of a categorical MODE target (most frequent training values; the rest
-    # share one 'other' slot).
-    max_mode_categories: int = 10
+    # Targets null or constant on every active training row are left out of the traversal
+    # graph (tve_pipeline.target_selection), hand-picked ones too.
+    prune: bool = True
+    # A target set chosen by hand, per entity table (the others keep the schema's graph):
+    # paths, columns and aggregations, as the reference's notebooks pick theirs.
+    select: dict[str, tuple[TargetPick, ...]] | None = None
+    # Modes: one-hot over every training category, or, where all modes together have more
+    # than ``mca_components`` categories ("auto"), one multiple correspondence analysis of
+    # them all with that many components (the reference's rel-hm user-tve-2-hop notebook).
+    mode_encoding: Literal["auto", "onehot", "mca"] = "auto"
+    mca_components: int = Field(default=64, ge=1)
 
 
 Objective = Literal["tve", "mae", "ctr", "tve+mae", "tve+ctr"]
@@ -98,10 +121,14 @@ class PretrainConfig(BaseModel):
     """Pre-training objectives on one backbone and budget (DESIGN.md section 1, step 4).
 
     ``tve``: scaled cosine error over the normalised task vector, inputs corrupted.
-    ``mae``: masked-attribute reconstruction of the seed rows' own attributes.
-    ``ctr``: InfoNCE between a clean and a corrupted view of each seed's subgraph.
+    ``mae``: masked-attribute reconstruction: every node of the sampled subgraph decoded
+    from a corrupted view (the reference's MAE, src/models/mae.py).
+    ``ctr``: InfoNCE between every node's clean and corrupted-view embedding, per node
+    type (the reference's contrastive baseline, src/models/contrastive.py).
     ``tve+mae`` / ``tve+ctr``: TVE plus ``aux_weight`` x the other loss.
-    Each objective in ``objectives`` yields its own pre-trained backbone.
+    Each objective in ``objectives`` yields its own pre-trained backbone, trained on every
+    training window and kept at the epoch with the lowest loss on the validation windows'
+    task vectors, scored on clean inputs (the reference's ``train_tve.py``).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -110,17 +137,34 @@ class PretrainConfig(BaseModel):
     aux_weight: float = 0.1
     ctr_tau: float = 0.1
     ctr_corruption_rate: float = 0.25  # the contrastive baseline's view corruption
+    mae_corruption_rate: float = 0.25  # MAE's (cfg/rel-amazon/*-ssl/mae-*.yaml: mask_rate)
     sce_alpha: float = 2.0
     inactive_weight: float = 0.2  # w for inactive rows, 1 - w for active rows
     corruption_rate: float = 0.15  # input cells swapped within their column
     lr: float = 1e-3
-    weight_decay: float = 0.0
+    # torch's AdamW default, which the reference leaves in force: its configs name AdamW and
+    # lr 0.001 only (cfg/rel-hm/user-tve-2-hop/tve-graphsage-128.yaml:54-56)
+    weight_decay: float = 0.01
     epochs: int = 81
     steps_per_epoch: int = 1000
     batch_size: int = 512
     lr_step_epochs: int = 50
     lr_gamma: float = 0.1
-    val_fraction: float = 0.1  # held-out training seeds for choosing the best epoch
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_held_out_fraction(cls, data):
+        # Recipes (recipe.json, stored checkpoints) written before the checkpoint was chosen
+        # on the validation windows still load; the hold-out they name no longer exists.
+        if isinstance(data, dict) and "val_fraction" in data:
+            warnings.warn(
+                "recipe pretrain.val_fraction is ignored: pre-training trains on every "
+                "training window and chooses its checkpoint on the validation windows",
+                FutureWarning,
+                stacklevel=2,
+            )
+            data = {k: v for k, v in data.items() if k != "val_fraction"}
+        return data
 
 
 class FinetuneConfig(BaseModel):

@@ -308,14 +308,30 @@ class RDLModel(torch.nn.Module):
             x = {d: norms[d](o).relu() for d, o in out.items()}
         return x
 
-    def embed(self, batch: HeteroData, entity_table: str) -> Tensor:
+    def gnn_inputs(self, batch: HeteroData, entity_table: str) -> dict[str, Tensor]:
+        """Every sampled row's encoding plus its time relative to its seed's time."""
         seed_time = batch[entity_table].seed_time
         x_dict = self.encode(batch)
         rel_time = self.temporal_encoder(seed_time, batch.collect("time"), batch.collect("batch"))
         for nt, t in rel_time.items():
             x_dict[nt] = x_dict[nt] + t
-        x_dict = self.message_passing(batch, x_dict)
-        return x_dict[entity_table][: seed_time.size(0)]
+        return x_dict
+
+    def embed(self, batch: HeteroData, entity_table: str) -> Tensor:
+        x_dict = self.message_passing(batch, self.gnn_inputs(batch, entity_table))
+        return x_dict[entity_table][: batch[entity_table].seed_time.size(0)]
+
+    def embed_all(self, batch: HeteroData, entity_table: str) -> dict[str, Tensor]:
+        """Every sampled row's embedding after the GNN, per node type.
+
+        The self-supervised objectives read every node of the subgraph, not only the seeds
+        (the reference's MAE decodes and its contrastive loss contrasts them all:
+        src/models/mae.py:197-216, src/models/contrastive.py:164-179), so the GNN runs
+        over the whole subgraph (relbench's module as it is) instead of only where the
+        seeds need it. The seeds' rows equal :meth:`embed`. Node types that no edge type
+        reaches are left out, as relbench's HeteroConv leaves them out.
+        """
+        return self.gnn(self.gnn_inputs(batch, entity_table), batch.collect("edge_index"))
 
     def forward(self, batch: HeteroData, entity_table: str) -> Tensor:
         return self.head(self.embed(batch, entity_table))

@@ -8,13 +8,16 @@ much it misses, with the numbers behind it as metadata:
   (:mod:`tve_pipeline.validation`) has no error;
 - a window of task vectors: :func:`leakage_verdict`, a sample of rows recomputed from
   the next window's rows alone (:mod:`tve_pipeline.recompute`, independent of the SQL
-  generator) agrees with the file, and the rows are the entities that exist at the seed
-  time; :func:`coverage_verdict`, the share of inactive rows, and no target null in
-  every row; :func:`seed_time_verdict`, every row's seed time is the window's and its
-  window ``(t, t+Δ]`` ends by the validation timestamp;
+  generator) agrees with the file, and the rows are the seeds at the seed time (the
+  reference's "universal" table, :func:`tve_pipeline.recompute.existing_entities`);
+  :func:`coverage_verdict`, the share of inactive rows, and no target null in every row;
+  :func:`seed_time_verdict`, every row's seed time is the window's and its window
+  ``(t, t+Δ]`` ends by the validation timestamp (a validation window's: by the test
+  timestamp);
 - a pre-trained checkpoint: :func:`finite_weights_verdict`; :func:`pretraining_verdict`,
-  its held-out task-vector loss below that of the trivial predictor (the mean normalised
-  task vector of the training seeds), both computed by pre-training's own loss;
+  its task-vector loss on the validation windows below that of the trivial predictor (the
+  mean normalised task vector of the training seeds), both computed by pre-training's own
+  loss;
 - a fine-tuned cell: :func:`baseline_verdict`, its metric better than a constant
   prediction's (the majority class, or the training mean), scored by RelBench's evaluator.
 """
@@ -141,15 +144,15 @@ def leakage_verdict(
             failures.append(f"{entity}: no file {path}")
             continue
         rows = _read_rows(path, [key, INACTIVE])
-        expected = existing_entities(frames, schema, entity, t)
+        expected = existing_entities(frames, schema, entity, t, defs=defs, delta=delta)
         have = np.sort(rows[key].to_numpy())
         if len(have) != len(expected) or not (have == expected).all():
             missing = np.setdiff1d(expected, have)
             extra = np.setdiff1d(have, expected)
             failures.append(
-                f"{entity}: {len(have)} rows where {len(expected)} entities exist at {t}"
+                f"{entity}: {len(have)} rows where {len(expected)} entities are seeds at {t}"
                 + (f"; missing {key} {_shown(missing)}" if len(missing) else "")
-                + (f"; not existing yet {_shown(extra)}" if len(extra) else "")
+                + (f"; not seeds: {key} {_shown(extra)}" if len(extra) else "")
             )
         sample = _sample_rows(rows, key, sample_rows, f"{where}:{entity}")
         got = _read_rows(path, (), key, sample)
@@ -271,10 +274,17 @@ def seed_time_verdict(
     delta: pd.Timedelta,
     val_timestamp,
     where: str,
+    test_timestamp=None,
 ) -> Verdict:
     """Every row of the window is at the window's seed time ``t``, and ``t + Δ`` (the end of
-    the window its task vector reads) is no later than the validation timestamp."""
+    the window its task vector reads) is no later than the validation timestamp; for a
+    validation window (``t`` at or after the validation timestamp, given
+    ``test_timestamp``), no later than the test timestamp: no task vector reads a row of
+    the test period."""
     t, val = pd.Timestamp(seed_time), pd.Timestamp(val_timestamp)
+    validation = test_timestamp is not None and t >= val
+    bound = pd.Timestamp(test_timestamp) if validation else val
+    name = "test timestamp" if validation else "validation timestamp"
     failures, latest = [], {}
     for entity in entities:
         path = Path(folder) / f"{entity}.parquet"
@@ -292,28 +302,29 @@ def seed_time_verdict(
                 f"{entity}: {len(other)} of {len(times)} rows at seed times other than the "
                 f"window's {t} ({_shown(sorted(set(map(str, other))))})"
             )
-        if last + delta > val:
+        if last + delta > bound:
             failures.append(
                 f"{entity}: seed time {last} + Δ {delta} = {last + delta} is past the "
-                f"validation timestamp {val} by {last + delta - val}"
+                f"{name} {bound} by {last + delta - bound}"
             )
-    if t + delta > val and not failures:
+    if t + delta > bound and not failures:
         failures.append(
-            f"window seed time {t} + Δ {delta} is past the validation timestamp {val} "
-            f"by {t + delta - val}"
+            f"window seed time {t} + Δ {delta} is past the {name} {bound} by {t + delta - bound}"
         )
     metadata = {
         "seed_time": str(t),
+        "split": "val" if validation else "train",
         "window_end": str(t + delta),
         "val_timestamp": str(val),
+        "test_timestamp": str(test_timestamp) if test_timestamp is not None else None,
         "latest_seed_time": latest,
     }
     if failures:
         return Verdict(False, f"{where}: " + "; ".join(failures), metadata)
     return Verdict(
         True,
-        f"{where}: window ({t}, {t + delta}] ends by the validation timestamp {val} "
-        f"({val - (t + delta)} before it)",
+        f"{where}: {'validation ' if validation else ''}window ({t}, {t + delta}] ends by "
+        f"the {name} {bound} ({bound - (t + delta)} before it)",
         metadata,
     )
 
@@ -367,12 +378,12 @@ def _mean_task_vector(seeds, chunk: int = 65_536):
     return (total / max(len(seeds), 1)).float()
 
 
-def trivial_held_out_loss(seeds, recipe, entity_table: str) -> float | None:
-    """The held-out task-vector loss of the mean normalised task vector of the training
-    seeds, computed as pre-training computes its held-out loss: the objective's TVE loss
-    (:meth:`~tve_pipeline.objectives.PretrainingLoss.task_vector_loss`) per batch of
-    ``batch_size`` held-out seeds, averaged weighted by batch size. None without held-out
-    seeds. ``seeds``: :func:`tve_pipeline.task_vectors.pretraining_task_vectors`."""
+def trivial_validation_loss(seeds, recipe, entity_table: str) -> float | None:
+    """The validation windows' task-vector loss of the mean normalised task vector of the
+    training seeds, computed as pre-training computes its validation loss: the objective's
+    TVE loss (:meth:`~tve_pipeline.objectives.PretrainingLoss.task_vector_loss`) per batch
+    of ``batch_size`` validation seeds, averaged weighted by batch size. None without
+    validation seeds. ``seeds``: :func:`tve_pipeline.task_vectors.pretraining_task_vectors`."""
     import torch
 
     from tve_pipeline.objectives import PretrainingLoss
@@ -393,20 +404,21 @@ def trivial_held_out_loss(seeds, recipe, entity_table: str) -> float | None:
     return total / count
 
 
-def model_held_out_loss(
+def model_validation_loss(
     graph, entity_table: str, result: Mapping, seeds, recipe, device
 ) -> float | None:
-    """The held-out task-vector loss of a pre-trained backbone and head (``result``, one
-    entity table's entry of a checkpoint), TVE's part only, by pre-training's own held-out
-    loss: for the objective ``tve`` it is the recorded ``best_val_loss``; beside an
-    auxiliary loss (``tve+mae``) the part that the trivial predictor is comparable with."""
+    """The validation windows' task-vector loss of a pre-trained backbone and head
+    (``result``, one entity table's entry of a checkpoint), TVE's part only, by
+    pre-training's own validation loss (clean inputs): for the objective ``tve`` it is the
+    recorded ``best_val_loss``; beside an auxiliary loss (``tve+mae``) the part that the
+    trivial predictor is comparable with."""
     import torch
 
     from tve_pipeline.graph import seed_tensors
     from tve_pipeline.model import RDLModel
     from tve_pipeline.objectives import PretrainingLoss
     from tve_pipeline.sampling import sampler_for
-    from tve_pipeline.training import _held_out_loss
+    from tve_pipeline.training import _validation_loss
 
     val = seeds.val
     if not len(val):
@@ -419,7 +431,7 @@ def model_held_out_loss(
     model.to(device)
     loss = PretrainingLoss("tve", model, torch.nn.ModuleDict(), entity_table, recipe.pretrain)
     nodes, times = seed_tensors(val.entity, val.seed_time)
-    return _held_out_loss(
+    return _validation_loss(
         loss,
         model,
         sampler_for(data, recipe.backbone),
@@ -434,14 +446,14 @@ def model_held_out_loss(
 def pretraining_verdict(
     losses: Mapping[str, tuple[float | None, float | None]], where: str
 ) -> Verdict:
-    """Each entity table's held-out loss ``(model, trivial)``: the model's must be lower."""
+    """Each entity table's validation loss ``(model, trivial)``: the model's must be lower."""
     failures, notes = [], []
     for entity, (model, trivial) in losses.items():
         if model is None or trivial is None:
-            notes.append(f"{entity}: no held-out seeds to compare on")
+            notes.append(f"{entity}: no validation seeds to compare on")
         elif not (math.isfinite(model) and model < trivial):
             failures.append(
-                f"{entity}: held-out task-vector loss {model:.6g} is not below the trivial "
+                f"{entity}: validation task-vector loss {model:.6g} is not below the trivial "
                 f"predictor's {trivial:.6g} (the mean normalised task vector), by "
                 f"{model - trivial:.6g}"
             )
@@ -456,7 +468,7 @@ def pretraining_verdict(
     )
     return Verdict(
         True,
-        f"{where}: held-out loss below the trivial predictor's"
+        f"{where}: validation loss below the trivial predictor's"
         + (f" ({shown})" if shown else "")
         + ("; " + "; ".join(notes) if notes else ""),
         metadata,

@@ -81,15 +81,38 @@ def read_tables(
 
 
 def existing_entities(
-    frames: Mapping[str, pd.DataFrame], schema: Mapping[str, TableSpecLike], entity_table: str, t
+    frames: Mapping[str, pd.DataFrame],
+    schema: Mapping[str, TableSpecLike],
+    entity_table: str,
+    t,
+    *,
+    defs: Sequence[TargetDef],
+    delta: pd.Timedelta,
 ) -> np.ndarray:
-    """The keys of the entities that exist at seed time ``t`` (own time ``<= t``; a null time
-    never exists; every row when the table has no time column), sorted."""
+    """The keys of the seeds at seed time ``t``, sorted, as the reference's "universal"
+    table: with an own time column, the entities whose time is ``<= t`` (a null time never
+    exists); without one, those whose first row in a first-hop fact table of ``defs`` (a
+    row that references the entity through that hop's fkey and has a time) is ``<= t + Δ``
+    (visualization/rel-hm/user-tve-1-hop.ipynb, cell 1, lines 24-49, over seed times a
+    step of Δ apart); every row when no definition has a first hop (none can: a target's
+    first hop is "in" a time-stamped fact table)."""
     spec = schema[entity_table]
     table = frames[entity_table]
     keys = table[spec.pkey]
     if spec.time_col is not None:
         keys = keys[table[spec.time_col] <= pd.Timestamp(t)]
+    elif defs:
+        first = pd.concat(
+            [
+                frames[hop.table]
+                .groupby(hop.via)[schema[hop.table].time_col]
+                .min()  # NaT (only null-time rows) drops out below
+                for hop in dict.fromkeys(d.path[0] for d in defs)
+            ]
+        )
+        first = first.groupby(level=0).min()
+        seeds = first.index[(first <= pd.Timestamp(t) + delta).to_numpy()]
+        keys = keys[keys.isin(seeds)]
     return np.sort(keys.dropna().to_numpy())
 
 

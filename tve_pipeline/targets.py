@@ -34,12 +34,14 @@ into one set-based DuckDB query over a relation of seed times ``timestamps(times
   left-joined onto the pairs that have a first-hop row.
 
 Two shapes give the same rows. The *dense* one (``dense=True``, the default: printable on
-its own and runnable like a RelBench task query) adds ``seed``, the entities that exist at
-each seed time (own time column ``<= t``, so a null time never exists; every row when the
-table has no time column), and left-joins ``vector`` onto it: an entity with an empty
-next window gets counts 0, every other aggregate null and ``inactive = 1``. The *sparse*
-one (``dense=False``) returns the active pairs of existing entities in (seed time,
-entity) order (what ``show_sql`` prints).
+its own and runnable like a RelBench task query) adds ``seed``, the reference's seeds at
+each seed time (its "universal" table): with an own time column, the entities whose time
+is ``<= t`` (a null time never exists); without one, those whose first row in any
+first-hop fact table is ``<= t + Δ`` (:func:`_seed_cte`), and left-joins ``vector`` onto
+it: a seed with an empty next window gets counts 0, every other aggregate null and
+``inactive = 1``. The *sparse* one (``dense=False``) returns the active pairs of seeds
+(every active pair of an entity table without time is one) in (seed time, entity) order
+(what ``show_sql`` prints).
 
 :func:`iter_targets` (behind :func:`compute_targets` and :func:`write_targets`) computes
 the sparse rows in process, per group of consecutive seed times on a background thread
@@ -51,7 +53,7 @@ distinct counts from runs of coded values), where DuckDB's hash aggregates, mode
 their joins cost 4 times the CPU; the fact->key<-fact aggregates (``agg_<j>`` and
 ``mode_<j>_<k>`` over the lookups) and each ``path_<j>`` (rows that multiply: aggregated
 as they stream, ``aggs_<j>``) run as queries of their own; and :func:`_assemble` places
-every column by pair code onto the active pairs of existing entities. Then it adds the
+every column by pair code onto the active pairs of seeds. Then it adds the
 inactive rows itself, one seed time and slice of entities at a time, with NumPy scatters
 into zeroed buffers.
 At scale almost every row is inactive (one million customers x 52 weekly seed times: 47
@@ -108,6 +110,7 @@ COUNT_AGGREGATIONS = frozenset({"count", "count_distinct"})
 # Internal column names of the generated CTEs; dotted so that no real column is mistaken for them.
 _SEED_TIME = '"tve.seed_time"'
 _ENTITY = '"tve.entity"'
+_FIRST_ACTIVITY = '"tve.first_activity"'
 
 #: Up to this many seed times, the window joins are nested loops (see ``_connection``).
 _NESTED_LOOP_SEEDS = 128
@@ -401,7 +404,7 @@ def targets_sql(
     It reads each table of the schema as a relation of the same name and the seed times as
     ``timestamps_relation(timestamp)``; output columns: the entity's pkey, ``timestamp``,
     ``inactive``, then one column per target in ``defs`` order, ordered by (timestamp,
-    pkey). ``dense=True``: one row per existing (entity, seed time); ``dense=False``: only
+    pkey). ``dense=True``: one row per seed (:func:`_seed_cte`); ``dense=False``: only
     the rows with ``inactive = 0`` (the others have counts 0 and everything else null),
     which is what :func:`iter_targets` runs. ``running_aggregates=False`` joins each
     first-hop row of a fact->key<-fact path to every row of its key in the second hop's
@@ -677,20 +680,65 @@ class _WindowColumns:
                 self.value_of[(p, d.column)] = quote(d.column)
 
 
+def _first_activity_sql(
+    schema_tables: Mapping[str, TableSpecLike], first_hops: Sequence[Hop], indent: str = ""
+) -> str:
+    """Each entity's first activity: the time of its earliest row in any first-hop fact
+    table (a row that references it through that hop's fkey; a null time is no activity),
+    as ``("tve.entity", "tve.first_activity")``, one row per entity that has one. The
+    reference's ``MIN(t_dat) AS first_purchase ... GROUP BY customer_id`` over its one
+    fact table (visualization/rel-hm/user-tve-1-hop.ipynb, cell 1, lines 30-34), over
+    every first hop of the traversal."""
+    parts = [
+        f"SELECT {quote(hop.via)} AS {_ENTITY}, min({quote(schema_tables[hop.table].time_col)})"
+        f" AS {_FIRST_ACTIVITY}\n{indent}    FROM {quote(hop.table)}"
+        f" WHERE {quote(hop.via)} IS NOT NULL GROUP BY 1"
+        for hop in dict.fromkeys(first_hops)
+    ]
+    union = f"\n{indent}    UNION ALL\n{indent}    ".join(parts)
+    return (
+        f"SELECT {_ENTITY}, min({_FIRST_ACTIVITY}) AS {_FIRST_ACTIVITY}\n"
+        f"{indent}FROM (\n{indent}    {union}\n{indent}) GROUP BY 1"
+    )
+
+
 def _seed_cte(plan: _QueryPlan) -> _Cte:
-    """``seed``: the entities that exist at each seed time (dense shape only)."""
+    """``seed``: the entities that are seeds at each seed time (dense shape only), as the
+    reference's "universal" table: an entity table with its own time column keeps an entity
+    at ``t`` when that time is ``<= t`` (a null time never); one without keeps it when its
+    first activity (:func:`_first_activity_sql`) is ``<= t + Δ``: the reference's EXISTS
+    over the windows that start at or before ``t``, plus every entity active before the
+    first one (visualization/rel-hm/user-tve-1-hop.ipynb, cell 1, lines 36-49), which over
+    seed times a step of Δ apart, as ours are, is ``first activity <= t + Δ``. So an entity
+    is a seed from the window of its first row on, never before, and an entity no first
+    hop ever reaches is never one. (Every target's first hop is "in" a time-stamped fact
+    table and a query has at least one target, so there is always a first hop; without
+    one, every row would be a seed, as :func:`_entity_keys` says.)"""
     entity, ts = plan.entity, plan.seed_times
     items = [(f"ts.{quote(TIMESTAMP)}", _SEED_TIME), (f"e.{quote(entity.pkey)}", _ENTITY)]
-    if entity.time_col is None:
-        seed_from = f"FROM {ts} AS ts\n  CROSS JOIN {quote(plan.entity_table)} AS e"
-    else:
+    if entity.time_col is not None:
         seed_from = (
             f"FROM {ts} AS ts\n  JOIN {quote(plan.entity_table)} AS e"
             f" ON e.{quote(entity.time_col)} <= ts.{quote(TIMESTAMP)}"
         )
+        comment = f"{plan.entity_table} rows that exist at each seed time"
+    elif plan.first_hops:
+        first = _first_activity_sql(plan.schema_tables, plan.first_hops, "    ")
+        why = _comment("each entity's first row in a first-hop fact table")
+        seed_from = (
+            f"FROM {ts} AS ts\n"
+            f"  JOIN (  {why}\n"
+            f"    {first}\n  ) AS a\n"
+            f"    ON a.{_FIRST_ACTIVITY} <= ts.{quote(TIMESTAMP)} + {plan.next_window}\n"
+            f"  JOIN {quote(plan.entity_table)} AS e ON e.{quote(entity.pkey)} = a.{_ENTITY}"
+        )
+        comment = f"{plan.entity_table} rows first active by the end of each next window"
+    else:
+        seed_from = f"FROM {ts} AS ts\n  CROSS JOIN {quote(plan.entity_table)} AS e"
+        comment = f"every {plan.entity_table} row at each seed time"
     return _Cte(
         f"{plan.prefix}seed",
-        f"{plan.entity_table} rows that exist at each seed time",
+        comment,
         f"SELECT {_select(items, '         ')}\n  {seed_from}\n"
         f"  WHERE e.{quote(entity.pkey)} IS NOT NULL",
     )
@@ -716,7 +764,7 @@ def _window_cte(plan: _QueryPlan, hop: Hop, columns: _WindowColumns) -> _Cte:
 
 def _path_cte(plan: _QueryPlan, p: tuple[Hop, ...]) -> _Cte:
     """``path_<j>``: the rows of a path with a later "in" hop, one join per hop from its
-    window; the rows of an "in" hop are those no later than the hop-1 row."""
+    window; the rows of an "in" hop are those in ``(τ - Δ2, τ]`` of the hop-1 row's time τ."""
     j, last = plan.path_number(p), f"h{len(p)}"
     values = list(dict.fromkeys(d.column for d in plan.defs_of(p) if d.column is not None))
     items = [(f"h1.{_SEED_TIME}", _SEED_TIME), (f"h1.{quote(p[0].via)}", _ENTITY)]
@@ -761,7 +809,7 @@ def _running_shape(plan: _QueryPlan, p: tuple[Hop, ...]) -> bool:
 #: non-null values, ``s`` sum, ``m2`` sum of squared distances from the window's own mean).
 _RUNNING_STATS: dict[str, tuple[str, ...]] = {
     "count": ("n",),
-    "sum": ("s",),
+    "sum": ("s", "n"),  # n: a sum over no value is null
     "mean": ("s", "n"),
     "min": ("min",),
     "max": ("max",),
@@ -1464,9 +1512,10 @@ def _vector_cte(
 
 
 def _final_select(plan: _QueryPlan, dense: bool) -> tuple[list[tuple[str, str | None]], list[str]]:
-    """The output columns and FROM lines: dense, every existing entity (``seed``) with its
-    task vector or counts 0 and ``inactive = 1``; sparse, the active pairs of entities that
-    exist at their seed time."""
+    """The output columns and FROM lines: dense, every seed (``seed``) with its task vector
+    or counts 0 and ``inactive = 1``; sparse, the active pairs of entities that exist at
+    their seed time (own time ``<= t``; an entity of a table without time, active at ``t``,
+    is first active by ``t + Δ``, so a seed)."""
     entity, prefix = plan.entity, plan.prefix
     if dense:
         final = [
@@ -1733,40 +1782,64 @@ def _arrow_table(relation):
 
 
 class _EntityKeys(NamedTuple):
-    """The primary keys of the entity table, sorted, with their times (None when the table
-    has no time column) and the Arrow type of the key."""
+    """The primary keys of the entity table, sorted, with the earliest seed time at which
+    each is a seed (``seed_from``: its own time, or its first activity - Δ when the table
+    has no time column; NaT: never; None: every entity at every seed time) and the Arrow
+    type of the key."""
 
     keys: np.ndarray
-    times: np.ndarray | None
+    seed_from: np.ndarray | None
     arrow_type: Any
 
     def existing_at(self, t) -> np.ndarray:
-        """The keys of the entities that exist at seed time ``t`` (own time ``<= t``)."""
-        return self.keys if self.times is None else self.keys[self.times <= t]
+        """The keys of the seeds at seed time ``t`` (what :func:`_seed_cte` selects)."""
+        return self.keys if self.seed_from is None else self.keys[self.seed_from <= t]
 
 
-def _entity_keys(con, schema_tables, entity_table: str) -> _EntityKeys:
+def _entity_keys(
+    con,
+    schema_tables,
+    entity_table: str,
+    first_hops: Sequence[Hop] = (),
+    timedelta: pd.Timedelta | None = None,
+) -> _EntityKeys:
+    """The entity table's keys and when each becomes a seed (as :func:`_seed_cte`): its own
+    time, else its first activity over ``first_hops`` (:func:`_first_activity_sql`) - Δ
+    (``timedelta``); without a time column or a first hop, every entity at every seed time."""
     spec = schema_tables[entity_table]
-    cols = quote(spec.pkey) + ("" if spec.time_col is None else f", {quote(spec.time_col)}")
-    arrow = _arrow_table(
-        con.sql(
-            f"SELECT {cols} FROM {quote(entity_table)}"
-            f" WHERE {quote(spec.pkey)} IS NOT NULL ORDER BY 1"
+    pkey = quote(spec.pkey)
+    if spec.time_col is not None:
+        sql = (
+            f"SELECT {pkey}, {quote(spec.time_col)} FROM {quote(entity_table)}"
+            f" WHERE {pkey} IS NOT NULL ORDER BY 1"
         )
-    )
+    elif first_hops:
+        sql = (
+            f"SELECT e.{pkey}, a.{_FIRST_ACTIVITY} FROM {quote(entity_table)} AS e\n"
+            f"LEFT JOIN ({_first_activity_sql(schema_tables, first_hops)}) AS a"
+            f" ON a.{_ENTITY} = e.{pkey}\nWHERE e.{pkey} IS NOT NULL ORDER BY 1"
+        )
+    else:
+        sql = f"SELECT {pkey} FROM {quote(entity_table)} WHERE {pkey} IS NOT NULL ORDER BY 1"
+    arrow = _arrow_table(con.sql(sql))
     keys = arrow.column(0).to_numpy()
     if len(keys) > 1 and not (keys[1:] != keys[:-1]).all():
         raise ValueError(
             f"entity table {entity_table!r}: primary key {spec.pkey!r} has duplicate values"
         )
-    times = None
-    if spec.time_col is not None:
-        times = arrow.column(1).to_numpy(zero_copy_only=False)
-        if not np.issubdtype(times.dtype, np.datetime64):
-            raise ValueError(
-                f"entity table {entity_table!r}: time column {spec.time_col!r}"
-                " is not a timestamp column"
-            )
+    if arrow.num_columns == 1:
+        return _EntityKeys(keys, None, arrow.schema.field(0).type)
+    times = arrow.column(1).to_numpy(zero_copy_only=False)
+    if not np.issubdtype(times.dtype, np.datetime64):
+        where = (
+            f"time column {spec.time_col!r}"
+            if spec.time_col is not None
+            else f"a first-hop time column ({', '.join(sorted({h.table for h in first_hops}))})"
+        )
+        raise ValueError(f"entity table {entity_table!r}: {where} is not a timestamp column")
+    if spec.time_col is None:
+        micros = pd.Timedelta(timedelta) // pd.Timedelta(microseconds=1)
+        times = times - np.timedelta64(micros, "us")
     return _EntityKeys(keys, times, arrow.schema.field(0).type)
 
 
@@ -1840,8 +1913,8 @@ def _group_query(
 
 def _pair_codes(table, seeds: np.ndarray, entities: _EntityKeys) -> tuple[np.ndarray, np.ndarray]:
     """Of each row's (seed time, entity) (its first two columns): the pair's code, seed
-    time's number x entities + the entity's, and whether the entity exists then (the key
-    is the entity table's and its time is no later)."""
+    time's number x entities + the entity's, and whether the entity is a seed then (the key
+    is the entity table's and its ``seed_from`` is no later)."""
     keys, n = entities.keys, len(entities.keys)
     seed = table.column(0).to_numpy().astype("datetime64[us]")
     ent = table.column(1).to_numpy(zero_copy_only=False)
@@ -1849,8 +1922,8 @@ def _pair_codes(table, seeds: np.ndarray, entities: _EntityKeys) -> tuple[np.nda
         return np.zeros(len(ent), dtype=np.int64), np.zeros(len(ent), dtype=bool)
     at = np.minimum(np.searchsorted(keys, ent), n - 1)
     ok = keys[at] == ent
-    if entities.times is not None:
-        ok &= entities.times[at].astype("datetime64[us]") <= seed
+    if entities.seed_from is not None:
+        ok &= entities.seed_from[at].astype("datetime64[us]") <= seed
     number = np.searchsorted(seeds, seed)
     if (
         len(seeds) == 0
@@ -2610,7 +2683,7 @@ def iter_targets(query: TargetQuery, *, slice_rows: int = DEFAULT_SLICE_ROWS) ->
     """The raw task vectors as Arrow tables, in (timestamp, pkey) order, a slice at a time.
 
     Yields one ``pyarrow.Table`` per seed time and slice of at most ``slice_rows``
-    existing entities (none for a seed time at which no entity exists); together they are
+    seeds (none for a seed time without seeds; :func:`_seed_cte` says which); together they are
     :func:`compute_targets`' rows. The first one yielded carries the full schema; when
     there is no row at all, a single empty table with that schema is yielded.
 
@@ -2645,7 +2718,8 @@ def iter_targets(query: TargetQuery, *, slice_rows: int = DEFAULT_SLICE_ROWS) ->
 
     with _connection(query, used, seed_times, relation) as con:
         _check_inputs(con, query.tables, defs, used)
-        entities = _entity_keys(con, query.schema_tables, entity_table)
+        first_hops = list(dict.fromkeys(d.path[0] for d in defs))
+        entities = _entity_keys(con, query.schema_tables, entity_table, first_hops, query.timedelta)
         pkey = query.schema_tables[entity_table].pkey
         # no seed time: still one query, for the schema
         pairs = min(_GROUP_PAIRS, query.budget // _BYTES_PER_PAIR)
@@ -2842,8 +2916,8 @@ def _to_frame(table, defs: Sequence[TargetDef]) -> pd.DataFrame:
 def compute_targets(query: TargetQuery) -> pd.DataFrame:
     """The raw task vectors of ``query.entity_table`` at every seed time of the query.
 
-    One row per (entity, seed time) for each entity that exists at the seed time, sorted
-    by (timestamp, pkey): the pkey column, ``timestamp``, ``inactive`` (int, 1 when no
+    One row per (entity, seed time) for each seed at the seed time (:func:`_seed_cte`),
+    sorted by (timestamp, pkey): the pkey column, ``timestamp``, ``inactive`` (int, 1 when no
     path has a next-window row) and one column per target (counts int, numeric aggregates
     float, a mode in the column's own type). For more rows than fit in memory, use
     :func:`write_targets`.
@@ -2955,7 +3029,7 @@ def write_targets_by_seed_time(
 
     The rows come in seed-time order, so each file is written from start to end and moved
     into place, atomically, before the next begins; a failure leaves earlier files whole
-    and the one being written absent. A seed time at which no entity exists gets a file
+    and the one being written absent. A seed time without seeds gets a file
     without rows. Returns ``{seed_time: {"rows": ..., "inactive": ...}}``.
     """
     times = [pd.Timestamp(t) for t in query.timestamps]
@@ -2976,7 +3050,7 @@ def write_targets_by_seed_time(
     for t, tables in itertools.groupby(rows(), key=seed_time):
         stats[t] = _write_parquet(out_path_of(t), tables, schema, compression)
     for t in times:
-        if t not in stats:  # no entity existed yet
+        if t not in stats:  # no seed yet
             stats[t] = _write_parquet(out_path_of(t), [], schema, compression)
     return stats
 

@@ -7,9 +7,11 @@
                 [--exclude-columns TABLE.COL,...] [--columns TABLE.COL,...] [--no-fact-key-fact]
 
 writes ``OUT_DIR/targets.json`` (the target definitions, :mod:`tve_pipeline.traversal`) and
-``OUT_DIR/targets.parquet``: one row per (entity, seed time) for every entity that exists
-at the seed time, in (timestamp, pkey) order; columns: the entity's primary key,
-``timestamp``, ``inactive`` and one column per target name holding the raw value. Both
+``OUT_DIR/targets.parquet``: one row per (entity, seed time) for every seed (an entity
+whose own time is ``<= t``; of a table without time, one whose first row in a first-hop
+fact table is ``<= t + Δ``, as the TVE reference's seeds), in (timestamp, pkey) order;
+columns: the entity's primary key, ``timestamp``, ``inactive`` and one column per target
+name holding the raw value. Both
 files are written under temporary names and moved into place. ``--show-sql`` writes
 nothing: it prints a DuckDB script that computes the same rows from the dataset's parquet
 files (:func:`tve_pipeline.targets.targets_script`), to run elsewhere (``duckdb <
@@ -398,7 +400,7 @@ def _print_summary(summary: dict, delta) -> None:
     )
     if rows == 0:
         print(
-            f"tve targets: warning: no {entity!r} row exists at any of the seed times;"
+            f"tve targets: warning: no {entity!r} row is a seed at any of the seed times;"
             " the file has no rows",
             file=sys.stderr,
         )

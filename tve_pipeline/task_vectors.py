@@ -2,9 +2,10 @@
 
 Design. Pre-training reads, for every seed (entity, seed time) of the training seed
 times, the normalised task vector that its head predicts (DESIGN.md section 1, steps 3
-and 4). At scale almost every seed is inactive (one user's database: 21k entities x 59
-seed times = 1.25 million seeds x 472 targets, 94 % inactive), and an inactive seed's
-vector is all zeros with ``inactive = 1``. So :class:`SeedTaskVectors` keeps, per seed,
+and 4), and those of the validation seed times, on which it chooses its checkpoint. At
+scale almost every seed is inactive (one user's database: 21k entities x 59 seed times =
+1.25 million seeds x 472 targets, 94 % inactive), and an inactive seed's vector is all
+zeros with ``inactive = 1``. So :class:`SeedTaskVectors` keeps, per seed,
 its entity (int64), its seed time and an index into a float32 matrix of the *active*
 seeds' normalised vectors only, and builds a batch's dense ``y`` when the batch is drawn.
 (Concatenating the windows into one frame, 4.7 GB of float64, and its copies and dense
@@ -12,25 +13,27 @@ float32 vectors peaked at 20.9 GB there; ``bench/bench_pretrain_input.py`` measu
 
 Raw task vectors (the rows of :func:`tve_pipeline.targets.compute_targets`: the entity's
 pkey column, ``timestamp``, ``inactive``, one column per target) come as one pandas frame
-or as parquet files, one per window, in any order. Both are read as one sequence of
-chunks (slices of the frame, batches of a file's rows) in three passes, so that memory
-holds one chunk of raw rows at a time:
+or as parquet files, one per window, in any order; the training windows' and the
+validation windows' come apart. Both are read as one sequence of chunks (slices of the
+frame, batches of a file's rows) in three passes, so that memory holds one chunk of raw
+rows at a time:
 
 1. *seeds*: entity, seed time and ``inactive`` of every row. Seeds are ordered by seed
    time (a stable sort: the rows of one seed time keep their input order, files in the
-   order given) and the latest seed times are held out to choose the best epoch
-   (:func:`held_out_seed_times`): the order and split of the concatenated frame.
+   order given): the order of the concatenated frame.
 2. *fit*: the normaliser's statistics (each numeric target's min and max, the counts of
-   each mode's categories) on the active training rows, summed over chunks into the
-   :class:`~tve_pipeline.normalise.TaskVectorNormaliser` that ``fit`` on the whole
-   training frame returns.
-3. *vectors*: each chunk's active rows normalised into their rows of the matrix.
+   each mode's categories, the MCA's sums) on the active rows of the *training* windows
+   only, summed over chunks into the :class:`~tve_pipeline.normalise.TaskVectorNormaliser`
+   that ``fit`` on the whole training frame returns.
+3. *vectors*: each chunk's active rows normalised into their rows of the matrix; the
+   validation windows' with the training statistics, as the reference scales its val
+   split with the training scalers (visualization/rel-hm/user-tve-2-hop.ipynb, cell 3:
+   ``transform_features(..., std_scalers=std_scalers, is_train=False)``).
 """
 
 from __future__ import annotations
 
 import os
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,30 +42,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from tve_pipeline.normalise import TargetScaler, TaskVectorNormaliser, category_key
+from tve_pipeline.normalise import ModeStatistics, TaskVectorNormaliser
 from tve_pipeline.targets import INACTIVE, TIMESTAMP
 
 #: Rows of raw task vectors read at once (472 float64 targets: about 120 MB).
 CHUNK_ROWS = 32_768
 
 RawTaskVectors = pd.DataFrame | Sequence[str | os.PathLike]
-
-
-def held_out_seed_times(timestamps, val_fraction: float) -> np.ndarray:
-    """The latest ``round(val_fraction x #seed times)`` seed times (at least one when there
-    are two or more, none with one): pre-training's held-out seeds choose the best epoch."""
-    times = np.sort(pd.unique(np.asarray(timestamps)))
-    n_val = int(round(len(times) * val_fraction))
-    n_val = max(1, n_val) if len(times) >= 2 else 0
-    return times[len(times) - n_val :]
-
-
-def split_pretrain_seeds(
-    raw: pd.DataFrame, val_fraction: float
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Hold out the latest seed times (a temporal split) for choosing the best epoch."""
-    is_val = raw["timestamp"].isin(held_out_seed_times(raw["timestamp"], val_fraction))
-    return raw[~is_val].reset_index(drop=True), raw[is_val].reset_index(drop=True)
 
 
 class RawTaskVectorChunks:
@@ -147,8 +133,8 @@ def _check_columns(name: str, have, need: Sequence[str]) -> None:
 class SeedTaskVectors:
     """Seeds (entity, seed time) and their normalised task vectors, active ones stored.
 
-    ``vector_row[i]`` is seed ``i``'s row of ``vectors`` (float32 ``[#active, width]``,
-    shared between the training and held-out seeds), -1 for an inactive seed.
+    ``vector_row[i]`` is seed ``i``'s row of ``vectors`` (float32 ``[#active, width]``),
+    -1 for an inactive seed.
     """
 
     entity: np.ndarray  # int64 [n]
@@ -178,12 +164,12 @@ class SeedTaskVectors:
 
 @dataclass
 class PretrainingTaskVectors:
-    """What pre-training reads: the normaliser and the training and held-out seeds."""
+    """What pre-training reads: the normaliser, the training seeds and the validation seeds."""
 
     normaliser: TaskVectorNormaliser
     train: SeedTaskVectors
     val: SeedTaskVectors
-    inactive_rate: float  # over all seeds, training and held out
+    inactive_rate: float  # over all seeds, training and validation
 
 
 def pretraining_task_vectors(
@@ -191,39 +177,58 @@ def pretraining_task_vectors(
     entity_col: str,
     aggregations: dict[str, str],
     *,
-    val_fraction: float,
-    max_mode_categories: int = 10,
+    val: RawTaskVectors | None = None,
+    mode_encoding: str = "auto",
+    mca_components: int = 64,
     chunk_rows: int = CHUNK_ROWS,
 ) -> PretrainingTaskVectors:
     """Read raw task vectors (a frame or parquet files) into the compact seeds of pre-training.
 
-    Equal to, and in the order of, concatenating the inputs, stable-sorting by
-    ``timestamp``, splitting with :func:`held_out_seed_times`, fitting
-    :meth:`TaskVectorNormaliser.fit` on the training rows and transforming every row,
-    without ever holding more than ``chunk_rows`` raw rows.
+    ``raw`` holds the training windows, ``val`` the validation windows (none: no validation
+    seeds). The training seeds equal, in the order of, concatenating ``raw`` and
+    stable-sorting by ``timestamp``; the normaliser is :meth:`TaskVectorNormaliser.fit` on
+    them alone, and transforms the training and validation rows alike, without ever
+    holding more than ``chunk_rows`` raw rows. Validation seed times must all be later than
+    every training seed time (a validation window read as training would be a leak).
     """
-    source = RawTaskVectorChunks(raw, [entity_col, TIMESTAMP, INACTIVE, *aggregations], chunk_rows)
+    columns = [entity_col, TIMESTAMP, INACTIVE, *aggregations]
+    source = RawTaskVectorChunks(raw, columns, chunk_rows)
     entity, seed_time, inactive = _read_seeds(source, entity_col)
-    held_out = np.isin(seed_time, held_out_seed_times(seed_time, val_fraction))
-    normaliser = fit_normaliser(
-        source, aggregations, ~held_out & (inactive == 0), max_mode_categories
+    normaliser = fit_normaliser(source, aggregations, inactive == 0, mode_encoding, mca_components)
+    train = _seeds(source, normaliser, entity, seed_time, inactive)
+    if val is None:
+        val = pd.DataFrame(columns=columns)
+    val_source = RawTaskVectorChunks(val, columns, chunk_rows)
+    val_entity, val_time, val_inactive = _read_seeds(val_source, entity_col)
+    if len(val_time) and len(seed_time) and val_time.min() <= seed_time.max():
+        raise ValueError(
+            f"validation task vectors at seed time {pd.Timestamp(val_time.min())} are not "
+            f"later than the training ones (latest {pd.Timestamp(seed_time.max())}): "
+            "a training window passed as validation, or the other way round?"
+        )
+    both = np.concatenate([inactive, val_inactive])
+    return PretrainingTaskVectors(
+        normaliser,
+        train,
+        _seeds(val_source, normaliser, val_entity, val_time, val_inactive),
+        float(both.mean()) if len(both) else float("nan"),
     )
+
+
+def _seeds(
+    source: RawTaskVectorChunks,
+    normaliser: TaskVectorNormaliser,
+    entity: np.ndarray,
+    seed_time: np.ndarray,
+    inactive: np.ndarray,
+) -> SeedTaskVectors:
+    """Pass 3 for one source: its seeds in seed-time order, active ones' vectors stored."""
     # Like TaskVectorNormaliser.transform, every row not flagged inactive keeps its vector.
     stored = inactive != 1
     vector_row = np.where(stored, np.cumsum(stored) - 1, -1)
     vectors = _normalised_rows(source, normaliser, vector_row)
-    order = np.argsort(seed_time, kind="stable")
-
-    def seeds(mask: np.ndarray) -> SeedTaskVectors:
-        at = order[mask[order]]
-        return SeedTaskVectors(entity[at], seed_time[at], vector_row[at], vectors)
-
-    return PretrainingTaskVectors(
-        normaliser,
-        seeds(~held_out),
-        seeds(held_out),
-        float(inactive.mean()) if len(inactive) else float("nan"),
-    )
+    at = np.argsort(seed_time, kind="stable")
+    return SeedTaskVectors(entity[at], seed_time[at], vector_row[at], vectors)
 
 
 def _read_seeds(
@@ -244,40 +249,30 @@ def fit_normaliser(
     source: RawTaskVectorChunks,
     aggregations: dict[str, str],
     fit_rows: np.ndarray,
-    max_mode_categories: int = 10,
+    mode_encoding: str = "auto",
+    mca_components: int = 64,
 ) -> TaskVectorNormaliser:
     """Pass 2: :meth:`TaskVectorNormaliser.fit` on the rows where ``fit_rows``, chunk by chunk.
 
-    Min and max of the chunks' min and max, and category counts summed over the chunks,
-    are those of the rows together; the normaliser is built from them by the same rules
-    (ties between counts broken by the category's name).
+    Min and max of the chunks' min and max, and the modes' category counts and MCA sums
+    (:class:`~tve_pipeline.normalise.ModeStatistics`) added over the chunks, are those of
+    the rows together; the normaliser is built from them by the same rules.
     """
     modes = [name for name, agg in aggregations.items() if agg == "mode"]
     numeric = [name for name, agg in aggregations.items() if agg != "mode"]
-    counts: dict[str, Counter] = {name: Counter() for name in modes}
+    stats = ModeStatistics(modes, burt=mode_encoding != "onehot")
     low = np.full(len(numeric), np.nan)
     high = np.full(len(numeric), np.nan)
     for _, chunk in source.chunks([*aggregations], wanted=fit_rows):
-        for name in modes:
-            counts[name].update(chunk[name].dropna().map(category_key).value_counts().to_dict())
+        stats.add(chunk)
         values = _numeric_values(chunk, numeric)
         # fmin / fmax skip NaN (missing); a target with no value anywhere stays NaN -> 0
         low = np.fmin(low, np.fmin.reduce(values, axis=0, initial=np.nan))
         high = np.fmax(high, np.fmax.reduce(values, axis=0, initial=np.nan))
-    low = dict(zip(numeric, np.where(np.isnan(low), 0.0, low).tolist()))
-    high = dict(zip(numeric, np.where(np.isnan(high), 0.0, high).tolist()))
-    scalers = []
-    for name in aggregations:
-        if name in counts:
-            ordered = sorted(counts[name].items(), key=lambda kv: (-kv[1], kv[0]))
-            scalers.append(
-                TargetScaler(
-                    name, "onehot", categories=[c for c, _ in ordered[:max_mode_categories]]
-                )
-            )
-        else:
-            scalers.append(TargetScaler(name, "minmax", low=low[name], high=high[name]))
-    return TaskVectorNormaliser(scalers)
+    low = np.where(np.isnan(low), 0.0, low).tolist()
+    high = np.where(np.isnan(high), 0.0, high).tolist()
+    ranges = {name: (lo, hi) for name, lo, hi in zip(numeric, low, high)}
+    return TaskVectorNormaliser.of(aggregations, ranges, stats, mode_encoding, mca_components)
 
 
 def _normalised_rows(

@@ -5,7 +5,7 @@ seed's *past* temporal subgraph is sampled (rows with time <= its seed time only
 :class:`~tve_pipeline.sampling.TemporalNeighborSampler`), the RDL model embeds it and a
 head predicts either the normalised task vector (pre-training: the objective's loss,
 :class:`~tve_pipeline.objectives.PretrainingLoss`) or the task label (fine-tuning, BCE or
-L1). The best epoch is chosen on held-out seeds; state leaves this module as CPU
+L1). The best epoch is chosen on validation seeds; state leaves this module as CPU
 ``state_dict`` s, never as modules. A run saves checkpoints as it goes
 (:class:`Checkpointer`) and, restarted, ends exactly where an uninterrupted run ends:
 every random draw is a function of the seed, the step and saved state.
@@ -392,15 +392,21 @@ def _epoch_row(epoch: int, losses: list, metrics: dict, log: LogFn | None) -> di
 
 
 def _pretraining_seeds(
-    raw_targets: RawTaskVectors, entity_table: str, entity_col: str, aggregations, recipe
+    raw_targets: RawTaskVectors,
+    val_targets: RawTaskVectors | None,
+    entity_table: str,
+    entity_col: str,
+    aggregations,
+    recipe,
 ):
-    """The seeds and normalised task vectors to pre-train on, and the held-out ones."""
+    """The training seeds and normalised task vectors, and the validation ones."""
     seeds = pretraining_task_vectors(
         raw_targets,
         entity_col,
         aggregations,
-        val_fraction=recipe.pretrain.val_fraction,
-        max_mode_categories=recipe.targets.max_mode_categories,
+        val=val_targets,
+        mode_encoding=recipe.targets.mode_encoding,
+        mca_components=recipe.targets.mca_components,
     )
     if len(seeds.train) == 0:
         raise ValueError(
@@ -410,7 +416,7 @@ def _pretraining_seeds(
 
 
 @torch.no_grad()
-def _held_out_loss(
+def _validation_loss(
     loss: PretrainingLoss,
     modules,
     sampler,
@@ -422,10 +428,15 @@ def _held_out_loss(
     world: World = SINGLE,
     share=None,
 ) -> float:
-    """The objective's mean loss over the held-out seeds, the same corruption every epoch.
+    """The objective's mean loss over the validation seeds, on clean inputs.
 
-    Under several processes each rank scores its slice of every batch (with generators of
-    its own, seeded per batch) and the batch's loss is the sum of the slices' shares.
+    As the reference scores its validation split: the model in eval mode, nothing corrupted
+    (src/train_tve.py:163 calls src/helpers/tve_train_helper.py:67 ``test``, whose models
+    corrupt only in training), the loss averaged weighted by batch size
+    (tve_train_helper.py:96-99). The subgraphs are sampled with a generator seeded by
+    ``seed``: every epoch scores the same ones. Under several processes each rank scores
+    its slice of every batch (with generators of its own, seeded per batch) and the
+    batch's loss is the sum of the slices' shares.
     """
     nodes, times, vectors = seeds
     modules.eval()
@@ -438,7 +449,7 @@ def _held_out_loss(
             gen = step_generator(seed, start, world.stream("held-out"))
         if len(part):
             batch = sampler.sample(entity_table, nodes[part], times[part], generator=gen)
-            value = loss(to_device(batch, device), vectors.task_vectors(part), gen)
+            value = loss(to_device(batch, device), vectors.task_vectors(part), gen, corrupt=False)
         else:
             value = torch.zeros((), device=device)  # fewer seeds than ranks: none here
         if world.size > 1:
@@ -475,6 +486,7 @@ def pretrain(
     device: torch.device,
     log: LogFn | None = None,
     *,
+    val_targets: RawTaskVectors | None = None,
     objective: str = "tve",
     checkpoint: Checkpointer | None = None,
     on_step: Callable[[int], None] | None = None,
@@ -484,11 +496,13 @@ def pretrain(
 ) -> dict:
     """Pre-train a backbone with one objective; returns CPU states, normaliser and history.
 
-    Seeds are the (entity, seed time) rows of ``raw_targets`` (training seed times only):
-    one frame, or parquet files (one per window, any order) read a chunk at a time into
+    Seeds are the (entity, seed time) rows of ``raw_targets``, every training window: one
+    frame, or parquet files (one per window, any order) read a chunk at a time into
     :class:`~tve_pipeline.task_vectors.SeedTaskVectors` (the same seeds, order and
-    vectors as their concatenation). The latest seed times are held out to choose the
-    best epoch by the objective's loss.
+    vectors as their concatenation). The epoch kept is the one with the lowest loss of the
+    objective on ``val_targets``, the validation windows' task vectors (normalised with the
+    training statistics, scored on clean inputs), as the reference keeps ``best.pth``
+    (src/train_tve.py:161-182); without validation windows the last epoch is kept.
 
     ``world``: this process's rank among several training processes, each on its slice of
     every global batch (:mod:`tve_pipeline.distributed`; the process group is started by
@@ -496,7 +510,9 @@ def pretrain(
     """
     cfg = recipe.pretrain
     torch.manual_seed(recipe.seed)
-    seeds = _pretraining_seeds(raw_targets, entity_table, entity_col, aggregations, recipe)
+    seeds = _pretraining_seeds(
+        raw_targets, val_targets, entity_table, entity_col, aggregations, recipe
+    )
     train, val, normaliser = seeds.train, seeds.val, seeds.normaliser
     n_train, t_train = seed_tensors(train.entity, train.seed_time)
     n_val, t_val = seed_tensors(val.entity, val.seed_time)
@@ -519,7 +535,7 @@ def pretrain(
     def batch_loss(batch, idx, gen):
         return loss(to_device(batch, device), train.task_vectors(idx), gen)
 
-    held_out = (n_val, t_val, val)
+    validation = (n_val, t_val, val)
     best, history = _fit(
         modules,
         opt,
@@ -531,12 +547,12 @@ def pretrain(
         seed=recipe.seed,
         sample=sample,
         batch_loss=batch_loss,
-        evaluate_epoch=_held_out_scorer(
+        evaluate_epoch=_validation_scorer(
             loss,
             modules,
             sampler,
             entity_table,
-            held_out,
+            validation,
             cfg.batch_size,
             recipe.seed,
             device,
@@ -567,7 +583,9 @@ def _pretraining_model(
     """The model, the objective's heads, their optimiser and schedule (init order kept)."""
     cfg = recipe.pretrain
     model = RDLModel(data, col_stats, recipe.backbone, out_channels=width).to(device)
-    heads = objective_heads(objective, recipe.backbone.channels, data, col_stats, entity_table)
+    heads = objective_heads(
+        objective, recipe.backbone.channels, data, col_stats, entity_table, recipe.backbone.aggr
+    )
     heads.to(device)
     params = list(model.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -575,28 +593,29 @@ def _pretraining_model(
     return model, heads, opt, sched
 
 
-def _held_out_scorer(
+def _validation_scorer(
     loss: PretrainingLoss,
     modules,
     sampler,
     entity_table: str,
-    held_out,
+    validation,
     batch_size,
     seed,
     device,
     world: World = SINGLE,
     share=None,
 ) -> Callable[[], tuple[dict, float]]:
-    """Pre-training's ``evaluate_epoch``: minus the held-out loss (none held out: the epoch)."""
+    """Pre-training's ``evaluate_epoch``: minus the validation loss (no validation seeds:
+    the epoch, so the last one wins)."""
     epochs_done = []
-    n_val = held_out[0]
+    n_val = validation[0]
 
     def evaluate_epoch():
         epochs_done.append(1)
         if not len(n_val):
-            return {}, float(len(epochs_done))  # nothing held out: the last epoch wins
-        val_loss = _held_out_loss(
-            loss, modules, sampler, entity_table, held_out, batch_size, seed, device, world, share
+            return {}, float(len(epochs_done))
+        val_loss = _validation_loss(
+            loss, modules, sampler, entity_table, validation, batch_size, seed, device, world, share
         )
         return {"val_loss": val_loss}, -val_loss
 

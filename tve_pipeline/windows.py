@@ -7,7 +7,8 @@ validation timestamp and pre-training never reads a row past it); ``val`` and ``
 seeds start at their timestamps and step forward, as long as their windows stay before
 the next split (or the end of the data).
 
-Each training seed time is one window of the pipeline, named by its *window key*: the
+Each training or validation seed time is one window of the pipeline (pre-training trains
+on the first and chooses its checkpoint on the second), named by its *window key*: the
 seed time's date (``2013-03-04``), with the time of day when it has one
 (``2013-03-04T12:00:00``). The key is plain text here; the Dagster layer
 (``assets/partitions.py``) registers one dynamic partition per key.
@@ -66,7 +67,7 @@ def seed_schedule(
 
 
 def window_key(seed_time) -> str:
-    """The window key of a training seed time: ``YYYY-MM-DD``, or with ``THH:MM:SS`` when
+    """The window key of a seed time: ``YYYY-MM-DD``, or with ``THH:MM:SS`` when
     the seed time has a time of day."""
     ts = pd.Timestamp(seed_time)
     return ts.strftime("%Y-%m-%d") if ts == ts.normalize() else ts.strftime("%Y-%m-%dT%H:%M:%S")
