@@ -191,7 +191,14 @@ def _targets_checks(db: Database) -> dg.AssetChecksDefinition:
             t = window_seed_time(window)
             verdicts = {
                 "no_leakage": quality.leakage_verdict(
-                    folder, t, frames, schema, defs, delta, where
+                    folder,
+                    t,
+                    frames,
+                    schema,
+                    defs,
+                    delta,
+                    where,
+                    second_hop_window=recipe.recipe().targets.second_hop_delta(),
                 ),
                 "seed_times": quality.seed_time_verdict(
                     folder,

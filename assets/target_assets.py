@@ -207,6 +207,7 @@ def build_target_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
                     list(seed_times),
                     delta,
                     memory_limit=r.targets.memory_limit,
+                    second_hop_window=r.targets.second_hop_delta(),
                 )
                 by_time = write_targets_by_seed_time(
                     query, lambda t, e=entity: storage.targets_file(db.name, seed_times[t], e)

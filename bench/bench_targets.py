@@ -12,8 +12,8 @@ Task: entity ``customers``, Δ = 7 days, the ``--seeds`` weekly seed times that 
 validation timestamp (val - 7 days, val - 14 days, ...), one row per customer that exists
 at each seed time (~47 million rows at 10 million orders). Path kinds: 1-hop ``orders``;
 2-hop fact->dimension ``orders > products``; 2-hop fact->key<-fact ``orders > products <
-orders`` (every order of the same product no later than the first-hop order: one product
-has tens of thousands of orders).
+orders`` (every order of the same product in the 7 days up to the first-hop order, as the
+reference bounds the second hop: one product has hundreds of orders a week).
 
 Each configuration runs in a fresh subprocess that runs ``tve targets`` in-process
 (:func:`tve_pipeline.targets_cli.run_targets_command`: column types, SQL, DuckDB, densify,
@@ -26,8 +26,8 @@ RSS would also count the parent's memory at fork). Baselines, in the same run:
 group, reindex, ``concat``, ``to_parquet``) and ``pandas-vec`` the same with a vectorised
 mode, both checked to give tve targets' values; ``joined`` is tve targets with
 fact->key<-fact paths computed the straightforward way (each first-hop row joined to
-every earlier row of its key, ``running_aggregates=False``; the method before per-key
-running aggregates) at ``--fkf-rows``, checked equal too. ``--memory-limit`` is each
+every row of its key in the 7 days up to it, ``running_aggregates=False``; the method
+before per-key lookups) at ``--fkf-rows``, checked equal too. ``--memory-limit`` is each
 run's memory budget (``tve targets --memory-limit``: DuckDB is given half as its own limit,
 the in-process work is sized to the rest). ``--spill-rows`` adds one run over a database
 that does not fit the budget (hops 2, all path kinds). The
@@ -397,7 +397,7 @@ def main() -> None:
     if not a.skip_fkf:
         fkf_path = dataset(data_dir, a.fkf_rows)
         print(f"\n{a.fkf_rows:,} orders, hops 2 with fact->key<-fact paths:")
-        results["fkf"] = measure("running aggregates", "ours", fkf_path, a, 2, a.repeat, True)
+        results["fkf"] = measure("per-key lookups", "ours", fkf_path, a, 2, a.repeat, True)
         if not a.skip_baseline:
             results["fkf_joined"] = measure(
                 "joined rows (baseline)", "joined", fkf_path, a, 2, 1, True

@@ -149,20 +149,27 @@ def test_every_check_is_defined_and_recorded_for_every_partition(pipeline_run):
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(db=shop_databases(), entity=st.sampled_from(["customers", "products"]))
-def test_recomputation_matches_the_brute_force(db, entity):
+@given(
+    db=shop_databases(),
+    entity=st.sampled_from(["customers", "products"]),
+    second=st.sampled_from([None, pd.Timedelta(days=1), pd.Timedelta(hours=60)]),
+)
+def test_recomputation_matches_the_brute_force(db, entity, second):
     """The check's pandas recomputation gives the brute force's rows (test_targets.py: plain
-    loops, nulls, dangling keys, times at t and t + Δ, ties) for every existing entity."""
+    loops, nulls, dangling keys, times at t and t + Δ, ties, second hops in (τ - Δ2, τ])
+    for every existing entity."""
     customer_time, frames, timestamps = db
     schema = shop_schema(customer_time)
     defs = build_traversal_graph(schema, shop_column_types(), entity, hops=2)
-    want = brute_force(frames, schema, defs, entity, timestamps, SHOP_DELTA)
+    want = brute_force(frames, schema, defs, entity, timestamps, SHOP_DELTA, second)
     pkey = schema[entity].pkey
     for t in sorted(set(timestamps)):
         rows = want[want["timestamp"] == t]
         seeds = existing_entities(frames, schema, entity, t, defs=defs, delta=SHOP_DELTA)
         assert list(seeds) == rows[pkey].tolist()
-        got = recompute_task_vectors(frames, schema, defs, entity, rows[pkey], t, SHOP_DELTA)
+        got = recompute_task_vectors(
+            frames, schema, defs, entity, rows[pkey], t, SHOP_DELTA, second_hop_window=second
+        )
         assert compare_task_vectors(rows, got, defs) == []
 
 

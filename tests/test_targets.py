@@ -13,6 +13,7 @@ import json
 import math
 from collections import Counter
 from dataclasses import dataclass, field, replace
+from unittest import mock
 
 import numpy as np
 import pandas as pd
@@ -89,9 +90,11 @@ def _aggregate(aggregation: str, rows: list[dict], column: str | None):
     raise AssertionError(aggregation)
 
 
-def brute_force(frames, schema, defs, entity_table, timestamps, delta) -> pd.DataFrame:
+def brute_force(frames, schema, defs, entity_table, timestamps, delta, second=None) -> pd.DataFrame:
+    """``second``: Δ2, the window (τ - Δ2, τ] of a later "in" hop (None: ``delta``)."""
     rows = {name: _records(frame) for name, frame in frames.items()}
     entity = schema[entity_table]
+    second = delta if second is None else second
 
     def walk(path, entity_id, t):
         first = path[0]
@@ -123,7 +126,9 @@ def brute_force(frames, schema, defs, entity_table, timestamps, delta) -> pd.Dat
                         if x[hop.via] is None or x[hop.via] != key:
                             continue
                         if spec.time_col is not None and (
-                            x[spec.time_col] is None or x[spec.time_col] > hop1_time
+                            x[spec.time_col] is None
+                            or x[spec.time_col] > hop1_time
+                            or x[spec.time_col] <= hop1_time - second
                         ):
                             continue
                         nxt.append((hop1_row, x))
@@ -340,13 +345,19 @@ def test_targets_match_brute_force(db, entity, hops, running):
     entity=st.sampled_from(["customers", "products"]),
     seeds=st.lists(st.integers(-1, 9), min_size=1, max_size=4),
     per_query=st.sampled_from([None, 1, 2]),
+    second=st.sampled_from(
+        [None, pd.Timedelta(days=1), pd.Timedelta(hours=36), pd.Timedelta(days=20)]
+    ),
+    values=st.sampled_from([0, 16]),
 )
-def test_fact_key_fact_paths_match_brute_force(db, entity, seeds, per_query):
+def test_fact_key_fact_paths_match_brute_force(db, entity, seeds, per_query, second, values):
     """fact->key<-fact paths alone, on databases with enough orders that many (seed time,
     entity) pairs reach the key side from one (key, time) and many from several: the two
     ways modes and distinct counts are computed; in one group of seed times or several
     (each group reads its own files of the lookups: windows of 2 days a day apart overlap
-    from group to group)."""
+    from group to group); the second hop's window (τ - Δ2, τ] of Δ (None), shorter, not
+    on the day grid, or longer than every history (the whole history up to τ); value counts
+    per window from prefix counts per value (few values) or from runs of (key, value)."""
     customer_time, frames, _ = db
     timestamps = [BASE + pd.Timedelta(days=d) for d in seeds]
     schema = shop_schema(customer_time)
@@ -355,9 +366,20 @@ def test_fact_key_fact_paths_match_brute_force(db, entity, seeds, per_query):
         for d in build_traversal_graph(schema, shop_column_types(), entity, hops=2)
         if len(d.path) == 3 and d.path[2].direction == "in"
     ]
-    query = TargetQuery(frames, schema, defs, entity, timestamps, DELTA, seeds_per_query=per_query)
-    got = compute_targets(query)
-    assert_same_targets(got, brute_force(frames, schema, defs, entity, timestamps, DELTA), defs)
+    query = TargetQuery(
+        frames,
+        schema,
+        defs,
+        entity,
+        timestamps,
+        DELTA,
+        seeds_per_query=per_query,
+        second_hop_window=second,
+    )
+    with mock.patch.object(targets, "_DENSE_VALUES", values):
+        got = compute_targets(query)
+    want = brute_force(frames, schema, defs, entity, timestamps, DELTA, second)
+    assert_same_targets(got, want, defs)
 
 
 #: Other orders of the products a customer's orders are of: a fact->key<-fact path.
@@ -369,14 +391,15 @@ FKF_PATH = (
 
 
 def test_fact_key_fact_mode_over_several_keys():
-    """A customer whose window orders reach two products: the mode is of the summed counts
-    (y: 2 + 0, x: 1 + 0, z: 0 + 1 -> y, not the smallest value x), hand-computed."""
+    """A customer whose window orders (days 2 and 3) reach two products (their orders in
+    (day 0, day 2] and (day 1, day 3]): the mode is of the summed counts (y: 2 + 0, x: 1 +
+    0, z: 0 + 1 -> y, not the smallest value x), hand-computed."""
     t = lambda d: BASE + pd.Timedelta(days=d)  # noqa: E731
     frames = _fixed_shop()
     frames["orders"] = pd.DataFrame(
         {
             "order_id": range(6),
-            "time": [t(0), t(0), t(0), t(0), t(2), t(3)],
+            "time": [t(1), t(1), t(1), t(2), t(2), t(3)],
             "customer_id": [1, 1, 1, 2, 0, 0],
             "product_id": [0, 0, 0, 1, 0, 1],
             "amount": [1.0] * 6,
@@ -395,16 +418,16 @@ def test_fact_key_fact_mode_over_several_keys():
 
 
 def test_fact_key_fact_mode_of_one_key():
-    """Customers whose window orders reach one product each read the product's running
-    mode and distinct count at their order's time, rows at that time included
-    (hand-computed: product 0 up to day 2 holds y, y, x, z -> y, 3 values; product 1 up to
-    day 3 holds z, x -> the tie goes to the smaller x, 2 values)."""
+    """Customers whose window orders reach one product each read the mode and distinct
+    count of the product's orders in (τ - Δ, τ] of their order's time τ, rows at τ included
+    (hand-computed: product 0 in (day 0, day 2] holds y, y, x, z -> y, 3 values; product 1
+    in (day 1, day 3] holds z, x -> the tie goes to the smaller x, 2 values)."""
     t = lambda d: BASE + pd.Timedelta(days=d)  # noqa: E731
     frames = _fixed_shop()
     frames["orders"] = pd.DataFrame(
         {
             "order_id": range(7),
-            "time": [t(0), t(0), t(0), t(2), t(0), t(3), t(4)],
+            "time": [t(1), t(1), t(1), t(2), t(2), t(3), t(4)],
             "customer_id": [1, 1, 2, 0, 2, 1, 2],
             "product_id": [0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0],
             "amount": [1.0] * 7,
@@ -472,6 +495,88 @@ def test_fixed_database_values():
     # customer 2 is created on day 6: absent at day 1 and day 5; customer 3 has no creation time.
     assert 2 not in got["customer_id"].tolist() and 3 not in got["customer_id"].tolist()
     assert got.columns[:3].tolist() == ["customer_id", "timestamp", "inactive"]
+
+
+def _window_shop() -> dict[str, pd.DataFrame]:
+    """Product 0's orders at days 5, 6, 9 (exactly τ - Δ), 10, 10.5, 11 (the first-hop
+    order of customer 0, τ) and 11 + 1 hour (after τ, customer 1's): what the bound keeps."""
+    t = lambda d, h=0: BASE + pd.Timedelta(days=d, hours=h)  # noqa: E731
+    frames = _fixed_shop()
+    frames["customers"] = pd.DataFrame({"customer_id": [0, 1], "created": [BASE] * 2, "age": 1.0})
+    frames["orders"] = pd.DataFrame(
+        {
+            "order_id": range(7),
+            "time": [t(5), t(6), t(9), t(10), t(10, 12), t(11), t(11, 1)],
+            "customer_id": [1, 1, 1, 1, 1, 0, 1],
+            "product_id": [0.0] * 7,
+            "amount": [100.0, -50.0, 7.0, 1.0, 2.0, 3.0, 1000.0],
+            "status": ["a", "a", "a", "b", "b", "c", "a"],
+        }
+    )
+    return frames
+
+
+@pytest.mark.parametrize(
+    ("second", "want"),
+    [
+        # Δ2 = Δ = 2 days: (day 9, day 11] holds 1 b, 2 b, 3 c (day 9 itself is out)
+        (None, [3, 6.0, 2.0, 1.0, 3.0, 1.0, "b", 2, 3]),
+        # Δ2 = 1 day: (day 10, day 11] holds 2 b, 3 c: the tie goes to the smaller b
+        (pd.Timedelta(days=1), [2, 5.0, 2.5, 2.0, 3.0, math.sqrt(0.5), "b", 2, 2]),
+        # Δ2 = 30 days: every order up to day 11, the old "no later than" (the whole history)
+        (
+            pd.Timedelta(days=30),
+            [6, 63.0, 10.5, -50.0, 100.0, math.sqrt(11901.5 / 5), "a", 3, 6],
+        ),
+    ],
+)
+@pytest.mark.parametrize("values", [0, 16])
+def test_second_hop_window_bounds_every_aggregate(monkeypatch, second, want, values):
+    """Hand-computed: customer 0's one window order (day 11, product 0) reaches product 0's
+    orders in (day 11 - Δ2, day 11], itself included; the bound changes every aggregate
+    (count, sum, mean, min, max, std, mode, distinct count, value count) against the whole
+    history, in process (value counts from prefix counts per value, or from runs) and in
+    the SQL that ``--show-sql`` prints (lookups and joined rows)."""
+    import duckdb
+
+    monkeypatch.setattr(targets, "_DENSE_VALUES", values)
+    frames = _window_shop()
+    schema = shop_schema(True)
+    names = ["n", "sum", "mean", "min", "max", "std", "mode", "distinct", "count"]
+    defs = [TargetDef("x__n", "customers", FKF_PATH, None, "count")] + [
+        TargetDef(f"x__{name}", "customers", FKF_PATH, column, agg)
+        for name, column, agg in [
+            ("sum", "amount", "sum"),
+            ("mean", "amount", "mean"),
+            ("min", "amount", "min"),
+            ("max", "amount", "max"),
+            ("std", "amount", "std"),
+            ("mode", "status", "mode"),
+            ("distinct", "status", "count_distinct"),
+            ("count", "status", "count"),
+        ]
+    ]
+    ts = [BASE + pd.Timedelta(days=10)]
+    query = TargetQuery(frames, schema, defs, "customers", ts, DELTA, second_hop_window=second)
+    con = duckdb.connect()
+    for name, frame in frames.items():
+        con.register(name, frame)
+    con.register("timestamps", pd.DataFrame({"timestamp": pd.to_datetime(ts)}))
+    outputs = {"in process": compute_targets(query)}
+    for running in (True, False):
+        sql = targets_sql(
+            schema, defs, "customers", DELTA, running_aggregates=running, second_hop_window=second
+        )
+        outputs[f"SQL, running {running}"] = con.sql(sql).df()
+    for how, got in outputs.items():
+        row = got.set_index("customer_id").loc[0, [f"x__{name}" for name in names]].tolist()
+        for name, g, w in zip(names, row, want):
+            assert g == w or math.isclose(g, w, rel_tol=1e-9), f"{how}: {name} {g!r} != {w!r}"
+    assert_same_targets(
+        outputs["in process"],
+        brute_force(frames, schema, defs, "customers", ts, DELTA, second),
+        defs,
+    )
 
 
 def test_mode_ties_take_smallest_value():
@@ -841,11 +946,14 @@ def test_sql_is_set_based_and_readable(capsys):
         sql.count('FROM "timestamps" AS ts') == 3
     )  # the seed entities, the one window and its fact->key<-fact lookups, not per time
     assert "INTERVAL '7 days'" in sql
-    # fact -> key <- fact: per-key running aggregates looked up per first-hop row, no
-    # join of each first-hop row to every earlier row of its key
-    assert "run_3 AS (  -- orders rows per products key: running aggregates" in sql
-    assert sql.count("ASOF JOIN run_3 AS r") == 1 and "ASOF JOIN counts_3_1 AS c" in sql
+    # fact -> key <- fact: per (key, time) aggregates combined over the window (τ - Δ2, τ]
+    # of each distinct first-hop (key, τ), no join of each first-hop row to its key's rows
+    assert "per_time_3 AS (  -- orders rows per products key and time" in sql
+    assert sql.count("JOIN per_time_3 AS r") == 1 and "JOIN counts_3_1 AS c" in sql
+    assert sql.count('"tve.time" > k."tve.time" - INTERVAL \'7 days\'') == 2  # at_3, reach_3_1
     assert "path_3" not in sql
+    bounded = targets_sql(schema, defs, "customers", DELTA, second_hop_window=pd.Timedelta(hours=5))
+    assert "- INTERVAL '18000000000 microseconds'" in bounded
     assert "INTERVAL '90 microseconds'" in targets_sql(
         schema, defs, "customers", pd.Timedelta(microseconds=90)
     )
@@ -899,13 +1007,14 @@ def test_fact_key_fact_of_other_shapes_joins_rows():
     ] + [TargetDef("timed__std", "customers", paths["timed"], "amount", "std")]
     ts = [BASE, BASE + pd.Timedelta(days=2), BASE + pd.Timedelta(days=5)]
     sql = targets_sql(schema, defs, "customers", DELTA)
-    assert "path_1 AS" in sql and "path_2 AS" in sql and "run_3 AS" in sql
+    assert "path_1 AS" in sql and "path_2 AS" in sql and "per_time_3 AS" in sql
     got = compute_targets(TargetQuery(frames, schema, defs, "customers", ts, DELTA))
     assert_same_targets(got, brute_force(frames, schema, defs, "customers", ts, DELTA), defs)
 
 
+@pytest.mark.parametrize("values", [0, 16])
 @pytest.mark.parametrize("bucket_rows", [3, 10**9])
-def test_fact_key_fact_into_another_table(monkeypatch, bucket_rows):
+def test_fact_key_fact_into_another_table(monkeypatch, bucket_rows, values):
     """``E <- F -> K <- F'`` with ``F'`` another table than ``F`` (reviews of the ordered
     products): keys that first-hop rows reach but ``F'`` never references (products 0 and
     2 have orders, no review; 0 sorts before the reviewed 1), reviews before, at and after
@@ -914,6 +1023,7 @@ def test_fact_key_fact_into_another_table(monkeypatch, bucket_rows):
     import tve_pipeline.targets as targets
 
     monkeypatch.setattr(targets, "_LOOKUP_BUCKET_ROWS", bucket_rows)
+    monkeypatch.setattr(targets, "_DENSE_VALUES", values)
     t = lambda d, h=0: BASE + pd.Timedelta(days=d, hours=h)  # noqa: E731
     frames = _fixed_shop()
     frames["reviews"] = pd.DataFrame(
@@ -1087,14 +1197,19 @@ FKF_SPECIAL = st.one_of(
     days=st.lists(st.integers(0, 5), min_size=14, max_size=14),
     who=st.lists(st.integers(0, 2), min_size=14, max_size=14),
     product=st.lists(st.integers(0, 2), min_size=14, max_size=14),
+    second=st.sampled_from([None, pd.Timedelta(days=1), pd.Timedelta(days=9)]),
+    values=st.sampled_from([0, 16]),
 )
-def test_fact_key_fact_special_values_aggregate_as_duckdb_does(amounts, qty, days, who, product):
+def test_fact_key_fact_special_values_aggregate_as_duckdb_does(
+    amounts, qty, days, who, product, second, values
+):
     """fact->key<-fact paths over NaN, infinities, -0.0 and nulls: the in-process lookups
     give what DuckDB's own aggregates give over the joined rows (``targets_sql`` with
-    ``running_aggregates=False``, run as it is), and so does the SQL of the running form
-    (what ``--show-sql`` prints): NaN is the max once reached and the min only when every
-    value is NaN, one NaN does not make the ``std`` of rows that never reach it NaN. (1e300
-    is left out: the running ``std`` is taken from sums of squares, which overflow there.)"""
+    ``running_aggregates=False``, run as it is: the bounded join), and so does the SQL of
+    the lookups (what ``--show-sql`` prints): NaN is the max once reached and the min only
+    when every value is NaN, one NaN or infinity that has left the window (τ - Δ2, τ] no
+    longer makes a sum, min, max or ``std`` NaN. (1e300 is left out: ``std`` is taken from
+    squared distances, which overflow there.)"""
     import pyarrow as pa
 
     n = len(amounts)
@@ -1119,12 +1234,54 @@ def test_fact_key_fact_special_values_aggregate_as_duckdb_does(amounts, qty, day
     ]
     assert {d.aggregation for d in defs} >= {"mode", "count_distinct", "min", "max", "std"}
     ts = [BASE + pd.Timedelta(days=d) for d in (0, 2, 4)]
-    got = pa.concat_tables(iter_targets(TargetQuery(frames, schema, defs, "customers", ts, DELTA)))
+    query = TargetQuery(frames, schema, defs, "customers", ts, DELTA, second_hop_window=second)
+    with mock.patch.object(targets, "_DENSE_VALUES", values):
+        got = pa.concat_tables(iter_targets(query))
     con = _duckdb_over(frames, ts)
     for running in (False, True):
-        sql = targets_sql(schema, defs, "customers", DELTA, running_aggregates=running)
+        sql = targets_sql(
+            schema, defs, "customers", DELTA, running_aggregates=running, second_hop_window=second
+        )
         want = con.sql(sql).to_arrow_table()
         _assert_same_arrow_values(got, want, defs, f" (running SQL: {running})", abs_tol=1e-12)
+
+
+@pytest.mark.parametrize("bucket_rows", [7, 10**9])
+def test_fact_key_fact_window_std_keeps_its_digits_after_a_long_history(monkeypatch, bucket_rows):
+    """A window's ``std`` does not inherit its key's history: 400 earlier orders of +-1e6
+    then a window of 0.1 .. 0.6. A difference of running sums of squares would keep ~0.4 of
+    rounding from the history's 4e14 (std off by ~0.3); the window's own sums keep it to the
+    last digits: the value of DuckDB's ``stddev_samp`` over the joined rows, hand-checked."""
+    import statistics
+
+    import tve_pipeline.targets as targets
+
+    monkeypatch.setattr(targets, "_LOOKUP_BUCKET_ROWS", bucket_rows)
+    t = lambda d, m=0: BASE + pd.Timedelta(days=d, minutes=m)  # noqa: E731
+    history = [t(1 + i // 60, i % 60) for i in range(400)]
+    window = [t(8, 60 * (i + 1)) for i in range(5)] + [t(10)]
+    amounts = [1e6 if i % 2 else -1e6 for i in range(400)] + [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    frames = _fixed_shop()
+    frames["orders"] = pd.DataFrame(
+        {
+            "order_id": range(406),
+            "time": history + window,
+            "customer_id": [1] * 405 + [0],
+            "product_id": [0.0] * 406,
+            "amount": amounts,
+            "status": ["x"] * 406,
+        }
+    )
+    schema = shop_schema(True)
+    defs = [TargetDef("x__std", "customers", FKF_PATH, "amount", "std")]
+    ts = [t(9)]
+    got = compute_targets(TargetQuery(frames, schema, defs, "customers", ts, DELTA))
+    want = statistics.stdev([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    assert math.isclose(got.set_index("customer_id").loc[0, "x__std"], want, rel_tol=1e-9)
+    joined = _duckdb_over(frames, ts).sql(
+        targets_sql(schema, defs, "customers", DELTA, running_aggregates=False)
+    )
+    assert math.isclose(joined.df().set_index("customer_id").loc[0, "x__std"], want, rel_tol=1e-9)
 
 
 def test_assemble_places_each_source_by_pair_whatever_its_order():
@@ -1220,3 +1377,19 @@ def test_duckdb_is_given_half_of_the_memory_budget():
         with targets._connection(query, [], seeds, "timestamps") as con:
             got = con.execute("SELECT current_setting('memory_limit')").fetchall()[0][0]
         assert got == want, (limit, got)
+
+
+def test_recipe_second_hop_window_is_a_positive_duration():
+    """``targets.second_hop_window``: None is Δ (the reference); a duration is Δ2; anything
+    else fails when the recipe is read, naming the field."""
+    from pydantic import ValidationError
+
+    from tve_pipeline.config import TargetConfig
+
+    assert TargetConfig().second_hop_delta() is None
+    assert TargetConfig(second_hop_window="3 days").second_hop_delta() == pd.Timedelta(days=3)
+    for bad in ("-2 days", "0s", "soon"):
+        with pytest.raises(ValidationError, match="second_hop_window"):
+            TargetConfig(second_hop_window=bad)
+    with pytest.raises(ValueError, match="second_hop_window"):
+        TargetQuery({}, {}, [], "customers", [BASE], DELTA, second_hop_window=pd.Timedelta(0))

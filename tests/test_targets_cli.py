@@ -89,7 +89,9 @@ def brute_force(frames, seeds) -> pd.DataFrame:
             top = max(channels.values(), default=0)
             fkf = 0
             for pid, when in zip(mine["product_id"], mine["order_time"]):
-                fkf += int(((orders["product_id"] == pid) & (orders["order_time"] <= when)).sum())
+                same = orders["product_id"] == pid  # the second hop: (τ - Δ, τ] of τ = when
+                in_window = (orders["order_time"] <= when) & (orders["order_time"] > when - DELTA)
+                fkf += int((same & in_window).sum())
             rows.append(
                 {
                     "customer_id": cid,
@@ -340,18 +342,23 @@ def test_show_sql_prints_the_query(tiny, tmp_path, capsys):
     assert "WITH" in out and 'JOIN "orders" AS f' in out and "INTERVAL '30 days'" in out
 
 
-@pytest.mark.parametrize("entity", ["customers", "products"])
-def test_show_sql_script_runs_as_is_and_gives_the_same_rows(tiny, frames, tmp_path, capsys, entity):
-    """``--show-sql`` prints a DuckDB script (fact->key<-fact paths included) that a fresh
-    connection runs on the dataset's parquet files as it is, giving targets.parquet's rows;
-    it writes nothing."""
+@pytest.mark.parametrize(("entity", "second"), [("customers", None), ("products", "3 days")])
+def test_show_sql_script_runs_as_is_and_gives_the_same_rows(
+    tiny, frames, tmp_path, capsys, entity, second
+):
+    """``--show-sql`` prints a DuckDB script (fact->key<-fact paths included, their second
+    hop in (τ - Δ2, τ]: Δ2 = Δ or ``--second-hop-window``) that a fresh connection runs on
+    the dataset's parquet files as it is, giving targets.parquet's rows; it writes nothing."""
     import duckdb
 
     seeds = ",".join(str(t) for t in boundary_seeds(frames["orders"]))
     argv = [tiny, "--entity", entity, "--timedelta", "30 days", "--timestamps", seeds]
+    if second is not None:
+        argv += ["--second-hop-window", second]
     assert run_cli(*argv, "--show-sql") == 0
     script = capsys.readouterr().out
-    assert "ASOF JOIN" in script and "read_parquet(" in script and not (tmp_path / "x").exists()
+    bound = f'"tve.time" > k."tve.time" - INTERVAL \'{second or "30 days"}\''
+    assert bound in script and "read_parquet(" in script and not (tmp_path / "x").exists()
     assert run_cli(*argv, "--out", tmp_path / "x") == 0
     want = pd.read_parquet(tmp_path / "x" / "targets.parquet")
     con = duckdb.connect()  # a fresh connection: nothing registered, the script as printed
@@ -386,6 +393,8 @@ def test_out_or_show_sql_is_required(tiny, capsys):
         (["--entity", "customers", "--exclude-columns", "amount"], ["amount"]),
         (["--entity", "customers", "--timestamps", "2020-13-01"], ["2020-13-01"]),
         (["--entity", "customers", "--timedelta", "30 dayz"], ["30 dayz"]),
+        (["--entity", "customers", "--second-hop-window", "-2 days"], ["--second-hop-window"]),
+        (["--entity", "customers", "--second-hop-window", "soon"], ["--second-hop-window", "soon"]),
         (["--entity", "customers", "--memory-limit", "2 XB"], ["--memory-limit", "2 XB"]),
     ],
 )

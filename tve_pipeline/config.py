@@ -62,12 +62,36 @@ class TargetConfig(BaseModel):
     fact_key_fact: bool = True
     # Next-window length; None means "the downstream tasks' window for this database".
     timedelta: str | None = None
+    # Δ2 of a fact->key<-fact path's second hop: it reads the rows in (τ - Δ2, τ] of the
+    # first-hop row's time τ. None: the next window's Δ, as the reference's rel-hm notebooks
+    # (visualization/rel-hm/user-tve-2-hop.ipynb, cell 1).
+    second_hop_window: str | None = None
     # Memory budget of the targets' computation (DuckDB is given half as its limit and spills
     # beyond it; the in-process work is sized to the rest). Formerly ``duckdb_memory_limit``
     # (DuckDB's limit alone), still read under that name.
     memory_limit: str = Field(
         default="4GB", validation_alias=AliasChoices("memory_limit", "duckdb_memory_limit")
     )
+
+    @field_validator("second_hop_window")
+    @classmethod
+    def _positive_duration(cls, value: str | None) -> str | None:
+        import pandas as pd
+
+        if value is not None:
+            try:
+                window = pd.Timedelta(value)
+            except ValueError as exc:
+                raise ValueError(f"targets.second_hop_window: cannot read {value!r}") from exc
+            if window <= pd.Timedelta(0):
+                raise ValueError(f"targets.second_hop_window must be positive, got {value!r}")
+        return value
+
+    def second_hop_delta(self):
+        """``second_hop_window`` as a ``pd.Timedelta`` (None: the next window's Δ)."""
+        import pandas as pd
+
+        return None if self.second_hop_window is None else pd.Timedelta(self.second_hop_window)
 
     @field_validator("memory_limit")
     @classmethod

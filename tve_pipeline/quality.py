@@ -128,11 +128,13 @@ def leakage_verdict(
     where: str,
     *,
     sample_rows: int = LEAKAGE_SAMPLE_ROWS,
+    second_hop_window: pd.Timedelta | None = None,
 ) -> Verdict:
     """A window's task vectors against a recomputation from the rows in ``(t, t+Δ]`` only:
     the rows are the entities that exist at ``t``, and a sample of them has the recomputed
-    value in every target (``inactive`` included). ``frames``: the tables, as
-    :func:`tve_pipeline.recompute.read_tables` reads them."""
+    value in every target (``inactive`` included), a later "in" hop reading the rows in
+    ``(τ - Δ2, τ]`` of its hop-1 row's time τ (``second_hop_window``: Δ2, None for Δ).
+    ``frames``: the tables, as :func:`tve_pipeline.recompute.read_tables` reads them."""
     t = pd.Timestamp(seed_time)
     failures, checked, metadata, unchecked = [], {}, {}, {}
     for entity, defs in defs_by_entity.items():
@@ -155,7 +157,15 @@ def leakage_verdict(
         sample = _sample_rows(rows, key, sample_rows, f"{where}:{entity}")
         got = _read_rows(path, (), key, sample)
         want = recompute_task_vectors(
-            frames, schema, defs, entity, sample, t, delta, max_joined_rows=LEAKAGE_MAX_JOINED_ROWS
+            frames,
+            schema,
+            defs,
+            entity,
+            sample,
+            t,
+            delta,
+            max_joined_rows=LEAKAGE_MAX_JOINED_ROWS,
+            second_hop_window=second_hop_window,
         )
         differences = compare_task_vectors(got, want, defs)
         checked[entity] = len(sample)

@@ -7,7 +7,8 @@ semantics :mod:`tve_pipeline.traversal` states), with nothing shared with the SQ
 generator: the first hop keeps the rows that reference a sampled entity with time in the
 next window ``(t, t+Δ]`` (the only rows a task vector may read), each later hop follows
 the keys with a pandas join ("out": the row the current row references; "in": the rows
-that reference the current row, no later than the hop-1 row they were reached from), and
+that reference the current row with time in ``(τ - Δ2, τ]`` of the hop-1 row's time τ they
+were reached from; Δ2 is Δ unless given), and
 the values each entity reaches are aggregated one entity at a time. Aggregations are
 those of :mod:`tve_pipeline.targets`: ``count`` of the rows (no column) or of the non-null
 values, ``count_distinct``, ``sum``/``mean``/``min``/``max`` and the sample ``std`` (null
@@ -18,7 +19,7 @@ ties broken by the smallest; a count over no row is 0, any other aggregate null;
 :func:`compare_task_vectors` says where two frames of task vectors differ (the file that
 ``tve_targets`` wrote against the recomputation), within a tolerance scaled to the
 magnitude of the values aggregated: a float sum of many values differs in its last bits
-with the order of summation, and a ``std`` from running sums of squares loses digits when
+with the order of summation, and a ``std`` combined from parts loses digits when
 the mean is large.
 """
 
@@ -132,9 +133,11 @@ def _walk(
     entities: np.ndarray,
     t: pd.Timestamp,
     delta: pd.Timedelta,
+    second: pd.Timedelta,
 ) -> pd.DataFrame:
     """The rows of the path's last table that each entity reaches, with join multiplicity:
-    the last table's columns plus the entity's key (``tve.entity``)."""
+    the last table's columns plus the entity's key (``tve.entity``); a later "in" hop into
+    a time-stamped table keeps the rows in ``(τ - second, τ]`` of the hop-1 row's time τ."""
     first = path[0]
     table = frames[first.table]
     time = table[schema[first.table].time_col]
@@ -149,9 +152,10 @@ def _walk(
             i, j = _join(rows[hop.via], nxt[spec.pkey])
         else:
             i, j = _join(rows[schema[current].pkey], nxt[hop.via])
-            if spec.time_col is not None:  # no later than the hop-1 row (null: never)
+            if spec.time_col is not None:  # in (τ - Δ2, τ] of the hop-1 row's τ (null: never)
                 later = nxt[spec.time_col].to_numpy()[j]
-                ok = ~pd.isna(later) & (later <= hop1_time[i])
+                tau = hop1_time[i]
+                ok = ~pd.isna(later) & (later <= tau) & (later > tau - second)
                 i, j = i[ok], j[ok]
         rows = nxt.iloc[j].reset_index(drop=True)
         entity, hop1_time = entity[i], hop1_time[i]
@@ -233,12 +237,14 @@ def recompute_task_vectors(
     delta: pd.Timedelta,
     *,
     max_joined_rows: int | None = None,
+    second_hop_window: pd.Timedelta | None = None,
 ) -> RecomputedTaskVectors:
     """The raw task vectors of ``entities`` (keys of ``entity_table``) at ``seed_time``, from
     the next-window rows only, in the order of ``entities``. With ``max_joined_rows``, the
     fact->key<-fact targets of the entities past that many joined rows (in order) are left
-    out (``unchecked``)."""
+    out (``unchecked``). ``second_hop_window``: Δ2 of a later "in" hop (None: ``delta``)."""
     t = pd.Timestamp(seed_time)
+    second = pd.Timedelta(delta if second_hop_window is None else second_hop_window)
     entities = np.asarray(entities)
     pkey = schema[entity_table].pkey
     first_hops = list(dict.fromkeys(d.path[:1] for d in defs))
@@ -246,7 +252,7 @@ def recompute_task_vectors(
     for path in dict.fromkeys([*first_hops, *(d.path for d in defs)]):
         some = _within(frames, schema, path, entities, t, delta, max_joined_rows)
         left_out[path] = set(entities.tolist()) - set(some.tolist())
-        reached[path] = _walk(frames, schema, path, some, t, delta)
+        reached[path] = _walk(frames, schema, path, some, t, delta, second)
     unchecked = {(d.name, e) for d in defs for e in left_out[d.path]}
     active = set().union(*(reached[h][_ENTITY].tolist() for h in first_hops))
     values: dict[tuple, dict] = {}  # (path, column) -> entity -> the values it reaches

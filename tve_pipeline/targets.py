@@ -8,19 +8,22 @@ into one set-based DuckDB query over a relation of seed times ``timestamps(times
   (a range join, ``t < time <= t + Δ``), with the dimension rows that the paths' "out"
   hops reach left-joined on (a fact row references one such row or none, so every path
   ``E <- F -> D ...`` made of "out" hops is read off the window's rows);
-- ``run_<j>`` and ``agg_<j>`` of a fact->key<-fact path (``E <- F -> K <- F'``: rows of
-  ``F'`` with the hop-1 row's key, no later than it): the rows reached from a hop-1 row
-  at time τ are a prefix in time order of its key's rows, so ``run_<j>`` accumulates
-  ``F'`` per key in time order once (count, sum, min, max, sums of squares) and
-  ``agg_<j>`` looks each hop-1 row's prefix up with an ``ASOF JOIN`` and combines them per
-  (seed time, entity): one pass over ``F'`` and one lookup per hop-1 row, where joining
-  rows costs (hop-1 rows) x (rows per key); ``counts_<j>_<k>`` does the same per (key,
-  value) for modes and distinct counts, exactly. These tables read no seed time:
-  :func:`iter_targets` computes them once for all its groups of seed times, and makes the
-  lookups (``at_<j>``, ``reach_<j>_<k>``) in process from one sorted scan of ``F'`` with
-  the first-hop (key, time) interleaved (NumPy running sums, counts and maxima per key),
-  never materialising ``run``, ``counts`` or ``best``; ``--show-sql``'s script keeps the
-  SQL of all of them;
+- ``per_time_<j>``, ``at_<j>`` and ``agg_<j>`` of a fact->key<-fact path (``E <- F -> K
+  <- F'``: rows of ``F'`` with the hop-1 row's key and time in ``(τ - Δ2, τ]`` of the
+  hop-1 row's time τ; Δ2 is Δ unless the query says otherwise, as the reference's
+  ``t1 <= t0 AND t1 > t0 - Δ``): the rows reached from a hop-1 row depend on its (key, τ)
+  only, so ``at_<j>`` aggregates each distinct (key, τ) of every seed time's windows once
+  (from ``per_time_<j>``, ``F'`` per (key, time): count, sum, min, max, squared distances)
+  and ``agg_<j>`` combines them per (seed time, entity), where joining rows costs (hop-1
+  rows of every seed time) x (rows of the key in Δ2); ``counts_<j>_<k>``, ``reach_<j>_<k>``
+  and ``best_<j>_<k>`` do the same per (key, value) for modes and distinct counts,
+  exactly. These tables read no seed time: :func:`iter_targets` computes them once for
+  all its groups of seed times, and makes the lookups (``at_<j>``, ``reach_<j>_<k>``) in
+  process from one sorted scan of ``F'`` with the first-hop (key, time) interleaved (each
+  lookup's window a range of its key's rows: counts by prefix differences, sums, min and
+  max by a segment tree, value counts by runs of (key, value); :func:`_lookups_of_bucket`),
+  never materialising ``per_time``, ``counts``, ``reach`` or ``best``; ``--show-sql``'s
+  script keeps the SQL of all of them;
 - ``path_<j>``: any other path with a later "in" hop (hand-written definitions: an "in"
   hop right after the first, a last table without a time column), joined row by row;
 - ``agg_<j>``: per (seed time, entity), the row counts and plain aggregates of all the
@@ -249,7 +252,10 @@ def validate_targets(
             raise ValueError(f"target {d.name!r}: column names starting with 'tve.' are reserved")
 
 
-_CTE_NAME = r"(seed|active|vector|(window|path|aggs?|run)_\d+|(mode|counts)_\d+_\d+)"
+_CTE_NAME = (
+    r"(seed|active|vector|(window|path|aggs?|at|per_time|hops_all)_\d+"
+    r"|(mode|counts|ranks|reach|best|several)_\d+_\d+)"
+)
 
 
 def _cte_prefix(schema_tables: Mapping[str, TableSpecLike]) -> str:
@@ -294,7 +300,7 @@ class _Cte(NamedTuple):
     comment: str
     body: str
     #: computed once per query, as a table, before the groups of seed times: it reads no seed
-    #: time (per-key running aggregates) or all of them (their lookups), never a group's
+    #: time (per (key, time) aggregates) or all of them (their lookups), never a group's
     once: bool = False
     #: of an ``at_<j>``: how :func:`iter_targets` makes it (and the ``reach_<j>_<k>``) in
     #: process, from a sorted scan of ``F'``, without the tables it reads here; of an
@@ -325,6 +331,10 @@ class _QueryPlan:
     entity_table: str
     seed_times: str  # the quoted relation of seed times
     next_window: str  # the interval literal of Δ
+    #: the interval literal of Δ2: a later "in" hop reaches rows in (τ - Δ2, τ] of the
+    #: hop-1 row's time τ
+    second_window: str
+    second_window_ns: int
     prefix: str  # of every CTE name ('' unless a table's name collides with one)
     paths: list[tuple[Hop, ...]]
     first_hops: list[Hop]
@@ -352,6 +362,7 @@ def _query_plan(
     entity_table: str,
     timedelta: pd.Timedelta,
     timestamps_relation: str,
+    second_hop_window: pd.Timedelta | None = None,
 ) -> _QueryPlan:
     paths = paths_of(defs)
     return _QueryPlan(
@@ -360,10 +371,21 @@ def _query_plan(
         entity_table=entity_table,
         seed_times=quote(timestamps_relation),
         next_window=interval_sql(timedelta),
+        second_window=interval_sql(_second_window(timedelta, second_hop_window)),
+        second_window_ns=_second_window(timedelta, second_hop_window).value,
         prefix=_cte_prefix(schema_tables),
         paths=paths,
         first_hops=list(dict.fromkeys(p[0] for p in paths)),
     )
+
+
+def _second_window(timedelta, second_hop_window) -> pd.Timedelta:
+    """Δ2, the window of a later "in" hop: Δ unless given (the reference bounds the second
+    fact's rows by the database's Δ)."""
+    window = pd.Timedelta(timedelta if second_hop_window is None else second_hop_window)
+    if window <= pd.Timedelta(0):
+        raise ValueError(f"second_hop_window must be a positive duration, got {window}")
+    return window
 
 
 def targets_sql(
@@ -375,6 +397,7 @@ def targets_sql(
     timestamps_relation: str = "timestamps",
     dense: bool = True,
     running_aggregates: bool = True,
+    second_hop_window: pd.Timedelta | None = None,
 ) -> str:
     """The DuckDB query computing the raw task vectors of ``entity_table`` for every seed time.
 
@@ -384,8 +407,11 @@ def targets_sql(
     pkey). ``dense=True``: one row per seed (:func:`_seed_cte`); ``dense=False``: only
     the rows with ``inactive = 0`` (the others have counts 0 and everything else null),
     which is what :func:`iter_targets` runs. ``running_aggregates=False`` joins each
-    first-hop row of a fact->key<-fact path to every earlier row of its key instead of
-    reading per-key running aggregates (same rows; the benchmarks' straightforward baseline).
+    first-hop row of a fact->key<-fact path to every row of its key in the second hop's
+    window instead of reading per (key, time) lookups (same rows; the benchmarks'
+    straightforward baseline).
+    ``second_hop_window``: Δ2, the window ``(τ - Δ2, τ]`` of a hop-1 row's time τ that a
+    later "in" hop reads (None: ``timedelta``, as the reference).
 
     Shape: ``window_<i>`` holds the next-window rows of first hop ``i`` and, left-joined
     onto each, the rows that the "out" hops of its paths reach (a fact row references one
@@ -411,6 +437,7 @@ def targets_sql(
         timestamps_relation,
         dense,
         running_aggregates,
+        second_hop_window=second_hop_window,
     )
     return _with_query(ctes, final, from_lines)
 
@@ -424,9 +451,10 @@ def _split_once(
     timestamps_relation: str = "timestamps",
     dense: bool = True,
     running_aggregates: bool = True,
+    second_hop_window: pd.Timedelta | None = None,
 ) -> tuple[list[_Cte], str]:
     """:func:`targets_sql` in two parts: each CTE that reads no seed time (the per-key
-    running aggregates of fact->key<-fact paths), to create as a table once, and the query
+    lookups of fact->key<-fact paths), to create as a table once, and the query
     over the rest, which reads them by name (what ``show_sql`` prints)."""
     ctes, final, from_lines, _ = _targets_ctes(
         schema_tables,
@@ -436,6 +464,7 @@ def _split_once(
         timestamps_relation,
         dense,
         running_aggregates,
+        second_hop_window=second_hop_window,
     )
     tables = [cte for cte in ctes if cte.once]
     return tables, _with_query([cte for cte in ctes if not cte.once], final, from_lines)
@@ -449,6 +478,7 @@ def _in_process(
     *,
     timestamps_relation: str,
     running_aggregates: bool,
+    second_hop_window: pd.Timedelta | None = None,
 ) -> tuple[list[_Cte], list[_Cte], _Assembly]:
     """What :func:`iter_targets` runs: the tables to create once (as :func:`_split_once`);
     the steps of each group of seed times, in order: each window by its query (a
@@ -466,6 +496,7 @@ def _in_process(
         False,
         running_aggregates,
         native=True,
+        second_hop_window=second_hop_window,
     )
     tables = [cte for cte in ctes if cte.once]
     steps = [cte for cte in ctes if cte.fetched or isinstance(cte.native, _NativeAggregate)]
@@ -487,6 +518,7 @@ def _targets_ctes(
     dense: bool,
     running_aggregates: bool,
     native: bool = False,
+    second_hop_window: pd.Timedelta | None = None,
 ) -> tuple[list[_Cte], list[tuple[str, str | None]], list[str], _Assembly | None]:
     """The CTEs of :func:`targets_sql`, its output columns and its ``FROM`` lines.
 
@@ -497,7 +529,9 @@ def _targets_ctes(
     columns: an :class:`_Assembly` instead."""
     defs = list(defs)
     validate_targets(schema_tables, defs, entity_table)
-    plan = _query_plan(schema_tables, defs, entity_table, timedelta, timestamps_relation)
+    plan = _query_plan(
+        schema_tables, defs, entity_table, timedelta, timestamps_relation, second_hop_window
+    )
     columns = _WindowColumns.of(plan)
 
     ctes = [_seed_cte(plan)] if dense else []
@@ -730,7 +764,7 @@ def _window_cte(plan: _QueryPlan, hop: Hop, columns: _WindowColumns) -> _Cte:
 
 def _path_cte(plan: _QueryPlan, p: tuple[Hop, ...]) -> _Cte:
     """``path_<j>``: the rows of a path with a later "in" hop, one join per hop from its
-    window; the rows of an "in" hop are those no later than the hop-1 row."""
+    window; the rows of an "in" hop are those in ``(τ - Δ2, τ]`` of the hop-1 row's time τ."""
     j, last = plan.path_number(p), f"h{len(p)}"
     values = list(dict.fromkeys(d.column for d in plan.defs_of(p) if d.column is not None))
     items = [(f"h1.{_SEED_TIME}", _SEED_TIME), (f"h1.{quote(p[0].via)}", _ENTITY)]
@@ -744,8 +778,11 @@ def _path_cte(plan: _QueryPlan, p: tuple[Hop, ...]) -> _Cte:
         else:
             prev_pkey = plan.schema_tables[p[k - 2].table].pkey
             cond = f"{cur}.{quote(hop.via)} = {prev}.{quote(prev_pkey)}"
-            if spec.time_col is not None:
-                cond += f"\n   AND {cur}.{quote(spec.time_col)} <= {time1}"
+            if spec.time_col is not None:  # in (τ - Δ2, τ] of the hop-1 row's time τ
+                cond += (
+                    f"\n   AND {cur}.{quote(spec.time_col)} <= {time1}"
+                    f"\n   AND {cur}.{quote(spec.time_col)} > {time1} - {plan.second_window}"
+                )
         lines.append(f"JOIN {quote(hop.table)} AS {cur}\n    ON {cond}")
     return _Cte(
         f"{plan.prefix}path_{j}",
@@ -754,12 +791,12 @@ def _path_cte(plan: _QueryPlan, p: tuple[Hop, ...]) -> _Cte:
     )
 
 
-# ----------------------------------------------------- fact -> key <- fact by running aggregates
+# ------------------------------------------ fact -> key <- fact by per-key lookups of windows
 
 
 def _running_shape(plan: _QueryPlan, p: tuple[Hop, ...]) -> bool:
     """``E <- F -> K <- F'`` with ``F'`` time-stamped: what :func:`_running_ctes` computes
-    without joining each first-hop row to every earlier row of ``F'`` with its key."""
+    without joining each first-hop row to the rows of ``F'`` with its key."""
     return (
         len(p) == 3
         and p[1].direction == "out"
@@ -768,19 +805,16 @@ def _running_shape(plan: _QueryPlan, p: tuple[Hop, ...]) -> bool:
     )
 
 
-#: The running statistics of a column that each plain aggregation reads (``n`` non-null
-#: values, ``s`` sum, ``d`` and ``q`` sum and sum of squares of the values less a shift).
+#: The statistics of a column over a window that each plain aggregation reads (``n``
+#: non-null values, ``s`` sum, ``m2`` sum of squared distances from the window's own mean).
 _RUNNING_STATS: dict[str, tuple[str, ...]] = {
     "count": ("n",),
     "sum": ("s", "n"),  # n: a sum over no value is null
     "mean": ("s", "n"),
     "min": ("min",),
     "max": ("max",),
-    "std": ("n", "d", "q"),
+    "std": ("n", "s", "m2"),
 }
-#: Of a sum of squares less the square of the sum over n, what is left of rounding: below
-#: this share of the sum of squares, the spread is taken as 0 (equal values have std 0).
-_CANCELLATION = "1e-12"
 
 
 def _key_rows(plan: _QueryPlan, p: tuple[Hop, ...]) -> tuple[str, str, str]:
@@ -795,25 +829,37 @@ def _key_rows(plan: _QueryPlan, p: tuple[Hop, ...]) -> tuple[str, str, str]:
 
 
 def _running_ctes(plan: _QueryPlan, p: tuple[Hop, ...]) -> list[_Cte]:
-    """``run_<j>`` and ``agg_<j>`` of ``E <- F -> K <- F'``: the plain aggregates of the
-    path, from per-key running aggregates of ``F'``.
+    """The CTEs of ``E <- F -> K <- F'`` up to ``agg_<j>``, its plain aggregates, from one
+    lookup per first-hop (key, time) instead of joining each first-hop row to ``F'``.
 
     The rows the path reaches from a first-hop row at time τ with key ``k`` are the rows of
-    ``F'`` with key ``k`` and time <= τ: a prefix, in time order, of the key's rows. So
-    ``run_<j>`` aggregates ``F'`` per (key, time) and accumulates in time order (row count,
-    non-null count, sum, min, max, and for ``std`` the sum and sum of squares of the values
-    less the column's mean over ``F'``, which keeps the squares small); ``agg_<j>`` looks
-    each first-hop row's prefix up (an ASOF join: the last (key, time) <= τ) and combines
-    them per (seed time, entity): counts and sums add up, min of mins, max of maxes, mean
-    = sum / count, std from the sums (sample; 0 when what is left after cancellation is
-    below ``_CANCELLATION`` of the sum of squares). Cost: one pass over ``F'`` and one
-    lookup per first-hop row, not one output row per (first-hop row, earlier ``F'`` row).
+    ``F'`` with key ``k`` and time in ``(τ - Δ2, τ]`` (the reference's
+    ``t1 <= t0 AND t1 > t0 - Δ``), the same for every first-hop row with that (key, τ),
+    whatever its seed time. So ``per_time_<j>`` aggregates ``F'`` per (key, time) once (row
+    count, non-null count, sum, min, max, and for ``std`` the squared distances from the
+    time's mean); ``at_<j>``
+    combines them over each distinct first-hop (key, τ)'s window (a range join of the
+    distinct (key, τ) of every seed time's windows, ``hops_all_<j>``, with the key's
+    distinct times in the window); ``agg_<j>`` joins each first-hop row of a group's window
+    to its (key, τ) and combines them per (seed time, entity): counts and sums add up, min
+    of mins, max of maxes, mean = sum / count, std from each part's ``m2`` (squared distances
+    from its own mean) and mean, as Chan et al. combine them (:func:`_combined_sql`: no sum
+    of squares about a far-away mean to cancel). The mode and
+    distinct count of each (key, τ) (``best_<j>_<k>``) come from the count of each value in
+    its window (``reach_<j>_<k>``, from per (key, value, time) counts ``counts_<j>_<k>``).
+    Cost in SQL: (distinct first-hop (key, τ)) x (distinct times of the key in Δ2), not
+    (first-hop rows of every seed time) x (rows of the key). :func:`iter_targets` makes
+    ``at_<j>`` and each ``reach_<j>_<k>`` in process instead (:func:`_lookups_of_bucket`).
     """
     stats = _RunningStats.of(plan, p)
-    ctes = [_run_cte(plan, p, stats)]
-    for k, column in enumerate(_running_value_columns(plan, p), 1):
+    ctes = [_per_time_cte(plan, p, stats)]
+    values = _running_value_columns(plan, p)
+    for k, column in enumerate(values, 1):
         ctes += _running_value_ctes(plan, p, k, column)
-    ctes += [_all_hops_cte(plan, p), _at_cte(plan, p, stats)]
+    ctes.append(_all_hops_cte(plan, p))
+    for k, column in enumerate(values, 1):
+        ctes += _window_value_ctes(plan, p, k, column)
+    ctes.append(_at_cte(plan, p, stats))
     return ctes + [_running_agg_cte(plan, p, stats)]
 
 
@@ -831,37 +877,86 @@ def _all_hops_cte(plan: _QueryPlan, p: tuple[Hop, ...]) -> _Cte:
     )
 
 
+def _lookup_keys(plan: _QueryPlan, p: tuple[Hop, ...]) -> str:
+    """The distinct first-hop (key, time) of every seed time's window (alias ``k``)."""
+    return (
+        f'(SELECT DISTINCT "tve.key", "tve.time" FROM {plan.prefix}hops_all_'
+        f'{plan.path_number(p)}\n         WHERE "tve.key" IS NOT NULL) AS k'
+    )
+
+
+def _in_second_window(plan: _QueryPlan, alias: str) -> str:
+    """The join of rows ``alias`` (key, time) to the lookups ``k``: same key, time in
+    ``(τ - Δ2, τ]`` of the lookup's τ."""
+    return (
+        f'{alias}."tve.key" = k."tve.key" AND {alias}."tve.time" <= k."tve.time"\n'
+        f'   AND {alias}."tve.time" > k."tve.time" - {plan.second_window}'
+    )
+
+
 def _at_cte(plan: _QueryPlan, p: tuple[Hop, ...], stats: _RunningStats) -> _Cte:
-    """``at_<j>``: the running statistics of ``run_<j>`` and the running mode and distinct
-    count of each ``best_<j>_<k>`` at every (key, time) of a first-hop row in any seed
-    time's window: one ASOF lookup per distinct (key, time), done once for all groups of
-    seed times (each group's query finds its rows by equality)."""
+    """``at_<j>``: per distinct first-hop (key, time τ) of any seed time's window, the
+    statistics of ``per_time_<j>`` over ``(τ - Δ2, τ]`` and the mode and distinct count of
+    each value column (``best_<j>_<k>``): computed once for all groups of seed times (each
+    group's query finds its rows by equality)."""
     j = plan.path_number(p)
-    items = [('k."tve.key"', None), ('k."tve.time"', None), ('r."tve.rows"', None)]
-    items += [(f"r.{stats.name(c, s)}", None) for c, s in stats.pairs]
-    joins = [
-        f"  ASOF JOIN {plan.prefix}run_{j} AS r\n"
-        f'    ON r."tve.key" = k."tve.key" AND k."tve.time" >= r."tve.time"\n'
-    ]
+    keys = [('k."tve.key"', '"tve.key"'), ('k."tve.time"', '"tve.time"')]
+    source = (
+        f"FROM {_lookup_keys(plan, p)}\n"
+        f"  JOIN {plan.prefix}per_time_{j} AS r\n"
+        f"    ON {_in_second_window(plan, 'r')}"
+    )
+    inner, combined = _combined_sql(stats, keys, source, 'k."tve.key", k."tve.time"')
+    items = [('i."tve.key"', None), ('i."tve.time"', None), *combined]
+    joins = ""
     for k, _ in enumerate(_running_value_columns(plan, p), 1):
         items += [
-            (f'b{k}."value"', quote(f"tve.mode_{k}")),
-            (f'b{k}."distinct"', quote(f"tve.distinct_{k}")),
+            (f'any_value(b{k}."value")', quote(f"tve.mode_{k}")),
+            (f'any_value(b{k}."distinct")', quote(f"tve.distinct_{k}")),
         ]
-        joins.append(
-            f"  ASOF LEFT JOIN {plan.prefix}best_{j}_{k} AS b{k}\n"
-            f'    ON b{k}."tve.key" = k."tve.key" AND k."tve.time" >= b{k}."tve.time"\n'
+        joins += (
+            f"\n  LEFT JOIN {plan.prefix}best_{j}_{k} AS b{k}\n"
+            f'    ON b{k}."tve.key" = i."tve.key" AND b{k}."tve.time" = i."tve.time"'
         )
+    inner = inner.replace("\n", "\n        ")
     return _Cte(
         f"{plan.prefix}at_{j}",
-        f"{_describe(plan.entity_table, p)}: running aggregates at each first-hop (key, time)",
+        f"{_describe(plan.entity_table, p)}: aggregates of each first-hop (key, time)'s window",
         f"SELECT {_select(items, '         ')}\n"
-        f'  FROM (SELECT DISTINCT "tve.key", "tve.time" FROM {plan.prefix}hops_all_{j}\n'
-        f'         WHERE "tve.key" IS NOT NULL)'
-        " AS k\n" + "".join(joins).rstrip(),
+        f"  FROM ({inner}) AS i" + joins + "\n  GROUP BY 1, 2",
         once=True,
         native=_native_lookups(plan, p, stats),
     )
+
+
+def _combined_sql(
+    stats: _RunningStats, keys: list[tuple[str, str]], source: str, partition: str
+) -> tuple[str, list[tuple[str, str | None]]]:
+    """Window statistics (alias ``r`` in ``source``, a FROM clause) combined per group
+    (``keys``, ``partition``): the rows with, per ``std`` column, the mean of their group's
+    values, and the select list over them: counts and sums add up, min of mins, max of
+    maxes, and ``m2`` as Chan et al. combine parts: the parts' ``m2`` plus each part's
+    count x (its mean - the group's mean)^2. A NaN or infinity makes ``m2`` NaN."""
+    name = stats.name
+    inner = [*keys, ('r."tve.rows"', None)]
+    inner += [(f"r.{name(c, s)}", None) for c, s in stats.pairs]
+    for c in stats.spread:
+        n, total = name(c, "n"), name(c, "s")
+        inner.append((f"sum(r.{total}) OVER g / nullif(sum(r.{n}) OVER g, 0)", name(c, "mean")))
+    inner_sql = (
+        f"SELECT {_select(inner, '       ')}\n{source}\nWINDOW g AS (PARTITION BY {partition})"
+    )
+    combined: list[tuple[str, str | None]] = [
+        (stats.accumulate("rows", '"tve.rows"'), '"tve.rows"')
+    ]
+    for c, s in stats.pairs:
+        if s == "m2":
+            n, total, mean = name(c, "n"), name(c, "s"), name(c, "mean")
+            spread = f"{n} * ({total} / nullif({n}, 0) - {mean}) ** 2"
+            combined.append((f"sum({name(c, 'm2')}) + sum({spread})", name(c, s)))
+        else:
+            combined.append((stats.accumulate(s, name(c, s)), name(c, s)))
+    return inner_sql, combined
 
 
 def _reach_name(plan: _QueryPlan, p: tuple[Hop, ...], k: int) -> str:
@@ -881,9 +976,8 @@ class _NativeLookups:
     #: "tve.several": of a pair with several): key, time, lookup, several, then per running
     #: column "tve.v_<i>" and per value column "tve.rank_<k>"
     rows_sql: str
-    shift_sql: str | None  # the shifts of the ``std`` columns, in ``shifted`` order
     pairs: tuple[tuple[int, str, str], ...]  # (column number, stat, output name)
-    shifted: tuple[int, ...]
+    window_ns: int  # Δ2 in nanoseconds: a lookup at τ reads the rows in (τ - Δ2, τ]
 
 
 def _native_lookups(plan: _QueryPlan, p: tuple[Hop, ...], stats: _RunningStats) -> _NativeLookups:
@@ -918,12 +1012,8 @@ def _native_lookups(plan: _QueryPlan, p: tuple[Hop, ...], stats: _RunningStats) 
         f"        SELECT {_select(looks, '               ')}\n"
         f'          FROM {hops} WHERE "tve.key" IS NOT NULL GROUP BY 1, 2'
     )
-    shift_sql = None
-    if stats.shifted:
-        means = [_shift_sql(f"CAST(g.{quote(c)} AS DOUBLE)") for c in stats.shifted]
-        shift_sql = f"SELECT {', '.join(means)} FROM {from_rows} WHERE {where}"
     reach = tuple(_reach_name(plan, p, k) for k in range(1, len(values) + 1))
-    replaces = {f"{plan.prefix}run_{j}", *reach}
+    replaces = {f"{plan.prefix}per_time_{j}", *reach}
     for k in range(1, len(values) + 1):
         replaces |= {f"{plan.prefix}counts_{j}_{k}", f"{plan.prefix}best_{j}_{k}"}
     return _NativeLookups(
@@ -932,22 +1022,21 @@ def _native_lookups(plan: _QueryPlan, p: tuple[Hop, ...], stats: _RunningStats) 
         ranks=ranks,
         replaces=frozenset(replaces),
         rows_sql=rows_sql,
-        shift_sql=shift_sql,
         pairs=tuple((stats.number[c], s, f"tve.{s}_{stats.number[c]}") for c, s in stats.pairs),
-        shifted=tuple(stats.number[c] for c in stats.shifted),
+        window_ns=plan.second_window_ns,
     )
 
 
 @dataclass(frozen=True)
 class _RunningStats:
-    """The running statistics of a fact->key<-fact path: (column, stat) pairs in order,
+    """The statistics of a fact->key<-fact path's windows: (column, stat) pairs in order,
     the columns' numbers (in internal names ``"tve.<stat>_<number>"``) and the columns whose
-    values are shifted by their mean (for ``std``)."""
+    values have a ``std``."""
 
     plain: list[TargetDef]
     pairs: list[tuple[str, str]]
     number: dict[str, int]
-    shifted: list[str]
+    spread: list[str]
 
     @classmethod
     def of(cls, plan: _QueryPlan, p: tuple[Hop, ...]) -> _RunningStats:
@@ -961,22 +1050,21 @@ class _RunningStats:
             )
         )
         number = {c: i for i, c in enumerate(dict.fromkeys(c for c, _ in pairs), 1)}
-        shifted = sorted({c for c, stat in pairs if stat in ("d", "q")}, key=number.get)
-        return cls(plain, pairs, number, shifted)
+        spread = [c for c, stat in pairs if stat == "m2"]
+        return cls(plain, pairs, number, spread)
 
     def name(self, column: str, stat: str) -> str:
         return quote(f"tve.{stat}_{self.number[column]}")
 
     @staticmethod
-    def accumulate(stat: str, column: str, over: str = "") -> str:
-        """Over a key's prefix (``over``: the window) or over the prefixes of a pair."""
-        total = f"{'min' if stat == 'min' else 'max' if stat == 'max' else 'sum'}({column}){over}"
+    def accumulate(stat: str, column: str) -> str:
+        """Over the (key, time) of a lookup's window, or over the lookups of a pair."""
+        total = f"{'min' if stat == 'min' else 'max' if stat == 'max' else 'sum'}({column})"
         return f"CAST({total} AS BIGINT)" if stat in ("rows", "n") else total
 
 
-def _run_cte(plan: _QueryPlan, p: tuple[Hop, ...], stats: _RunningStats) -> _Cte:
-    """``run_<j>``: per key of ``K``, the running statistics of ``F'`` in time order (one row
-    per (key, time))."""
+def _per_time_cte(plan: _QueryPlan, p: tuple[Hop, ...], stats: _RunningStats) -> _Cte:
+    """``per_time_<j>``: the statistics of ``F'`` per (key of ``K``, time)."""
     from_rows, where, key_time = _key_rows(plan, p)
     name = stats.name
 
@@ -986,74 +1074,50 @@ def _run_cte(plan: _QueryPlan, p: tuple[Hop, ...], stats: _RunningStats) -> _Cte
     per_time = {
         "n": lambda c: f"count(g.{quote(c)})",
         "s": lambda c: f"sum({value(c)})",
-        "d": lambda c: f"sum({value(c)} - c.{name(c, 'shift')})",
-        "q": lambda c: f"sum(({value(c)} - c.{name(c, 'shift')}) ** 2)",
+        "m2": lambda c: f"var_pop({value(c)}) * count(g.{quote(c)})",
         "min": lambda c: f"min({value(c)})",
         "max": lambda c: f"max({value(c)})",
     }
-    inner = [("count(*)", '"tve.rows"')] + [(per_time[s](c), name(c, s)) for c, s in stats.pairs]
-    shift_from = ""
-    if stats.shifted:
-        means = [(_shift_sql(value(c)), name(c, "shift")) for c in stats.shifted]
-        shift_from = (
-            f"\n        CROSS JOIN (SELECT {_select(means, '                    ')}"
-            f"\n                    FROM {from_rows}) AS c"
-        )
-    outer = [('"tve.key"', None), ('"tve.time"', None)]
-    outer += [(stats.accumulate("rows", '"tve.rows"', " OVER w"), '"tve.rows"')]
-    outer += [(stats.accumulate(s, name(c, s), " OVER w"), name(c, s)) for c, s in stats.pairs]
-
-    per_time_sql = (
-        f"SELECT {key_time},\n"
-        f"               {_select(inner, '               ')}\n"
-        f"          FROM {from_rows}{shift_from}\n"
-        f"         WHERE {where}\n"
-        f"         GROUP BY 1, 2"
-    )
-
+    items = [("count(*)", '"tve.rows"')] + [(per_time[s](c), name(c, s)) for c, s in stats.pairs]
     return _Cte(
-        f"{plan.prefix}run_{plan.path_number(p)}",
-        f"{p[2].table} rows per {p[1].table} key: running aggregates in time order",
-        f"SELECT {_select(outer, '         ')}\n"
-        f"  FROM ({per_time_sql})\n"
-        f'  WINDOW w AS (PARTITION BY "tve.key" ORDER BY "tve.time" ROWS UNBOUNDED PRECEDING)',
+        f"{plan.prefix}per_time_{plan.path_number(p)}",
+        f"{p[2].table} rows per {p[1].table} key and time",
+        f"SELECT {key_time},\n         {_select(items, '         ')}\n"
+        f"  FROM {from_rows}\n"
+        f"  WHERE {where}\n"
+        f"  GROUP BY 1, 2",
         once=True,
     )
 
 
-def _shift_sql(value: str) -> str:
-    """The shift of a ``std`` column's values (their sums of squares are taken about it):
-    the mean of its finite values (one NaN or infinity would make every shifted value NaN)."""
-    return f"coalesce(avg({value}) FILTER (WHERE isfinite({value})), 0)"
-
-
 def _running_agg_cte(plan: _QueryPlan, p: tuple[Hop, ...], stats: _RunningStats) -> _Cte:
-    """``agg_<j>``: each first-hop row's prefix of ``run_<j>`` (ASOF join), combined per
-    (seed time, entity) into the path's plain aggregates."""
+    """``agg_<j>``: each first-hop row's window aggregates (``at_<j>``, by (key, time)),
+    combined per (seed time, entity) into the path's plain aggregates."""
     j, hop1, name = plan.path_number(p), p[0], stats.name
-    combine = [(f"w.{_SEED_TIME}", _SEED_TIME), (f"w.{quote(hop1.via)}", _ENTITY)]
-    combine.append((stats.accumulate("rows", 'r."tve.rows"'), '"tve.rows"'))
-    combine += [(stats.accumulate(s, f"r.{name(c, s)}"), name(c, s)) for c, s in stats.pairs]
-    for c in stats.shifted:  # what is left of the sum of squares about the mean
-        d_, q, n = (f"sum(r.{name(c, s)})" for s in ("d", "q", "n"))
-        combine.append((f"{q} - {d_} * {d_} / {n}", name(c, "m2")))
+    time1 = f"w.{quote(plan.hop1_time(hop1))}"
+    keys = [(f"w.{_SEED_TIME}", _SEED_TIME), (f"w.{quote(hop1.via)}", _ENTITY)]
+    source = (
+        f"FROM {plan.window_of(hop1)} AS w\n"
+        f"  JOIN {plan.prefix}at_{j} AS r\n"
+        f'    ON r."tve.key" = w.{quote(p[1].via)} AND r."tve.time" = {time1}'
+    )
+    inner, combined = _combined_sql(stats, keys, source, f"w.{_SEED_TIME}, w.{quote(hop1.via)}")
+    inner = inner.replace("\n", "\n                ")
+    items = [(_SEED_TIME, None), (_ENTITY, None), *combined]
     final = [(_SEED_TIME, None), (_ENTITY, None)]
     final += [(_running_target(d, name), quote(d.name)) for d in stats.plain]
-    time1 = f"w.{quote(plan.hop1_time(hop1))}"
     return _Cte(
         f"{plan.prefix}agg_{j}",
-        f"aggregates of {_describe(plan.entity_table, p)}, from each first-hop row's prefix",
+        f"aggregates of {_describe(plan.entity_table, p)}, from each first-hop row's window",
         f"SELECT {_select(final, '         ')}\n"
-        f"  FROM (SELECT {_select(combine, '               ')}\n"
-        f"          FROM {plan.window_of(hop1)} AS w\n"
-        f"          JOIN {plan.prefix}at_{j} AS r\n"
-        f'            ON r."tve.key" = w.{quote(p[1].via)} AND r."tve.time" = {time1}\n'
+        f"  FROM (SELECT {_select(items, '               ')}\n"
+        f"          FROM ({inner})\n"
         f"         GROUP BY 1, 2)",
     )
 
 
 def _running_target(d: TargetDef, name: Callable[[str, str], str]) -> str:
-    """One plain aggregate of ``E <- F -> K <- F'`` from the combined running statistics."""
+    """One plain aggregate of ``E <- F -> K <- F'`` from the combined window statistics."""
     if d.column is None:
         return '"tve.rows"'
     c = d.column
@@ -1064,10 +1128,10 @@ def _running_target(d: TargetDef, name: Callable[[str, str], str]) -> str:
         return name(c, {"count": "n"}.get(d.aggregation, d.aggregation))
     if d.aggregation == "mean":
         return f"{name(c, 's')} / nullif({n}, 0)"
-    m2, q = name(c, "m2"), name(c, "q")
+    m2 = name(c, "m2")
     return (  # an infinity or NaN among the values: NaN, as DuckDB's stddev_samp
         f"CASE WHEN {n} < 2 THEN NULL WHEN NOT isfinite({m2}) THEN CAST('nan' AS DOUBLE)"
-        f" WHEN {m2} <= {_CANCELLATION} * {q} THEN 0.0 ELSE sqrt({m2} / ({n} - 1)) END"
+        f" ELSE sqrt(greatest({m2}, 0.0) / ({n} - 1)) END"
     )
 
 
@@ -1112,37 +1176,19 @@ def _hops_sql(plan: _QueryPlan, p: tuple[Hop, ...], rows: str) -> str:
 
 
 def _running_value_ctes(plan: _QueryPlan, p: tuple[Hop, ...], k: int, column: str) -> list[_Cte]:
-    """``counts_<j>_<k>``, ``ranks_<j>_<k>`` and ``best_<j>_<k>`` of ``E <- F -> K <- F'``:
-    what the mode and distinct count of one column (:func:`_running_mode_ctes`) read.
-
-    A value is among the rows reached from a first-hop row (key ``k``, time τ) when its
-    first row with key ``k`` is no later than τ; it is reached as many times as its running
-    count with key ``k`` at τ. ``counts`` holds those running counts per (key, value, time).
-
-    Most (seed time, entity) pairs reach ``F'`` from one (key, time τ) only (however many
-    first-hop rows share it: the same multiset, repeated). Their mode is the key's running
-    mode at τ and their distinct count the key's running distinct count: ``best`` holds
-    both per (key, time), a running maximum of (count, -rank of the value) over the key's
-    ``counts`` rows, which is the value with the largest count at τ, ties to the smallest
-    (a value's count only grows), and a running count of first rows; ``at_<j>`` looks them
-    up once per first-hop (key, time). Pairs with several (key, time) add up the counts of
-    every value reached from each (an ASOF join on (key, value)): the cost grows with their
-    distinct values per key.
-    """
+    """``counts_<j>_<k>`` and ``ranks_<j>_<k>`` of ``E <- F -> K <- F'``: the rows of one
+    value column per (key, value, time), and its values in order (what the in-process
+    lookups code values by)."""
     j = plan.path_number(p)
     from_rows, where, key_time = _key_rows(plan, p)
     col = f"g.{quote(column)}"
     counts = _Cte(
         f"{plan.prefix}counts_{j}_{k}",
-        f"{_describe(plan.entity_table, p)}, column {column}: running count per key and value",
-        f'SELECT "tve.key", "value", "tve.time",\n'
-        f'         CAST(sum("n") OVER w AS BIGINT) AS "n", row_number() OVER w = 1 AS "new"\n'
-        f'  FROM (SELECT {key_time}, {col} AS "value", count(*) AS "n"\n'
-        f"          FROM {from_rows}\n"
-        f"         WHERE {where} AND {col} IS NOT NULL\n"
-        f"         GROUP BY 1, 2, 3)\n"
-        f'  WINDOW w AS (PARTITION BY "tve.key", "value" ORDER BY "tve.time"\n'
-        f"               ROWS UNBOUNDED PRECEDING)",
+        f"{_describe(plan.entity_table, p)}, column {column}: rows per key, value and time",
+        f'SELECT {key_time}, {col} AS "value", count(*) AS "n"\n'
+        f"  FROM {from_rows}\n"
+        f"  WHERE {where} AND {col} IS NOT NULL\n"
+        f"  GROUP BY 1, 2, 3",
         once=True,
     )
     ranks = _Cte(
@@ -1154,57 +1200,54 @@ def _running_value_ctes(plan: _QueryPlan, p: tuple[Hop, ...], k: int, column: st
         f"         WHERE {where} AND {col} IS NOT NULL)",
         once=True,
     )
-    # a (key, time)'s best value: most rows, then smallest, as one number that max() orders
-    score = 'c."n" * r."size" + r."size" - r."rank"'
-    best = _Cte(
-        f"{plan.prefix}best_{j}_{k}",
-        f"{_describe(plan.entity_table, p)}, column {column}: running mode and distinct"
-        " count per key",
-        f'SELECT b."tve.key", b."tve.time", v."value", b."distinct"\n'
-        f'  FROM (SELECT "tve.key", "tve.time", "size", max("score") OVER w AS "score",\n'
-        f'               CAST(sum("new") OVER w AS BIGINT) AS "distinct"\n'
-        f'          FROM (SELECT c."tve.key", c."tve.time", max({score}) AS "score",\n'
-        f'                       any_value(r."size") AS "size",\n'
-        f'                       count(*) FILTER (WHERE c."new") AS "new"\n'
-        f"                  FROM {counts.name} AS c\n"
-        f'                  JOIN {ranks.name} AS r ON r."value" = c."value"\n'
-        f"                 GROUP BY 1, 2)\n"
-        f'        WINDOW w AS (PARTITION BY "tve.key" ORDER BY "tve.time"\n'
-        f"                     ROWS UNBOUNDED PRECEDING)) AS b\n"
-        f'  JOIN {ranks.name} AS v ON v."rank" = b."size" - b."score" % b."size"',
+    return [counts, ranks]
+
+
+def _window_value_ctes(plan: _QueryPlan, p: tuple[Hop, ...], k: int, column: str) -> list[_Cte]:
+    """``reach_<j>_<k>`` and ``best_<j>_<k>``: per distinct first-hop (key, time τ) of any
+    seed time's window, the count of each value of the ``k``-th value column in ``(τ - Δ2,
+    τ]`` (a range join of the (key, τ) with the key's (value, time) counts), and from them
+    the most frequent value (ties: the smallest) and the number of values. Pairs that reach
+    ``K`` from one (key, τ) read their mode and distinct count off ``at_<j>``; the others
+    sum the counts of every (key, τ) they reach (:func:`_running_mode_ctes`)."""
+    j = plan.path_number(p)
+    reach = _Cte(
+        _reach_name(plan, p, k),
+        f"{_describe(plan.entity_table, p)}, column {column}: the count of each value in each"
+        " first-hop (key, time)'s window",
+        f'SELECT k."tve.key", k."tve.time", c."value", CAST(sum(c."n") AS BIGINT) AS "n"\n'
+        f"  FROM {_lookup_keys(plan, p)}\n"
+        f"  JOIN {plan.prefix}counts_{j}_{k} AS c\n"
+        f"    ON {_in_second_window(plan, 'c')}\n"
+        f"  GROUP BY 1, 2, 3",
         once=True,
     )
-    return [counts, ranks, best]
+    best = _Cte(
+        f"{plan.prefix}best_{j}_{k}",
+        f"{_describe(plan.entity_table, p)}, column {column}: mode and distinct count of each"
+        " first-hop (key, time)'s window",
+        f'SELECT "tve.key", "tve.time", first("value" ORDER BY "n" DESC, "value" ASC) AS "value",\n'
+        f'         count(*) AS "distinct"\n'
+        f"  FROM {reach.name}\n"
+        f"  GROUP BY 1, 2",
+        once=True,
+    )
+    return [reach, best]
 
 
 def _running_mode_ctes(plan: _QueryPlan, p: tuple[Hop, ...], k: int, column: str) -> list[_Cte]:
-    """``reach_<j>_<k>``, ``several_<j>_<k>`` and ``mode_<j>_<k>``: per (seed time, entity),
-    the mode and distinct count of the ``k``-th value column of ``E <- F -> K <- F'`` (see
-    :func:`_running_value_ctes`). Pairs with one first-hop (key, time) read them off
-    ``at_<j>``; pairs with several sum the counts of every value reached from each: ``reach``
-    holds them per (key, time) of such a pair (an ASOF join on (key, value) that sorts all
-    of ``counts_<j>_<k>``), ``several`` sums them per pair; both once for all seed times."""
+    """``several_<j>_<k>`` and ``mode_<j>_<k>``: per (seed time, entity), the mode and
+    distinct count of the ``k``-th value column of ``E <- F -> K <- F'`` (see
+    :func:`_window_value_ctes`). Pairs with one first-hop (key, time) read them off
+    ``at_<j>``; pairs with several sum the counts of every value reached from each
+    (``reach_<j>_<k>``): ``several`` sums them per pair, once for all seed times."""
     j, defs = plan.path_number(p), _value_defs(plan, p, column)
-    counts = f"{plan.prefix}counts_{j}_{k}"
     hops = f"{plan.prefix}hops_all_{j}"  # every seed time's: a group reads its own
     group_seeds = f"(SELECT {quote(TIMESTAMP)} FROM {plan.seed_times})"
-    reach = _Cte(
-        _reach_name(plan, p, k),
-        f"{_describe(plan.entity_table, p)}, column {column}: the count of each value reached"
-        " from each first-hop (key, time) of a pair with several",
-        f'SELECT h."tve.key", h."tve.time", f."value", c."n"\n'
-        f'  FROM (SELECT DISTINCT "tve.key", "tve.time" FROM {hops} WHERE "keys" > 1) AS h\n'
-        f'  JOIN (SELECT "tve.key", "value", "tve.time" FROM {counts} WHERE "new") AS f\n'
-        f'    ON f."tve.key" = h."tve.key" AND f."tve.time" <= h."tve.time"\n'
-        f"  ASOF JOIN {counts} AS c\n"
-        f'    ON c."tve.key" = f."tve.key" AND c."value" = f."value"\n'
-        f'   AND h."tve.time" >= c."tve.time"',
-        once=True,
-    )
     values = (
         f'SELECT h.{_SEED_TIME}, h.{_ENTITY}, r."value", sum(h."n" * r."n") AS "n"\n'
         f"          FROM {hops} AS h\n"
-        f"          JOIN {reach.name} AS r\n"
+        f"          JOIN {_reach_name(plan, p, k)} AS r\n"
         f'            ON r."tve.key" = h."tve.key" AND r."tve.time" = h."tve.time"\n'
         f'         WHERE h."keys" > 1\n'
         f"         GROUP BY 1, 2, 3"
@@ -1241,7 +1284,7 @@ def _running_mode_ctes(plan: _QueryPlan, p: tuple[Hop, ...], k: int, column: str
         f"SELECT * FROM {several_cte.name}\n"
         f" WHERE {_SEED_TIME} IN {group_seeds}",
     )
-    return [reach, several_cte, mode]
+    return [several_cte, mode]
 
 
 def _aggregation_groups(plan: _QueryPlan, later_in: list[tuple[Hop, ...]]) -> list[_Group]:
@@ -1562,7 +1605,8 @@ class TargetQuery:
     query (None: all at once; and never more than 4 million (entity, seed time) pairs a
     group: fewer seed times per query past 250,000 entities); ``show_sql`` prints the
     query; ``running_aggregates=False`` computes fact->key<-fact paths by joining rows (see
-    :func:`targets_sql`).
+    :func:`targets_sql`). ``second_hop_window`` is Δ2, the window ``(τ - Δ2, τ]`` of the
+    hop-1 row's time τ that a later "in" hop reads (None: Δ, as the reference).
 
     >>> query = TargetQuery(frames, manifest.tables, defs, "customers", seeds, Δ)  # doctest: +SKIP
     >>> compute_targets(query)  # or write_targets(query, "targets.parquet")  # doctest: +SKIP
@@ -1580,12 +1624,15 @@ class TargetQuery:
     seeds_per_query: int | None = DEFAULT_SEEDS_PER_QUERY
     show_sql: bool = False
     running_aggregates: bool = True
+    second_hop_window: pd.Timedelta | None = None
 
     def __post_init__(self) -> None:
         # Read once, so that a generator of seed times or definitions can be run again.
         object.__setattr__(self, "defs", tuple(self.defs))
         object.__setattr__(self, "timestamps", tuple(self.timestamps))
         memory_bytes(self.memory_limit)  # a clear error now, not in DuckDB
+        if self.second_hop_window is not None:
+            _second_window(self.timedelta, self.second_hop_window)
 
     @property
     def budget(self) -> int:
@@ -1598,8 +1645,8 @@ def targets_script(query: TargetQuery) -> str:
     script.sql``, or one ``execute`` on a fresh connection): a view per table over its
     parquet file, the seed times as a table, then :func:`targets_sql`'s dense query. Its
     rows are :func:`compute_targets`' rows, so the computation can move to an engine with
-    more memory (MotherDuck runs DuckDB SQL as it is; a warehouse needs the ``ASOF JOIN`` of
-    fact->key<-fact paths and the ``read_parquet`` views translated). Every table of the
+    more memory (MotherDuck runs DuckDB SQL as it is; a warehouse needs the ``read_parquet``
+    views and DuckDB's interval arithmetic translated). Every table of the
     query must be a parquet file path."""
     used = {query.entity_table} | {hop.table for d in query.defs for hop in d.path}
     relation = "timestamps" if "timestamps" not in query.schema_tables else "tve.timestamps"
@@ -1634,6 +1681,7 @@ def targets_script(query: TargetQuery) -> str:
         query.timedelta,
         timestamps_relation=relation,
         running_aggregates=query.running_aggregates,
+        second_hop_window=query.second_hop_window,
     )
     return "\n".join(lines) + "\n" + sql.rstrip() + ";\n"
 
@@ -2212,7 +2260,7 @@ def _create_lookup_tables(
 ) -> None:
     """Write ``at_<j>`` of one fact->key<-fact path to ``files`` (a group's file: the rows
     at its first-hop times, ``windows``) and create each ``reach_<j>_<k>`` (what their CTEs
-    compute from ``run``, ``counts`` and ``best``) from the rows of ``F'`` and the first-hop
+    compute from ``per_time``, ``counts`` and ``best``) from the rows of ``F'`` and the first-hop
     (key, time) sorted once by DuckDB by (key, time, rows of ``F'`` before lookups) and
     streamed: each run of whole keys of about ``bucket_rows`` rows is scanned with
     NumPy (:func:`_lookups_of_bucket`) and appended to the files and, through a second
@@ -2220,7 +2268,6 @@ def _create_lookup_tables(
     keeps under its memory limit. The sort spills to disk past the limit."""
     import pyarrow as pa
 
-    shifts = list(con.execute(spec.shift_sql).fetchall()[0]) if spec.shift_sql else []
     values = [
         _arrow_table(con.sql(f'SELECT "value" FROM {r} ORDER BY "rank"')).column(0).combine_chunks()
         for r in spec.ranks
@@ -2230,7 +2277,7 @@ def _create_lookup_tables(
     made: set[str] = set()
 
     def scan(table) -> None:
-        at, reach = _lookups_of_bucket(table, spec, shifts, sizes)
+        at, reach = _lookups_of_bucket(table, spec, sizes)
         for k, column in enumerate(values, 1):  # ranks -> values (dense ranks from 1)
             i = at.schema.get_field_index(f"tve.rank_{k}")
             at = at.set_column(i, f"tve.mode_{k}", _value_of_rank(column, at.column(i)))
@@ -2289,29 +2336,138 @@ def _value_of_rank(values, rank):
     return values.take(pc.subtract(rank, 1))
 
 
-def _segment_cumsum(values: np.ndarray, segment: np.ndarray, starts: np.ndarray) -> np.ndarray:
-    """Running sums of integers restarting at each segment (``starts``: first positions)."""
-    total = np.cumsum(values)
-    return total - (total[starts] - values[starts])[segment]
+def _window_starts(segment, facts, looks, time, window_ns: int) -> np.ndarray:
+    """Of each lookup (positions ``looks``, time τ), the number of rows of ``F'`` (positions
+    ``facts``) before its window: rows of earlier keys (``segment``: the key's number) and
+    of its key with time <= τ - Δ2. The times are ranked among the bucket's (a row: 1 + the
+    times before it; a bound: the times at or before it, so that a row is within a bound
+    exactly when its rank is) so that (key, rank) is one int64, in the facts' order, that
+    ``searchsorted`` reads (key x time in nanoseconds would overflow)."""
+    fact_time = time[facts]
+    ordered = np.sort(fact_time)  # (np.unique: 3x the time, for nothing)
+    width = len(ordered) + 1
+    code = segment[facts] * width + np.searchsorted(ordered, fact_time) + 1
+    bound = time[looks] - window_ns
+    query = segment[looks] * width + np.searchsorted(ordered, bound, "right")
+    return np.searchsorted(code, query, "right")
 
 
-def _lookups_of_bucket(table, spec: _NativeLookups, shifts: list, sizes: list[int]):
+def _scan_time_ns(column) -> np.ndarray:
+    """The scan's times as int64 nanoseconds (a timestamp, with or without a time zone, or a
+    date); anything else cannot bound a window of Δ2."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    kind = column.type
+    if not (pa.types.is_timestamp(kind) or pa.types.is_date(kind)):
+        raise ValueError(f"a fact->key<-fact lookup needs timestamps, got time column type {kind}")
+    if pa.types.is_timestamp(kind) and kind.tz is not None:
+        column = pc.cast(column, pa.timestamp(kind.unit))
+    ns = pc.cast(pc.cast(column, pa.timestamp("ns")), pa.int64())
+    return pc.fill_null(ns, np.iinfo(np.int64).min).to_numpy(zero_copy_only=False)
+
+
+def _window_reduce(values: np.ndarray, lo: np.ndarray, hi: np.ndarray, ufunc, identity):
+    """``ufunc`` (add, minimum, maximum) over the rows ``[lo, hi)`` of ``values`` (rows x
+    columns) for each window, exactly as a reduction of those rows, without a pass over
+    each window's rows: a bottom-up segment tree built one level at a time (only the
+    current level is kept, so memory stays that of ``values``). At each level, a window
+    whose start is odd takes that node and one whose end is odd the node before it; both
+    then halve, and a window is done when its bounds meet. A window of w rows reads at
+    most 2 log2(w) nodes; sums are pairwise (error of order log(w) eps of its absolute
+    sum, where a difference of prefix sums loses the key's whole history's magnitude)."""
+    out = np.full((len(lo), values.shape[1]), identity, dtype=values.dtype)
+    idx = np.flatnonzero(lo < hi)
+    lo, hi, level = lo[idx], hi[idx], values
+    while len(idx):
+        take = (lo & 1).astype(bool)
+        out[idx[take]] = ufunc(out[idx[take]], level[lo[take]])
+        lo = lo + take
+        take = (hi & 1).astype(bool) & (lo < hi)
+        hi = hi - take
+        out[idx[take]] = ufunc(out[idx[take]], level[hi[take]])
+        lo, hi = lo >> 1, hi >> 1
+        more = lo < hi
+        idx, lo, hi = idx[more], lo[more], hi[more]
+        if len(idx):
+            if len(level) % 2:
+                pad = np.full((1, level.shape[1]), identity, dtype=level.dtype)
+                level = np.concatenate([level, pad])
+            level = ufunc(level[0::2], level[1::2])
+    return out
+
+
+def _window_m2(x: np.ndarray, ok: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Of the values ``x[ok]`` in each ``[lo, hi)``, the sum of squared distances from their
+    mean, by the segment tree of :func:`_window_reduce` with (count, sum, m2) per node and
+    Chan et al.'s combination (m2 = m2a + m2b + (mean b - mean a)^2 na nb / n): no sum of
+    squares about another mean, so the window's own spread keeps its digits."""
+    count, total = ok.astype(np.float64), np.where(ok, x, 0.0)
+    level = (count, total, np.zeros(len(x)))
+
+    def combine(a, b):
+        (na, sa, ma), (nb, sb, mb) = a, b
+        n = na + nb
+        with np.errstate(invalid="ignore", divide="ignore"):
+            delta = np.where(
+                (na > 0) & (nb > 0), sb / np.maximum(nb, 1) - sa / np.maximum(na, 1), 0
+            )
+            return n, sa + sb, ma + mb + delta * delta * na * nb / np.maximum(n, 1)
+
+    out = (np.zeros(len(lo)), np.zeros(len(lo)), np.zeros(len(lo)))
+    idx = np.flatnonzero(lo < hi)
+    lo, hi = lo[idx], hi[idx]
+
+    def take(at, where):
+        part = combine(tuple(o[idx[where]] for o in out), tuple(v[at] for v in level))
+        for o, v in zip(out, part):
+            o[idx[where]] = v
+
+    while len(idx):
+        left = (lo & 1).astype(bool)
+        take(lo[left], left)
+        lo = lo + left
+        right = (hi & 1).astype(bool) & (lo < hi)
+        hi = hi - right
+        take(hi[right], right)
+        lo, hi = lo >> 1, hi >> 1
+        more = lo < hi
+        idx, lo, hi = idx[more], lo[more], hi[more]
+        if len(idx):
+            if len(level[0]) % 2:
+                level = tuple(np.append(v, 0.0) for v in level)
+            level = combine(tuple(v[0::2] for v in level), tuple(v[1::2] for v in level))
+    return out[2]
+
+
+def _window_counts(mask: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """How many of ``mask`` are set in each ``[lo, hi)``: a difference of prefix counts."""
+    prefix = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
+    return prefix[hi] - prefix[lo]
+
+
+def _lookups_of_bucket(table, spec: _NativeLookups, sizes: list[int]):
     """The ``at`` rows and ``reach`` rows per value column of a run of whole keys (a
     "bucket"), as Arrow tables.
 
     ``table``: rows of ``F'`` and lookups sorted by (key, time, lookup), so the rows of
-    ``F'`` before a lookup in its key's segment are exactly those it reaches (time <= τ).
-    Running statistics are computed over the rows of ``F'`` alone and read at each
-    lookup's last row of ``F'``: counts by cumulative sums, sums (and ``std``'s shifted
-    sums) by pandas' grouped ``cumsum`` of the finite values (summed in order, as the CTE's
-    window; then infinite or NaN as DuckDB's sum is once one is reached), min and max
-    by grouped ``cummin``/``cummax`` of the values that are not NaN (NaN is then the max
-    once one is reached and the min when every value reached is NaN, as DuckDB has it).
-    Per value column, each row's running count of its (key, value) (a stable sort by (key,
-    value)); the running mode is the running maximum of count x size + size - rank (most
-    rows, then smallest value) and the distinct count the running count of first rows.
-    ``reach``: for each lookup of a pair with several, every value of its key with a row no
-    later than it, and that count.
+    ``F'`` before a lookup in its key's segment are those with time <= τ; its window
+    ``(τ - Δ2, τ]`` is the range ``[lo, hi)`` of the rows of ``F'`` in that order (``lo``
+    by :func:`_window_starts`). Over each window: counts (rows, non-null values, NaN and
+    infinities) are differences of prefix counts, exact; sums (of the finite values, and
+    ``std``'s ``m2``, the squared distances from the window's mean, by :func:`_window_m2`)
+    and min and max
+    (of the values that are not NaN) come from :func:`_window_reduce`. Special values are
+    applied as DuckDB's aggregates over the rows do: a sum is +inf / -inf when one is
+    reached, NaN with both or a NaN; NaN is the max once reached and the min when every
+    value reached is NaN.
+
+    Per value column, the window's count of each value of its key: the rows with a value,
+    sorted by (key, value) then position (runs), give each (lookup, run of its key) the
+    number of the run's positions in ``[lo, hi)`` (two ``searchsorted``); the mode is the
+    largest count x size + size - rank (most rows, then smallest value), the distinct count
+    the number of runs with rows in the window. ``reach``: those counts for each lookup of
+    a pair with several. Cost: the lookups x the distinct values of their key.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -2324,20 +2480,15 @@ def _lookups_of_bucket(table, spec: _NativeLookups, shifts: list, sizes: list[in
         starts[1:] = ~pc.fill_null(same, False).to_numpy(zero_copy_only=False)
     segment = np.cumsum(starts) - 1
     lookup = table.column(2).to_numpy(zero_copy_only=False).astype(bool)
-    fact = ~lookup
-    facts = np.flatnonzero(fact)
-    # the keys with rows of F', numbered 0, 1, ... (keys with lookups only are skipped)
-    new_key = np.r_[True, segment[facts][1:] != segment[facts][:-1]][: len(facts)]
-    fact_segment = np.cumsum(new_key) - 1
-    fact_starts = np.flatnonzero(new_key)
-    seen = np.cumsum(fact)  # rows of F' up to each position, all segments
-    before = (seen - fact)[np.flatnonzero(starts)]  # ... before each segment
+    facts = np.flatnonzero(~lookup)
+    nf = len(facts)
     looks = np.flatnonzero(lookup)
-    reached = seen[looks] - before[segment[looks]]
-    looks, reached = looks[reached > 0], reached[reached > 0]
-    last = seen[looks] - 1  # each lookup's last row of F' (same key: it reaches one)
+    hi = np.cumsum(~lookup)[looks]  # rows of F' up to each lookup: its key's time <= τ
+    lo = _window_starts(segment, facts, looks, _scan_time_ns(table.column(1)), spec.window_ns)
+    reached = hi > lo
+    looks, lo, hi = looks[reached], lo[reached], hi[reached]
     take = pa.array(looks)
-    at = {"tve.key": key.take(take), "tve.time": table.column(1).take(take), "tve.rows": reached}
+    at = {"tve.key": key.take(take), "tve.time": table.column(1).take(take), "tve.rows": hi - lo}
 
     def column(name: str):
         values = table.column(name).combine_chunks().take(pa.array(facts))
@@ -2347,130 +2498,136 @@ def _lookups_of_bucket(table, spec: _NativeLookups, shifts: list, sizes: list[in
             zero_copy_only=False
         )
 
-    shift = dict(zip(spec.shifted, shifts))
-    running: dict[str, dict[str, np.ndarray]] = {"cumsum": {}, "cummin": {}, "cummax": {}}
-    masks = {}
+    summed: dict[str, np.ndarray] = {}  # output name -> values to sum (before special values)
+    lowest: dict[str, np.ndarray] = {}
+    highest: dict[str, np.ndarray] = {}
+    masks = {}  # output name -> (null, NaN) of a min or max
     for i in dict.fromkeys(number for number, _, _ in spec.pairs):
         x, valid = column(f"tve.v_{i}")
         stats = {s: out for number, s, out in spec.pairs if number == i}
         if "n" in stats:
-            at[stats["n"]] = _segment_cumsum(valid.astype(np.int64), fact_segment, fact_starts)[
-                last
-            ]
+            at[stats["n"]] = _window_counts(valid, lo, hi)
         if "s" in stats:
-            running["cumsum"][stats["s"]] = np.where(valid, x, 0.0)
-        if "d" in stats or "q" in stats:
-            shifted = np.where(valid, x.astype(np.float64) - shift[i], 0.0)
-            for stat, y in (("d", shifted), ("q", shifted * shifted)):
-                if stat in stats:
-                    running["cumsum"][stats[stat]] = y
+            summed[stats["s"]] = np.where(valid, x, 0.0)
+        if "m2" in stats:  # NaN when an infinity or NaN is in the window, as stddev_samp
+            finite = valid & np.isfinite(x)
+            m2 = _window_m2(np.where(finite, x, 0.0).astype(np.float64), finite, lo, hi)
+            m2[_window_counts(valid & ~finite, lo, hi) > 0] = np.nan
+            at[stats["m2"]] = m2
         if "min" in stats or "max" in stats:  # NaN as DuckDB orders it: above every value
             nan = valid & np.isnan(x)
             ok = valid & ~nan
-            none = _segment_cumsum(ok.astype(np.int64), fact_segment, fact_starts)[last] == 0
-            nans = _segment_cumsum(nan.astype(np.int64), fact_segment, fact_starts)[last] > 0
-            for stat, how, fill in (("min", "cummin", np.inf), ("max", "cummax", -np.inf)):
-                if stat in stats:
-                    running[how][stats[stat]] = np.where(ok, x, fill)
-                    # max: NaN once one is reached; min: only when all values are NaN
-                    masks[stats[stat]] = (none & ~nans, nans if stat == "max" else nans & none)
-    special = {}  # sums over infinities or NaN: what DuckDB's sum gives, not Kahan's
-    for name, y in running["cumsum"].items():
+            none = _window_counts(ok, lo, hi) == 0
+            nans = _window_counts(nan, lo, hi) > 0
+            if "min" in stats:
+                lowest[stats["min"]] = np.where(ok, x, np.inf)
+                masks[stats["min"]] = (none & ~nans, nans & none)  # NaN only when all are
+            if "max" in stats:
+                highest[stats["max"]] = np.where(ok, x, -np.inf)
+                masks[stats["max"]] = (none & ~nans, nans)  # NaN once one is reached
+    special = {}  # sums over infinities or NaN: what DuckDB's sum gives
+    for name, y in summed.items():
         finite = np.isfinite(y)
         if not finite.all():
-            kinds = (y == np.inf, y == -np.inf, np.isnan(y))
             up, down, nan = (
-                _segment_cumsum(k.astype(np.int64), fact_segment, fact_starts)[last] > 0
-                for k in kinds
+                _window_counts(kind, lo, hi) > 0
+                for kind in (y == np.inf, y == -np.inf, np.isnan(y))
             )
             special[name] = (up, down, nan | (up & down))
-            running["cumsum"][name] = np.where(finite, y, 0.0)
-    for how, columns in running.items():  # one grouping per kind, every column at once
-        if columns:
-            frame = getattr(pd.DataFrame(columns).groupby(fact_segment), how)()
-            for name in columns:
-                values = frame[name].to_numpy()[last]
-                if name in special:
-                    up, down, nan = special[name]
-                    values = np.where(up, np.inf, np.where(down, -np.inf, values))
-                    values[nan] = np.nan
-                if name in masks:
-                    null, nan = masks[name]
-                    values = pa.array(np.where(nan, np.nan, values), mask=null)
-                at[name] = values
-            del frame
+            summed[name] = np.where(finite, y, 0.0)
+    for columns, ufunc, identity in (
+        (summed, np.add, 0.0),
+        (lowest, np.minimum, np.inf),
+        (highest, np.maximum, -np.inf),
+    ):
+        if not columns:
+            continue
+        names = list(columns)
+        stacked = np.column_stack([columns[name].astype(np.float64) for name in names])
+        reduced = _window_reduce(stacked, lo, hi, ufunc, identity)
+        del stacked
+        for c, name in enumerate(names):
+            values = reduced[:, c]
+            if name in special:
+                up, down, nan = special[name]
+                values = np.where(up, np.inf, np.where(down, -np.inf, values))
+                values[nan] = np.nan
+            if name in masks:
+                null, nan = masks[name]
+                values = pa.array(np.where(nan, np.nan, values), mask=null)
+            at[name] = values
     reach = []
     several = table.column(3).to_numpy(zero_copy_only=False).astype(bool)[looks]
+    fact_segment = segment[facts]
     for k, size in enumerate(sizes, 1):
         rank = table.column(f"tve.rank_{k}").combine_chunks().take(pa.array(facts))
         rank = pc.fill_null(rank, 0).to_numpy().astype(np.int64)
-        has = np.flatnonzero(rank > 0)  # rows of F' with a value (positions among facts)
-        ids = fact_segment[has] * (size + 1) + rank[has]
-        order = np.argsort(ids, kind="stable")  # by (key, value), then position
-        ids_sorted = ids[order]
-        first = np.r_[True, ids_sorted[1:] != ids_sorted[:-1]] if len(ids) else np.ones(0, bool)
-        run_start = np.flatnonzero(first)
-        run = np.cumsum(first) - 1
-        count = np.empty(len(ids), dtype=np.int64)
-        count[order] = np.arange(len(ids)) - run_start[run] + 1
-        score = np.zeros(len(facts), dtype=np.int64)
-        score[has] = count * size + size - rank[has]
-        new = np.zeros(len(facts), dtype=np.int64)
-        new[has] = count == 1
-        best = pd.Series(score).groupby(fact_segment).cummax().to_numpy()[last]
-        distinct = _segment_cumsum(new, fact_segment, fact_starts)[last]
+        counts = _window_value_counts(rank, fact_segment, segment[looks], lo, hi, size, nf)
+        which, value, count = counts
+        distinct = np.bincount(which, minlength=len(looks)).astype(np.int64)
+        best = np.zeros(len(looks), dtype=np.int64)
+        if len(which):
+            first = np.flatnonzero(np.r_[True, which[1:] != which[:-1]])
+            best[which[first]] = np.maximum.reduceat(count * size + size - value, first)
         at[f"tve.rank_{k}"] = pa.array(size - best % size if size else best, mask=best <= 0)
         at[f"tve.distinct_{k}"] = pa.array(distinct, mask=distinct <= 0)
+        keep = several[which]
+        rows = pa.array(looks[which[keep]])
         reach.append(
-            _reach_of_bucket(
-                several,
-                looks,
-                last,
-                fact_segment,
-                ids_sorted,
-                order,
-                has,
-                run_start,
-                size,
-                key,
-                table,
+            pa.table(
+                {
+                    "tve.key": key.take(rows),
+                    "tve.time": table.column(1).take(rows),
+                    "rank": value[keep],
+                    "n": count[keep],
+                }
             )
         )
     return pa.table(at), reach
 
 
-def _reach_of_bucket(
-    several, looks, last, fact_segment, ids_sorted, order, has, run_start, size, key, table
-):
-    """``reach`` rows of one bucket and value column: per lookup of a pair with several,
-    each (key, value) run of rows of ``F'`` that starts no later than the lookup, and how
-    many of its rows are no later (``searchsorted`` on (run, position))."""
-    import pyarrow as pa
+#: Up to this many values, a value column's counts per window come from one prefix count
+#: per value (a (rows x values) int32 array: 2M rows x 16 values = 136 MB at most).
+_DENSE_VALUES = 16
 
-    looks_s, last_s = looks[several], last[several]
-    segment_s = fact_segment[last_s]
+
+def _window_value_counts(rank, fact_segment, look_segment, lo, hi, size: int, nf: int):
+    """For each lookup (key number ``look_segment``, window ``[lo, hi)`` of the rows of
+    ``F'``) and each value of its key (``rank`` per row of ``F'``, 0 for null; keys
+    ``fact_segment``), the rows of that value in the window, where there are any: (lookup,
+    rank, count), by lookup then rank.
+
+    Few values (``_DENSE_VALUES``): a prefix count per value, differenced at each window's
+    bounds (lookups x values). Otherwise each lookup meets each value of its key: the rows
+    with a value sorted by (key, value) then position (runs), and the run's positions in
+    ``[lo, hi)`` counted by two ``searchsorted`` (lookups x the values of their key)."""
+    if 0 < size <= _DENSE_VALUES:
+        one_hot = np.zeros((len(rank) + 1, size + 1), dtype=np.int32)
+        one_hot[np.arange(1, len(rank) + 1), rank] = 1
+        prefix = np.cumsum(one_hot, axis=0, out=one_hot)[:, 1:]
+        which, value = np.nonzero(prefix[hi] - prefix[lo])
+        count = (prefix[hi[which], value] - prefix[lo[which], value]).astype(np.int64)
+        return which, value.astype(np.int64) + 1, count
+    has = np.flatnonzero(rank > 0)  # rows of F' with a value (positions among facts)
+    ids = fact_segment[has] * (size + 1) + rank[has]
+    order = np.argsort(ids, kind="stable")  # by (key, value), then position
+    ids_sorted = ids[order]
+    first = np.r_[True, ids_sorted[1:] != ids_sorted[:-1]] if len(ids) else np.ones(0, bool)
+    run_start = np.flatnonzero(first)
     run_ids = ids_sorted[run_start]
     run_segment = run_ids // (size + 1)
-    lo = np.searchsorted(run_segment, segment_s, "left")
-    hi = np.searchsorted(run_segment, segment_s, "right")
-    per = hi - lo
-    which = np.repeat(np.arange(len(looks_s)), per)
-    offset = np.arange(len(which)) - np.repeat(np.cumsum(per) - per, per)
-    runs = lo[which] + offset
-    nf = max(len(fact_segment), 1)
+    low = np.searchsorted(run_segment, look_segment, "left")
+    per = np.searchsorted(run_segment, look_segment, "right") - low
+    which = np.repeat(np.arange(len(look_segment)), per)
+    runs = low[which] + np.arange(len(which)) - np.repeat(np.cumsum(per) - per, per)
     run_of = np.repeat(np.arange(len(run_start)), np.diff(np.r_[run_start, len(ids_sorted)]))
-    composite = run_of * nf + has[order]  # sorted: by run, then position among facts
-    count = np.searchsorted(composite, runs * nf + last_s[which], "right") - run_start[runs]
-    keep = count > 0
-    take = pa.array(looks_s[which[keep]])
-    return pa.table(
-        {
-            "tve.key": key.take(take),
-            "tve.time": table.column(1).take(take),
-            "rank": (run_ids[runs[keep]] % (size + 1)).astype(np.int64),
-            "n": count[keep],
-        }
+    composite = run_of * max(nf, 1) + has[order]  # sorted: by run, then position among facts
+    base = runs * max(nf, 1)
+    count = np.searchsorted(composite, base + hi[which], "left") - np.searchsorted(
+        composite, base + lo[which], "left"
     )
+    keep = count > 0
+    return which[keep], run_ids[runs[keep]] % (size + 1), count[keep]
 
 
 def _spread(values, pos: np.ndarray, n: int, count: bool, active=None):
@@ -2541,7 +2698,11 @@ def iter_targets(query: TargetQuery, *, slice_rows: int = DEFAULT_SLICE_ROWS) ->
         raise ValueError(f"slice_rows must be positive, got {slice_rows}")
     seed_times = _seed_times_frame(query.timestamps)
     relation = "timestamps" if "timestamps" not in query.schema_tables else "tve.timestamps"
-    shape = dict(timestamps_relation=relation, running_aggregates=query.running_aggregates)
+    shape = dict(
+        timestamps_relation=relation,
+        running_aggregates=query.running_aggregates,
+        second_hop_window=query.second_hop_window,
+    )
     if query.show_sql:  # the all-SQL shape (the same rows)
         tables, sql = _split_once(
             query.schema_tables, defs, entity_table, query.timedelta, dense=False, **shape

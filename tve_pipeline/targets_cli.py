@@ -60,15 +60,15 @@ def _split(value: str | None) -> list[str]:
     return [part.strip() for part in (value or "").split(",") if part.strip()]
 
 
-def _parse_timedelta(value: str):
+def _parse_timedelta(value: str, option: str = "--timedelta"):
     import pandas as pd
 
     try:
         td = pd.Timedelta(value)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"--timedelta {value!r} is not a duration (e.g. '30 days')") from exc
+        raise ValueError(f"{option} {value!r} is not a duration (e.g. '30 days')") from exc
     if td is pd.NaT or td <= pd.Timedelta(0):
-        raise ValueError(f"--timedelta {value!r} must be positive")
+        raise ValueError(f"{option} {value!r} must be positive")
     return td
 
 
@@ -208,6 +208,11 @@ def run_targets_command(args) -> dict:
         delta,
         memory_limit=args.memory_limit,
         threads=args.threads,
+        second_hop_window=(
+            None
+            if args.second_hop_window is None
+            else _parse_timedelta(args.second_hop_window, "--second-hop-window")
+        ),
         seeds_per_query=(
             DEFAULT_SEEDS_PER_QUERY
             if args.seeds_per_query is None
@@ -423,6 +428,12 @@ def add_targets_parser(subparsers) -> argparse.ArgumentParser:
         "--timedelta",
         default=None,
         help="next-window length, e.g. '30 days' (default: the database's task window)",
+    )
+    p.add_argument(
+        "--second-hop-window",
+        default=None,
+        help="Δ2: a fact->key<-fact path's second hop reads the rows in (τ - Δ2, τ] of the"
+        " first-hop row's time τ (default: the next window's length, as the reference)",
     )
     p.add_argument(
         "--timestamps",

@@ -3,23 +3,28 @@
 Design. From an entity table ``E`` the traversal walks the foreign-key graph of the schema
 and enumerates *paths* (DESIGN.md section 1, step 1): ``E <- F`` (rows of a time-stamped
 fact table ``F`` that reference the entity), ``E <- F -> D`` (the dimension row each such
-fact row references through another fkey) and ``E <- F -> K <- F'`` (the other fact rows
-of a time-stamped table ``F'`` that reference the same key row ``K`` as the first-hop row,
-no later than it). Each path ends in a table whose usable columns (numerical and
-categorical; never keys, the time column, text or embeddings) are aggregated, plus one
-row count per path. Every aggregate is a :class:`TargetDef`: plain data (JSON) that says
-the path hop by hop, the column and the aggregation, so that the SQL that computes the
-``task_vector`` (:mod:`tve_pipeline.targets`) and any independent re-implementation read
-the same definition. The next window ``(t, t+Δ]`` applies to the first hop only.
+fact row references through another fkey) and ``E <- F -> K <- F'`` (the other fact rows of
+a time-stamped table ``F'`` that reference the same key row ``K`` as the first-hop row, in
+the window of Δ2 that ends at its time). Each path ends in a table whose usable columns
+(numerical and categorical; never keys, the time column, text or embeddings) are aggregated,
+plus one row count per path. Every aggregate is a :class:`TargetDef`: plain data (JSON) that
+says the path hop by hop, the column and the aggregation, so that the SQL that computes the
+``task_vector`` (:mod:`tve_pipeline.targets`) and any independent re-implementation read the
+same definition. The next window ``(t, t+Δ]`` applies to the first hop only.
 
-Path semantics, hop by hop (``Hop``): ``direction="in"`` reaches the rows of ``table``
-whose column ``via`` references the current row's primary key; ``direction="out"``
-reaches the row of ``table`` that the current row's column ``via`` references. Hop 1 is
-always ``"in"`` into a time-stamped table and keeps the rows with time in ``(t, t+Δ]``; a
-later ``"in"`` hop into a time-stamped table keeps only rows whose time is no later than
-the hop-1 row they were reached from (``<=``; the hop-1 row itself is *not* excluded: for
-``orders>customers<orders`` the first-hop order is one of its customer's orders up to its
-own time, as a plain join gives). An "out" hop has no time filter (the referenced row is the
+Path semantics, hop by hop (``Hop``): ``direction="in"`` reaches the rows of ``table`` whose
+column ``via`` references the current row's primary key; ``direction="out"`` reaches the row
+of ``table`` that the current row's column ``via`` references. Hop 1 is always ``"in"`` into
+a time-stamped table and keeps the rows with time in ``(t, t+Δ]``; a later ``"in"`` hop into
+a time-stamped table keeps only rows whose time lies in ``(τ - Δ2, τ]``, τ the time of the
+hop-1 row they were reached from, as the reference's rel-hm notebooks
+(``visualization/rel-hm/user-tve-2-hop.ipynb``, cell 1: ``transactions__1.t_dat <=
+transactions__0.t_dat AND transactions__1.t_dat > transactions__0.t_dat - INTERVAL Δ``). Δ2
+is Δ unless the recipe says otherwise (``targets.second_hop_window``; the reference's
+rel-amazon notebooks bound the second review by ``<=`` alone: a Δ2 longer than the
+database's history gives that). The hop-1 row itself is *not* excluded: for
+``orders>customers<orders`` the first-hop order is one of its customer's orders in the
+window, as a plain join gives. An "out" hop has no time filter (the referenced row is the
 row the fact points at). ``F'`` must be time-stamped, like every fact table. Values are
 collected with join multiplicity.
 
