@@ -5,8 +5,10 @@ Design. Computes the raw task vectors of one entity table over the database's tr
 times with ``tve targets`` (the same code path as the pipeline's ``tve_targets``: the
 traversal, the engine and the defaults a user gets), then reads them back:
 
-- **targets by path kind**: ``E <- F`` (1-hop), ``E <- F -> D`` (fact->dimension),
-  ``E <- F -> K <- F'`` (fact->key<-fact), anything else (other);
+- **targets by path kind**, after leaving out those null or constant on every active
+  training row as the ``traversal_graph`` asset does (``--no-prune``: all generated):
+  ``E <- F`` (1-hop), ``E <- F -> D`` (fact->dimension), ``E <- F -> K <- F'``
+  (fact->key<-fact), anything else (other);
 - **seeds**: the (entity, seed time) rows, and the share that is active (a next-window row
   on some path);
 - **seed-time-only baseline**: the active rows' vectors normalised as pre-training sees
@@ -34,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from tve_pipeline.normalise import TaskVectorNormaliser
+from tve_pipeline.target_selection import TargetProfile
 from tve_pipeline.targets import INACTIVE, TIMESTAMP
 from tve_pipeline.targets_cli import main as targets_main
 from tve_pipeline.traversal import TargetDef, load_targets_json
@@ -70,11 +73,28 @@ def mean_column_share(x: np.ndarray, seed_time: np.ndarray) -> float:
     return float(np.mean(1.0 - left[varies] / centred[varies])) if varies.any() else float("nan")
 
 
-def profile(out_dir: Path) -> dict:
+def kept_targets(defs: list[TargetDef], active: pd.DataFrame) -> list[TargetDef]:
+    """The targets that the ``traversal_graph`` asset keeps: not null or constant on every
+    active training row (the rule of :class:`~tve_pipeline.target_selection.TargetProfile`)."""
+    kept = []
+    for d in defs:
+        profile = TargetProfile(d.name, d.aggregation)
+        values = active[d.name].dropna()
+        low, high = (values.min(), values.max()) if len(values) else (None, None)
+        profile.add(low, high, len(values), len(active))
+        if profile.reason is None:
+            kept.append(d)
+    return kept
+
+
+def profile(out_dir: Path, prune: bool = True) -> dict:
     defs = load_targets_json(out_dir / "targets.json")
     raw = pd.read_parquet(out_dir / "targets.parquet")
-    kinds = pd.Series([path_kind(d) for d in defs]).value_counts().to_dict()
     active = raw[raw[INACTIVE] == 0].reset_index(drop=True)
+    generated = len(defs)
+    if prune:
+        defs = kept_targets(defs, active)
+    kinds = pd.Series([path_kind(d) for d in defs]).value_counts().to_dict()
     aggregations = {d.name: d.aggregation for d in defs}
     normaliser = TaskVectorNormaliser.fit(active, aggregations)
     x = normaliser.transform(active)[:, 1:].astype(np.float64)  # without `inactive`
@@ -85,11 +105,15 @@ def profile(out_dir: Path) -> dict:
     for d, s in zip(defs, normaliser.scalers, strict=True):
         slots.setdefault(path_kind(d), []).extend(range(start, start + s.width))
         start += s.width
+    if start < x.shape[1]:  # one MCA of all modes (every path kind), after the scalers' slots
+        slots["modes (MCA)"] = list(range(start, x.shape[1]))
     for kind, cols in sorted(slots.items()):
         by_kind[kind] = round(seed_time_share(x[:, cols], seed_time), 4)
     per_window = raw.groupby(TIMESTAMP)[INACTIVE].agg(["size", "mean"])
     return {
+        "targets_generated": generated,
         "targets": len(defs),
+        "vector_width": normaliser.width,
         "targets_by_kind": kinds,
         "seed_times": int(raw[TIMESTAMP].nunique()),
         "seeds": len(raw),
@@ -108,13 +132,18 @@ def main() -> None:
     parser.add_argument("dataset_dir")
     parser.add_argument("--entity", required=True)
     parser.add_argument("--out", help="folder for targets.parquet (default: a temporary one)")
+    parser.add_argument(
+        "--no-prune",
+        action="store_true",
+        help="keep the targets null or constant on every active training row",
+    )
     args = parser.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="profile-targets-"))
     start = time.perf_counter()
     if not (out / "targets.parquet").exists():
         targets_main([args.dataset_dir, "--entity", args.entity, "--out", str(out)])
     took = time.perf_counter() - start
-    result = {"dataset": args.dataset_dir, "entity": args.entity, **profile(out)}
+    result = {"dataset": args.dataset_dir, "entity": args.entity, **profile(out, not args.no_prune)}
     result["targets_seconds"] = round(took, 1)
     print(json.dumps(result, indent=2))
 
