@@ -15,7 +15,7 @@ import queue
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 
 import pandas as pd
 
@@ -145,22 +145,8 @@ def iter_targets(query: TargetQuery, *, slice_rows: int = DEFAULT_SLICE_ROWS) ->
         first_hops = list(dict.fromkeys(d.path[0] for d in defs))
         entities = _entity_keys(con, query.schema_tables, entity_table, first_hops, query.timedelta)
         pkey = query.schema_tables[entity_table].pkey
-        # no seed time: still one query, for the schema
-        pairs = min(_GROUP_PAIRS, query.budget // _BYTES_PER_PAIR)
-        per_query = max(1, pairs // max(len(entities.keys), 1))
-        if query.seeds_per_query is not None:
-            per_query = min(per_query, query.seeds_per_query)
-        groups = _chunks(seed_times, per_query) or [seed_times]
-        spill = con.execute("SELECT current_setting('temp_directory')").fetchall()[0][0]
-        os.makedirs(spill, exist_ok=True)
-        directory = tempfile.mkdtemp(prefix="tve-groups-", dir=spill)
-        try:
-            files = _once_tables(
-                con, tables, steps, groups, query.timedelta, directory, query.budget
-            )
-        except BaseException:
-            shutil.rmtree(directory, ignore_errors=True)
-            raise
+        groups = _seed_time_groups(query, seed_times, len(entities.keys))
+        directory, files = _once_files(con, tables, steps, groups, query)
         number = {id(group): g for g, group in enumerate(groups)}
 
         def run(con, group):
@@ -176,23 +162,56 @@ def iter_targets(query: TargetQuery, *, slice_rows: int = DEFAULT_SLICE_ROWS) ->
             )
 
         results = _prefetch(con, run, relation, groups)
-        schema = None
-        empty = True
         try:
-            for group, rows in zip(groups, results):
-                if schema is None:
-                    schema = _targets_schema(pkey, entities.arrow_type, rows, defs)
-                rows = rows.rename_columns(schema.names)
-                for table in _fill_in_group(rows, group, entities, schema, defs, slice_rows):
-                    empty = False
-                    yield table
-                del rows
-                release_arrow_memory()
+            empty = yield from _filled_in(groups, results, entities, pkey, defs, slice_rows)
         finally:
             results.close()
             shutil.rmtree(directory, ignore_errors=True)
-        if empty:
-            yield schema.empty_table()
+        if empty is not None:
+            yield empty
+
+
+def _seed_time_groups(query: TargetQuery, seed_times: pd.DataFrame, entities: int) -> list:
+    """The groups of consecutive seed times, each of at most ``query.seeds_per_query`` and
+    the budget's worth of (entity, seed time) pairs (and ``_GROUP_PAIRS``); with no seed
+    time, one group still, for the schema."""
+    pairs = min(_GROUP_PAIRS, query.budget // _BYTES_PER_PAIR)
+    per_query = max(1, pairs // max(entities, 1))
+    if query.seeds_per_query is not None:
+        per_query = min(per_query, query.seeds_per_query)
+    return _chunks(seed_times, per_query) or [seed_times]
+
+
+def _once_files(con, tables, steps, groups, query: TargetQuery) -> tuple[str, dict]:
+    """A folder under DuckDB's temporary directory, and in it the files per group of what
+    every group reads (:func:`_once_tables`); the folder is removed if that fails."""
+    spill = con.execute("SELECT current_setting('temp_directory')").fetchall()[0][0]
+    os.makedirs(spill, exist_ok=True)
+    directory = tempfile.mkdtemp(prefix="tve-groups-", dir=spill)
+    try:
+        files = _once_tables(con, tables, steps, groups, query.timedelta, directory, query.budget)
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    return directory, files
+
+
+def _filled_in(groups, results, entities, pkey: str, defs, slice_rows: int) -> Generator:
+    """The task vectors of each group (:func:`_fill_in_group`) from its sparse rows
+    (``results``, in the order of ``groups``), in the schema the first group's rows give;
+    returns an empty table of that schema when it yielded none, else None."""
+    schema = None
+    empty = True
+    for group, rows in zip(groups, results):
+        if schema is None:
+            schema = _targets_schema(pkey, entities.arrow_type, rows, defs)
+        rows = rows.rename_columns(schema.names)
+        for table in _fill_in_group(rows, group, entities, schema, defs, slice_rows):
+            empty = False
+            yield table
+        del rows
+        release_arrow_memory()
+    return schema.empty_table() if empty else None
 
 
 def _to_frame(table, defs: Sequence[TargetDef]) -> pd.DataFrame:

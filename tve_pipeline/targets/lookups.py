@@ -134,28 +134,42 @@ def _lookups_of_bucket(table, spec: _NativeLookups, sizes: list[int]):
 
     ``table``: rows of ``F'`` and lookups sorted by (key, time, lookup), so the rows of
     ``F'`` before a lookup in its key's segment are those with time <= τ; its window
-    ``(τ - Δ2, τ]`` is the range ``[lo, hi)`` of the rows of ``F'`` in that order (``lo``
-    by :func:`_window_starts`). Over each window: counts (rows, non-null values, NaN and
-    infinities) are differences of prefix counts, exact; sums (of the finite values, and
-    ``std``'s ``m2``, the squared distances from the window's mean, by :func:`_window_m2`)
-    and min and max
-    (of the values that are not NaN) come from :func:`_window_reduce`. Special values are
-    applied as DuckDB's aggregates over the rows do: a sum is +inf / -inf when one is
-    reached, NaN with both or a NaN; NaN is the max once reached and the min when every
-    value reached is NaN.
-
-    Per value column, the window's count of each value of its key: the rows with a value,
-    sorted by (key, value) then position (runs), give each (lookup, run of its key) the
-    number of the run's positions in ``[lo, hi)`` (two ``searchsorted``); the mode is the
-    largest count x size + size - rank (most rows, then smallest value), the distinct count
-    the number of runs with rows in the window. ``reach``: those counts for each lookup of
-    a pair with several. Cost: the lookups x the distinct values of their key.
+    ``(τ - Δ2, τ]`` is the range ``[lo, hi)`` of the rows of ``F'`` in that order
+    (:func:`_bucket_windows`). Over each window: the statistics of the running columns
+    (:func:`_window_statistics`), then per value column the mode and distinct count
+    (:func:`_value_lookups`). ``reach``: the count of each value for each lookup of a pair
+    with several. Cost: the lookups x the distinct values of their key.
     """
     import pyarrow as pa
+
+    key = table.column(0).combine_chunks()
+    segment, facts, looks, lo, hi = _bucket_windows(table, key, spec.window_ns)
+    take = pa.array(looks)
+    at = {"tve.key": key.take(take), "tve.time": table.column(1).take(take), "tve.rows": hi - lo}
+    at |= _window_statistics(table, facts, lo, hi, spec.pairs)
+    reach = []
+    several = table.column(3).to_numpy(zero_copy_only=False).astype(bool)[looks]
+    fact_segment, look_segment = segment[facts], segment[looks]
+    for k, size in enumerate(sizes, 1):
+        rank = table.column(f"tve.rank_{k}").combine_chunks().take(pa.array(facts))
+        counts = _window_value_counts(
+            _rank_codes(rank), fact_segment, look_segment, lo, hi, size, len(facts)
+        )
+        columns, rows = _value_lookups(counts, k, size, key, table.column(1), looks, several)
+        at |= columns
+        reach.append(rows)
+    return pa.table(at), reach
+
+
+def _bucket_windows(table, key, window_ns: int):
+    """Of a bucket sorted by (key, time, lookup): each row's key number (``segment``), the
+    positions of the rows of ``F'`` (``facts``) and of the lookups whose window holds any
+    (``looks``), and each such lookup's window ``[lo, hi)`` among the rows of ``F'``: ``hi``
+    the rows of ``F'`` up to it (its key's with time <= τ), ``lo`` those before τ - Δ2
+    (:func:`_window_starts`)."""
     import pyarrow.compute as pc
 
     n = table.num_rows
-    key = table.column(0).combine_chunks()
     starts = np.ones(n, dtype=bool)
     if n > 1:
         same = pc.equal(key.slice(1), key.slice(0, n - 1))
@@ -163,30 +177,46 @@ def _lookups_of_bucket(table, spec: _NativeLookups, sizes: list[int]):
     segment = np.cumsum(starts) - 1
     lookup = table.column(2).to_numpy(zero_copy_only=False).astype(bool)
     facts = np.flatnonzero(~lookup)
-    nf = len(facts)
     looks = np.flatnonzero(lookup)
     hi = np.cumsum(~lookup)[looks]  # rows of F' up to each lookup: its key's time <= τ
-    lo = _window_starts(segment, facts, looks, _scan_time_ns(table.column(1)), spec.window_ns)
+    lo = _window_starts(segment, facts, looks, _scan_time_ns(table.column(1)), window_ns)
     reached = hi > lo
-    looks, lo, hi = looks[reached], lo[reached], hi[reached]
-    take = pa.array(looks)
-    at = {"tve.key": key.take(take), "tve.time": table.column(1).take(take), "tve.rows": hi - lo}
+    return segment, facts, looks[reached], lo[reached], hi[reached]
 
-    def column(name: str):
-        values = table.column(name).combine_chunks().take(pa.array(facts))
-        if pa.types.is_boolean(values.type):  # "IS NOT NULL" of a column only counted
-            return None, pc.fill_null(values, False).to_numpy(zero_copy_only=False)
-        return values.to_numpy(zero_copy_only=False), values.is_valid().to_numpy(
-            zero_copy_only=False
-        )
 
+def _fact_values(table, name: str, facts: np.ndarray):
+    """A running column of the rows of ``F'``: (values, valid), or (None, whether non-null)
+    for a column that is only counted (read as "IS NOT NULL")."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    values = table.column(name).combine_chunks().take(pa.array(facts))
+    if pa.types.is_boolean(values.type):  # "IS NOT NULL" of a column only counted
+        return None, pc.fill_null(values, False).to_numpy(zero_copy_only=False)
+    return values.to_numpy(zero_copy_only=False), values.is_valid().to_numpy(zero_copy_only=False)
+
+
+def _window_statistics(table, facts: np.ndarray, lo: np.ndarray, hi: np.ndarray, pairs):
+    """Each statistic of ``pairs`` ((column number, stat, output name)) over each window
+    ``[lo, hi)`` of the rows of ``F'`` (``facts``), by output name.
+
+    Counts (non-null values, NaN and infinities) are differences of prefix counts, exact;
+    sums (of the finite values, and ``std``'s ``m2``, the squared distances from the
+    window's mean, by :func:`_window_m2`) and min and max (of the values that are not NaN)
+    come from :func:`_window_reduce`. Special values are applied as DuckDB's aggregates
+    over the rows do: a sum is +inf / -inf when one is reached, NaN with both or a NaN; NaN
+    is the max once reached and the min when every value reached is NaN.
+    """
+    import pyarrow as pa
+
+    at = {}
     summed: dict[str, np.ndarray] = {}  # output name -> values to sum (before special values)
     lowest: dict[str, np.ndarray] = {}
     highest: dict[str, np.ndarray] = {}
     masks = {}  # output name -> (null, NaN) of a min or max
-    for i in dict.fromkeys(number for number, _, _ in spec.pairs):
-        x, valid = column(f"tve.v_{i}")
-        stats = {s: out for number, s, out in spec.pairs if number == i}
+    for i in dict.fromkeys(number for number, _, _ in pairs):
+        x, valid = _fact_values(table, f"tve.v_{i}", facts)
+        stats = {s: out for number, s, out in pairs if number == i}
         if "n" in stats:
             at[stats["n"]] = _window_counts(valid, lo, hi)
         if "s" in stats:
@@ -207,16 +237,7 @@ def _lookups_of_bucket(table, spec: _NativeLookups, sizes: list[int]):
             if "max" in stats:
                 highest[stats["max"]] = np.where(ok, x, -np.inf)
                 masks[stats["max"]] = (none & ~nans, nans)  # NaN once one is reached
-    special = {}  # sums over infinities or NaN: what DuckDB's sum gives
-    for name, y in summed.items():
-        finite = np.isfinite(y)
-        if not finite.all():
-            up, down, nan = (
-                _window_counts(kind, lo, hi) > 0
-                for kind in (y == np.inf, y == -np.inf, np.isnan(y))
-            )
-            special[name] = (up, down, nan | (up & down))
-            summed[name] = np.where(finite, y, 0.0)
+    special = _special_sums(summed, lo, hi)
     for columns, ufunc, identity in (
         (summed, np.add, 0.0),
         (lowest, np.minimum, np.inf),
@@ -238,34 +259,61 @@ def _lookups_of_bucket(table, spec: _NativeLookups, sizes: list[int]):
                 null, nan = masks[name]
                 values = pa.array(np.where(nan, np.nan, values), mask=null)
             at[name] = values
-    reach = []
-    several = table.column(3).to_numpy(zero_copy_only=False).astype(bool)[looks]
-    fact_segment = segment[facts]
-    for k, size in enumerate(sizes, 1):
-        rank = table.column(f"tve.rank_{k}").combine_chunks().take(pa.array(facts))
-        rank = pc.fill_null(rank, 0).to_numpy().astype(np.int64)
-        counts = _window_value_counts(rank, fact_segment, segment[looks], lo, hi, size, nf)
-        which, value, count = counts
-        distinct = np.bincount(which, minlength=len(looks)).astype(np.int64)
-        best = np.zeros(len(looks), dtype=np.int64)
-        if len(which):
-            first = np.flatnonzero(np.r_[True, which[1:] != which[:-1]])
-            best[which[first]] = np.maximum.reduceat(count * size + size - value, first)
-        at[f"tve.rank_{k}"] = pa.array(size - best % size if size else best, mask=best <= 0)
-        at[f"tve.distinct_{k}"] = pa.array(distinct, mask=distinct <= 0)
-        keep = several[which]
-        rows = pa.array(looks[which[keep]])
-        reach.append(
-            pa.table(
-                {
-                    "tve.key": key.take(rows),
-                    "tve.time": table.column(1).take(rows),
-                    "rank": value[keep],
-                    "n": count[keep],
-                }
+    return at
+
+
+def _special_sums(summed: dict[str, np.ndarray], lo: np.ndarray, hi: np.ndarray) -> dict:
+    """Of the columns to sum with an infinity or NaN: per window, whether it reaches +inf,
+    -inf, and NaN (a NaN, or both infinities): what DuckDB's sum gives there. Those
+    values are replaced by 0 in ``summed``, so that the tree sums the finite ones."""
+    special = {}
+    for name, y in summed.items():
+        finite = np.isfinite(y)
+        if not finite.all():
+            up, down, nan = (
+                _window_counts(kind, lo, hi) > 0
+                for kind in (y == np.inf, y == -np.inf, np.isnan(y))
             )
-        )
-    return pa.table(at), reach
+            special[name] = (up, down, nan | (up & down))
+            summed[name] = np.where(finite, y, 0.0)
+    return special
+
+
+def _rank_codes(rank) -> np.ndarray:
+    """A value column's dense ranks as int64 codes, 0 for null."""
+    import pyarrow.compute as pc
+
+    return pc.fill_null(rank, 0).to_numpy().astype(np.int64)
+
+
+def _value_lookups(counts, k: int, size: int, key, time, looks: np.ndarray, several: np.ndarray):
+    """From a value column's counts per (lookup, value) (:func:`_window_value_counts`): its
+    ``at`` columns, the mode as a rank (the largest count x size + size - rank: most rows,
+    then smallest value) and the distinct count (null where the window has no value), and
+    its ``reach`` rows, the counts of the lookups of a pair with several."""
+    import pyarrow as pa
+
+    which, value, count = counts
+    distinct = np.bincount(which, minlength=len(looks)).astype(np.int64)
+    best = np.zeros(len(looks), dtype=np.int64)
+    if len(which):
+        first = np.flatnonzero(np.r_[True, which[1:] != which[:-1]])
+        best[which[first]] = np.maximum.reduceat(count * size + size - value, first)
+    columns = {
+        f"tve.rank_{k}": pa.array(size - best % size if size else best, mask=best <= 0),
+        f"tve.distinct_{k}": pa.array(distinct, mask=distinct <= 0),
+    }
+    keep = several[which]
+    rows = pa.array(looks[which[keep]])
+    reach = pa.table(
+        {
+            "tve.key": key.take(rows),
+            "tve.time": time.take(rows),
+            "rank": value[keep],
+            "n": count[keep],
+        }
+    )
+    return columns, reach
 
 
 #: Up to this many values, a value column's counts per window come from one prefix count

@@ -5,8 +5,9 @@ times, Δ and Δ2 of a later "in" hop, and the DuckDB settings) that every way t
 whole; :func:`validate_targets` checks that its definitions are walkable paths of the schema.
 Only the memory budget (``memory_limit``) and the other settings change how a query runs,
 never its rows: DuckDB is given a share of the budget as its own limit (it spills to disk
-beyond it), and the rest sizes the work in process: a group of seed times spans at most
-the budget's worth of (entity, seed time) pairs, so memory does not grow with the number of
+beyond it; ``_DUCKDB_SHARE`` in :mod:`.connection`), and the rest sizes the work in
+process: a group of seed times spans at most the budget's worth of (entity, seed time)
+pairs (``_BYTES_PER_PAIR`` in :mod:`.compute`), so memory does not grow with the number of
 seed times or entities.
 """
 

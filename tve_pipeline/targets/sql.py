@@ -255,58 +255,98 @@ def _targets_ctes(
 
     output_of: dict[str, str] = {}  # target name -> alias of the CTE that holds it
     joins: list[tuple[str, str]] = []  # (CTE name, alias) joined onto the active pairs
-    for p in running:
-        j = plan.path_number(p)
-        ctes += _running_ctes(plan, p)
-        joins.append((ctes[-1].name, f"a{j}"))
-        output_of.update(
-            {d.name: f"a{j}" for d in plan.defs_of(p) if d.aggregation not in _VALUE_AGGREGATIONS}
-        )
-        for k, column in enumerate(_running_value_columns(plan, p), 1):
-            ctes += _running_mode_ctes(plan, p, k, column)
-            joins.append((ctes[-1].name, f"m{j}_{k}"))
-            output_of.update({d.name: f"m{j}_{k}" for d in _value_defs(plan, p, column)})
     windows = {plan.window_of(h) for h in plan.first_hops}
-    for group in _aggregation_groups(plan, joined):
-        group_defs = [d for p in group.paths for d in plan.defs_of(p)]
-        if native and group.rows in windows:
-            ctes.append(_native_aggregate(plan, group, columns.value_of))
-            joins.append((ctes[-1].name, f"a{group.j}"))
-            output_of.update({d.name: f"a{group.j}" for d in group_defs})
-            continue
-        first = len(ctes)
-        ctes.append(_agg_cte(plan, group, columns.value_of))
-        joins.append((ctes[-1].name, f"a{group.j}"))
-        for p in group.paths:
-            for d in plan.defs_of(p):
-                if d.aggregation not in _VALUE_AGGREGATIONS:
-                    output_of[d.name] = f"a{group.j}"
-        for k, (path, column) in enumerate(_value_columns(plan, group), 1):
-            ctes.append(_value_cte(plan, group, k, path, column, columns.value_of))
-            joins.append((ctes[-1].name, f"m{group.j}_{k}"))
-            output_of.update({d.name: f"m{group.j}_{k}" for d in _value_defs(plan, path, column)})
-        if native:  # a path_<j> (its rows multiply): aggregated by DuckDB as they stream,
-            # in one query with its modes, so that the path is joined once
-            ctes.append(_together_cte(plan, group, ctes[first:], output_of))
-            joins.append((ctes[-1].name, f"t{group.j}"))
-            output_of.update({d.name: f"t{group.j}" for d in group_defs})
+    parts = [_running_parts(plan, p) for p in running]
+    parts += [
+        _group_parts(plan, group, columns.value_of, native, windows)
+        for group in _aggregation_groups(plan, joined)
+    ]
+    for more, more_joins, more_outputs in parts:
+        ctes += more
+        joins += more_joins
+        output_of.update(more_outputs)
 
     if native:  # no vector: :func:`_assemble` puts the sources together in process
-        name_of = dict((alias, name) for name, alias in joins)
-        out_paths = [p for p in plan.paths if _out_only(p)]
-        base = None
-        if len(plan.first_hops) == 1 and out_paths:  # its pairs are the window's
-            base = f"{plan.prefix}agg_{plan.path_number(out_paths[0])}"
-        assembly = _Assembly(
-            windows=tuple(plan.window_of(h) for h in plan.first_hops),
-            base=base,
-            sources=tuple((d.name, name_of[output_of[d.name]]) for d in plan.defs),
-        )
-        return ctes, [], [], assembly
+        return ctes, [], [], _native_assembly(plan, joins, output_of)
     active, base, joins = _active_pairs(plan, joins)
     ctes += [active] if active is not None else []
     ctes.append(_vector_cte(plan, base, joins, output_of))
     return (ctes, *_final_select(plan, dense), None)
+
+
+#: The CTEs of some paths, the (CTE name, alias) of each that joins onto the active pairs,
+#: and the alias of the CTE that holds each of their targets.
+_Parts = tuple[list[_Cte], list[tuple[str, str]], dict[str, str]]
+
+
+def _running_parts(plan: _QueryPlan, p: tuple[Hop, ...]) -> _Parts:
+    """The parts of a fact->key<-fact path by lookups: :func:`_running_ctes` up to its
+    ``agg_<j>``, then per value column :func:`_running_mode_ctes` up to its
+    ``mode_<j>_<k>``."""
+    j = plan.path_number(p)
+    ctes = _running_ctes(plan, p)
+    joins = [(ctes[-1].name, f"a{j}")]
+    output_of = {
+        d.name: f"a{j}" for d in plan.defs_of(p) if d.aggregation not in _VALUE_AGGREGATIONS
+    }
+    for k, column in enumerate(_running_value_columns(plan, p), 1):
+        ctes += _running_mode_ctes(plan, p, k, column)
+        joins.append((ctes[-1].name, f"m{j}_{k}"))
+        output_of.update({d.name: f"m{j}_{k}" for d in _value_defs(plan, p, column)})
+    return ctes, joins, output_of
+
+
+def _group_parts(
+    plan: _QueryPlan,
+    group: _Group,
+    value_of: Mapping[tuple[tuple[Hop, ...], str | None], str],
+    native: bool,
+    windows: set[str],
+) -> _Parts:
+    """The parts of the paths aggregated together (:func:`_aggregation_groups`): their
+    ``agg_<j>`` and a ``mode_<j>_<k>`` per value column; in the in-process shape
+    (``native``), a window's one :class:`~.plan._NativeAggregate` instead, and a
+    ``path_<j>``'s also joined to its modes in one ``aggs_<j>``."""
+    group_defs = [d for p in group.paths for d in plan.defs_of(p)]
+    if native and group.rows in windows:
+        cte = _native_aggregate(plan, group, value_of)
+        return [cte], [(cte.name, f"a{group.j}")], {d.name: f"a{group.j}" for d in group_defs}
+    ctes = [_agg_cte(plan, group, value_of)]
+    joins = [(ctes[-1].name, f"a{group.j}")]
+    output_of = {}
+    for p in group.paths:
+        for d in plan.defs_of(p):
+            if d.aggregation not in _VALUE_AGGREGATIONS:
+                output_of[d.name] = f"a{group.j}"
+    for k, (path, column) in enumerate(_value_columns(plan, group), 1):
+        ctes.append(_value_cte(plan, group, k, path, column, value_of))
+        joins.append((ctes[-1].name, f"m{group.j}_{k}"))
+        output_of.update({d.name: f"m{group.j}_{k}" for d in _value_defs(plan, path, column)})
+    if native:  # a path_<j> (its rows multiply): aggregated by DuckDB as they stream,
+        # in one query with its modes, so that the path is joined once
+        together = _together_cte(plan, group, ctes, output_of)
+        ctes.append(together)
+        joins.append((together.name, f"t{group.j}"))
+        output_of.update({d.name: f"t{group.j}" for d in group_defs})
+    return ctes, joins, output_of
+
+
+def _native_assembly(
+    plan: _QueryPlan, joins: list[tuple[str, str]], output_of: Mapping[str, str]
+) -> _Assembly:
+    """How :func:`~.assemble._assemble` puts the in-process shape's steps together (it has
+    no ``vector``): the active pairs are those of the one first hop's aggregate when it
+    says it all, else of every window; each target comes from the CTE that holds it."""
+    name_of = dict((alias, name) for name, alias in joins)
+    out_paths = [p for p in plan.paths if _out_only(p)]
+    base = None
+    if len(plan.first_hops) == 1 and out_paths:  # its pairs are the window's
+        base = f"{plan.prefix}agg_{plan.path_number(out_paths[0])}"
+    return _Assembly(
+        windows=tuple(plan.window_of(h) for h in plan.first_hops),
+        base=base,
+        sources=tuple((d.name, name_of[output_of[d.name]]) for d in plan.defs),
+    )
 
 
 class _WindowColumns:

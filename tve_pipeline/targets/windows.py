@@ -79,124 +79,153 @@ def _aggregate_rows(rows, spec: _NativeAggregate):
     """``spec``'s aggregates of ``rows`` (seed time, entity, then the columns read) per
     (seed time, entity), as an Arrow table: the pairs, then one column per target.
 
-    Rows are sorted by pair (Arrow's stable multi-key sort), then reduced per run of a pair
-    with NumPy: counts and sums by ``add.reduceat``, min by ``fmin`` (NaN only when every
-    value is NaN, as DuckDB's NaN-is-largest ``min``), max by ``maximum`` (NaN wins), std
-    in two passes (sample; null under two values); every aggregate but a count is null
-    over no values. Mode and distinct count per column: values coded by their rank in
-    ascending order (Arrow's order: DuckDB's, NaN last; -0.0 read as 0.0, as DuckDB groups
-    them), one sort of (pair, code), then per pair the number of runs and the run with the
-    largest count, ties to the smallest code. Numbers are read cast to double, as the SQL's
-    ``CAST(... AS DOUBLE)``.
+    Rows are sorted by pair (:class:`_PairRuns`), then reduced per run of a pair with NumPy
+    (:func:`_aggregate`).
     """
     import pyarrow as pa
-    import pyarrow.compute as pc
 
-    n = rows.num_rows
-    order = pc.sort_indices(
-        rows.select([0, 1]),
-        sort_keys=[(rows.column_names[0], "ascending"), (rows.column_names[1], "ascending")],
-    )
-    seed, ent = (rows.column(i).take(order).combine_chunks() for i in (0, 1))
-    new = np.ones(n, dtype=bool)
-    if n > 1:
-        same = pc.and_(
-            pc.equal(seed.slice(1), seed.slice(0, n - 1)),
-            pc.equal(ent.slice(1), ent.slice(0, n - 1)),
-        )
-        new[1:] = ~same.to_numpy(zero_copy_only=False)
-    starts = np.flatnonzero(new)
-    m = len(starts)
-    pair = np.cumsum(new) - 1
-    sizes = np.diff(np.append(starts, n))
-    out = {"tve.seed_time": seed.take(pa.array(starts)), "tve.entity": ent.take(pa.array(starts))}
-    columns: dict[int, Any] = {}
-    valids: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    numbers: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-    values: dict[int, tuple[Any, np.ndarray, np.ndarray]] = {}
-
-    def column(c: int):
-        if c not in columns:
-            columns[c] = rows.column(2 + c).take(order).combine_chunks()
-        return columns[c]
-
-    def reduce(ufunc, x: np.ndarray) -> np.ndarray:
-        return ufunc.reduceat(x, starts) if m else x[:0]
-
-    def counted(c: int) -> tuple[np.ndarray, np.ndarray]:
-        """(valid; non-null count per pair)"""
-        if c not in valids:
-            valid = column(c).is_valid().to_numpy(zero_copy_only=False)
-            valids[c] = (valid, reduce(np.add, valid.astype(np.int64)))
-        return valids[c]
-
-    def number(c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(values as double, 0 under nulls; valid; non-null count per pair)"""
-        if c not in numbers:
-            x = pc.fill_null(pc.cast(column(c), pa.float64()), 0.0)
-            numbers[c] = (x.to_numpy(zero_copy_only=False), *counted(c))
-        return numbers[c]
-
-    def value_runs(c: int):
-        """(sorted distinct values; per pair: distinct count, code of the mode or -1)"""
-        if c not in values:
-            col = column(c)
-            valid = counted(c)[0]
-            if not valid.any():
-                values[c] = (col.slice(0, 0), np.zeros(m, np.int64), np.full(m, -1, np.int64))
-                return values[c]
-            if pa.types.is_floating(col.type):  # -0.0 is 0.0, as DuckDB groups them
-                col = pc.add(col, pa.scalar(0.0, col.type))
-            encoded = pc.dictionary_encode(col)
-            ranked = np.asarray(pc.sort_indices(encoded.dictionary))
-            k = len(ranked)
-            rank_of = np.empty(k, dtype=np.int64)
-            rank_of[ranked] = np.arange(k)
-            code = rank_of[encoded.indices.to_numpy(zero_copy_only=False)[valid].astype(np.int64)]
-            key = np.sort(pair[valid] * k + code)
-            first = np.flatnonzero(np.append(True, key[1:] != key[:-1]))
-            run_pair, run_code = np.divmod(key[first], k)
-            run_len = np.diff(np.append(first, len(key)))
-            distinct = np.bincount(run_pair, minlength=m).astype(np.int64)
-            pair_first = np.flatnonzero(np.append(True, run_pair[1:] != run_pair[:-1]))
-            best = np.maximum.reduceat(run_len * k + (k - 1 - run_code), pair_first)
-            mode = np.full(m, -1, dtype=np.int64)
-            mode[run_pair[pair_first]] = k - 1 - best % k
-            values[c] = (encoded.dictionary.take(pa.array(ranked)), distinct, mode)
-        return values[c]
-
-    def doubles(x: np.ndarray, ok: np.ndarray):
-        return pa.array(x, type=pa.float64(), mask=~ok)
-
+    runs = _PairRuns(rows)
+    starts = pa.array(runs.starts)
+    out = {"tve.seed_time": runs.seed.take(starts), "tve.entity": runs.ent.take(starts)}
     for name, aggregation, c in spec.targets:
-        if c is None:
-            out[name] = pa.array(sizes, type=pa.int64())
-        elif aggregation == "count":
-            out[name] = pa.array(counted(c)[1], type=pa.int64())
-        elif aggregation in ("mode", "count_distinct"):
-            ordered, distinct, mode = value_runs(c)
-            if aggregation == "count_distinct":
-                out[name] = pa.array(distinct, type=pa.int64())
-            else:
-                out[name] = ordered.take(pa.array(mode, mask=mode < 0))
-        else:
-            x, valid, count = number(c)
-            some = count > 0
-            with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-                if aggregation == "min":
-                    out[name] = doubles(reduce(np.fmin, np.where(valid, x, np.nan)), some)
-                elif aggregation == "max":
-                    out[name] = doubles(reduce(np.maximum, np.where(valid, x, -np.inf)), some)
-                else:
-                    total = reduce(np.add, x)
-                    if aggregation == "sum":
-                        out[name] = doubles(total, some)
-                    elif aggregation == "mean":
-                        out[name] = doubles(total / count, some)
-                    elif aggregation == "std":
-                        dev = np.where(valid, x - (total / np.maximum(count, 1))[pair], 0.0)
-                        spread = reduce(np.add, dev * dev) / (count - 1)
-                        out[name] = doubles(np.sqrt(spread), count > 1)
-                    else:  # pragma: no cover
-                        raise ValueError(f"unknown aggregation {aggregation!r}")
+        out[name] = _aggregate(runs, aggregation, c)
     return pa.table(out)
+
+
+class _PairRuns:
+    """The rows of a window sorted by (seed time, entity) pair (Arrow's stable multi-key
+    sort), each pair a run (``starts``, ``sizes``; ``pair``: each row's pair number), and
+    what the aggregates read of each column, computed once per column."""
+
+    def __init__(self, rows) -> None:
+        import pyarrow.compute as pc
+
+        n = rows.num_rows
+        self.rows = rows
+        self.order = pc.sort_indices(
+            rows.select([0, 1]),
+            sort_keys=[(rows.column_names[0], "ascending"), (rows.column_names[1], "ascending")],
+        )
+        seed, ent = (rows.column(i).take(self.order).combine_chunks() for i in (0, 1))
+        new = np.ones(n, dtype=bool)
+        if n > 1:
+            same = pc.and_(
+                pc.equal(seed.slice(1), seed.slice(0, n - 1)),
+                pc.equal(ent.slice(1), ent.slice(0, n - 1)),
+            )
+            new[1:] = ~same.to_numpy(zero_copy_only=False)
+        self.seed, self.ent = seed, ent
+        self.starts = np.flatnonzero(new)
+        self.m = len(self.starts)
+        self.pair = np.cumsum(new) - 1
+        self.sizes = np.diff(np.append(self.starts, n))
+        self._columns: dict[int, Any] = {}
+        self._valids: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._numbers: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._values: dict[int, tuple[Any, np.ndarray, np.ndarray]] = {}
+
+    def column(self, c: int):
+        """The ``c``-th column read, in pair order."""
+        if c not in self._columns:
+            self._columns[c] = self.rows.column(2 + c).take(self.order).combine_chunks()
+        return self._columns[c]
+
+    def reduce(self, ufunc, x: np.ndarray) -> np.ndarray:
+        """``ufunc`` over each pair's run of ``x``."""
+        return ufunc.reduceat(x, self.starts) if self.m else x[:0]
+
+    def counted(self, c: int) -> tuple[np.ndarray, np.ndarray]:
+        """(valid; non-null count per pair)"""
+        if c not in self._valids:
+            valid = self.column(c).is_valid().to_numpy(zero_copy_only=False)
+            self._valids[c] = (valid, self.reduce(np.add, valid.astype(np.int64)))
+        return self._valids[c]
+
+    def number(self, c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(values as double, 0 under nulls; valid; non-null count per pair)"""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        if c not in self._numbers:
+            x = pc.fill_null(pc.cast(self.column(c), pa.float64()), 0.0)
+            self._numbers[c] = (x.to_numpy(zero_copy_only=False), *self.counted(c))
+        return self._numbers[c]
+
+    def value_runs(self, c: int):
+        """(sorted distinct values; per pair: distinct count, code of the mode or -1): values
+        coded by their rank in ascending order (Arrow's order: DuckDB's, NaN last; -0.0 read
+        as 0.0, as DuckDB groups them), one sort of (pair, code), then per pair the number of
+        runs and the run with the largest count, ties to the smallest code."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        if c in self._values:
+            return self._values[c]
+        m, col = self.m, self.column(c)
+        valid = self.counted(c)[0]
+        if not valid.any():
+            self._values[c] = (col.slice(0, 0), np.zeros(m, np.int64), np.full(m, -1, np.int64))
+            return self._values[c]
+        if pa.types.is_floating(col.type):  # -0.0 is 0.0, as DuckDB groups them
+            col = pc.add(col, pa.scalar(0.0, col.type))
+        encoded = pc.dictionary_encode(col)
+        ranked = np.asarray(pc.sort_indices(encoded.dictionary))
+        k = len(ranked)
+        rank_of = np.empty(k, dtype=np.int64)
+        rank_of[ranked] = np.arange(k)
+        code = rank_of[encoded.indices.to_numpy(zero_copy_only=False)[valid].astype(np.int64)]
+        key = np.sort(self.pair[valid] * k + code)
+        first = np.flatnonzero(np.append(True, key[1:] != key[:-1]))
+        run_pair, run_code = np.divmod(key[first], k)
+        run_len = np.diff(np.append(first, len(key)))
+        distinct = np.bincount(run_pair, minlength=m).astype(np.int64)
+        pair_first = np.flatnonzero(np.append(True, run_pair[1:] != run_pair[:-1]))
+        best = np.maximum.reduceat(run_len * k + (k - 1 - run_code), pair_first)
+        mode = np.full(m, -1, dtype=np.int64)
+        mode[run_pair[pair_first]] = k - 1 - best % k
+        self._values[c] = (encoded.dictionary.take(pa.array(ranked)), distinct, mode)
+        return self._values[c]
+
+
+def _aggregate(runs: _PairRuns, aggregation: str, c: int | None):
+    """One target's column, per pair: counts and sums by ``add.reduceat``, min by ``fmin``
+    (NaN only when every value is NaN, as DuckDB's NaN-is-largest ``min``), max by
+    ``maximum`` (NaN wins), std in two passes (sample; null under two values); every
+    aggregate but a count is null over no values; mode and distinct count from
+    :meth:`_PairRuns.value_runs`. Numbers are read cast to double, as the SQL's
+    ``CAST(... AS DOUBLE)``; ``c`` None counts the rows."""
+    import pyarrow as pa
+
+    if c is None:
+        return pa.array(runs.sizes, type=pa.int64())
+    if aggregation == "count":
+        return pa.array(runs.counted(c)[1], type=pa.int64())
+    if aggregation in ("mode", "count_distinct"):
+        ordered, distinct, mode = runs.value_runs(c)
+        if aggregation == "count_distinct":
+            return pa.array(distinct, type=pa.int64())
+        return ordered.take(pa.array(mode, mask=mode < 0))
+    x, valid, count = runs.number(c)
+    some = count > 0
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        if aggregation == "min":
+            return _doubles(runs.reduce(np.fmin, np.where(valid, x, np.nan)), some)
+        if aggregation == "max":
+            return _doubles(runs.reduce(np.maximum, np.where(valid, x, -np.inf)), some)
+        total = runs.reduce(np.add, x)
+        if aggregation == "sum":
+            return _doubles(total, some)
+        if aggregation == "mean":
+            return _doubles(total / count, some)
+        if aggregation == "std":
+            dev = np.where(valid, x - (total / np.maximum(count, 1))[runs.pair], 0.0)
+            spread = runs.reduce(np.add, dev * dev) / (count - 1)
+            return _doubles(np.sqrt(spread), count > 1)
+    raise ValueError(f"unknown aggregation {aggregation!r}")  # pragma: no cover
+
+
+def _doubles(x: np.ndarray, ok: np.ndarray):
+    """A float64 Arrow column of ``x``, null where not ``ok``."""
+    import pyarrow as pa
+
+    return pa.array(x, type=pa.float64(), mask=~ok)
