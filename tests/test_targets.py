@@ -22,7 +22,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tve_pipeline import targets
-from tve_pipeline.targets import TargetQuery, compute_targets, iter_targets, targets_sql
+from tve_pipeline.targets import (
+    TargetQuery,
+    compute_targets,
+    connection,
+    group_files,
+    iter_targets,
+    lookups,
+    targets_sql,
+)
+from tve_pipeline.targets import query as target_query
 from tve_pipeline.traversal import (
     Hop,
     TargetDef,
@@ -376,7 +385,7 @@ def test_fact_key_fact_paths_match_brute_force(db, entity, seeds, per_query, sec
         seeds_per_query=per_query,
         second_hop_window=second,
     )
-    with mock.patch.object(targets, "_DENSE_VALUES", values):
+    with mock.patch.object(lookups, "_DENSE_VALUES", values):
         got = compute_targets(query)
     want = brute_force(frames, schema, defs, entity, timestamps, DELTA, second)
     assert_same_targets(got, want, defs)
@@ -539,7 +548,7 @@ def test_second_hop_window_bounds_every_aggregate(monkeypatch, second, want, val
     the SQL that ``--show-sql`` prints (lookups and joined rows)."""
     import duckdb
 
-    monkeypatch.setattr(targets, "_DENSE_VALUES", values)
+    monkeypatch.setattr(lookups, "_DENSE_VALUES", values)
     frames = _window_shop()
     schema = shop_schema(True)
     names = ["n", "sum", "mean", "min", "max", "std", "mode", "distinct", "count"]
@@ -1020,10 +1029,8 @@ def test_fact_key_fact_into_another_table(monkeypatch, bucket_rows, values):
     2 have orders, no review; 0 sorts before the reviewed 1), reviews before, at and after
     each order, in one scan of whole keys or several; every aggregate against the brute
     force."""
-    import tve_pipeline.targets as targets
-
-    monkeypatch.setattr(targets, "_LOOKUP_BUCKET_ROWS", bucket_rows)
-    monkeypatch.setattr(targets, "_DENSE_VALUES", values)
+    monkeypatch.setattr(group_files, "_LOOKUP_BUCKET_ROWS", bucket_rows)
+    monkeypatch.setattr(lookups, "_DENSE_VALUES", values)
     t = lambda d, h=0: BASE + pd.Timedelta(days=d, hours=h)  # noqa: E731
     frames = _fixed_shop()
     frames["reviews"] = pd.DataFrame(
@@ -1065,9 +1072,7 @@ def test_fact_key_fact_spread_far_from_zero(monkeypatch, how):
     in several) and by the query's own SQL windows (what ``--show-sql`` prints) alike."""
     import duckdb
 
-    import tve_pipeline.targets as targets
-
-    monkeypatch.setattr(targets, "_LOOKUP_BUCKET_ROWS", 3 if how == "buckets" else 10**9)
+    monkeypatch.setattr(group_files, "_LOOKUP_BUCKET_ROWS", 3 if how == "buckets" else 10**9)
     frames = _fixed_shop()
     frames["orders"]["amount"] = 1e9 + frames["orders"]["amount"].where(
         frames["orders"]["product_id"] != 0, 3.0
@@ -1235,7 +1240,7 @@ def test_fact_key_fact_special_values_aggregate_as_duckdb_does(
     assert {d.aggregation for d in defs} >= {"mode", "count_distinct", "min", "max", "std"}
     ts = [BASE + pd.Timedelta(days=d) for d in (0, 2, 4)]
     query = TargetQuery(frames, schema, defs, "customers", ts, DELTA, second_hop_window=second)
-    with mock.patch.object(targets, "_DENSE_VALUES", values):
+    with mock.patch.object(lookups, "_DENSE_VALUES", values):
         got = pa.concat_tables(iter_targets(query))
     con = _duckdb_over(frames, ts)
     for running in (False, True):
@@ -1254,9 +1259,7 @@ def test_fact_key_fact_window_std_keeps_its_digits_after_a_long_history(monkeypa
     last digits: the value of DuckDB's ``stddev_samp`` over the joined rows, hand-checked."""
     import statistics
 
-    import tve_pipeline.targets as targets
-
-    monkeypatch.setattr(targets, "_LOOKUP_BUCKET_ROWS", bucket_rows)
+    monkeypatch.setattr(group_files, "_LOOKUP_BUCKET_ROWS", bucket_rows)
     t = lambda d, m=0: BASE + pd.Timedelta(days=d, minutes=m)  # noqa: E731
     history = [t(1 + i // 60, i % 60) for i in range(400)]
     window = [t(8, 60 * (i + 1)) for i in range(5)] + [t(10)]
@@ -1291,7 +1294,8 @@ def test_assemble_places_each_source_by_pair_whatever_its_order():
     output order is arbitrary) or covers only some pairs (counts 0, others null)."""
     import pyarrow as pa
 
-    from tve_pipeline.targets import _assemble, _Assembly, _EntityKeys
+    from tve_pipeline.targets.assemble import _assemble, _EntityKeys
+    from tve_pipeline.targets.plan import _Assembly
 
     t0, t1 = np.datetime64("2021-03-01", "us"), np.datetime64("2021-03-08", "us")
     entities = _EntityKeys(
@@ -1371,10 +1375,10 @@ def test_unreadable_memory_limit_fails_in_one_line_naming_it(text):
 def test_duckdb_is_given_half_of_the_memory_budget():
     """The budget is the whole computation's: DuckDB's own limit is half of it (DuckDB's
     setting, read back from the connection)."""
-    seeds = targets._seed_times_frame([BASE])
+    seeds = target_query._seed_times_frame([BASE])
     for limit, want in [("2GiB", "1.0 GiB"), ("3GiB", "1.5 GiB"), ("1000MiB", "500.0 MiB")]:
         query = TargetQuery({}, {}, [], "customers", [BASE], DELTA, memory_limit=limit)
-        with targets._connection(query, [], seeds, "timestamps") as con:
+        with connection._connection(query, [], seeds, "timestamps") as con:
             got = con.execute("SELECT current_setting('memory_limit')").fetchall()[0][0]
         assert got == want, (limit, got)
 

@@ -469,7 +469,7 @@ def _tiny_library(tiny):
 def test_groups_hold_fewer_seed_times_past_the_pair_budget(tiny, monkeypatch):
     """A group of seed times spans at most ``_GROUP_PAIRS`` (entity, seed time) pairs,
     whatever ``seeds_per_query`` asks (here: all at once): same rows, more queries."""
-    import tve_pipeline.targets as targets
+    import tve_pipeline.targets.compute as targets
 
     ds, tables, defs = _tiny_library(tiny)
     start = pd.Timestamp(ds.val_timestamp) - pd.Timedelta(days=200)
