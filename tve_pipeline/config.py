@@ -193,6 +193,37 @@ class FinetuneConfig(BaseModel):
     clamp_percentiles: tuple[float, float] | None = (2.0, 98.0)
 
 
+class ProbeConfig(BaseModel):
+    """The cheap readout: a linear model on a frozen backbone's seed embeddings.
+
+    Per task, cell and checkpoint (or a random encoder: scratch), the train / val / test
+    seeds are embedded once by the frozen RDL model and a linear model is fitted on the
+    training embeddings (the cell's label sample), standardised with training statistics:
+    logistic regression (L2 penalty ``C``) for binary tasks; for regression an L1-loss
+    linear model (the median regression that fine-tuning's L1 loss and the MAE metric ask
+    for; averaged SGD, L2 penalty ``alpha``). The strength is chosen on validation from the
+    grid, strongest first (ties keep the stronger).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    c_grid: tuple[float, ...] = (0.001, 0.01, 0.1, 1.0, 10.0)
+    alpha_grid: tuple[float, ...] = (1.0, 0.1, 0.01, 0.001, 0.0001)
+    max_iter: int = 1000
+    # Seeds per embedding batch (sampling and a forward pass; no training).
+    batch_size: int = 512
+    # Regression predictions clamped to these percentiles of the training labels, as
+    # fine-tuning's (RelBench's RDL: 2 / 98); None leaves them as they are.
+    clamp_percentiles: tuple[float, float] | None = (2.0, 98.0)
+
+    @field_validator("c_grid", "alpha_grid")
+    @classmethod
+    def _positive_grid(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if not value or any(v <= 0 for v in value):
+            raise ValueError(f"probe grid must be non-empty and positive, got {value}")
+        return value
+
+
 class Recipe(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -204,6 +235,7 @@ class Recipe(BaseModel):
     targets: TargetConfig = Field(default_factory=TargetConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
 
 
 # Budgets only: the method (loss, corruption, aggregations, normalisation) is unchanged.
