@@ -294,7 +294,8 @@ class Runner:
                 ["pretrained_checkpoint"], f"{name} {objective}", partition_key=objective
             )
         cells = experiment_cells(self.db.tasks, self.recipe)
-        for stage in ("finetuned_models", "metrics"):
+        # the probes first: seconds each, they judge the checkpoints before the long fine-tunes
+        for stage in ("probe_metrics", "finetuned_models", "metrics"):
             for cell in self.to_run(stage, cells):
                 self.materialize([stage], f"{name} {cell}", partition_key=cell)
         if self.to_run("results"):
@@ -314,9 +315,13 @@ class Runner:
             c for c in cells if parse_cell(c)[1] in objectives
         }
         scored = set(self.to_run("metrics", cells)) | tuned
+        probed = set(self.to_run("probe_metrics", cells)) | {
+            c for c in cells if parse_cell(c)[1] in objectives
+        }
         todo = {AssetKeyPartitionKey(self.db.key("pretrained_checkpoint"), o) for o in objectives}
         todo |= {AssetKeyPartitionKey(self.db.key("finetuned_models"), c) for c in tuned}
         todo |= {AssetKeyPartitionKey(self.db.key("metrics"), c) for c in scored}
+        todo |= {AssetKeyPartitionKey(self.db.key("probe_metrics"), c) for c in probed}
         if todo or self.to_run("results"):
             todo.add(AssetKeyPartitionKey(self.db.key("results"), None))
         return todo
@@ -327,11 +332,12 @@ class Runner:
             raise ValueError(f"no results for {self.db.name} yet: run `tve run {self.db.name}`")
         return self.load("results")
 
-    def cell_metrics(self) -> pd.DataFrame:
-        """Every materialised cell's metric rows."""
-        done = sorted(self.instance.get_materialized_partitions(self.db.key("metrics")))
+    def cell_metrics(self, asset: str = "metrics") -> pd.DataFrame:
+        """Every materialised cell's metric rows: fine-tuning's (``metrics``) or the linear
+        probe's (``probe_metrics``)."""
+        done = sorted(self.instance.get_materialized_partitions(self.db.key(asset)))
         return (
-            pd.concat([self.load("metrics", cell) for cell in done], ignore_index=True)
+            pd.concat([self.load(asset, cell) for cell in done], ignore_index=True)
             if done
             else pd.DataFrame()
         )

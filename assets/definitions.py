@@ -1,4 +1,4 @@
-"""The code location: each registered database's eight assets, the resources, the growth sensor.
+"""The code location: each registered database's nine assets, the resources, the growth sensor.
 
 Settings come from the run folder (``TVE_RUN_DIR``, default ``./runs/default``): its
 ``datasets/`` holds the databases (one asset group per database), its ``recipe.json``
@@ -41,6 +41,7 @@ ASSET_NAMES = (
     "pretrained_checkpoint",
     "finetuned_models",
     "metrics",
+    "probe_metrics",
     "results",
 )
 
@@ -88,7 +89,7 @@ def build_resources(
 
 
 def database_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
-    """The eight assets of one database, in dependency order."""
+    """The nine assets of one database, in dependency order."""
     return [
         *build_database_assets(db, recipe),
         *build_target_assets(db, recipe),

@@ -4,7 +4,7 @@ A Dagster partitions definition belongs to an asset, and the only partition mapp
 web server and the daemon understand are the built-in ones; a ``database x window`` grid
 offers every window of every database to every other database (and a shared ``task``
 dimension, tasks a database does not have). So each registered database gets its own
-seven assets under its own key prefix and asset group (``rel_flights/tve_targets``), and:
+nine assets under its own key prefix and asset group (``rel_flights/tve_targets``), and:
 
 - its **windows** are a dynamic partitions definition of its own
   (``"<database>.windows"``), one key per *training or validation seed time* ``t`` (the

@@ -1,10 +1,12 @@
-"""Learning assets of one database: pre-trained checkpoints, fine-tuned cells, metrics, results.
+"""Learning assets of one database: pre-trained checkpoints, fine-tuned cells, metrics,
+linear probes, results.
 
 An experiment is a grid of independent partitions: ``pretrained_checkpoint`` has one per
 pre-training objective (it reads every window of ``tve_targets`` as a Dagster input);
-``finetuned_models`` and ``metrics`` one per cell (task x method x label fraction x
-seed), each cell mapped to its objective's checkpoint; ``results`` summarises whatever
-cells exist. A cell fails alone, re-runs alone, and a backfill of the grid runs only what
+``finetuned_models``, ``metrics`` and ``probe_metrics`` (a linear probe on the frozen
+encoder: the cheap readout) one per cell (task x method x label fraction x seed), each
+cell mapped to its objective's checkpoint; ``results`` summarises whatever cells exist,
+both readouts. A cell fails alone, re-runs alone, and a backfill of the grid runs only what
 is missing. Each asset's code version hashes the recipe sections that decide its result,
 so a changed recipe shows exactly those assets as stale.
 """
@@ -32,7 +34,7 @@ from assets.partitions import (
 )
 from assets.registry import Database
 from resources import DeviceResource, MLflowTracking, RecipeResource, TVEStorage
-from tve_pipeline import evaluation, training
+from tve_pipeline import evaluation, probe, training
 from tve_pipeline.common import atomic_path
 from tve_pipeline.config import recipe_version
 from tve_pipeline.database import open_dataset
@@ -260,6 +262,7 @@ def _task_of(name: str, raw_tables, recipe, *, with_test_labels: bool = False):
 def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
     pretrain_version = recipe_version(recipe, "seed", "backbone", "targets", "pretrain")
     finetune_version = recipe_version(recipe, "seed", "backbone", "finetune")
+    probe_version = recipe_version(recipe, "seed", "backbone", "probe")
     cells = cell_partitions(db.tasks, recipe)
 
     @dg.asset(
@@ -380,15 +383,7 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
         run_recipe = recipe.recipe()
         task_name, method, fraction, seed = parse_cell(context.partition_key)
         dataset, task, tables = _task_of(task_name, raw_tables, run_recipe)
-        backbone = None
-        if method != SCRATCH:
-            by_entity = (pretrained_checkpoint or {}).get("by_entity", {})
-            if task.entity_table not in by_entity:
-                raise failure(
-                    f"the {method} checkpoint of {db.name!r} has no backbone for entity table "
-                    f"{task.entity_table!r}: re-materialise pretrained_checkpoint {method}"
-                )
-            backbone = by_entity[task.entity_table]["backbone"]
+        backbone = _backbone_of(method, pretrained_checkpoint, task.entity_table, db.name)
         data, col_stats = _cached_graph(storage, raw_tables, dataset, run_recipe)
         # a new pre-trained backbone makes an old fine-tuning checkpoint stale
         created = (pretrained_checkpoint or {}).get("created", "")
@@ -496,20 +491,7 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
             seed=seed,
             output_range=finetuned_models.get("output_range"),
         )
-        rows = [
-            {
-                "database": db.name,
-                "task": task_name,
-                "method": method,
-                "label_fraction": fraction,
-                "seed": seed,
-                "split": split,
-                "metric": metric,
-                "value": float(value),
-            }
-            for split, values in scores.items()
-            for metric, value in values.items()
-        ]
+        rows = _metric_rows(db.name, task_name, method, fraction, seed, scores, "finetune")
         with mlflow.run(context, "metrics", database=db.name) as run:
             run.log_metrics({f"{row['split']}.{row['metric']}": row["value"] for row in rows})
         return dg.Output(
@@ -521,25 +503,99 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
         )
 
     @dg.asset(
+        key=db.key("probe_metrics"),
+        partitions_def=cells,
+        ins={
+            "raw_tables": dg.AssetIn(key=db.key("raw_tables")),
+            # as finetuned_models: the cell's objective, none for a scratch cell
+            "pretrained_checkpoint": dg.AssetIn(
+                key=db.key("pretrained_checkpoint"),
+                partition_mapping=checkpoint_of_cells(db.tasks, recipe),
+            ),
+        },
+        group_name=db.group,
+        kinds={"scikitlearn", "mlflow"},
+        code_version=probe_version,
+    )
+    def probe_metrics(
+        context: dg.AssetExecutionContext,
+        raw_tables,
+        pretrained_checkpoint,
+        storage: TVEStorage,
+        recipe: RecipeResource,
+        device: DeviceResource,
+        mlflow: MLflowTracking,
+    ) -> dg.Output:
+        """The cheap readout of one cell: a linear probe on the frozen encoder (the method's
+        backbone, or a random one for scratch), strength chosen on val, RelBench's evaluator
+        on val and test; rows as ``metrics``'s, with ``readout`` = ``probe``."""
+        run_recipe = recipe.recipe()
+        task_name, method, fraction, seed = parse_cell(context.partition_key)
+        dataset, task, tables = _task_of(task_name, raw_tables, run_recipe, with_test_labels=True)
+        backbone = _backbone_of(method, pretrained_checkpoint, task.entity_table, db.name)
+        data, col_stats = _cached_graph(storage, raw_tables, dataset, run_recipe)
+        try:
+            result = probe.linear_probe(
+                data,
+                col_stats,
+                task,
+                tables,
+                run_recipe,
+                device.torch_device(),
+                seed=seed,
+                label_fraction=fraction,
+                backbone=backbone,
+            )
+        except ValueError as exc:  # e.g. a label sample of one class: one line, no retry
+            raise failure(exc) from exc
+        scores = {"val": result["val_metrics"], "test": result["test_metrics"]}
+        rows = _metric_rows(db.name, task_name, method, fraction, seed, scores, "probe")
+        with mlflow.run(context, f"probe {method}", database=db.name) as run:
+            run.log_params(
+                {
+                    "task": task_name,
+                    "method": method,
+                    "seed": seed,
+                    "label_fraction": fraction,
+                    result["regularisation"]: result["strength"],
+                }
+            )
+            run.log_metrics({f"{r['split']}.{r['metric']}": r["value"] for r in rows})
+        return dg.Output(
+            pd.DataFrame(rows),
+            metadata={**probe_metadata(result), **mlflow_metadata(run)},
+        )
+
+    @dg.asset(
         key=db.key("results"),
         ins={
-            "metrics": dg.AssetIn(
-                key=db.key("metrics"),
+            name: dg.AssetIn(
+                key=db.key(name),
                 partition_mapping=dg.AllPartitionMapping(),
                 metadata={"allow_missing_partitions": True},
             )
+            for name in ("metrics", "probe_metrics")
         },
         group_name=db.group,
         kinds={"mlflow", "pandas"},
         code_version=RESULTS_VERSION,
     )
     def results(
-        context: dg.AssetExecutionContext, metrics, storage: TVEStorage, mlflow: MLflowTracking
+        context: dg.AssetExecutionContext,
+        metrics,
+        probe_metrics,
+        storage: TVEStorage,
+        mlflow: MLflowTracking,
     ) -> dg.Output:
-        """The experiment's answer: mean ± std over seeds per task, method and label fraction,
-        and each pre-trained method's paired difference to scratch with a 95% CI; written to
+        """The experiment's answer: mean ± std over seeds per task, readout (fine-tuning or
+        linear probe), method and label fraction, and each pre-trained method's paired
+        difference to scratch (same readout) with a 95% CI; written to
         ``results/<database>/`` (summary.csv, summary.md, one PNG per task)."""
-        rows = pd.concat(list(metrics.values()), ignore_index=True) if metrics else pd.DataFrame()
+        frames = [
+            *(f.assign(readout=f.get("readout", "finetune")) for f in metrics.values()),
+            *probe_metrics.values(),
+        ]
+        rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
         summary = summarise(rows)
         out = storage.results_dir(db.name)
         write_results(out, rows, summary)
@@ -550,6 +606,7 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
             summary,
             metadata={
                 "cells": len(metrics),
+                "probe_cells": len(probe_metrics),
                 "cells_expected": len(experiment_cells(db.tasks, recipe)),
                 "summary": dg.MetadataValue.md(markdown_table(summary)),
                 "plots": dg.MetadataValue.md(
@@ -561,7 +618,60 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
             },
         )
 
-    return [pretrained_checkpoint, finetuned_models, metrics, results]
+    return [pretrained_checkpoint, finetuned_models, metrics, probe_metrics, results]
+
+
+def _backbone_of(method: str, checkpoint: dict | None, entity_table: str, database: str):
+    """The backbone a cell starts from: its objective's for the entity table, None for
+    scratch."""
+    if method == SCRATCH:
+        return None
+    by_entity = (checkpoint or {}).get("by_entity", {})
+    if entity_table not in by_entity:
+        raise failure(
+            f"the {method} checkpoint of {database!r} has no backbone for entity table "
+            f"{entity_table!r}: re-materialise pretrained_checkpoint {method}"
+        )
+    return by_entity[entity_table]["backbone"]
+
+
+def _metric_rows(database, task, method, fraction, seed, scores: dict, readout: str) -> list:
+    """One row per split and metric of a cell, as ``results`` reads them."""
+    return [
+        {
+            "database": database,
+            "task": task,
+            "method": method,
+            "label_fraction": fraction,
+            "seed": seed,
+            "readout": readout,
+            "split": split,
+            "metric": metric,
+            "value": float(value),
+        }
+        for split, values in scores.items()
+        for metric, value in values.items()
+    ]
+
+
+def probe_metadata(result: dict) -> dict:
+    """A probe cell under the fixed keys ``metrics`` uses (``val_score``, ``test_score``:
+    the task's first metric), the chosen strength, seconds, and the validation grid."""
+    name = result["regularisation"]
+    return {
+        "metric": result["metric"],
+        "val_score": dg.MetadataValue.float(result["val_metrics"][result["metric"]]),
+        "test_score": dg.MetadataValue.float(result["test_metrics"][result["metric"]]),
+        "regularisation": name,
+        "strength": dg.MetadataValue.float(result["strength"]),
+        "seconds": dg.MetadataValue.float(result["seconds"]),
+        "embed_seconds": dg.MetadataValue.float(result["embed_seconds"]),
+        "n_train": result["n_train"],
+        "grid": table(
+            [{name: g[name], "val_score": g["val_score"]} for g in result["grid"]],
+            {name: "float", "val_score": "float"},
+        ),
+    }
 
 
 def _mean(values) -> float:

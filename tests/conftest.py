@@ -39,6 +39,7 @@ def pipeline_run(tmp_path_factory):
         "instance": runner.instance,
         "resources": runner.resources,
         "metrics": runner.cell_metrics(),
+        "probe_metrics": runner.cell_metrics("probe_metrics"),
         "summary": summary,
         "dataset_dir": run_dir / "datasets" / "tiny",
         "runner": runner,

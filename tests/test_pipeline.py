@@ -53,6 +53,7 @@ def test_every_partition_materialised_and_no_other(pipeline_run):
         "pretrained_checkpoint": {"tve"},
         "finetuned_models": cells,
         "metrics": cells,
+        "probe_metrics": cells,
     }
     for asset in runner.assets:
         pdef = asset.partitions_def
@@ -281,14 +282,17 @@ def test_mlflow_runs_tagged_with_dagster_run_and_partition(pipeline_run):
 
 
 def test_results_summarise_the_cells(pipeline_run):
-    """The results asset's summary against the cells' own rows, and its files."""
-    summary, rows = pipeline_run["summary"], pipeline_run["metrics"]
-    assert len(summary) == len(
-        rows
-    )  # one seed and fraction: one row per (task, method, split, metric)
+    """The results asset's summary against the cells' own rows (fine-tuning's and the
+    probe's), and its files."""
+    summary = pipeline_run["summary"]
+    rows = pd.concat([pipeline_run["metrics"], pipeline_run["probe_metrics"]], ignore_index=True)
+    assert set(rows["readout"]) == set(summary["readout"]) == {"finetune", "probe"}
+    # one seed and fraction: one row per (task, readout, method, split, metric)
+    assert len(summary) == len(rows)
     for _, r in summary.iterrows():
         mine = rows[
             (rows["task"] == r["task"])
+            & (rows["readout"] == r["readout"])
             & (rows["method"] == r["method"])
             & (rows["split"] == r["split"])
         ]
@@ -296,6 +300,7 @@ def test_results_summarise_the_cells(pipeline_run):
         if r["method"] == "tve":
             other = rows[
                 (rows["task"] == r["task"])
+                & (rows["readout"] == r["readout"])
                 & (rows["method"] == "scratch")
                 & (rows["split"] == r["split"])
             ]
@@ -313,3 +318,52 @@ def test_results_summarise_the_cells(pipeline_run):
     pd.testing.assert_frame_equal(
         pd.read_csv(out / "summary.csv"), summary.reset_index(drop=True), check_dtype=False
     )
+
+
+@pytest.mark.parametrize("method", ["scratch", "tve"])
+def test_probe_cells_probe_their_checkpoint_and_report_both_readouts(pipeline_run, method):
+    """A probe cell's rows are the library's probe re-run here on the stored checkpoint's
+    backbone (scratch: none), seed and fraction; its metadata names the chosen strength."""
+    import dagster as dg
+
+    from tve_pipeline.probe import linear_probe
+
+    run = pipeline_run
+    cell = f"customer-churn|{method}|1|s0"
+    stored = load_asset(run, "probe_metrics", cell)
+    assert set(stored["readout"]) == {"probe"}
+    assert set(run["metrics"]["readout"]) == {"finetune"}
+    ds = open_dataset(run["dataset_dir"])
+    recipe = run["resources"]["recipe"].recipe()
+    summary = load_asset(run, "raw_tables")
+    data, col_stats = graph_for(ds.get_db(), summary.column_types, recipe.backbone)
+    task = ds.load_task("customer-churn")
+    db = task.get_db(upto_test_timestamp=False)
+    tables = {split: task.get_table(split, db=db) for split in ("train", "val", "test")}
+    tables["test_labels"] = task.get_table("test", mask_input_cols=False, db=db)
+    backbone = None
+    if method != "scratch":
+        backbone = load_asset(run, "pretrained_checkpoint", method)["by_entity"]["customers"][
+            "backbone"
+        ]
+    again = linear_probe(
+        data, col_stats, task, tables, recipe, torch.device("cpu"), seed=0, backbone=backbone
+    )
+    got = {(r.split, r.metric): r.value for r in stored.itertuples()}
+    assert got == pytest.approx(
+        {("val", k): v for k, v in again["val_metrics"].items()}
+        | {("test", k): v for k, v in again["test_metrics"].items()}
+    )
+    event = (
+        run["instance"]
+        .fetch_materializations(
+            dg.AssetRecordsFilter(
+                asset_key=dg.AssetKey(["tiny", "probe_metrics"]), asset_partitions=[cell]
+            ),
+            limit=1,
+        )
+        .records[0]
+    )
+    meta = event.asset_materialization.metadata
+    assert meta["strength"].value == again["strength"]
+    assert meta["regularisation"].text == "C"

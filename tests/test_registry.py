@@ -30,6 +30,7 @@ def test_each_database_gets_its_own_assets_windows_and_tasks(tmp_path):
         "pretrained_checkpoint",
         "finetuned_models",
         "metrics",
+        "probe_metrics",
         "results",
     ]
     assert keys == {f"{group}/{n}" for group in ("shop_a", "shop_b") for n in names}

@@ -104,3 +104,20 @@ def test_cells_cover_the_grid_and_map_to_their_checkpoint():
 def test_an_experiment_can_take_some_tasks_only():
     recipe = make_recipe("test", {"finetune": {"tasks": ["b"]}})
     assert experiment_cells(["a", "b"], recipe) == ["b|scratch|1|s0", "b|tve|1|s0"]
+
+
+def test_probe_rows_pair_with_the_probe_of_scratch_only():
+    """Fine-tuning rows (stored without a readout) and probe rows: each readout summarised
+    on its own, the probe's tve paired with the probe's scratch (hand-computed)."""
+    tuned = _rows()  # no readout column: fine-tuning's
+    probed = _rows().assign(readout="probe")
+    probed["value"] = probed["value"] - 0.10
+    probed.loc[probed["method"] == "scratch", "value"] = [0.50, 0.50, 0.53]
+    summary = summarise(pd.concat([tuned, probed], ignore_index=True))
+    assert set(summary["readout"]) == {"finetune", "probe"}
+    by = summary.set_index(["readout", "method"])
+    assert by.loc[("finetune", "tve"), "diff_vs_scratch"] == pytest.approx(0.05)
+    # probe tve 0.65, 0.66, 0.70 against probe scratch 0.50, 0.50, 0.53: 0.15, 0.16, 0.17
+    assert by.loc[("probe", "tve"), "diff_vs_scratch"] == pytest.approx(0.16)
+    assert by.loc[("probe", "scratch"), "mean"] == pytest.approx(0.51)
+    assert "| t | roc_auc | probe | 0.1 | tve |" in markdown_table(summary)

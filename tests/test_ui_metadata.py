@@ -28,6 +28,7 @@ ASSETS = (
     "pretrained_checkpoint",
     "finetuned_models",
     "metrics",
+    "probe_metrics",
     "results",
 )
 MLFLOW = {"mlflow_run", "mlflow_run_id"}
@@ -108,7 +109,28 @@ KEYS = {
     | MLFLOW
     | IO_MANAGER,
     "metrics": {"metric", "val_score", "test_score", "scores", "plot"} | MLFLOW | IO_MANAGER,
-    "results": {"cells", "cells_expected", "summary", "plots", "folder", "mlflow_experiment"}
+    "probe_metrics": {
+        "metric",
+        "val_score",
+        "test_score",
+        "regularisation",
+        "strength",
+        "seconds",
+        "embed_seconds",
+        "n_train",
+        "grid",
+    }
+    | MLFLOW
+    | IO_MANAGER,
+    "results": {
+        "cells",
+        "probe_cells",
+        "cells_expected",
+        "summary",
+        "plots",
+        "folder",
+        "mlflow_experiment",
+    }
     | MLFLOW
     | IO_MANAGER,
 }
@@ -120,6 +142,7 @@ PLOTTED = {
     "pretrained_checkpoint": ("seeds", "val_loss"),
     "finetuned_models": ("n_train", "best_epoch", "val_score"),
     "metrics": ("val_score", "test_score"),
+    "probe_metrics": ("val_score", "test_score", "strength", "seconds"),
 }
 
 

@@ -1,8 +1,8 @@
-"""The real Dagster web server loads the code location and lists a database's eight assets."""
+"""The real Dagster web server loads the code location and lists a database's nine assets."""
 
 import requests
 
-EIGHT = {
+NINE = {
     f"tiny/{name}"
     for name in (
         "raw_tables",
@@ -12,6 +12,7 @@ EIGHT = {
         "pretrained_checkpoint",
         "finetuned_models",
         "metrics",
+        "probe_metrics",
         "results",
     )
 }
@@ -36,7 +37,7 @@ def test_webserver_lists_assets_and_location_loads(webserver):
     # no "Join the Dagster community" dialog over the first page (the run folder's nux)
     assert _graphql(webserver, "{ shouldShowNux }")["shouldShowNux"] is False
     nodes = _graphql(webserver, "{ assetNodes { assetKey { path } } }")["assetNodes"]
-    assert {"/".join(n["assetKey"]["path"]) for n in nodes} == EIGHT
+    assert {"/".join(n["assetKey"]["path"]) for n in nodes} == NINE
     # the windows of tve_targets are the database's own (8 training, 1 validation), all
     # materialised: none missing
     node = _graphql(

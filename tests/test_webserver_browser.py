@@ -2,7 +2,7 @@
 
 The same web server as ``test_webserver.py`` (the session's ``webserver`` fixture over the
 tiny pipeline run) is opened the way a user would: the lineage view shows the database's
-eight assets, materialised, with how many of their checks passed; clicking ``metrics``
+nine assets, materialised, with how many of their checks passed; clicking ``metrics``
 there and "View in Asset Catalog" opens its page, whose metadata shows the scores table
 and the plot (a PNG the browser decodes); its Checks tab and that of ``tve_targets`` show
 their checks with the outcomes Dagster recorded. What the page must show comes from
@@ -41,6 +41,7 @@ NAMES = (
     "pretrained_checkpoint",
     "finetuned_models",
     "metrics",
+    "probe_metrics",
     "results",
 )
 # the assets with checks and their checks' names, as assets/checks.py defines them

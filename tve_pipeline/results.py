@@ -1,12 +1,15 @@
 """An experiment's answer: per-cell metrics summarised with paired differences and plots.
 
-The rows are the metrics of every fine-tuned cell (task, method, label fraction, seed,
-split, metric, value). For each (task, method, fraction, split, metric) the summary gives
-the mean, the standard deviation over seeds and their number; and, for a pre-trained
-method, the **paired** difference to training from scratch: the same task, fraction, seed
-(the same label sample and random streams), averaged over the seeds both have, with a 95%
-confidence interval from Student's t (n - 1 degrees of freedom). Pairing removes the
-seed-to-seed variance both methods share, which is most of it on small label sets.
+The rows are the metrics of every cell (task, method, label fraction, seed, readout,
+split, metric, value), where the *readout* is ``finetune`` (the fine-tuned model) or
+``probe`` (a linear probe on the frozen encoder, :mod:`tve_pipeline.probe`). For each
+(task, readout, method, fraction, split, metric) the summary gives the mean, the standard
+deviation over seeds and their number; and, for a pre-trained method, the **paired**
+difference to scratch with the same readout: the same task, fraction, seed (the same label
+sample and random streams), averaged over the seeds both have, with a 95% confidence
+interval from Student's t (n - 1 degrees of freedom). Pairing removes the seed-to-seed
+variance both methods share, which is most of it on small label sets. Rows without a
+readout (cells stored before probes existed) are fine-tuning's.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import pandas as pd
 from tve_pipeline.common import atomic_path
 
 SCRATCH = "scratch"
-KEYS = ["task", "method", "label_fraction", "split", "metric"]
+KEYS = ["task", "readout", "method", "label_fraction", "split", "metric"]
+FINETUNE, PROBE = "finetune", "probe"
 SUMMARY_COLUMNS = [
     *KEYS,
     "mean",
@@ -48,12 +52,20 @@ def t_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float, f
     return mean, mean - half, mean + half
 
 
+def with_readout(rows: pd.DataFrame) -> pd.DataFrame:
+    """``rows`` with a ``readout`` column (``finetune`` where it has none)."""
+    if "readout" not in rows:
+        return rows.assign(readout=FINETUNE)
+    return rows.assign(readout=rows["readout"].fillna(FINETUNE))
+
+
 def summarise(rows: pd.DataFrame) -> pd.DataFrame:
     """One row per (task, method, label fraction, split, metric); see the module docstring."""
     if rows.empty:
         return pd.DataFrame(columns=SUMMARY_COLUMNS)
+    rows = with_readout(rows)
     stats = rows.groupby(KEYS)["value"].agg(mean="mean", std="std", n="count").reset_index()
-    pair_keys = ["task", "label_fraction", "split", "metric", "seed"]
+    pair_keys = ["task", "readout", "label_fraction", "split", "metric", "seed"]
     scratch = rows[rows["method"] == SCRATCH].set_index(pair_keys)["value"]
     out = []
     for _, row in stats.iterrows():
@@ -79,13 +91,13 @@ def _fmt(x: float, digits: int = 4) -> str:
 
 def markdown_table(summary: pd.DataFrame, split: str = "test") -> str:
     """The summary of one split as a Markdown table (mean ± std (n); paired difference [95% CI])."""
-    part = summary[summary["split"] == split].sort_values(
-        ["task", "metric", "label_fraction", "method"]
+    part = with_readout(summary[summary["split"] == split]).sort_values(
+        ["task", "metric", "readout", "label_fraction", "method"]
     )
     lines = [
-        "| task | metric | labels | method | mean ± std (n) "
+        "| task | metric | readout | labels | method | mean ± std (n) "
         "| vs scratch: mean difference [95% CI] (pairs) |",
-        "|---|---|---:|---|---:|---:|",
+        "|---|---|---|---:|---|---:|---:|",
     ]
     for _, row in part.iterrows():
         spread = f" ± {_fmt(row['std'])}" if row["n"] > 1 else ""
@@ -98,14 +110,16 @@ def markdown_table(summary: pd.DataFrame, split: str = "test") -> str:
             )
             diff = f"{row['diff_vs_scratch']:+.4f}{ci} ({int(row['n_pairs'])})"
         lines.append(
-            f"| {row['task']} | {row['metric']} | {row['label_fraction']:g} | {row['method']} | "
+            f"| {row['task']} | {row['metric']} | {row['readout']} | {row['label_fraction']:g} "
+            f"| {row['method']} | "
             f"{_fmt(row['mean'])}{spread} ({int(row['n'])}) | {diff} |"
         )
     return "\n".join(lines)
 
 
 def plot_tasks(summary: pd.DataFrame, out_dir: Path, split: str = "test") -> list[Path]:
-    """One PNG per task: its metric against the label fraction, a line per method, ± std bars."""
+    """One PNG per task: its metric against the label fraction, a line per method and
+    readout (the probe's dashed), ± std bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -114,16 +128,20 @@ def plot_tasks(summary: pd.DataFrame, out_dir: Path, split: str = "test") -> lis
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
+    summary = with_readout(summary)
     for (task, metric), part in summary[summary["split"] == split].groupby(["task", "metric"]):
         fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=100)
-        for method, line in part.sort_values("label_fraction").groupby("method"):
+        both = part["readout"].nunique() > 1
+        lines = part.sort_values("label_fraction").groupby(["readout", "method"])
+        for (readout, method), line in lines:
             ax.errorbar(
                 line["label_fraction"],
                 line["mean"],
                 yerr=line["std"].fillna(0.0),
                 marker="o",
                 capsize=3,
-                label=method,
+                linestyle="--" if readout == PROBE else "-",
+                label=f"{method} ({readout})" if both else method,
             )
         if part["label_fraction"].nunique() > 1:
             ax.set_xscale("log")
