@@ -184,3 +184,14 @@ def test_a_one_class_label_sample_is_one_line_error(tiny):
     )
     with pytest.raises(ValueError, match="one class only"):
         _probe(tiny, task, tables)
+
+
+def test_max_train_seeds_takes_a_subsample_of_the_label_sample(tiny):
+    task, tables = _task(tiny, "customer-spend")
+    recipe = make_recipe("test", {"probe": {"max_train_seeds": 50}})
+    result = linear_probe(
+        tiny["data"], tiny["col_stats"], task, tables, recipe, CPU, seed=3, label_fraction=0.5
+    )
+    assert result["n_train"] == 50
+    with pytest.raises(ValueError, match="max_train_seeds"):
+        make_recipe("test", {"probe": {"max_train_seeds": 0}})

@@ -212,6 +212,10 @@ class ProbeConfig(BaseModel):
     max_iter: int = 1000
     # Seeds per embedding batch (sampling and a forward pass; no training).
     batch_size: int = 512
+    # At most this many of the label sample's rows are embedded and fitted (a subsample drawn
+    # with the cell's seed); None: all of them. Embedding is most of a probe's cost: all
+    # 174k plane-active training seeds take 14 s of a 23 s probe (README).
+    max_train_seeds: int | None = Field(default=None, ge=1)
     # Regression predictions clamped to these percentiles of the training labels, as
     # fine-tuning's (RelBench's RDL: 2 / 98); None leaves them as they are.
     clamp_percentiles: tuple[float, float] | None = (2.0, 98.0)

@@ -9,7 +9,8 @@ fraction, seed):
    initialised one (torch seeded with the recipe's seed, the seed pre-training starts
    from); it is frozen: eval mode, no gradient, its weights never change;
 2. every seed (entity, seed time) of the cell's label sample (:func:`~tve_pipeline.
-   training._label_sample`: the rows fine-tuning trains on) and of the val and test
+   training._label_sample`: the rows fine-tuning trains on; at most
+   ``probe.max_train_seeds`` of them when set, drawn with the seed) and of the val and test
    tables is embedded by ``RDLModel.embed`` on its past temporal subgraph, sampled by the
    recipe's sampler (:func:`~tve_pipeline.sampling.sampler_for`) from a generator seeded
    with the cell's seed, batch after batch, as fine-tuning's evaluation samples
@@ -176,6 +177,8 @@ def linear_probe(
     t0 = time.perf_counter()
     cfg = recipe.probe
     train = _label_sample(task, tables["train"].df, label_fraction, seed)
+    if cfg.max_train_seeds is not None and len(train) > cfg.max_train_seeds:
+        train = train.sample(n=cfg.max_train_seeds, random_state=seed).sort_index()
     y_train = train[task.target_col].to_numpy(dtype=np.float64)
     if higher_is_better(task) and len(np.unique(y_train)) < 2:
         raise ValueError(
