@@ -100,6 +100,11 @@ KEYS = {
         "n_val",
         "n_test",
         "best_epoch",
+        "best_step",
+        "steps",
+        "lr",
+        "averaged",
+        "lr_search",
         "metric",
         "val_score",
         "val_metrics",
@@ -118,7 +123,7 @@ PLOTTED = {
     "traversal_graph": ("targets",),
     "tve_targets": ("rows", "targets", "inactive_rate", "active_share"),
     "pretrained_checkpoint": ("seeds", "val_loss"),
-    "finetuned_models": ("n_train", "best_epoch", "val_score"),
+    "finetuned_models": ("n_train", "best_epoch", "best_step", "lr", "val_score"),
     "metrics": ("val_score", "test_score"),
 }
 
