@@ -292,6 +292,15 @@ def test_the_step_budget_has_a_floor_and_evaluations_at_least_eval_every_apart(
     assert finetune_schedule(n, FinetuneConfig(**overrides)) == (every, evaluations)
 
 
+def test_the_demo_and_test_profiles_keep_their_fine_tuning_cost():
+    from tve_pipeline.config import make_recipe
+    from tve_pipeline.training import finetune_schedule
+
+    # as before the floor: 4 x 25 steps evaluated 4 times; 2 x 3 steps evaluated twice
+    assert finetune_schedule(10**4, make_recipe("demo").finetune) == (25, 4)
+    assert finetune_schedule(150, make_recipe("test").finetune) == (3, 2)
+
+
 def test_a_recipe_with_one_learning_rate_is_a_grid_of_one():
     from pydantic import ValidationError
 

@@ -712,7 +712,9 @@ def finetune_schedule(n: int, cfg) -> tuple[int, int]:
     every ``eval_every`` steps, rounded up to a whole number of evaluations: a small label
     sample (a few batches an epoch) still trains ``min_steps`` steps and is evaluated
     about ``min_steps / eval_every`` times; a large one trains its epochs, evaluated once
-    each, as the reference does (src/train_baseline.py:172-180, eval_every 1).
+    each, as the reference does (src/train_baseline.py:172-180, eval_every 1). The steps
+    between two evaluations are drawn as shuffled passes over the rows, the last one cut
+    short when they are not a whole number of passes.
     """
     epoch = math.ceil(n / cfg.batch_size) if cfg.steps_per_epoch is None else cfg.steps_per_epoch
     every = max(cfg.eval_every, epoch)
