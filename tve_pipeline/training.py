@@ -797,8 +797,10 @@ def finetune(
     for run in runs[1:]:
         if run["best"]["score"] > chosen["best"]["score"]:
             chosen = run
-    for i in range(len(cfg.lr_grid)):
-        if checkpoint is not None:
+    if checkpoint is not None:
+        # every rate's file, and the cell's own (left there by a run of an older recipe)
+        checkpoint.clear()
+        for i in range(len(cfg.lr_grid)):
             _rate_checkpoint(checkpoint, i, len(cfg.lr_grid)).clear()
     best = chosen["best"]
     return {
