@@ -437,6 +437,14 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
                 "n_val": len(tables["val"].df),
                 "n_test": len(tables["test"].df),
                 "best_epoch": result["best_epoch"],
+                "best_step": result["best_step"],
+                "steps": result["steps"],
+                "lr": dg.MetadataValue.float(float(result["lr"])),
+                "averaged": result["averaged"],
+                "lr_search": table(
+                    result["lr_search"],
+                    {"lr": "float", "val_score": "float", "best_step": "int"},
+                ),
                 "metric": metric,
                 "val_score": dg.MetadataValue.float(val.get(metric, float("nan"))),
                 "val_metrics": table(
@@ -447,7 +455,8 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
                     plot_learning_curves(
                         {method: result["history"]},
                         title=f"fine-tuning {context.partition_key}",
-                        points={"kept (best epoch)": (result["best_epoch"], val.get(metric))},
+                        points={"kept (best step)": (result["best_step"], val.get(metric))},
+                        x="step",
                     ),
                     "learning curve",
                 ),
@@ -726,7 +735,9 @@ def cell_metrics_metadata(scores: dict, finetuned: dict, cell: str) -> dict:
     metric = next(iter(scores.get("val") or scores.get("test") or {}), "")
     nan = float("nan")
     val, test = scores.get("val", {}).get(metric, nan), scores.get("test", {}).get(metric, nan)
-    epoch = finetuned.get("best_epoch", 0)
+    # fine-tuning results written before the step budget have epochs only
+    x = "step" if "best_step" in finetuned else "epoch"
+    kept = finetuned.get(f"best_{x}", 0)
     return {
         "metric": metric,
         "val_score": dg.MetadataValue.float(float(val)),
@@ -744,9 +755,10 @@ def cell_metrics_metadata(scores: dict, finetuned: dict, cell: str) -> dict:
                 {"fine-tuning": finetuned.get("history", [])},
                 title=cell,
                 quantities=["train_loss", f"val_{metric}"],
-                points={"val (evaluated)": (epoch, val), "test": (epoch, test)},
+                points={"val (evaluated)": (kept, val), "test": (kept, test)},
+                x=x,
             ),
-            f"{metric}: fine-tuning curve, val and test at the kept epoch",
+            f"{metric}: fine-tuning curve, val and test at the kept {x}",
         ),
     }
 

@@ -42,7 +42,7 @@ def seeds_per_second(setup: dict, device: torch.device, steps: int) -> float:
     task, nodes, times, sampler = setup["task"], setup["nodes"], setup["times"], setup["sampler"]
     torch.manual_seed(0)
     model = RDLModel(data, col_stats, recipe.backbone, out_channels=1).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=recipe.finetune.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=max(recipe.finetune.lr_grid))
     y_dev = setup["y"].to(device)
 
     def sample(idx, gen):

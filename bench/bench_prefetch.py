@@ -68,7 +68,7 @@ def main() -> None:
         def one_run(prefetch: bool):
             torch.manual_seed(0)
             model = RDLModel(data, col_stats, recipe.backbone, out_channels=1)
-            opt = torch.optim.Adam(model.parameters(), lr=recipe.finetune.lr)
+            opt = torch.optim.Adam(model.parameters(), lr=max(recipe.finetune.lr_grid))
 
             def sample(idx, gen):
                 return sampler.sample(task.entity_table, nodes[idx], times[idx], generator=gen)

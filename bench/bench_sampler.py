@@ -242,7 +242,7 @@ def bench_step(args, data, col_stats, entity, nodes, times, y, sampler) -> dict:
     torch.manual_seed(args.seed)
     model = RDLModel(data, col_stats, recipe.backbone, out_channels=1)
     model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=recipe.finetune.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=max(recipe.finetune.lr_grid))
     gen = torch.Generator().manual_seed(args.seed + 2)
     t_sample, t_step, rows = [], [], []
     for i in range(args.step_warmup + args.steps):

@@ -339,7 +339,7 @@ def run(args, tmp: Path) -> None:
         sample_fn, model = path_defs[name]
         return Runner(name, sample_fn, lambda m, b: m(b, entity), copy.deepcopy(model), lr)
 
-    lr = recipe.finetune.lr
+    lr = max(recipe.finetune.lr_grid)
     for setting in args.threads:
         sample_threads = {"default": default_threads, "1": 1, "s1": 1}[setting]
         compute_threads = {"default": default_threads, "1": 1, "s1": default_threads}[setting]

@@ -259,3 +259,109 @@ def test_regression_outputs_are_clamped_to_the_training_labels_percentiles(setup
         )["output_range"]
         is None
     )
+
+
+def _churn(s):
+    task = s["ds"].load_task("customer-churn")
+    tables = {split: task.get_table(split) for split in ("train", "val")}
+    return task, tables
+
+
+def test_a_one_percent_cell_trains_the_floor_of_steps_with_adamw(setup, monkeypatch):
+    # 1% of the tiny table is one batch an epoch: 2 epochs would be 2 steps; the floor is 10
+    s = setup
+    task, tables = _churn(s)
+    recipe = s["recipe"].model_copy(
+        update={
+            "finetune": s["recipe"].finetune.model_copy(
+                update={"epochs": 2, "steps_per_epoch": None, "min_steps": 10, "eval_every": 5}
+            )
+        }
+    )
+    optimisers, steps = [], []
+    real_step = torch.optim.AdamW.step
+
+    def counted(self, *a, **kw):
+        steps.append(self)
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", counted)
+    real_init = torch.optim.AdamW.__init__
+
+    def recorded(self, params, **kw):
+        optimisers.append(kw)
+        real_init(self, params, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "__init__", recorded)
+    args = (s["data"], s["col_stats"], task, tables, recipe, torch.device("cpu"))
+    res = training.finetune(*args, seed=0, label_fraction=0.01)
+    assert res["n_train"] == round(0.01 * len(tables["train"].df)) >= 1
+    assert len(steps) == 10 and res["steps"] == 10
+    assert [row["step"] for row in res["history"]] == [5, 10]  # every eval_every steps
+    assert optimisers == [{"lr": 0.005, "weight_decay": 0.01}]  # the reference's AdamW
+
+
+def test_the_learning_rate_with_the_best_validation_score_is_kept(setup, monkeypatch):
+    s = setup
+    task, tables = _churn(s)
+    recipe = s["recipe"].model_copy(
+        update={
+            "finetune": s["recipe"].finetune.model_copy(update={"lr_grid": (0.01, 0.002, 0.001)})
+        }
+    )
+    # three evaluations a rate; the second rate's first evaluation is the best of all
+    scores = iter([[0.2, 0.3, 0.1], [0.6, 0.4, 0.6], [0.5, 0.5, 0.6]])
+    rates, kept = [], []
+
+    def scorer(model, *args):
+        own = iter(next(scores))
+
+        def evaluate():
+            kept.append({k: v.clone() for k, v in model.state_dict().items()})
+            score = next(own)
+            return {"val_auroc": score}, score
+
+        return evaluate
+
+    monkeypatch.setattr(training, "_val_scorer", scorer)
+    real_init = torch.optim.AdamW.__init__
+
+    def recorded(self, params, **kw):
+        rates.append(kw["lr"])
+        real_init(self, params, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "__init__", recorded)
+    args = (s["data"], s["col_stats"], task, tables, recipe, torch.device("cpu"))
+    res = training.finetune(*args, seed=0)
+    assert rates == [0.01, 0.002, 0.001]
+    assert res["lr"] == 0.002 and res["best_step"] == 4 and res["val_metrics"] == {"auroc": 0.6}
+    assert [r["val_score"] for r in res["lr_search"]] == [0.3, 0.6, 0.6]  # a tie: the earlier
+    _assert_same_states(res["state_dict"], kept[3])
+
+
+@pytest.mark.parametrize("kill_step", [7, 12 + 5])  # in the first rate, in the second
+def test_finetune_with_a_grid_and_averaging_resumes_to_the_same_result(setup, tmp_path, kill_step):
+    s = setup
+    task, tables = _churn(s)
+    recipe = s["recipe"].model_copy(
+        update={
+            "finetune": s["recipe"].finetune.model_copy(
+                update={"lr_grid": (0.005, 0.02), "average_last": 2}
+            )
+        }
+    )
+    args = (s["data"], s["col_stats"], task, tables, recipe, torch.device("cpu"))
+    whole = training.finetune(*args, seed=3)
+    assert whole["steps"] == 12 and len(whole["lr_search"]) == 2
+    ckpt = training.Checkpointer(tmp_path / "finetune.pt", every=3)
+    with pytest.raises(Killed):
+        training.finetune(*args, seed=3, checkpoint=ckpt, on_step=_kill_at(kill_step))
+    resumed = training.finetune(*args, seed=3, checkpoint=ckpt)
+    assert whole["history"] == resumed["history"] and whole["lr_search"] == resumed["lr_search"]
+    assert (whole["lr"], whole["best_step"], whole["averaged"]) == (
+        resumed["lr"],
+        resumed["best_step"],
+        resumed["averaged"],
+    )
+    _assert_same_states(whole["state_dict"], resumed["state_dict"])
+    assert not list(tmp_path.iterdir())  # every rate's checkpoint is gone

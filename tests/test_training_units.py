@@ -205,3 +205,109 @@ def test_graph_cache_is_built_whole_by_concurrent_builders(tmp_path):
                         else other[table].tf.feat_dict[stype].values
                     ),
                 )
+
+
+# --------------------------------------------------------------------------- fine-tuning protocol
+
+
+def _toy_fit(scores, *, every=2, average_last=1, seen=None):
+    """``training._fit`` on a linear model, the validation score of each evaluation given
+    by ``scores`` (in order; one more for the averaged candidate); ``seen`` collects the
+    weights each evaluation scored."""
+    from tve_pipeline import training
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    x, y = torch.randn(40, 3), torch.randn(40)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    calls = iter(scores)
+
+    def evaluate():
+        if seen is not None:
+            seen.append({k: v.clone() for k, v in model.state_dict().items()})
+        score = next(calls)
+        return {"val_score": score}, score
+
+    best, history = training._fit(
+        model,
+        opt,
+        None,
+        n=len(x),
+        batch_size=40,
+        steps_per_epoch=every,
+        epochs=len(scores) - (average_last > 1),
+        seed=0,
+        sample=lambda idx, gen: idx,
+        batch_loss=lambda batch, idx, gen: ((model(x[idx]).view(-1) - y[idx]) ** 2).mean(),
+        evaluate_epoch=evaluate,
+        prefetch=False,
+        by_step=True,
+        average_last=average_last,
+    )
+    return best, history
+
+
+def test_the_best_step_is_the_first_evaluation_with_the_highest_score():
+    seen = []
+    best, history = _toy_fit([0.1, 0.5, 0.3, 0.5, 0.2], every=3, seen=seen)
+    assert [row["step"] for row in history] == [3, 6, 9, 12, 15]
+    assert [row["val_score"] for row in history] == [0.1, 0.5, 0.3, 0.5, 0.2]
+    assert (best["epoch"], best["step"]) == (1, 6)  # the tie at step 12 loses
+    for k, v in best["state"].items():
+        assert torch.equal(v, seen[1][k])
+
+
+def test_weight_averaging_is_the_mean_of_the_last_evaluated_weights():
+    seen = []
+    # the averaged candidate (the sixth score) beats every single evaluation
+    best, history = _toy_fit([0.1, 0.5, 0.3, 0.4, 0.2, 0.9], average_last=3, seen=seen)
+    assert len(history) == 5 and best["averaged"] == 3 and best["step"] == 10
+    for k, v in best["state"].items():
+        hand = (seen[2][k] + seen[3][k] + seen[4][k]) / 3
+        assert torch.allclose(v, hand, atol=1e-7)
+        assert torch.equal(seen[5][k], v)  # it was scored with these weights
+    # when it scores no better than the best evaluation, the evaluation is kept
+    seen = []
+    best, _ = _toy_fit([0.1, 0.5, 0.3, 0.4, 0.2, 0.5], average_last=3, seen=seen)
+    assert best["averaged"] == 0 and best["step"] == 4
+    assert all(torch.equal(v, seen[1][k]) for k, v in best["state"].items())
+
+
+@pytest.mark.parametrize(
+    "n, overrides, every, evaluations",
+    [
+        (1500, {}, 20, 10),  # driver-top3 at 100%: 3 steps an epoch, the floor's 200 steps
+        (150, {}, 20, 10),  # 10% of it: 1 step an epoch, still 200 steps
+        (11_000, {}, 22, 20),  # 22 steps an epoch x 20 epochs: once an epoch
+        (30 * 512, {"epochs": 4}, 30, 7),  # 120 steps < 200: 7 x 30 = 210, whole evaluations
+        (10**6, {"steps_per_epoch": 25, "epochs": 4}, 25, 8),
+    ],
+)
+def test_the_step_budget_has_a_floor_and_evaluations_at_least_eval_every_apart(
+    n, overrides, every, evaluations
+):
+    from tve_pipeline.config import FinetuneConfig
+    from tve_pipeline.training import finetune_schedule
+
+    assert finetune_schedule(n, FinetuneConfig(**overrides)) == (every, evaluations)
+
+
+def test_the_demo_and_test_profiles_keep_their_fine_tuning_cost():
+    from tve_pipeline.config import make_recipe
+    from tve_pipeline.training import finetune_schedule
+
+    # as before the floor: 4 x 25 steps evaluated 4 times; 2 x 3 steps evaluated twice
+    assert finetune_schedule(10**4, make_recipe("demo").finetune) == (25, 4)
+    assert finetune_schedule(150, make_recipe("test").finetune) == (3, 2)
+
+
+def test_a_recipe_with_one_learning_rate_is_a_grid_of_one():
+    from pydantic import ValidationError
+
+    from tve_pipeline.config import FinetuneConfig, make_recipe
+
+    assert FinetuneConfig(lr=0.003).lr_grid == (0.003,)  # as recipes before the grid say
+    assert make_recipe("reference").finetune.lr_grid == (0.001, 0.002, 0.005)
+    assert make_recipe("reference").finetune.weight_decay == 0.01
+    with pytest.raises(ValidationError, match="finetune.lr_grid must be one or more positive"):
+        FinetuneConfig(lr_grid=(0.001, 0.0))

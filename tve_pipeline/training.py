@@ -5,8 +5,8 @@ seed's *past* temporal subgraph is sampled (rows with time <= its seed time only
 :class:`~tve_pipeline.sampling.TemporalNeighborSampler`), the RDL model embeds it and a
 head predicts either the normalised task vector (pre-training: the objective's loss,
 :class:`~tve_pipeline.objectives.PretrainingLoss`) or the task label (fine-tuning, BCE or
-L1). The best epoch is chosen on validation seeds; state leaves this module as CPU
-``state_dict`` s, never as modules. A run saves checkpoints as it goes
+L1). The best epoch (fine-tuning: the best step) is chosen on validation seeds; state
+leaves this module as CPU ``state_dict`` s, never as modules. A run saves checkpoints as it goes
 (:class:`Checkpointer`) and, restarted, ends exactly where an uninterrupted run ends:
 every random draw is a function of the seed, the step and saved state.
 """
@@ -143,12 +143,12 @@ def _restore(saved: dict, modules, opt, sched, order: torch.Generator, world: Wo
 
 
 def _progress(saved: dict | None) -> tuple:
-    """(best, history, epoch, step, losses, global step): where a run starts."""
+    """(best, history, epoch, step, losses, global step, recent states): where a run starts."""
     if saved is None:
-        best = {"score": -math.inf, "epoch": -1, "state": None, "metrics": None}
-        return best, [], 0, 0, [], 0
+        best = {"score": -math.inf, "epoch": -1, "step": -1, "state": None, "metrics": None}
+        return best, [], 0, 0, [], 0, []
     keys = ("best", "history", "epoch", "step", "losses", "global_step")
-    return tuple(saved[k] for k in keys)
+    return (*(saved[k] for k in keys), saved.get("recent", []))
 
 
 def _step_schedule(sched) -> None:
@@ -192,6 +192,8 @@ def _fit(
     world: World = SINGLE,
     share: Callable[[torch.Tensor, torch.Tensor], float] | None = None,
     step_losses: Callable[[list[float]], None] | None = None,
+    by_step: bool = False,
+    average_last: int = 1,
 ) -> tuple[dict, list[dict]]:
     """The training loop both stages share; returns (best, history).
 
@@ -209,6 +211,13 @@ def _fit(
     batch)`` is the fraction of the global loss that is the slice's loss (default: its
     share of the seeds). Gradients are averaged by DistributedDataParallel, recorded losses
     are the global batch's, rank 0 writes the checkpoints.
+
+    An "epoch" here is the steps between two evaluations; ``best`` is the evaluation with
+    the highest score (ties: the earliest), with its ``epoch`` and global ``step``.
+    ``by_step``: history rows carry the global ``step`` too and are logged against it.
+    ``average_last`` > 1: after the last evaluation, the mean of the last that many
+    evaluated weights (:func:`average_states`) is scored like any evaluation and kept
+    when it beats them all (``best["averaged"]``: how many were averaged, else 0).
     """
     order = torch.Generator().manual_seed(seed)
     saved = checkpoint.load() if checkpoint else None
@@ -217,7 +226,7 @@ def _fit(
     if saved is not None:
         _restore(saved, modules, opt, sched, order, world)
     step = _Step(modules, batch_loss, world, share)
-    best, history, start_epoch, start_step, losses, global_step = _progress(saved)
+    best, history, start_epoch, start_step, losses, global_step, recent = _progress(saved)
     for epoch in range(start_epoch, epochs):
         resumed = saved is not None  # this epoch is the one the checkpoint stopped in
         epoch_order_state = _epoch_order_state(order, saved)
@@ -246,20 +255,53 @@ def _fit(
                 "best": best,
                 "history": history,
                 "epoch": epoch,
+                **({"recent": recent} if average_last > 1 else {}),
             },
         )
         _step_schedule(sched)
         if step_losses:
             step_losses([float(v) for v in losses])
         metrics, score = evaluate_epoch()
-        history.append(_epoch_row(epoch, losses, metrics, log))
+        history.append(
+            _epoch_row(epoch, losses, metrics, log, step=global_step if by_step else None)
+        )
+        state = None
         if score > best["score"]:
-            state = {k: v.detach().cpu().clone() for k, v in modules.state_dict().items()}
-            best = {"score": score, "epoch": epoch, "state": state, "metrics": metrics}
+            state = _cpu_state(modules)
+            best = {"score": score, "epoch": epoch, "step": global_step}
+            best.update(state=state, metrics=metrics)
+        if average_last > 1:
+            recent = [*recent, state or _cpu_state(modules)][-average_last:]
         saved = None
+    if average_last > 1 and len(recent) > 1:
+        best = _averaged_candidate(modules, recent, evaluate_epoch, best, epochs - 1, global_step)
     if checkpoint and world.is_main:
         checkpoint.clear()
     return best, history
+
+
+def _cpu_state(modules: torch.nn.Module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in modules.state_dict().items()}
+
+
+def average_states(states: list[dict]) -> dict:
+    """The element-wise mean of state dicts (integer buffers: the last state's)."""
+    return {
+        k: torch.stack([s[k] for s in states]).mean(0) if last.is_floating_point() else last
+        for k, last in states[-1].items()
+    }
+
+
+def _averaged_candidate(modules, recent, evaluate, best: dict, epoch: int, step: int) -> dict:
+    """``best``, or the mean of the ``recent`` weights (at the last ``epoch`` and ``step``)
+    where it scores higher on validation."""
+    state = average_states(recent)
+    modules.load_state_dict(state)
+    metrics, score = evaluate()
+    if score > best["score"]:
+        best = {"score": score, "epoch": epoch, "step": step, "state": state, "metrics": metrics}
+        return {**best, "averaged": len(recent)}
+    return {**best, "averaged": 0}
 
 
 class _Step:
@@ -375,16 +417,20 @@ def _train_epoch(
     return losses, global_step
 
 
-def _epoch_row(epoch: int, losses: list, metrics: dict, log: LogFn | None) -> dict:
-    """The history row of an epoch (its mean training loss and held-out metrics), logged."""
+def _epoch_row(
+    epoch: int, losses: list, metrics: dict, log: LogFn | None, step: int | None = None
+) -> dict:
+    """The history row of an epoch (its mean training loss and held-out metrics), logged
+    against the epoch, or against the global ``step`` when one is given (then in the row)."""
     losses = [float(v) for v in losses]
     row = {
         "epoch": epoch,
+        **({} if step is None else {"step": step}),
         "train_loss": float(np.mean(losses)) if losses else float("nan"),
         **metrics,
     }
     if log:
-        log({k: v for k, v in row.items() if k != "epoch"}, epoch)
+        log({k: v for k, v in row.items() if k not in ("epoch", "step")}, row.get("step", epoch))
     return row
 
 
@@ -658,6 +704,23 @@ def _label_sample(task, train: pd.DataFrame, label_fraction: float, seed: int) -
     return sample
 
 
+def finetune_schedule(n: int, cfg) -> tuple[int, int]:
+    """(steps between evaluations, evaluations) of a fine-tuning run on ``n`` training rows.
+
+    The budget is ``max(min_steps, epochs x steps of an epoch)`` (an epoch: one pass over
+    the rows, or ``steps_per_epoch``), evaluated once an epoch but never more often than
+    every ``eval_every`` steps, rounded up to a whole number of evaluations: a small label
+    sample (a few batches an epoch) still trains ``min_steps`` steps and is evaluated
+    about ``min_steps / eval_every`` times; a large one trains its epochs, evaluated once
+    each, as the reference does (src/train_baseline.py:172-180, eval_every 1). The steps
+    between two evaluations are drawn as shuffled passes over the rows, the last one cut
+    short when they are not a whole number of passes.
+    """
+    epoch = math.ceil(n / cfg.batch_size) if cfg.steps_per_epoch is None else cfg.steps_per_epoch
+    every = max(cfg.eval_every, epoch)
+    return every, math.ceil(max(cfg.min_steps, cfg.epochs * epoch) / every)
+
+
 def finetune(
     data: HeteroData,
     col_stats: dict,
@@ -674,61 +737,129 @@ def finetune(
     on_step: Callable[[int], None] | None = None,
     prefetch: bool = True,
 ) -> dict:
-    """Train a task head (and the backbone) on the task's train table; best epoch by val.
+    """Train a task head (and the backbone) on the task's train table; best step by val.
 
-    ``backbone`` is a pre-trained backbone state (TVE) or None (from scratch).
+    ``backbone`` is a pre-trained backbone state (TVE) or None (from scratch). The protocol
+    is the same for every method: for each rate of ``finetune.lr_grid`` (the same label
+    sample, initial weights and batches), AdamW with the reference's weight decay for the
+    steps of :func:`finetune_schedule`, the best validation evaluation kept (and, with
+    ``average_last`` > 1, the mean of the last evaluated weights when it scores higher);
+    the rate whose best evaluation scores highest wins (ties: the earlier rate). The grid
+    costs its length in training; test data is never seen. ``on_step`` receives the
+    cell's step count over all the rates; each rate resumes from a checkpoint of its own.
     """
     _check_task_type(task)
     cfg = recipe.finetune
-    torch.manual_seed(seed)
     train = _label_sample(task, tables["train"].df, label_fraction, seed)
     n_tr, t_tr = seed_tensors(train[task.entity_col], train[task.time_col])
     y_tr = torch.from_numpy(train[task.target_col].to_numpy(dtype=np.float32))
-    val = tables["val"]
     # From the labels this run trains on (its label fraction), never from val or test.
     clamp = regression_clamp(task, y_tr.numpy(), cfg.clamp_percentiles)
-
-    model = RDLModel(data, col_stats, recipe.backbone, out_channels=1).to(device)
-    if backbone is not None:
-        load_backbone(model, backbone)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    every, evaluations = finetune_schedule(len(n_tr), cfg)
     sampler = sampler_for(data, recipe.backbone)
-    loss_fn = F.binary_cross_entropy_with_logits if higher_is_better(task) else F.l1_loss
-
-    def sample(idx, gen):
-        return sampler.sample(task.entity_table, n_tr[idx], t_tr[idx], generator=gen)
-
-    def batch_loss(batch, idx, gen):
-        pred = model(to_device(batch, device), task.entity_table).view(-1)
-        return loss_fn(pred, y_tr[idx].to(device))
-
-    best, history = _fit(
-        model,
-        opt,
-        None,
-        n=len(n_tr),
-        batch_size=cfg.batch_size,
-        steps_per_epoch=cfg.steps_per_epoch,
-        epochs=cfg.epochs,
-        seed=seed,
-        sample=sample,
-        batch_loss=batch_loss,
-        evaluate_epoch=_val_scorer(
-            model, sampler, task, val, cfg.batch_size, device, seed, clamp, prefetch
-        ),
-        log=log,
-        checkpoint=checkpoint,
-        on_step=on_step,
-        prefetch=prefetch,
-    )
+    runs = []
+    for i, lr in enumerate(cfg.lr_grid):
+        own = _rate_checkpoint(checkpoint, i, len(cfg.lr_grid))
+        done = own.load() if own else None
+        if done is not None and "finished" in done:
+            runs.append(done["finished"])
+            continue
+        torch.manual_seed(seed)  # every rate starts from the same weights and dropout
+        model = RDLModel(data, col_stats, recipe.backbone, out_channels=1).to(device)
+        if backbone is not None:
+            load_backbone(model, backbone)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+        best, history = _fit(
+            model,
+            opt,
+            None,
+            n=len(n_tr),
+            batch_size=cfg.batch_size,
+            steps_per_epoch=every,
+            epochs=evaluations,
+            seed=seed,
+            sample=_label_sampler(sampler, task, n_tr, t_tr),
+            batch_loss=_label_loss(model, task, y_tr, device),
+            evaluate_epoch=_val_scorer(
+                model, sampler, task, tables["val"], cfg.batch_size, device, seed, clamp, prefetch
+            ),
+            log=_rate_log(log, lr, len(cfg.lr_grid)),
+            checkpoint=own,
+            on_step=_offset(on_step, i * every * evaluations),
+            prefetch=prefetch,
+            by_step=True,
+            average_last=cfg.average_last,
+        )
+        runs.append({"lr": lr, "best": best, "history": history})
+        if own is not None and len(cfg.lr_grid) > 1:
+            own.save({"finished": runs[-1]})  # a run killed in a later rate keeps this one
+    chosen = runs[0]
+    for run in runs[1:]:
+        if run["best"]["score"] > chosen["best"]["score"]:
+            chosen = run
+    if checkpoint is not None:
+        # every rate's file, and the cell's own (left there by a run of an older recipe)
+        checkpoint.clear()
+        for i in range(len(cfg.lr_grid)):
+            _rate_checkpoint(checkpoint, i, len(cfg.lr_grid)).clear()
+    best = chosen["best"]
     return {
         "state_dict": best["state"],
-        "best_epoch": best["epoch"],
+        "best_epoch": best["epoch"],  # the evaluation's index (an epoch when epochs are long)
+        "best_step": best["step"],
+        "lr": chosen["lr"],
+        "averaged": best.get("averaged", 0),
         "val_metrics": {k.removeprefix("val_"): v for k, v in best["metrics"].items()},
-        "history": history,
+        "history": chosen["history"],
+        "lr_search": [
+            {
+                "lr": run["lr"],
+                "val_score": next(iter(run["best"]["metrics"].values())),
+                "best_step": run["best"]["step"],
+            }
+            for run in runs
+        ],
+        "steps": every * evaluations,
+        "eval_every": every,
         "n_train": len(train),
         "output_range": clamp,
     }
+
+
+def _rate_checkpoint(checkpoint: Checkpointer | None, i: int, rates: int):
+    """The checkpoint of the grid's ``i``-th rate: the cell's own file when there is one rate."""
+    if checkpoint is None or rates == 1:
+        return checkpoint
+    path = checkpoint.path.with_name(f"{checkpoint.path.stem}.lr{i}{checkpoint.path.suffix}")
+    return Checkpointer(path, checkpoint.every, checkpoint.key)
+
+
+def _rate_log(log: LogFn | None, lr: float, rates: int) -> LogFn | None:
+    """Each rate's curve under its own names when several rates are tried."""
+    if log is None or rates == 1:
+        return log
+    return lambda metrics, step: log({f"{k}.lr{lr:g}": v for k, v in metrics.items()}, step)
+
+
+def _offset(on_step, offset: int):
+    return None if on_step is None else (lambda step: on_step(offset + step))
+
+
+def _label_sampler(sampler, task, nodes: torch.Tensor, times: torch.Tensor):
+    def sample(idx, gen):
+        return sampler.sample(task.entity_table, nodes[idx], times[idx], generator=gen)
+
+    return sample
+
+
+def _label_loss(model, task, labels: torch.Tensor, device):
+    loss_fn = F.binary_cross_entropy_with_logits if higher_is_better(task) else F.l1_loss
+
+    def batch_loss(batch, idx, gen):
+        pred = model(to_device(batch, device), task.entity_table).view(-1)
+        return loss_fn(pred, labels[idx].to(device))
+
+    return batch_loss
 
 
 def _check_task_type(task) -> None:
@@ -742,7 +873,8 @@ def _check_task_type(task) -> None:
 def _val_scorer(
     model, sampler, task, val, batch_size, device, seed, clamp, prefetch
 ) -> Callable[[], tuple[dict, float]]:
-    """Fine-tuning's ``evaluate_epoch``: the val metrics, scored by the task's first metric."""
+    """Fine-tuning's ``evaluate_epoch``: the val metrics, scored by the task's first metric
+    (the higher the better: a metric where lower is better is negated)."""
     sign = 1.0 if higher_is_better(task) else -1.0
 
     def evaluate_epoch():
