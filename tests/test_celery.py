@@ -538,6 +538,7 @@ def test_the_kubernetes_configuration_loads_and_gives_the_training_steps_a_gpu(
         "tve_targets": None,
         "pretrained_checkpoint": "4",  # the op tag's 1, overridden per op
         "finetuned_models": "1",
+        "probe_metrics": None,  # forward passes only: seconds on a CPU node
         "metrics": None,
         "results": None,
     }
