@@ -352,17 +352,20 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
             },
         )
 
+    # What a cell reads (finetuned_models, probe_metrics): the tables and the cell's
+    # objective's checkpoint; a scratch cell maps to none and gets None.
+    cell_inputs = {
+        "raw_tables": dg.AssetIn(key=db.key("raw_tables")),
+        "pretrained_checkpoint": dg.AssetIn(
+            key=db.key("pretrained_checkpoint"),
+            partition_mapping=checkpoint_of_cells(db.tasks, recipe),
+        ),
+    }
+
     @dg.asset(
         key=db.key("finetuned_models"),
         partitions_def=cells,
-        ins={
-            "raw_tables": dg.AssetIn(key=db.key("raw_tables")),
-            # the cell's objective; a scratch cell maps to none and gets None
-            "pretrained_checkpoint": dg.AssetIn(
-                key=db.key("pretrained_checkpoint"),
-                partition_mapping=checkpoint_of_cells(db.tasks, recipe),
-            ),
-        },
+        ins=dict(cell_inputs),
         group_name=db.group,
         kinds={"pytorch", "mlflow"},
         pool="gpu",
@@ -514,14 +517,7 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
     @dg.asset(
         key=db.key("probe_metrics"),
         partitions_def=cells,
-        ins={
-            "raw_tables": dg.AssetIn(key=db.key("raw_tables")),
-            # as finetuned_models: the cell's objective, none for a scratch cell
-            "pretrained_checkpoint": dg.AssetIn(
-                key=db.key("pretrained_checkpoint"),
-                partition_mapping=checkpoint_of_cells(db.tasks, recipe),
-            ),
-        },
+        ins=dict(cell_inputs),
         group_name=db.group,
         kinds={"scikitlearn", "mlflow"},
         code_version=probe_version,
