@@ -32,7 +32,13 @@ from assets.definitions import (
     database_checks,
     read_settings,
 )
-from assets.partitions import contiguous_ranges, experiment_cells, parse_cell, windows_name
+from assets.partitions import (
+    PROBE,
+    contiguous_ranges,
+    experiment_cells,
+    parse_cell,
+    windows_name,
+)
 from assets.registry import Database, check_folder_name, register_windows, registered_databases
 from assets.sensors import DATA_VERSION_TAG, RANGE_END_TAG, RANGE_START_TAG
 from tve_pipeline.config import make_recipe
@@ -287,16 +293,17 @@ class Runner:
         process; returns the results summary."""
         name = self.db.name
         self.run_upstream()
-        for objective in self.to_run(
-            "pretrained_checkpoint", list(self.recipe.pretrain.objectives)
-        ):
-            self.materialize(
-                ["pretrained_checkpoint"], f"{name} {objective}", partition_key=objective
-            )
+        for key in self.to_run("pretrained_checkpoint", self.recipe.pretrain.checkpoint_keys()):
+            self.materialize(["pretrained_checkpoint"], f"{name} {key}", partition_key=key)
         cells = experiment_cells(self.db.tasks, self.recipe)
+        probes = experiment_cells(self.db.tasks, self.recipe, PROBE)
         # the probes first: seconds each, they judge the checkpoints before the long fine-tunes
-        for stage in ("probe_metrics", "finetuned_models", "metrics"):
-            for cell in self.to_run(stage, cells):
+        for stage, stage_cells in (
+            ("probe_metrics", probes),
+            ("finetuned_models", cells),
+            ("metrics", cells),
+        ):
+            for cell in self.to_run(stage, stage_cells):
                 self.materialize([stage], f"{name} {cell}", partition_key=cell)
         if self.to_run("results"):
             self.materialize(["results"], name)
@@ -308,15 +315,16 @@ class Runner:
         from dagster._core.definitions.events import AssetKeyPartitionKey
 
         objectives = set(
-            self.to_run("pretrained_checkpoint", list(self.recipe.pretrain.objectives))
+            self.to_run("pretrained_checkpoint", self.recipe.pretrain.checkpoint_keys())
         )
         cells = experiment_cells(self.db.tasks, self.recipe)
+        probes = experiment_cells(self.db.tasks, self.recipe, PROBE)
         tuned = set(self.to_run("finetuned_models", cells)) | {
             c for c in cells if parse_cell(c)[1] in objectives
         }
         scored = set(self.to_run("metrics", cells)) | tuned
-        probed = set(self.to_run("probe_metrics", cells)) | {
-            c for c in cells if parse_cell(c)[1] in objectives
+        probed = set(self.to_run("probe_metrics", probes)) | {
+            c for c in probes if parse_cell(c)[1] in objectives
         }
         todo = {AssetKeyPartitionKey(self.db.key("pretrained_checkpoint"), o) for o in objectives}
         todo |= {AssetKeyPartitionKey(self.db.key("finetuned_models"), c) for c in tuned}
@@ -613,10 +621,11 @@ def run_experiment(
     set_experiment(run_dir, database, preset, tasks)
     runner = Runner(database, run_dir)
     cells = experiment_cells(runner.db.tasks, runner.recipe)
+    probes = experiment_cells(runner.db.tasks, runner.recipe, PROBE)
     print(
         f"{database}: preset {preset!r}: "
-        f"{len(runner.recipe.pretrain.objectives)} pre-training objectives, "
-        f"{len(cells)} cells, {parallel} runs at a time",
+        f"{len(runner.recipe.pretrain.checkpoint_keys())} pre-trained checkpoints, "
+        f"{len(cells)} fine-tuning cells, {len(probes)} probe cells, {parallel} runs at a time",
         flush=True,
     )
     for backfill_id in cancel_stale_backfills(runner.instance, runner.db):

@@ -76,10 +76,20 @@ def parse_cell(key: str) -> tuple[str, str, float, int]:
         raise ValueError(f"cell key {key!r} is not 'task|method|fraction|sSEED'") from exc
 
 
-def experiment_cells(tasks, recipe) -> list[str]:
+FINETUNE, PROBE = "finetune", "probe"
+
+
+def experiment_cells(tasks, recipe, readout: str = FINETUNE) -> list[str]:
     """Every cell of a database's experiment: each task from scratch and from each
-    objective's backbone, at every label fraction and seed of the recipe."""
-    methods = [SCRATCH, *recipe.pretrain.objectives]
+    pre-trained checkpoint, at every label fraction and seed of the recipe.
+
+    A checkpoint is an objective (``tve``), or an objective at a pre-training budget
+    (``tve@2000``) when the recipe has budgets: the linear probes (``readout="probe"``)
+    read every budget, fine-tuning the recipe's one (``finetune.pretrain_budget``)."""
+    checkpoints = (
+        recipe.pretrain.checkpoint_keys() if readout == PROBE else recipe.finetuned_checkpoints()
+    )
+    methods = [SCRATCH, *checkpoints]
     chosen = recipe.finetune.tasks
     tasks = [t for t in sorted(tasks) if chosen is None or t in chosen]
     return [
@@ -92,16 +102,17 @@ def experiment_cells(tasks, recipe) -> list[str]:
 
 
 def objective_partitions(recipe) -> dg.StaticPartitionsDefinition:
-    return dg.StaticPartitionsDefinition(list(recipe.pretrain.objectives))
+    """``pretrained_checkpoint``'s partitions: an objective, or an objective at a budget."""
+    return dg.StaticPartitionsDefinition(recipe.pretrain.checkpoint_keys())
 
 
-def cell_partitions(tasks, recipe) -> dg.StaticPartitionsDefinition:
-    return dg.StaticPartitionsDefinition(experiment_cells(tasks, recipe))
+def cell_partitions(tasks, recipe, readout: str = FINETUNE) -> dg.StaticPartitionsDefinition:
+    return dg.StaticPartitionsDefinition(experiment_cells(tasks, recipe, readout))
 
 
-def checkpoint_of_cells(tasks, recipe) -> dg.StaticPartitionMapping:
-    """objective -> the cells fine-tuned from its backbone (scratch cells have none)."""
-    cells = experiment_cells(tasks, recipe)
+def checkpoint_of_cells(tasks, recipe, readout: str = FINETUNE) -> dg.StaticPartitionMapping:
+    """checkpoint -> the cells that start from its backbone (scratch cells have none)."""
+    cells = experiment_cells(tasks, recipe, readout)
     return dg.StaticPartitionMapping(
-        {o: [c for c in cells if parse_cell(c)[1] == o] for o in recipe.pretrain.objectives}
+        {k: [c for c in cells if parse_cell(c)[1] == k] for k in recipe.pretrain.checkpoint_keys()}
     )

@@ -84,7 +84,11 @@ def run(spec: dict, world: distributed.World, device: torch.device, report) -> d
             shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if v is not None)
             report.log.info(f"rank 0: {entity} epoch {epoch}: {shown}")
 
-        by_entity[entity] = training.pretrain(
+        def snapshot(steps: int, part=part) -> training.Checkpointer:
+            path = part["snapshot"].replace("STEPS", str(steps))
+            return training.Checkpointer(path, 1, key=spec["checkpoint_key"])
+
+        by_entity[entity] = training.pretrain_to_budget(
             data,
             col_stats,
             entity,
@@ -100,6 +104,8 @@ def run(spec: dict, world: distributed.World, device: torch.device, report) -> d
                 part["checkpoint"], recipe.checkpoint_every, key=spec["checkpoint_key"]
             ),
             world=world,
+            budget=spec.get("budget"),
+            snapshot=snapshot if "snapshot" in part else None,
         )
         seconds[entity] = round(time.perf_counter() - t0, 2)
     return {"by_entity": by_entity, "seconds": seconds}

@@ -25,6 +25,8 @@ from assets.executors import GPU_STEP_TAGS
 from assets.failures import failure
 from assets.metadata import image, mlflow_metadata, png_markdown, table
 from assets.partitions import (
+    FINETUNE,
+    PROBE,
     SCRATCH,
     cell_partitions,
     checkpoint_of_cells,
@@ -36,7 +38,7 @@ from assets.registry import Database
 from resources import DeviceResource, MLflowTracking, RecipeResource, TVEStorage
 from tve_pipeline import evaluation, probe, training
 from tve_pipeline.common import atomic_path
-from tve_pipeline.config import recipe_version
+from tve_pipeline.config import budget_key, parse_budget_key, recipe_version
 from tve_pipeline.database import open_dataset
 from tve_pipeline.graph import graph_for
 from tve_pipeline.learning_curves import plot_learning_curves
@@ -95,6 +97,8 @@ def _pretrain_one(
     run,
     checkpoint: "training.Checkpointer",
     device,
+    budget: int | None = None,
+    snapshot=None,
 ) -> dict:
     """One objective on one entity table, streamed from the task-vector files of its windows
     (active rows only, float32: a few hundred MB where the dense frame took 20 GB);
@@ -108,7 +112,7 @@ def _pretrain_one(
         context.log.warning(f"{entity}: no validation window, so the last epoch is kept")
     data, col_stats = graph
     try:
-        return training.pretrain(
+        return training.pretrain_to_budget(
             data,
             col_stats,
             entity,
@@ -120,16 +124,36 @@ def _pretrain_one(
             val_targets=val_files,
             objective=objective,
             checkpoint=checkpoint,
+            budget=budget,
+            snapshot=snapshot,
             log=lambda m, step: run.log_metrics({f"{entity}.{k}": v for k, v in m.items()}, step),
         )
     except ValueError as exc:
         raise failure(exc) from exc
 
 
-def _pretrain_params(objective: str, recipe) -> dict:
+PRETRAIN_SECTIONS = ("seed", "backbone", "targets", "pretrain")
+
+
+def _run_files(storage, database: str, objective: str, entity: str, run_key: str, every: int):
+    """(the run's resumable state, ``steps -> its result at that budget``) of one objective
+    and entity table: ``checkpoints/pretrained_checkpoint/<db>/<objective>-<entity>.pt`` and
+    ``.../<objective>@<steps>-<entity>.pt``."""
+
+    def file(name: str) -> Path:
+        return storage.checkpoint_file("pretrained_checkpoint", database, name)
+
+    def snapshot(steps: int) -> "training.Checkpointer":
+        return training.Checkpointer(file(f"{budget_key(objective, steps)}-{entity}"), 1, run_key)
+
+    return training.Checkpointer(file(f"{objective}-{entity}"), every, run_key), snapshot
+
+
+def _pretrain_params(objective: str, recipe, budget: int | None = None) -> dict:
     """What a pre-training run logs to MLflow as its parameters."""
     return {
         "objective": objective,
+        "budget": budget if budget is not None else recipe.pretrain.step_budgets[-1],
         "profile": recipe.profile,
         **{f"pretrain.{k}": v for k, v in recipe.pretrain.model_dump().items()},
         **{f"backbone.{k}": v for k, v in recipe.backbone.model_dump().items()},
@@ -151,15 +175,16 @@ def _pretrain_with_torchrun(
     objective, database = checkpoint["objective"], raw_tables.name
     processes, kind = device.processes, device.launch_device()
 
-    def checkpoint_file(entity: str) -> Path:
-        return storage.checkpoint_file("pretrained_checkpoint", database, f"{objective}-{entity}")
+    def checkpoint_file(name: str) -> Path:
+        return storage.checkpoint_file("pretrained_checkpoint", database, name)
 
     tables = open_dataset(raw_tables.dataset_dir).manifest.tables
     home = checkpoint_file("_").parent
     home.mkdir(parents=True, exist_ok=True)
+    budget = checkpoint["budget"]
     with (
-        tempfile.TemporaryDirectory(prefix=f".torchrun-{objective}-", dir=home) as launch,
-        mlflow.run(context, f"pretrain {objective}", database=database) as run,
+        tempfile.TemporaryDirectory(prefix=".torchrun-", dir=home) as launch,
+        mlflow.run(context, f"pretrain {checkpoint['key']}", database=database) as run,
     ):
         spec = {
             "dataset_dir": str(raw_tables.dataset_dir),
@@ -170,8 +195,9 @@ def _pretrain_with_torchrun(
             "device": kind,
             "threads": device.threads,
             # a checkpoint of another number of processes holds other generators' states
-            "checkpoint_key": f"{raw_tables.fingerprint}:{recipe.model_dump_json()}:"
-            f"processes={processes}",
+            "checkpoint_key": f"{raw_tables.fingerprint}:"
+            f"{recipe_version(recipe, *PRETRAIN_SECTIONS)}:processes={processes}",
+            "budget": budget,
             "entities": [
                 {
                     "entity": entity,
@@ -179,7 +205,9 @@ def _pretrain_with_torchrun(
                     "aggregations": {d["name"]: d["aggregation"] for d in defs},
                     "files": [str(f) for f in files[entity][0]],
                     "val_files": [str(f) for f in files[entity][1]],
-                    "checkpoint": str(checkpoint_file(entity)),
+                    "checkpoint": str(checkpoint_file(f"{objective}-{entity}")),
+                    # the run's result at each budget: "{steps}" is the budget
+                    "snapshot": str(checkpoint_file(f"{objective}@STEPS-{entity}")),
                 }
                 for entity, defs in traversal_graph.items()
             ],
@@ -187,7 +215,7 @@ def _pretrain_with_torchrun(
         }
         spec_file = Path(launch) / "spec.json"
         spec_file.write_text(json.dumps(spec))
-        run.log_params({**_pretrain_params(objective, recipe), "processes": processes})
+        run.log_params({**_pretrain_params(objective, recipe, budget), "processes": processes})
         context.log.info(f"pre-training {objective} on {processes} {kind} processes (torchrun)")
         # the worker imports this project's code, wherever the parent found it
         root = str(Path(__file__).resolve().parents[1])
@@ -216,7 +244,7 @@ def _pretrain_with_torchrun(
         checkpoint,
         metadata={
             "num_windows": sum(map(len, next(iter(files.values())))),
-            **checkpoint_metadata(objective, checkpoint["by_entity"], traversal_graph),
+            **checkpoint_metadata(checkpoint["key"], checkpoint["by_entity"], traversal_graph),
             **reported,
             **mlflow_metadata(run),
         },
@@ -260,7 +288,7 @@ def _task_of(name: str, raw_tables, recipe, *, with_test_labels: bool = False):
 
 
 def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
-    pretrain_version = recipe_version(recipe, "seed", "backbone", "targets", "pretrain")
+    pretrain_version = recipe_version(recipe, *PRETRAIN_SECTIONS)
     finetune_version = recipe_version(recipe, "seed", "backbone", "finetune")
     probe_version = recipe_version(recipe, "seed", "backbone", "probe")
     cells = cell_partitions(db.tasks, recipe)
@@ -299,13 +327,16 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
         """One pre-training objective's backbone state_dicts (CPU), one per entity table, with
         the task-vector normaliser each was trained with (fine-tuning reuses it)."""
         run_recipe = recipe.recipe()
-        objective = context.partition_key
+        key = context.partition_key
+        objective, budget = parse_budget_key(key)
         dataset = open_dataset(raw_tables.dataset_dir)
         files = {
             e: _target_files(tve_targets, temporal_windows, e, db.name) for e in traversal_graph
         }
         checkpoint = {
             "objective": objective,
+            "budget": budget,
+            "key": key,
             "recipe": run_recipe.model_dump(mode="json"),
             "column_types": raw_tables.column_types,
             "by_entity": {},
@@ -316,15 +347,14 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
                 context, checkpoint, raw_tables, traversal_graph, files, storage, device, mlflow
             )
         graph = _cached_graph(storage, raw_tables, dataset, run_recipe)
-        with mlflow.run(context, f"pretrain {objective}", database=db.name) as run:
-            run.log_params(_pretrain_params(objective, run_recipe))
+        # what the run is: data and recipe, not which budgets or cells exist (a budget's
+        # partition resumes the run another budget's left)
+        run_key = f"{raw_tables.fingerprint}:{recipe_version(run_recipe, *PRETRAIN_SECTIONS)}"
+        with mlflow.run(context, f"pretrain {key}", database=db.name) as run:
+            run.log_params(_pretrain_params(objective, run_recipe, budget))
             for entity, defs in traversal_graph.items():
-                checkpointer = training.Checkpointer(
-                    storage.checkpoint_file(
-                        "pretrained_checkpoint", db.name, f"{objective}-{entity}"
-                    ),
-                    run_recipe.checkpoint_every,
-                    key=f"{raw_tables.fingerprint}:{run_recipe.model_dump_json()}",
+                checkpointer, snapshot = _run_files(
+                    storage, db.name, objective, entity, run_key, run_recipe.checkpoint_every
                 )
                 result = _pretrain_one(
                     context,
@@ -338,6 +368,8 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
                     run,
                     checkpointer,
                     device,
+                    budget,
+                    snapshot,
                 )
                 checkpoint["by_entity"][entity] = result
             run.log_torch(
@@ -347,25 +379,26 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
             checkpoint,
             metadata={
                 "num_windows": sum(map(len, next(iter(files.values())))),
-                **checkpoint_metadata(objective, checkpoint["by_entity"], traversal_graph),
+                **checkpoint_metadata(checkpoint["key"], checkpoint["by_entity"], traversal_graph),
                 **mlflow_metadata(run),
             },
         )
 
     # What a cell reads (finetuned_models, probe_metrics): the tables and the cell's
-    # objective's checkpoint; a scratch cell maps to none and gets None.
-    cell_inputs = {
-        "raw_tables": dg.AssetIn(key=db.key("raw_tables")),
-        "pretrained_checkpoint": dg.AssetIn(
-            key=db.key("pretrained_checkpoint"),
-            partition_mapping=checkpoint_of_cells(db.tasks, recipe),
-        ),
-    }
+    # checkpoint; a scratch cell maps to none and gets None. Probes read every budget's.
+    def cell_inputs(readout: str = FINETUNE) -> dict:
+        return {
+            "raw_tables": dg.AssetIn(key=db.key("raw_tables")),
+            "pretrained_checkpoint": dg.AssetIn(
+                key=db.key("pretrained_checkpoint"),
+                partition_mapping=checkpoint_of_cells(db.tasks, recipe, readout),
+            ),
+        }
 
     @dg.asset(
         key=db.key("finetuned_models"),
         partitions_def=cells,
-        ins=dict(cell_inputs),
+        ins=cell_inputs(),
         group_name=db.group,
         kinds={"pytorch", "mlflow"},
         pool="gpu",
@@ -516,8 +549,8 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
 
     @dg.asset(
         key=db.key("probe_metrics"),
-        partitions_def=cells,
-        ins=dict(cell_inputs),
+        partitions_def=cell_partitions(db.tasks, recipe, PROBE),
+        ins=cell_inputs(PROBE),
         group_name=db.group,
         kinds={"scikitlearn", "mlflow"},
         code_version=probe_version,
@@ -613,6 +646,7 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
                 "cells": len(metrics),
                 "probe_cells": len(probe_metrics),
                 "cells_expected": len(experiment_cells(db.tasks, recipe)),
+                "probe_cells_expected": len(experiment_cells(db.tasks, recipe, PROBE)),
                 "summary": dg.MetadataValue.md(markdown_table(summary)),
                 "plots": dg.MetadataValue.md(
                     "\n\n".join(png_markdown(p.read_bytes(), p.stem) for p in plots) or "(no plot)"
@@ -699,6 +733,7 @@ def checkpoint_metadata(objective: str, by_entity: dict, graph: dict) -> dict:
                     "val_seeds": r["n_val_seeds"],
                     "inactive_rate": r["inactive_rate"],
                     "best_epoch": r["best_epoch"],
+                    "best_step": r.get("best_step", -1),
                     "best_val_loss": r["best_val_loss"],
                 }
                 for entity, r in by_entity.items()
@@ -710,6 +745,7 @@ def checkpoint_metadata(objective: str, by_entity: dict, graph: dict) -> dict:
                 "val_seeds": "int",
                 "inactive_rate": "float",
                 "best_epoch": "int",
+                "best_step": "int",
                 "best_val_loss": "float",
             },
         ),

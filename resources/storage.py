@@ -40,7 +40,8 @@ class TVEStorage(dg.ConfigurableResource):
     def checkpoint_file(self, asset: str, partition: str, name: str) -> Path:
         """Resumable training state of one run: ``checkpoints/<asset>/<partition>/<name>.pt``."""
         safe = str(partition).replace("|", "/")
-        return Path(self.run_dir) / "checkpoints" / asset / safe / f"{name.replace('+', '_')}.pt"
+        name = name.replace("+", "_").replace(">", "-then-")
+        return Path(self.run_dir) / "checkpoints" / asset / safe / f"{name}.pt"
 
     def results_dir(self, database: str) -> Path:
         """An experiment's answer: ``results/<database>/`` (summary.csv, summary.md, plots)."""

@@ -114,7 +114,7 @@ class TargetConfig(BaseModel):
     mca_components: int = Field(default=64, ge=1)
 
 
-Objective = Literal["tve", "mae", "ctr", "tve+mae", "tve+ctr"]
+Objective = Literal["tve", "mae", "ctr", "tve+mae", "tve+ctr", "ctr>tve"]
 
 
 class PretrainConfig(BaseModel):
@@ -126,14 +126,32 @@ class PretrainConfig(BaseModel):
     ``ctr``: InfoNCE between every node's clean and corrupted-view embedding, per node
     type (the reference's contrastive baseline, src/models/contrastive.py).
     ``tve+mae`` / ``tve+ctr``: TVE plus ``aux_weight`` x the other loss.
+    ``ctr>tve``: staged: the contrastive loss for the first ``stage_steps`` optimiser steps,
+    then TVE (one run, one optimiser; not in the reference, which trains each objective
+    from scratch). Its checkpoint is chosen among the TVE stage's evaluations only.
     Each objective in ``objectives`` yields its own pre-trained backbone, trained on every
     training window and kept at the epoch with the lowest loss on the validation windows'
     task vectors, scored on clean inputs (the reference's ``train_tve.py``).
+
+    ``budgets`` makes the budget an axis: one run per objective (the learning-rate
+    schedule of ``epochs`` x ``steps_per_epoch`` steps) yields a checkpoint at each budget,
+    the best evaluation up to that many optimiser steps; each is its own
+    ``pretrained_checkpoint`` partition (``tve@2000``) and a longer budget resumes where a
+    shorter one stopped. None: one budget, the whole run (partition ``tve``).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     objectives: tuple[Objective, ...] = ("tve",)
+    # Optimiser steps at which a run keeps a checkpoint (multiples of steps_per_epoch, at
+    # most epochs x steps_per_epoch); None: the run's end only.
+    budgets: tuple[int, ...] | None = None
+    # An objective's largest budget, when its steps cost too much for the others' (CTR's
+    # InfoNCE over every sampled node: ~18x a TVE step on rel-f1); its run stops there.
+    budget_caps: dict[str, int] = Field(default_factory=dict)
+    # ``ctr>tve``: contrastive steps before the TVE stage (every budget of ctr>tve is
+    # longer); None: half the smallest budget.
+    stage_steps: int | None = Field(default=None, ge=1)
     aux_weight: float = 0.1
     ctr_tau: float = 0.1
     ctr_corruption_rate: float = 0.25  # the contrastive baseline's view corruption
@@ -165,6 +183,63 @@ class PretrainConfig(BaseModel):
             )
             data = {k: v for k, v in data.items() if k != "val_fraction"}
         return data
+
+    @model_validator(mode="after")
+    def _budgets_fit_the_run(self):
+        total = self.epochs * self.steps_per_epoch
+        for budget in self.budgets or ():
+            if budget <= 0 or budget % self.steps_per_epoch or budget > total:
+                raise ValueError(
+                    f"pretrain.budgets: {budget} is not a positive multiple of steps_per_epoch "
+                    f"({self.steps_per_epoch}) within the run's {total} steps"
+                )
+        if self.budgets is not None and (
+            not self.budgets or list(self.budgets) != sorted(set(self.budgets))
+        ):
+            raise ValueError(f"pretrain.budgets must be increasing, got {list(self.budgets)}")
+        staged = [o for o in self.objectives if ">" in o]
+        if staged and min(self.step_budgets) <= self.first_stage_steps:
+            raise ValueError(
+                f"pretrain.stage_steps ({self.first_stage_steps}) must be below every budget of "
+                f"{staged[0]} ({min(self.step_budgets)}): its checkpoint is a TVE-stage one"
+            )
+        return self
+
+    @property
+    def first_stage_steps(self) -> int:
+        """A staged objective's first stage, in optimiser steps."""
+        return self.stage_steps or max(min(self.step_budgets) // 2, 1)
+
+    @property
+    def step_budgets(self) -> tuple[int, ...]:
+        """The optimiser steps at which checkpoints are kept (the run's end without budgets)."""
+        return self.budgets or (self.epochs * self.steps_per_epoch,)
+
+    def objective_budgets(self, objective: str) -> tuple[int, ...]:
+        """The budgets of one objective's run (its cap applied; never none)."""
+        cap = self.budget_caps.get(objective)
+        kept = tuple(b for b in self.step_budgets if cap is None or b <= cap)
+        return kept or self.step_budgets[:1]
+
+    def checkpoint_keys(self) -> list[str]:
+        """The ``pretrained_checkpoint`` partitions: ``tve`` without budgets, else ``tve@500``."""
+        if self.budgets is None:
+            return list(self.objectives)
+        return [budget_key(o, b) for o in self.objectives for b in self.objective_budgets(o)]
+
+
+def budget_key(objective: str, budget: int | None) -> str:
+    """A checkpoint's partition key (and a cell's method): ``tve@2000``; ``tve`` (None)."""
+    return objective if budget is None else f"{objective}@{budget}"
+
+
+def parse_budget_key(key: str) -> tuple[str, int | None]:
+    """(objective, budget) of a checkpoint key: ``"tve@2000"`` -> ("tve", 2000)."""
+    objective, _, budget = key.partition("@")
+    try:
+        return objective, int(budget) if budget else None
+    except ValueError as exc:
+        raise ValueError(f"checkpoint key {key!r} is not 'objective' or 'objective@steps'") from exc
 
 
 class FinetuneConfig(BaseModel):
@@ -215,6 +290,12 @@ class FinetuneConfig(BaseModel):
     # The database's tasks an experiment fine-tunes (None: every one of them).
     tasks: tuple[str, ...] | None = None
     restrict_top_k: int | None = None
+    # With pre-training budgets (PretrainConfig.budgets): the budget whose checkpoints are
+    # fine-tuned (None: the largest); the linear probes read every budget.
+    pretrain_budget: int | None = None
+    # The pre-training objectives whose checkpoints are fine-tuned (None: every one; the
+    # probes read them all); scratch is always fine-tuned.
+    objectives: tuple[str, ...] | None = None
     # Regression: predictions are clamped to these percentiles of the training labels
     # (RelBench's RDL does 2 / 98 at inference); None leaves them as they are.
     clamp_percentiles: tuple[float, float] | None = (2.0, 98.0)
@@ -285,6 +366,32 @@ class Recipe(BaseModel):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
 
+    @model_validator(mode="after")
+    def _finetuned_budget_exists(self):
+        budget = self.finetune.pretrain_budget
+        if budget is not None and budget not in (self.pretrain.budgets or ()):
+            raise ValueError(
+                f"finetune.pretrain_budget {budget} is not one of pretrain.budgets "
+                f"{list(self.pretrain.budgets or ())}"
+            )
+        return self
+
+    def finetuned_checkpoints(self) -> list[str]:
+        """The checkpoint keys fine-tuning reads: every objective at the fine-tuned budget
+        (an objective capped below it: at its largest budget)."""
+        chosen = self.finetune.objectives
+        if self.pretrain.budgets is None:
+            return [o for o in self.pretrain.objectives if chosen is None or o in chosen]
+        budget = self.finetune.pretrain_budget or self.pretrain.budgets[-1]
+
+        def at(objective: str) -> str:
+            budgets = self.pretrain.objective_budgets(objective)
+            fit = [b for b in budgets if b <= budget]
+            return budget_key(objective, max(fit) if fit else budgets[0])
+
+        chosen = self.finetune.objectives
+        return [at(o) for o in self.pretrain.objectives if chosen is None or o in chosen]
+
 
 # Budgets only: the method (loss, corruption, aggregations, normalisation) is unchanged.
 _PROFILES: dict[str, dict] = {
@@ -304,22 +411,35 @@ _PROFILES: dict[str, dict] = {
         # all 174k plane-active training seeds: 23 s a probe; 20k: 7-11 s, AUROC -0.003
         "probe": {"max_train_seeds": 20000},
     },
-    # `tve experiment --preset cpu`: the comparison on 2 CPU cores. Scratch and three
-    # pre-training objectives, three label fractions, three seeds, RelBench's 10
-    # fine-tuning epochs; one pre-training budget for every objective (10 x 50 steps of
-    # 512, far below the reference's 81 x 1000). Fan-out 32 then 16 instead of 128 then 64:
-    # a driver-dnf step costs 0.9 s instead of 2.2 s on one thread, and seed 0 still scores
-    # 72.9 test AUROC from scratch (RelBench's RDL: 72.6). Fine-tuning keeps the protocol's
-    # floor (200 steps) and rate grid (3 rates: 3x the training of one). What it costs: README.
+    # `tve experiment --preset cpu`: the comparison on 2 CPU cores, budget as an axis.
+    # One run per objective of 4,000 steps of 512 (the reference: 81 x 1,000), a checkpoint
+    # at 250, 1,000 and 4,000 steps, the rate constant over the run (so each budget is the
+    # same run stopped there); CTR capped at 250 steps and MAE at 1,000 (a rel-f1 step
+    # costs TVE 0.8 s, MAE 2.3 s, CTR 15 s on one thread: bench/RESULTS.md); ctr>tve is
+    # 125 contrastive steps, then TVE. Linear probes read every checkpoint; fine-tuning
+    # reads the largest budget of tve, ctr>tve and mae (the SSL baseline that affords more
+    # than 250 steps) at RelBench's 10 epochs with the protocol's floor (200 steps) and two
+    # rates. Fan-out 32 then 16 instead of 128 then 64: a driver-dnf step costs 0.9 s
+    # instead of 2.2 s on one thread, and seed 0 still scores 72.9 test AUROC from scratch
+    # (RelBench's RDL: 72.6). What it costs: README.
     "cpu": {
         "backbone": {"num_neighbors": (32, 16)},
         "pretrain": {
-            "epochs": 10,
-            "steps_per_epoch": 50,
-            "lr_step_epochs": 8,
-            "objectives": ("tve", "mae", "ctr"),
+            "epochs": 16,
+            "steps_per_epoch": 250,  # validation loss every 250 steps (32k seeds on rel-f1)
+            "lr_step_epochs": 16,
+            "objectives": ("tve", "mae", "ctr", "ctr>tve"),
+            "budgets": (250, 1000, 4000),
+            "budget_caps": {"ctr": 250, "mae": 1000},
         },
-        "finetune": {"epochs": 10, "seeds": (0, 1, 2), "label_fractions": (0.1, 0.25, 1.0)},
+        "finetune": {
+            "epochs": 10,
+            "lr_grid": (0.001, 0.005),
+            "seeds": (0, 1, 2, 3, 4),
+            "label_fractions": (0.1, 0.25, 1.0),
+            "objectives": ("tve", "ctr>tve", "mae"),
+        },
+        "probe": {"max_train_seeds": 20000},
     },
     # `tve experiment --preset full`: the reference budget, every objective, the paper's
     # low-data fractions, five seeds (a GPU job).
@@ -378,7 +498,10 @@ def make_recipe(profile: str = "reference", overrides: dict | None = None) -> Re
 
 # Fields that choose which experiment cells exist, not what any one of them computes: an
 # experiment grown by a task, an objective, a seed or a label fraction keeps its finished cells.
-GRID_FIELDS = {"pretrain": ("objectives",), "finetune": ("tasks", "seeds", "label_fractions")}
+GRID_FIELDS = {
+    "pretrain": ("objectives", "budgets", "budget_caps"),
+    "finetune": ("tasks", "seeds", "label_fractions", "pretrain_budget", "objectives"),
+}
 
 # Fields that change how a result is computed, never the result: a new memory budget keeps
 # the task vectors (and everything trained on them) fresh.

@@ -270,7 +270,7 @@ def objective_heads(
     layer aggregates with ``aggr``, the backbone's), and ``"proj"``, CTR's projection of
     every node type before InfoNCE: one Linear to ``channels // 2`` per node type
     (src/models/contrastive.py:75-78)."""
-    parts = objective.split("+")
+    parts = objective.replace(">", "+").split("+")  # a staged objective: both stages' heads
     heads = torch.nn.ModuleDict()
     if "mae" in parts:
         heads["mae"] = AttributeDecoder(channels, data, col_stats, aggr=aggr)
@@ -375,3 +375,43 @@ class PretrainingLoss:
             if x_view[nt].size(0) > 0
         ]
         return torch.stack(losses).mean()
+
+
+class StagedLoss:
+    """A staged objective, ``"first>then"`` (``ctr>tve``): ``first``'s loss for the first
+    ``cfg.first_stage_steps`` optimiser steps, ``then``'s after, in one run with one optimiser
+    (the heads of both stages are trained, each only in its stage).
+
+    The training loop tells it the step about to run (:meth:`at_step`). Validation scores
+    ``then`` only (:attr:`final`), and only once its stage has begun (:meth:`in_final`):
+    the checkpoint of a staged objective is one of its last stage.
+    """
+
+    def __init__(self, objective, model, heads, entity_table: str, cfg: PretrainConfig):
+        first, then = objective.split(">")
+        self.stages = (
+            PretrainingLoss(first, model, heads, entity_table, cfg),
+            PretrainingLoss(then, model, heads, entity_table, cfg),
+        )
+        self.final = self.stages[1]
+        self.stage_steps = cfg.first_stage_steps
+        self.step = 0  # the optimiser step about to run (0-based)
+        self.parts = self.final.parts
+
+    def at_step(self, step: int) -> None:
+        self.step = step
+
+    def in_final(self, steps_done: int) -> bool:
+        return steps_done > self.stage_steps
+
+    def __call__(self, batch, task_vectors, generator, *, corrupt: bool = True):
+        stage = self.stages[self.step >= self.stage_steps]
+        return stage(batch, task_vectors, generator, corrupt=corrupt)
+
+
+def pretraining_loss(objective: str, model, heads, entity_table: str, cfg: PretrainConfig):
+    """The loss of an objective: :class:`PretrainingLoss`, or :class:`StagedLoss` for
+    ``"first>then"``."""
+    if ">" in objective:
+        return StagedLoss(objective, model, heads, entity_table, cfg)
+    return PretrainingLoss(objective, model, heads, entity_table, cfg)

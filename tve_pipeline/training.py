@@ -31,8 +31,14 @@ from tve_pipeline.config import Recipe
 from tve_pipeline.distributed import SINGLE, World
 from tve_pipeline.evaluation import higher_is_better, regression_clamp, task_metrics
 from tve_pipeline.graph import seed_tensors, to_device
-from tve_pipeline.model import RDLModel, backbone_state, load_backbone
-from tve_pipeline.objectives import PretrainingLoss, objective_heads, row_weights
+from tve_pipeline.model import BACKBONE_PREFIXES, RDLModel, load_backbone
+from tve_pipeline.objectives import (
+    PretrainingLoss,
+    StagedLoss,
+    objective_heads,
+    pretraining_loss,
+    row_weights,
+)
 from tve_pipeline.sampling import Prefetcher, sampler_for
 from tve_pipeline.task_vectors import RawTaskVectors, pretraining_task_vectors
 
@@ -194,6 +200,9 @@ def _fit(
     step_losses: Callable[[list[float]], None] | None = None,
     by_step: bool = False,
     average_last: int = 1,
+    stop_epoch: int | None = None,
+    on_evaluated: Callable[[int, dict, list], None] | None = None,
+    before_step: Callable[[int], None] | None = None,
 ) -> tuple[dict, list[dict]]:
     """The training loop both stages share; returns (best, history).
 
@@ -218,16 +227,26 @@ def _fit(
     ``average_last`` > 1: after the last evaluation, the mean of the last that many
     evaluated weights (:func:`average_states`) is scored like any evaluation and kept
     when it beats them all (``best["averaged"]``: how many were averaged, else 0).
+
+    ``stop_epoch`` < ``epochs`` stops the run after that many epochs (a budget: the
+    schedule stays the whole run's) and keeps its state in ``checkpoint`` at the epoch
+    boundary, so that a later call with a larger ``stop_epoch`` resumes there; a checkpoint
+    already past ``stop_epoch`` is left as it is and the run starts over without writing
+    one. ``on_evaluated(global_step, best, history)`` follows every evaluation;
+    ``before_step(global_step)`` precedes every optimiser step (0-based step number).
     """
     order = torch.Generator().manual_seed(seed)
     saved = checkpoint.load() if checkpoint else None
     if saved is not None and saved.get("world_size", 1) != world.size:
         saved = None  # another number of processes: other generators, not resumable
+    last = epochs if stop_epoch is None else min(stop_epoch, epochs)
+    if saved is not None and _past(saved, last, steps_per_epoch):
+        saved, checkpoint = None, None  # a longer budget's state: keep it, start over
     if saved is not None:
         _restore(saved, modules, opt, sched, order, world)
     step = _Step(modules, batch_loss, world, share)
     best, history, start_epoch, start_step, losses, global_step, recent = _progress(saved)
-    for epoch in range(start_epoch, epochs):
+    for epoch in range(start_epoch, last):
         resumed = saved is not None  # this epoch is the one the checkpoint stopped in
         epoch_order_state = _epoch_order_state(order, saved)
         batches = list(_batches(n, batch_size, order, steps_per_epoch))
@@ -249,6 +268,7 @@ def _fit(
             step=step,
             checkpoint=checkpoint,
             on_step=on_step,
+            before_step=before_step,
             prefetch=prefetch,
             progress={
                 "epoch_order_state": epoch_order_state,
@@ -272,12 +292,40 @@ def _fit(
             best.update(state=state, metrics=metrics)
         if average_last > 1:
             recent = [*recent, state or _cpu_state(modules)][-average_last:]
+        if on_evaluated:
+            on_evaluated(global_step, best, history)
         saved = None
+        if epoch == last - 1 and last < epochs and checkpoint:
+            _save_checkpoint(  # the budget's end: the next call resumes at the next epoch
+                checkpoint,
+                modules,
+                opt,
+                sched,
+                order,
+                world,
+                epoch_order_state=order.get_state(),
+                best=best,
+                history=history,
+                epoch=last,
+                **({"recent": recent} if average_last > 1 else {}),
+                step=0,
+                losses=[],
+                global_step=global_step,
+            )
+    if last < epochs:
+        return best, history
     if average_last > 1 and len(recent) > 1:
         best = _averaged_candidate(modules, recent, evaluate_epoch, best, epochs - 1, global_step)
     if checkpoint and world.is_main:
         checkpoint.clear()
     return best, history
+
+
+def _past(saved: dict, last: int, steps_per_epoch: int | None) -> bool:
+    """Whether a checkpoint is past the end of epoch ``last`` (a longer budget's state)."""
+    if steps_per_epoch is None:
+        return saved["epoch"] > last
+    return saved["global_step"] > last * steps_per_epoch or saved["epoch"] > last
 
 
 def _cpu_state(modules: torch.nn.Module) -> dict:
@@ -379,6 +427,7 @@ def _train_epoch(
     on_step: Callable[[int], None] | None,
     prefetch: bool,
     progress: dict,
+    before_step: Callable[[int], None] | None = None,
 ) -> tuple[list, int]:
     """The epoch's optimiser steps from step ``first`` on; returns (losses, global step)."""
     # ``progress``: what a checkpoint records of the epoch besides step, losses, global step.
@@ -392,6 +441,8 @@ def _train_epoch(
     steps = range(first, len(batches))
     for i, batch in zip(steps, Prefetcher(draw, steps, enabled=prefetch)):
         gen = step_generator(seed, epoch_start + i, world.stream("noise"))
+        if before_step:
+            before_step(global_step)
         loss, recorded = step(batch, world.chunk(batches[i]), batches[i], gen)
         opt.zero_grad()
         loss.backward()
@@ -505,13 +556,17 @@ def _validation_loss(
     return total / max(count, 1)
 
 
-def _loss_share(objective: str, seeds, inactive_weight: float):
+def _loss_share(objective: str, seeds, inactive_weight: float, loss=None):
     """``share(slice, batch)``: the fraction of a batch's loss that is its slice's loss.
 
     TVE's loss is ``sum w err / sum w`` over the batch, so a slice's loss counts by its
     rows' weight ``sum w`` (the split is then exact); an objective with MAE or CTR by the
-    slice's seed count (their per-rank means are not sums over seeds).
+    slice's seed count (their per-rank means are not sums over seeds); a staged objective
+    by its current stage's (``loss``: the :class:`StagedLoss`).
     """
+    if ">" in objective:
+        first, then = (_loss_share(o, seeds, inactive_weight) for o in objective.split(">"))
+        return lambda part, whole: (then if loss.step >= loss.stage_steps else first)(part, whole)
     if objective != "tve":
         return lambda part, whole: len(part) / len(whole)
 
@@ -539,6 +594,8 @@ def pretrain(
     prefetch: bool = True,
     world: World = SINGLE,
     step_losses: Callable[[list[float]], None] | None = None,
+    budget: int | None = None,
+    on_budget: Callable[[int, dict], None] | None = None,
 ) -> dict:
     """Pre-train a backbone with one objective; returns CPU states, normaliser and history.
 
@@ -553,8 +610,15 @@ def pretrain(
     ``world``: this process's rank among several training processes, each on its slice of
     every global batch (:mod:`tve_pipeline.distributed`; the process group is started by
     the caller). ``step_losses`` receives each epoch's per-step (global batch) losses.
+
+    ``budget`` (one of ``recipe.pretrain.step_budgets``) stops the run after that many
+    optimiser steps and returns what it kept by then (the best evaluation up to that step);
+    the run's state stays in ``checkpoint`` and a call with a larger budget resumes it.
+    ``on_budget(steps, result)`` receives the result at every budget the call passes.
     """
     cfg = recipe.pretrain
+    if budget is not None and budget not in cfg.step_budgets:
+        raise ValueError(f"budget {budget} is not one of pretrain budgets {list(cfg.step_budgets)}")
     torch.manual_seed(recipe.seed)
     seeds = _pretraining_seeds(
         raw_targets, val_targets, entity_table, entity_col, aggregations, recipe
@@ -567,13 +631,13 @@ def pretrain(
         data, col_stats, entity_table, recipe, objective, normaliser.width, device
     )
     sampler = sampler_for(data, recipe.backbone)
-    loss = PretrainingLoss(objective, model, heads, entity_table, cfg)
+    loss = pretraining_loss(objective, model, heads, entity_table, cfg)
     modules = torch.nn.ModuleDict({"model": model, "aux": heads})  # the checkpoint's keys
     if world.rank > 0:
         # Every rank starts from the same weights (seeded above); dropout masks are each
         # rank's own (rank 0 keeps the single-process stream).
         torch.manual_seed(int(step_generator(recipe.seed, world.rank, "dropout").initial_seed()))
-    share = _loss_share(objective, train, cfg.inactive_weight)
+    share = _loss_share(objective, train, cfg.inactive_weight, loss)
 
     def sample(idx, gen):
         return sampler.sample(entity_table, n_train[idx], t_train[idx], generator=gen)
@@ -582,6 +646,11 @@ def pretrain(
         return loss(to_device(batch, device), train.task_vectors(idx), gen)
 
     validation = (n_val, t_val, val)
+
+    def evaluated(steps: int, best: dict, history: list) -> None:
+        if on_budget and steps in cfg.step_budgets and best["state"] is not None:
+            on_budget(steps, _pretrained(objective, entity_table, seeds, best, list(history)))
+
     best, history = _fit(
         modules,
         opt,
@@ -603,7 +672,7 @@ def pretrain(
             recipe.seed,
             device,
             world,
-            _loss_share(objective, val, cfg.inactive_weight),
+            _loss_share(objective.split(">")[-1], val, cfg.inactive_weight),
         ),
         log=log,
         checkpoint=checkpoint,
@@ -612,9 +681,43 @@ def pretrain(
         world=world,
         share=share,
         step_losses=step_losses,
+        stop_epoch=None if budget is None else budget // cfg.steps_per_epoch,
+        on_evaluated=evaluated,
+        before_step=getattr(loss, "at_step", None),
     )
-    modules.load_state_dict(best["state"])
-    return _pretrained(objective, entity_table, model, seeds, best, history)
+    if best["state"] is None:
+        raise ValueError(f"{objective}: no evaluation to keep a checkpoint from")
+    return _pretrained(objective, entity_table, seeds, best, history)
+
+
+def pretrain_to_budget(
+    *args,
+    budget: int | None,
+    checkpoint: Checkpointer | None,
+    snapshot: Callable[[int], Checkpointer] | None,
+    world: World = SINGLE,
+    **kwargs,
+) -> dict:
+    """:func:`pretrain` at a budget of its run, reusing what the run kept at the budgets it
+    has passed (``snapshot(steps)``: the file of the run's result at that budget).
+
+    A run asked for budget 2,000 first trains to 2,000 and keeps its results at 500 and
+    2,000; asked for 500 afterwards, it returns the kept one without training. Budgets in
+    any order give the results of one uninterrupted run.
+    """
+    if snapshot is None or budget is None:
+        return pretrain(*args, budget=budget, checkpoint=checkpoint, world=world, **kwargs)
+    kept = snapshot(budget).load()
+    if kept is not None:
+        return kept["result"]
+
+    def on_budget(steps: int, result: dict) -> None:
+        if world.is_main:
+            snapshot(steps).save({"result": result})
+
+    return pretrain(
+        *args, budget=budget, checkpoint=checkpoint, world=world, on_budget=on_budget, **kwargs
+    )
 
 
 def _pretraining_model(
@@ -656,25 +759,41 @@ def _validation_scorer(
     epochs_done = []
     n_val = validation[0]
 
+    staged = isinstance(loss, StagedLoss)
+
     def evaluate_epoch():
         epochs_done.append(1)
+        if staged and not loss.in_final(loss.step + 1):
+            return {"val_loss": math.nan}, -math.inf  # first stage: never the checkpoint
         if not len(n_val):
             return {}, float(len(epochs_done))
         val_loss = _validation_loss(
-            loss, modules, sampler, entity_table, validation, batch_size, seed, device, world, share
+            loss.final if staged else loss,
+            modules,
+            sampler,
+            entity_table,
+            validation,
+            batch_size,
+            seed,
+            device,
+            world,
+            share,
         )
         return {"val_loss": val_loss}, -val_loss
 
     return evaluate_epoch
 
 
-def _pretrained(objective: str, entity_table: str, model: RDLModel, seeds, best, history) -> dict:
-    """What :func:`pretrain` returns: the best epoch's CPU states, the normaliser, history."""
+def _pretrained(objective: str, entity_table: str, seeds, best, history) -> dict:
+    """What :func:`pretrain` returns: the best epoch's CPU states (from ``best["state"]``,
+    the ``{"model": ..., "aux": ...}`` modules' state), the normaliser, history."""
+    model = {k[len("model.") :]: v for k, v in best["state"].items() if k.startswith("model.")}
     return {
         "objective": objective,
         "entity_table": entity_table,
-        "backbone": backbone_state(model),
-        "head": {k: v.cpu() for k, v in model.head.state_dict().items()},
+        "backbone": {k: v for k, v in model.items() if k.startswith(BACKBONE_PREFIXES)},
+        "head": {k[len("head.") :]: v for k, v in model.items() if k.startswith("head.")},
+        "best_step": best["step"],
         "normaliser": seeds.normaliser.to_dict(),
         "history": history,
         "best_epoch": best["epoch"],

@@ -1,0 +1,180 @@
+"""Pre-training budgets: one run, a checkpoint at each budget, resumable; the staged
+``ctr>tve`` objective.
+
+The oracle of a budget's checkpoint is one uninterrupted run of the whole schedule that
+reports what it kept at every budget; a run stopped at a budget and resumed to the next
+must end with exactly the same weights.
+"""
+
+import pytest
+import torch
+from test_pretrain_targets import windows  # noqa: F401  (the module fixture)
+
+from tve_pipeline import objectives, training
+from tve_pipeline.config import budget_key, make_recipe, parse_budget_key
+
+CPU = torch.device("cpu")
+
+
+def _recipe(**pretrain):
+    # the test profile: 3 steps an epoch; 4 epochs = 12 steps; budgets at 3, 6 and 12 steps
+    return make_recipe("test", {"pretrain": {"epochs": 4, "budgets": (3, 6, 12), **pretrain}})
+
+
+def _args(w):
+    return (w["data"], w["col_stats"], "customers", "customer_id", w["files"], w["aggregations"])
+
+
+def _assert_same(a: dict, b: dict):
+    assert a["best_epoch"] == b["best_epoch"] and a["best_val_loss"] == b["best_val_loss"]
+    for part in ("backbone", "head"):
+        assert a[part].keys() == b[part].keys()
+        for k, v in a[part].items():
+            assert torch.equal(b[part][k], v), (part, k)
+
+
+def test_budgets_of_a_resumed_run_equal_one_uninterrupted_run(windows, tmp_path):  # noqa: F811
+    w, recipe = windows, _recipe()
+    seen = {}
+    whole = training.pretrain(
+        *_args(w),
+        recipe,
+        CPU,
+        val_targets=[w["val"]],
+        on_budget=lambda steps, result: seen.__setitem__(steps, result),
+    )
+    assert sorted(seen) == [3, 6, 12]
+    _assert_same(seen[12], whole)
+    # a budget keeps the best evaluation up to it: the run's validation losses decide
+    losses = [row["val_loss"] for row in whole["history"]]
+    for steps, result in seen.items():
+        upto = losses[: steps // 3]
+        assert result["best_epoch"] == upto.index(min(upto))
+        assert result["best_step"] == 3 * (result["best_epoch"] + 1)
+
+    ckpt = training.Checkpointer(tmp_path / "tve.pt", every=100, key="k")
+    first = training.pretrain(*_args(w), recipe, CPU, val_targets=[w["val"]], checkpoint=ckpt)
+    assert first["best_step"] == 12 and not ckpt.path.exists()  # no budget: the whole run
+    stopped = training.pretrain(
+        *_args(w), recipe, CPU, val_targets=[w["val"]], checkpoint=ckpt, budget=6
+    )
+    _assert_same(seen[6], stopped)
+    saved = ckpt.load()
+    assert saved["global_step"] == 6 and saved["epoch"] == 2 and saved["step"] == 0
+    # a shorter budget than the checkpoint's: computed again, the checkpoint left alone
+    before = ckpt.path.read_bytes()
+    _assert_same(
+        seen[3],
+        training.pretrain(
+            *_args(w), recipe, CPU, val_targets=[w["val"]], checkpoint=ckpt, budget=3
+        ),
+    )
+    assert ckpt.path.read_bytes() == before
+    # the same budget again: nothing to train, the kept result
+    _assert_same(
+        seen[6],
+        training.pretrain(
+            *_args(w), recipe, CPU, val_targets=[w["val"]], checkpoint=ckpt, budget=6
+        ),
+    )
+    resumed = training.pretrain(
+        *_args(w), recipe, CPU, val_targets=[w["val"]], checkpoint=ckpt, budget=12
+    )
+    _assert_same(whole, resumed)
+    assert not ckpt.path.exists()  # the run's end: nothing left to resume
+
+
+def test_a_budget_must_be_one_of_the_recipe(windows):  # noqa: F811
+    with pytest.raises(ValueError, match="budget 9 is not one of pretrain budgets"):
+        training.pretrain(*_args(windows), _recipe(), CPU, budget=9)
+
+
+def test_staged_objective_trains_contrastive_then_tve_and_keeps_a_tve_stage_checkpoint(
+    windows,  # noqa: F811
+    monkeypatch,
+):
+    """``ctr>tve`` with a 3-step first stage: the first three optimiser steps are the
+    contrastive loss's, the rest TVE's; validation scores TVE, and only in its stage."""
+    calls = []
+    original = objectives.PretrainingLoss.__call__
+
+    def spy(self, batch, task_vectors, generator, *, corrupt=True):
+        calls.append(("+".join(sorted(self.parts)), corrupt))
+        return original(self, batch, task_vectors, generator, corrupt=corrupt)
+
+    monkeypatch.setattr(objectives.PretrainingLoss, "__call__", spy)
+    recipe = _recipe(objectives=("ctr>tve",), stage_steps=3, budgets=(6, 12))
+    result = training.pretrain(
+        *_args(windows), recipe, CPU, val_targets=[windows["val"]], objective="ctr>tve"
+    )
+    trained = [part for part, corrupt in calls if corrupt]
+    assert trained == ["ctr"] * 3 + ["tve"] * 9
+    assert {part for part, corrupt in calls if not corrupt} == {"tve"}  # validation
+    losses = [row["val_loss"] for row in result["history"]]
+    assert losses[0] != losses[0]  # NaN: the contrastive stage is not scored
+    assert result["best_epoch"] >= 1
+    assert result["best_val_loss"] == min(losses[1:])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"pretrain": {"budgets": (4,)}}, "pretrain.budgets: 4 is not a positive multiple"),
+        ({"pretrain": {"budgets": (15,)}}, "within the run's 12 steps"),
+        ({"pretrain": {"budgets": (6, 3)}}, "pretrain.budgets must be increasing"),
+        (
+            {"pretrain": {"objectives": ("ctr>tve",), "budgets": (3, 6), "stage_steps": 3}},
+            "stage_steps \\(3\\) must be below every budget of ctr>tve",
+        ),
+        (
+            {"pretrain": {"budgets": (3, 6)}, "finetune": {"pretrain_budget": 9}},
+            "finetune.pretrain_budget 9 is not one of pretrain.budgets",
+        ),
+    ],
+)
+def test_bad_budgets_are_named(overrides, message):
+    overrides["pretrain"] = {"epochs": 4, **overrides["pretrain"]}
+    with pytest.raises(ValueError, match=message):
+        make_recipe("test", overrides)
+
+
+def test_checkpoint_keys_name_objective_and_budget():
+    recipe = make_recipe(
+        "test",
+        {
+            "pretrain": {"epochs": 4, "objectives": ("tve", "ctr>tve"), "budgets": (6, 12)},
+            "finetune": {"pretrain_budget": 6},
+        },
+    )
+    assert recipe.pretrain.checkpoint_keys() == ["tve@6", "tve@12", "ctr>tve@6", "ctr>tve@12"]
+    assert recipe.finetuned_checkpoints() == ["tve@6", "ctr>tve@6"]
+    assert make_recipe("test").pretrain.checkpoint_keys() == ["tve"]
+    assert parse_budget_key("ctr>tve@12") == ("ctr>tve", 12)
+    assert parse_budget_key("tve") == ("tve", None)
+    assert budget_key("tve", 6) == "tve@6" and budget_key("tve", None) == "tve"
+    with pytest.raises(ValueError, match="checkpoint key 'tve@x'"):
+        parse_budget_key("tve@x")
+
+
+def test_capped_objectives_stop_early_and_fine_tuning_reads_their_largest_budget():
+    recipe = make_recipe(
+        "test",
+        {
+            "pretrain": {
+                "epochs": 4,
+                "objectives": ("tve", "ctr", "mae"),
+                "budgets": (3, 6, 12),
+                "budget_caps": {"ctr": 3, "mae": 7},
+            },
+            "finetune": {"objectives": ("tve", "mae")},
+        },
+    )
+    assert recipe.pretrain.checkpoint_keys() == [
+        "tve@3",
+        "tve@6",
+        "tve@12",
+        "ctr@3",
+        "mae@3",
+        "mae@6",
+    ]
+    assert recipe.finetuned_checkpoints() == ["tve@12", "mae@6"]  # ctr is not fine-tuned
