@@ -178,3 +178,40 @@ def test_capped_objectives_stop_early_and_fine_tuning_reads_their_largest_budget
         "mae@6",
     ]
     assert recipe.finetuned_checkpoints() == ["tve@12", "mae@6"]  # ctr is not fine-tuned
+
+
+def test_budget_partitions_through_dagster(tmp_path):
+    """Each budget is a ``pretrained_checkpoint`` partition of its own; the probes read
+    every one, fine-tuning the largest; the shorter budget is the longer run's snapshot."""
+    import json
+
+    from assets.commands import Runner, prepare_run_dir, register_dataset
+    from tve_pipeline.datasets import build_synthetic
+
+    run_dir = tmp_path / "run"
+    instance = prepare_run_dir(run_dir)
+    register_dataset(build_synthetic(tmp_path / "tiny"), run_dir, instance, profile="test")
+    overrides = {
+        "pretrain": {"objectives": ["tve", "ctr>tve"], "budgets": [3, 6]},
+        "finetune": {"tasks": ["customer-churn"]},
+    }
+    (run_dir / "recipe.json").write_text(json.dumps({"profile": "test", "overrides": overrides}))
+    runner = Runner("tiny", run_dir)
+    summary = runner.run()
+
+    def done(asset):
+        return runner.instance.get_materialized_partitions(runner.db.key(asset))
+
+    assert done("pretrained_checkpoint") == {"tve@3", "tve@6", "ctr>tve@3", "ctr>tve@6"}
+    methods = {"scratch", "tve@3", "tve@6", "ctr>tve@3", "ctr>tve@6"}
+    assert {c.split("|")[1] for c in done("probe_metrics")} == methods
+    assert {c.split("|")[1] for c in done("finetuned_models")} == {"scratch", "tve@6", "ctr>tve@6"}
+    assert set(summary["method"]) == methods
+
+    short, long = (runner.load("pretrained_checkpoint", k) for k in ("tve@3", "tve@6"))
+    assert (short["objective"], short["budget"], long["budget"]) == ("tve", 3, 6)
+    entity = next(iter(long["by_entity"]))
+    # the 3-step checkpoint is the 6-step run's state at step 3: its history is a prefix
+    s, lg = short["by_entity"][entity], long["by_entity"][entity]
+    assert s["history"] == lg["history"][:1] and len(lg["history"]) == 2
+    assert s["best_step"] == 3
