@@ -244,7 +244,9 @@ def _pretrain_with_torchrun(
         checkpoint,
         metadata={
             "num_windows": sum(map(len, next(iter(files.values())))),
-            **checkpoint_metadata(checkpoint["key"], checkpoint["by_entity"], traversal_graph),
+            **checkpoint_metadata(
+                checkpoint["key"], checkpoint["by_entity"], traversal_graph, recipe.pretrain
+            ),
             **reported,
             **mlflow_metadata(run),
         },
@@ -379,7 +381,9 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
             checkpoint,
             metadata={
                 "num_windows": sum(map(len, next(iter(files.values())))),
-                **checkpoint_metadata(checkpoint["key"], checkpoint["by_entity"], traversal_graph),
+                **checkpoint_metadata(
+                    checkpoint["key"], checkpoint["by_entity"], traversal_graph, run_recipe.pretrain
+                ),
                 **mlflow_metadata(run),
             },
         )
@@ -718,10 +722,25 @@ def _mean(values) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def checkpoint_metadata(objective: str, by_entity: dict, graph: dict) -> dict:
+def _throughput(result: dict, cfg) -> tuple[float, float]:
+    """(wall seconds, seeds per second) of the steps the run that made ``result`` trained
+    (a resumed budget: the steps since the budget it resumed from)."""
+    rows = result.get("timing") or []
+    seconds = sum(r["seconds"] for r in rows)
+    if not rows or seconds <= 0:
+        return float("nan"), float("nan")
+    steps = rows[-1]["step"] - rows[0]["step"] + cfg.steps_per_epoch
+    return seconds, steps * cfg.batch_size / seconds
+
+
+def checkpoint_metadata(objective: str, by_entity: dict, graph: dict, cfg=None) -> dict:
     """Seeds and best validation loss (mean over entity tables: one number per
-    checkpoint, plotted across objectives), a row per entity table, the loss curves."""
+    checkpoint, plotted across objectives), a row per entity table (with the seconds and
+    seeds/s of the steps trained for it, given the pre-training config ``cfg``), the loss
+    curves."""
+    speed = {e: _throughput(r, cfg) if cfg else (float("nan"),) * 2 for e, r in by_entity.items()}
     return {
+        "train_seconds": dg.MetadataValue.float(float(sum(v[0] for v in speed.values()))),
         "seeds": sum(r["n_train_seeds"] + r["n_val_seeds"] for r in by_entity.values()),
         "val_loss": dg.MetadataValue.float(_mean(r["best_val_loss"] for r in by_entity.values())),
         "by_entity": table(
@@ -735,6 +754,8 @@ def checkpoint_metadata(objective: str, by_entity: dict, graph: dict) -> dict:
                     "best_epoch": r["best_epoch"],
                     "best_step": r.get("best_step", -1),
                     "best_val_loss": r["best_val_loss"],
+                    "seconds": speed[entity][0],
+                    "seeds_per_s": speed[entity][1],
                 }
                 for entity, r in by_entity.items()
             ],
@@ -747,6 +768,8 @@ def checkpoint_metadata(objective: str, by_entity: dict, graph: dict) -> dict:
                 "best_epoch": "int",
                 "best_step": "int",
                 "best_val_loss": "float",
+                "seconds": "float",
+                "seeds_per_s": "float",
             },
         ),
         "loss_curves": image(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -646,10 +647,16 @@ def pretrain(
         return loss(to_device(batch, device), train.task_vectors(idx), gen)
 
     validation = (n_val, t_val, val)
+    # wall seconds of the steps this call trains and of their evaluations, per evaluation
+    timing, clock = [], [time.perf_counter()]
 
     def evaluated(steps: int, best: dict, history: list) -> None:
+        now = time.perf_counter()
+        timing.append({"step": steps, "seconds": round(now - clock[0], 3)})
+        clock[0] = now
         if on_budget and steps in cfg.step_budgets and best["state"] is not None:
-            on_budget(steps, _pretrained(objective, entity_table, seeds, best, list(history)))
+            kept = _pretrained(objective, entity_table, seeds, best, list(history))
+            on_budget(steps, {**kept, "timing": list(timing)})
 
     best, history = _fit(
         modules,
@@ -687,7 +694,7 @@ def pretrain(
     )
     if best["state"] is None:
         raise ValueError(f"{objective}: no evaluation to keep a checkpoint from")
-    return _pretrained(objective, entity_table, seeds, best, history)
+    return {**_pretrained(objective, entity_table, seeds, best, history), "timing": timing}
 
 
 def pretrain_to_budget(
