@@ -42,7 +42,7 @@ from tve_pipeline.config import budget_key, parse_budget_key, recipe_version
 from tve_pipeline.database import open_dataset
 from tve_pipeline.graph import graph_for
 from tve_pipeline.learning_curves import plot_learning_curves
-from tve_pipeline.results import markdown_table, plot_tasks, summarise
+from tve_pipeline.results import markdown_table, plot_budget_benefit, plot_tasks, summarise
 from tve_pipeline.tasks import past_activity, restrict_to_most_active
 
 # Bumped when the summary, the table or the plots change.
@@ -827,3 +827,4 @@ def write_results(out: Path, rows: pd.DataFrame, summary: pd.DataFrame) -> None:
     with atomic_path(out / "summary.md") as tmp:
         tmp.write_text(markdown_table(summary) + "\n")
     plot_tasks(summary, out)
+    plot_budget_benefit(summary, out)

@@ -215,3 +215,43 @@ def test_budget_partitions_through_dagster(tmp_path):
     s, lg = short["by_entity"][entity], long["by_entity"][entity]
     assert s["history"] == lg["history"][:1] and len(lg["history"]) == 2
     assert s["best_step"] == 3
+    assert (run_dir / "results" / "tiny" / "budget.png").exists()
+
+
+def test_budget_benefit_is_signed_so_that_up_is_better():
+    """A hand-made summary: AUROC +0.02 over scratch stays +0.02; MAE -0.5 (better) is +0.5."""
+    import pandas as pd
+
+    from tve_pipeline.results import budget_benefit
+
+    def row(task, metric, method, diff, low, high):
+        return {
+            "task": task,
+            "readout": "probe",
+            "method": method,
+            "label_fraction": 1.0,
+            "split": "test",
+            "metric": metric,
+            "mean": 0.0,
+            "std": 0.0,
+            "n": 5,
+            "diff_vs_scratch": diff,
+            "diff_ci_low": low,
+            "diff_ci_high": high,
+            "n_pairs": 0 if method == "scratch" else 5,
+        }
+
+    summary = pd.DataFrame(
+        [
+            row("a", "roc_auc", "scratch", float("nan"), float("nan"), float("nan")),
+            row("a", "roc_auc", "tve@250", 0.02, 0.01, 0.03),
+            row("a", "roc_auc", "tve@1000", -0.01, -0.02, 0.0),
+            row("b", "mae", "ctr>tve@250", -0.5, -0.7, -0.3),
+            row("b", "mae", "tve", -0.5, -0.7, -0.3),  # no budget: not on the curve
+        ]
+    )
+    got = budget_benefit(summary).set_index(["task", "objective", "budget"])
+    assert len(got) == 3
+    assert got.loc[("a", "tve", 250), ["benefit", "low", "high"]].tolist() == [0.02, 0.01, 0.03]
+    assert got.loc[("a", "tve", 1000), ["benefit", "low", "high"]].tolist() == [-0.01, -0.02, 0.0]
+    assert got.loc[("b", "ctr>tve", 250), ["benefit", "low", "high"]].tolist() == [0.5, 0.3, 0.7]

@@ -157,3 +157,83 @@ def plot_tasks(summary: pd.DataFrame, out_dir: Path, split: str = "test") -> lis
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+# Metrics where lower is better (RelBench's regression metrics); the rest grow with quality.
+LOWER_IS_BETTER = {"mae", "rmse", "nmae", "mse", "log_loss"}
+
+
+def budget_benefit(summary: pd.DataFrame, split: str = "test") -> pd.DataFrame:
+    """Per task (its first metric), objective, budget, readout and label fraction: the
+    paired difference to scratch and its 95% CI, signed so that a positive ``benefit`` is
+    better whatever the metric's direction, for every method that names a budget
+    (``tve@1000``)."""
+    columns = ["task", "metric", "objective", "budget", "readout", "label_fraction"]
+    part = with_readout(summary)
+    part = part[(part["split"] == split) & part["method"].str.contains("@") & (part["n_pairs"] > 0)]
+    if part.empty:
+        return pd.DataFrame(columns=[*columns, "benefit", "low", "high", "n_pairs"])
+    # the task's first metric only: the one fine-tuning and the probes choose by
+    first = summary[summary["split"] == split].groupby("task")["metric"].first()
+    part = part[part["metric"] == part["task"].map(first)]
+    objective_budget = part["method"].str.split("@", n=1, expand=True)
+    sign = np.where(part["metric"].str.lower().isin(LOWER_IS_BETTER), -1.0, 1.0)
+    bounds = np.sort(np.stack([sign * part["diff_ci_low"], sign * part["diff_ci_high"]]), axis=0)
+    out = part.assign(
+        objective=objective_budget[0],
+        budget=objective_budget[1].astype(int),
+        benefit=sign * part["diff_vs_scratch"],
+        low=bounds[0],
+        high=bounds[1],
+    )
+    return out[[*columns, "benefit", "low", "high", "n_pairs"]].sort_values(columns)
+
+
+def plot_budget_benefit(summary: pd.DataFrame, out_dir: Path, split: str = "test") -> Path | None:
+    """``budget.png``: :func:`budget_benefit` against the budget (log axis), a panel per
+    task, a line per objective, readout and label fraction (the probe's dashed), 95% CI
+    bars; None when no method names a budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frame = budget_benefit(summary, split)
+    if frame.empty:
+        return None
+    tasks = sorted(frame["task"].unique())
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 3.8), dpi=100, squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        rows = frame[frame["task"] == task]
+        metric = rows["metric"].iloc[0]
+        for (objective, readout, fraction), line in rows.groupby(
+            ["objective", "readout", "label_fraction"]
+        ):
+            err = [
+                (line["benefit"] - line["low"]).fillna(0.0),
+                (line["high"] - line["benefit"]).fillna(0.0),
+            ]
+            ax.errorbar(
+                line["budget"],
+                line["benefit"],
+                yerr=err,
+                marker="o",
+                capsize=3,
+                linestyle="--" if readout == PROBE else "-",
+                label=f"{objective} {readout} {fraction}",
+            )
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("pre-training budget (optimiser steps)")
+        better = "lower" if str(metric).lower() in LOWER_IS_BETTER else "higher"
+        ax.set_ylabel(f"{split} {metric} gain over scratch ({better} is better)")
+        ax.set_title(task)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(out_dir) / "budget.png"
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path

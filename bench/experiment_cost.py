@@ -1,0 +1,101 @@
+"""What an experiment cost: CPU-hours per stage and per pre-training budget (not a test).
+
+    .venv/bin/python bench/experiment_cost.py /work/runs/rel-f1 rel-f1 [--threads 1]
+
+Reads the run folder's Dagster instance: every successful run of the database's assets,
+its wall time (start to end) and the asset it materialised; the cells run one thread each
+under ``TVE_THREADS=1`` (``--threads`` says how many), so CPU-hours = wall-hours x threads
+(an upper bound on a shared machine: waiting for the CPU counts). For pre-training it
+also reads each checkpoint's per-evaluation timing (``timing``: the seconds of the steps
+its run trained) and prints, per objective and budget, the steps trained, the seconds and
+the seeds per second, and the cumulative CPU-hours of the run up to that budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from pathlib import Path
+
+
+def stage_hours(runner, threads: int) -> dict[str, dict]:
+    """asset -> {"runs", "hours"} over the successful runs of the database's assets."""
+    from dagster import DagsterRunStatus, RunsFilter
+
+    records = runner.instance.get_run_records(
+        filters=RunsFilter(statuses=[DagsterRunStatus.SUCCESS])
+    )
+    out: dict[str, dict] = defaultdict(lambda: {"runs": 0, "hours": 0.0})
+    prefix = runner.db.key("x").path[0]
+    for record in records:
+        keys = record.dagster_run.asset_selection or set()
+        names = sorted(k.path[-1] for k in keys if k.path[0] == prefix)
+        if not names or record.start_time is None or record.end_time is None:
+            continue
+        stage = "+".join(names)
+        out[stage]["runs"] += 1
+        out[stage]["hours"] += (record.end_time - record.start_time) / 3600 * threads
+    return dict(out)
+
+
+def budget_rows(runner) -> list[dict]:
+    """Per checkpoint key: steps trained by its own run, seconds, seeds/s, and the
+    objective's cumulative hours up to the budget (its own and the shorter budgets' runs)."""
+    from tve_pipeline.config import parse_budget_key
+
+    recipe = runner.recipe.pretrain
+    done = runner.instance.get_materialized_partitions(runner.db.key("pretrained_checkpoint"))
+    timing: dict[str, dict[int, float]] = defaultdict(dict)  # objective -> step -> seconds
+    rows = []
+    for key in recipe.checkpoint_keys():
+        if key not in done:
+            continue
+        checkpoint = runner.load("pretrained_checkpoint", key)
+        objective, budget = parse_budget_key(key)
+        for result in checkpoint["by_entity"].values():
+            for row in result.get("timing") or []:
+                timing[objective][row["step"]] = (
+                    timing[objective].get(row["step"], 0.0) + row["seconds"]
+                )
+        rows.append({"key": key, "objective": objective, "budget": budget})
+    for row in rows:
+        steps = timing[row["objective"]]
+        upto = [s for s in steps if row["budget"] is None or s <= row["budget"]]
+        seconds = sum(steps[s] for s in upto)
+        trained = len(upto) * recipe.steps_per_epoch
+        row.update(
+            steps_timed=trained,
+            hours=seconds / 3600,
+            seeds_per_s=trained * recipe.batch_size / seconds if seconds else float("nan"),
+        )
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("database")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    from assets.commands import Runner
+
+    runner = Runner(args.database, args.run_dir)
+    stages = stage_hours(runner, args.threads)
+    print(f"{args.database}: CPU-hours per stage (successful runs, {args.threads} thread(s) each)")
+    for stage, v in sorted(stages.items()):
+        print(f"  {stage:<40} {v['runs']:>5} runs {v['hours']:>8.2f} h")
+    print(
+        f"  {'total':<40} {sum(v['runs'] for v in stages.values()):>5} runs "
+        f"{sum(v['hours'] for v in stages.values()):>8.2f} h"
+    )
+    print("\npre-training per budget (steps timed: the evaluations whose timing was kept)")
+    print(f"  {'checkpoint':<16} {'steps':>6} {'CPU-h to here':>14} {'seeds/s':>9}")
+    for row in budget_rows(runner):
+        print(
+            f"  {row['key']:<16} {row['steps_timed']:>6} {row['hours']:>14.2f} "
+            f"{row['seeds_per_s']:>9.1f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
