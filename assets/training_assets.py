@@ -37,7 +37,7 @@ from assets.partitions import (
 from assets.registry import Database
 from resources import DeviceResource, MLflowTracking, RecipeResource, TVEStorage
 from tve_pipeline import evaluation, probe, training
-from tve_pipeline.common import atomic_path
+from tve_pipeline.common import atomic_path, exclusive
 from tve_pipeline.config import budget_key, parse_budget_key, recipe_version
 from tve_pipeline.database import open_dataset
 from tve_pipeline.graph import graph_for
@@ -222,10 +222,12 @@ def _pretrain_with_torchrun(
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
         command += [f"--nproc-per-node={processes}", "-m", "assets.pretrain_worker", str(spec_file)]
+        lock = checkpoint_file(f"{objective}-ranks").with_suffix(".lock")
         try:
-            invocation = dg.PipesSubprocessClient(env={"PYTHONPATH": path}).run(
-                context=context, command=command
-            )
+            with exclusive(lock):  # one process group at a time on an objective's run
+                invocation = dg.PipesSubprocessClient(env={"PYTHONPATH": path}).run(
+                    context=context, command=command
+                )
         except DagsterPipesExecutionError as exc:
             raise failure(
                 f"pre-training {objective} on {processes} processes failed: {exc} "
@@ -358,21 +360,27 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
                 checkpointer, snapshot = _run_files(
                     storage, db.name, objective, entity, run_key, run_recipe.checkpoint_every
                 )
-                result = _pretrain_one(
-                    context,
-                    run_recipe,
-                    graph,
-                    entity,
-                    dataset.manifest.tables[entity].pkey,
-                    defs,
-                    files[entity],
-                    objective,
-                    run,
-                    checkpointer,
-                    device,
-                    budget,
-                    snapshot,
-                )
+                # one process at a time on an objective's run: a budget's partition started
+                # beside another budget's waits, then reuses or resumes what it left
+                with exclusive(
+                    checkpointer.path.with_suffix(".lock"),
+                    lambda: context.log.info(f"waiting for {objective}'s other budget run"),
+                ):
+                    result = _pretrain_one(
+                        context,
+                        run_recipe,
+                        graph,
+                        entity,
+                        dataset.manifest.tables[entity].pkey,
+                        defs,
+                        files[entity],
+                        objective,
+                        run,
+                        checkpointer,
+                        device,
+                        budget,
+                        snapshot,
+                    )
                 checkpoint["by_entity"][entity] = result
             run.log_torch(
                 {e: v["backbone"] for e, v in checkpoint["by_entity"].items()}, "backbone.pt"

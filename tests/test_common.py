@@ -90,3 +90,30 @@ def test_has_utc_offset_only_after_a_clock_time():
     ]
     got = has_utc_offset(pd.Series(with_offset + without))
     assert got.tolist() == [True] * len(with_offset) + [False] * len(without)
+
+
+def test_exclusive_makes_a_second_holder_wait_until_the_first_leaves(tmp_path):
+    import threading
+    import time
+
+    from tve_pipeline.common import exclusive
+
+    lock, order, waited = tmp_path / "sub" / "run.lock", [], []
+    inside = threading.Event()
+
+    def second():
+        inside.wait()
+        with exclusive(lock, on_wait=lambda: waited.append(True)):
+            order.append("second")
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    with exclusive(lock):
+        inside.set()
+        time.sleep(0.3)  # the second asks meanwhile and must wait
+        order.append("first")
+    thread.join(5)
+    assert order == ["first", "second"] and waited == [True]
+    with exclusive(lock, on_wait=lambda: waited.append(False)):  # free again: no wait
+        pass
+    assert waited == [True]

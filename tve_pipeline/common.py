@@ -113,3 +113,24 @@ def naive_timestamps(values) -> pd.Series:
 def has_utc_offset(text: pd.Series) -> pd.Series:
     """Per timestamp string (stripped), whether it ends in a UTC offset after its clock time."""
     return text.str.contains(_CLOCK_TIME_THEN_OFFSET)
+
+
+@contextmanager
+def exclusive(path: str | os.PathLike, on_wait=None) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if missing) for the block: a second
+    process asking for it waits until the first leaves (``on_wait()`` is called once when
+    it has to). The operating system releases it if the holder dies."""
+    import fcntl
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait:
+                on_wait()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
