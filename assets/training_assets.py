@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -108,6 +109,18 @@ def _pretrain_one(
         f"pre-training {objective} on {entity}: {len(train_files)} training and "
         f"{len(val_files)} validation windows, {len(defs)} targets"
     )
+    started = time.perf_counter()
+
+    def log(metrics: dict, epoch: int) -> None:
+        """Each evaluation to MLflow and to the run's log (the UI's progress line)."""
+        run.log_metrics({f"{entity}.{k}": v for k, v in metrics.items()}, epoch)
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if v is not None)
+        steps = (epoch + 1) * recipe.pretrain.steps_per_epoch
+        context.log.info(
+            f"{objective} {entity}: step {steps}, {shown} "
+            f"({time.perf_counter() - started:.0f} s in this run)"
+        )
+
     if not val_files:  # a schedule whose validation window would pass the test timestamp
         context.log.warning(f"{entity}: no validation window, so the last epoch is kept")
     data, col_stats = graph
@@ -126,7 +139,7 @@ def _pretrain_one(
             checkpoint=checkpoint,
             budget=budget,
             snapshot=snapshot,
-            log=lambda m, step: run.log_metrics({f"{entity}.{k}": v for k, v in m.items()}, step),
+            log=log,
         )
     except ValueError as exc:
         raise failure(exc) from exc
