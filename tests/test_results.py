@@ -161,13 +161,19 @@ def test_markdown_shows_the_trivial_row_and_says_when_no_model_beats_it():
     table = markdown_table(summarise(_two_metrics_two_splits(), trivial))
     assert "| t | nmae | lower | trivial | all | global median | 0.2000 | | |" in table
     assert "| t | roc_auc | higher | finetune | 0.1 | tve | 0.7600 ± 0.0100 (3) |" in table
-    # scratch 0.30 and tve 0.25 against 0.20 on test (both lose); on val 0.25 < 0.32 wins
+    # scratch 0.30 and tve 0.25 against 0.20 on test (both lose); on val both beat 0.32
     assert (
-        "- t: no model beats the trivial baseline on test nmae (lower is better): "
-        "global median 0.2000, the best model tve (finetune, labels 0.1) 0.2500. "
-        "On val it is beaten (tve 0.2500 vs 0.3200): the test window's labels are not where "
-        "val's are (median 9 against -4)."
+        "- t: no model beats the trivial baseline on test nmae (lower is better; global median "
+        "0.2000, the constant best on val): the best is tve (finetune, labels 0.1) 0.2500. "
+        "On val 2 of them beat it (0.3200): the test window's labels are not where val's are "
+        "(median 9 against -4)."
     ) in table
+    # a baseline between the two: the loser named, with the number
+    partly = trivial.assign(trivial=trivial["trivial"].where(trivial["metric"] != "nmae", 0.27))
+    assert (
+        "- t: 1 of 2 models do not beat the trivial baseline on test nmae (lower is better; "
+        "global median 0.2700, the constant best on val): scratch (finetune, labels 0.1) 0.3000."
+    ) in markdown_table(summarise(_two_metrics_two_splits(), partly))
     assert "roc_auc (higher is better)" not in table  # AUROC is beaten: no note
 
 

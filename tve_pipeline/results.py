@@ -218,31 +218,53 @@ def markdown_table(summary: pd.DataFrame, split: str = "test") -> str:
 
 
 def baseline_notes(summary: pd.DataFrame, split: str = "test") -> list[str]:
-    """One line per task and metric whose trivial baseline no summarised mean beats on
-    ``split``: both numbers, the best model's, and (regression) where the labels lie on
-    val and on ``split``, since a window whose labels moved is the usual reason."""
+    """One line per task and metric where a summarised mean does not beat the trivial
+    baseline on ``split``: the baseline's score and the rows that lose to it (when none
+    beats it: the best of them); when models that lose on ``split`` beat it on val, where
+    the labels lie on val and on ``split`` (regression), since a window whose labels moved
+    is the usual reason."""
     summary = with_baseline_columns(summary)
     notes = []
     for (task, metric), rows in summary.groupby(["task", "metric"], sort=True):
         here = rows[(rows["split"] == split) & rows["trivial"].notna()]
-        if here.empty or here["beats_trivial"].astype(bool).any():
+        wins = here["beats_trivial"].astype(bool)
+        if here.empty or wins.all():
             continue
         first = here.iloc[0]
         sign = 1.0 if first["direction"] == "higher" else -1.0
-        best = here.loc[(sign * here["mean"]).idxmax()]
-        line = (
-            f"- {task}: no model beats the trivial baseline on {split} {metric} "
-            f"({first['direction']} is better): {_predictor_text(first['trivial_predictor'])} "
-            f"{_fmt(first['trivial'])}, the best model {best['method']} ({best['readout']}, "
-            f"labels {label_text(best['label_fraction'])}) {_fmt(best['mean'])}."
+        baseline = (
+            f"{_predictor_text(first['trivial_predictor'])} {_fmt(first['trivial'])}, the "
+            f"constant best on val"
         )
-        val = rows[(rows["split"] == "val") & rows["trivial"].notna()]
-        if split != "val" and not val.empty and val["beats_trivial"].astype(bool).any():
-            vbest = val.loc[(sign * val["mean"]).idxmax()]
-            line += (
-                f" On val it is beaten ({vbest['method']} {_fmt(vbest['mean'])} vs "
-                f"{_fmt(val.iloc[0]['trivial'])})"
+        losers = here[~wins]
+        if not wins.any():
+            best = here.loc[(sign * here["mean"]).idxmax()]
+            line = (
+                f"- {task}: no model beats the trivial baseline on {split} {metric} "
+                f"({first['direction']} is better; {baseline}): the best is {best['method']} "
+                f"({best['readout']}, labels {label_text(best['label_fraction'])}) "
+                f"{_fmt(best['mean'])}."
             )
+        else:
+            shown = ", ".join(
+                f"{r['method']} ({r['readout']}, labels {label_text(r['label_fraction'])}) "
+                f"{_fmt(r['mean'])}"
+                for _, r in losers.iterrows()
+            )
+            line = (
+                f"- {task}: {len(losers)} of {len(here)} models do not beat the trivial "
+                f"baseline on {split} {metric} ({first['direction']} is better; {baseline}): "
+                f"{shown}."
+            )
+        val = rows[(rows["split"] == "val") & rows["trivial"].notna()]
+        keys = ["readout", "method", "label_fraction"]
+        lost = set(map(tuple, losers[keys].itertuples(index=False)))
+        won_on_val = val[val["beats_trivial"].astype(bool)]
+        won_on_val = won_on_val[
+            [tuple(r) in lost for r in won_on_val[keys].itertuples(index=False)]
+        ]
+        if split != "val" and not won_on_val.empty:
+            line += f" On val {len(won_on_val)} of them beat it ({_fmt(val.iloc[0]['trivial'])})"
             medians = {
                 s: rows.loc[rows["split"] == s, "label_median"].dropna() for s in ("val", split)
             }
@@ -300,7 +322,18 @@ def task_figure(of_task: pd.DataFrame, splits=("val", "test")):
         for j, split in enumerate(shown):
             part = of_task[(of_task["metric"] == metric) & (of_task["split"] == split)]
             _panel(axes[i][j], part, f"{task}: {split}", split, metric)
-    fig.tight_layout()
+    # one legend for every panel, under them (inside a panel it hides bars)
+    handles, names = {}, []
+    for ax in fig.axes:
+        for handle, name in zip(*ax.get_legend_handles_labels()):
+            if name not in handles:
+                handles[name] = handle
+                names.append(name)
+    columns = min(4, max(len(names), 1))
+    rows = math.ceil(len(names) / columns)
+    height = fig.get_figheight()
+    fig.legend([handles[n] for n in names], names, loc="lower center", ncol=columns, fontsize=8)
+    fig.tight_layout(rect=(0, min(0.5, (0.24 * rows + 0.05) / height), 1, 1))
     return fig
 
 
@@ -341,7 +374,8 @@ def _panel(ax, part: pd.DataFrame, title: str, split: str, metric: str) -> None:
         ax.set_xlabel("label fraction")
     else:
         ax.set_xticks(np.arange(len(settings)), [label_text(v) for v in settings])
-        ax.set_xlabel("labels")
+        named = not all(_is_fraction(v) for v in settings)
+        ax.set_xlabel("labels (fraction or restricted task)" if named else "label fraction")
     trivial = part["trivial"].dropna()
     values = part["mean"].dropna()
     if len(trivial):
@@ -362,4 +396,3 @@ def _panel(ax, part: pd.DataFrame, title: str, split: str, metric: str) -> None:
     ax.set_ylabel(f"{split} {metric} ({direction} is better)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
