@@ -250,3 +250,22 @@ def test_probe_rows_pair_with_the_probe_of_scratch_only():
     assert by.loc[("probe", "tve"), "diff_vs_scratch"] == pytest.approx(0.16)
     assert by.loc[("probe", "scratch"), "mean"] == pytest.approx(0.51)
     assert "| t | roc_auc | higher | probe | 0.1 | tve |" in markdown_table(summary)
+
+
+def test_a_restricted_task_takes_only_its_own_baseline():
+    """A named label setting (``top10``) is scored on other seeds: no whole-task baseline
+    beside it, its own when the baselines name it."""
+    rows = _two_metrics_two_splits((0.1, "top10"))
+    summary = summarise(rows, _trivial()).set_index(["label_fraction", "split", "metric"])
+    assert summary.loc[(0.1, "test", "roc_auc"), "trivial"].tolist() == [0.5, 0.5]
+    assert summary.loc[("top10", "test", "roc_auc"), "trivial"].isna().all()
+    own = pd.concat(
+        [
+            _trivial().assign(label_fraction=np.nan),
+            _trivial(values=(0.6, 0.7)).assign(label_fraction="top10"),
+        ]
+    )
+    summary = summarise(rows, own).set_index(["label_fraction", "split", "metric", "method"])
+    assert summary.loc[("top10", "test", "roc_auc", "tve"), "trivial"] == 0.7
+    assert summary.loc[(0.1, "test", "roc_auc", "tve"), "trivial"] == 0.5
+    assert summary.loc[("top10", "test", "roc_auc", "scratch"), "beats_trivial"]  # 0.71 > 0.7

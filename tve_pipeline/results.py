@@ -109,19 +109,42 @@ def summarise(rows: pd.DataFrame, trivial: pd.DataFrame | None = None) -> pd.Dat
         out.append(entry)
     summary = pd.DataFrame(out)
     summary["direction"] = summary["metric"].map(metric_direction)
-    if trivial is not None and not trivial.empty:
-        summary = summary.merge(
-            trivial[[*TRIVIAL_KEYS, "trivial", "trivial_predictor", "label_median"]],
-            on=TRIVIAL_KEYS,
-            how="left",
-        )
-    else:
-        summary = summary.assign(trivial=math.nan, trivial_predictor=None, label_median=math.nan)
+    summary = _with_trivial(summary, trivial)
     summary["beats_trivial"] = [
         None if pd.isna(t) else beats(m, t, d)
         for m, t, d in zip(summary["mean"], summary["trivial"], summary["direction"])
     ]
     return sort_rows(summary[SUMMARY_COLUMNS], KEYS)
+
+
+def _with_trivial(summary: pd.DataFrame, trivial: pd.DataFrame | None) -> pd.DataFrame:
+    """``summary`` with the trivial baseline of each row's task, split and metric.
+
+    A restricted task (a named label setting such as ``top10``) is scored on its own val
+    and test seeds, so the whole task's baseline does not apply to it: its rows take the
+    baseline rows whose ``label_fraction`` names the setting, when ``trivial`` has such
+    rows, and none otherwise. Rows with a label fraction take the task's baseline (fitted
+    on all the training labels; val and test are the same seeds at every fraction).
+    """
+    columns = ["trivial", "trivial_predictor", "label_median"]
+    empty = {"trivial": math.nan, "trivial_predictor": None, "label_median": math.nan}
+    if trivial is None or trivial.empty:
+        return summary.assign(**empty)
+    named = summary["label_fraction"].map(lambda v: not _is_fraction(v))
+    per_task = trivial
+    if "label_fraction" in trivial:
+        per_task = trivial[trivial["label_fraction"].isna()]
+    out = summary[~named].merge(per_task[[*TRIVIAL_KEYS, *columns]], on=TRIVIAL_KEYS, how="left")
+    if named.any():
+        restricted = summary[named]
+        if "label_fraction" in trivial:
+            keys = [*TRIVIAL_KEYS, "label_fraction"]
+            own = trivial[trivial["label_fraction"].notna()][[*keys, *columns]]
+            restricted = restricted.merge(own, on=keys, how="left")
+        else:
+            restricted = restricted.assign(**empty)
+        out = pd.concat([out, restricted], ignore_index=True)
+    return out
 
 
 def sort_rows(frame: pd.DataFrame, by: list[str]) -> pd.DataFrame:
