@@ -394,6 +394,8 @@ def _panel(ax, part: pd.DataFrame, title: str, split: str, metric: str) -> None:
             )
     if as_lines:
         ax.set_xscale("log")
+        ax.set_xticks(settings, [label_text(v) for v in settings])
+        ax.minorticks_off()
         ax.set_xlabel("label fraction")
     else:
         ax.set_xticks(np.arange(len(settings)), [label_text(v) for v in settings])
