@@ -14,7 +14,7 @@
   ``beats_trivial_predictor``, the task-vector loss on the validation windows below that
   of the mean normalised task vector of the training windows.
 - ``metrics``, per cell: ``beats_trivial_baseline`` (warning), the model's metric better
-  than a constant prediction's on val and test.
+  than the task's trivial baseline's (:mod:`tve_pipeline.baselines`) on val and test.
 
 A blocking check that fails stops what follows in the run that materialised its asset (the
 step fails with the check's description), and the check result shows on the asset's Checks
@@ -38,9 +38,8 @@ from assets.partitions import cell_partitions, objective_partitions, parse_cell,
 from assets.registry import Database
 from assets.training_assets import _cached_graph, _target_files, _task_of
 from resources import DeviceResource, RecipeResource, TVEStorage
-from tve_pipeline import quality
+from tve_pipeline import baselines, quality
 from tve_pipeline.database import open_dataset, table_files
-from tve_pipeline.evaluation import higher_is_better
 from tve_pipeline.recompute import read_tables
 from tve_pipeline.task_vectors import pretraining_task_vectors
 from tve_pipeline.traversal import TargetDef
@@ -321,9 +320,9 @@ def _metrics_check(db: Database, recipe) -> dg.AssetChecksDefinition:
         partitions_def=cell_partitions(db.tasks, recipe),
         additional_ins={"raw_tables": dg.AssetIn(key=db.key("raw_tables"))},
         description=(
-            "The model's metric (the task's first: AUROC, MAE) is better than a constant "
-            "prediction's (majority class, training mean) on val and test, by RelBench's "
-            "evaluator."
+            "The model's metric (the task's first: AUROC, NMAE) is better than the trivial "
+            "baseline's on val and test, by RelBench's evaluator: the constant prediction "
+            "(majority class; training mean, median or zero) best on val."
         ),
     )
     def beats_trivial_baseline(
@@ -339,10 +338,10 @@ def _metrics_check(db: Database, recipe) -> dg.AssetChecksDefinition:
         }
         verdict = quality.baseline_verdict(
             scores,
-            quality.trivial_scores(task, tables),
+            baselines.trivial_baseline(baselines.baseline_scores(task, tables)),
             metric,
-            higher_is_better(task),
             f"{db.name} metrics {cell}",
+            label_medians=baselines.label_medians(task, tables),
         )
         return _result(verdict, severity=WARN)
 

@@ -354,8 +354,9 @@ class Runner:
 def print_results(summary: pd.DataFrame) -> None:
     for split in ("val", "test"):
         print(
-            f"\n{split} (RelBench evaluators; mean ± std over seeds; "
-            "paired difference to scratch):\n"
+            f"\n{split} (RelBench evaluators; mean ± std over seeds; paired difference to "
+            "scratch; each task's trivial baseline, the constant best on val, in its first row "
+            "and as the difference in the last column):\n"
         )
         print(markdown_table(summary, split))
 

@@ -37,7 +37,7 @@ from assets.partitions import (
 )
 from assets.registry import Database
 from resources import DeviceResource, MLflowTracking, RecipeResource, TVEStorage
-from tve_pipeline import evaluation, probe, training
+from tve_pipeline import baselines, evaluation, probe, training
 from tve_pipeline.common import atomic_path, exclusive
 from tve_pipeline.config import budget_key, parse_budget_key, recipe_version
 from tve_pipeline.database import open_dataset
@@ -47,7 +47,7 @@ from tve_pipeline.results import markdown_table, plot_budget_benefit, plot_tasks
 from tve_pipeline.tasks import past_activity, restrict_to_most_active
 
 # Bumped when the summary, the table or the plots change.
-RESULTS_VERSION = "1"
+RESULTS_VERSION = "2"
 
 
 def _cached_graph(storage: TVEStorage, summary, dataset, recipe):
@@ -629,6 +629,8 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
             metadata={**probe_metadata(result), **mlflow_metadata(run)},
         )
 
+    cells_expected = len(experiment_cells(db.tasks, recipe))
+
     @dg.asset(
         key=db.key("results"),
         ins={
@@ -638,7 +640,8 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
                 metadata={"allow_missing_partitions": True},
             )
             for name in ("metrics", "probe_metrics")
-        },
+        }
+        | {"raw_tables": dg.AssetIn(key=db.key("raw_tables"))},
         group_name=db.group,
         kinds={"mlflow", "pandas"},
         code_version=RESULTS_VERSION,
@@ -647,21 +650,26 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
         context: dg.AssetExecutionContext,
         metrics,
         probe_metrics,
+        raw_tables,
         storage: TVEStorage,
+        recipe: RecipeResource,
         mlflow: MLflowTracking,
     ) -> dg.Output:
         """The experiment's answer: mean ± std over seeds per task, readout (fine-tuning or
-        linear probe), method and label fraction, and each pre-trained method's paired
-        difference to scratch (same readout) with a 95% CI; written to
-        ``results/<database>/`` (summary.csv, summary.md, one PNG per task)."""
+        linear probe), method and label fraction, each pre-trained method's paired
+        difference to scratch (same readout) with a 95% CI, and each task's trivial
+        baseline beside it (RelBench's trivial predictors, from the training labels);
+        written to ``results/<database>/`` (summary.csv, summary.md, baselines.csv, one PNG
+        per task)."""
         frames = [
             *(f.assign(readout=f.get("readout", "finetune")) for f in metrics.values()),
             *probe_metrics.values(),
         ]
         rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-        summary = summarise(rows)
+        scores = trivial_scores(rows, raw_tables, recipe.recipe())
+        summary = summarise(rows, baselines.trivial_baseline(scores))
         out = storage.results_dir(db.name)
-        write_results(out, rows, summary)
+        write_results(out, rows, summary, scores)
         with mlflow.run(context, "results", database=db.name) as run:
             run.log_artifacts(out)
         plots = sorted(out.glob("*.png"))
@@ -670,7 +678,7 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
             metadata={
                 "cells": len(metrics),
                 "probe_cells": len(probe_metrics),
-                "cells_expected": len(experiment_cells(db.tasks, recipe)),
+                "cells_expected": cells_expected,
                 "probe_cells_expected": len(experiment_cells(db.tasks, recipe, PROBE)),
                 "summary": dg.MetadataValue.md(markdown_table(summary)),
                 "plots": dg.MetadataValue.md(
@@ -839,10 +847,31 @@ def cell_metrics_metadata(scores: dict, finetuned: dict, cell: str) -> dict:
     }
 
 
-def write_results(out: Path, rows: pd.DataFrame, summary: pd.DataFrame) -> None:
-    """summary.csv, cells.csv (every cell's metric), summary.md and the plots, each atomically."""
+def trivial_scores(rows: pd.DataFrame, raw_tables, recipe) -> pd.DataFrame:
+    """RelBench's trivial predictors of every task with cells in ``rows``, on val and test
+    (:func:`tve_pipeline.baselines.baseline_scores`; training labels only)."""
+    names = sorted(set(rows["task"])) if "task" in rows else []
+    frames = [
+        baselines.baseline_scores(task, tables)
+        for task, tables in (
+            _task_of(name, raw_tables, recipe, with_test_labels=True)[1:] for name in names
+        )
+    ]
+    return (
+        pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=baselines.COLUMNS)
+    )
+
+
+def write_results(
+    out: Path, rows: pd.DataFrame, summary: pd.DataFrame, scores: pd.DataFrame | None = None
+) -> None:
+    """summary.csv, cells.csv (every cell's metric), baselines.csv (every trivial
+    predictor's scores), summary.md and the plots, each atomically."""
     out.mkdir(parents=True, exist_ok=True)
-    for name, frame in (("summary.csv", summary), ("cells.csv", rows)):
+    frames = [("summary.csv", summary), ("cells.csv", rows)]
+    if scores is not None:
+        frames.append(("baselines.csv", scores))
+    for name, frame in frames:
         with atomic_path(out / name) as tmp:
             frame.to_csv(tmp, index=False)
     with atomic_path(out / "summary.md") as tmp:

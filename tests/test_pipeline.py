@@ -312,12 +312,39 @@ def test_results_summarise_the_cells(pipeline_run):
         "summary.csv",
         "summary.md",
         "cells.csv",
+        "baselines.csv",
         "customer-churn.png",
         "customer-spend.png",
     }
     pd.testing.assert_frame_equal(
         pd.read_csv(out / "summary.csv"), summary.reset_index(drop=True), check_dtype=False
     )
+    # each row beside its task's trivial baseline (tests/test_baselines.py holds the numbers
+    # to hand computations): AUROC 0.5 for churn's majority class, a constant's NMAE for spend
+    directions = {"customer-churn": "higher", "customer-spend": "lower"}
+    assert summary["direction"].tolist() == summary["task"].map(directions).tolist()
+    churn = summary[summary["task"] == "customer-churn"]
+    assert (churn["trivial"] == 0.5).all() and set(churn["trivial_predictor"]) == {"majority"}
+    spend = summary[summary["task"] == "customer-spend"]
+    assert set(spend["trivial_predictor"]) <= {"global_zero", "global_mean", "global_median"}
+    scores = pd.read_csv(out / "baselines.csv")
+    assert set(scores["predictor"]) == {
+        "global_zero",
+        "global_mean",
+        "global_median",
+        "entity_mean",
+        "entity_median",
+        "random",
+        "majority",
+    }
+    for _, r in spend.iterrows():
+        chosen = scores[
+            (scores["task"] == "customer-spend")
+            & (scores["predictor"] == r["trivial_predictor"])
+            & (scores["split"] == r["split"])
+        ]
+        assert r["trivial"] == pytest.approx(chosen["value"].item())
+        assert r["beats_trivial"] == (r["mean"] < r["trivial"])
 
 
 @pytest.mark.parametrize("method", ["scratch", "tve"])

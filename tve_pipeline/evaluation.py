@@ -20,6 +20,24 @@ from tve_pipeline.graph import seed_tensors, to_device
 from tve_pipeline.model import RDLModel
 from tve_pipeline.sampling import Prefetcher, TemporalNeighborSampler, sampler_for
 
+#: Metrics that grow with quality, and those that shrink (RelBench 3 scores binary
+#: classification by ``roc_auc``, regression by ``nmae``, recommendation by ``map``; the
+#: others are RelBench 1's, in summaries written before).
+HIGHER_IS_BETTER = ("roc_auc", "average_precision", "accuracy", "f1", "r2", "map", "auprc")
+LOWER_IS_BETTER = ("nmae", "mae", "rmse", "mse")
+
+
+def metric_direction(metric: str) -> str:
+    """``"higher"`` or ``"lower"``: which way a metric of that name is better."""
+    if metric in HIGHER_IS_BETTER:
+        return "higher"
+    if metric in LOWER_IS_BETTER:
+        return "lower"
+    raise ValueError(
+        f"metric {metric!r}: direction unknown; expected one of "
+        f"{', '.join(HIGHER_IS_BETTER + LOWER_IS_BETTER)}"
+    )
+
 
 def higher_is_better(task) -> bool:
     """Whether the task's first metric grows with quality (classification: AUROC)."""

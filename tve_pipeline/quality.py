@@ -18,8 +18,9 @@ much it misses, with the numbers behind it as metadata:
   its task-vector loss on the validation windows below that of the trivial predictor (the
   mean normalised task vector of the training seeds), both computed by pre-training's own
   loss;
-- a fine-tuned cell: :func:`baseline_verdict`, its metric better than a constant
-  prediction's (the majority class, or the training mean), scored by RelBench's evaluator.
+- a fine-tuned cell: :func:`baseline_verdict`, its metric better than the task's trivial
+  baseline's (:mod:`tve_pipeline.baselines`: the constant predictor best on val, the
+  majority class or a training mean, median or zero), scored by RelBench's evaluator.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tve_pipeline import baselines
+from tve_pipeline.evaluation import metric_direction
 from tve_pipeline.recompute import (
     compare_task_vectors,
     existing_entities,
@@ -481,55 +484,54 @@ def pretraining_verdict(
 # --------------------------------------------------------------------------- fine-tuning
 
 
-def trivial_scores(task, tables: Mapping) -> tuple[str, dict[str, float]]:
-    """A constant prediction's metrics on val and test by RelBench's evaluator: the
-    majority class of the training labels (binary classification) or their mean
-    (regression). Returns (what the constant is, {split: {metric: value}})."""
-    from relbench.base import TaskType
-
-    labels = tables["train"].df[task.target_col].astype(float)
-    if task.task_type == TaskType.BINARY_CLASSIFICATION:
-        value = float(labels.mean() >= 0.5)
-        what = f"majority class {int(value)}"
-    else:
-        value = float(labels.mean())
-        what = f"training mean {value:.6g}"
-    scores = {}
-    for split, labelled in (("val", tables["val"]), ("test", tables.get("test_labels"))):
-        n = len(tables[split].df)
-        scores[split] = {k: float(v) for k, v in task.evaluate(np.full(n, value), labelled).items()}
-    return what, scores
-
-
 def baseline_verdict(
     model_scores: Mapping[str, Mapping[str, float]],
-    trivial: tuple[str, Mapping[str, Mapping[str, float]]],
+    trivial: pd.DataFrame,
     metric: str,
-    higher_is_better: bool,
     where: str,
+    label_medians: Mapping[str, float] | None = None,
 ) -> Verdict:
-    """The model beats the constant prediction on the task's first metric, val and test."""
-    what, scores = trivial
+    """The model beats the task's trivial baseline on its first metric, val and test.
+
+    ``trivial``: the task's rows of :func:`tve_pipeline.baselines.trivial_baseline` (the
+    constant predictor best on val, scored on val and test); ``label_medians`` (regression):
+    the labels' median per split, named in the description when the model loses, since a
+    test window whose labels moved away from training's is the usual reason a model fitted
+    to the training labels loses to a constant that happens to lie on the shifted side.
+    """
+    direction = metric_direction(metric)
+    rows = trivial[trivial["metric"] == metric].set_index("split")
+    scores = {s: float(rows.loc[s, "trivial"]) for s in ("val", "test") if s in rows.index}
+    what = str(rows["trivial_predictor"].iloc[0]).replace("_", " ") if len(rows) else "none"
     failures, shown = [], []
     for split in ("val", "test"):
-        model, base = model_scores.get(split, {}).get(metric), scores[split][metric]
-        if model is None:
-            failures.append(f"{split}: no {metric} in the metrics")
+        model, base = model_scores.get(split, {}).get(metric), scores.get(split)
+        if model is None or base is None:
+            missing = "metrics" if model is None else "trivial baseline"
+            failures.append(f"{split}: no {metric} in the {missing}")
             continue
-        better = model > base if higher_is_better else model < base
         shown.append(f"{split} {metric} {model:.4g} vs {base:.4g}")
-        if not better:
+        if not baselines.beats(model, base, direction):
             failures.append(
                 f"{split} {metric} {model:.4g} is not better than the trivial baseline's "
-                f"{base:.4g} ({what}) by {abs(model - base):.4g} "
-                f"({'higher' if higher_is_better else 'lower'} is better)"
+                f"{base:.4g} ({what}) by {abs(model - base):.4g} ({direction} is better)"
             )
     metadata = {
         "metric": metric,
+        "direction": direction,
         "model": {s: model_scores.get(s, {}).get(metric) for s in ("val", "test")},
-        "trivial": {s: scores[s][metric] for s in ("val", "test")},
+        "trivial": scores,
         "trivial_prediction": what,
     }
+    if label_medians:
+        metadata["label_median"] = dict(label_medians)
     if failures:
-        return Verdict(False, f"{where}: " + "; ".join(failures), metadata)
+        why = ""
+        if label_medians and len(label_medians) > 1:
+            why = (
+                " (labels' median: "
+                + ", ".join(f"{s} {v:.4g}" for s, v in label_medians.items())
+                + ")"
+            )
+        return Verdict(False, f"{where}: " + "; ".join(failures) + why, metadata)
     return Verdict(True, f"{where}: beats the trivial baseline ({'; '.join(shown)})", metadata)

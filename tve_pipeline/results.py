@@ -10,6 +10,16 @@ sample and random streams), averaged over the seeds both have, with a 95% confid
 interval from Student's t (n - 1 degrees of freedom). Pairing removes the seed-to-seed
 variance both methods share, which is most of it on small label sets. Rows without a
 readout (cells stored before probes existed) are fine-tuning's.
+
+Every row also says which way its metric is better (``direction``) and, given the tasks'
+trivial baselines (:func:`tve_pipeline.baselines.trivial_baseline`: the constant predictor
+best on val, scored by RelBench's evaluator), the baseline's score on the row's split
+(``trivial``, ``trivial_predictor``), whether the mean beats it (``beats_trivial``), and
+the median of the split's labels (``label_median``, regression), which shows a window whose
+labels moved.
+The baseline is a pair of columns beside the model's rows, not rows of its own: it has no
+label fraction, seed or readout to group by, and each row then carries its own comparison.
+A label setting may be a fraction (``0.1``) or a name (``top10``, a restricted task).
 """
 
 from __future__ import annotations
@@ -20,7 +30,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tve_pipeline.baselines import beats
 from tve_pipeline.common import atomic_path
+from tve_pipeline.evaluation import metric_direction
 
 SCRATCH = "scratch"
 KEYS = ["task", "readout", "method", "label_fraction", "split", "metric"]
@@ -34,7 +46,14 @@ SUMMARY_COLUMNS = [
     "diff_ci_low",
     "diff_ci_high",
     "n_pairs",
+    "direction",
+    "trivial",
+    "trivial_predictor",
+    "beats_trivial",
+    "label_median",
 ]
+#: What ``summarise`` reads of a trivial-baseline frame (per task, split and metric).
+TRIVIAL_KEYS = ["task", "split", "metric"]
 
 
 def t_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
@@ -59,12 +78,18 @@ def with_readout(rows: pd.DataFrame) -> pd.DataFrame:
     return rows.assign(readout=rows["readout"].fillna(FINETUNE))
 
 
-def summarise(rows: pd.DataFrame) -> pd.DataFrame:
-    """One row per (task, method, label fraction, split, metric); see the module docstring."""
+def summarise(rows: pd.DataFrame, trivial: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per (task, readout, method, label fraction, split, metric); see the module
+    docstring. ``trivial``: the tasks' trivial baselines (columns task, split, metric,
+    trivial, trivial_predictor), or None (NaN in those columns)."""
     if rows.empty:
         return pd.DataFrame(columns=SUMMARY_COLUMNS)
     rows = with_readout(rows)
-    stats = rows.groupby(KEYS)["value"].agg(mean="mean", std="std", n="count").reset_index()
+    stats = (
+        rows.groupby(KEYS, dropna=False, sort=False)["value"]
+        .agg(mean="mean", std="std", n="count")
+        .reset_index()
+    )
     pair_keys = ["task", "readout", "label_fraction", "split", "metric", "seed"]
     scratch = rows[rows["method"] == SCRATCH].set_index(pair_keys)["value"]
     out = []
@@ -82,75 +107,210 @@ def summarise(rows: pd.DataFrame) -> pd.DataFrame:
                     diff_vs_scratch=mean, diff_ci_low=low, diff_ci_high=high, n_pairs=len(both)
                 )
         out.append(entry)
-    return pd.DataFrame(out, columns=SUMMARY_COLUMNS)
+    summary = pd.DataFrame(out)
+    summary["direction"] = summary["metric"].map(metric_direction)
+    summary = _with_trivial(summary, trivial)
+    summary["beats_trivial"] = [
+        None if pd.isna(t) else beats(m, t, d)
+        for m, t, d in zip(summary["mean"], summary["trivial"], summary["direction"])
+    ]
+    return sort_rows(summary[SUMMARY_COLUMNS], KEYS)
+
+
+def _with_trivial(summary: pd.DataFrame, trivial: pd.DataFrame | None) -> pd.DataFrame:
+    """``summary`` with the trivial baseline of each row's task, split and metric.
+
+    A restricted task (a named label setting such as ``top10``) is scored on its own val
+    and test seeds, so the whole task's baseline does not apply to it: its rows take the
+    baseline rows whose ``label_fraction`` names the setting, when ``trivial`` has such
+    rows, and none otherwise. Rows with a label fraction take the task's baseline (fitted
+    on all the training labels; val and test are the same seeds at every fraction).
+    """
+    columns = ["trivial", "trivial_predictor", "label_median"]
+    empty = {"trivial": math.nan, "trivial_predictor": None, "label_median": math.nan}
+    if trivial is None or trivial.empty:
+        return summary.assign(**empty)
+    named = summary["label_fraction"].map(lambda v: not _is_fraction(v))
+    per_task = trivial
+    if "label_fraction" in trivial:
+        per_task = trivial[trivial["label_fraction"].isna()]
+    out = summary[~named].merge(per_task[[*TRIVIAL_KEYS, *columns]], on=TRIVIAL_KEYS, how="left")
+    if named.any():
+        restricted = summary[named]
+        if "label_fraction" in trivial:
+            keys = [*TRIVIAL_KEYS, "label_fraction"]
+            own = trivial[trivial["label_fraction"].notna()][[*keys, *columns]]
+            restricted = restricted.merge(own, on=keys, how="left")
+        else:
+            restricted = restricted.assign(**empty)
+        out = pd.concat([out, restricted], ignore_index=True)
+    return out
+
+
+def sort_rows(frame: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    """``frame`` sorted by ``by``, label settings in :func:`label_order` (fractions and
+    names such as ``top10`` do not compare with each other)."""
+
+    def key(column: pd.Series) -> pd.Series:
+        if column.name != "label_fraction":
+            return column
+        return column.map(lambda v: (0, float(v), "") if _is_fraction(v) else (1, 0.0, str(v)))
+
+    return frame.sort_values(by, key=key, kind="stable").reset_index(drop=True)
+
+
+def label_text(fraction) -> str:
+    """A label setting as a table or plot shows it: a fraction (``0.1``) or its name
+    (``top10``)."""
+    if isinstance(fraction, (int, float, np.number)) and not isinstance(fraction, bool):
+        return f"{fraction:g}"
+    return str(fraction)
+
+
+def label_order(fractions) -> list:
+    """Label settings in reading order: fractions ascending, then names."""
+    values = list(dict.fromkeys(fractions))
+    numeric = sorted(v for v in values if _is_fraction(v))
+    return numeric + sorted((v for v in values if not _is_fraction(v)), key=str)
+
+
+def _is_fraction(value) -> bool:
+    return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
 
 
 def _fmt(x: float, digits: int = 4) -> str:
     return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
+def with_baseline_columns(summary: pd.DataFrame) -> pd.DataFrame:
+    """``summary`` with every column of :data:`SUMMARY_COLUMNS` (a summary written before
+    directions and baselines gets its directions and empty baseline columns)."""
+    summary = with_readout(summary)
+    if "direction" not in summary:
+        summary = summary.assign(direction=summary["metric"].map(metric_direction))
+    for column in ("trivial", "label_median"):
+        if column not in summary:
+            summary = summary.assign(**{column: math.nan})
+    for column in ("trivial_predictor", "beats_trivial"):
+        if column not in summary:
+            summary = summary.assign(**{column: None})
+    return summary
+
+
+def _predictor_text(name) -> str:
+    return str(name).replace("_", " ")
+
+
 def markdown_table(summary: pd.DataFrame, split: str = "test") -> str:
-    """The summary of one split as a Markdown table (mean ± std (n); paired difference [95% CI])."""
-    part = with_readout(summary[summary["split"] == split]).sort_values(
-        ["task", "metric", "readout", "label_fraction", "method"]
-    )
+    """The summary of one split as a Markdown table (mean ± std (n); paired difference [95%
+    CI]; difference to the trivial baseline), a ``trivial`` row above each task's metric,
+    and a line under the table for each task whose trivial baseline no model beats."""
+    summary = with_baseline_columns(summary)
+    order = ["task", "metric", "readout", "label_fraction", "method"]
+    part = sort_rows(summary[summary["split"] == split], order)
     lines = [
-        "| task | metric | readout | labels | method | mean ± std (n) "
-        "| vs scratch: mean difference [95% CI] (pairs) |",
-        "|---|---|---|---:|---|---:|---:|",
+        "| task | metric | better | readout | labels | method | mean ± std (n) "
+        "| vs scratch: mean difference [95% CI] (pairs) | vs trivial |",
+        "|---|---|---|---|---:|---|---:|---:|---:|",
     ]
-    for _, row in part.iterrows():
-        spread = f" ± {_fmt(row['std'])}" if row["n"] > 1 else ""
-        diff = ""
-        if row["n_pairs"]:
-            ci = (
-                f" [{_fmt(row['diff_ci_low'])}, {_fmt(row['diff_ci_high'])}]"
-                if row["n_pairs"] > 1
-                else ""
+    for (task, metric), rows in part.groupby(["task", "metric"], sort=False):
+        first = rows.iloc[0]
+        if pd.notna(first["trivial"]):
+            lines.append(
+                f"| {task} | {metric} | {first['direction']} | trivial | all | "
+                f"{_predictor_text(first['trivial_predictor'])} | {_fmt(first['trivial'])} | | |"
             )
-            diff = f"{row['diff_vs_scratch']:+.4f}{ci} ({int(row['n_pairs'])})"
-        lines.append(
-            f"| {row['task']} | {row['metric']} | {row['readout']} | {row['label_fraction']:g} "
-            f"| {row['method']} | "
-            f"{_fmt(row['mean'])}{spread} ({int(row['n'])}) | {diff} |"
+        for _, row in rows.iterrows():
+            spread = f" ± {_fmt(row['std'])}" if row["n"] > 1 else ""
+            diff = ""
+            if row["n_pairs"]:
+                ci = (
+                    f" [{_fmt(row['diff_ci_low'])}, {_fmt(row['diff_ci_high'])}]"
+                    if row["n_pairs"] > 1
+                    else ""
+                )
+                diff = f"{row['diff_vs_scratch']:+.4f}{ci} ({int(row['n_pairs'])})"
+            vs_trivial = "" if pd.isna(row["trivial"]) else f"{row['mean'] - row['trivial']:+.4f}"
+            lines.append(
+                f"| {task} | {metric} | {row['direction']} | {row['readout']} "
+                f"| {label_text(row['label_fraction'])} | {row['method']} | "
+                f"{_fmt(row['mean'])}{spread} ({int(row['n'])}) | {diff} | {vs_trivial} |"
+            )
+    notes = baseline_notes(summary, split)
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def baseline_notes(summary: pd.DataFrame, split: str = "test") -> list[str]:
+    """One line per task and metric where a summarised mean does not beat the trivial
+    baseline on ``split``: the baseline's score and the rows that lose to it (when none
+    beats it: the best of them); when models that lose on ``split`` beat it on val, where
+    the labels lie on val and on ``split`` (regression), since a window whose labels moved
+    is the usual reason."""
+    summary = with_baseline_columns(summary)
+    notes = []
+    for (task, metric), rows in summary.groupby(["task", "metric"], sort=True):
+        here = rows[(rows["split"] == split) & rows["trivial"].notna()]
+        wins = here["beats_trivial"].astype(bool)
+        if here.empty or wins.all():
+            continue
+        first = here.iloc[0]
+        sign = 1.0 if first["direction"] == "higher" else -1.0
+        baseline = (
+            f"{_predictor_text(first['trivial_predictor'])} {_fmt(first['trivial'])}, the "
+            f"constant best on val"
         )
-    return "\n".join(lines)
+        losers = here[~wins]
+        if not wins.any():
+            best = here.loc[(sign * here["mean"]).idxmax()]
+            line = (
+                f"- {task}: no model beats the trivial baseline on {split} {metric} "
+                f"({first['direction']} is better; {baseline}): the best is {best['method']} "
+                f"({best['readout']}, labels {label_text(best['label_fraction'])}) "
+                f"{_fmt(best['mean'])}."
+            )
+        else:
+            shown = ", ".join(
+                f"{r['method']} ({r['readout']}, labels {label_text(r['label_fraction'])}) "
+                f"{_fmt(r['mean'])}"
+                for _, r in losers.iterrows()
+            )
+            line = (
+                f"- {task}: {len(losers)} of {len(here)} models do not beat the trivial "
+                f"baseline on {split} {metric} ({first['direction']} is better; {baseline}): "
+                f"{shown}."
+            )
+        val = rows[(rows["split"] == "val") & rows["trivial"].notna()]
+        keys = ["readout", "method", "label_fraction"]
+        lost = set(map(tuple, losers[keys].itertuples(index=False)))
+        won_on_val = val[val["beats_trivial"].astype(bool)]
+        won_on_val = won_on_val[
+            [tuple(r) in lost for r in won_on_val[keys].itertuples(index=False)]
+        ]
+        if split != "val" and not won_on_val.empty:
+            line += f" On val {len(won_on_val)} of them beat it ({_fmt(val.iloc[0]['trivial'])})"
+            medians = {
+                s: rows.loc[rows["split"] == s, "label_median"].dropna() for s in ("val", split)
+            }
+            if all(len(m) for m in medians.values()):
+                line += (
+                    f": the {split} window's labels are not where val's are (median "
+                    f"{medians[split].iloc[0]:.4g} against {medians['val'].iloc[0]:.4g})"
+                )
+            line += "."
+        notes.append(line)
+    return notes
 
 
-def plot_tasks(summary: pd.DataFrame, out_dir: Path, split: str = "test") -> list[Path]:
-    """One PNG per task: its metric against the label fraction, a line per method and
-    readout (the probe's dashed), ± std bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+def plot_tasks(summary: pd.DataFrame, out_dir: Path, splits=("val", "test")) -> list[Path]:
+    """One PNG per task (:func:`task_figure`), written atomically; returns their paths."""
     import matplotlib.pyplot as plt
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    summary = with_readout(summary)
-    for (task, metric), part in summary[summary["split"] == split].groupby(["task", "metric"]):
-        fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=100)
-        both = part["readout"].nunique() > 1
-        lines = part.sort_values("label_fraction").groupby(["readout", "method"])
-        for (readout, method), line in lines:
-            ax.errorbar(
-                line["label_fraction"],
-                line["mean"],
-                yerr=line["std"].fillna(0.0),
-                marker="o",
-                capsize=3,
-                linestyle="--" if readout == PROBE else "-",
-                label=f"{method} ({readout})" if both else method,
-            )
-        if part["label_fraction"].nunique() > 1:
-            ax.set_xscale("log")
-        ax.set_xlabel("label fraction")
-        ax.set_ylabel(f"{split} {metric}")
-        ax.set_title(task)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
+    summary = with_baseline_columns(summary)
+    for task, of_task in summary.groupby("task", sort=True):
+        fig = task_figure(of_task, splits)
         path = out_dir / f"{task}.png"
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png")
@@ -159,8 +319,108 @@ def plot_tasks(summary: pd.DataFrame, out_dir: Path, split: str = "test") -> lis
     return paths
 
 
-# Metrics where lower is better (RelBench's regression metrics); the rest grow with quality.
-LOWER_IS_BETTER = {"mae", "rmse", "nmae", "mse", "log_loss"}
+def task_figure(of_task: pd.DataFrame, splits=("val", "test")):
+    """A task's figure: one panel per metric (rows) and split (columns), the mean over
+    seeds ± std per method and readout against the label setting, the trivial baseline as
+    a dotted horizontal line, the metric's direction in the axis label. Several label
+    fractions: a line per method (the probe's dashed) over a log axis; one label setting,
+    or named ones (``top10``): bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    of_task = with_baseline_columns(of_task)
+    task = of_task["task"].iloc[0]
+    metrics = sorted(of_task["metric"].unique())
+    shown = [s for s in splits if (of_task["split"] == s).any()]
+    fig, axes = plt.subplots(
+        len(metrics),
+        len(shown),
+        figsize=(5.0 * len(shown), 3.6 * len(metrics)),
+        dpi=100,
+        squeeze=False,
+    )
+    for i, metric in enumerate(metrics):
+        for j, split in enumerate(shown):
+            part = of_task[(of_task["metric"] == metric) & (of_task["split"] == split)]
+            _panel(axes[i][j], part, f"{task}: {split}", split, metric)
+    # one legend for every panel, under them (inside a panel it hides bars)
+    handles, names = {}, []
+    for ax in fig.axes:
+        for handle, name in zip(*ax.get_legend_handles_labels()):
+            if name not in handles:
+                handles[name] = handle
+                names.append(name)
+    columns = min(4, max(len(names), 1))
+    rows = math.ceil(len(names) / columns)
+    height = fig.get_figheight()
+    fig.legend([handles[n] for n in names], names, loc="lower center", ncol=columns, fontsize=8)
+    fig.tight_layout(rect=(0, min(0.5, (0.24 * rows + 0.05) / height), 1, 1))
+    return fig
+
+
+def _panel(ax, part: pd.DataFrame, title: str, split: str, metric: str) -> None:
+    """One metric on one split: lines over label fractions, or bars per label setting."""
+    settings = label_order(part["label_fraction"])
+    both = part["readout"].nunique() > 1
+    series = list(part.groupby(["readout", "method"], sort=True))
+    as_lines = len(settings) > 1 and all(_is_fraction(v) for v in settings)
+    width = 0.8 / max(len(series), 1)
+    for k, ((readout, method), line) in enumerate(series):
+        label = f"{method} ({readout})" if both else method
+        line = line.set_index("label_fraction").reindex(settings)
+        err = line["std"].fillna(0.0).to_numpy(dtype=float)
+        if as_lines:
+            ax.errorbar(
+                settings,
+                line["mean"].to_numpy(dtype=float),
+                yerr=err,
+                marker="o",
+                capsize=3,
+                linestyle="--" if readout == PROBE else "-",
+                label=label,
+            )
+        else:
+            x = np.arange(len(settings)) - 0.4 + width * (k + 0.5)
+            ax.bar(
+                x,
+                line["mean"].to_numpy(dtype=float),
+                width,
+                yerr=err,
+                capsize=3,
+                hatch="//" if readout == PROBE else None,
+                label=label,
+            )
+    if as_lines:
+        ax.set_xscale("log")
+        ax.set_xticks(settings, [label_text(v) for v in settings])
+        ax.minorticks_off()
+        ax.set_xlabel("label fraction")
+    else:
+        ax.set_xticks(np.arange(len(settings)), [label_text(v) for v in settings])
+        named = not all(_is_fraction(v) for v in settings)
+        ax.set_xlabel("labels (fraction or restricted task)" if named else "label fraction")
+    trivial = part["trivial"].dropna()
+    values = part["mean"].dropna()
+    if len(trivial):
+        ax.axhline(
+            float(trivial.iloc[0]),
+            color="black",
+            linestyle=":",
+            label=f"trivial: {_predictor_text(part['trivial_predictor'].dropna().iloc[0])}",
+        )
+        values = pd.concat([values, trivial])
+    if not as_lines and len(values):
+        # bars start at the axis: zoom to the values, as the differences are small
+        spread = part["std"].fillna(0.0).max() if len(part) else 0.0
+        low, high = float(values.min()) - spread, float(values.max()) + spread
+        pad = 0.15 * (high - low) or 0.05 * abs(high) or 0.05
+        ax.set_ylim(low - pad, high + pad)
+    direction = part["direction"].iloc[0] if len(part) else metric_direction(metric)
+    ax.set_ylabel(f"{split} {metric} ({direction} is better)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
 
 
 def budget_benefit(summary: pd.DataFrame, split: str = "test") -> pd.DataFrame:
@@ -177,7 +437,7 @@ def budget_benefit(summary: pd.DataFrame, split: str = "test") -> pd.DataFrame:
     first = summary[summary["split"] == split].groupby("task")["metric"].first()
     part = part[part["metric"] == part["task"].map(first)]
     objective_budget = part["method"].str.split("@", n=1, expand=True)
-    sign = np.where(part["metric"].str.lower().isin(LOWER_IS_BETTER), -1.0, 1.0)
+    sign = np.where(part["metric"].map(metric_direction) == "lower", -1.0, 1.0)
     bounds = np.sort(np.stack([sign * part["diff_ci_low"], sign * part["diff_ci_high"]]), axis=0)
     out = part.assign(
         objective=objective_budget[0],
@@ -225,7 +485,7 @@ def plot_budget_benefit(summary: pd.DataFrame, out_dir: Path, split: str = "test
         ax.axhline(0.0, color="black", linewidth=0.8)
         ax.set_xscale("log")
         ax.set_xlabel("pre-training budget (optimiser steps)")
-        better = "lower" if str(metric).lower() in LOWER_IS_BETTER else "higher"
+        better = metric_direction(metric)
         ax.set_ylabel(f"{split} {metric} gain over scratch ({better} is better)")
         ax.set_title(task)
         ax.grid(alpha=0.3)
