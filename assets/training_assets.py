@@ -630,6 +630,7 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
         )
 
     cells_expected = len(experiment_cells(db.tasks, recipe))
+    probe_cells_expected = len(experiment_cells(db.tasks, recipe, PROBE))
 
     @dg.asset(
         key=db.key("results"),
@@ -679,7 +680,7 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
                 "cells": len(metrics),
                 "probe_cells": len(probe_metrics),
                 "cells_expected": cells_expected,
-                "probe_cells_expected": len(experiment_cells(db.tasks, recipe, PROBE)),
+                "probe_cells_expected": probe_cells_expected,
                 "summary": dg.MetadataValue.md(markdown_table(summary)),
                 "plots": dg.MetadataValue.md(
                     "\n\n".join(png_markdown(p.read_bytes(), p.stem) for p in plots) or "(no plot)"
