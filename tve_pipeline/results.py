@@ -1,15 +1,20 @@
 """An experiment's answer: per-cell metrics summarised with paired differences and plots.
 
-The rows are the metrics of every cell (task, method, label fraction, seed, readout,
+The rows are the metrics of every cell (task, method, label setting, seed, readout,
 split, metric, value), where the *readout* is ``finetune`` (the fine-tuned model) or
-``probe`` (a linear probe on the frozen encoder, :mod:`tve_pipeline.probe`). For each
-(task, readout, method, fraction, split, metric) the summary gives the mean, the standard
-deviation over seeds and their number; and, for a pre-trained method, the **paired**
-difference to scratch with the same readout: the same task, fraction, seed (the same label
-sample and random streams), averaged over the seeds both have, with a 95% confidence
-interval from Student's t (n - 1 degrees of freedom). Pairing removes the seed-to-seed
-variance both methods share, which is most of it on small label sets. Rows without a
-readout (cells stored before probes existed) are fine-tuning's.
+``probe`` (a linear probe on the frozen encoder, :mod:`tve_pipeline.probe`), and the
+*label setting* ``label_set`` is a label fraction (``0.1``) or a restricted task (``top10``:
+the k most active entities per seed time, :mod:`tve_pipeline.tasks`); ``label_fraction``
+is the fraction, NaN for a restricted task (so that a filter on the fraction never mixes
+the restricted task with the whole one). For each (task, readout, method, label setting,
+split, metric) the summary gives the mean, the standard deviation over seeds and their
+number; and, for a pre-trained method, the **paired** difference to scratch with the same
+readout: the same task, label setting, seed (the same label sample and random streams),
+averaged over the seeds both have, with a 95% confidence interval from Student's t (n - 1
+degrees of freedom). Pairing removes the seed-to-seed variance both methods share, which is
+most of it on small label sets. Rows without a readout (cells stored before probes existed)
+are fine-tuning's; rows without a label setting (stored before restricted tasks) take their
+fraction's. Label settings sort fractions first (ascending), then restricted ks.
 """
 
 from __future__ import annotations
@@ -21,12 +26,14 @@ import numpy as np
 import pandas as pd
 
 from tve_pipeline.common import atomic_path
+from tve_pipeline.tasks import label_set_name, restricted_k
 
 SCRATCH = "scratch"
-KEYS = ["task", "readout", "method", "label_fraction", "split", "metric"]
+KEYS = ["task", "readout", "method", "label_set", "split", "metric"]
 FINETUNE, PROBE = "finetune", "probe"
 SUMMARY_COLUMNS = [
     *KEYS,
+    "label_fraction",
     "mean",
     "std",
     "n",
@@ -59,13 +66,33 @@ def with_readout(rows: pd.DataFrame) -> pd.DataFrame:
     return rows.assign(readout=rows["readout"].fillna(FINETUNE))
 
 
+def with_label_set(rows: pd.DataFrame) -> pd.DataFrame:
+    """``rows`` with a ``label_set`` column as text (the fraction's where it has none) and
+    ``label_fraction`` from it (NaN for a restricted task)."""
+    given = rows["label_set"] if "label_set" in rows else pd.Series(np.nan, index=rows.index)
+    label_set = [
+        label_set_name(s if pd.notna(s) else f)
+        for s, f in zip(given, rows.get("label_fraction", given))
+    ]
+    fraction = [math.nan if restricted_k(s) is not None else float(s) for s in label_set]
+    return rows.assign(label_set=label_set, label_fraction=fraction)
+
+
+def label_set_order(label_sets: pd.Series) -> pd.Series:
+    """A sort key: label fractions ascending, then restricted tasks by k."""
+    return label_sets.map(
+        lambda s: (1, restricted_k(s)) if restricted_k(s) is not None else (0, float(s))
+    )
+
+
 def summarise(rows: pd.DataFrame) -> pd.DataFrame:
-    """One row per (task, method, label fraction, split, metric); see the module docstring."""
+    """One row per (task, method, label setting, split, metric); see the module docstring."""
     if rows.empty:
         return pd.DataFrame(columns=SUMMARY_COLUMNS)
-    rows = with_readout(rows)
+    rows = with_label_set(with_readout(rows))
     stats = rows.groupby(KEYS)["value"].agg(mean="mean", std="std", n="count").reset_index()
-    pair_keys = ["task", "readout", "label_fraction", "split", "metric", "seed"]
+    stats = with_label_set(stats)
+    pair_keys = ["task", "readout", "label_set", "split", "metric", "seed"]
     scratch = rows[rows["method"] == SCRATCH].set_index(pair_keys)["value"]
     out = []
     for _, row in stats.iterrows():
@@ -82,7 +109,13 @@ def summarise(rows: pd.DataFrame) -> pd.DataFrame:
                     diff_vs_scratch=mean, diff_ci_low=low, diff_ci_high=high, n_pairs=len(both)
                 )
         out.append(entry)
-    return pd.DataFrame(out, columns=SUMMARY_COLUMNS)
+    summary = pd.DataFrame(out, columns=SUMMARY_COLUMNS)
+    order = ["task", "readout", "method", "label_set", "split", "metric"]
+    return summary.sort_values(order, key=_sort_key, kind="stable").reset_index(drop=True)
+
+
+def _sort_key(column: pd.Series) -> pd.Series:
+    return label_set_order(column) if column.name == "label_set" else column
 
 
 def _fmt(x: float, digits: int = 4) -> str:
@@ -91,8 +124,8 @@ def _fmt(x: float, digits: int = 4) -> str:
 
 def markdown_table(summary: pd.DataFrame, split: str = "test") -> str:
     """The summary of one split as a Markdown table (mean ± std (n); paired difference [95% CI])."""
-    part = with_readout(summary[summary["split"] == split]).sort_values(
-        ["task", "metric", "readout", "label_fraction", "method"]
+    part = with_label_set(with_readout(summary[summary["split"] == split])).sort_values(
+        ["task", "metric", "readout", "label_set", "method"], key=_sort_key, kind="stable"
     )
     lines = [
         "| task | metric | readout | labels | method | mean ± std (n) "
@@ -110,7 +143,7 @@ def markdown_table(summary: pd.DataFrame, split: str = "test") -> str:
             )
             diff = f"{row['diff_vs_scratch']:+.4f}{ci} ({int(row['n_pairs'])})"
         lines.append(
-            f"| {row['task']} | {row['metric']} | {row['readout']} | {row['label_fraction']:g} "
+            f"| {row['task']} | {row['metric']} | {row['readout']} | {row['label_set']} "
             f"| {row['method']} | "
             f"{_fmt(row['mean'])}{spread} ({int(row['n'])}) | {diff} |"
         )
@@ -119,7 +152,9 @@ def markdown_table(summary: pd.DataFrame, split: str = "test") -> str:
 
 def plot_tasks(summary: pd.DataFrame, out_dir: Path, split: str = "test") -> list[Path]:
     """One PNG per task: its metric against the label fraction, a line per method and
-    readout (the probe's dashed), ± std bars."""
+    readout (the probe's dashed), ± std bars; restricted tasks (``top<k>``), when there
+    are any, in a panel of their own to the right (same y axis, same colours), one point
+    per k, since k is not a fraction of the same table."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -128,28 +163,56 @@ def plot_tasks(summary: pd.DataFrame, out_dir: Path, split: str = "test") -> lis
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    summary = with_readout(summary)
+    summary = with_label_set(with_readout(summary))
+    restricted = summary["label_fraction"].isna()
+    summary = summary.assign(_k=[restricted_k(s) or 0 for s in summary["label_set"]])
     for (task, metric), part in summary[summary["split"] == split].groupby(["task", "metric"]):
-        fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=100)
+        has_k = bool(restricted[part.index].any())
+        has_fraction = bool((~restricted[part.index]).any())
+        panels = [p for p, on in (("fraction", has_fraction), ("k", has_k)) if on]
+        fig, axes = plt.subplots(
+            1,
+            len(panels),
+            figsize=(5.5 + 2.5 * (len(panels) - 1), 3.8),
+            dpi=100,
+            sharey=True,
+            squeeze=False,
+            gridspec_kw={"width_ratios": [2.2 if p == "fraction" else 1 for p in panels]},
+        )
         both = part["readout"].nunique() > 1
-        lines = part.sort_values("label_fraction").groupby(["readout", "method"])
-        for (readout, method), line in lines:
-            ax.errorbar(
-                line["label_fraction"],
-                line["mean"],
-                yerr=line["std"].fillna(0.0),
-                marker="o",
-                capsize=3,
-                linestyle="--" if readout == PROBE else "-",
-                label=f"{method} ({readout})" if both else method,
-            )
-        if part["label_fraction"].nunique() > 1:
-            ax.set_xscale("log")
-        ax.set_xlabel("label fraction")
-        ax.set_ylabel(f"{split} {metric}")
-        ax.set_title(task)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        lines = list(part.groupby(["readout", "method"]))
+        colours = {m: f"C{i}" for i, m in enumerate(sorted(part["method"].unique()))}
+        for ax, panel in zip(axes[0], panels):
+            rows = part[part["_k"] > 0] if panel == "k" else part[part["_k"] == 0]
+            ks = sorted(rows["_k"].unique())
+            for (readout, method), line in lines:
+                line = rows.loc[rows.index.intersection(line.index)]
+                if line.empty:
+                    continue
+                line = line.sort_values("_k" if panel == "k" else "label_fraction")
+                x = line["_k"].map(ks.index) if panel == "k" else line["label_fraction"]
+                ax.errorbar(
+                    x,
+                    line["mean"],
+                    yerr=line["std"].fillna(0.0),
+                    marker="o",
+                    capsize=3,
+                    color=colours[method],
+                    linestyle="--" if readout == PROBE else "-",
+                    label=f"{method} ({readout})" if both else method,
+                )
+            if panel == "k":
+                ax.set_xticks(range(len(ks)), [f"top{k}" for k in ks])
+                ax.set_xlim(-0.5, len(ks) - 0.5)
+                ax.set_xlabel("restricted task (k per seed time)")
+            else:
+                if rows["label_fraction"].nunique() > 1:
+                    ax.set_xscale("log")
+                ax.set_xlabel("label fraction")
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel(f"{split} {metric}")
+        fig.suptitle(task)
+        axes[0][-1].legend(fontsize=8)
         fig.tight_layout()
         path = out_dir / f"{task}.png"
         with atomic_path(path) as tmp:
