@@ -146,6 +146,16 @@ def test_restricted_tables_are_the_brute_force_ones(tiny, k):
         assert per_time.max() <= k and len(table.df) < len(full[split])
 
 
+def test_a_restriction_that_leaves_one_class_to_score_fails_naming_k(tiny):
+    dataset, _, db = tiny
+    task = dataset.load_task("customer-churn")
+    frames = {n: t.df for n, t in db.table_dict.items()}
+    tables = _tables(task, task.get_db(upto_test_timestamp=False))
+    # the 5 most active customers at the validation seed time: none churns (5 rows, rate 0)
+    with pytest.raises(ValueError, match="restricted to top5 has one class only in val"):
+        restrict_task_tables(tables, frames, dataset.manifest.tables, task, 5)
+
+
 def test_the_restriction_never_reads_the_future(tiny):
     """Orders after a seed time t (a burst from customers it left out, one second after t)
     change nothing of the restricted rows at t; the same burst at t does. (They are the past

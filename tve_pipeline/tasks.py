@@ -148,15 +148,44 @@ def restrict_task_tables(tables: dict, frames: dict, schema_tables, task, k: int
 
     Each table is ranked on its own rows (the masked test table and the labelled one hold
     the same entities and seed times, so they keep the same rows); the ranking reads the
-    database's first-hop rows up to each seed time only.
+    database's first-hop rows up to each seed time only. The (entity, seed time) pairs of
+    all the tables are counted in one pass each for the window and the history (most of a
+    count's cost is handing the fact tables to DuckDB). A binary task restricted to one
+    class in val or test cannot be scored: that, or an empty table, fails here, naming k.
     """
     restricted_label_set(k)  # a bad k fails here, in one line
-    args = (frames, schema_tables, task.entity_table, task.entity_col, task.time_col)
-    for table in tables.values():
-        df = table.df
-        activity = past_activity(df, *args, task.timedelta)
-        history = past_activity(df, *args, None)
+    entity, time = task.entity_col, task.time_col
+    pairs = pd.concat([t.df[[entity, time]] for t in tables.values()]).drop_duplicates()
+    pairs = pairs.reset_index(drop=True)
+    args = (frames, schema_tables, task.entity_table, entity, time)
+    pairs["_activity"] = past_activity(pairs, *args, task.timedelta).to_numpy()
+    pairs["_history"] = past_activity(pairs, *args, None).to_numpy()
+    for name, table in tables.items():
+        counted = table.df[[entity, time]].merge(pairs, on=[entity, time], how="left")
         table.df = restrict_to_most_active(
-            df, activity, task.entity_col, task.time_col, k, history
+            table.df,
+            counted["_activity"],
+            entity,
+            time,
+            k,
+            counted["_history"],
         ).reset_index(drop=True)
+        _check_restricted(task, name, table.df, k)
     return tables
+
+
+def _check_restricted(task, split: str, df: pd.DataFrame, k: int) -> None:
+    from relbench.base import TaskType
+
+    if df.empty:
+        raise ValueError(f"task {task.name!r} restricted to top{k} has no {split} row")
+    if (
+        split != "train"
+        and task.task_type == TaskType.BINARY_CLASSIFICATION
+        and task.target_col in df
+        and df[task.target_col].nunique() < 2
+    ):
+        raise ValueError(
+            f"task {task.name!r} restricted to top{k} has one class only in {split} "
+            f"({len(df)} rows), so it cannot be scored: choose a larger k (--restricted)"
+        )
