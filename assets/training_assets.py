@@ -4,7 +4,8 @@ linear probes, results.
 An experiment is a grid of independent partitions: ``pretrained_checkpoint`` has one per
 pre-training objective (it reads every window of ``tve_targets`` as a Dagster input);
 ``finetuned_models``, ``metrics`` and ``probe_metrics`` (a linear probe on the frozen
-encoder: the cheap readout) one per cell (task x method x label fraction x seed), each
+encoder: the cheap readout) one per cell (task x method x label setting x seed; a label
+setting is a label fraction or the restricted task ``top<k>``), each
 cell mapped to its objective's checkpoint; ``results`` summarises whatever cells exist,
 both readouts. A cell fails alone, re-runs alone, and a backfill of the grid runs only what
 is missing. Each asset's code version hashes the recipe sections that decide its result,
@@ -395,7 +396,8 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
         mlflow: MLflowTracking,
     ) -> dg.Output:
         """One experiment cell: a task fine-tuned from scratch or from one objective's backbone,
-        on one label fraction (drawn with the seed, the same rows for every method), one seed."""
+        on one label fraction (drawn with the seed, the same rows for every method) or all of
+        the restricted task's labels (``top<k>``), one seed."""
         run_recipe = recipe.recipe()
         task_name, method, label_set, seed = parse_cell(context.partition_key)
         dataset, task, tables = _task_of(task_name, raw_tables, label_set)
@@ -601,7 +603,7 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
         mlflow: MLflowTracking,
     ) -> dg.Output:
         """The experiment's answer: mean ± std over seeds per task, readout (fine-tuning or
-        linear probe), method and label fraction, and each pre-trained method's paired
+        linear probe), method and label setting, and each pre-trained method's paired
         difference to scratch (same readout) with a 95% CI; written to
         ``results/<database>/`` (summary.csv, summary.md, one PNG per task)."""
         frames = [
