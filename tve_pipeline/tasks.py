@@ -9,7 +9,9 @@ time-stamped tables that reference the entity) in the window ``(t - Δ, t]`` —
 restriction itself reads nothing after the seed time. Ties (on rel-f1 every full-time
 driver has the same count: one result, standing and qualifying row per race) go to the
 entity with more first-hop rows in its whole history up to ``t`` (still the past), then
-to the smaller entity id.
+to the smaller entity id. Not to the id first: ids need not be in time order (rel-f1's
+drivers 0-21 are the 2008 grid, which Ergast entered first), so at a 1990s seed time the id
+would pick the drivers still racing in 2008, a fact from the future.
 
 A *label setting* names the training labels of an experiment cell: a label fraction of the
 task's training table (``0.1``: a float) or the restricted task ``top<k>`` (a string: every
