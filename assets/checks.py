@@ -317,7 +317,7 @@ def _metrics_check(db: Database, recipe) -> dg.AssetChecksDefinition:
     @dg.asset_check(
         asset=db.key("metrics"),
         name="beats_trivial_baseline",
-        partitions_def=cell_partitions(db.tasks, recipe),
+        partitions_def=cell_partitions(db.tasks, recipe, db.name),
         additional_ins={"raw_tables": dg.AssetIn(key=db.key("raw_tables"))},
         description=(
             "The model's metric (the task's first: AUROC, NMAE) is better than the trivial "
@@ -329,8 +329,9 @@ def _metrics_check(db: Database, recipe) -> dg.AssetChecksDefinition:
         context: dg.AssetCheckExecutionContext, metrics, raw_tables, recipe: RecipeResource
     ):
         cell = context.op_execution_context.partition_key
-        task_name = parse_cell(cell)[0]
-        _, task, tables = _task_of(task_name, raw_tables, recipe.recipe(), with_test_labels=True)
+        task_name, _, label_set, _ = parse_cell(cell)
+        # a restricted cell against the trivial baseline of its restricted task
+        _, task, tables = _task_of(task_name, raw_tables, label_set, with_test_labels=True)
         metric = task.metrics[0].__name__
         scores = {
             split: dict(zip(rows["metric"], rows["value"]))

@@ -55,8 +55,28 @@ def _cmd_experiment(args) -> None:
 
     tasks = [t for t in (args.tasks or "").split(",") if t] or None
     run_experiment(
-        args.database, Path(args.run_dir), args.preset, parallel=args.parallel, tasks=tasks
+        args.database,
+        Path(args.run_dir),
+        args.preset,
+        parallel=args.parallel,
+        tasks=tasks,
+        restricted=args.restricted,
     )
+
+
+def _restricted_ks(text: str) -> list[int]:
+    """``--restricted``: comma-separated ks (``10`` or ``5,10``), or ``none``."""
+    if text.strip().lower() == "none":
+        return []
+    try:
+        ks = [int(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        ks = []
+    if not ks or any(k < 1 for k in ks):
+        raise argparse.ArgumentTypeError(
+            f"--restricted must be positive integers (e.g. 10 or 5,10) or none, got {text!r}"
+        )
+    return ks
 
 
 def _cmd_results(args) -> None:
@@ -113,6 +133,15 @@ def add_orchestration_commands(subparsers: argparse._SubParsersAction) -> None:
     exp.add_argument("--parallel", type=int, default=2, help="runs at a time (and gpu pool slots)")
     exp.add_argument(
         "--tasks", default=None, help="comma-separated tasks to fine-tune (default: every task)"
+    )
+    exp.add_argument(
+        "--restricted",
+        type=_restricted_ks,
+        default=None,
+        metavar="K[,K...]|none",
+        help="restricted tasks beside the label fractions: each task restricted to its K most "
+        "active entities per seed time (cells 'top<K>'), for this database (kept in "
+        "recipe.json; default: what it has)",
     )
     exp.add_argument("--run-dir", default=run_dir)
     exp.set_defaults(func=_cmd_experiment)

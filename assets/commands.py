@@ -295,8 +295,8 @@ class Runner:
         self.run_upstream()
         for key in self.to_run("pretrained_checkpoint", self.recipe.pretrain.checkpoint_keys()):
             self.materialize(["pretrained_checkpoint"], f"{name} {key}", partition_key=key)
-        cells = experiment_cells(self.db.tasks, self.recipe)
-        probes = experiment_cells(self.db.tasks, self.recipe, PROBE)
+        cells = experiment_cells(self.db.tasks, self.recipe, self.db.name)
+        probes = experiment_cells(self.db.tasks, self.recipe, self.db.name, PROBE)
         # the probes first: seconds each, they judge the checkpoints before the long fine-tunes
         for stage, stage_cells in (
             ("probe_metrics", probes),
@@ -317,8 +317,8 @@ class Runner:
         objectives = set(
             self.to_run("pretrained_checkpoint", self.recipe.pretrain.checkpoint_keys())
         )
-        cells = experiment_cells(self.db.tasks, self.recipe)
-        probes = experiment_cells(self.db.tasks, self.recipe, PROBE)
+        cells = experiment_cells(self.db.tasks, self.recipe, self.db.name)
+        probes = experiment_cells(self.db.tasks, self.recipe, self.db.name, PROBE)
         tuned = set(self.to_run("finetuned_models", cells)) | {
             c for c in cells if parse_cell(c)[1] in objectives
         }
@@ -590,9 +590,19 @@ def create_tracking_store(runner: "Runner") -> None:
     runner.resources["mlflow"].experiment_id()
 
 
-def set_experiment(run_dir: Path, database: str, preset: str, tasks: list[str] | None) -> None:
+def set_experiment(
+    run_dir: Path,
+    database: str,
+    preset: str,
+    tasks: list[str] | None,
+    restricted: list[int] | None = None,
+) -> None:
     """Write the run folder's ``recipe.json`` for an experiment: the preset, the overrides
-    that were there, and the tasks to fine-tune (every task when ``tasks`` is empty)."""
+    that were there, the tasks to fine-tune (every task when ``tasks`` is empty) and, when
+    ``restricted`` is given, this database's restricted ks (``finetune.
+    restricted_k_by_database``; ``[]``: none). The run folder holds one recipe for every
+    database, and a k fits one database only (rel-f1: ~22 drivers per seed time,
+    rel-flights: ~4,000 planes), so the ks are the database's own."""
     set_profile(run_dir, preset)
     settings = read_settings(run_dir)
     finetune = {
@@ -607,25 +617,40 @@ def set_experiment(run_dir: Path, database: str, preset: str, tasks: list[str] |
                 f"its tasks: {', '.join(have) or '(none)'}"
             )
         finetune["tasks"] = list(tasks)
+    if restricted is not None:
+        if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in restricted):
+            raise ValueError(f"--restricted must be positive integers, got {restricted}")
+        by_database = dict(finetune.get("restricted_k_by_database", {}))
+        by_database[database] = sorted(set(restricted))
+        finetune["restricted_k_by_database"] = by_database
     overrides = {**settings.get("overrides", {}), "finetune": finetune}
     (run_dir / "recipe.json").write_text(json.dumps({"profile": preset, "overrides": overrides}))
 
 
 def run_experiment(
-    database: str, run_dir: Path, preset: str, parallel: int = 2, tasks: list[str] | None = None
+    database: str,
+    run_dir: Path,
+    preset: str,
+    parallel: int = 2,
+    tasks: list[str] | None = None,
+    restricted: list[int] | None = None,
 ) -> pd.DataFrame:
     """Register a database's experiment cells under a recipe preset and run what is unfinished
-    as one Dagster backfill, executed by a Dagster daemon ``parallel`` runs at a time."""
+    as one Dagster backfill, executed by a Dagster daemon ``parallel`` runs at a time;
+    ``restricted``: the database's restricted ks (None: those recipe.json has)."""
     t0 = time.perf_counter()
     run_dir = Path(run_dir).resolve()
     prepare_run_dir(run_dir, parallel)
-    set_experiment(run_dir, database, preset, tasks)
+    set_experiment(run_dir, database, preset, tasks, restricted)
     runner = Runner(database, run_dir)
-    cells = experiment_cells(runner.db.tasks, runner.recipe)
-    probes = experiment_cells(runner.db.tasks, runner.recipe, PROBE)
+    cells = experiment_cells(runner.db.tasks, runner.recipe, runner.db.name)
+    probes = experiment_cells(runner.db.tasks, runner.recipe, runner.db.name, PROBE)
+    ks = runner.recipe.finetune.restricted_ks(database)
     print(
         f"{database}: preset {preset!r}: "
         f"{len(runner.recipe.pretrain.checkpoint_keys())} pre-trained checkpoints, "
+        f"label fractions {', '.join(f'{f:g}' for f in runner.recipe.finetune.label_fractions)}"
+        f"{''.join(f', top{k}' for k in ks)}, "
         f"{len(cells)} fine-tuning cells, {len(probes)} probe cells, {parallel} runs at a time",
         flush=True,
     )
@@ -646,7 +671,7 @@ def run_experiment(
     outcome = _run_backfill_with_daemon(runner.instance, backfill_id)
     again = f"tve experiment {database} --preset {preset}" + (
         f" --tasks {','.join(tasks)}" if tasks else ""
-    )
+    )  # recipe.json keeps the restricted ks
     for run in outcome["failed"]:
         print(
             f"failed: {run.tags.get('dagster/partition', '')} (run {run.run_id}); "

@@ -11,7 +11,7 @@ nine assets under its own key prefix and asset group (``rel_flights/tve_targets`
   window is the next window ``(t, t+Δ]`` whose rows make the task vectors at ``t``),
   registered from the database's seed schedule when it is registered and extended when
   the data grows;
-- its **experiment cells** (task x method x label fraction x seed, for exactly the tasks
+- its **experiment cells** (task x method x label setting x seed, for exactly the tasks
   in its folder) and its pre-training objectives are static partitions definitions
   derived from the recipe (below).
 
@@ -22,6 +22,8 @@ Window keys are :func:`tve_pipeline.windows.window_key`: the seed time's date
 import re
 
 import dagster as dg
+
+from tve_pipeline.tasks import label_set_name, label_setting, restricted_label_set
 
 
 def asset_prefix(database: str) -> str:
@@ -55,7 +57,9 @@ def contiguous_ranges(keys: list[str], order: list[str]) -> list[tuple[str, str]
 # --------------------------------------------------------------------------- experiment cells
 #
 # Pre-training is one partition per objective of the recipe; fine-tuning and evaluation are
-# one partition per *cell*: task x method x label fraction x seed, ``driver-dnf|tve|0.1|s0``.
+# one partition per *cell*: task x method x label setting x seed, ``driver-dnf|tve|0.1|s0``
+# (a label fraction) or ``driver-dnf|tve|top10|s0`` (the task restricted to its 10 most
+# active entities per seed time, tve_pipeline.tasks).
 # Both are static (the recipe and the database's tasks are known when the code location
 # loads), so a cell's checkpoint is a built-in StaticPartitionMapping and a scratch cell
 # maps to no checkpoint at all.
@@ -63,25 +67,33 @@ def contiguous_ranges(keys: list[str], order: list[str]) -> list[tuple[str, str]
 SCRATCH = "scratch"
 
 
-def cell_key(task: str, method: str, fraction: float, seed: int) -> str:
-    return f"{task}|{method}|{fraction:g}|s{seed}"
+def cell_key(task: str, method: str, fraction: float | str, seed: int) -> str:
+    """``fraction``: a label fraction (``0.1``) or a restricted label setting (``top10``)."""
+    return f"{task}|{method}|{label_set_name(fraction)}|s{seed}"
 
 
-def parse_cell(key: str) -> tuple[str, str, float, int]:
-    """(task, method, label fraction, seed) of a cell key."""
+def parse_cell(key: str) -> tuple[str, str, float | str, int]:
+    """(task, method, label setting, seed) of a cell key; the label setting is a label
+    fraction (a float) or a restricted task ``top<k>`` (a string)."""
     try:
         task, method, fraction, seed = key.split("|")
-        return task, method, float(fraction), int(seed.removeprefix("s"))
+        return task, method, label_setting(fraction), int(seed.removeprefix("s"))
     except ValueError as exc:
-        raise ValueError(f"cell key {key!r} is not 'task|method|fraction|sSEED'") from exc
+        raise ValueError(
+            f"cell key {key!r} is not 'task|method|fraction|sSEED' (fraction: a label "
+            "fraction or top<k>)"
+        ) from exc
 
 
 FINETUNE, PROBE = "finetune", "probe"
 
 
-def experiment_cells(tasks, recipe, readout: str = FINETUNE) -> list[str]:
+def experiment_cells(
+    tasks, recipe, database: str | None = None, readout: str = FINETUNE
+) -> list[str]:
     """Every cell of a database's experiment: each task from scratch and from each
-    pre-trained checkpoint, at every label fraction and seed of the recipe.
+    pre-trained checkpoint, at every label fraction, then every restricted k (``top<k>``,
+    the database's own when the recipe names it), and every seed of the recipe.
 
     A checkpoint is an objective (``tve``), or an objective at a pre-training budget
     (``tve@2000``) when the recipe has budgets: the linear probes (``readout="probe"``)
@@ -92,11 +104,15 @@ def experiment_cells(tasks, recipe, readout: str = FINETUNE) -> list[str]:
     methods = [SCRATCH, *checkpoints]
     chosen = recipe.finetune.tasks
     tasks = [t for t in sorted(tasks) if chosen is None or t in chosen]
+    settings = [
+        *recipe.finetune.label_fractions,
+        *map(restricted_label_set, recipe.finetune.restricted_ks(database)),
+    ]
     return [
         cell_key(t, m, f, s)
         for t in tasks
         for m in methods
-        for f in recipe.finetune.label_fractions
+        for f in settings
         for s in recipe.finetune.seeds
     ]
 
@@ -106,13 +122,17 @@ def objective_partitions(recipe) -> dg.StaticPartitionsDefinition:
     return dg.StaticPartitionsDefinition(recipe.pretrain.checkpoint_keys())
 
 
-def cell_partitions(tasks, recipe, readout: str = FINETUNE) -> dg.StaticPartitionsDefinition:
-    return dg.StaticPartitionsDefinition(experiment_cells(tasks, recipe, readout))
+def cell_partitions(
+    tasks, recipe, database: str | None = None, readout: str = FINETUNE
+) -> dg.StaticPartitionsDefinition:
+    return dg.StaticPartitionsDefinition(experiment_cells(tasks, recipe, database, readout))
 
 
-def checkpoint_of_cells(tasks, recipe, readout: str = FINETUNE) -> dg.StaticPartitionMapping:
+def checkpoint_of_cells(
+    tasks, recipe, database: str | None = None, readout: str = FINETUNE
+) -> dg.StaticPartitionMapping:
     """checkpoint -> the cells that start from its backbone (scratch cells have none)."""
-    cells = experiment_cells(tasks, recipe, readout)
+    cells = experiment_cells(tasks, recipe, database, readout)
     return dg.StaticPartitionMapping(
         {k: [c for c in cells if parse_cell(c)[1] == k] for k in recipe.pretrain.checkpoint_keys()}
     )

@@ -4,7 +4,8 @@ linear probes, results.
 An experiment is a grid of independent partitions: ``pretrained_checkpoint`` has one per
 pre-training objective (it reads every window of ``tve_targets`` as a Dagster input);
 ``finetuned_models``, ``metrics`` and ``probe_metrics`` (a linear probe on the frozen
-encoder: the cheap readout) one per cell (task x method x label fraction x seed), each
+encoder: the cheap readout) one per cell (task x method x label setting x seed; a label
+setting is a label fraction or the restricted task ``top<k>``), each
 cell mapped to its objective's checkpoint; ``results`` summarises whatever cells exist,
 both readouts. A cell fails alone, re-runs alone, and a backfill of the grid runs only what
 is missing. Each asset's code version hashes the recipe sections that decide its result,
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 import dagster as dg
+import numpy as np
 import pandas as pd
 from dagster._core.errors import DagsterPipesExecutionError
 
@@ -44,7 +46,7 @@ from tve_pipeline.database import open_dataset
 from tve_pipeline.graph import graph_for
 from tve_pipeline.learning_curves import plot_learning_curves
 from tve_pipeline.results import markdown_table, plot_budget_benefit, plot_tasks, summarise
-from tve_pipeline.tasks import past_activity, restrict_to_most_active
+from tve_pipeline.tasks import label_set_name, restrict_task_tables, restricted_k
 
 # Bumped when the summary, the table or the plots change.
 RESULTS_VERSION = "2"
@@ -268,11 +270,15 @@ def _pretrain_with_torchrun(
     )
 
 
-def _task_of(name: str, raw_tables, recipe, *, with_test_labels: bool = False):
-    """The task and its tables (restricted when the recipe says so).
+def _task_of(name: str, raw_tables, label_set=1.0, *, with_test_labels: bool = False):
+    """The task and its tables; for a restricted label setting (``top<k>``) every table
+    restricted to the k most active entities per seed time (tve_pipeline.tasks), as the
+    reference's top-spending tasks are whole tasks of their own.
 
     The test table is RelBench's masked one (entity + seed time); ``with_test_labels``
-    adds the labelled test table under ``"test_labels"``, for the evaluator only.
+    adds the labelled test table under ``"test_labels"``, for the evaluator only. Ranking
+    costs two DuckDB counts over the first-hop rows, about a second for rel-flights'
+    plane-active (README), against 7-23 s for a probe: nothing is cached.
     """
     if name not in raw_tables.task_names:
         raise failure(
@@ -285,30 +291,39 @@ def _task_of(name: str, raw_tables, recipe, *, with_test_labels: bool = False):
     tables = {split: task.get_table(split, db=db) for split in ("train", "val", "test")}
     if with_test_labels:
         tables["test_labels"] = task.get_table("test", mask_input_cols=False, db=db)
-    k = recipe.finetune.restrict_top_k
+    k = restricted_k(label_set)
     if k is not None:
         frames = {n: t.df for n, t in db.table_dict.items()}
-        for table in tables.values():
-            activity = past_activity(
-                table.df,
-                frames,
-                dataset.manifest.tables,
-                task.entity_table,
-                task.entity_col,
-                task.time_col,
-                task.timedelta,
-            )
-            table.df = restrict_to_most_active(
-                table.df, activity, task.entity_col, task.time_col, k
-            ).reset_index(drop=True)
+        try:
+            restrict_task_tables(tables, frames, dataset.manifest.tables, task, k)
+        except ValueError as exc:  # e.g. one class left in val: one line, no retry
+            raise failure(exc) from exc
     return dataset, task, tables
+
+
+def _label_fraction(label_set) -> float:
+    """The fraction of the task's training table a cell trains on: all of a restricted
+    task's."""
+    return 1.0 if restricted_k(label_set) is not None else float(label_set)
+
+
+def _cell_params(task_name: str, method: str, label_set, seed: int) -> dict:
+    """A cell's identity as MLflow parameters."""
+    return {
+        "task": task_name,
+        "method": method,
+        "seed": seed,
+        "label_fraction": _label_fraction(label_set),
+        "label_set": label_set_name(label_set),
+        "restricted_k": restricted_k(label_set) or 0,
+    }
 
 
 def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
     pretrain_version = recipe_version(recipe, *PRETRAIN_SECTIONS)
     finetune_version = recipe_version(recipe, "seed", "backbone", "finetune")
     probe_version = recipe_version(recipe, "seed", "backbone", "probe")
-    cells = cell_partitions(db.tasks, recipe)
+    cells = cell_partitions(db.tasks, recipe, db.name)
 
     @dg.asset(
         key=db.key("pretrained_checkpoint"),
@@ -416,7 +431,7 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
             "raw_tables": dg.AssetIn(key=db.key("raw_tables")),
             "pretrained_checkpoint": dg.AssetIn(
                 key=db.key("pretrained_checkpoint"),
-                partition_mapping=checkpoint_of_cells(db.tasks, recipe, readout),
+                partition_mapping=checkpoint_of_cells(db.tasks, recipe, db.name, readout),
             ),
         }
 
@@ -440,10 +455,11 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
         mlflow: MLflowTracking,
     ) -> dg.Output:
         """One experiment cell: a task fine-tuned from scratch or from one objective's backbone,
-        on one label fraction (drawn with the seed, the same rows for every method), one seed."""
+        on one label fraction (drawn with the seed, the same rows for every method) or all of
+        the restricted task's labels (``top<k>``), one seed."""
         run_recipe = recipe.recipe()
-        task_name, method, fraction, seed = parse_cell(context.partition_key)
-        dataset, task, tables = _task_of(task_name, raw_tables, run_recipe)
+        task_name, method, label_set, seed = parse_cell(context.partition_key)
+        dataset, task, tables = _task_of(task_name, raw_tables, label_set)
         backbone = _backbone_of(method, pretrained_checkpoint, task.entity_table, db.name)
         data, col_stats = _cached_graph(storage, raw_tables, dataset, run_recipe)
         # a new pre-trained backbone makes an old fine-tuning checkpoint stale
@@ -452,10 +468,7 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
         with mlflow.run(context, f"finetune {method}", database=db.name) as run:
             run.log_params(
                 {
-                    "task": task_name,
-                    "method": method,
-                    "seed": seed,
-                    "label_fraction": fraction,
+                    **_cell_params(task_name, method, label_set, seed),
                     **{f"finetune.{k}": v for k, v in run_recipe.finetune.model_dump().items()},
                 }
             )
@@ -468,7 +481,7 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
                     run_recipe,
                     device.torch_device(),
                     seed=seed,
-                    label_fraction=fraction,
+                    label_fraction=_label_fraction(label_set),
                     backbone=backbone,
                     log=run.log_metrics,
                     checkpoint=training.Checkpointer(
@@ -492,7 +505,8 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
             metadata={
                 "task": task_name,
                 "method": method,
-                "label_fraction": fraction,
+                "label_fraction": _label_fraction(label_set),
+                "label_set": label_set_name(label_set),
                 "seed": seed,
                 "n_train": result["n_train"],
                 "n_val": len(tables["val"].df),
@@ -547,8 +561,8 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
     ) -> dg.Output:
         """RelBench's evaluator on val and test for one cell's model; one row per metric."""
         run_recipe = recipe.recipe()
-        task_name, method, fraction, seed = parse_cell(context.partition_key)
-        dataset, task, tables = _task_of(task_name, raw_tables, run_recipe, with_test_labels=True)
+        task_name, method, label_set, seed = parse_cell(context.partition_key)
+        dataset, task, tables = _task_of(task_name, raw_tables, label_set, with_test_labels=True)
         data, col_stats = _cached_graph(storage, raw_tables, dataset, run_recipe)
         scores = evaluation.evaluate(
             data,
@@ -561,7 +575,7 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
             seed=seed,
             output_range=finetuned_models.get("output_range"),
         )
-        rows = _metric_rows(db.name, task_name, method, fraction, seed, scores, "finetune")
+        rows = _metric_rows(db.name, task_name, method, label_set, seed, scores, "finetune")
         with mlflow.run(context, "metrics", database=db.name) as run:
             run.log_metrics({f"{row['split']}.{row['metric']}": row["value"] for row in rows})
         return dg.Output(
@@ -574,7 +588,7 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
 
     @dg.asset(
         key=db.key("probe_metrics"),
-        partitions_def=cell_partitions(db.tasks, recipe, PROBE),
+        partitions_def=cell_partitions(db.tasks, recipe, db.name, PROBE),
         ins=cell_inputs(PROBE),
         group_name=db.group,
         kinds={"scikitlearn", "mlflow"},
@@ -593,8 +607,8 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
         backbone, or a random one for scratch), strength chosen on val, RelBench's evaluator
         on val and test; rows as ``metrics``'s, with ``readout`` = ``probe``."""
         run_recipe = recipe.recipe()
-        task_name, method, fraction, seed = parse_cell(context.partition_key)
-        dataset, task, tables = _task_of(task_name, raw_tables, run_recipe, with_test_labels=True)
+        task_name, method, label_set, seed = parse_cell(context.partition_key)
+        dataset, task, tables = _task_of(task_name, raw_tables, label_set, with_test_labels=True)
         backbone = _backbone_of(method, pretrained_checkpoint, task.entity_table, db.name)
         data, col_stats = _cached_graph(storage, raw_tables, dataset, run_recipe)
         try:
@@ -606,20 +620,17 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
                 run_recipe,
                 device.torch_device(),
                 seed=seed,
-                label_fraction=fraction,
+                label_fraction=_label_fraction(label_set),
                 backbone=backbone,
             )
         except ValueError as exc:  # e.g. a label sample of one class: one line, no retry
             raise failure(exc) from exc
         scores = {"val": result["val_metrics"], "test": result["test_metrics"]}
-        rows = _metric_rows(db.name, task_name, method, fraction, seed, scores, "probe")
+        rows = _metric_rows(db.name, task_name, method, label_set, seed, scores, "probe")
         with mlflow.run(context, f"probe {method}", database=db.name) as run:
             run.log_params(
                 {
-                    "task": task_name,
-                    "method": method,
-                    "seed": seed,
-                    "label_fraction": fraction,
+                    **_cell_params(task_name, method, label_set, seed),
                     result["regularisation"]: result["strength"],
                 }
             )
@@ -629,8 +640,8 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
             metadata={**probe_metadata(result), **mlflow_metadata(run)},
         )
 
-    cells_expected = len(experiment_cells(db.tasks, recipe))
-    probe_cells_expected = len(experiment_cells(db.tasks, recipe, PROBE))
+    cells_expected = len(experiment_cells(db.tasks, recipe, db.name))
+    probe_cells_expected = len(experiment_cells(db.tasks, recipe, db.name, PROBE))
 
     @dg.asset(
         key=db.key("results"),
@@ -657,18 +668,18 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
         mlflow: MLflowTracking,
     ) -> dg.Output:
         """The experiment's answer: mean ± std over seeds per task, readout (fine-tuning or
-        linear probe), method and label fraction, each pre-trained method's paired
+        linear probe), method and label setting, each pre-trained method's paired
         difference to scratch (same readout) with a 95% CI, and each task's trivial
         baseline beside it (RelBench's trivial predictors, from the training labels);
         written to ``results/<database>/`` (summary.csv, summary.md, baselines.csv, one PNG
-        per task)."""
+        per task, budget.png)."""
         frames = [
             *(f.assign(readout=f.get("readout", "finetune")) for f in metrics.values()),
             *probe_metrics.values(),
         ]
         rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-        scores = trivial_scores(rows, raw_tables, recipe.recipe())
-        summary = summarise(rows, baselines.trivial_baseline(scores))
+        scores = trivial_scores(rows, raw_tables)
+        summary = summarise(rows, trivial_by_setting(scores))
         out = storage.results_dir(db.name)
         write_results(out, rows, summary, scores)
         with mlflow.run(context, "results", database=db.name) as run:
@@ -708,14 +719,18 @@ def _backbone_of(method: str, checkpoint: dict | None, entity_table: str, databa
     return by_entity[entity_table]["backbone"]
 
 
-def _metric_rows(database, task, method, fraction, seed, scores: dict, readout: str) -> list:
-    """One row per split and metric of a cell, as ``results`` reads them."""
+def _metric_rows(database, task, method, label_set, seed, scores: dict, readout: str) -> list:
+    """One row per split and metric of a cell, as ``results`` reads them: ``label_set`` the
+    cell's label setting (``0.1``, ``top10``), ``label_fraction`` its fraction (NaN for a
+    restricted task, so that a filter on the fraction never mixes it with the whole task)."""
+    k = restricted_k(label_set)
     return [
         {
             "database": database,
             "task": task,
             "method": method,
-            "label_fraction": fraction,
+            "label_fraction": float("nan") if k is not None else float(label_set),
+            "label_set": label_set_name(label_set),
             "seed": seed,
             "readout": readout,
             "split": split,
@@ -848,19 +863,39 @@ def cell_metrics_metadata(scores: dict, finetuned: dict, cell: str) -> dict:
     }
 
 
-def trivial_scores(rows: pd.DataFrame, raw_tables, recipe) -> pd.DataFrame:
+WHOLE_TASK = "all"
+
+
+def trivial_scores(rows: pd.DataFrame, raw_tables) -> pd.DataFrame:
     """RelBench's trivial predictors of every task with cells in ``rows``, on val and test
-    (:func:`tve_pipeline.baselines.baseline_scores`; training labels only)."""
-    names = sorted(set(rows["task"])) if "task" in rows else []
+    (:func:`tve_pipeline.baselines.baseline_scores`; training labels only): the whole
+    task's (``label_set`` ``all``) and each restricted task's (``top10``: its own tables)."""
+    settings = {(name, WHOLE_TASK) for name in rows.get("task", ())}
+    if "label_set" in rows:
+        settings |= {
+            (name, str(s))
+            for name, s in zip(rows["task"], rows["label_set"])
+            if pd.notna(s) and restricted_k(s) is not None
+        }
+    frames = []
+    for name, setting in sorted(settings):
+        label_set = 1.0 if setting == WHOLE_TASK else setting
+        task, tables = _task_of(name, raw_tables, label_set, with_test_labels=True)[1:]
+        frames.append(baselines.baseline_scores(task, tables).assign(label_set=setting))
+    columns = [*baselines.COLUMNS, "label_set"]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+
+
+def trivial_by_setting(scores: pd.DataFrame) -> pd.DataFrame:
+    """:func:`tve_pipeline.baselines.trivial_baseline` of the whole task (``label_fraction``
+    NaN) and of each restricted task (``label_fraction`` names it), as ``summarise`` reads."""
     frames = [
-        baselines.baseline_scores(task, tables)
-        for task, tables in (
-            _task_of(name, raw_tables, recipe, with_test_labels=True)[1:] for name in names
+        baselines.trivial_baseline(part).assign(
+            label_fraction=np.nan if setting == WHOLE_TASK else setting
         )
+        for setting, part in scores.groupby("label_set", sort=True)
     ]
-    return (
-        pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=baselines.COLUMNS)
-    )
+    return pd.concat(frames, ignore_index=True) if frames else None
 
 
 def write_results(

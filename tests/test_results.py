@@ -123,9 +123,10 @@ def test_summary_keeps_its_columns_and_adds_direction_and_the_trivial_baseline()
         "task",
         "readout",
         "method",
-        "label_fraction",
+        "label_set",
         "split",
         "metric",
+        "label_fraction",
         "mean",
         "std",
         "n",
@@ -256,8 +257,8 @@ def test_a_restricted_task_takes_only_its_own_baseline():
     """A named label setting (``top10``) is scored on other seeds: no whole-task baseline
     beside it, its own when the baselines name it."""
     rows = _two_metrics_two_splits((0.1, "top10"))
-    summary = summarise(rows, _trivial()).set_index(["label_fraction", "split", "metric"])
-    assert summary.loc[(0.1, "test", "roc_auc"), "trivial"].tolist() == [0.5, 0.5]
+    summary = summarise(rows, _trivial()).set_index(["label_set", "split", "metric"])
+    assert summary.loc[("0.1", "test", "roc_auc"), "trivial"].tolist() == [0.5, 0.5]
     assert summary.loc[("top10", "test", "roc_auc"), "trivial"].isna().all()
     own = pd.concat(
         [
@@ -265,7 +266,7 @@ def test_a_restricted_task_takes_only_its_own_baseline():
             _trivial(values=(0.6, 0.7)).assign(label_fraction="top10"),
         ]
     )
-    summary = summarise(rows, own).set_index(["label_fraction", "split", "metric", "method"])
+    summary = summarise(rows, own).set_index(["label_set", "split", "metric", "method"])
     assert summary.loc[("top10", "test", "roc_auc", "tve"), "trivial"] == 0.7
-    assert summary.loc[(0.1, "test", "roc_auc", "tve"), "trivial"] == 0.5
+    assert summary.loc[("0.1", "test", "roc_auc", "tve"), "trivial"] == 0.5
     assert summary.loc[("top10", "test", "roc_auc", "scratch"), "beats_trivial"]  # 0.71 > 0.7

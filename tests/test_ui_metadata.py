@@ -96,6 +96,7 @@ KEYS = {
         "task",
         "method",
         "label_fraction",
+        "label_set",
         "seed",
         "n_train",
         "n_val",

@@ -247,9 +247,13 @@ class FinetuneConfig(BaseModel):
 
     Every task is fine-tuned from scratch and from each pre-trained objective's backbone,
     for every seed and label fraction, on the same label sample (that fraction of the
-    training table, drawn with the seed, identical for every method). ``restrict_top_k``
-    turns each task into its restricted variant: only the k entities with the most
-    first-hop rows in the window before each seed time (the reference's low-data setting).
+    training table, drawn with the seed, identical for every method). Beside the fractions,
+    each k of ``restricted_k`` adds a label setting ``top<k>`` to the grid: the task
+    restricted to the k entities with the most first-hop rows in the window before each
+    seed time, all of its training labels, val and test restricted alike (the reference's
+    low-data setting; tve_pipeline.tasks). A database named in ``restricted_k_by_database``
+    uses its own ks instead (rel-f1 has about 22 drivers per seed time, rel-flights about
+    4,000 planes): ``tve experiment DB --restricted K`` writes it.
 
     The protocol is the same for every method (tve_pipeline.training.finetune): AdamW
     with ``weight_decay`` at each rate of ``lr_grid``, for ``max(min_steps, epochs x
@@ -289,7 +293,9 @@ class FinetuneConfig(BaseModel):
     label_fractions: tuple[float, ...] = (1.0,)
     # The database's tasks an experiment fine-tunes (None: every one of them).
     tasks: tuple[str, ...] | None = None
-    restrict_top_k: int | None = None
+    # Restricted label settings (top-k entities per seed time), beside the fractions.
+    restricted_k: tuple[int, ...] = ()
+    restricted_k_by_database: dict[str, tuple[int, ...]] = Field(default_factory=dict)
     # With pre-training budgets (PretrainConfig.budgets): the budget whose checkpoints are
     # fine-tuned (None: the largest); the linear probes read every budget.
     pretrain_budget: int | None = None
@@ -309,6 +315,49 @@ class FinetuneConfig(BaseModel):
             data = {k: v for k, v in data.items() if k != "lr"}
             data.setdefault("lr_grid", (lr,))
         return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _restrict_top_k_is_one_restricted_setting(cls, data):
+        # Recipes written before restricted tasks were cells of their own name
+        # ``restrict_top_k`` (None in every stored checkpoint's recipe; never run with a k).
+        # It restricted every cell; a k now adds the ``top<k>`` cells beside the fractions,
+        # the reading that keeps such a recipe's unrestricted cells what they were.
+        if isinstance(data, dict) and "restrict_top_k" in data:
+            k = data["restrict_top_k"]
+            data = {key: v for key, v in data.items() if key != "restrict_top_k"}
+            if k is not None:
+                warnings.warn(
+                    f"recipe finetune.restrict_top_k = {k} now adds the restricted cells "
+                    f"'top{k}' beside the label fractions (finetune.restricted_k = [{k}]) "
+                    "instead of restricting every cell",
+                    FutureWarning,
+                    stacklevel=2,
+                )
+                data.setdefault("restricted_k", (k,))
+        return data
+
+    @field_validator("restricted_k")
+    @classmethod
+    def _positive_ks(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(k < 1 for k in value):
+            raise ValueError(f"finetune.restricted_k must be positive integers, got {value}")
+        return value
+
+    @field_validator("restricted_k_by_database")
+    @classmethod
+    def _positive_ks_per_database(cls, value: dict) -> dict:
+        for database, ks in value.items():
+            if any(k < 1 for k in ks):
+                raise ValueError(
+                    f"finetune.restricted_k_by_database[{database!r}] must be positive "
+                    f"integers, got {ks}"
+                )
+        return value
+
+    def restricted_ks(self, database: str | None = None) -> tuple[int, ...]:
+        """The ks of a database's restricted cells (its own, else ``restricted_k``)."""
+        return self.restricted_k_by_database.get(database, self.restricted_k)
 
     @field_validator("lr_grid")
     @classmethod
@@ -497,15 +546,30 @@ def make_recipe(profile: str = "reference", overrides: dict | None = None) -> Re
 
 
 # Fields that choose which experiment cells exist, not what any one of them computes: an
-# experiment grown by a task, an objective, a seed or a label fraction keeps its finished cells.
+# experiment grown by a task, an objective, a budget, a seed, a label fraction or a restricted
+# k keeps its finished cells.
 GRID_FIELDS = {
     "pretrain": ("objectives", "budgets", "budget_caps"),
-    "finetune": ("tasks", "seeds", "label_fractions", "pretrain_budget", "objectives"),
+    "finetune": (
+        "tasks",
+        "seeds",
+        "label_fractions",
+        "restricted_k",
+        "restricted_k_by_database",
+        "pretrain_budget",
+        "objectives",
+    ),
 }
 
 # Fields that change how a result is computed, never the result: a new memory budget keeps
 # the task vectors (and everything trained on them) fresh.
 RUN_FIELDS = {"targets": ("memory_limit",)}
+
+
+# Fields that are gone, hashed with the value every recipe had, so that results computed
+# before they went stay fresh: ``finetune.restrict_top_k`` (never set; now the grid field
+# ``restricted_k``).
+_RETIRED_FIELDS = {"finetune": {"restrict_top_k": None}}
 
 
 def recipe_version(recipe: Recipe, *sections: str) -> str:
@@ -522,6 +586,9 @@ def recipe_version(recipe: Recipe, *sections: str) -> str:
         value = getattr(recipe, name)
         if isinstance(value, BaseModel):
             leave_out = {*GRID_FIELDS.get(name, ()), *RUN_FIELDS.get(name, ())}
-            value = value.model_dump(mode="json", exclude=leave_out)
+            value = {
+                **_RETIRED_FIELDS.get(name, {}),
+                **value.model_dump(mode="json", exclude=leave_out),
+            }
         payload[name] = value
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]

@@ -1,15 +1,20 @@
 """An experiment's answer: per-cell metrics summarised with paired differences and plots.
 
-The rows are the metrics of every cell (task, method, label fraction, seed, readout,
+The rows are the metrics of every cell (task, method, label setting, seed, readout,
 split, metric, value), where the *readout* is ``finetune`` (the fine-tuned model) or
-``probe`` (a linear probe on the frozen encoder, :mod:`tve_pipeline.probe`). For each
-(task, readout, method, fraction, split, metric) the summary gives the mean, the standard
-deviation over seeds and their number; and, for a pre-trained method, the **paired**
-difference to scratch with the same readout: the same task, fraction, seed (the same label
-sample and random streams), averaged over the seeds both have, with a 95% confidence
-interval from Student's t (n - 1 degrees of freedom). Pairing removes the seed-to-seed
-variance both methods share, which is most of it on small label sets. Rows without a
-readout (cells stored before probes existed) are fine-tuning's.
+``probe`` (a linear probe on the frozen encoder, :mod:`tve_pipeline.probe`), and the
+*label setting* ``label_set`` is a label fraction (``0.1``) or a restricted task (``top10``:
+the k most active entities per seed time, :mod:`tve_pipeline.tasks`); ``label_fraction``
+is the fraction, NaN for a restricted task (so that a filter on the fraction never mixes
+the restricted task with the whole one). For each (task, readout, method, label setting,
+split, metric) the summary gives the mean, the standard deviation over seeds and their
+number; and, for a pre-trained method, the **paired** difference to scratch with the same
+readout: the same task, label setting, seed (the same label sample and random streams),
+averaged over the seeds both have, with a 95% confidence interval from Student's t (n - 1
+degrees of freedom). Pairing removes the seed-to-seed variance both methods share, which is
+most of it on small label sets. Rows without a readout (cells stored before probes existed)
+are fine-tuning's; rows without a label setting (stored before restricted tasks) take their
+fraction's. Label settings sort fractions first (ascending), then restricted ks.
 
 Every row also says which way its metric is better (``direction``) and, given the tasks'
 trivial baselines (:func:`tve_pipeline.baselines.trivial_baseline`: the constant predictor
@@ -19,7 +24,6 @@ the median of the split's labels (``label_median``, regression), which shows a w
 labels moved.
 The baseline is a pair of columns beside the model's rows, not rows of its own: it has no
 label fraction, seed or readout to group by, and each row then carries its own comparison.
-A label setting may be a fraction (``0.1``) or a name (``top10``, a restricted task).
 """
 
 from __future__ import annotations
@@ -33,12 +37,14 @@ import pandas as pd
 from tve_pipeline.baselines import beats
 from tve_pipeline.common import atomic_path
 from tve_pipeline.evaluation import metric_direction
+from tve_pipeline.tasks import label_set_name, restricted_k
 
 SCRATCH = "scratch"
-KEYS = ["task", "readout", "method", "label_fraction", "split", "metric"]
+KEYS = ["task", "readout", "method", "label_set", "split", "metric"]
 FINETUNE, PROBE = "finetune", "probe"
 SUMMARY_COLUMNS = [
     *KEYS,
+    "label_fraction",
     "mean",
     "std",
     "n",
@@ -78,19 +84,31 @@ def with_readout(rows: pd.DataFrame) -> pd.DataFrame:
     return rows.assign(readout=rows["readout"].fillna(FINETUNE))
 
 
+def with_label_set(rows: pd.DataFrame) -> pd.DataFrame:
+    """``rows`` with a ``label_set`` column as text (the fraction's where it has none) and
+    ``label_fraction`` from it (NaN for a restricted task)."""
+    given = rows["label_set"] if "label_set" in rows else pd.Series(np.nan, index=rows.index)
+    label_set = [
+        label_set_name(s if pd.notna(s) else f)
+        for s, f in zip(given, rows.get("label_fraction", given))
+    ]
+    fraction = [math.nan if restricted_k(s) is not None else float(s) for s in label_set]
+    return rows.assign(label_set=label_set, label_fraction=fraction)
+
+
 def summarise(rows: pd.DataFrame, trivial: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One row per (task, readout, method, label fraction, split, metric); see the module
+    """One row per (task, readout, method, label setting, split, metric); see the module
     docstring. ``trivial``: the tasks' trivial baselines (columns task, split, metric,
     trivial, trivial_predictor), or None (NaN in those columns)."""
     if rows.empty:
         return pd.DataFrame(columns=SUMMARY_COLUMNS)
-    rows = with_readout(rows)
-    stats = (
+    rows = with_label_set(with_readout(rows))
+    stats = with_label_set(
         rows.groupby(KEYS, dropna=False, sort=False)["value"]
         .agg(mean="mean", std="std", n="count")
         .reset_index()
     )
-    pair_keys = ["task", "readout", "label_fraction", "split", "metric", "seed"]
+    pair_keys = ["task", "readout", "label_set", "split", "metric", "seed"]
     scratch = rows[rows["method"] == SCRATCH].set_index(pair_keys)["value"]
     out = []
     for _, row in stats.iterrows():
@@ -122,15 +140,15 @@ def _with_trivial(summary: pd.DataFrame, trivial: pd.DataFrame | None) -> pd.Dat
 
     A restricted task (a named label setting such as ``top10``) is scored on its own val
     and test seeds, so the whole task's baseline does not apply to it: its rows take the
-    baseline rows whose ``label_fraction`` names the setting, when ``trivial`` has such
-    rows, and none otherwise. Rows with a label fraction take the task's baseline (fitted
+    baseline rows whose ``label_fraction`` names the setting (``top10``), when ``trivial``
+    has such rows, and none otherwise. Rows with a label fraction take the task's baseline (fitted
     on all the training labels; val and test are the same seeds at every fraction).
     """
     columns = ["trivial", "trivial_predictor", "label_median"]
     empty = {"trivial": math.nan, "trivial_predictor": None, "label_median": math.nan}
     if trivial is None or trivial.empty:
         return summary.assign(**empty)
-    named = summary["label_fraction"].map(lambda v: not _is_fraction(v))
+    named = summary["label_set"].map(lambda v: not _is_fraction(v))
     per_task = trivial
     if "label_fraction" in trivial:
         per_task = trivial[trivial["label_fraction"].isna()]
@@ -138,9 +156,10 @@ def _with_trivial(summary: pd.DataFrame, trivial: pd.DataFrame | None) -> pd.Dat
     if named.any():
         restricted = summary[named]
         if "label_fraction" in trivial:
-            keys = [*TRIVIAL_KEYS, "label_fraction"]
-            own = trivial[trivial["label_fraction"].notna()][[*keys, *columns]]
-            restricted = restricted.merge(own, on=keys, how="left")
+            own = trivial[trivial["label_fraction"].notna()]
+            own = own.assign(label_set=own["label_fraction"].map(label_set_name))
+            keys = [*TRIVIAL_KEYS, "label_set"]
+            restricted = restricted.merge(own[[*keys, *columns]], on=keys, how="left")
         else:
             restricted = restricted.assign(**empty)
         out = pd.concat([out, restricted], ignore_index=True)
@@ -152,9 +171,11 @@ def sort_rows(frame: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     names such as ``top10`` do not compare with each other)."""
 
     def key(column: pd.Series) -> pd.Series:
-        if column.name != "label_fraction":
+        if column.name != "label_set":
             return column
-        return column.map(lambda v: (0, float(v), "") if _is_fraction(v) else (1, 0.0, str(v)))
+        return column.map(
+            lambda v: (0, float(v), 0) if _is_fraction(v) else (1, 0.0, restricted_k(v))
+        )
 
     return frame.sort_values(by, key=key, kind="stable").reset_index(drop=True)
 
@@ -167,14 +188,17 @@ def label_text(fraction) -> str:
     return str(fraction)
 
 
-def label_order(fractions) -> list:
-    """Label settings in reading order: fractions ascending, then names."""
-    values = list(dict.fromkeys(fractions))
-    numeric = sorted(v for v in values if _is_fraction(v))
-    return numeric + sorted((v for v in values if not _is_fraction(v)), key=str)
+def label_order(settings) -> list:
+    """Label settings in reading order: fractions ascending, then restricted tasks by k."""
+    values = list(dict.fromkeys(settings))
+    numeric = sorted((v for v in values if _is_fraction(v)), key=float)
+    return numeric + sorted((v for v in values if not _is_fraction(v)), key=restricted_k)
 
 
 def _is_fraction(value) -> bool:
+    """Whether a label setting (``0.1``, ``"0.1"``, ``"top10"``) is a label fraction."""
+    if isinstance(value, str):
+        return restricted_k(value) is None
     return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
 
 
@@ -185,7 +209,7 @@ def _fmt(x: float, digits: int = 4) -> str:
 def with_baseline_columns(summary: pd.DataFrame) -> pd.DataFrame:
     """``summary`` with every column of :data:`SUMMARY_COLUMNS` (a summary written before
     directions and baselines gets its directions and empty baseline columns)."""
-    summary = with_readout(summary)
+    summary = with_label_set(with_readout(summary))
     if "direction" not in summary:
         summary = summary.assign(direction=summary["metric"].map(metric_direction))
     for column in ("trivial", "label_median"):
@@ -206,7 +230,7 @@ def markdown_table(summary: pd.DataFrame, split: str = "test") -> str:
     CI]; difference to the trivial baseline), a ``trivial`` row above each task's metric,
     and a line under the table for each task whose trivial baseline no model beats."""
     summary = with_baseline_columns(summary)
-    order = ["task", "metric", "readout", "label_fraction", "method"]
+    order = ["task", "metric", "readout", "label_set", "method"]
     part = sort_rows(summary[summary["split"] == split], order)
     lines = [
         "| task | metric | better | readout | labels | method | mean ± std (n) "
@@ -233,7 +257,7 @@ def markdown_table(summary: pd.DataFrame, split: str = "test") -> str:
             vs_trivial = "" if pd.isna(row["trivial"]) else f"{row['mean'] - row['trivial']:+.4f}"
             lines.append(
                 f"| {task} | {metric} | {row['direction']} | {row['readout']} "
-                f"| {label_text(row['label_fraction'])} | {row['method']} | "
+                f"| {label_text(row['label_set'])} | {row['method']} | "
                 f"{_fmt(row['mean'])}{spread} ({int(row['n'])}) | {diff} | {vs_trivial} |"
             )
     notes = baseline_notes(summary, split)
@@ -265,12 +289,12 @@ def baseline_notes(summary: pd.DataFrame, split: str = "test") -> list[str]:
             line = (
                 f"- {task}: no model beats the trivial baseline on {split} {metric} "
                 f"({first['direction']} is better; {baseline}): the best is {best['method']} "
-                f"({best['readout']}, labels {label_text(best['label_fraction'])}) "
+                f"({best['readout']}, labels {label_text(best['label_set'])}) "
                 f"{_fmt(best['mean'])}."
             )
         else:
             shown = ", ".join(
-                f"{r['method']} ({r['readout']}, labels {label_text(r['label_fraction'])}) "
+                f"{r['method']} ({r['readout']}, labels {label_text(r['label_set'])}) "
                 f"{_fmt(r['mean'])}"
                 for _, r in losers.iterrows()
             )
@@ -280,7 +304,7 @@ def baseline_notes(summary: pd.DataFrame, split: str = "test") -> list[str]:
                 f"{shown}."
             )
         val = rows[(rows["split"] == "val") & rows["trivial"].notna()]
-        keys = ["readout", "method", "label_fraction"]
+        keys = ["readout", "method", "label_set"]
         lost = set(map(tuple, losers[keys].itertuples(index=False)))
         won_on_val = val[val["beats_trivial"].astype(bool)]
         won_on_val = won_on_val[
@@ -362,18 +386,18 @@ def task_figure(of_task: pd.DataFrame, splits=("val", "test")):
 
 def _panel(ax, part: pd.DataFrame, title: str, split: str, metric: str) -> None:
     """One metric on one split: lines over label fractions, or bars per label setting."""
-    settings = label_order(part["label_fraction"])
+    settings = label_order(part["label_set"])
     both = part["readout"].nunique() > 1
     series = list(part.groupby(["readout", "method"], sort=True))
     as_lines = len(settings) > 1 and all(_is_fraction(v) for v in settings)
     width = 0.8 / max(len(series), 1)
     for k, ((readout, method), line) in enumerate(series):
         label = f"{method} ({readout})" if both else method
-        line = line.set_index("label_fraction").reindex(settings)
+        line = line.set_index("label_set").reindex(settings)
         err = line["std"].fillna(0.0).to_numpy(dtype=float)
         if as_lines:
             ax.errorbar(
-                settings,
+                [float(v) for v in settings],
                 line["mean"].to_numpy(dtype=float),
                 yerr=err,
                 marker="o",
@@ -394,7 +418,7 @@ def _panel(ax, part: pd.DataFrame, title: str, split: str, metric: str) -> None:
             )
     if as_lines:
         ax.set_xscale("log")
-        ax.set_xticks(settings, [label_text(v) for v in settings])
+        ax.set_xticks([float(v) for v in settings], [label_text(v) for v in settings])
         ax.minorticks_off()
         ax.set_xlabel("label fraction")
     else:
@@ -428,8 +452,8 @@ def budget_benefit(summary: pd.DataFrame, split: str = "test") -> pd.DataFrame:
     paired difference to scratch and its 95% CI, signed so that a positive ``benefit`` is
     better whatever the metric's direction, for every method that names a budget
     (``tve@1000``)."""
-    columns = ["task", "metric", "objective", "budget", "readout", "label_fraction"]
-    part = with_readout(summary)
+    columns = ["task", "metric", "objective", "budget", "readout", "label_set"]
+    part = with_label_set(with_readout(summary))
     part = part[(part["split"] == split) & part["method"].str.contains("@") & (part["n_pairs"] > 0)]
     if part.empty:
         return pd.DataFrame(columns=[*columns, "benefit", "low", "high", "n_pairs"])
@@ -467,7 +491,7 @@ def plot_budget_benefit(summary: pd.DataFrame, out_dir: Path, split: str = "test
         rows = frame[frame["task"] == task]
         metric = rows["metric"].iloc[0]
         for (objective, readout, fraction), line in rows.groupby(
-            ["objective", "readout", "label_fraction"]
+            ["objective", "readout", "label_set"]
         ):
             err = [
                 (line["benefit"] - line["low"]).fillna(0.0),
