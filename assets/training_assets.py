@@ -237,7 +237,7 @@ def _pretrain_with_torchrun(
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
         command += [f"--nproc-per-node={processes}", "-m", "assets.pretrain_worker", str(spec_file)]
-        lock = checkpoint_file(f"{objective}-ranks").with_suffix(".lock")
+        lock = storage.lock_file(database, f"{objective}-ranks")
         try:
             with exclusive(lock):  # one process group at a time on an objective's run
                 invocation = dg.PipesSubprocessClient(env={"PYTHONPATH": path}).run(
@@ -391,7 +391,7 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
                 # one process at a time on an objective's run: a budget's partition started
                 # beside another budget's waits, then reuses or resumes what it left
                 with exclusive(
-                    checkpointer.path.with_suffix(".lock"),
+                    storage.lock_file(db.name, f"{objective}-{entity}"),
                     lambda: context.log.info(f"waiting for {objective}'s other budget run"),
                 ):
                     result = _pretrain_one(

@@ -8,7 +8,8 @@ under ``TVE_THREADS=1`` (``--threads`` says how many), so CPU-hours = wall-hours
 (an upper bound on a shared machine: waiting for the CPU counts). For pre-training it
 also reads each checkpoint's per-evaluation timing (``timing``: the seconds of the steps
 its run trained) and prints, per objective and budget, the steps trained, the seconds and
-the seeds per second, and the cumulative CPU-hours of the run up to that budget.
+the seeds per second, the cumulative CPU-hours of the run up to that budget, and the kept
+checkpoint's validation loss (mean over entity tables) and step.
 """
 
 from __future__ import annotations
@@ -57,7 +58,17 @@ def budget_rows(runner) -> list[dict]:
         for entity, result in checkpoint["by_entity"].items():
             for row in result.get("timing") or []:
                 timing[objective][(entity, row["step"])] = row["seconds"]
-        rows.append({"key": key, "objective": objective, "budget": budget})
+        losses = [r["best_val_loss"] for r in checkpoint["by_entity"].values()]
+        losses = [v for v in losses if v is not None]
+        rows.append(
+            {
+                "key": key,
+                "objective": objective,
+                "budget": budget,
+                "val_loss": sum(losses) / len(losses) if losses else float("nan"),
+                "best_step": max(r.get("best_step", -1) for r in checkpoint["by_entity"].values()),
+            }
+        )
     for row in rows:
         steps = timing[row["objective"]]
         upto = [k for k in steps if row["budget"] is None or k[1] <= row["budget"]]
@@ -89,11 +100,14 @@ def main() -> None:
         f"{sum(v['hours'] for v in stages.values()):>8.2f} h"
     )
     print("\npre-training per budget (steps timed: the evaluations whose timing was kept)")
-    print(f"  {'checkpoint':<16} {'steps':>6} {'CPU-h to here':>14} {'seeds/s':>9}")
+    print(
+        f"  {'checkpoint':<16} {'steps':>6} {'CPU-h to here':>14} {'seeds/s':>9} "
+        f"{'val loss':>9} {'kept step':>9}"
+    )
     for row in budget_rows(runner):
         print(
             f"  {row['key']:<16} {row['steps_timed']:>6} {row['hours']:>14.2f} "
-            f"{row['seeds_per_s']:>9.1f}"
+            f"{row['seeds_per_s']:>9.1f} {row['val_loss']:>9.4f} {row['best_step']:>9}"
         )
 
 

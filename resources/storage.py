@@ -43,6 +43,13 @@ class TVEStorage(dg.ConfigurableResource):
         name = name.replace("+", "_").replace(">", "-then-")
         return Path(self.run_dir) / "checkpoints" / asset / safe / f"{name}.pt"
 
+    def lock_file(self, database: str, name: str) -> Path:
+        """A lock that serialises the runs on one thing (an objective's pre-training run):
+        ``locks/<database>/<name>.lock``, empty, kept (a lock file removed while another
+        process waits on it would let a third in)."""
+        name = name.replace("+", "_").replace(">", "-then-")
+        return Path(self.run_dir) / "locks" / database / f"{name}.lock"
+
     def results_dir(self, database: str) -> Path:
         """An experiment's answer: ``results/<database>/`` (summary.csv, summary.md, plots)."""
         return Path(self.run_dir) / "results" / database

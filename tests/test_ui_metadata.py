@@ -89,7 +89,14 @@ KEYS = {
         "sql",
         "folder",
     },
-    "pretrained_checkpoint": {"num_windows", "seeds", "val_loss", "by_entity", "loss_curves"}
+    "pretrained_checkpoint": {
+        "num_windows",
+        "seeds",
+        "val_loss",
+        "train_seconds",
+        "by_entity",
+        "loss_curves",
+    }
     | MLFLOW
     | IO_MANAGER,
     "finetuned_models": {
@@ -132,6 +139,7 @@ KEYS = {
         "cells",
         "probe_cells",
         "cells_expected",
+        "probe_cells_expected",
         "summary",
         "plots",
         "folder",
@@ -145,7 +153,7 @@ PLOTTED = {
     "raw_tables": ("rows", "tables"),
     "traversal_graph": ("targets",),
     "tve_targets": ("rows", "targets", "inactive_rate", "active_share"),
-    "pretrained_checkpoint": ("seeds", "val_loss"),
+    "pretrained_checkpoint": ("seeds", "val_loss", "train_seconds"),
     "finetuned_models": ("n_train", "best_epoch", "best_step", "lr", "val_score"),
     "metrics": ("val_score", "test_score"),
     "probe_metrics": ("val_score", "test_score", "strength", "seconds"),
