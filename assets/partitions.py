@@ -93,7 +93,8 @@ def experiment_cells(
 ) -> list[str]:
     """Every cell of a database's experiment: each task from scratch and from each
     pre-trained checkpoint, at every label fraction, then every restricted k (``top<k>``,
-    the database's own when the recipe names it), and every seed of the recipe.
+    the database's own when the recipe names it), and every seed of the recipe (the task's
+    own seeds when ``finetune.seeds_by_task`` names it).
 
     A checkpoint is an objective (``tve``), or an objective at a pre-training budget
     (``tve@2000``) when the recipe has budgets: the linear probes (``readout="probe"``)
@@ -113,7 +114,7 @@ def experiment_cells(
         for t in tasks
         for m in methods
         for f in settings
-        for s in recipe.finetune.seeds
+        for s in recipe.finetune.task_seeds(t)
     ]
 
 

@@ -255,3 +255,16 @@ def test_budget_benefit_is_signed_so_that_up_is_better():
     assert got.loc[("a", "tve", 250), ["benefit", "low", "high"]].tolist() == [0.02, 0.01, 0.03]
     assert got.loc[("a", "tve", 1000), ["benefit", "low", "high"]].tolist() == [-0.01, -0.02, 0.0]
     assert got.loc[("b", "ctr>tve", 250), ["benefit", "low", "high"]].tolist() == [0.5, 0.3, 0.7]
+
+
+def test_a_task_can_have_seeds_of_its_own():
+    from assets.partitions import experiment_cells
+
+    recipe = make_recipe(
+        "test", {"finetune": {"seeds": (0, 1), "seeds_by_task": {"b": (0, 1, 2, 3)}}}
+    )
+    cells = experiment_cells(["a", "b"], recipe)
+    seeds = {t: sorted({c.split("|")[3] for c in cells if c.startswith(t)}) for t in "ab"}
+    assert seeds == {"a": ["s0", "s1"], "b": ["s0", "s1", "s2", "s3"]}
+    assert make_recipe("cpu").finetune.task_seeds("driver-top3") == tuple(range(10))
+    assert make_recipe("cpu").finetune.task_seeds("driver-dnf") == (0, 1, 2, 3, 4)

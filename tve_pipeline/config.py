@@ -290,6 +290,8 @@ class FinetuneConfig(BaseModel):
     average_last: int = Field(default=1, ge=1)
     batch_size: int = 512
     seeds: tuple[int, ...] = (0,)
+    # A task's own seeds, where its scores spread more over seeds than the others'.
+    seeds_by_task: dict[str, tuple[int, ...]] = Field(default_factory=dict)
     label_fractions: tuple[float, ...] = (1.0,)
     # The database's tasks an experiment fine-tunes (None: every one of them).
     tasks: tuple[str, ...] | None = None
@@ -354,6 +356,10 @@ class FinetuneConfig(BaseModel):
                     f"integers, got {ks}"
                 )
         return value
+
+    def task_seeds(self, task: str) -> tuple[int, ...]:
+        """The seeds of one task's cells: its own (``seeds_by_task``) or ``seeds``."""
+        return tuple(self.seeds_by_task.get(task, self.seeds))
 
     def restricted_ks(self, database: str | None = None) -> tuple[int, ...]:
         """The ks of a database's restricted cells (its own, else ``restricted_k``)."""
@@ -485,6 +491,8 @@ _PROFILES: dict[str, dict] = {
             "epochs": 10,
             "lr_grid": (0.001, 0.005),
             "seeds": (0, 1, 2, 3, 4),
+            # driver-top3's paired differences spread most over seeds (bench/RESULTS.md)
+            "seeds_by_task": {"driver-top3": tuple(range(10))},
             "label_fractions": (0.1, 0.25, 1.0),
             "objectives": ("tve", "ctr>tve", "mae"),
         },
@@ -558,6 +566,7 @@ GRID_FIELDS = {
         "restricted_k_by_database",
         "pretrain_budget",
         "objectives",
+        "seeds_by_task",
     ),
 }
 
