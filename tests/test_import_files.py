@@ -677,6 +677,123 @@ def test_missing_source_file(tmp_path):
 
 
 # --------------------------------------------------------------------------- #
+# Numbers kept as text by a few words ("NA", "-"): said, with the fix
+# --------------------------------------------------------------------------- #
+
+# score: 7 numbers, "NA" 3 times, "-" once (hand count); code: ids with digits, no number;
+# grade: words only. Only score is a column of numbers.
+MEASURES = (
+    "id,at,score,code,grade\n"
+    "1,2020-01-01,1.5,A1,x\n"
+    "2,2020-01-02,NA,B2,y\n"
+    "3,2020-01-03,2.5,C3,x\n"
+    "4,2020-01-04,-,D4,y\n"
+    "5,2020-01-05,NA,E5,x\n"
+    "6,2020-01-06,7,F6,y\n"
+    "7,2020-01-07,2.5,G7,x\n"
+    "8,2020-01-08,NA,H8,y\n"
+    "9,2020-01-09,1.5,I9,x\n"
+    "10,2020-01-10,7,J10,y\n"
+    "11,2020-01-11,2.5,K11,x\n"
+)
+SCORES = [1.5, NA, 2.5, NA, NA, 7.0, 2.5, NA, 1.5, 7.0, 2.5]
+
+
+def _measures_schema(tmp: Path, **table) -> Path:
+    (tmp / "m.csv").write_text(MEASURES)
+    entry = {"csv": "m.csv", "primary_key": "id", "time_column": "at", **table}
+    doc = {"val_timestamp": "2020-01-08", "test_timestamp": "2020-01-10", "tables": {"m": entry}}
+    return _write_yaml(tmp / "m.yaml", doc)
+
+
+def test_numbers_kept_as_text_are_said_with_the_fix(tmp_path, capsys):
+    from tve_pipeline.validation import validate_dataset
+
+    out = tmp_path / "out"
+    report, db, printed = _import_and_print(_measures_schema(tmp_path), out, capsys)
+    typed = json.loads((out / TYPES_FILE).read_text())["columns"]["m"]["score"]
+    assert typed != "numerical"  # what went wrong: a column of numbers typed as words
+    assert report["numeric_tokens"] == {
+        "m": {"score": {"numbers": 7, "tokens": {"NA": 3, "-": 1}, "typed": typed}}
+    }
+    warned = [line for line in printed if line.startswith("warning:")]
+    assert warned == [
+        "warning: table 'm': column 'score': 7 numbers and 4 other values "
+        f'("NA" 3, "-" 1), so it is typed {typed}; if those mean missing, declare them in '
+        'the import YAML: null_values: ["NA", "-"] in the table\'s entry, or '
+        'types: {"score": numerical} (every value that is not a number becomes null)'
+    ]
+    # tve validate finds the same column in the parquet file, without the import's notes
+    (out / "tve_import.json").unlink()
+    checked = validate_dataset(out)
+    assert checked.counts["numeric_tokens"] == {"m.score": {"NA": 3, "-": 1}}
+    assert len(checked.warnings) == 1
+    assert checked.warnings[0].startswith(
+        "table 'm', column 'score': 7 numbers and 4 other values "
+        f'("NA" 3, "-" 1), so it is stored as text and typed {typed}; '
+    )
+
+
+@pytest.mark.parametrize(
+    "declared",
+    [{"null_values": ["NA", "-"]}, {"types": {"score": "numerical"}}],
+    ids=["null_values", "types"],
+)
+def test_declared_markers_make_the_column_numbers(tmp_path, capsys, declared):
+    from tve_pipeline.validation import validate_dataset
+
+    out = tmp_path / "out"
+    report, db, printed = _import_and_print(_measures_schema(tmp_path, **declared), out, capsys)
+    assert json.loads((out / TYPES_FILE).read_text())["columns"]["m"]["score"] == "numerical"
+    _assert_table(db["m"][["score"]], pd.DataFrame({"score": SCORES}), "m")
+    assert report["numeric_tokens"] == {} and report["nulls"] == {"m": {"score": 4}}
+    assert not [line for line in printed if line.startswith("warning:")]
+    assert validate_dataset(out).warnings == []
+
+
+def test_a_declared_type_silences_the_warning(tmp_path, capsys):
+    from tve_pipeline.validation import validate_dataset
+
+    schema = _measures_schema(tmp_path, types={"score": "categorical"})
+    report, _, printed = _import_and_print(schema, tmp_path / "out", capsys)
+    assert report["numeric_tokens"] == {} and not [p for p in printed if "warning" in p]
+    assert validate_dataset(tmp_path / "out").warnings == []
+
+
+NYCFLIGHTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "nycflights13" / "raw"
+
+
+@pytest.mark.skipif(
+    not (NYCFLIGHTS / "planes.csv.gz").exists(), reason=f"no nycflights13 data at {NYCFLIGHTS}"
+)
+def test_real_na_markers_of_nycflights13_planes(tmp_path, capsys):
+    """The R package's CSVs write missing numbers as "NA": planes' year (70 of them) and
+    speed (nearly all). The oracle is pandas' own reading, whose default markers include NA."""
+    expected = pd.read_csv(NYCFLIGHTS / "planes.csv.gz")  # keep_default_na: NA is null
+    doc = {
+        "val_timestamp": "2013-10-01",
+        "test_timestamp": "2013-11-01",
+        "tables": {"planes": {"csv": str(NYCFLIGHTS / "planes.csv.gz"), "primary_key": "tailnum"}},
+    }
+    out = tmp_path / "out"
+    report, db, printed = _import_and_print(_write_yaml(tmp_path / "p.yaml", doc), out, capsys)
+    found = {
+        col: (entry["numbers"], entry["tokens"])
+        for col, entry in report["numeric_tokens"]["planes"].items()
+    }
+    assert found == {
+        col: (int(expected[col].notna().sum()), {"NA": int(expected[col].isna().sum())})
+        for col in ("year", "speed")
+    }
+    assert sum(line.startswith("warning:") for line in printed) == 2
+    doc["tables"]["planes"]["null_values"] = ["NA"]
+    _, db, _ = _import_and_print(_write_yaml(tmp_path / "p.yaml", doc), out, capsys)
+    for col in ("year", "speed"):
+        assert db["planes"][col].isna().sum() == expected[col].isna().sum()
+        assert pd.api.types.is_numeric_dtype(db["planes"][col].dtype)
+
+
+# --------------------------------------------------------------------------- #
 # Nulls: only empty fields by default, more by opting in; every one counted
 # --------------------------------------------------------------------------- #
 
