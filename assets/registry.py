@@ -2,9 +2,9 @@
 
 A database is a RelBench 3 dataset folder in the run folder's ``datasets/``; its folder
 name is its name (``tve register`` copies a dataset there under the name its manifest
-gives: :func:`database_name`). The code location builds each database's assets when it loads (a new
-folder appears after a reload of the code location, which ``tve`` commands do by
-themselves); the windows of a database are dynamic partitions, registered from its seed
+gives: :func:`database_name`). The code location builds each database's assets when it
+loads (a new folder appears after a reload of the code location, which ``tve`` commands
+do by themselves); the windows of a database are dynamic partitions, registered from its seed
 schedule by ``tve register``, by the ``temporal_windows`` asset and by the growth sensor,
 so that a database that grows gets new windows without a reload.
 """
