@@ -26,11 +26,14 @@ def _default_run_dir() -> Path:
 
 
 def _cmd_register(args) -> None:
-    from assets.commands import prepare_run_dir, register_dataset
+    from assets.commands import dataset_to_register, prepare_run_dir, register_dataset
 
     run_dir = Path(args.run_dir).resolve()
+    name = dataset_to_register(Path(args.dataset_dir), run_dir, args.name)  # before any write
     instance = prepare_run_dir(run_dir)
-    info = register_dataset(Path(args.dataset_dir), run_dir, instance, profile=args.profile)
+    info = register_dataset(
+        Path(args.dataset_dir), run_dir, instance, profile=args.profile, name=name
+    )
     windows = info["windows"]
     span = f" ({windows[0]} .. {windows[-1]})" if windows else ""
     print(
@@ -107,6 +110,12 @@ def add_orchestration_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     reg.add_argument("dataset_dir")
     reg.add_argument("--run-dir", default=run_dir)
+    reg.add_argument(
+        "--name",
+        default=None,
+        help="the database's name (default: the name in the dataset's manifest.yaml, "
+        "which `tve import` takes from its YAML)",
+    )
     reg.add_argument(
         "--profile",
         choices=PROFILES,

@@ -39,7 +39,7 @@ from assets.partitions import (
     parse_cell,
     windows_name,
 )
-from assets.registry import Database, check_folder_name, register_windows, registered_databases
+from assets.registry import Database, database_name, register_windows, registered_databases
 from assets.sensors import DATA_VERSION_TAG, RANGE_END_TAG, RANGE_START_TAG
 from tve_pipeline.config import make_recipe
 from tve_pipeline.database import fingerprint
@@ -126,14 +126,27 @@ def set_profile(run_dir: Path, profile: str | None) -> str:
     return profile
 
 
-def register_dataset(
-    dataset_dir: Path, run_dir: Path, instance: dg.DagsterInstance, profile: str | None = None
-) -> dict:
-    """Copy a dataset folder into the run folder, validate it and register its windows."""
+def dataset_to_register(dataset_dir: Path, run_dir: Path, name: str | None = None) -> str:
+    """The database name a dataset folder will be registered under
+    (:func:`assets.registry.database_name`); a folder that is no dataset fails in one line
+    before anything is written."""
     dataset_dir = Path(dataset_dir).resolve()
     if not (dataset_dir / "manifest.yaml").exists():
         raise ValueError(f"{dataset_dir} is not a RelBench dataset folder: no manifest.yaml there")
-    name = check_folder_name(dataset_dir)
+    return database_name(dataset_dir, Path(run_dir).resolve() / "datasets", name)
+
+
+def register_dataset(
+    dataset_dir: Path,
+    run_dir: Path,
+    instance: dg.DagsterInstance,
+    profile: str | None = None,
+    name: str | None = None,
+) -> dict:
+    """Copy a dataset folder into the run folder (``datasets/<name>``, the name its manifest
+    gives unless ``name`` is given), validate it and register its windows."""
+    dataset_dir = Path(dataset_dir).resolve()
+    name = dataset_to_register(dataset_dir, run_dir, name)
     run_dir = Path(run_dir).resolve()
     target = run_dir / "datasets" / name
     if dataset_dir != target.resolve():
@@ -155,6 +168,21 @@ def register_dataset(
         "added": added,
         "tasks": sorted(p.parent.name for p in target.glob("tasks/*/manifest.yaml")),
     }
+
+
+def existing_run_dir(run_dir: Path) -> Path:
+    """The run folder of a command that works on registered databases (``run``,
+    ``experiment``, ``results``, ``materialize``): one that is missing, or holds no
+    ``datasets/``, fails in one line naming it, instead of being created empty (only
+    ``register`` and ``demo`` create a run folder)."""
+    run_dir = Path(run_dir).resolve()
+    if not (run_dir / "datasets").is_dir():
+        what = "does not exist" if not run_dir.exists() else "has no datasets/ folder"
+        raise FileNotFoundError(
+            f"run folder {run_dir} {what}: `tve register DATASET_DIR --run-dir {run_dir}` "
+            f"(or `tve demo --run-dir {run_dir}`) makes one"
+        )
+    return run_dir
 
 
 def registered_database(run_dir: Path, database: str) -> Database:
@@ -195,7 +223,7 @@ class Runner:
     """Materialises one database's assets in this process, on the run folder's instance."""
 
     def __init__(self, database: str, run_dir: Path):
-        self.run_dir = Path(run_dir).resolve()
+        self.run_dir = existing_run_dir(run_dir)
         self.instance = prepare_run_dir(self.run_dir)
         self.db: Database = registered_database(self.run_dir, database)
         self.resources = build_resources(self.run_dir)
@@ -639,7 +667,7 @@ def run_experiment(
     as one Dagster backfill, executed by a Dagster daemon ``parallel`` runs at a time;
     ``restricted``: the database's restricted ks (None: those recipe.json has)."""
     t0 = time.perf_counter()
-    run_dir = Path(run_dir).resolve()
+    run_dir = existing_run_dir(run_dir)
     prepare_run_dir(run_dir, parallel)
     set_experiment(run_dir, database, preset, tasks, restricted)
     runner = Runner(database, run_dir)

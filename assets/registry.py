@@ -1,9 +1,10 @@
 """Registered databases: the dataset folders of a run folder, and the windows of each.
 
 A database is a RelBench 3 dataset folder in the run folder's ``datasets/``; its folder
-name is its name. The code location builds each database's assets when it loads (a new
-folder appears after a reload of the code location, which ``tve`` commands do by
-themselves); the windows of a database are dynamic partitions, registered from its seed
+name is its name (``tve register`` copies a dataset there under the name its manifest
+gives: :func:`database_name`). The code location builds each database's assets when it
+loads (a new folder appears after a reload of the code location, which ``tve`` commands
+do by themselves); the windows of a database are dynamic partitions, registered from its seed
 schedule by ``tve register``, by the ``temporal_windows`` asset and by the growth sensor,
 so that a database that grows gets new windows without a reload.
 """
@@ -58,20 +59,39 @@ def registered_databases(datasets_dir: Path) -> list[Database]:
     return found
 
 
-def check_folder_name(dataset_dir: Path) -> str:
-    """A database name is its folder name: letters, digits, '-', '_' and '.'."""
-    name = Path(dataset_dir).name
+def check_database_name(name: str, what: str) -> str:
+    """A database name (``what`` says where it came from, for the error): letters, digits,
+    '-', '_' and '.', as a folder name and an asset prefix both allow."""
     if not name or name.startswith(".") or any(not (c.isalnum() or c in "-_.") for c in name):
         raise ValueError(
-            f"dataset folder name {name!r} cannot name a database: "
-            "use letters, digits, '-', '_' or '.'"
+            f"{what} {name!r} cannot name a database: use letters, digits, '-', '_' or '.'"
         )
-    manifest = yaml.safe_load((Path(dataset_dir) / "manifest.yaml").read_text())
+    return name
+
+
+def database_name(dataset_dir: Path, datasets_dir: Path, name: str | None = None) -> str:
+    """The name a dataset folder is registered under: ``name`` when given (``tve register
+    --name``); the folder's own name when it lies in the run folder's ``datasets/`` already
+    (the code location names it so); otherwise the ``name`` of its manifest.yaml, which the
+    import wrote (``tve import files``: the YAML's ``name``), so that the folder an import
+    wrote to (``OUT``) does not name the database."""
+    dataset_dir = Path(dataset_dir)
+    manifest = yaml.safe_load((dataset_dir / "manifest.yaml").read_text())
     if not isinstance(manifest, dict) or "tables" not in manifest:
         raise ValueError(
             f"{dataset_dir}/manifest.yaml is not a RelBench dataset manifest (no 'tables')"
         )
-    return name
+    if name is not None:
+        return check_database_name(name, "--name")
+    if dataset_dir.resolve().parent == Path(datasets_dir).resolve():
+        return check_database_name(dataset_dir.name, "dataset folder name")
+    given = manifest.get("name")
+    if not given:
+        return check_database_name(dataset_dir.name, "dataset folder name")
+    try:
+        return check_database_name(str(given), f"the name in {dataset_dir}/manifest.yaml")
+    except ValueError as exc:
+        raise ValueError(f"{exc}; or give one with --name") from None
 
 
 def register_windows(instance: dg.DagsterInstance, database: str, windows: list[str]) -> list[str]:

@@ -324,6 +324,64 @@ def test_register_keeps_the_profile_and_rejects_unknown_ones(tmp_path, capsys):
     assert profile_on_disk() == "demo"
 
 
+def test_register_names_the_database_after_its_manifest(tmp_path, capsys):
+    """An import wrote the dataset to OUT under the name its YAML gave: that name, not the
+    folder's, names the database; --name overrides both; a name that cannot name a database
+    fails in one line before a run folder exists."""
+    run_dir = tmp_path / "run"
+    out = build_synthetic(tmp_path / "OUT", name="shop")
+    code, printed, err = _tve(capsys, "register", str(out), "--run-dir", str(run_dir))
+    assert code == 0, err
+    assert "registered database 'shop'" in printed and "tve run shop" in printed
+    assert sorted(p.name for p in (run_dir / "datasets").iterdir()) == ["shop"]
+    code, printed, err = _tve(
+        capsys, "register", str(out), "--run-dir", str(run_dir), "--name", "shop-2"
+    )
+    assert code == 0 and "registered database 'shop-2'" in printed, err
+    assert sorted(p.name for p in (run_dir / "datasets").iterdir()) == ["shop", "shop-2"]
+
+    odd = build_synthetic(tmp_path / "odd", name="My Shop")
+    for args, said in [
+        ([str(odd)], f"the name in {odd}/manifest.yaml 'My Shop' cannot name a database"),
+        ([str(out), "--name", "a/b"], "--name 'a/b' cannot name a database"),
+        ([str(tmp_path / "nope")], "no manifest.yaml there"),
+    ]:
+        code, _, err = _tve(capsys, "register", *args, "--run-dir", str(tmp_path / "new"))
+        assert code == 2 and said in _one_line_error(err)
+        assert not (tmp_path / "new").exists()
+    new = str(tmp_path / "new")
+    assert "or give one with --name" in _tve(capsys, "register", str(odd), "--run-dir", new)[2]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["run", "demo"],
+        ["results", "demo"],
+        ["materialize", "raw_tables", "--partition", "demo"],
+        ["experiment", "demo", "--preset", "test"],
+    ],
+    ids=lambda args: args[0],
+)
+def test_commands_on_a_missing_run_folder_create_nothing(tmp_path, monkeypatch, capsys, args):
+    """Without --run-dir (the default runs/demo) or with one that is no run folder, the
+    commands that work on registered databases fail in one line naming the folder."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TVE_RUN_DIR", raising=False)
+    code, _, err = _tve(capsys, *args)
+    assert code == 2
+    assert f"run folder {tmp_path / 'runs' / 'demo'} does not exist" in _one_line_error(err)
+    assert "tve register" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = _tve(capsys, *args, "--run-dir", str(empty))
+    assert code == 2 and f"run folder {empty} has no datasets/ folder" in _one_line_error(err)
+    code, _, err = _tve(capsys, "validate", str(tmp_path / "no-dataset"))
+    assert code == 2 and "no manifest.yaml" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["empty"]
+    assert list(empty.iterdir()) == []
+
+
 # --- Dagster's own command lines ---------------------------------------------------------
 
 

@@ -260,7 +260,7 @@ def tiny_dir(tmp_path_factory):
 
 
 def test_synthetic_is_deterministic(tiny_dir, tmp_path):
-    again = build_synthetic(tmp_path / "again")
+    again = build_synthetic(tmp_path / "again" / "tiny")  # the folder names the database
     assert _snapshot(again) == _snapshot(tiny_dir)
     other = build_synthetic(tmp_path / "other", seed=1)
     assert _snapshot(other)["db/orders.parquet"] != _snapshot(tiny_dir)["db/orders.parquet"]

@@ -39,11 +39,15 @@ def _cmd_import(args) -> None:
 
         path = build_rel_f1(Path(args.raw_dir), Path(args.out_dir))
     elif args.source == "files":
-        from tve_pipeline.datasets.files import build_from_files, null_summary
+        from tve_pipeline.datasets.files import (
+            build_from_files,
+            null_summary,
+            numeric_tokens_summary,
+        )
 
         path = build_from_files(Path(args.schema_yaml), Path(args.out_dir))
         report = json.loads((path / datasets.IMPORT_REPORT_FILE).read_text(encoding="utf-8"))
-        for line in null_summary(report):
+        for line in null_summary(report) + numeric_tokens_summary(report):
             print(line)
     else:
         if args.rows:

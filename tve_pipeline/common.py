@@ -11,11 +11,16 @@ naive timestamps, UTC offsets in timestamp strings.
 - :func:`has_utc_offset`: which timestamp strings end in a UTC offset (``UTC_OFFSET``, the
   syntax, is shared with the importer's ISO pattern): the validator and the importer
   decide "mixed timezones" with it.
+- :func:`numeric_text_tokens`: the few words (``NA``, ``n/a``, ``-``) that keep a column of
+  numbers stored as text, with their counts; :func:`numeric_tokens_line` says so in one
+  line with the fix. The importer reports them as it reads the sources, the validator as it
+  reads the dataset's parquet files.
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import shutil
@@ -113,6 +118,63 @@ def naive_timestamps(values) -> pd.Series:
 def has_utc_offset(text: pd.Series) -> pd.Series:
     """Per timestamp string (stripped), whether it ends in a UTC offset after its clock time."""
     return text.str.contains(_CLOCK_TIME_THEN_OFFSET)
+
+
+#: A text column is numeric-looking when some of its values are numbers and the others
+#: are at most this many distinct words: missing-value markers ("NA", "n/a", "-"), not
+#: the words of a text or categorical column (which has more).
+NUMERIC_TOKENS_MAX = 5
+# Values looked at before reading a whole column: most text columns have many words.
+_NUMERIC_TOKENS_PEEK = 2000
+
+
+def _numbers(values: pd.Series) -> pd.Series:
+    return pd.to_numeric(values, errors="coerce").notna()
+
+
+def numeric_text_tokens(ser: pd.Series) -> tuple[int, dict[str, int]]:
+    """``(numbers, {word: count})`` of a numeric-looking text column: how many of its
+    values are numbers, and its other values, most frequent first (then by text); ``(0,
+    {})`` for any other column (numbers already, no number at all, or more than
+    :data:`NUMERIC_TOKENS_MAX` distinct words). A column that is mostly ``NA`` counts:
+    its few numbers are what it measures."""
+    if not (pd.api.types.is_object_dtype(ser.dtype) or pd.api.types.is_string_dtype(ser.dtype)):
+        return 0, {}
+    values = ser.dropna()
+    if values.empty:
+        return 0, {}
+    # An evenly spread sample first: a text column shows its many words there already.
+    peek = values.iloc[:: max(1, len(values) // _NUMERIC_TOKENS_PEEK)]
+    if peek[~_numbers(peek)].astype(str).nunique() > NUMERIC_TOKENS_MAX:
+        return 0, {}
+    if peek.nunique() * 2 <= len(peek):  # few distinct values: parse each once
+        counts = values.value_counts()
+        is_number = _numbers(pd.Series(counts.index, dtype=object)).to_numpy()
+        words, numbers = counts[~is_number], int(counts[is_number].sum())
+    else:
+        is_number = _numbers(values)
+        words, numbers = values[~is_number].astype(str).value_counts(), int(is_number.sum())
+    if not numbers or words.empty or len(words) > NUMERIC_TOKENS_MAX:
+        return 0, {}
+    ranked = sorted(((str(w), int(n)) for w, n in words.items()), key=lambda i: (-i[1], i[0]))
+    return numbers, dict(ranked)
+
+
+def numeric_tokens_line(
+    where: str, column: str, numbers: int, tokens: dict[str, int], typed: str, csv: bool = True
+) -> str:
+    """One line about a numeric-looking text column (:func:`numeric_text_tokens`): where,
+    what it holds, what it became (``typed``), and how the import YAML declares the words
+    as missing (``null_values``, CSV sources only) or the column as numbers (``types``)."""
+    ranked = sorted(tokens, key=lambda t: (-tokens[t], t))  # a JSON file sorts them by name
+    shown = ", ".join(f"{json.dumps(t)} {tokens[t]}" for t in ranked)
+    null_values = f"null_values: {json.dumps(ranked)} in the table's entry, or "
+    return (
+        f"{where}: {numbers} numbers and {sum(tokens.values())} other values ({shown}), "
+        f"so it is {typed}; if those mean missing, declare them in the import YAML: "
+        f"{null_values if csv else ''}types: {{{json.dumps(column)}: numerical}} "
+        "(every value that is not a number becomes null)"
+    )
 
 
 @contextmanager

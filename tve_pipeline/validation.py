@@ -19,11 +19,13 @@ or the pipeline fail or silently mis-read the data:
   a type that is not one of the pipeline's.
 
 Warnings are suspicious but usable (rows without a time, timezone-aware non-time
-columns, ``remove_columns`` naming nothing). ``info`` lists identifiers with spaces,
-quotes or non-ASCII letters: they work everywhere in the pipeline (parquet files, DuckDB
-task SQL with quoted identifiers) and are reported only so that a user writing SQL knows
-to quote them. ``counts`` holds the numbers behind the findings (rows per table, null and
-dangling foreign keys, null times) and, when the folder has a ``tve_import.json``, what
+columns, ``remove_columns`` naming nothing, a column of numbers stored as text because of
+a few words such as ``NA`` or ``-``, unless ``tve_types.json`` declares its type).
+``info`` lists identifiers with spaces, quotes or non-ASCII letters: they work everywhere
+in the pipeline (parquet files, DuckDB task SQL with quoted identifiers) and are reported
+only so that a user writing SQL knows to quote them. ``counts`` holds the numbers behind
+the findings (rows per table, null and dangling foreign keys, null times, the words of
+those number columns) and, when the folder has a ``tve_import.json``, what
 the import changed or added (``counts["import_report"]``: placeholder parents, references
 set to null, renamed columns, ...).
 """
@@ -39,7 +41,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tve_pipeline.common import error_summary, has_utc_offset
+from tve_pipeline.common import (
+    error_summary,
+    has_utc_offset,
+    numeric_text_tokens,
+    numeric_tokens_line,
+)
 from tve_pipeline.schema import SEMANTIC_TYPES, TYPES_FILE, DatabaseError
 
 _SAMPLE = 5
@@ -149,6 +156,7 @@ def validate_dataset(dataset_dir: str | Path) -> ValidationReport:
             stamps["test_timestamp"], manifest, frames
         )
     _check_sidecars(dataset_dir, frames, report)
+    _check_numeric_text(dataset_dir, manifest, frames, report)
     _check_tasks(dataset_dir, manifest, frames, stamps, report)
     return report
 
@@ -392,6 +400,49 @@ def _check_sidecars(
             return
         if isinstance(imported, dict):
             report.counts["import_report"] = {k: v for k, v in imported.items() if k != "source"}
+
+
+def _check_numeric_text(
+    dataset_dir: Path, manifest, frames: dict[str, pd.DataFrame], report: ValidationReport
+) -> None:
+    """Warn about columns of numbers stored as text because of a few words ("NA", "-"),
+    unless ``tve_types.json`` declares the column's type (the user chose it); the counts go
+    into ``counts["numeric_tokens"]`` (``{"table.column": {word: count}}``)."""
+    declared, inferred, formats = {}, {}, {}
+    try:
+        types = json.loads((dataset_dir / TYPES_FILE).read_text())
+        declared, inferred = types.get("overrides", {}), types.get("columns", {})
+    except (OSError, ValueError, AttributeError):
+        pass  # no sidecar, or one _check_sidecars already reported
+    try:
+        sources = json.loads((dataset_dir / "tve_import.json").read_text())["source"]["tables"]
+        formats = {name: source.get("format") for name, source in sources.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    found = {}
+    for name, spec in manifest.tables.items():
+        if name not in frames:
+            continue
+        keys = {spec.pkey, spec.time_col, *spec.fkeys}
+        for col in frames[name].columns:
+            if col in keys or col in declared.get(name, {}):
+                continue
+            numbers, tokens = numeric_text_tokens(frames[name][col])
+            if not tokens:
+                continue
+            found[f"{name}.{col}"] = tokens
+            typed = inferred.get(name, {}).get(col)
+            report.warnings.append(
+                numeric_tokens_line(
+                    _where(name, col),
+                    col,
+                    numbers,
+                    tokens,
+                    f"stored as text{f' and typed {typed}' if typed else ''}",
+                    csv=formats.get(name, "csv") == "csv",
+                )
+            )
+    report.counts["numeric_tokens"] = found
 
 
 def _check_pkey(name: str, col: str, key: pd.Series, err) -> None:

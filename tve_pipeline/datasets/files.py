@@ -118,6 +118,15 @@ What the import does
   ``numerical`` converts it; values that are not numbers become null and are counted
   (``coerced_to_null``). Object columns mixing Python types (SQLite allows it) are stored
   as text and listed under ``cast_to_text``.
+* **Numbers kept as text by a few words.** A column without a declared type whose values
+  are at least half numbers and otherwise at most five distinct words (``NA``, ``n/a``,
+  ``-``: :func:`tve_pipeline.common.numeric_text_tokens`) is stored as text and typed as
+  any text column (categorical or text), which is rarely what its numbers mean. Its counts
+  go into ``numeric_tokens`` (``{table: {column: {"numbers": n, "tokens": {word: count},
+  "typed": type}}}``) and ``tve import files`` prints one ``warning:`` line per column
+  naming the words, their counts and the fix: declare the words as ``null_values`` (CSV)
+  or the column as ``types: {column: numerical}``. Declaring any type for the column
+  silences it; ``tve validate`` warns about the same columns from the parquet files.
 * **Nulls.** Every value the import turns into null is counted under ``nulls`` in
   ``tve_import.json`` (``{table: {column: count}}``, nonzero counts only, column names
   as in the source) and printed by ``tve import files`` (one line per table). It is the
@@ -149,7 +158,13 @@ import numpy as np
 import pandas as pd
 from relbench.manifest import KIND_FORECAST, TableSpec, TaskManifest
 
-from tve_pipeline.common import UTC_OFFSET, error_summary, has_utc_offset
+from tve_pipeline.common import (
+    UTC_OFFSET,
+    error_summary,
+    has_utc_offset,
+    numeric_text_tokens,
+    numeric_tokens_line,
+)
 from tve_pipeline.database import infer_column_type
 from tve_pipeline.datasets.import_schema import _fail, _parse_schema, _TableDef
 from tve_pipeline.datasets.writer import IMPORT_REPORT_FILE, write_dataset
@@ -423,6 +438,10 @@ def build_from_files(schema_yaml: str | Path, out_dir: str | Path) -> Path:
     rewritten = _rewrite_renamed(tasks, renamed, tables)
     _check_task_sql(tasks, {name: df for name, (df, _) in tables.items()}, schema.val_timestamp)
     nulls = _null_counts(defs, source_columns, notes, unmatched)
+    numeric_tokens = notes.get("numeric_tokens", {})
+    for name, columns in numeric_tokens.items():
+        for col, entry in columns.items():
+            entry["typed"] = types[name].get(col)
 
     report = {
         "source": {"schema": str(schema_yaml), "tables": sources},
@@ -444,6 +463,7 @@ def build_from_files(schema_yaml: str | Path, out_dir: str | Path) -> Path:
         "coerced_to_null": notes.get("coerced_to_null", {}),
         "cast_to_text": notes.get("cast_to_text", []),
         "left_as_text": notes.get("left_as_text", []),
+        "numeric_tokens": numeric_tokens,
     }
     sidecar_types = {"format": 1, "columns": types, "overrides": overrides}
     return write_dataset(
@@ -528,10 +548,13 @@ def _parse_values(d: _TableDef, df: pd.DataFrame, tz: str, notes: dict) -> pd.Da
     typed or stored as timestamps, ISO text), text typed ``numerical`` as numbers, object
     columns mixing Python types as text; rows without a time counted."""
     name = d.name
+    keys = {*d.pkey, *(c for fk in d.fkeys for c in fk.columns)}
     for col in df.columns:
         where = f"table '{name}': column '{col}'"
         ser = df[col]
         wanted = d.types.get(col)
+        if wanted is None and col != d.time_column and col not in keys:
+            _note_numeric_tokens(name, col, ser, notes)
         if col == d.time_column:
             df[col] = _parse_times(
                 ser, f"table '{name}': time column '{col}'", d.time_format, tz, notes
@@ -561,6 +584,37 @@ def _parse_values(d: _TableDef, df: pd.DataFrame, tz: str, notes: dict) -> pd.Da
         if nulls:
             notes.setdefault("null_times", {})[f"{name}.{d.time_column}"] = nulls
     return df
+
+
+def _note_numeric_tokens(name: str, col: str, ser: pd.Series, notes: dict) -> None:
+    """A column of numbers stored as text because of a few words ("NA", "-"): its counts
+    go into ``numeric_tokens`` (the import then prints one line with the fix)."""
+    numbers, tokens = numeric_text_tokens(ser)
+    if tokens:
+        entry = {"numbers": numbers, "tokens": tokens}
+        notes.setdefault("numeric_tokens", {}).setdefault(name, {})[col] = entry
+
+
+def numeric_tokens_summary(report: Mapping) -> list[str]:
+    """The lines ``tve import files`` prints about ``report["numeric_tokens"]`` (a
+    ``tve_import.json``): one per column of numbers that a few words kept as text, naming
+    the words, their counts and the fix (:func:`tve_pipeline.common.numeric_tokens_line`)."""
+    tables = report.get("source", {}).get("tables", {})
+    lines = []
+    for name, columns in sorted(report.get("numeric_tokens", {}).items()):
+        csv = tables.get(name, {}).get("format", "csv") == "csv"
+        for col, entry in sorted(columns.items()):
+            typed = f"typed {entry['typed']}" if entry.get("typed") else "text"
+            line = numeric_tokens_line(
+                f"table '{name}': column '{col}'",
+                col,
+                entry["numbers"],
+                entry["tokens"],
+                typed,
+                csv=csv,
+            )
+            lines.append(f"warning: {line}")
+    return lines
 
 
 def _key_kinds(

@@ -249,13 +249,15 @@ def _orders(
 def build_synthetic(
     out_dir: str | Path,
     *,
-    name: str = "tiny",
+    name: str | None = None,
     n_customers: int = 60,
     n_products: int = 25,
     n_days: int = 360,
     seed: int = 0,
 ) -> Path:
-    """Generate the database and write it as a RelBench 3 folder at ``out_dir``."""
+    """Generate the database and write it as a RelBench 3 folder at ``out_dir``, named
+    ``name`` (default: the folder's name, as ``tve import files`` names a database whose
+    YAML gives none; ``tve register`` takes the name from the manifest)."""
     _check_sizes(n_days, n_customers, n_products)
     rng = np.random.default_rng(seed)
     customers, signup_day, segment = _customers(rng, n_customers, n_days)
@@ -265,7 +267,7 @@ def build_synthetic(
     val, test = _split_timestamps(n_days)
     return write_dataset(
         out_dir,
-        name,
+        name or Path(out_dir).name,
         _shop_tables(customers, products, orders),
         val,
         test,
