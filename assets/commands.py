@@ -36,6 +36,7 @@ from assets.partitions import (
     PROBE,
     contiguous_ranges,
     experiment_cells,
+    in_priority_order,
     parse_cell,
     windows_name,
 )
@@ -326,13 +327,15 @@ class Runner:
         cells = experiment_cells(self.db.tasks, self.recipe, self.db.name)
         probes = experiment_cells(self.db.tasks, self.recipe, self.db.name, PROBE)
         # the probes first: seconds each, they judge the checkpoints before the long fine-tunes
-        for stage, stage_cells in (
-            ("probe_metrics", probes),
-            ("finetuned_models", cells),
-            ("metrics", cells),
-        ):
-            for cell in self.to_run(stage, stage_cells):
-                self.materialize([stage], f"{name} {cell}", partition_key=cell)
+        for cell in self.to_run("probe_metrics", probes):
+            self.materialize(["probe_metrics"], f"{name} {cell}", partition_key=cell)
+        # each fine-tune scored as it ends, in the order that pairs methods soonest
+        tune = set(self.to_run("finetuned_models", cells))
+        score = set(self.to_run("metrics", cells))
+        for cell in in_priority_order(cells, self.recipe):
+            for stage, todo in (("finetuned_models", tune), ("metrics", score)):
+                if cell in todo or (stage == "metrics" and cell in tune):
+                    self.materialize([stage], f"{name} {cell}", partition_key=cell)
         if self.to_run("results"):
             self.materialize(["results"], name)
         return self.results()
@@ -674,11 +677,13 @@ def run_experiment(
     cells = experiment_cells(runner.db.tasks, runner.recipe, runner.db.name)
     probes = experiment_cells(runner.db.tasks, runner.recipe, runner.db.name, PROBE)
     ks = runner.recipe.finetune.restricted_ks(database)
+    fractions = ", ".join(f"{f:g}" for f in runner.recipe.finetune.label_fractions)
+    if runner.recipe.probe.label_fractions is not None:
+        fractions += f" (probes: {', '.join(f'{f:g}' for f in runner.recipe.probe.label_fractions)})"
     print(
         f"{database}: preset {preset!r}: "
         f"{len(runner.recipe.pretrain.checkpoint_keys())} pre-trained checkpoints, "
-        f"label fractions {', '.join(f'{f:g}' for f in runner.recipe.finetune.label_fractions)}"
-        f"{''.join(f', top{k}' for k in ks)}, "
+        f"label fractions {fractions}{''.join(f', top{k}' for k in ks)}, "
         f"{len(cells)} fine-tuning cells, {len(probes)} probe cells, {parallel} runs at a time",
         flush=True,
     )

@@ -23,6 +23,7 @@ import re
 
 import dagster as dg
 
+from tve_pipeline.config import parse_budget_key
 from tve_pipeline.tasks import label_set_name, label_setting, restricted_label_set
 
 
@@ -94,7 +95,8 @@ def experiment_cells(
     """Every cell of a database's experiment: each task from scratch and from each
     pre-trained checkpoint, at every label fraction, then every restricted k (``top<k>``,
     the database's own when the recipe names it), and every seed of the recipe (the task's
-    own seeds when ``finetune.seeds_by_task`` names it).
+    own seeds when ``finetune.seeds_by_task`` names it). Probes read
+    ``probe.label_fractions`` when the recipe names them.
 
     A checkpoint is an objective (``tve``), or an objective at a pre-training budget
     (``tve@2000``) when the recipe has budgets: the linear probes (``readout="probe"``)
@@ -105,8 +107,11 @@ def experiment_cells(
     methods = [SCRATCH, *checkpoints]
     chosen = recipe.finetune.tasks
     tasks = [t for t in sorted(tasks) if chosen is None or t in chosen]
+    fractions = recipe.finetune.label_fractions
+    if readout == PROBE and recipe.probe.label_fractions is not None:
+        fractions = recipe.probe.label_fractions
     settings = [
-        *recipe.finetune.label_fractions,
+        *fractions,
         *map(restricted_label_set, recipe.finetune.restricted_ks(database)),
     ]
     return [
@@ -116,6 +121,26 @@ def experiment_cells(
         for f in settings
         for s in recipe.finetune.task_seeds(t)
     ]
+
+
+def in_priority_order(cells: list[str], recipe) -> list[str]:
+    """Cells in the order that gives an answer soonest when a long run stops part way:
+    scratch and the first fine-tuned objective (the method under test) first, each other
+    objective after them in the recipe's order (``finetune.objectives``); within a method,
+    seed by seed, so every task and label setting has paired seeds before any gets more."""
+    order = list(recipe.finetune.objectives or recipe.pretrain.objectives)
+
+    def rank(method: str) -> int:
+        if method == SCRATCH:
+            return 0
+        objective = parse_budget_key(method)[0]
+        return order.index(objective) if objective in order else len(order)
+
+    def key(cell: str):
+        task, method, _, seed = parse_cell(cell)
+        return rank(method), seed
+
+    return sorted(cells, key=key)  # stable: settings and tasks keep experiment_cells' order
 
 
 def objective_partitions(recipe) -> dg.StaticPartitionsDefinition:

@@ -268,3 +268,62 @@ def test_a_task_can_have_seeds_of_its_own():
     assert seeds == {"a": ["s0", "s1"], "b": ["s0", "s1", "s2", "s3"]}
     assert make_recipe("cpu").finetune.task_seeds("driver-top3") == tuple(range(10))
     assert make_recipe("cpu").finetune.task_seeds("driver-dnf") == (0, 1, 2, 3, 4)
+
+
+def test_probes_read_their_own_label_fractions_and_keep_fine_tunings_settings():
+    from assets.partitions import PROBE, experiment_cells
+
+    recipe = make_recipe(
+        "test",
+        {
+            "finetune": {"label_fractions": (0.1, 1.0), "restricted_k": (3,)},
+            "probe": {"label_fractions": (0.1, 0.25, 1.0)},
+        },
+    )
+
+    def settings(readout):
+        return sorted({c.split("|")[2] for c in experiment_cells(["a"], recipe, readout=readout)})
+
+    assert settings("finetune") == ["0.1", "1", "top3"]
+    assert settings(PROBE) == ["0.1", "0.25", "1", "top3"]
+    # unset: the probes read fine-tuning's fractions
+    plain = make_recipe("test", {"finetune": {"label_fractions": (0.5,)}})
+    assert {c.split("|")[2] for c in experiment_cells(["a"], plain, readout=PROBE)} == {"0.5"}
+
+
+def test_the_probes_fractions_are_grid_fields_so_finished_probes_stay_fresh():
+    from tve_pipeline.config import recipe_version
+
+    before = make_recipe("cpu")
+    after = make_recipe("cpu", {"probe": {"label_fractions": (0.1,)}})
+    assert recipe_version(before, "seed", "backbone", "probe") == recipe_version(
+        after, "seed", "backbone", "probe"
+    )
+    stronger = make_recipe("cpu", {"probe": {"max_iter": 7}})
+    assert recipe_version(before, "probe") != recipe_version(stronger, "probe")
+
+
+def test_fine_tuning_cells_in_priority_order_pair_scratch_and_tve_seed_by_seed():
+    from assets.partitions import experiment_cells, in_priority_order, parse_cell
+
+    recipe = make_recipe(
+        "test",
+        {
+            "pretrain": {"objectives": ("mae", "tve", "ctr>tve")},
+            "finetune": {
+                "objectives": ("tve", "ctr>tve", "mae"),
+                "seeds": (0, 1),
+                "label_fractions": (0.1, 1.0),
+            },
+        },
+    )
+    cells = experiment_cells(["a", "b"], recipe)
+    ordered = in_priority_order(cells, recipe)
+    assert sorted(ordered) == sorted(cells)
+    # by hand: scratch and tve (rank 0) seed 0, then seed 1, then ctr>tve, then mae
+    methods_seeds = [(parse_cell(c)[1], parse_cell(c)[3]) for c in ordered]
+    first = methods_seeds[:16]
+    assert {m for m, _ in first} == {"scratch", "tve"}
+    assert [s for _, s in first] == [0] * 8 + [1] * 8
+    assert [m for m, _ in methods_seeds[16:24]] == ["ctr>tve"] * 8
+    assert [m for m, _ in methods_seeds[24:]] == ["mae"] * 8

@@ -365,3 +365,41 @@ def test_finetune_with_a_grid_and_averaging_resumes_to_the_same_result(setup, tm
     )
     _assert_same_states(whole["state_dict"], resumed["state_dict"])
     assert not list(tmp_path.iterdir())  # every rate's checkpoint is gone
+
+
+def test_a_small_label_set_trains_on_the_smaller_batch_the_schedule_names(setup, monkeypatch):
+    # 10 epochs must make the 10-step floor: a batch of ceil(n x 10 / 10) = n rows would be
+    # one step an epoch; min_batch_size 4 < n < batch_size 64, so every batch holds <= n rows
+    # and the run makes the schedule's steps, each batch drawn from the label sample.
+    s = setup
+    task, tables = _churn(s)
+    cfg = s["recipe"].finetune.model_copy(
+        update={
+            "epochs": 10,
+            "steps_per_epoch": None,
+            "min_steps": 20,
+            "eval_every": 5,
+            "batch_size": 64,
+            "min_batch_size": 4,
+        }
+    )
+    recipe = s["recipe"].model_copy(update={"finetune": cfg})
+    sizes = []
+    real = training._batches
+
+    def recorded(n, batch_size, generator, steps):
+        for idx in real(n, batch_size, generator, steps):
+            sizes.append(len(idx))
+            yield idx
+
+    monkeypatch.setattr(training, "_batches", recorded)
+    args = (s["data"], s["col_stats"], task, tables, recipe, torch.device("cpu"))
+    res = training.finetune(*args, seed=0, label_fraction=0.1)
+    n = res["n_train"]
+    expected = max(4, min(64, -(-n * 10 // 20)))  # by hand: ceil(n x epochs / min_steps)
+    assert 4 < expected < 64
+    assert res["batch_size"] == expected
+    assert max(sizes) == expected and len(sizes) == res["steps"]
+    assert res["steps"] == training.finetune_schedule(n, cfg)[0] * training.finetune_schedule(
+        n, cfg
+    )[1]

@@ -311,3 +311,36 @@ def test_a_recipe_with_one_learning_rate_is_a_grid_of_one():
     assert make_recipe("reference").finetune.weight_decay == 0.01
     with pytest.raises(ValidationError, match="finetune.lr_grid must be one or more positive"):
         FinetuneConfig(lr_grid=(0.001, 0.0))
+
+
+@pytest.mark.parametrize(
+    "n, overrides, batch, every, evaluations",
+    [
+        # driver-dnf at 10%: 1,141 rows x 10 epochs / 200 steps = 57.05 -> the floor of 64
+        (1141, {"epochs": 10, "min_batch_size": 64}, 64, 20, 10),
+        # 4,000 rows: batch 200 makes 20 steps an epoch, 10 epochs = the 200-step floor
+        (4000, {"epochs": 10, "min_batch_size": 64}, 200, 20, 10),
+        # large sets keep batch_size
+        (11_411, {"epochs": 10, "min_batch_size": 64}, 512, 23, 10),
+        # the cap: 174k rows = 340 steps an epoch x 10 > 300 -> 10 evaluations of 30 steps
+        (174_000, {"epochs": 10, "max_steps": 300}, 512, 30, 10),
+        # a cap above the budget changes nothing
+        (11_411, {"epochs": 10, "max_steps": 300}, 512, 23, 10),
+        # a cap below the floor wins; evaluations stay eval_every apart
+        (1500, {"epochs": 10, "max_steps": 100}, 512, 20, 5),
+    ],
+)
+def test_small_label_sets_train_on_smaller_batches_and_large_ones_stop_at_the_cap(
+    n, overrides, batch, every, evaluations
+):
+    from tve_pipeline.config import FinetuneConfig
+    from tve_pipeline.training import finetune_batch_size, finetune_schedule
+
+    cfg = FinetuneConfig(**overrides)
+    assert finetune_batch_size(n, cfg) == batch
+    assert finetune_schedule(n, cfg) == (every, evaluations)
+    steps = every * evaluations
+    if cfg.max_steps is not None:
+        assert steps <= cfg.max_steps
+    else:
+        assert steps >= cfg.min_steps
