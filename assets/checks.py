@@ -72,25 +72,38 @@ def _metadata(values: dict) -> dict:
     return out
 
 
-def _materialisation(instance, key: dg.AssetKey, partition: str):
-    """The latest materialisation of one partition, as a check evaluation points at it."""
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1
-    ).records
-    if not records:
-        return None
-    return AssetCheckEvaluationTargetMaterializationData(
-        storage_id=records[0].storage_id, run_id=records[0].run_id, timestamp=records[0].timestamp
-    )
+def _materialisations(instance, key: dg.AssetKey, partitions: list[str]) -> dict:
+    """The latest materialisation of each partition, as a check evaluation points at it (one
+    query for a run's partitions)."""
+
+    def latest(wanted: list[str], limit: int) -> list:
+        return instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=key, asset_partitions=wanted), limit=limit
+        ).records  # newest first
+
+    out = {}
+    records = latest(partitions, 2 * len(partitions))  # a run's own come first
+    for r in records:
+        if r.partition_key not in out:
+            out[r.partition_key] = r
+    for p in partitions:  # a partition materialised long before the others
+        if p not in out and (one := latest([p], 1)):
+            out[p] = one[0]
+    return {
+        p: AssetCheckEvaluationTargetMaterializationData(
+            storage_id=r.storage_id, run_id=r.run_id, timestamp=r.timestamp
+        )
+        for p, r in out.items()
+    }
 
 
-def _evaluation(instance, spec: dg.AssetCheckSpec, partition: str, verdict, severity):
+def _evaluation(spec: dg.AssetCheckSpec, partition: str, verdict, severity, target):
     return dg.AssetCheckEvaluation(
         asset_key=spec.asset_key,
         check_name=spec.name,
         passed=verdict.passed,
         metadata=_metadata(verdict.metadata),
-        target_materialization_data=_materialisation(instance, spec.asset_key, partition),
+        target_materialization_data=target,
         severity=severity,
         description=verdict.description,
         blocking=spec.blocking,
@@ -185,35 +198,39 @@ def _targets_checks(db: Database) -> dg.AssetChecksDefinition:
         defs = {e: [TargetDef.from_dict(d) for d in ds] for e, ds in traversal_graph.items()}
         frames = _frames_of_all(dataset, schema, defs)
         instance = context.instance
-        for window, folder in sorted(tve_targets.items()):
-            where = f"{db.name} tve_targets window {window}"
-            t = window_seed_time(window)
-            verdicts = {
-                "no_leakage": quality.leakage_verdict(
-                    folder,
-                    t,
-                    frames,
-                    schema,
-                    defs,
-                    delta,
-                    where,
-                    second_hop_window=recipe.recipe().targets.second_hop_delta(),
-                ),
-                "seed_times": quality.seed_time_verdict(
-                    folder,
-                    t,
+        windows = sorted(tve_targets)
+        where = f"{db.name} tve_targets"
+        verdicts = {
+            "no_leakage": quality.leakage_verdicts(
+                tve_targets,
+                {w: window_seed_time(w) for w in windows},
+                frames,
+                schema,
+                defs,
+                delta,
+                where,
+                second_hop_window=recipe.recipe().targets.second_hop_delta(),
+            ),
+            "seed_times": {
+                w: quality.seed_time_verdict(
+                    tve_targets[w],
+                    window_seed_time(w),
                     list(defs),
                     delta,
                     raw_tables.val_timestamp,
-                    where,
+                    f"{where} window {w}",
                     test_timestamp=raw_tables.test_timestamp,
-                ),
-                "coverage": quality.coverage_verdict(folder, defs, where),
-            }
-            for name, verdict in verdicts.items():
+                )
+                for w in windows
+            },
+            "coverage": quality.coverage_verdicts(tve_targets, defs, where),
+        }
+        targets = _materialisations(instance, key, windows)
+        for window in windows:  # in window order, like the materialisations
+            for name, by_window in verdicts.items():
                 spec = specs[name]
                 severity = dg.AssetCheckSeverity.ERROR if spec.blocking else WARN
-                yield _evaluation(instance, spec, window, verdict, severity)
+                yield _evaluation(spec, window, by_window[window], severity, targets.get(window))
         for spec in specs.values():
             yield dg.Output(None, output_name=spec.get_python_identifier())
 

@@ -39,13 +39,21 @@ from tve_pipeline.evaluation import metric_direction
 from tve_pipeline.recompute import (
     compare_task_vectors,
     existing_entities,
+    first_fact_times,
     recompute_task_vectors,
 )
 from tve_pipeline.targets import COUNT_AGGREGATIONS, INACTIVE, TIMESTAMP
 from tve_pipeline.traversal import TableSpecLike, TargetDef
 
-#: Rows of a window recomputed per entity table (three in four active, when there are).
+#: Rows recomputed per entity table in one run of windows (three in four active, when there
+#: are), in LEAKAGE_SAMPLE_WINDOWS of the run's windows (one: its last, the newest). The
+#: recomputation costs ~0.5 s per window plus ~3 ms per row (rel-flights planes, 263
+#: targets, loaded machine): 64 rows in every window cost 2-5x the targets themselves.
 LEAKAGE_SAMPLE_ROWS = 64
+LEAKAGE_SAMPLE_WINDOWS = 1
+#: Windows of a run whose every target's null count the coverage check reads (the others:
+#: the targets without a value in these only).
+COVERAGE_SAMPLE_WINDOWS = 4
 #: The brute-force recomputation of a fact->key<-fact path joins each first-hop row to every
 #: row with its key (through a hub airport: millions per entity); past this many joined rows
 #: the remaining sampled entities' values of such paths are not recomputed (metadata
@@ -132,14 +140,17 @@ def leakage_verdict(
     *,
     sample_rows: int = LEAKAGE_SAMPLE_ROWS,
     second_hop_window: pd.Timedelta | None = None,
+    first_times: dict | None = None,
 ) -> Verdict:
     """A window's task vectors against a recomputation from the rows in ``(t, t+Δ]`` only:
     the rows are the entities that exist at ``t``, and a sample of them has the recomputed
     value in every target (``inactive`` included), a later "in" hop reading the rows in
     ``(τ - Δ2, τ]`` of its hop-1 row's time τ (``second_hop_window``: Δ2, None for Δ).
-    ``frames``: the tables, as :func:`tve_pipeline.recompute.read_tables` reads them."""
+    ``frames``: the tables, as :func:`tve_pipeline.recompute.read_tables` reads them;
+    ``sample_rows`` 0 compares the seeds only; ``first_times``: a dict that keeps each
+    entity table's first fact rows between calls (:func:`leakage_verdicts`)."""
     t = pd.Timestamp(seed_time)
-    failures, checked, metadata, unchecked = [], {}, {}, {}
+    failures, checked, metadata, unchecked, compared = [], {}, {}, {}, {}
     for entity, defs in defs_by_entity.items():
         key = schema[entity].pkey
         path = Path(folder) / f"{entity}.parquet"
@@ -147,7 +158,12 @@ def leakage_verdict(
             failures.append(f"{entity}: no file {path}")
             continue
         rows = _read_rows(path, [key, INACTIVE])
-        expected = existing_entities(frames, schema, entity, t, defs=defs, delta=delta)
+        first = None
+        if schema[entity].time_col is None and defs and first_times is not None:
+            if entity not in first_times:
+                first_times[entity] = first_fact_times(frames, schema, defs)
+            first = first_times[entity]
+        expected = existing_entities(frames, schema, entity, t, defs=defs, delta=delta, first=first)
         have = np.sort(rows[key].to_numpy())
         if len(have) != len(expected) or not (have == expected).all():
             missing = np.setdiff1d(expected, have)
@@ -157,6 +173,9 @@ def leakage_verdict(
                 + (f"; missing {key} {_shown(missing)}" if len(missing) else "")
                 + (f"; not seeds: {key} {_shown(extra)}" if len(extra) else "")
             )
+        if sample_rows <= 0:
+            checked[entity], compared[entity] = 0, 0
+            continue
         sample = _sample_rows(rows, key, sample_rows, f"{where}:{entity}")
         got = _read_rows(path, (), key, sample)
         want = recompute_task_vectors(
@@ -172,6 +191,7 @@ def leakage_verdict(
         )
         differences = compare_task_vectors(got, want, defs)
         checked[entity] = len(sample)
+        compared[entity] = len(sample) * (len(defs) + 1) - len(want.unchecked)
         if want.unchecked:
             unchecked[entity] = len(want.unchecked)
         if differences:
@@ -193,6 +213,7 @@ def leakage_verdict(
     metadata.update(
         {
             "sampled_rows": checked,
+            "values_compared": compared,
             # fact->key<-fact values of sampled rows past LEAKAGE_MAX_JOINED_ROWS joined rows
             "values_not_recomputed": unchecked,
             "targets": {e: len(d) for e, d in defs_by_entity.items()},
@@ -201,12 +222,77 @@ def leakage_verdict(
     )
     if failures:
         return Verdict(False, f"{where}: " + "; ".join(failures), metadata)
+    if not sum(checked.values()):
+        return Verdict(True, f"{where}: the rows are the seeds at {t}", metadata)
     return Verdict(
         True,
-        f"{where}: {sum(checked.values())} sampled rows equal their recomputation from "
-        f"({t}, {t + delta}]",
+        f"{where}: the rows are the seeds at {t}; {sum(checked.values())} sampled rows "
+        f"({sum(compared.values())} values) equal their recomputation from ({t}, {t + delta}]",
         metadata,
     )
+
+
+def sampled_windows(windows: Sequence[str], most: int = LEAKAGE_SAMPLE_WINDOWS) -> list[str]:
+    """At most ``most`` of ``windows`` (in order): the first, the last, evenly between (one:
+    the last)."""
+    windows = sorted(windows)
+    if len(windows) <= most:
+        return windows
+    if most == 1:  # the newest
+        return windows[-1:]
+    return [
+        windows[i] for i in sorted(set(np.linspace(0, len(windows) - 1, most).round().astype(int)))
+    ]
+
+
+def leakage_verdicts(
+    folders: Mapping[str, Path],
+    seed_times: Mapping[str, object],
+    frames: Mapping[str, pd.DataFrame],
+    schema: Mapping[str, TableSpecLike],
+    defs_by_entity: Mapping[str, Sequence[TargetDef]],
+    delta: pd.Timedelta,
+    where: str,
+    *,
+    sample_rows: int = LEAKAGE_SAMPLE_ROWS,
+    sample_windows: int = LEAKAGE_SAMPLE_WINDOWS,
+    second_hop_window: pd.Timedelta | None = None,
+) -> dict[str, Verdict]:
+    """:func:`leakage_verdict` of every window of one run (``folders``: window -> folder,
+    ``seed_times``: window -> ``t``), sampled per run: every window's rows are compared with
+    its seeds, and ``sample_rows`` rows per entity table, spread over
+    :func:`sampled_windows`, are recomputed. Each verdict carries the run's totals
+    (``run_sampled_rows``, ``run_values_compared``, ``run_sampled_windows``)."""
+    chosen = sampled_windows(list(folders), sample_windows)
+    per_window = -(-sample_rows // len(chosen)) if chosen else 0
+    first_times: dict = {}
+    verdicts = {
+        w: leakage_verdict(
+            folders[w],
+            seed_times[w],
+            frames,
+            schema,
+            defs_by_entity,
+            delta,
+            f"{where} window {w}",
+            sample_rows=per_window if w in chosen else 0,
+            second_hop_window=second_hop_window,
+            first_times=first_times,
+        )
+        for w in sorted(folders)
+    }
+    rows = sum(sum(v.metadata.get("sampled_rows", {}).values()) for v in verdicts.values())
+    values = sum(sum(v.metadata.get("values_compared", {}).values()) for v in verdicts.values())
+    run = (
+        f"this run's sample: {rows} rows ({values} values) of {len(chosen)} of its "
+        f"{len(folders)} windows ({_shown(chosen, 4)}) recomputed"
+    )
+    for v in verdicts.values():
+        v.metadata.update(
+            {"run_sampled_rows": rows, "run_values_compared": values, "run_sampled_windows": chosen}
+        )
+        v.description += f" ({run})"
+    return verdicts
 
 
 def _null_counts(path: Path, columns: Sequence[str]) -> tuple[int, dict[str, int]]:
@@ -232,45 +318,150 @@ def _null_counts(path: Path, columns: Sequence[str]) -> tuple[int, dict[str, int
     return meta.num_rows, {name: nulls[name] for name in columns if name in nulls}
 
 
-def coverage_verdict(
-    folder: Path, defs_by_entity: Mapping[str, Sequence[TargetDef]], where: str
-) -> Verdict:
-    """The share of inactive rows of a window (metadata), failed when a target is null in
-    every row of the window (an empty window has no row to judge)."""
-    inactive_share, empty, rows_by_entity, failures = {}, {}, {}, []
+def _coverage_counts(
+    folder: Path,
+    defs_by_entity: Mapping[str, Sequence[TargetDef]],
+    columns: Mapping[str, Sequence[str]] | None = None,
+) -> dict:
+    """Per entity table of a window: rows, inactive share, nulls per value target (those of
+    ``columns`` only, when given: entity -> target names), the value targets without a
+    column; None for a missing file."""
+    counts = {}
     for entity, defs in defs_by_entity.items():
         path = Path(folder) / f"{entity}.parquet"
         if not path.exists():
-            failures.append(f"{entity}: no file {path}")
+            counts[entity] = None
             continue
         names = [d.name for d in defs if d.aggregation not in COUNT_AGGREGATIONS]
-        n, nulls = _null_counts(path, names)
-        rows_by_entity[entity] = n
+        wanted = names if columns is None else list(columns.get(entity, ()))
+        n, nulls = _null_counts(path, wanted)
         inactive = pd.read_parquet(path, columns=[INACTIVE])[INACTIVE]
-        inactive_share[entity] = float(inactive.mean()) if n else None
-        missing = [
-            d.name for d in defs if d.name not in nulls and d.aggregation not in COUNT_AGGREGATIONS
-        ]
-        if missing:
-            failures.append(f"{entity}: no column {_shown(missing)}")
-        all_null = [name for name, k in nulls.items() if n and k == n]
+        counts[entity] = {
+            "rows": n,
+            "inactive_share": float(inactive.mean()) if n else None,
+            "nulls": nulls,
+            "missing": [name for name in wanted if name not in nulls],
+        }
+    return counts
+
+
+def coverage_verdict(
+    folder: Path,
+    defs_by_entity: Mapping[str, Sequence[TargetDef]],
+    where: str,
+    *,
+    counts: dict | None = None,
+    valued_elsewhere: Mapping[str, Mapping[str, int]] | None = None,
+) -> Verdict:
+    """The share of inactive rows of a window (metadata), failed when a target is null in
+    every row of the window (an empty window has no row to judge) and, given
+    ``valued_elsewhere`` (entity -> target -> other windows of the run where it has a
+    value), in every row of the run's other windows too: a sparse path leaves a target
+    empty in most windows, and that is the data, not a fault (rel-flights: the one flight
+    of 2013 from a New York airport to another, EWR->LGA, is the only row that
+    ``flights>airports[origin_id]<flights[dest_id]`` reaches). ``counts``: the window's
+    :func:`_coverage_counts` (default: every target's, read here)."""
+    counts = _coverage_counts(folder, defs_by_entity) if counts is None else counts
+    inactive_share, empty, sparse, rows_by_entity, failures = {}, {}, {}, {}, []
+    for entity, defs in defs_by_entity.items():
+        c = counts.get(entity)
+        if c is None:
+            failures.append(f"{entity}: no file {Path(folder) / f'{entity}.parquet'}")
+            continue
+        n = rows_by_entity[entity] = c["rows"]
+        inactive_share[entity] = c["inactive_share"]
+        if c["missing"]:
+            failures.append(f"{entity}: no column {_shown(c['missing'])}")
+        all_null = [name for name, k in c["nulls"].items() if n and k == n]
+        elsewhere = (valued_elsewhere or {}).get(entity, {})
+        if any(elsewhere.get(x) for x in all_null):
+            sparse[entity] = {x: elsewhere[x] for x in all_null if elsewhere.get(x)}
+        all_null = [x for x in all_null if not elsewhere.get(x)]
         if all_null:
             empty[entity] = all_null
             failures.append(
                 f"{entity}: {len(all_null)} of {len(defs)} targets null in all {n} rows "
-                f"({_shown(all_null)}; inactive share {inactive_share[entity]:.2f})"
+                + ("of every window of the run " if valued_elsewhere is not None else "")
+                + f"({_shown(all_null)}; inactive share {inactive_share[entity]:.2f})"
             )
     metadata = {
         "inactive_share": inactive_share,
         "rows": rows_by_entity,
         "all_null_targets": empty,
+        # null in every row here, with values in this many other windows of the run
+        "empty_here_valued_elsewhere": sparse,
+        # null counts read here (one per value target whose column was read)
+        "values_compared": sum(len(c["nulls"]) for c in counts.values() if c is not None),
     }
     if failures:
         return Verdict(False, f"{where}: " + "; ".join(failures), metadata)
     shares = ", ".join(
         f"{e} {s:.2f}" if s is not None else f"{e} (no rows)" for e, s in inactive_share.items()
     )
-    return Verdict(True, f"{where}: every target has a value; inactive share {shares}", metadata)
+    note = ""
+    if sparse:
+        k = sum(len(v) for v in sparse.values())
+        note = (
+            f"; {k} target{'s' if k > 1 else ''} without a value here "
+            f"{'have' if k > 1 else 'has'} values in other windows of the run "
+            f"({_shown([x for v in sparse.values() for x in v], 2)})"
+        )
+    return Verdict(
+        True, f"{where}: no target without a value; inactive share {shares}{note}", metadata
+    )
+
+
+def coverage_verdicts(
+    folders: Mapping[str, Path],
+    defs_by_entity: Mapping[str, Sequence[TargetDef]],
+    where: str,
+    *,
+    sample_windows: int = COVERAGE_SAMPLE_WINDOWS,
+) -> dict[str, Verdict]:
+    """:func:`coverage_verdict` of every window of one run, judged over the run and read per
+    run: every window's inactive share; every target's null count in
+    :func:`sampled_windows`, then, for the targets that have no value there, in every other
+    window until one has a value. A target fails the windows that were read only when no
+    window of the run gives it a value. Reading every column of every window (the files keep
+    no statistics of targets) cost as much as the targets themselves."""
+    order = sorted(folders)
+    chosen = set(sampled_windows(order, sample_windows))
+    counts = {w: _coverage_counts(folders[w], defs_by_entity) for w in sorted(chosen)}
+    valued: dict[str, dict[str, int]] = {}  # entity -> target -> windows read with a value
+
+    def tally(by_entity: dict) -> None:
+        for entity, c in by_entity.items():
+            for name, k in (c or {"nulls": {}})["nulls"].items():
+                entity_valued = valued.setdefault(entity, {})
+                entity_valued[name] = entity_valued.get(name, 0) + int(k < c["rows"])
+
+    for by_entity in counts.values():
+        tally(by_entity)
+    for w in order:
+        if w in chosen:
+            continue
+        unvalued = {e: [x for x, k in v.items() if not k] for e, v in valued.items()}
+        counts[w] = _coverage_counts(folders[w], defs_by_entity, unvalued)
+        tally(counts[w])
+    read = sum(len(c["nulls"]) for by_entity in counts.values() for c in by_entity.values() if c)
+    run = (
+        f"this run: null counts of every target in {len(chosen)} of its {len(order)} windows "
+        f"({_shown(sorted(chosen), 4)}), of the targets without a value there in the others; "
+        f"{read} null counts read"
+    )
+    verdicts = {}
+    for w in order:
+        v = coverage_verdict(
+            folders[w],
+            defs_by_entity,
+            f"{where} window {w}",
+            counts=counts[w],
+            valued_elsewhere=valued,  # a target null here counts the other windows only
+        )
+        v.metadata.update({"run_values_compared": read, "run_windows_read": sorted(chosen)})
+        v.description += f" ({run})"
+        verdicts[w] = v
+    return verdicts
 
 
 def seed_time_verdict(
@@ -291,13 +482,14 @@ def seed_time_verdict(
     validation = test_timestamp is not None and t >= val
     bound = pd.Timestamp(test_timestamp) if validation else val
     name = "test timestamp" if validation else "validation timestamp"
-    failures, latest = [], {}
+    failures, latest, compared = [], {}, 0
     for entity in entities:
         path = Path(folder) / f"{entity}.parquet"
         if not path.exists():
             failures.append(f"{entity}: no file {path}")
             continue
         times = pd.to_datetime(pd.read_parquet(path, columns=[TIMESTAMP])[TIMESTAMP])
+        compared += len(times)
         if not len(times):
             continue
         last = times.max()
@@ -324,6 +516,7 @@ def seed_time_verdict(
         "val_timestamp": str(val),
         "test_timestamp": str(test_timestamp) if test_timestamp is not None else None,
         "latest_seed_time": latest,
+        "values_compared": compared,  # every row's seed time
     }
     if failures:
         return Verdict(False, f"{where}: " + "; ".join(failures), metadata)

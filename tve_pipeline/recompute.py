@@ -80,6 +80,25 @@ def read_tables(
     }
 
 
+def first_fact_times(
+    frames: Mapping[str, pd.DataFrame],
+    schema: Mapping[str, TableSpecLike],
+    defs: Sequence[TargetDef],
+) -> pd.Series:
+    """Each entity's first row in a first-hop fact table of ``defs`` (a row that references
+    it through that hop's fkey and has a time), by key: what :func:`existing_entities`
+    compares with ``t + Δ`` for an entity table without time (the same for every ``t``)."""
+    first = pd.concat(
+        [
+            frames[hop.table]
+            .groupby(hop.via)[schema[hop.table].time_col]
+            .min()  # NaT (only null-time rows) drops out below
+            for hop in dict.fromkeys(d.path[0] for d in defs)
+        ]
+    )
+    return first.groupby(level=0).min()
+
+
 def existing_entities(
     frames: Mapping[str, pd.DataFrame],
     schema: Mapping[str, TableSpecLike],
@@ -88,6 +107,7 @@ def existing_entities(
     *,
     defs: Sequence[TargetDef],
     delta: pd.Timedelta,
+    first: pd.Series | None = None,
 ) -> np.ndarray:
     """The keys of the seeds at seed time ``t``, sorted, as the reference's "universal"
     table: with an own time column, the entities whose time is ``<= t`` (a null time never
@@ -95,22 +115,16 @@ def existing_entities(
     row that references the entity through that hop's fkey and has a time) is ``<= t + Δ``
     (visualization/rel-hm/user-tve-1-hop.ipynb, cell 1, lines 24-49, over seed times a
     step of Δ apart); every row when no definition has a first hop (none can: a target's
-    first hop is "in" a time-stamped fact table)."""
+    first hop is "in" a time-stamped fact table). ``first``: :func:`first_fact_times` of
+    ``defs``, when the caller asks for many seed times."""
     spec = schema[entity_table]
     table = frames[entity_table]
     keys = table[spec.pkey]
     if spec.time_col is not None:
         keys = keys[table[spec.time_col] <= pd.Timestamp(t)]
     elif defs:
-        first = pd.concat(
-            [
-                frames[hop.table]
-                .groupby(hop.via)[schema[hop.table].time_col]
-                .min()  # NaT (only null-time rows) drops out below
-                for hop in dict.fromkeys(d.path[0] for d in defs)
-            ]
-        )
-        first = first.groupby(level=0).min()
+        if first is None:
+            first = first_fact_times(frames, schema, defs)
         seeds = first.index[(first <= pd.Timestamp(t) + delta).to_numpy()]
         keys = keys[keys.isin(seeds)]
     return np.sort(keys.dropna().to_numpy())
