@@ -14,7 +14,8 @@
   ``beats_trivial_predictor``, the task-vector loss on the validation windows below that
   of the mean normalised task vector of the training windows.
 - ``metrics``, per cell: ``beats_trivial_baseline`` (warning), the model's metric better
-  than the task's trivial baseline's (:mod:`tve_pipeline.baselines`) on val and test.
+  than the task's trivial baseline's (:mod:`tve_pipeline.baselines`) on val; test shown
+  beside it, not judged (a shifted test period lets a constant win there).
 
 A blocking check that fails stops what follows in the run that materialised its asset (the
 step fails with the check's description), and the check result shows on the asset's Checks
@@ -27,6 +28,10 @@ them to partitions.
 that window's materialisation.
 """
 
+import json
+import os
+from pathlib import Path
+
 import dagster as dg
 import pandas as pd
 from dagster._core.definitions.asset_checks.asset_check_evaluation import (
@@ -34,7 +39,12 @@ from dagster._core.definitions.asset_checks.asset_check_evaluation import (
 )
 
 from assets.database_assets import database_timedelta
-from assets.partitions import cell_partitions, objective_partitions, parse_cell, window_partitions
+from assets.partitions import (
+    cell_partitions,
+    objective_partitions,
+    parse_cell,
+    window_partitions,
+)
 from assets.registry import Database
 from assets.training_assets import _cached_graph, _target_files, _task_of
 from resources import DeviceResource, RecipeResource, TVEStorage
@@ -42,6 +52,7 @@ from tve_pipeline import baselines, quality
 from tve_pipeline.database import open_dataset, table_files
 from tve_pipeline.recompute import read_tables
 from tve_pipeline.task_vectors import pretraining_task_vectors
+from tve_pipeline.tasks import label_set_name
 from tve_pipeline.traversal import TargetDef
 from tve_pipeline.windows import window_seed_time
 
@@ -337,30 +348,66 @@ def _metrics_check(db: Database, recipe) -> dg.AssetChecksDefinition:
         partitions_def=cell_partitions(db.tasks, recipe, db.name),
         additional_ins={"raw_tables": dg.AssetIn(key=db.key("raw_tables"))},
         description=(
-            "The model's metric (the task's first: AUROC, NMAE) is better than the trivial "
-            "baseline's on val and test, by RelBench's evaluator: the constant prediction "
-            "(majority class; training mean, median or zero) best on val."
+            "The model's metric (the task's first: AUROC, NMAE) is better on val than the "
+            "trivial baseline's, by RelBench's evaluator: the constant prediction (majority "
+            "class; training mean, median or zero) best on val. Two values compared; test is "
+            "shown beside them, not judged: a test period whose labels moved lets a constant "
+            "win there (the demo's plane-delay: label median -2.0 in training, -4.2 on val, "
+            "+9.0 on test), which says nothing about the model; results shows it per task."
         ),
     )
     def beats_trivial_baseline(
-        context: dg.AssetCheckExecutionContext, metrics, raw_tables, recipe: RecipeResource
+        context: dg.AssetCheckExecutionContext,
+        metrics,
+        raw_tables,
+        recipe: RecipeResource,
+        storage: TVEStorage,
     ):
         cell = context.op_execution_context.partition_key
         task_name, _, label_set, _ = parse_cell(cell)
-        # a restricted cell against the trivial baseline of its restricted task
-        _, task, tables = _task_of(task_name, raw_tables, label_set, with_test_labels=True)
-        metric = task.metrics[0].__name__
+        trivial, metric, medians = _trivial_baseline(storage, raw_tables, task_name, label_set)
         scores = {
             split: dict(zip(rows["metric"], rows["value"]))
             for split, rows in pd.DataFrame(metrics).groupby("split")
         }
         verdict = quality.baseline_verdict(
-            scores,
-            baselines.trivial_baseline(baselines.baseline_scores(task, tables)),
-            metric,
-            f"{db.name} metrics {cell}",
-            label_medians=baselines.label_medians(task, tables),
+            scores, trivial, metric, f"{db.name} metrics {cell}", label_medians=medians
         )
         return _result(verdict, severity=WARN)
 
     return beats_trivial_baseline
+
+
+def _trivial_baseline(storage: TVEStorage, raw_tables, task_name: str, label_set):
+    """A task's trivial baseline (a restricted cell's: its restricted task's), its first
+    metric and its label medians, computed once per database version, task and label
+    setting: RelBench's task tables cost ~2.5 s (rel-flights), the metrics they check ~3.5 s,
+    and every cell of a task has the same baseline."""
+    path = (
+        Path(storage.run_dir)
+        / "cache"
+        / db_cache_name(raw_tables)
+        / "baselines"
+        / f"{task_name}-{label_set_name(label_set)}.json"
+    )
+    if path.exists():
+        saved = json.loads(path.read_text())
+        return pd.DataFrame(saved["trivial"]), saved["metric"], saved["medians"]
+    _, task, tables = _task_of(task_name, raw_tables, label_set, with_test_labels=True)
+    trivial = baselines.trivial_baseline(baselines.baseline_scores(task, tables))
+    metric, medians = task.metrics[0].__name__, baselines.label_medians(task, tables)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(
+        json.dumps(
+            {"trivial": trivial.to_dict("records"), "metric": metric, "medians": medians},
+            default=float,
+        )
+    )
+    tmp.replace(path)
+    return trivial, metric, medians
+
+
+def db_cache_name(raw_tables) -> str:
+    """``<database>/<first 16 of the data fingerprint>``: a cache folder per data version."""
+    return f"{raw_tables.name}/{raw_tables.fingerprint[:16]}"

@@ -466,8 +466,8 @@ def test_pretraining_check_against_a_loss_by_hand(pipeline_run):
 def test_metrics_check_against_sklearn_and_a_worse_model(pipeline_run):
     """The trivial baseline's recorded metrics are sklearn's: AUROC 0.5 for a constant; for
     regression the NMAE (MAE over the training labels' std) of the constant (zero, training
-    mean or median) best on val; each cell passes exactly when its model is better; a model
-    worse than that warns, naming cell, split and gap."""
+    mean or median) best on val; each cell passes exactly when its model is better on val;
+    a model worse than that warns, naming cell, split and gap."""
     run = pipeline_run
     evaluations = _evaluations(run["instance"])
     dataset = open_dataset(run["dataset_dir"])
@@ -498,10 +498,8 @@ def test_metrics_check_against_sklearn_and_a_worse_model(pipeline_run):
             best = min((0.0, train.mean(), train.median()), key=lambda c: nmae[("val", c)])
             for split in ("val", "test"):
                 assert trivial[split] == pytest.approx(nmae[(split, best)], rel=1e-6)
-        higher = task_name == "customer-churn"
-        better = all(
-            (model[s] > trivial[s]) if higher else (model[s] < trivial[s]) for s in ("val", "test")
-        )
+        higher = task_name == "customer-churn"  # judged on val; test beside it
+        better = (model["val"] > trivial["val"]) if higher else (model["val"] < trivial["val"])
         assert e.passed == better, (cell, model, trivial)
     # a model worse than the constant, on purpose
     scores = {"val": {"roc_auc": 0.41}, "test": {"roc_auc": 0.62}}
