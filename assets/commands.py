@@ -407,6 +407,10 @@ def run_database(database: str, run_dir: Path) -> pd.DataFrame:
         else "nothing was missing or stale"
     )
     print(f"\n{database}: {done} ({time.perf_counter() - t0:.0f}s).")
+    from assets.checks import failed_check_lines  # what the UI's checks show red or yellow
+
+    for line in failed_check_lines(runner.instance, runner.checks, runner.by_name):
+        print(line)
     return frame
 
 

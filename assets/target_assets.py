@@ -14,6 +14,7 @@ which windows a checkpoint read.
 from pathlib import Path
 
 import dagster as dg
+from dagster._core.definitions.partitions.subset.default import DefaultPartitionsSubset
 
 from assets.database_assets import database_timedelta, sql_markdown
 from assets.failures import failure
@@ -29,6 +30,27 @@ from tve_pipeline.traversal import TargetDef
 from tve_pipeline.windows import window_seed_time
 
 DATABASE_METADATA = "tve/database"
+
+
+class _InWindowOrder(DefaultPartitionsSubset):
+    """Window keys that list in window order (they sort as dates: ``2013-03-04``,
+    ``2013-03-04T12:00:00``)."""
+
+    def get_partition_keys(self):
+        return sorted(self.subset)
+
+
+def _materialise_in_window_order(context: dg.OutputContext) -> None:
+    """Dagster 1.13 records one materialisation per partition of a multi-partition output in
+    the order of its partition subset, a Python set for dynamic partitions
+    (``execute_step._get_output_asset_events`` over ``OutputContext.asset_partition_keys``),
+    so a backfill's windows would land in the event log in random order. This context is
+    the one those events are made from, after ``handle_output``: its subset is swapped for
+    the same windows listed in order. Anything else (a Dagster that builds it otherwise)
+    is left as it is."""
+    subset = getattr(context, "_asset_partitions_subset", None)
+    if type(subset) is DefaultPartitionsSubset:
+        context._asset_partitions_subset = _InWindowOrder(subset.subset)
 
 
 class TaskVectorFiles(dg.ConfigurableIOManager):
@@ -52,6 +74,7 @@ class TaskVectorFiles(dg.ConfigurableIOManager):
         ]
         if missing:
             raise failure(f"tve_targets wrote no files for windows {', '.join(missing[:4])}")
+        _materialise_in_window_order(context)
 
     def load_input(self, context: dg.InputContext) -> dict[str, Path]:
         database = context.upstream_output.definition_metadata[DATABASE_METADATA]
