@@ -352,6 +352,128 @@ def test_coverage_reports_the_inactive_share_and_fails_on_an_all_null_target(
     assert f"null in all {len(frame)} rows (orders>products.price__std" in verdict.description
 
 
+def test_targets_checks_sample_per_run_and_say_how_many_values(pipeline_run):
+    """The fixture's one run over every window recomputed 64 rows (or all, when fewer) of its
+    newest window only; every window's evaluation says so, with the values compared: rows
+    x (targets + inactive), counted here from the file; seed_times compared every row."""
+    run = pipeline_run
+    evaluations = _evaluations(run["instance"])
+    windows = sorted(_windows(run))
+    defs = _defs(run)["customers"]
+    newest = pd.read_parquet(
+        run["run_dir"] / "targets" / "tiny" / windows[-1] / "customers.parquet"
+    )
+    rows = min(64, len(newest))
+    for w in windows:
+        e = evaluations[("tve_targets", "no_leakage", w)]
+        meta = {k: v.value if hasattr(v, "value") else v.data for k, v in e.metadata.items()}
+        assert meta["run_sampled_windows"] == [windows[-1]]
+        assert meta["sampled_rows"] == {"customers": rows if w == windows[-1] else 0}
+        assert meta["run_sampled_rows"] == rows
+        assert meta["run_values_compared"] == rows * (len(defs) + 1)
+        assert f"64 rows ({rows * (len(defs) + 1)} values) of 1 of its" in e.description or (
+            rows < 64 and f"{rows} rows" in e.description
+        )
+        frame = pd.read_parquet(run["run_dir"] / "targets" / "tiny" / w / "customers.parquet")
+        seed = evaluations[("tve_targets", "seed_times", w)]
+        assert seed.metadata["values_compared"].value == len(frame)
+
+
+def test_coverage_is_judged_over_the_run(pipeline_run, tmp_path):
+    """A target without a value in some windows of a run but with one in another passes (a
+    sparse path); one without a value in any window of the run warns in every window. With
+    one window read whole, the others are read for the targets still without a value."""
+    windows = sorted(_windows(pipeline_run))[:3]
+    folders = {w: _window_copy(pipeline_run, tmp_path, w) for w in windows}
+    defs = _defs(pipeline_run)
+    frames = {w: pd.read_parquet(f / "customers.parquet") for w, f in folders.items()}
+    values = [d.name for d in defs["customers"] if d.aggregation not in ("count", "count_distinct")]
+    sparse = next(n for n in values if all(frames[w][n].notna().any() for w in windows))
+    empty = next(n for n in values if n != sparse)
+    for w, frame in frames.items():
+        if w != windows[-1]:
+            frame[sparse] = np.nan
+        frame[empty] = np.nan
+        frame.to_parquet(folders[w] / "customers.parquet")
+    verdicts = quality.coverage_verdicts(folders, defs, "tiny tve_targets", sample_windows=1)
+    for w in windows:
+        v = verdicts[w]
+        assert not v.passed and v.metadata["all_null_targets"] == {"customers": [empty]}, w
+        assert f"window {w}: customers: 1 of {len(defs['customers'])} targets null" in (
+            v.description
+        )
+        assert "of every window of the run" in v.description
+        # every value target in the newest window, the empty one only in the two others
+        assert v.metadata["run_values_compared"] == len(values) + 2
+        assert v.metadata["empty_here_valued_elsewhere"] == {}  # not read where it had
+    verdicts = quality.coverage_verdicts(folders, defs, "tiny tve_targets")  # all 3 read whole
+    for w in windows:
+        v = verdicts[w]
+        assert not v.passed and v.metadata["all_null_targets"] == {"customers": [empty]}, w
+        expected = {} if w == windows[-1] else {"customers": {sparse: 1}}
+        assert v.metadata["empty_here_valued_elsewhere"] == expected
+        assert v.metadata["run_values_compared"] == 3 * len(values)
+    for w, frame in frames.items():  # the empty target gets a value in the first window only
+        frame[empty] = 1.0 if w == windows[0] else np.nan
+        frame.to_parquet(folders[w] / "customers.parquet")
+    verdicts = quality.coverage_verdicts(folders, defs, "tiny tve_targets")
+    assert all(v.passed for v in verdicts.values())
+    assert "have values in other windows of the run" in verdicts[windows[1]].description
+
+
+def test_tve_run_ends_with_a_line_per_failed_check(
+    pipeline_run, tmp_path, capsys, monkeypatch, keep_tve_environment
+):
+    """`tve run`'s last lines: one per check that failed or warned in its latest evaluation
+    of a partition its asset has now; none for a clean database. Real instance and checks;
+    targets broken on purpose (one column off by one: no_leakage fails, blocking); the run
+    itself (Runner.run) is replaced by what it returns: the end of `tve run` is tested."""
+    from assets.checks import failed_check_lines
+    from assets.commands import run_database
+
+    summary = pipeline_run["summary"]
+
+    def tve_run(run_dir) -> list[str]:
+        capsys.readouterr()
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(Runner, "run", lambda self: summary)
+            run_database("tiny", run_dir)
+        return capsys.readouterr().out.rstrip().splitlines()
+
+    run_dir = tmp_path / "run"
+    instance = prepare_run_dir(run_dir)
+    register_dataset(pipeline_run["dataset_dir"], run_dir, instance, profile="test")
+    runner = Runner("tiny", run_dir)
+    runner.materialize(["raw_tables"], "tiny")
+    assert failed_check_lines(runner.instance, runner.checks, runner.by_name) == []
+    out = tve_run(run_dir)
+    assert "tiny: nothing was missing or stale" in out[-1]
+    assert not [o for o in out if o.startswith("check ")]
+
+    real = assets.target_assets.write_targets_by_seed_time
+
+    def off_by_one(query, out_path_of, **kw):
+        stats = real(query, out_path_of, **kw)
+        for t in stats:
+            frame = pd.read_parquet(out_path_of(t))
+            frame["orders__count"] += 1
+            frame.to_parquet(out_path_of(t))
+        return stats
+
+    monkeypatch.setattr(assets.target_assets, "write_targets_by_seed_time", off_by_one)
+    with pytest.raises(RuntimeError, match="check no_leakage failed"):
+        runner.run_upstream()
+    windows = _windows({"run_dir": run_dir})
+    (line,) = failed_check_lines(runner.instance, runner.checks, runner.by_name)
+    assert line.startswith(
+        f"check FAILED: no_leakage on tiny/tve_targets in {len(windows)} of {len(windows)} "
+        f"partitions ({', '.join(sorted(windows)[:3])} ...): tiny tve_targets window "
+        f"{sorted(windows)[0]}: the rows are the seeds at"
+    )
+    assert "orders__count" in line and "by 1" in line
+    assert tve_run(run_dir)[-1] == line
+
+
 # --------------------------------------------------------------------------- the database
 
 

@@ -262,8 +262,10 @@ def leakage_verdicts(
     """:func:`leakage_verdict` of every window of one run (``folders``: window -> folder,
     ``seed_times``: window -> ``t``), sampled per run: every window's rows are compared with
     its seeds, and ``sample_rows`` rows per entity table, spread over
-    :func:`sampled_windows`, are recomputed. Each verdict carries the run's totals
-    (``run_sampled_rows``, ``run_values_compared``, ``run_sampled_windows``)."""
+    :func:`sampled_windows`, are recomputed. The sample stands for the run: when its values
+    differ from their recomputation, every window of the run fails, naming the sampled
+    window and the difference. Each verdict carries the run's totals (``run_sampled_rows``,
+    ``run_values_compared``, ``run_sampled_windows``)."""
     chosen = sampled_windows(list(folders), sample_windows)
     per_window = -(-sample_rows // len(chosen)) if chosen else 0
     first_times: dict = {}
@@ -288,10 +290,15 @@ def leakage_verdicts(
         f"this run's sample: {rows} rows ({values} values) of {len(chosen)} of its "
         f"{len(folders)} windows ({_shown(chosen, 4)}) recomputed"
     )
-    for v in verdicts.values():
+    differing = [w for w in chosen if any(k.endswith(".differences") for k in verdicts[w].metadata)]
+    for w, v in verdicts.items():
         v.metadata.update(
             {"run_sampled_rows": rows, "run_values_compared": values, "run_sampled_windows": chosen}
         )
+        if differing and w not in differing:
+            first = verdicts[differing[0]].description.split(": ", 1)[-1]
+            v.passed = False
+            v.description += f"; the run's sample in window {differing[0]} differs: {first}"
         v.description += f" ({run})"
     return verdicts
 
