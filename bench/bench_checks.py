@@ -93,6 +93,40 @@ def bench_targets(run_dir: Path, database: str, repeat: int, windows: int | None
     )
 
 
+def bench_cells(run_dir: Path, database: str, asset_name: str = "metrics") -> None:
+    """Re-materialises every materialised partition of ``asset_name`` with its checks, one run
+    each, twice (the second finds the checks' caches filled), and prints asset vs checks."""
+    from assets.commands import Runner
+
+    runner = Runner(database, run_dir)
+    key = runner.db.key(asset_name)
+    cells = sorted(runner.instance.get_materialized_partitions(key))
+    print(f"{asset_name} of {database}: {len(cells)} partitions, one run each, twice")
+    ratios = []
+    for round_ in (1, 2):
+        for cell in cells:
+            result = dg.materialize(
+                [*runner.assets, *runner.checks],
+                selection=[runner.by_name[asset_name]],
+                instance=runner.instance,
+                resources=runner.resources,
+                partition_key=cell,
+                raise_on_error=True,
+                run_config={"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}},
+            )
+            steps = step_seconds(runner.instance, result.run_id)
+            own = next(v for k, v in steps.items() if k.endswith(f"__{asset_name}"))
+            check = sum(
+                v for k, v in steps.items() if k.split("__")[-1].startswith(f"{asset_name}_")
+            )
+            ratios.append(check / own)
+            print(
+                f"  {round_} {cell}: {asset_name} {own:.1f}s, checks {check:.1f}s, "
+                f"ratio {check / own:.2f}"
+            )
+    print(f"  median ratio over {len(ratios)} runs: {statistics.median(ratios):.2f}")
+
+
 def report_recorded(instance) -> None:
     """Asset step vs check steps of the runs already recorded, per checked asset."""
     by_asset: dict[str, list[tuple[float, float]]] = {}
@@ -127,6 +161,7 @@ def main() -> None:
     p.add_argument("--database", default="rel-flights")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--windows", type=int, default=None, help="only the first N windows")
+    p.add_argument("--metrics", action="store_true", help="also metrics and its check, per cell")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-checks-") as tmp:
         copy = Path(tmp) / "run"
@@ -134,6 +169,8 @@ def main() -> None:
         os.environ["DAGSTER_HOME"] = str(copy / "dagster")
         report_recorded(dg.DagsterInstance.from_config(str(copy / "dagster")))
         bench_targets(copy, args.database, args.repeat, args.windows)
+        if args.metrics:
+            bench_cells(copy, args.database)
 
 
 if __name__ == "__main__":
