@@ -42,7 +42,6 @@ DELTA = pd.Timedelta("30 days")
 CHECKS = {
     ("raw_tables", "validation"): True,
     ("tve_targets", "no_leakage"): True,
-    ("tve_targets", "seed_times"): True,
     ("tve_targets", "coverage"): False,
     ("pretrained_checkpoint", "finite_weights"): True,
     ("pretrained_checkpoint", "beats_trivial_predictor"): False,
@@ -98,9 +97,7 @@ def test_every_check_is_defined_and_recorded_for_every_partition(pipeline_run):
     windows = _windows(pipeline_run)
     cells = runner.by_name["metrics"].partitions_def.get_partition_keys()
     expected = {("raw_tables", "validation", None)}
-    expected |= {
-        ("tve_targets", c, w) for c in ("no_leakage", "seed_times", "coverage") for w in windows
-    }
+    expected |= {("tve_targets", c, w) for c in ("no_leakage", "coverage") for w in windows}
     expected |= {
         ("pretrained_checkpoint", c, "tve") for c in ("finite_weights", "beats_trivial_predictor")
     }
@@ -329,8 +326,8 @@ def test_seed_time_check_bounds_a_validation_window_by_the_test_timestamp(pipeli
     assert not verdict.passed
     assert f"is past the test timestamp {test} by 1 days" in verdict.description
     # the recorded check of the run's validation window passed
-    recorded = _evaluations(run["instance"])[("tve_targets", "seed_times", window)]
-    assert recorded.passed and "validation window" in recorded.description
+    recorded = _evaluations(run["instance"])[("tve_targets", "no_leakage", window)]
+    assert recorded.passed and f"window {window}: validation window" in recorded.description
 
 
 def test_coverage_reports_the_inactive_share_and_fails_on_an_all_null_target(
@@ -355,7 +352,7 @@ def test_coverage_reports_the_inactive_share_and_fails_on_an_all_null_target(
 def test_targets_checks_sample_per_run_and_say_how_many_values(pipeline_run):
     """The fixture's one run over every window recomputed 64 rows (or all, when fewer) of its
     newest window only; every window's evaluation says so, with the values compared: rows
-    x (targets + inactive), counted here from the file; seed_times compared every row."""
+    x (targets + inactive), counted here from the file; every row's seed time compared."""
     run = pipeline_run
     evaluations = _evaluations(run["instance"])
     windows = sorted(_windows(run))
@@ -375,8 +372,8 @@ def test_targets_checks_sample_per_run_and_say_how_many_values(pipeline_run):
             rows < 64 and f"{rows} rows" in e.description
         )
         frame = pd.read_parquet(run["run_dir"] / "targets" / "tiny" / w / "customers.parquet")
-        seed = evaluations[("tve_targets", "seed_times", w)]
-        assert seed.metadata["values_compared"].value == len(frame)
+        assert e.metadata["rows_compared"].value == len(frame)  # every row's seed time
+        assert e.metadata["split"].value in ("train", "val")
 
 
 def test_coverage_is_judged_over_the_run(pipeline_run, tmp_path):
@@ -678,7 +675,8 @@ def test_a_failing_blocking_check_stops_tve_run_before_pretraining(
     for w in windows:
         e = evaluations[("tve_targets", "no_leakage", w)]
         assert not e.passed and e.blocking and f"window {w}" in e.description
-        assert evaluations[("tve_targets", "seed_times", w)].passed
+        assert "orders__count" in e.description  # the run's sample stands for every window
+        assert "ends by the" not in e.description  # the seed times are right: not shown
     assert (
         runner.instance.get_latest_materialization_event(runner.db.key("pretrained_checkpoint"))
         is None

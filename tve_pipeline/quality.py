@@ -303,6 +303,19 @@ def leakage_verdicts(
     return verdicts
 
 
+def joined_verdict(verdicts: Sequence[Verdict], where: str) -> Verdict:
+    """One verdict of several about the same place (each description starting ``where: ``):
+    passed when all passed; the failed ones' descriptions (all, when passed) after ``where``;
+    their metadata together."""
+    failed = [v for v in verdicts if not v.passed]
+    shown = failed or list(verdicts)
+    parts = [v.description.removeprefix(f"{where}: ") for v in shown]
+    metadata: dict = {}
+    for v in verdicts:
+        metadata.update(v.metadata)
+    return Verdict(not failed, f"{where}: " + "; ".join(parts), metadata)
+
+
 def _null_counts(path: Path, columns: Sequence[str]) -> tuple[int, dict[str, int]]:
     """Rows of a parquet file and nulls per column, from the file's statistics where every
     row group has them (no value is read), otherwise from the column itself."""
@@ -524,7 +537,7 @@ def seed_time_verdict(
         "val_timestamp": str(val),
         "test_timestamp": str(test_timestamp) if test_timestamp is not None else None,
         "latest_seed_time": latest,
-        "values_compared": compared,  # every row's seed time
+        "rows_compared": compared,  # every row's seed time
     }
     if failures:
         return Verdict(False, f"{where}: " + "; ".join(failures), metadata)
