@@ -43,12 +43,7 @@ from dagster._core.definitions.asset_checks.asset_check_evaluation import (
 )
 
 from assets.database_assets import database_timedelta
-from assets.partitions import (
-    cell_partitions,
-    objective_partitions,
-    parse_cell,
-    window_partitions,
-)
+from assets.partitions import cell_partitions, objective_partitions, parse_cell, window_partitions
 from assets.registry import Database
 from assets.training_assets import _cached_graph, _target_files, _task_of
 from resources import DeviceResource, RecipeResource, TVEStorage
