@@ -60,7 +60,6 @@ def test_webserver_lists_assets_and_location_loads(webserver):
     checks = node["assetNodeOrError"]["assetChecksOrError"]["checks"]
     assert {c["name"]: c["blocking"] for c in checks} == {
         "no_leakage": True,
-        "seed_times": True,
         "coverage": False,
     }
     for c in checks:
