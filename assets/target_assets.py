@@ -6,7 +6,7 @@ as one run (``BackfillPolicy.single_run``): the tables are loaded once and one s
 query computes every window's rows, each window written to its own file atomically
 (``write_targets_by_seed_time``), not a process start or a query per window; each
 window's materialisation still carries that window's own counts (seeds, active share),
-so the asset's plots are a trend over windows. Downstream
+recorded in window order, so the asset's plots are a trend over windows. Downstream
 assets receive the files through the :class:`TaskVectorFiles` IO manager, so Dagster knows
 which windows a checkpoint read.
 """
