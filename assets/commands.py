@@ -678,8 +678,9 @@ def run_experiment(
     probes = experiment_cells(runner.db.tasks, runner.recipe, runner.db.name, PROBE)
     ks = runner.recipe.finetune.restricted_ks(database)
     fractions = ", ".join(f"{f:g}" for f in runner.recipe.finetune.label_fractions)
-    if runner.recipe.probe.label_fractions is not None:
-        fractions += f" (probes: {', '.join(f'{f:g}' for f in runner.recipe.probe.label_fractions)})"
+    probed = runner.recipe.probe.label_fractions
+    if probed is not None:
+        fractions += f" (probes: {', '.join(f'{f:g}' for f in probed)})"
     print(
         f"{database}: preset {preset!r}: "
         f"{len(runner.recipe.pretrain.checkpoint_keys())} pre-trained checkpoints, "

@@ -485,9 +485,9 @@ _PROFILES: dict[str, dict] = {
     # 125 contrastive steps, then TVE. Linear probes read every checkpoint; fine-tuning
     # reads the largest budget of tve, ctr>tve and mae (the SSL baseline that affords more
     # than 250 steps) at RelBench's 10 epochs with the protocol's floor (200 steps), a cap
-    # (300 steps) and two rates. Fan-out 32 then 16 instead of 128 then 64: a driver-dnf step costs 0.9 s
-    # instead of 2.2 s on one thread, and seed 0 still scores 72.9 test AUROC from scratch
-    # (RelBench's RDL: 72.6). What it costs: README.
+    # (300 steps) and two rates. Fan-out 32 then 16 instead of 128 then 64: a driver-dnf
+    # step costs 0.9 s instead of 2.2 s on one thread, and seed 0 still scores 72.9 test
+    # AUROC from scratch (RelBench's RDL: 72.6). What it costs: README.
     "cpu": {
         "backbone": {"num_neighbors": (32, 16)},
         "pretrain": {
