@@ -622,6 +622,7 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
                 seed=seed,
                 label_fraction=_label_fraction(label_set),
                 backbone=backbone,
+                cache=probe.EMBEDDINGS,
             )
         except ValueError as exc:  # e.g. a label sample of one class: one line, no retry
             raise failure(exc) from exc
