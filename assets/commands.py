@@ -38,6 +38,7 @@ from assets.partitions import (
     experiment_cells,
     in_priority_order,
     parse_cell,
+    seed_major,
     windows_name,
 )
 from assets.registry import Database, database_name, register_windows, registered_databases
@@ -327,7 +328,7 @@ class Runner:
         cells = experiment_cells(self.db.tasks, self.recipe, self.db.name)
         probes = experiment_cells(self.db.tasks, self.recipe, self.db.name, PROBE)
         # the probes first: seconds each, they judge the checkpoints before the long fine-tunes
-        for cell in self.to_run("probe_metrics", probes):
+        for cell in seed_major(self.to_run("probe_metrics", probes)):
             self.materialize(["probe_metrics"], f"{name} {cell}", partition_key=cell)
         # each fine-tune scored as it ends, in the order that pairs methods soonest
         tune = set(self.to_run("finetuned_models", cells))
