@@ -466,6 +466,16 @@ def _check_upstream_materialised(runner: Runner, asset_name: str) -> None:
     asset that reads its windows names the missing ones itself)."""
     database = runner.db.name
     parents = runner.defs.resolve_asset_graph().get(runner.by_name[asset_name].key).parent_keys
+    if asset_name == "results":
+        # results reads whatever cells exist (a running experiment's so far): one readout
+        # with a cell is enough
+        readouts = [runner.db.key(n) for n in ("metrics", "probe_metrics")]
+        if all(runner.instance.get_latest_materialization_event(k) is None for k in readouts):
+            raise ValueError(
+                f"no metrics or probe_metrics cell of {database!r} has been materialised: run "
+                f"`tve run {database}` or `tve experiment {database}` first"
+            )
+        parents = set(parents) - set(readouts)
     for parent in sorted(parents, key=lambda k: ASSET_NAMES.index(k.path[-1])):
         if (
             parent.path[-1] != "tve_targets"
