@@ -232,17 +232,17 @@ def _check_kept(client, run_id: str, meta: dict, result: dict) -> None:
     assert data.metrics["best_step"] == meta["best_step"].value
     assert data.metrics["lr"] == pytest.approx(meta["lr"].value)
     assert data.params["lr"] == str(result["lr"])
-    curve = client.get_metric_history(run_id, f"curve/val_{metric}")
-    assert [(p.step, p.value) for p in sorted(curve, key=lambda p: p.step)] == pytest.approx(
-        [(row["step"], row[f"val_{metric}"]) for row in result["history"]]
+    curve = sorted(client.get_metric_history(run_id, f"curve/val_{metric}"), key=lambda p: p.step)
+    assert [p.step for p in curve] == [row["step"] for row in result["history"]]
+    assert [p.value for p in curve] == pytest.approx(
+        [row[f"val_{metric}"] for row in result["history"]]
     )
     assert data.metrics[f"curve/val_{metric}"] == pytest.approx(
         result["history"][-1][f"val_{metric}"]
     )
-    kept = client.get_metric_history(run_id, f"val_{metric}")
-    assert [(p.step, p.value) for p in kept] == pytest.approx(
-        [(meta["best_step"].value, meta["val_score"].value)]
-    )
+    (kept,) = client.get_metric_history(run_id, f"val_{metric}")
+    assert kept.step == meta["best_step"].value
+    assert kept.value == pytest.approx(meta["val_score"].value)
 
 
 def test_finetune_run_kept_evaluation_is_not_the_last(
