@@ -89,13 +89,18 @@ def run_name(*parts) -> str:
     return NAME_SEPARATOR.join(str(p) for p in parts if p not in (None, ""))
 
 
+#: What tells a summary row apart (tve_pipeline.results.KEYS), in its metrics' names.
+SUMMARY_KEYS = ("task", "readout", "method", "label_set", "split", "metric")
+
+
 def summary_metric_name(row, statistic: str) -> str:
     """The metric of one summary row's statistic: the row's keys as a path,
     ``task/readout/method/label_set/split/metric/statistic``
     (``plane-delay/finetune/tve_4000/0.1/test/roc_auc/mean``); MLflow's charts group a
     run's metrics by the part before the first ``/``, here the task."""
-    keys = ("task", "readout", "method", "label_set", "split", "metric")
-    return mlflow_key("/".join(str(row[k]).replace("/", "_") for k in keys) + "/" + statistic)
+    return mlflow_key(
+        "/".join(str(row[k]).replace("/", "_") for k in SUMMARY_KEYS) + "/" + statistic
+    )
 
 
 #: The summary's statistics the ``results`` run logs: the mean over seeds and the paired
@@ -106,7 +111,8 @@ SUMMARY_STATISTICS = ("mean", "diff_vs_scratch", "diff_ci_low", "diff_ci_high")
 def summary_metrics(summary) -> dict[str, float]:
     """The ``results`` summary (tve_pipeline.results.summarise) as MLflow metrics: one per
     row and statistic of :data:`SUMMARY_STATISTICS` that is a number (a scratch row has no
-    difference, one seed no interval). Two rows whose names sanitise alike are an error."""
+    difference, one seed no interval). Of two rows whose names sanitise alike (``a+b`` and
+    ``a_b``), the second's name ends in a hash of the row."""
     metrics: dict[str, float] = {}
     for _, row in summary.iterrows():
         for statistic in SUMMARY_STATISTICS:
@@ -114,8 +120,10 @@ def summary_metrics(summary) -> dict[str, float]:
             if value is None or not math.isfinite(float(value)):
                 continue
             name = summary_metric_name(row, statistic)
-            if name in metrics:
-                raise ValueError(f"summary: two rows log the MLflow metric {name!r}")
+            if name in metrics:  # two rows that sanitise alike: the second one's own hash
+                identity = "|".join(str(row[k]) for k in SUMMARY_KEYS)
+                digest = hashlib.sha1(identity.encode()).hexdigest()[:8]
+                name = mlflow_key(f"{name}_{digest}")
             metrics[name] = float(value)
     return metrics
 

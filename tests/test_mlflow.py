@@ -150,6 +150,14 @@ def test_summary_metrics_name_every_row_and_statistic():
         },
         rel=1e-4,
     )
+    # two methods whose names sanitise alike both keep a metric of their own
+    tve = rows[rows["method"] != "scratch"]
+    twins = pd.concat([rows, tve.assign(method=tve["method"].str.replace(">", "_"))])
+    twin_metrics = summary_metrics(summarise(twins))
+    assert len(twin_metrics) == 2 * len(metrics) - 1  # one scratch row
+    assert sorted(twin_metrics.values()) == pytest.approx(
+        sorted([*metrics.values(), *(v for k, v in metrics.items() if "/scratch/" not in k)])
+    )
 
 
 def test_run_logs_its_name_params_and_metrics_to_a_real_store(tmp_path):
