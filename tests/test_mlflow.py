@@ -301,3 +301,94 @@ def test_results_run_logs_the_summary_as_metrics(pipeline_run):
                 expected[f"{head}/{statistic}"] = row[statistic]
     assert any(k.endswith("/diff_vs_scratch") for k in expected)
     assert run.data.metrics == pytest.approx(expected)
+
+
+# --------------------------------------------------------------------------- in a browser
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+BROWSER_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture
+def mlflow_ui(pipeline_run, tmp_path):
+    """``make mlflow-ui`` over the pipeline's store, on a free port; yields its URL."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [str(Path(sys.executable).parent / "mlflow"), "ui", "--host", "127.0.0.1"]
+    command += ["--port", str(port)]
+    command += ["--backend-store-uri", f"sqlite:///{pipeline_run['run_dir']}/mlflow.db"]
+    url = f"http://127.0.0.1:{port}"
+    with open(tmp_path / "mlflow-ui.log", "wb") as log:
+        server = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            deadline = time.time() + 180
+            while True:
+                try:
+                    if requests.get(f"{url}/health", timeout=2).ok:
+                        break
+                except requests.ConnectionError:
+                    pass
+                if server.poll() is not None or time.time() > deadline:
+                    pytest.fail(
+                        f"mlflow ui did not start: {(tmp_path / 'mlflow-ui.log').read_text()}"
+                    )
+                time.sleep(1)
+            yield url
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=60)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on PATH (`make system-packages`)")
+def test_links_open_the_runs_by_name_and_a_bare_link_opens_genai(pipeline_run, mlflow_ui):
+    """In a fresh browser, the experiment link the project writes opens the model-training
+    view, the runs listed by their names; the experiment's bare page (what MLflow's own
+    experiment list links to) opens the GenAI overview although the experiment is tagged
+    model training: why the links carry workflowType (if this changes, MLflow follows
+    the tag, and the README's advice can go)."""
+    from playwright.sync_api import expect, sync_playwright
+
+    client = _client(f"sqlite:///{pipeline_run['run_dir']}/mlflow.db")
+    exp_id = client.get_experiment_by_name("tve-pipeline").experiment_id
+    names = [
+        client.get_run(m.metadata["mlflow_run_id"].text).info.run_name
+        for m in _materialisations(pipeline_run, "metrics")
+    ]
+    link = MLflowTracking(tracking_uri="", ui_url=mlflow_ui).experiment_url(exp_id)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=BROWSER_FLAGS)
+        try:
+            for url, model_training in ((link, True), (link.partition("?")[0], False)):
+                context = browser.new_context(viewport={"width": 1600, "height": 1000})
+                page = context.new_page()
+                page.goto(url)
+                if model_training:
+                    expect(page.get_by_text("Run Name", exact=True)).to_be_visible(timeout=90_000)
+                    for name in names:
+                        expect(page.get_by_text(name, exact=True)).to_have_count(1)
+                else:
+                    expect(page.get_by_text("Token Usage").first).to_be_visible(timeout=90_000)
+                    expect(page.get_by_text(names[0], exact=True)).to_have_count(0)
+                context.close()
+        finally:
+            browser.close()
