@@ -256,3 +256,18 @@ class MLflowTracking(dg.ConfigurableResource):
             client.set_terminated(run.info.run_id, status="FAILED")
             raise
         client.set_terminated(run.info.run_id, status="FINISHED")
+
+
+def experiment_link(tracking_uri: str, experiment: str = "tve-pipeline", ui_url: str = "") -> str:
+    """What to open in the MLflow UI: the experiment in its model-training view, when the
+    store has it (read only: a SQLite store that is not there is not created)."""
+    tracking = MLflowTracking(tracking_uri=tracking_uri, experiment=experiment, ui_url=ui_url)
+    path = tracking_uri.removeprefix("sqlite:///")
+    if tracking_uri.startswith("sqlite:///") and not Path(path).exists():
+        return f"{tracking.ui()} (no MLflow store at {path} yet: `make demo` writes one)"
+    from mlflow.tracking import MlflowClient
+
+    exp = MlflowClient(tracking_uri=tracking_uri).get_experiment_by_name(experiment)
+    if exp is None:
+        return f"{tracking.ui()} (no experiment {experiment!r} yet)"
+    return tracking.experiment_url(exp.experiment_id)

@@ -18,6 +18,7 @@ from resources.mlflow_tracking import (
     EXPERIMENT_KIND_TAG,
     MODEL_TRAINING,
     MLflowTracking,
+    experiment_link,
     mlflow_key,
     run_name,
     summary_metrics,
@@ -55,9 +56,13 @@ def test_experiment_is_created_and_tagged_as_model_training(tmp_path):
     old_id = client.create_experiment("older")
     assert other.experiment_id() == old_id
     assert client.get_experiment(old_id).tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING
-    assert tracking.experiment_url(exp_id) == (
-        f"http://127.0.0.1:5000/#/experiments/{exp_id}?workflowType=machine_learning"
-    )
+    link = f"http://127.0.0.1:5000/#/experiments/{exp_id}?workflowType=machine_learning"
+    assert tracking.experiment_url(exp_id) == link
+    # what `make mlflow-ui` prints: the link, or that there is no store (none created)
+    assert experiment_link(uri) == link
+    missing = tmp_path / "none" / "mlflow.db"
+    assert "no MLflow store" in experiment_link(f"sqlite:///{missing}")
+    assert not missing.parent.exists()
 
 
 def test_mlflow_ui_takes_the_view_from_the_url_then_the_browser_then_genai():
