@@ -58,6 +58,8 @@ ui: $(STAMP)
 	DAGSTER_HOME="$(RUN_DIR)/dagster" TVE_RUN_DIR="$(RUN_DIR)" $(BIN)/dg dev -w workspace.yaml
 
 mlflow-ui: $(STAMP)
+	@$(BIN)/python -c 'import sys; from resources.mlflow_tracking import experiment_link as e; \
+	  print("The runs in the model-training view:", e(sys.argv[1]))' "sqlite:///$(RUN_DIR)/mlflow.db"
 	$(BIN)/mlflow ui --backend-store-uri "sqlite:///$(RUN_DIR)/mlflow.db"
 
 clean:

@@ -512,7 +512,10 @@ def run_demo(run_dir: Path, profile: str = "demo") -> pd.DataFrame:
     frame = run_database("rel-flights", run_dir)
     print(f"\nwhole demo: {time.perf_counter() - t0:.0f}s. Results are in {run_dir}.")
     print("Open the Dagster UI on them:  make ui          (http://127.0.0.1:3000)")
-    print("Open the MLflow UI on them:   make mlflow-ui   (http://127.0.0.1:5000)")
+    tracking = build_resources(run_dir)["mlflow"]
+    # the model-training view: MLflow 3.17 opens GenAI's unless the link says otherwise
+    experiment = tracking.experiment_url(tracking.experiment_id())
+    print(f"Open the MLflow UI on them:   make mlflow-ui   ({experiment})")
     return frame
 
 
