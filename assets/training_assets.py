@@ -333,6 +333,22 @@ def _cell_run_name(task_name: str, method: str, label_set, seed: int, stage: str
     return run_name(task_name, method, label_set_name(label_set), f"s{seed}", stage)
 
 
+def _finetune_log(context, run):
+    """Each fine-tuning evaluation to MLflow, the per-step curves under ``curve/`` (a chart
+    section of their own; the run's own ``val_<metric>`` is the kept evaluation's:
+    :func:`_kept_metrics`), and to the run's log, a line per evaluation (the UI's progress)."""
+    started = time.perf_counter()
+
+    def log(metrics: dict, step: int) -> None:
+        run.log_metrics({f"curve/{k}": v for k, v in metrics.items()}, step)
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if v is not None)
+        context.log.info(
+            f"fine-tuning step {step}: {shown} ({time.perf_counter() - started:.0f} s)"
+        )
+
+    return log
+
+
 def _kept_metrics(result: dict) -> dict:
     """A fine-tuning's kept evaluation (the best on val over steps and rates, the one the
     cell's model is) as the run's final metrics: ``val_<metric>`` as ``finetuned_models``'s
@@ -513,11 +529,7 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
                     seed=seed,
                     label_fraction=_label_fraction(label_set),
                     backbone=backbone,
-                    # the per-step curves under curve/ (a chart section of their own); the
-                    # run's own val_<metric> is the kept evaluation's (_kept_metrics)
-                    log=lambda m, step: run.log_metrics(
-                        {f"curve/{k}": v for k, v in m.items()}, step
-                    ),
+                    log=_finetune_log(context, run),
                     checkpoint=training.Checkpointer(
                         storage.checkpoint_file(
                             "finetuned_models", db.name, context.partition_key.replace("|", "_")
