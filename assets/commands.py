@@ -8,6 +8,8 @@ materialises what is missing or stale upstream of the metrics, stage by stage, a
 nothing else: a second call does nothing when nothing changed.
 """
 
+import contextlib
+import functools
 import json
 import logging
 import os
@@ -221,6 +223,51 @@ def _failure_message(result) -> str:
     return "the run failed (see its event log in the Dagster UI)"
 
 
+LOCATION_NAME = "assets.definitions"  # workspace.yaml's location_name
+LOCATION_MODULE = "assets.location"  # and its module
+
+
+def code_location_origin(job_name: str):
+    """The origin of ``job_name`` in the code location of workspace.yaml, as the web server
+    records it on the runs it launches."""
+    from dagster._core.definitions.repository_definition import SINGLETON_REPOSITORY_NAME
+    from dagster._core.remote_origin import (
+        ManagedGrpcPythonEnvCodeLocationOrigin,
+        RemoteJobOrigin,
+        RemoteRepositoryOrigin,
+    )
+    from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+
+    location = ManagedGrpcPythonEnvCodeLocationOrigin(
+        LoadableTargetOrigin(
+            executable_path=sys.executable,
+            module_name=LOCATION_MODULE,
+            working_directory=str(Path(__file__).resolve().parents[1]),
+        ),
+        LOCATION_NAME,
+    )
+    return RemoteJobOrigin(RemoteRepositoryOrigin(location, SINGLETON_REPOSITORY_NAME), job_name)
+
+
+@contextlib.contextmanager
+def _runs_of_the_code_location(instance: dg.DagsterInstance, job_name: str):
+    """Runs created in this block carry the code location's origin of ``job_name``.
+
+    ``execute_in_process`` records none (its runs are this process's own), and the UI's
+    "Re-execute" of a run without one fails (dagster-graphql's
+    ``launch_reexecution_from_parent_run``: ``check.not_none(parent_run.remote_job_origin)``)
+    though the button shows; with it, a run of ``tve`` re-executes in the code location like
+    one launched from the UI."""
+    create = instance.create_run_for_job
+    instance.create_run_for_job = functools.partial(
+        create, remote_job_origin=code_location_origin(job_name)
+    )
+    try:
+        yield
+    finally:
+        del instance.create_run_for_job  # the class's method again
+
+
 class Runner:
     """Materialises one database's assets in this process, on the run folder's instance."""
 
@@ -252,17 +299,19 @@ class Runner:
         )
         t0 = time.perf_counter()
         print(f"[{self.step:>2}] {'+'.join(names)} {label} ...", flush=True)
-        # a run of the database's stage job (assets/jobs.py), not of an ad-hoc job: the UI
-        # finds it under that job and can re-execute it from the code location
-        job = self.defs.resolve_job_def(job_of_assets(self.db, names))
-        result = job.execute_in_process(
-            asset_selection=[self.db.key(n) for n in names],
-            instance=self.instance,
-            partition_key=partition_key,
-            tags=tags,
-            raise_on_error=False,
-            run_config=_QUIET,
-        )
+        # a run of the database's stage job (assets/jobs.py), not of an ad-hoc job, recorded
+        # as the code location's: the UI lists it under that job and re-executes it there
+        job_name = job_of_assets(self.db, names)
+        job = self.defs.resolve_job_def(job_name)
+        with _runs_of_the_code_location(self.instance, job_name):
+            result = job.execute_in_process(
+                asset_selection=[self.db.key(n) for n in names],
+                instance=self.instance,
+                partition_key=partition_key,
+                tags=tags,
+                raise_on_error=False,
+                run_config=_QUIET,
+            )
         if not result.success:
             raise RuntimeError(f"{'+'.join(names)} {label} failed: {_failure_message(result)}")
         print(f"     done in {time.perf_counter() - t0:.1f}s", flush=True)

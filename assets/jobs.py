@@ -19,14 +19,8 @@ per database:
 
 import dagster as dg
 
-from assets.registry import Database
+from assets.registry import ADD_YOUR_OWN, Database
 from assets.sensors import build_targets_job, targets_job_name
-
-ADD_YOUR_OWN = (
-    "Add your own database: `tve import files SCHEMA_YAML OUT` (or any RelBench dataset "
-    "folder), then `tve register OUT --run-dir RUN_DIR` and reload the code location "
-    "(Deployment > Reload); README, 'Any database'."
-)
 
 # stage -> (its assets, what one run of it does)
 STAGES = {
