@@ -151,14 +151,17 @@ def build_definitions(run_dir: str | Path | None = None, **kwargs) -> dg.Definit
     resources = build_resources(run_dir, **kwargs)
     recipe = resources["recipe"].recipe()
     databases = registered_databases(run_dir / "datasets")
-    jobs = {db.name: build_stage_jobs(db) for db in databases}
+    jobs = {db.name: build_stage_jobs(db) for db in databases}  # database -> stage -> job
     return dg.Definitions(
         assets=[a for db in databases for a in database_assets(db, recipe)],
         asset_checks=[c for db in databases for c in database_checks(db, recipe)],
-        jobs=[j for db in databases for j in jobs[db.name]],
-        # each database's first job is its tables job, the schedule's target
-        schedules=[build_backfill_schedule(db, recipe, jobs[db.name][0]) for db in databases],
-        sensors=[build_growth_sensor(databases, [jobs[db.name][-1] for db in databases])],
+        jobs=[j for db in databases for j in jobs[db.name].values()],
+        schedules=[
+            build_backfill_schedule(db, recipe, jobs[db.name]["tables"]) for db in databases
+        ],
+        sensors=[
+            build_growth_sensor(databases, [jobs[db.name]["refresh_targets"] for db in databases])
+        ],
         resources=resources,
         # A run here is one partition of one or two steps (a window, a checkpoint, a cell);
         # parallelism comes from runs (the run queue and the `gpu` pool), not from steps, so

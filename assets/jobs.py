@@ -52,15 +52,16 @@ def job_of_assets(db: Database, names: list[str]) -> str:
     raise ValueError(f"assets {', '.join(names)} of {db.name!r} belong to no single stage job")
 
 
-def build_stage_jobs(db: Database) -> list:
-    """The database's stage jobs and its targets job (unresolved asset jobs)."""
-    jobs = [
-        dg.define_asset_job(
+def build_stage_jobs(db: Database) -> dict:
+    """The database's jobs (unresolved asset jobs) by stage: ``tables``, ``pretrain``,
+    ``finetune``, ``probe``, ``summarise`` and ``refresh_targets``."""
+    jobs = {
+        stage: dg.define_asset_job(
             stage_job_name(db, stage),
             selection=[db.key(a) for a in assets],
             description=f"{db.name}: {what}. `tve run {db.name}` runs this stage of everything "
             f"missing or stale; `tve materialize` one partition. {ADD_YOUR_OWN}",
         )
         for stage, (assets, what) in STAGES.items()
-    ]
-    return [*jobs, build_targets_job(db)]
+    }
+    return {**jobs, "refresh_targets": build_targets_job(db)}
