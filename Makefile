@@ -3,6 +3,7 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+# The run folder of `make demo`, `make ui`, `tve` and `dg dev -w workspace.yaml` alike
 RUN_DIR ?= $(CURDIR)/runs/demo
 
 .PHONY: install system-packages demo test run results experiment ui mlflow-ui clean
@@ -54,10 +55,16 @@ experiment: $(STAMP)
 # `dg dev` (dagster-dg-cli, a dependency) is Dagster 1.13's `dagster dev`, without its
 # SupersessionWarning; `-w` loads workspace.yaml as `dagster dev -w` did. Ctrl-C stops the
 # webserver, the daemon and the code server in about 9 s (README, "Dagster UI").
+# A run folder without an instance yet (a fresh clone) gets the one `tve` writes (no telemetry,
+# no sign-up dialog); the code location gives it the embedded database, rel-flights.
 ui: $(STAMP)
+	@test -f "$(RUN_DIR)/dagster/dagster.yaml" || $(BIN)/python -c \
+	  "import sys; from assets.commands import prepare_run_dir; prepare_run_dir(sys.argv[1])" "$(RUN_DIR)"
 	DAGSTER_HOME="$(RUN_DIR)/dagster" TVE_RUN_DIR="$(RUN_DIR)" $(BIN)/dg dev -w workspace.yaml
 
 mlflow-ui: $(STAMP)
+	@$(BIN)/python -c 'import sys; from resources.mlflow_tracking import experiment_link as e; \
+	  print("The runs in the model-training view:", e(sys.argv[1]))' "sqlite:///$(RUN_DIR)/mlflow.db"
 	$(BIN)/mlflow ui --backend-store-uri "sqlite:///$(RUN_DIR)/mlflow.db"
 
 clean:

@@ -8,6 +8,8 @@ materialises what is missing or stale upstream of the metrics, stage by stage, a
 nothing else: a second call does nothing when nothing changed.
 """
 
+import contextlib
+import functools
 import json
 import logging
 import os
@@ -32,15 +34,17 @@ from assets.definitions import (
     database_checks,
     read_settings,
 )
+from assets.jobs import job_of_assets
 from assets.partitions import (
     PROBE,
     contiguous_ranges,
     experiment_cells,
     in_priority_order,
-    parse_cell,
+    seed_major,
     windows_name,
 )
 from assets.registry import Database, database_name, register_windows, registered_databases
+from assets.schedules import Outdated
 from assets.sensors import DATA_VERSION_TAG, RANGE_END_TAG, RANGE_START_TAG
 from tve_pipeline.config import make_recipe
 from tve_pipeline.database import fingerprint
@@ -220,6 +224,51 @@ def _failure_message(result) -> str:
     return "the run failed (see its event log in the Dagster UI)"
 
 
+LOCATION_NAME = "assets.definitions"  # workspace.yaml's location_name
+LOCATION_MODULE = "assets.location"  # and its module
+
+
+def code_location_origin(job_name: str):
+    """The origin of ``job_name`` in the code location of workspace.yaml, as the web server
+    records it on the runs it launches."""
+    from dagster._core.definitions.repository_definition import SINGLETON_REPOSITORY_NAME
+    from dagster._core.remote_origin import (
+        ManagedGrpcPythonEnvCodeLocationOrigin,
+        RemoteJobOrigin,
+        RemoteRepositoryOrigin,
+    )
+    from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+
+    location = ManagedGrpcPythonEnvCodeLocationOrigin(
+        LoadableTargetOrigin(
+            executable_path=sys.executable,
+            module_name=LOCATION_MODULE,
+            working_directory=str(Path(__file__).resolve().parents[1]),
+        ),
+        LOCATION_NAME,
+    )
+    return RemoteJobOrigin(RemoteRepositoryOrigin(location, SINGLETON_REPOSITORY_NAME), job_name)
+
+
+@contextlib.contextmanager
+def _runs_of_the_code_location(instance: dg.DagsterInstance, job_name: str):
+    """Runs created in this block carry the code location's origin of ``job_name``.
+
+    ``execute_in_process`` records none (its runs are this process's own), and the UI's
+    "Re-execute" of a run without one fails (dagster-graphql's
+    ``launch_reexecution_from_parent_run``: ``check.not_none(parent_run.remote_job_origin)``)
+    though the button shows; with it, a run of ``tve`` re-executes in the code location like
+    one launched from the UI."""
+    create = instance.create_run_for_job
+    instance.create_run_for_job = functools.partial(
+        create, remote_job_origin=code_location_origin(job_name)
+    )
+    try:
+        yield
+    finally:
+        del instance.create_run_for_job  # the class's method again
+
+
 class Runner:
     """Materialises one database's assets in this process, on the run folder's instance."""
 
@@ -251,16 +300,19 @@ class Runner:
         )
         t0 = time.perf_counter()
         print(f"[{self.step:>2}] {'+'.join(names)} {label} ...", flush=True)
-        result = dg.materialize(
-            [*self.assets, *self.checks],
-            selection=[self.by_name[n] for n in names],
-            instance=self.instance,
-            resources=self.resources,
-            partition_key=partition_key,
-            tags=tags,
-            raise_on_error=False,
-            run_config=_QUIET,
-        )
+        # a run of the database's stage job (assets/jobs.py), not of an ad-hoc job, recorded
+        # as the code location's: the UI lists it under that job and re-executes it there
+        job_name = job_of_assets(self.db, names)
+        job = self.defs.resolve_job_def(job_name)
+        with _runs_of_the_code_location(self.instance, job_name):
+            result = job.execute_in_process(
+                asset_selection=[self.db.key(n) for n in names],
+                instance=self.instance,
+                partition_key=partition_key,
+                tags=tags,
+                raise_on_error=False,
+                run_config=_QUIET,
+            )
         if not result.success:
             raise RuntimeError(f"{'+'.join(names)} {label} failed: {_failure_message(result)}")
         print(f"     done in {time.perf_counter() - t0:.1f}s", flush=True)
@@ -269,23 +321,11 @@ class Runner:
     def to_run(self, name: str, partitions: list[str | None] = (None,)) -> list[str | None]:
         """The partitions of an asset that are missing, or stale for Dagster (a changed code
         version, or upstream data newer than what they were computed from)."""
-        from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView
-        from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
-        from dagster._core.definitions.temporal_context import TemporalContext
-        from dagster._time import get_current_datetime
+        return self.outdated().to_run(name, partitions)
 
-        graph = self.defs.resolve_asset_graph()
-        view = AssetGraphView(
-            temporal_context=TemporalContext(
-                effective_dt=get_current_datetime(), last_event_id=None
-            ),
-            instance=self.instance,
-            asset_graph=graph,
-        )
-        resolver = CachingStaleStatusResolver(self.instance, graph, loading_context=view)
-        return [
-            p for p in partitions if resolver.get_status(self.db.key(name), p) != StaleStatus.FRESH
-        ]
+    def outdated(self) -> Outdated:
+        """What is missing or stale now (:class:`assets.schedules.Outdated`)."""
+        return Outdated(self.instance, self.defs.resolve_asset_graph(), self.db, self.recipe)
 
     def data_changed(self) -> bool:
         event = self.instance.get_latest_materialization_event(self.db.key("raw_tables"))
@@ -327,7 +367,7 @@ class Runner:
         cells = experiment_cells(self.db.tasks, self.recipe, self.db.name)
         probes = experiment_cells(self.db.tasks, self.recipe, self.db.name, PROBE)
         # the probes first: seconds each, they judge the checkpoints before the long fine-tunes
-        for cell in self.to_run("probe_metrics", probes):
+        for cell in seed_major(self.to_run("probe_metrics", probes)):
             self.materialize(["probe_metrics"], f"{name} {cell}", partition_key=cell)
         # each fine-tune scored as it ends, in the order that pairs methods soonest
         tune = set(self.to_run("finetuned_models", cells))
@@ -342,28 +382,9 @@ class Runner:
 
     def unfinished(self) -> set:
         """The (asset, partition) pairs of the experiment that are missing or stale, with
-        everything downstream of them (a re-run checkpoint re-runs its cells)."""
-        from dagster._core.definitions.events import AssetKeyPartitionKey
-
-        objectives = set(
-            self.to_run("pretrained_checkpoint", self.recipe.pretrain.checkpoint_keys())
-        )
-        cells = experiment_cells(self.db.tasks, self.recipe, self.db.name)
-        probes = experiment_cells(self.db.tasks, self.recipe, self.db.name, PROBE)
-        tuned = set(self.to_run("finetuned_models", cells)) | {
-            c for c in cells if parse_cell(c)[1] in objectives
-        }
-        scored = set(self.to_run("metrics", cells)) | tuned
-        probed = set(self.to_run("probe_metrics", probes)) | {
-            c for c in probes if parse_cell(c)[1] in objectives
-        }
-        todo = {AssetKeyPartitionKey(self.db.key("pretrained_checkpoint"), o) for o in objectives}
-        todo |= {AssetKeyPartitionKey(self.db.key("finetuned_models"), c) for c in tuned}
-        todo |= {AssetKeyPartitionKey(self.db.key("metrics"), c) for c in scored}
-        todo |= {AssetKeyPartitionKey(self.db.key("probe_metrics"), c) for c in probed}
-        if todo or self.to_run("results"):
-            todo.add(AssetKeyPartitionKey(self.db.key("results"), None))
-        return todo
+        everything downstream of them (a re-run checkpoint re-runs its cells); the scheduled
+        backfill submits the same (:mod:`assets.schedules`)."""
+        return self.outdated().unfinished()
 
     def results(self) -> pd.DataFrame:
         """The results asset's summary (mean ± std and paired differences to scratch)."""
@@ -469,6 +490,16 @@ def _check_upstream_materialised(runner: Runner, asset_name: str) -> None:
     asset that reads its windows names the missing ones itself)."""
     database = runner.db.name
     parents = runner.defs.resolve_asset_graph().get(runner.by_name[asset_name].key).parent_keys
+    if asset_name == "results":
+        # results reads whatever cells exist (a running experiment's so far): one readout
+        # with a cell is enough
+        readouts = [runner.db.key(n) for n in ("metrics", "probe_metrics")]
+        if all(runner.instance.get_latest_materialization_event(k) is None for k in readouts):
+            raise ValueError(
+                f"no metrics or probe_metrics cell of {database!r} has been materialised: run "
+                f"`tve run {database}` or `tve experiment {database}` first"
+            )
+        parents = set(parents) - set(readouts)
     for parent in sorted(parents, key=lambda k: ASSET_NAMES.index(k.path[-1])):
         if (
             parent.path[-1] != "tve_targets"
@@ -505,7 +536,10 @@ def run_demo(run_dir: Path, profile: str = "demo") -> pd.DataFrame:
     frame = run_database("rel-flights", run_dir)
     print(f"\nwhole demo: {time.perf_counter() - t0:.0f}s. Results are in {run_dir}.")
     print("Open the Dagster UI on them:  make ui          (http://127.0.0.1:3000)")
-    print("Open the MLflow UI on them:   make mlflow-ui   (http://127.0.0.1:5000)")
+    tracking = build_resources(run_dir)["mlflow"]
+    # the model-training view: MLflow 3.17 opens GenAI's unless the link says otherwise
+    experiment = tracking.experiment_url(tracking.experiment_id())
+    print(f"Open the MLflow UI on them:   make mlflow-ui   ({experiment})")
     return frame
 
 
@@ -682,8 +716,9 @@ def run_experiment(
     probes = experiment_cells(runner.db.tasks, runner.recipe, runner.db.name, PROBE)
     ks = runner.recipe.finetune.restricted_ks(database)
     fractions = ", ".join(f"{f:g}" for f in runner.recipe.finetune.label_fractions)
-    if runner.recipe.probe.label_fractions is not None:
-        fractions += f" (probes: {', '.join(f'{f:g}' for f in runner.recipe.probe.label_fractions)})"
+    probed = runner.recipe.probe.label_fractions
+    if probed is not None:
+        fractions += f" (probes: {', '.join(f'{f:g}' for f in probed)})"
     print(
         f"{database}: preset {preset!r}: "
         f"{len(runner.recipe.pretrain.checkpoint_keys())} pre-trained checkpoints, "

@@ -8,7 +8,7 @@ import dagster as dg
 import pandas as pd
 
 from assets.failures import failure
-from assets.metadata import code, table
+from assets.metadata import code, png_markdown, table
 from assets.registry import Database, register_windows
 from resources import RecipeResource, TVEStorage
 from tve_pipeline.config import recipe_version
@@ -20,7 +20,7 @@ from tve_pipeline.database import (
     task_timedelta,
 )
 from tve_pipeline.schema import DatabaseError
-from tve_pipeline.schema_diagram import er_diagram
+from tve_pipeline.schema_diagram import er_diagram, schema_png
 from tve_pipeline.summary import summarise_database
 from tve_pipeline.target_selection import (
     TargetSelection,
@@ -98,7 +98,8 @@ def pruned_targets(summary, schedule, defs, entity: str, recipe) -> TargetSelect
 
 
 def raw_tables_metadata(summary) -> dict:
-    """The schema as a Mermaid diagram, the row count of every table, the checks' notes."""
+    """The schema as an image and as Mermaid source, the row count of every table, the
+    checks' notes."""
     tables = open_dataset(summary.dataset_dir).manifest.tables
     counts = [
         {
@@ -133,6 +134,9 @@ def raw_tables_metadata(summary) -> dict:
             code(er_diagram(tables, summary.column_types), "mermaid")
             + "\n\nMermaid source of the schema (GitHub and mermaid.live draw it): a table per "
             'entity, PK/FK marking keys, `"time"` the time column, a line per foreign key.'
+        ),
+        "schema_image": dg.MetadataValue.md(
+            png_markdown(schema_png(tables, summary.column_types), "schema")
         ),
         "time_range": f"{summary.min_timestamp} .. {summary.max_timestamp}",
         "val_timestamp": summary.val_timestamp,

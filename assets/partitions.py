@@ -143,6 +143,14 @@ def in_priority_order(cells: list[str], recipe) -> list[str]:
     return sorted(cells, key=key)  # stable: settings and tasks keep experiment_cells' order
 
 
+def seed_major(cells: list[str]) -> list[str]:
+    """Cells seed by seed (every task, method and setting of seed 0, then of seed 1, ...):
+    a run stopped part way has the same seeds of every cell, so each comparison has pairs;
+    within a seed the order is ``experiment_cells``' (the settings of one task and method
+    in a row, as the probes' embedding cache wants)."""
+    return sorted(cells, key=lambda cell: parse_cell(cell)[3])
+
+
 def objective_partitions(recipe) -> dg.StaticPartitionsDefinition:
     """``pretrained_checkpoint``'s partitions: an objective, or an objective at a budget."""
     return dg.StaticPartitionsDefinition(recipe.pretrain.checkpoint_keys())

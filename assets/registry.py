@@ -18,6 +18,13 @@ import yaml
 
 from assets.partitions import asset_prefix, windows_name
 
+# what the UI says (on every job's page) about a database of one's own
+ADD_YOUR_OWN = (
+    "Add your own database: `tve import files SCHEMA_YAML OUT` (or any RelBench dataset "
+    "folder), then `tve register OUT --run-dir RUN_DIR` and reload the code location "
+    "(Deployment > Reload); README, 'Any database'."
+)
+
 
 @dataclass(frozen=True)
 class Database:

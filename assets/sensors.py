@@ -21,7 +21,7 @@ import dagster as dg
 from assets.database_assets import pretraining_windows
 from assets.failures import one_line
 from assets.partitions import contiguous_ranges, window_partitions, windows_name
-from assets.registry import Database, dataset_folders, folder_signature
+from assets.registry import ADD_YOUR_OWN, Database, dataset_folders, folder_signature
 from resources import RecipeResource, TVEStorage
 from tve_pipeline.summary import summarise_database
 
@@ -53,7 +53,7 @@ def build_targets_job(db: Database):
         ],
         partitions_def=window_partitions(db.name),
         description=f"refresh {db.name}'s tables and compute the task vectors of some of its "
-        "windows",
+        f"windows (the growth sensor's runs; `tve run`'s runs of tve_targets). {ADD_YOUR_OWN}",
     )
 
 

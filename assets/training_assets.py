@@ -39,6 +39,7 @@ from assets.partitions import (
 )
 from assets.registry import Database
 from resources import DeviceResource, MLflowTracking, RecipeResource, TVEStorage
+from resources.mlflow_tracking import run_name, summary_metrics
 from tve_pipeline import baselines, evaluation, probe, training
 from tve_pipeline.common import atomic_path, exclusive
 from tve_pipeline.config import budget_key, parse_budget_key, recipe_version
@@ -199,7 +200,7 @@ def _pretrain_with_torchrun(
     budget = checkpoint["budget"]
     with (
         tempfile.TemporaryDirectory(prefix=".torchrun-", dir=home) as launch,
-        mlflow.run(context, f"pretrain {checkpoint['key']}", database=database) as run,
+        mlflow.run(context, run_name(checkpoint["key"], "pretrain"), database=database) as run,
     ):
         spec = {
             "dataset_dir": str(raw_tables.dataset_dir),
@@ -307,15 +308,58 @@ def _label_fraction(label_set) -> float:
     return 1.0 if restricted_k(label_set) is not None else float(label_set)
 
 
-def _cell_params(task_name: str, method: str, label_set, seed: int) -> dict:
-    """A cell's identity as MLflow parameters."""
+def _cell_params(task_name: str, method: str, label_set, seed: int, readout: str, recipe) -> dict:
+    """A cell's identity as MLflow parameters (the parts of its partition key, and what they
+    imply: the objective, its pre-training budget, the readout), for compare and group-by."""
+    objective, budget = parse_budget_key(method)
+    if budget is None and method != SCRATCH:  # a checkpoint without budgets: the run's end
+        budget = recipe.pretrain.step_budgets[-1]
     return {
         "task": task_name,
         "method": method,
+        "objective": objective,
+        **({} if budget is None else {"budget": budget}),
         "seed": seed,
         "label_fraction": _label_fraction(label_set),
         "label_set": label_set_name(label_set),
         "restricted_k": restricted_k(label_set) or 0,
+        "readout": readout,
+    }
+
+
+def _cell_run_name(task_name: str, method: str, label_set, seed: int, stage: str = "") -> str:
+    """``plane-delay · tve@4000 · 0.1 · s3`` (a cell's ``metrics``), with the stage after
+    it for its other runs (``· fine-tune``, ``· probe``)."""
+    return run_name(task_name, method, label_set_name(label_set), f"s{seed}", stage)
+
+
+def _finetune_log(context, run):
+    """Each fine-tuning evaluation to MLflow, the per-step curves under ``curve/`` (a chart
+    section of their own; the run's own ``val_<metric>`` is the kept evaluation's:
+    :func:`_kept_metrics`), and to the run's log, a line per evaluation (the UI's progress)."""
+    started = time.perf_counter()
+
+    def log(metrics: dict, step: int) -> None:
+        run.log_metrics({f"curve/{k}": v for k, v in metrics.items()}, step)
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if v is not None)
+        context.log.info(
+            f"fine-tuning step {step}: {shown} ({time.perf_counter() - started:.0f} s)"
+        )
+
+    return log
+
+
+def _kept_metrics(result: dict) -> dict:
+    """A fine-tuning's kept evaluation (the best on val over steps and rates, the one the
+    cell's model is) as the run's final metrics: ``val_<metric>`` as ``finetuned_models``'s
+    ``val_metrics``, its step and evaluation, the chosen rate, how many weights it averaged."""
+    return {
+        **{f"val_{k}": float(v) for k, v in result["val_metrics"].items()},
+        "best_step": result["best_step"],
+        "best_epoch": result["best_epoch"],
+        "lr": result["lr"],
+        "averaged": result["averaged"],
+        "n_train": result["n_train"],
     }
 
 
@@ -382,7 +426,7 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
         # what the run is: data and recipe, not which budgets or cells exist (a budget's
         # partition resumes the run another budget's left)
         run_key = f"{raw_tables.fingerprint}:{recipe_version(run_recipe, *PRETRAIN_SECTIONS)}"
-        with mlflow.run(context, f"pretrain {key}", database=db.name) as run:
+        with mlflow.run(context, run_name(key, "pretrain"), database=db.name) as run:
             run.log_params(_pretrain_params(objective, run_recipe, budget))
             for entity, defs in traversal_graph.items():
                 checkpointer, snapshot = _run_files(
@@ -465,13 +509,15 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
         # a new pre-trained backbone makes an old fine-tuning checkpoint stale
         created = (pretrained_checkpoint or {}).get("created", "")
         resume_key = f"{raw_tables.fingerprint}:{run_recipe.model_dump_json()}:{created}"
-        with mlflow.run(context, f"finetune {method}", database=db.name) as run:
-            run.log_params(
-                {
-                    **_cell_params(task_name, method, label_set, seed),
-                    **{f"finetune.{k}": v for k, v in run_recipe.finetune.model_dump().items()},
-                }
-            )
+        with mlflow.run(
+            context,
+            _cell_run_name(task_name, method, label_set, seed, "fine-tune"),
+            database=db.name,
+            params={
+                **_cell_params(task_name, method, label_set, seed, FINETUNE, run_recipe),
+                **{f"finetune.{k}": v for k, v in run_recipe.finetune.model_dump().items()},
+            },
+        ) as run:
             try:
                 result = training.finetune(
                     data,
@@ -483,7 +529,7 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
                     seed=seed,
                     label_fraction=_label_fraction(label_set),
                     backbone=backbone,
-                    log=run.log_metrics,
+                    log=_finetune_log(context, run),
                     checkpoint=training.Checkpointer(
                         storage.checkpoint_file(
                             "finetuned_models", db.name, context.partition_key.replace("|", "_")
@@ -496,6 +542,8 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
                 ValueError
             ) as exc:  # bad input (e.g. a label sample with no row): one line, no retry
                 raise failure(exc) from exc
+            run.log_metrics(_kept_metrics(result), result["best_step"])
+            run.log_params({"lr": result["lr"], "best_step": result["best_step"]})
             run.log_torch(result["state_dict"], "model.pt")
             result["mlflow_run_id"] = run.run_id
         val = {k: float(v) for k, v in result["val_metrics"].items()}
@@ -576,7 +624,12 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
             output_range=finetuned_models.get("output_range"),
         )
         rows = _metric_rows(db.name, task_name, method, label_set, seed, scores, "finetune")
-        with mlflow.run(context, "metrics", database=db.name) as run:
+        with mlflow.run(
+            context,
+            _cell_run_name(task_name, method, label_set, seed),
+            database=db.name,
+            params=_cell_params(task_name, method, label_set, seed, FINETUNE, run_recipe),
+        ) as run:
             run.log_metrics({f"{row['split']}.{row['metric']}": row["value"] for row in rows})
         return dg.Output(
             pd.DataFrame(rows),
@@ -622,18 +675,21 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
                 seed=seed,
                 label_fraction=_label_fraction(label_set),
                 backbone=backbone,
+                cache=probe.EMBEDDINGS,
             )
         except ValueError as exc:  # e.g. a label sample of one class: one line, no retry
             raise failure(exc) from exc
         scores = {"val": result["val_metrics"], "test": result["test_metrics"]}
         rows = _metric_rows(db.name, task_name, method, label_set, seed, scores, "probe")
-        with mlflow.run(context, f"probe {method}", database=db.name) as run:
-            run.log_params(
-                {
-                    **_cell_params(task_name, method, label_set, seed),
-                    result["regularisation"]: result["strength"],
-                }
-            )
+        with mlflow.run(
+            context,
+            _cell_run_name(task_name, method, label_set, seed, "probe"),
+            database=db.name,
+            params={
+                **_cell_params(task_name, method, label_set, seed, PROBE, run_recipe),
+                result["regularisation"]: result["strength"],
+            },
+        ) as run:
             run.log_metrics({f"{r['split']}.{r['metric']}": r["value"] for r in rows})
         return dg.Output(
             pd.DataFrame(rows),
@@ -682,7 +738,10 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
         summary = summarise(rows, trivial_by_setting(scores))
         out = storage.results_dir(db.name)
         write_results(out, rows, summary, scores)
-        with mlflow.run(context, "results", database=db.name) as run:
+        with mlflow.run(context, run_name("results", db.name), database=db.name) as run:
+            # one metric per summary row's mean and paired difference, named
+            # task/readout/method/label_set/split/metric/statistic
+            run.log_metrics(summary_metrics(summary))
             run.log_artifacts(out)
         plots = sorted(out.glob("*.png"))
         return dg.Output(

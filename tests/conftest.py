@@ -1,5 +1,6 @@
 """Shared fixtures: one tiny synthetic database pushed through the whole pipeline, once."""
 
+import contextlib
 import os
 import signal
 import socket
@@ -52,23 +53,19 @@ def pipeline_run(tmp_path_factory):
             os.environ[k] = v
 
 
-@pytest.fixture(scope="session")
-def webserver(pipeline_run, tmp_path_factory):
-    """The real ``dagster-webserver`` over the pipeline's run folder; yields its base URL.
-
-    Started once for the session (its code location takes a minute to load on a busy
-    machine) and stopped with its process group at the end.
-    """
+@contextlib.contextmanager
+def serve(run_dir: Path, log_dir: Path):
+    """A real ``dagster-webserver -w workspace.yaml`` over a run folder (its instance and its
+    databases); yields its base URL, stops its process group at the end."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    run_dir = pipeline_run["run_dir"]
     env = {**os.environ, "DAGSTER_HOME": str(run_dir / "dagster"), "TVE_RUN_DIR": str(run_dir)}
     root = Path(__file__).resolve().parents[1]
     server = Path(sys.executable).parent / "dagster-webserver"
     cmd = [str(server), "-w", str(root / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)]
     url = f"http://127.0.0.1:{port}"
-    log_path = tmp_path_factory.mktemp("webserver") / "webserver.log"
+    log_path = log_dir / "webserver.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -94,6 +91,31 @@ def webserver(pipeline_run, tmp_path_factory):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+@pytest.fixture(scope="session")
+def webserver(pipeline_run, tmp_path_factory):
+    """The real ``dagster-webserver`` over the pipeline's run folder; yields its base URL.
+
+    Started once for the session (its code location takes a minute to load on a busy
+    machine) and stopped with its process group at the end.
+    """
+    with serve(pipeline_run["run_dir"], tmp_path_factory.mktemp("webserver")) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def fresh_webserver(tmp_path_factory):
+    """The web server over a new, empty run folder, as a fresh clone's ``make ui`` starts it
+    (the instance ``tve`` writes, no database): the code location gives it rel-flights.
+    Yields (URL, run folder)."""
+    from assets.commands import instance_config
+
+    run_dir = tmp_path_factory.mktemp("fresh")
+    (run_dir / "dagster").mkdir()
+    (run_dir / "dagster" / "dagster.yaml").write_text(instance_config())
+    with serve(run_dir, tmp_path_factory.mktemp("fresh_webserver")) as url:
+        yield url, run_dir
 
 
 def load_asset(run, asset: str, partition: str | None = None, database: str = "tiny"):

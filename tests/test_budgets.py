@@ -327,3 +327,20 @@ def test_fine_tuning_cells_in_priority_order_pair_scratch_and_tve_seed_by_seed()
     assert [s for _, s in first] == [0] * 8 + [1] * 8
     assert [m for m, _ in methods_seeds[16:24]] == ["ctr>tve"] * 8
     assert [m for m, _ in methods_seeds[24:]] == ["mae"] * 8
+
+
+def test_probes_run_seed_by_seed_with_the_settings_of_a_cell_in_a_row():
+    from assets.partitions import PROBE, experiment_cells, parse_cell, seed_major
+
+    recipe = make_recipe(
+        "test",
+        {"finetune": {"seeds": (0, 1, 2), "label_fractions": (0.1, 1.0)}},
+    )
+    cells = experiment_cells(["a", "b"], recipe, readout=PROBE)
+    ordered = seed_major(cells)
+    assert sorted(ordered) == sorted(cells)
+    seeds = [parse_cell(c)[3] for c in ordered]
+    assert seeds == sorted(seeds)
+    # by hand: seed 0's cells are a|scratch|0.1, a|scratch|1, a|tve|0.1, a|tve|1, b|...
+    first = [c.rsplit("|", 1)[0] for c in ordered[: len(cells) // 3]]
+    assert first[:4] == ["a|scratch|0.1", "a|scratch|1", "a|tve|0.1", "a|tve|1"]

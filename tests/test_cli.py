@@ -270,6 +270,12 @@ def test_fresh_database_says_what_to_run_first(tmp_path, capsys):
         assert code == 0, err
     # the one window asked for, and no other, is on disk
     assert [p.name for p in (run_dir / "targets" / "fresh").iterdir()] == ["2020-03-21"]
+    # results read whatever cells exist, but there must be one
+    code, _, err = _tve(
+        capsys, "materialize", "results", "--partition", "fresh", "--run-dir", str(run_dir)
+    )
+    assert code == 2
+    assert "no metrics or probe_metrics cell of 'fresh'" in _one_line_error(err)
     code, _, err = _tve(
         capsys,
         "materialize",

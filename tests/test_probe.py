@@ -195,3 +195,31 @@ def test_max_train_seeds_takes_a_subsample_of_the_label_sample(tiny):
     assert result["n_train"] == 50
     with pytest.raises(ValueError, match="max_train_seeds"):
         make_recipe("test", {"probe": {"max_train_seeds": 0}})
+
+
+def test_the_embedding_cache_reuses_val_and_test_and_changes_no_result(tiny, monkeypatch):
+    from tve_pipeline import probe
+
+    task, tables = _task(tiny, "customer-churn")
+    args = (tiny["data"], tiny["col_stats"], task, tables, tiny["recipe"], CPU)
+    calls = []
+    real = probe.embed_seeds
+
+    def counted(model, sampler, task_, df, *rest):
+        calls.append(len(df))
+        return real(model, sampler, task_, df, *rest)
+
+    monkeypatch.setattr(probe, "embed_seeds", counted)
+    cache = probe.EmbeddingCache()
+    cells = [(f, s, b) for b in (None, tiny["backbone"]) for s in (0, 1) for f in (0.5, 1.0)]
+    for fraction, seed, backbone in cells:
+        plain = linear_probe(*args, seed=seed, label_fraction=fraction, backbone=backbone)
+        cached = linear_probe(
+            *args, seed=seed, label_fraction=fraction, backbone=backbone, cache=cache
+        )
+        for key in ("val_metrics", "test_metrics", "strength", "grid"):
+            assert cached[key] == plain[key], (fraction, seed, key)
+    # uncached: 3 splits a cell; cached: train every cell, val and test once per
+    # (encoder, seed): 4 (encoder, seed) pairs x 2 splits
+    assert len(calls) == 8 * 3 + 8 + 4 * 2
+    assert cache.hits == 4 * 2

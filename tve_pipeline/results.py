@@ -474,9 +474,11 @@ def budget_benefit(summary: pd.DataFrame, split: str = "test") -> pd.DataFrame:
 
 
 def plot_budget_benefit(summary: pd.DataFrame, out_dir: Path, split: str = "test") -> Path | None:
-    """``budget.png``: :func:`budget_benefit` against the budget (log axis), a panel per
-    task, a line per objective, readout and label fraction (the probe's dashed), 95% CI
-    bars; None when no method names a budget."""
+    """``budget.png``: :func:`budget_benefit` against the budget (log axis, ticks at the
+    budgets), a panel per task (rows) and label setting (columns), a colour per objective,
+    the probe dashed with circles and fine-tuning solid with squares, 95% CI bars, the
+    objectives nudged apart so their bars do not hide each other; up is better in every
+    panel; None when no method names a budget."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -486,35 +488,74 @@ def plot_budget_benefit(summary: pd.DataFrame, out_dir: Path, split: str = "test
     if frame.empty:
         return None
     tasks = sorted(frame["task"].unique())
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 3.8), dpi=100, squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        rows = frame[frame["task"] == task]
-        metric = rows["metric"].iloc[0]
-        for (objective, readout, fraction), line in rows.groupby(
-            ["objective", "readout", "label_set"]
-        ):
-            err = [
-                (line["benefit"] - line["low"]).fillna(0.0),
-                (line["high"] - line["benefit"]).fillna(0.0),
-            ]
-            ax.errorbar(
-                line["budget"],
-                line["benefit"],
-                yerr=err,
-                marker="o",
-                capsize=3,
-                linestyle="--" if readout == PROBE else "-",
-                label=f"{objective} {readout} {fraction}",
-            )
-        ax.axhline(0.0, color="black", linewidth=0.8)
-        ax.set_xscale("log")
-        ax.set_xlabel("pre-training budget (optimiser steps)")
-        better = metric_direction(metric)
-        ax.set_ylabel(f"{split} {metric} gain over scratch ({better} is better)")
-        ax.set_title(task)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+    settings = label_order(frame["label_set"].unique())
+    objectives = sorted(frame["objective"].unique())
+    colours = {o: f"C{i}" for i, o in enumerate(objectives)}
+    budgets = sorted(frame["budget"].unique())
+    fig, axes = plt.subplots(
+        len(tasks),
+        len(settings),
+        figsize=(3.3 * len(settings) + 1.2, 2.7 * len(tasks) + 0.8),
+        dpi=100,
+        squeeze=False,
+        sharex=True,
+    )
+    for r, task in enumerate(tasks):
+        for c, setting in enumerate(settings):
+            ax = axes[r][c]
+            rows = frame[(frame["task"] == task) & (frame["label_set"] == setting)]
+            for (objective, readout), line in rows.groupby(["objective", "readout"], sort=True):
+                nudge = 1.0 + 0.06 * (objectives.index(objective) - (len(objectives) - 1) / 2)
+                err = [
+                    (line["benefit"] - line["low"]).fillna(0.0).clip(lower=0),
+                    (line["high"] - line["benefit"]).fillna(0.0).clip(lower=0),
+                ]
+                probe = readout == PROBE
+                ax.errorbar(
+                    line["budget"] * nudge,
+                    line["benefit"],
+                    yerr=err,
+                    color=colours[objective],
+                    marker="o" if probe else "s",
+                    markersize=4 if probe else 6,
+                    capsize=2,
+                    linestyle="--" if probe else "-",
+                    linewidth=1.0,
+                )
+            ax.axhline(0.0, color="black", linewidth=0.8)
+            ax.set_xscale("log")
+            ax.set_xticks(budgets)
+            ax.set_xticklabels([f"{b:,}" for b in budgets])
+            ax.minorticks_off()
+            ax.set_xlim(budgets[0] / 1.6, budgets[-1] * 1.6)
+            ax.grid(alpha=0.3)
+            metric = rows["metric"].iloc[0] if len(rows) else ""
+            ax.set_title(f"{task}, labels {label_text(setting)}", fontsize=9)
+            if c == 0:
+                ax.set_ylabel(f"{split} {metric}\ngain over scratch", fontsize=8)
+            if r == len(tasks) - 1:
+                ax.set_xlabel("pre-training steps", fontsize=8)
+    handles = [
+        plt.Line2D([], [], color=colours[o], marker="o", linestyle="", label=o) for o in objectives
+    ] + [
+        plt.Line2D([], [], color="grey", marker="o", linestyle="--", label="linear probe"),
+        plt.Line2D([], [], color="grey", marker="s", linestyle="-", label="fine-tuned"),
+    ]
+    height = fig.get_figheight()
+    fig.legend(
+        handles=handles,
+        loc="upper center",
+        bbox_to_anchor=(0.5, 1 - 0.3 / height),
+        ncol=len(handles),
+        fontsize=8,
+        frameon=False,
+    )
+    fig.suptitle(
+        f"Paired gain over scratch vs pre-training budget ({split}; up is better; 95% CI)",
+        fontsize=10,
+        y=1 - 0.05 / height,
+    )
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.7 / height))
     path = Path(out_dir) / "budget.png"
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:

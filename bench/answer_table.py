@@ -1,0 +1,84 @@
+"""The README's answer tables from a results folder's summary.csv.
+
+    .venv/bin/python bench/answer_table.py results/rel-f1/summary.csv [--split test]
+
+One row per task and label setting: scratch's mean ± std (probe and, where run, fine-tuned)
+and each checkpoint's paired gain over scratch with its 95% CI, signed so that + is better
+whatever the metric's direction (AUROC up, MAE down); ``*`` marks an interval that excludes
+zero. The task's first metric (the one fine-tuning and the probes choose by).
+"""
+
+import argparse
+
+import pandas as pd
+
+from tve_pipeline.results import budget_benefit, label_order, label_text, metric_direction
+
+
+def _cell(row) -> str:
+    if pd.isna(row["low"]):
+        return f"{row['benefit']:+.3f} (n={int(row['n_pairs'])})"
+    star = "*" if (row["low"] > 0 or row["high"] < 0) else ""
+    return f"{row['benefit']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]{star}"
+
+
+def tables(summary: pd.DataFrame, split: str) -> str:
+    gains = budget_benefit(summary, split)
+    part = summary[(summary["split"] == split) & (summary["method"] == "scratch")]
+    first = summary[summary["split"] == split].groupby("task")["metric"].first()
+    part = part[part["metric"] == part["task"].map(first)]
+    out = []
+    for readout in ("probe", "finetune"):
+        g = gains[gains["readout"] == readout]
+        if g.empty:
+            continue
+        methods = sorted(
+            {f"{o}@{b}" for o, b in zip(g["objective"], g["budget"])},
+            key=lambda m: (m.split("@")[0], int(m.split("@")[1])),
+        )
+        out.append(f"\n**{readout}** ({split}; gain over scratch, + is better, 95% CI)\n")
+        out.append("| task | labels | scratch | " + " | ".join(f"`{m}`" for m in methods) + " |")
+        out.append("|---|---|---:|" + "---:|" * len(methods))
+        for task in sorted(g["task"].unique()):
+            metric = first[task]
+            for setting in label_order(g[g["task"] == task]["label_set"].unique()):
+                s = part[
+                    (part["task"] == task)
+                    & (part["readout"] == readout)
+                    & (part["label_set"].astype(str) == str(setting))
+                ]
+                scratch = (
+                    f"{s['mean'].iloc[0]:.3f} ± {s['std'].iloc[0]:.3f} (n={int(s['n'].iloc[0])})"
+                    if len(s)
+                    else ""
+                )
+                cells = []
+                for m in methods:
+                    o, b = m.split("@")
+                    r = g[
+                        (g["task"] == task)
+                        & (g["label_set"] == setting)
+                        & (g["objective"] == o)
+                        & (g["budget"] == int(b))
+                    ]
+                    cells.append(_cell(r.iloc[0]) if len(r) else "")
+                arrow = "↑" if metric_direction(metric) == "higher" else "↓"
+                out.append(
+                    f"| {task} ({metric} {arrow}) | {label_text(setting)} | {scratch} | "
+                    + " | ".join(cells)
+                    + " |"
+                )
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("summary_csv")
+    ap.add_argument("--split", default="test")
+    args = ap.parse_args()
+    summary = pd.read_csv(args.summary_csv, dtype={"label_set": str})
+    print(tables(summary, args.split))
+
+
+if __name__ == "__main__":
+    main()
