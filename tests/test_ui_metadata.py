@@ -42,6 +42,7 @@ KEYS = {
         "tables",
         "row_counts",
         "schema",
+        "schema_image",
         "time_range",
         "val_timestamp",
         "test_timestamp",
