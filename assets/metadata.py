@@ -2,13 +2,15 @@
 
 The UI plots a numeric metadata key across an asset's materialisations (its partitions),
 so every number has a key that is the same for every partition and database (``rows``,
-``targets``, ``val_loss``, ``val_score``), never one built from an entity table, task or
-metric name; a breakdown by name (per table, per entity, per metric) is one table value
-under a fixed key. Plots are PNGs embedded in Markdown (the UI renders ``data:`` images; a
-Markdown value over 1,000 characters sits behind a "[Show Markdown]" link that opens it);
-code is a fenced Markdown block. Dagster 1.13's UI renders no Mermaid (its web app has no
-Mermaid renderer): the ``schema`` block is Mermaid source, drawn by GitHub, mermaid.live
-or any Markdown viewer with Mermaid.
+``targets``, ``val_loss``), never one built from an entity table or task name; a cell's
+score is under its metric's key (``val_roc_auc``, ``test_mae``), so that AUROC and MAE are
+plotted apart, not joined in one line; a breakdown by name (per table, per entity) is one
+table value under a fixed key. Plots are PNGs embedded in Markdown (the UI renders
+``data:`` images; a Markdown value over 1,000 characters sits behind a "[Show Markdown]"
+link that opens it); code is a fenced Markdown block. Dagster 1.13's UI renders no Mermaid
+(its web app has no Mermaid renderer): the ``schema`` block is Mermaid source, drawn by
+GitHub, mermaid.live or any Markdown viewer with Mermaid; ``schema_image`` is the schema
+drawn.
 """
 
 import base64

@@ -569,7 +569,8 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
                     {"lr": "float", "val_score": "float", "best_step": "int"},
                 ),
                 "metric": metric,
-                "val_score": dg.MetadataValue.float(val.get(metric, float("nan"))),
+                # a key per metric, so the UI's Plots tab draws AUROC and MAE apart
+                f"val_{metric}": dg.MetadataValue.float(val.get(metric, float("nan"))),
                 "val_metrics": table(
                     [{"metric": k, "value": v} for k, v in val.items()],
                     {"metric": "string", "value": "float"},
@@ -802,13 +803,16 @@ def _metric_rows(database, task, method, label_set, seed, scores: dict, readout:
 
 
 def probe_metadata(result: dict) -> dict:
-    """A probe cell under the fixed keys ``metrics`` uses (``val_score``, ``test_score``:
-    the task's first metric), the chosen strength, seconds, and the validation grid."""
+    """A probe cell under the keys ``metrics`` uses (``val_<metric>``, ``test_<metric>``:
+    the task's first metric, a key per metric so the UI plots each apart), the chosen
+    strength, seconds, and the validation grid."""
     name = result["regularisation"]
     return {
         "metric": result["metric"],
-        "val_score": dg.MetadataValue.float(result["val_metrics"][result["metric"]]),
-        "test_score": dg.MetadataValue.float(result["test_metrics"][result["metric"]]),
+        f"val_{result['metric']}": dg.MetadataValue.float(result["val_metrics"][result["metric"]]),
+        f"test_{result['metric']}": dg.MetadataValue.float(
+            result["test_metrics"][result["metric"]]
+        ),
         "regularisation": name,
         "strength": dg.MetadataValue.float(result["strength"]),
         "seconds": dg.MetadataValue.float(result["seconds"]),
@@ -889,8 +893,9 @@ def checkpoint_metadata(objective: str, by_entity: dict, graph: dict, cfg=None) 
 
 def cell_metrics_metadata(scores: dict, finetuned: dict, cell: str) -> dict:
     """The task's first metric (RelBench's order; the one fine-tuning chose its epoch by)
-    under fixed keys, every metric in a table, and a plot: the fine-tuning curve with the
-    evaluated val and test scores at the kept epoch."""
+    under ``val_<metric>`` / ``test_<metric>`` (a key per metric: the UI's Plots tab draws
+    each metric's own line, not AUROC and MAE joined), every metric in a table, and a plot:
+    the fine-tuning curve with the evaluated val and test scores at the kept epoch."""
     metric = next(iter(scores.get("val") or scores.get("test") or {}), "")
     nan = float("nan")
     val, test = scores.get("val", {}).get(metric, nan), scores.get("test", {}).get(metric, nan)
@@ -899,8 +904,8 @@ def cell_metrics_metadata(scores: dict, finetuned: dict, cell: str) -> dict:
     kept = finetuned.get(f"best_{x}", 0)
     return {
         "metric": metric,
-        "val_score": dg.MetadataValue.float(float(val)),
-        "test_score": dg.MetadataValue.float(float(test)),
+        f"val_{metric}": dg.MetadataValue.float(float(val)),
+        f"test_{metric}": dg.MetadataValue.float(float(test)),
         "scores": table(
             [
                 {"split": split, "metric": name, "value": value}

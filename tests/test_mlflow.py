@@ -237,11 +237,11 @@ def test_finetune_run_reports_the_kept_evaluation(pipeline_run):
 
 
 def _check_kept(client, run_id: str, meta: dict, result: dict) -> None:
-    """The run's val_<metric> is the metadata's val_score (the kept evaluation); its curve
+    """The run's val_<metric> is the metadata's val_<metric> (the kept evaluation); its curve
     holds every evaluation at its step, the last one last."""
     metric = meta["metric"].text
     data = client.get_run(run_id).data
-    assert data.metrics[f"val_{metric}"] == pytest.approx(meta["val_score"].value)
+    assert data.metrics[f"val_{metric}"] == pytest.approx(meta[f"val_{meta['metric'].text}"].value)
     assert data.metrics["best_step"] == meta["best_step"].value
     assert data.metrics["lr"] == pytest.approx(meta["lr"].value)
     assert data.params["lr"] == str(result["lr"])
@@ -255,7 +255,7 @@ def _check_kept(client, run_id: str, meta: dict, result: dict) -> None:
     )
     (kept,) = client.get_metric_history(run_id, f"val_{metric}")
     assert kept.step == meta["best_step"].value
-    assert kept.value == pytest.approx(meta["val_score"].value)
+    assert kept.value == pytest.approx(meta[f"val_{meta['metric'].text}"].value)
 
 
 def test_finetune_run_kept_evaluation_is_not_the_last(
@@ -282,7 +282,8 @@ def test_finetune_run_kept_evaluation_is_not_the_last(
     metric = meta["metric"].text
     history = [row[f"val_{metric}"] for row in tuned["history"]]
     assert len(history) == 4
-    assert not math.isclose(history[-1], meta["val_score"].value), "pick a case where they differ"
+    kept_value = meta[f"val_{meta['metric'].text}"].value
+    assert not math.isclose(history[-1], kept_value), "pick a case where they differ"
     client = _client(runner.resources["mlflow"].tracking_uri)
     run_id = meta["mlflow_run_id"].text
     _check_kept(client, run_id, meta, tuned)

@@ -116,17 +116,17 @@ KEYS = {
         "averaged",
         "lr_search",
         "metric",
-        "val_score",
+        "val_{metric}",
         "val_metrics",
         "learning_curve",
     }
     | MLFLOW
     | IO_MANAGER,
-    "metrics": {"metric", "val_score", "test_score", "scores", "plot"} | MLFLOW | IO_MANAGER,
+    "metrics": {"metric", "val_{metric}", "test_{metric}", "scores", "plot"} | MLFLOW | IO_MANAGER,
     "probe_metrics": {
         "metric",
-        "val_score",
-        "test_score",
+        "val_{metric}",
+        "test_{metric}",
         "regularisation",
         "strength",
         "seconds",
@@ -155,10 +155,17 @@ PLOTTED = {
     "traversal_graph": ("targets",),
     "tve_targets": ("rows", "targets", "inactive_rate", "active_share"),
     "pretrained_checkpoint": ("seeds", "val_loss", "train_seconds"),
-    "finetuned_models": ("n_train", "best_epoch", "best_step", "lr", "val_score"),
-    "metrics": ("val_score", "test_score"),
-    "probe_metrics": ("val_score", "test_score", "strength", "seconds"),
+    "finetuned_models": ("n_train", "best_epoch", "best_step", "lr", "val_{metric}"),
+    "metrics": ("val_{metric}", "test_{metric}"),
+    "probe_metrics": ("val_{metric}", "test_{metric}", "strength", "seconds"),
 }
+# ``{metric}``: the partition's task's first metric (a key per metric, so the UI plots
+# AUROC and MAE apart)
+
+
+def _keys(keys, metadata) -> set:
+    metric = metadata["metric"].text if "metric" in metadata else ""
+    return {k.format(metric=metric) for k in keys}
 
 
 def _materialisations(run, asset: str) -> list[dg.AssetMaterialization]:
@@ -192,8 +199,8 @@ def test_every_materialisation_has_the_fixed_keys_and_plottable_numbers(pipeline
         mats = _materialisations(pipeline_run, asset)
         assert mats, f"{asset} was never materialised"
         for m in mats:
-            assert set(m.metadata) == KEYS[asset], (asset, m.partition)
-            for key in PLOTTED.get(asset, ()):
+            assert set(m.metadata) == _keys(KEYS[asset], m.metadata), (asset, m.partition)
+            for key in _keys(PLOTTED.get(asset, ()), m.metadata):
                 value = m.metadata[key]
                 assert isinstance(value, (dg.IntMetadataValue, dg.FloatMetadataValue)), (
                     asset,
@@ -386,8 +393,9 @@ def test_metrics_show_a_plot_and_the_evaluated_scores(pipeline_run):
         assert rows == pytest.approx(
             {(s, k): v for s, k, v in zip(frame["split"], frame["metric"], frame["value"])}
         )
-        assert meta["val_score"].value == pytest.approx(rows[("val", meta["metric"].text)])
-        assert meta["test_score"].value == pytest.approx(rows[("test", meta["metric"].text)])
+        metric = meta["metric"].text
+        assert meta[f"val_{metric}"].value == pytest.approx(rows[("val", metric)])
+        assert meta[f"test_{metric}"].value == pytest.approx(rows[("test", metric)])
     for asset, key in (
         ("pretrained_checkpoint", "loss_curves"),
         ("finetuned_models", "learning_curve"),
