@@ -677,6 +677,8 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
                 label_fraction=_label_fraction(label_set),
                 backbone=backbone,
                 cache=probe.EMBEDDINGS,
+                # the graph is loaded anew for every cell: name it by its data
+                graph_key=f"{db.name}:{raw_tables.fingerprint}",
             )
         except ValueError as exc:  # e.g. a label sample of one class: one line, no retry
             raise failure(exc) from exc

@@ -35,7 +35,14 @@ def tiny(tmp_path_factory):
     # a "pre-trained" backbone: weights other than the recipe's random initialisation
     torch.manual_seed(123)
     backbone = backbone_state(RDLModel(data, col_stats, recipe.backbone, out_channels=1))
-    return {"ds": ds, "recipe": recipe, "data": data, "col_stats": col_stats, "backbone": backbone}
+    return {
+        "ds": ds,
+        "recipe": recipe,
+        "summary": summary,
+        "data": data,
+        "col_stats": col_stats,
+        "backbone": backbone,
+    }
 
 
 def _task(tiny, name):
@@ -223,3 +230,47 @@ def test_the_embedding_cache_reuses_val_and_test_and_changes_no_result(tiny, mon
     # (encoder, seed): 4 (encoder, seed) pairs x 2 splits
     assert len(calls) == 8 * 3 + 8 + 4 * 2
     assert cache.hits == 4 * 2
+
+
+def test_cells_that_load_the_graph_anew_share_embeddings_by_the_graphs_name(tiny):
+    # a pipeline loads the graph from its cache for every cell: equal graphs, new objects
+    from tve_pipeline import probe
+
+    task, tables = _task(tiny, "customer-churn")
+    recipe = tiny["recipe"]
+    again, col_stats = graph_for(tiny["ds"].get_db(), tiny["summary"].column_types, recipe.backbone)
+    assert again is not tiny["data"]
+    named, unnamed = probe.EmbeddingCache(), probe.EmbeddingCache()
+    for cache, key in ((named, "tiny:fingerprint"), (unnamed, None)):
+        for data, stats, fraction in (
+            (tiny["data"], tiny["col_stats"], 0.5),
+            (again, col_stats, 1.0),
+        ):
+            got = linear_probe(
+                data,
+                stats,
+                task,
+                tables,
+                recipe,
+                CPU,
+                seed=0,
+                label_fraction=fraction,
+                backbone=tiny["backbone"],
+                cache=cache,
+                graph_key=key,
+            )
+            plain = linear_probe(
+                data,
+                stats,
+                task,
+                tables,
+                recipe,
+                CPU,
+                seed=0,
+                label_fraction=fraction,
+                backbone=tiny["backbone"],
+            )
+            assert got["val_metrics"] == plain["val_metrics"]
+            assert got["test_metrics"] == plain["test_metrics"]
+    assert named.hits == 2  # val and test of the second graph object
+    assert unnamed.hits == 0  # an unnamed graph is found by its object only

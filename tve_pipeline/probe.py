@@ -99,9 +99,11 @@ class EmbeddingCache:
     one (checkpoint, task, seed) at different label fractions embed val and test once: the
     frozen encoder, the rows and the sampler's seed are the same, so the matrix is too (a
     probe's train sample is drawn per fraction and is never cached). An entry is found by
-    the encoder's weights (their bytes), the graph object, the sampler's settings, the task,
-    the split's rows, the seed, the batch size and the device; it keeps the graph object
-    alive, so a new graph never takes a dead one's ``id``."""
+    the encoder's weights (their bytes), the graph (the caller's name for it, e.g. the
+    database and its data fingerprint, as a pipeline loads the same graph anew for every
+    cell; without one, the graph object itself, kept alive so that a new graph never takes a
+    dead one's ``id``), the sampler's settings, the task, the split's rows, the seed, the
+    batch size and the device."""
 
     def __init__(self, size: int = 12):
         self.size = size
@@ -125,9 +127,12 @@ class EmbeddingCache:
         ).to_numpy()
         return hashlib.sha1(hashed.tobytes()).hexdigest()
 
-    def embed(self, key: tuple, data: HeteroData, compute) -> np.ndarray:
+    def embed(self, key: tuple, data: HeteroData, compute, graph_key: str | None = None):
+        """The matrix under ``key`` and the graph (``graph_key``, else ``data`` itself),
+        computed by ``compute()`` when absent."""
+        key = (*key, graph_key)
         hit = self.entries.get(key)
-        if hit is not None and hit[0] is data:
+        if hit is not None and (graph_key is not None or hit[0] is data):
             self.entries[key] = self.entries.pop(key)  # most recently used last
             self.hits += 1
             return hit[1]
@@ -215,12 +220,15 @@ def linear_probe(
     label_fraction: float = 1.0,
     backbone: dict | None = None,
     cache: EmbeddingCache | None = None,
+    graph_key: str | None = None,
 ) -> dict:
     """Val and test metrics of a linear probe on the frozen encoder (module docstring).
 
     ``cache``: where val and test embeddings are kept for the next cell of the same
     encoder, task and seed (:class:`EmbeddingCache`; the results are the same with or
-    without it); None embeds every split.
+    without it); None embeds every split. ``graph_key``: a name that is the same for equal
+    graphs (a pipeline's database and data fingerprint), so that cells which load the graph
+    anew still find each other's embeddings; None: the same ``data`` object only.
 
     ``tables``: ``"train"``, ``"val"``, ``"test"`` (masked) and, optionally,
     ``"test_labels"`` (RelBench's unmasked test table when absent), as fine-tuning and
@@ -259,7 +267,7 @@ def linear_probe(
             cfg.batch_size,
             str(device),
         )
-        return cache.embed(key, data, compute)
+        return cache.embed(key, data, compute, graph_key)
 
     x_train, x_val, x_test = standardise(*(embedded(s, df) for s, df in frames.items()))
     t_embed = time.perf_counter() - t0
