@@ -20,22 +20,39 @@ from pathlib import Path
 
 
 def stage_hours(runner, threads: int) -> dict[str, dict]:
-    """asset -> {"runs", "hours"} over the successful runs of the database's assets."""
-    from dagster import DagsterRunStatus, RunsFilter
+    """asset -> {"runs", "hours"} over the successful runs of the database's assets.
 
-    records = runner.instance.get_run_records(
-        filters=RunsFilter(statuses=[DagsterRunStatus.SUCCESS])
-    )
+    A run's assets are those it materialised (its materialisation events), so that runs of
+    an ephemeral job (``dg.materialize``, which records no asset selection) count too."""
+    from dagster import AssetRecordsFilter, DagsterRunStatus, RunsFilter
+
+    from assets.definitions import ASSET_NAMES
+
+    assets_of: dict[str, set] = defaultdict(set)
+    for name in ASSET_NAMES:
+        key = runner.db.key(name)
+        cursor = None
+        while True:
+            page = runner.instance.fetch_materializations(
+                AssetRecordsFilter(asset_key=key), limit=1000, cursor=cursor
+            )
+            for record in page.records:
+                assets_of[record.run_id].add(name)
+            if not page.has_more:
+                break
+            cursor = page.cursor
     out: dict[str, dict] = defaultdict(lambda: {"runs": 0, "hours": 0.0})
-    prefix = runner.db.key("x").path[0]
-    for record in records:
-        keys = record.dagster_run.asset_selection or set()
-        names = sorted(k.path[-1] for k in keys if k.path[0] == prefix)
-        if not names or record.start_time is None or record.end_time is None:
-            continue
-        stage = "+".join(names)
-        out[stage]["runs"] += 1
-        out[stage]["hours"] += (record.end_time - record.start_time) / 3600 * threads
+    run_ids = list(assets_of)
+    for i in range(0, len(run_ids), 500):
+        records = runner.instance.get_run_records(
+            filters=RunsFilter(run_ids=run_ids[i : i + 500], statuses=[DagsterRunStatus.SUCCESS])
+        )
+        for record in records:
+            if record.start_time is None or record.end_time is None:
+                continue
+            stage = "+".join(sorted(assets_of[record.dagster_run.run_id]))
+            out[stage]["runs"] += 1
+            out[stage]["hours"] += (record.end_time - record.start_time) / 3600 * threads
     return dict(out)
 
 
