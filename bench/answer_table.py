@@ -22,7 +22,7 @@ def _cell(row) -> str:
     return f"{row['benefit']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]{star}"
 
 
-def tables(summary: pd.DataFrame, split: str) -> str:
+def tables(summary: pd.DataFrame, split: str, only: list[str] | None = None) -> str:
     gains = budget_benefit(summary, split)
     part = summary[(summary["split"] == split) & (summary["method"] == "scratch")]
     first = summary[summary["split"] == split].groupby("task")["metric"].first()
@@ -36,6 +36,8 @@ def tables(summary: pd.DataFrame, split: str) -> str:
             {f"{o}@{b}" for o, b in zip(g["objective"], g["budget"])},
             key=lambda m: (m.split("@")[0], int(m.split("@")[1])),
         )
+        if only:
+            methods = [m for m in only if m in methods]
         out.append(f"\n**{readout}** ({split}; gain over scratch, + is better, 95% CI)\n")
         out.append("| task | labels | scratch | " + " | ".join(f"`{m}`" for m in methods) + " |")
         out.append("|---|---|---:|" + "---:|" * len(methods))
@@ -75,9 +77,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("summary_csv")
     ap.add_argument("--split", default="test")
+    ap.add_argument("--methods", default=None, help="comma-separated checkpoints to show")
     args = ap.parse_args()
     summary = pd.read_csv(args.summary_csv, dtype={"label_set": str})
-    print(tables(summary, args.split))
+    only = args.methods.split(",") if args.methods else None
+    print(tables(summary, args.split, only))
 
 
 if __name__ == "__main__":

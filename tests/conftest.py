@@ -45,6 +45,8 @@ def pipeline_run(tmp_path_factory):
         "dataset_dir": run_dir / "datasets" / "tiny",
         "runner": runner,
         "runs": runner.step,
+        # the runs of the `tve run` itself (later tests add runs of their own)
+        "run_ids": {r.run_id for r in runner.instance.get_runs()},
     }
     for k, v in saved.items():
         if v is None:

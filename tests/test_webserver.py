@@ -87,15 +87,16 @@ def test_tve_runs_belong_to_jobs_of_the_code_location_and_re_execute(webserver, 
     assert stages <= jobs
     # every run of the `tve run` (one per stage and partition) is a run of one of them
     runs = _graphql(webserver, "{ runsOrError { ... on Runs { results { id jobName } } } }")
-    runs = runs["runsOrError"]["results"]
-    assert len(runs) == pipeline_run["runs"]
+    runs = [r for r in runs["runsOrError"]["results"] if r["id"] in pipeline_run["run_ids"]]
+    assert len(runs) == len(pipeline_run["run_ids"]) == pipeline_run["runs"]
     assert {r["jobName"] for r in runs} == stages
     # ... found by job: the fine-tuning runs, one per cell (fine-tuned, then scored)
     finetune = _graphql(
         webserver,
         """{ runsOrError(filter: {pipelineName: "tiny__finetune"}) { ... on Runs {
-        results { jobName tags { key value } } } } }""",
+        results { id jobName tags { key value } } } } }""",
     )["runsOrError"]["results"]
+    finetune = [r for r in finetune if r["id"] in pipeline_run["run_ids"]]
     runner = pipeline_run["runner"]
     cells = set(experiment_cells(runner.db.tasks, runner.recipe, "tiny"))
     assert finetune and {r["jobName"] for r in finetune} == {"tiny__finetune"}
