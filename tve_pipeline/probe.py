@@ -107,7 +107,7 @@ class EmbeddingCache:
 
     def __init__(self, size: int = 12):
         self.size = size
-        self.entries: dict[tuple, tuple[HeteroData, np.ndarray]] = {}
+        self.entries: dict[tuple, tuple[HeteroData | None, np.ndarray]] = {}
         self.hits = 0
 
     @staticmethod
@@ -137,7 +137,8 @@ class EmbeddingCache:
             self.hits += 1
             return hit[1]
         value = compute()
-        self.entries[key] = (data, value)
+        # a named graph needs no object kept alive (each cell's own copy would stay in memory)
+        self.entries[key] = (None if graph_key is not None else data, value)
         while len(self.entries) > self.size:
             self.entries.pop(next(iter(self.entries)))
         return value
