@@ -447,17 +447,7 @@ def test_tve_run_ends_with_a_line_per_failed_check(
     assert "tiny: nothing was missing or stale" in out[-1]
     assert not [o for o in out if o.startswith("check ")]
 
-    real = assets.target_assets.write_targets_by_seed_time
-
-    def off_by_one(query, out_path_of, **kw):
-        stats = real(query, out_path_of, **kw)
-        for t in stats:
-            frame = pd.read_parquet(out_path_of(t))
-            frame["orders__count"] += 1
-            frame.to_parquet(out_path_of(t))
-        return stats
-
-    monkeypatch.setattr(assets.target_assets, "write_targets_by_seed_time", off_by_one)
+    _targets_off_by_one(monkeypatch)
     with pytest.raises(RuntimeError, match="check no_leakage failed"):
         runner.run_upstream()
     windows = _windows({"run_dir": run_dir})
@@ -649,17 +639,7 @@ def test_a_failing_blocking_check_stops_tve_run_before_pretraining(
     add 1 after writing) stops at the no_leakage check of the targets: the run fails with
     the check's description, every window's failed evaluation is in the instance, and no
     checkpoint is trained from the wrong targets."""
-    real = assets.target_assets.write_targets_by_seed_time
-
-    def off_by_one(query, out_path_of, **kw):
-        stats = real(query, out_path_of, **kw)
-        for t in stats:
-            frame = pd.read_parquet(out_path_of(t))
-            frame["orders__count"] += 1
-            frame.to_parquet(out_path_of(t))
-        return stats
-
-    monkeypatch.setattr(assets.target_assets, "write_targets_by_seed_time", off_by_one)
+    _targets_off_by_one(monkeypatch)
     run_dir = tmp_path / "run"
     instance = prepare_run_dir(run_dir)
     register_dataset(pipeline_run["dataset_dir"], run_dir, instance, profile="test")
@@ -681,3 +661,18 @@ def test_a_failing_blocking_check_stops_tve_run_before_pretraining(
         runner.instance.get_latest_materialization_event(runner.db.key("pretrained_checkpoint"))
         is None
     )
+
+
+def _targets_off_by_one(monkeypatch) -> None:
+    """The SQL writer patched to add 1 to one column of every window after writing it."""
+    real = assets.target_assets.write_targets_by_seed_time
+
+    def off_by_one(query, out_path_of, **kw):
+        stats = real(query, out_path_of, **kw)
+        for t in stats:
+            frame = pd.read_parquet(out_path_of(t))
+            frame["orders__count"] += 1
+            frame.to_parquet(out_path_of(t))
+        return stats
+
+    monkeypatch.setattr(assets.target_assets, "write_targets_by_seed_time", off_by_one)

@@ -246,30 +246,10 @@ def test_cells_that_load_the_graph_anew_share_embeddings_by_the_graphs_name(tiny
             (tiny["data"], tiny["col_stats"], 0.5),
             (again, col_stats, 1.0),
         ):
-            got = linear_probe(
-                data,
-                stats,
-                task,
-                tables,
-                recipe,
-                CPU,
-                seed=0,
-                label_fraction=fraction,
-                backbone=tiny["backbone"],
-                cache=cache,
-                graph_key=key,
-            )
-            plain = linear_probe(
-                data,
-                stats,
-                task,
-                tables,
-                recipe,
-                CPU,
-                seed=0,
-                label_fraction=fraction,
-                backbone=tiny["backbone"],
-            )
+            args = (data, stats, task, tables, recipe, CPU)
+            kw = {"seed": 0, "label_fraction": fraction, "backbone": tiny["backbone"]}
+            got = linear_probe(*args, **kw, cache=cache, graph_key=key)
+            plain = linear_probe(*args, **kw)
             assert got["val_metrics"] == plain["val_metrics"]
             assert got["test_metrics"] == plain["test_metrics"]
     assert named.hits == 2  # val and test of the second graph object
