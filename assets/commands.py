@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -309,7 +310,7 @@ class Runner:
                 asset_selection=[self.db.key(n) for n in names],
                 instance=self.instance,
                 partition_key=partition_key,
-                tags=tags,
+                tags={**(tags or {}), PROCESS_TAG: this_process()},
                 raise_on_error=False,
                 run_config=_QUIET,
             )
@@ -361,6 +362,8 @@ class Runner:
         """Everything missing or stale upstream of the results, one run after another in this
         process; returns the results summary."""
         name = self.db.name
+        for run_id in fail_runs_of_dead_processes(self.instance):
+            print(f"run {run_id} failed: the `tve` process that ran it is gone", flush=True)
         self.run_upstream()
         for key in self.to_run("pretrained_checkpoint", self.recipe.pretrain.checkpoint_keys()):
             self.materialize(["pretrained_checkpoint"], f"{name} {key}", partition_key=key)
@@ -598,6 +601,55 @@ def _wait_for_backfill(
         time.sleep(3)
 
 
+PROCESS_TAG = "tve/process"
+
+
+def this_process() -> str:
+    """``host:pid:start`` of this process (``start``: its start time in clock ticks since boot,
+    so that a reused pid is not taken for it; empty where /proc is missing)."""
+    try:
+        start = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except OSError:
+        start = ""
+    return f"{socket.gethostname()}:{os.getpid()}:{start}"
+
+
+def _process_alive(tag: str) -> bool:
+    """Whether the process a ``PROCESS_TAG`` names still runs (another host's: assumed so)."""
+    host, pid, start = tag.split(":")
+    if host != socket.gethostname():
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        return True
+    return not start or stat.rsplit(")", 1)[1].split()[19] == start
+
+
+def fail_runs_of_dead_processes(instance: dg.DagsterInstance) -> list[str]:
+    """Mark failed the runs a killed ``tve`` process left started, and give back their pool
+    slots: nothing else ever ends them (they ran in that process, not under a run launcher
+    that Dagster's run monitoring watches), and a pool slot they hold stops every later run
+    that needs the pool (its step waits for the slot for ever). Returns their run ids."""
+    from dagster._core.storage.dagster_run import NOT_FINISHED_STATUSES, RunsFilter
+
+    failed = []
+    for run in instance.get_runs(RunsFilter(statuses=list(NOT_FINISHED_STATUSES))):
+        tag = run.tags.get(PROCESS_TAG)
+        if tag is None or _process_alive(tag):
+            continue
+        instance.report_run_failed(run, message=f"its process ({tag}) is gone")
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        failed.append(run.run_id)
+    return failed
+
+
 def cancel_stale_backfills(instance: dg.DagsterInstance, db: Database) -> list[str]:
     """Cancel what a stopped ``tve experiment`` left behind on this database, so that a
     relaunch starts clean: its unfinished backfills (their daemon is gone; a new daemon would
@@ -619,6 +671,7 @@ def cancel_stale_backfills(instance: dg.DagsterInstance, db: Database) -> list[s
             if not run.is_finished:
                 instance.report_run_canceled(run, message="its `tve experiment` was stopped")
         canceled.append(backfill.backfill_id)
+    fail_runs_of_dead_processes(instance)  # a killed `tve run`'s runs hold their slots too
     storage = instance.event_log_storage
     for pool in storage.get_concurrency_keys():
         info = storage.get_concurrency_info(pool)
