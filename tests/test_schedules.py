@@ -28,13 +28,16 @@ def _tick(defs: dg.Definitions, instance, run_dir, database: str = "tiny"):
     """Evaluate the database's schedule once; returns (skip message, new backfills)."""
     before = {b.backfill_id for b in instance.get_backfills()}
     schedule = defs.get_schedule_def(f"{database}__scheduled_backfill")
-    context = dg.build_schedule_context(
+    # in a `with` block, as the daemon does: the context enters an instance of its own (and
+    # with it Dagster's current defs-state storage), given back when the block ends; left
+    # open, a later definitions load found that storage's instance collected (CI, stop 28)
+    with dg.build_schedule_context(
         instance=instance,
         scheduled_execution_time=TICK,
         resources={"storage": TVEStorage(run_dir=str(run_dir))},
         repository_def=defs.get_repository_def(),
-    )
-    data = schedule.evaluate_tick(context)
+    ) as context:
+        data = schedule.evaluate_tick(context)
     assert not data.run_requests  # the backfill is submitted, not handed to the scheduler
     return data.skip_message, [b for b in instance.get_backfills() if b.backfill_id not in before]
 
