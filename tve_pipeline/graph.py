@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -135,7 +136,12 @@ def _cached_graph(db, col_to_stype: dict, text_cfg, final: Path):
     copy is dropped, and the graph it built (the same frames) is returned.
     """
     if final.is_dir():
-        return make_pkey_fkey_graph(db, col_to_stype, text_cfg, cache_dir=str(final))
+        with warnings.catch_warnings():
+            # torch_frame.load tries weights_only=True first, fails on its own stype and numpy
+            # dtypes, and warns on every load before it reads the file as it wrote it; this
+            # cache is ours (written just above, in a run folder), so the warning says nothing
+            warnings.filterwarnings("ignore", "Weights only load failed", UserWarning)
+            return make_pkey_fkey_graph(db, col_to_stype, text_cfg, cache_dir=str(final))
     graph = None
     try:
         with atomic_path(final) as tmp:
