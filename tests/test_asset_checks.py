@@ -436,15 +436,17 @@ def test_coverage_is_judged_over_the_run(pipeline_run, tmp_path):
     assert run.metadata["all_null_targets"] == {}
 
 
-def test_tve_run_ends_with_a_line_per_failed_check(
+def test_tve_run_and_tve_experiment_end_with_a_line_per_failed_check(
     pipeline_run, tmp_path, capsys, monkeypatch, keep_tve_environment
 ):
-    """`tve run`'s last lines: one per check that failed or warned in its latest evaluation
-    of a partition its asset has now; none for a clean database. Real instance and checks;
-    targets broken on purpose (one column off by one: no_leakage fails, blocking); the run
-    itself (Runner.run) is replaced by what it returns: the end of `tve run` is tested."""
+    """`tve run`'s and `tve experiment`'s last lines: one per check that failed or warned in
+    its latest evaluation of a partition its asset has now (an unpartitioned check's: its
+    latest); none for a clean database. Real instance and checks; targets broken on purpose
+    (one column off by one: no_leakage fails, blocking); what the commands run (Runner.run,
+    the experiment's backfill) is replaced by what it returns: their ends are tested."""
+    from assets import commands
     from assets.checks import failed_check_lines
-    from assets.commands import run_database
+    from assets.commands import run_database, run_experiment
 
     summary = pipeline_run["summary"]
 
@@ -477,6 +479,42 @@ def test_tve_run_ends_with_a_line_per_failed_check(
     )
     assert "orders__count" in line and "by 1" in line
     assert tve_run(run_dir)[-1] == line
+
+    # coverage (one evaluation per run, no partition) warns: its line has no partitions
+    warned = dg.AssetCheckEvaluation(
+        asset_key=runner.db.key("tve_targets"),
+        check_name="coverage",
+        passed=False,
+        severity=dg.AssetCheckSeverity.WARN,
+        description="tiny tve_targets, 9 windows: 1 fail",
+    )
+    runner.instance.report_runless_asset_event(warned)
+    coverage = "check warning: coverage on tiny/tve_targets: tiny tve_targets, 9 windows: 1 fail"
+    assert tve_run(run_dir)[-2:] == [coverage, line]
+
+    def tve_experiment(unfinished: set) -> list[str]:
+        capsys.readouterr()
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(Runner, "run_upstream", lambda self: None)
+            m.setattr(Runner, "unfinished", lambda self: unfinished)
+            m.setattr(Runner, "results", lambda self: summary)
+            m.setattr(commands, "create_tracking_store", lambda runner: None)
+            m.setattr(commands, "_launch_backfill", lambda runner, todo, title: "b1")
+            outcome = {"status": "COMPLETED_SUCCESS", "failed": []}
+            m.setattr(commands, "_run_backfill_with_daemon", lambda instance, b: outcome)
+            if unfinished:  # the backfill materialised no results in this run folder
+                with pytest.raises(RuntimeError, match="has no results"):
+                    run_experiment("tiny", run_dir, "test")
+            else:
+                run_experiment("tiny", run_dir, "test")
+        return capsys.readouterr().out.rstrip().splitlines()
+
+    out = tve_experiment(set())  # every cell finished: the results, then the checks
+    assert "every cell is finished: nothing to launch" in out
+    assert out[-2:] == [coverage, line]
+    out = tve_experiment({("results", None)})  # a backfill that left no results
+    assert "launched backfill b1 of 1 partitions" in " ".join(out)
+    assert out[-2:] == [coverage, line]
 
 
 # --------------------------------------------------------------------------- the database
