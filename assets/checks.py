@@ -466,7 +466,11 @@ def failed_check_lines(instance, checks, assets_by_name: dict) -> list[str]:
             else set(partitions_def.get_partition_keys(dynamic_partitions_store=instance))
         )
         infos = storage.get_asset_check_partition_info([key])
-        judged = [i for i in infos if current is None or i.partition_key in current]
+        judged = [  # an unpartitioned check: its own latest (not a partition's from before)
+            i
+            for i in infos
+            if (i.partition_key is None if current is None else i.partition_key in current)
+        ]
         failed = sorted(
             (i.partition_key for i in judged if i.latest_execution_status == Status.FAILED),
             key=lambda p: p or "",
