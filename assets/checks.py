@@ -252,8 +252,8 @@ def _targets_checks(db: Database) -> dg.AssetChecksDefinition:
             # the run's, pointing at its newest window's materialisation (recorded last)
             newest = targets.get(windows[-1]) if windows else None
             yield _evaluation(specs["coverage"], None, coverage, WARN, newest)
-        for spec in specs.values():
-            yield dg.Output(None, output_name=spec.get_python_identifier())
+            for spec in specs.values():  # their events are written here too
+                yield dg.Output(None, output_name=spec.get_python_identifier())
 
     return tve_targets_checks
 
