@@ -244,11 +244,10 @@ def _targets_checks(db: Database) -> dg.AssetChecksDefinition:
         }
         coverage = quality.coverage_run_verdict(tve_targets, defs, where)
         targets = _materialisations(instance, key, windows)
-        spec = specs["no_leakage"]
+        leak, error = specs["no_leakage"], dg.AssetCheckSeverity.ERROR
         with _event_log_held_open(instance, context.op_execution_context.run_id):
             for window in windows:  # in window order, like the materialisations
-                error = dg.AssetCheckSeverity.ERROR
-                yield _evaluation(spec, window, no_leakage[window], error, targets.get(window))
+                yield _evaluation(leak, window, no_leakage[window], error, targets.get(window))
             # the run's, pointing at its newest window's materialisation (recorded last)
             newest = targets.get(windows[-1]) if windows else None
             yield _evaluation(specs["coverage"], None, coverage, WARN, newest)
