@@ -45,7 +45,8 @@ def step_seconds(instance, run_id: str) -> dict[str, float]:
 
 def recording_seconds(instance, run_id: str, step: str, event_type: str) -> tuple[float, int]:
     """Seconds from a step's first event of ``event_type`` to its step success (Dagster
-    writing those events to the instance's event log: one per window), and their count."""
+    writing those events to the instance's event log: no_leakage's one per window and
+    coverage's one per run), and their count."""
     times = [
         e.timestamp
         for e in instance.all_logs(run_id)
