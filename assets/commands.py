@@ -431,11 +431,17 @@ def run_database(database: str, run_dir: Path) -> pd.DataFrame:
         else "nothing was missing or stale"
     )
     print(f"\n{database}: {done} ({time.perf_counter() - t0:.0f}s).")
-    from assets.checks import failed_check_lines  # what the UI's checks show red or yellow
+    print_check_lines(runner)
+    return frame
+
+
+def print_check_lines(runner: Runner) -> None:
+    """One line per check that failed or warned in its latest evaluation (what the UI's checks
+    show red or yellow): what `tve run` and `tve experiment` end with."""
+    from assets.checks import failed_check_lines
 
     for line in failed_check_lines(runner.instance, runner.checks, runner.by_name):
         print(line)
-    return frame
 
 
 def show_results(database: str, run_dir: Path) -> pd.DataFrame:
@@ -786,6 +792,7 @@ def run_experiment(
     if not todo:
         print("every cell is finished: nothing to launch")
         print_results(runner.results())
+        print_check_lines(runner)
         return runner.results()
     create_tracking_store(runner)
     backfill_id = _launch_backfill(runner, todo, f"{database} experiment ({preset})")
@@ -805,7 +812,9 @@ def run_experiment(
     print(f"\n{database}: backfill {outcome['status'].lower()} in {time.perf_counter() - t0:.0f}s")
     if runner.instance.get_latest_materialization_event(runner.db.key("results")) is not None:
         print_results(runner.results())
+        print_check_lines(runner)
         return runner.results()
+    print_check_lines(runner)
     raise RuntimeError(
         f"the experiment of {database!r} has no results: see the failed runs in the Dagster UI"
     )

@@ -84,7 +84,8 @@ def _defs(run) -> dict[str, list[TargetDef]]:
 def test_every_check_is_defined_and_recorded_for_every_partition(pipeline_run):
     """The Definitions hold the seven checks of the database with their blocking flags, and
     the `tve run` of the fixture recorded one evaluation per partition of each, the windows'
-    ones each with its own window (the run covered all windows at once)."""
+    ones each with its own window (the run covered all windows at once); tve_targets'
+    coverage, judged over the run, one for the run."""
     runner = pipeline_run["runner"]
     graph = runner.defs.resolve_asset_graph()
     specs = {
@@ -97,7 +98,8 @@ def test_every_check_is_defined_and_recorded_for_every_partition(pipeline_run):
     windows = _windows(pipeline_run)
     cells = runner.by_name["metrics"].partitions_def.get_partition_keys()
     expected = {("raw_tables", "validation", None)}
-    expected |= {("tve_targets", c, w) for c in ("no_leakage", "coverage") for w in windows}
+    expected |= {("tve_targets", "no_leakage", w) for w in windows}
+    expected |= {("tve_targets", "coverage", None)}  # judged per run: one evaluation per run
     expected |= {
         ("pretrained_checkpoint", c, "tve") for c in ("finite_weights", "beats_trivial_predictor")
     }
@@ -122,7 +124,7 @@ def test_every_check_is_defined_and_recorded_for_every_partition(pipeline_run):
         )
         assert e.severity.value == severity, (asset, check)
     # every window's evaluation points at that window's materialisation
-    for w in windows:
+    for w in sorted(windows):
         target = evaluations[("tve_targets", "no_leakage", w)].target_materialization_data
         record = (
             pipeline_run["instance"]
@@ -133,13 +135,18 @@ def test_every_check_is_defined_and_recorded_for_every_partition(pipeline_run):
             .records[0]
         )
         assert target is not None and target.storage_id == record.storage_id
-    coverage = evaluations[("tve_targets", "coverage", windows[-1])]
-    last = pd.read_parquet(
-        pipeline_run["run_dir"] / "targets" / "tiny" / windows[-1] / "customers.parquet"
-    )
-    assert coverage.metadata["inactive_share"].data == {
-        "customers": pytest.approx(last["inactive"].mean())
-    }
+    # coverage: the run's, pointing at its newest window's materialisation (recorded last),
+    # with every window's inactive share
+    coverage = evaluations[("tve_targets", "coverage", None)]
+    assert coverage.target_materialization_data.storage_id == target.storage_id
+    assert coverage.metadata["windows"].value == len(windows)
+    for w in windows:
+        frame = pd.read_parquet(
+            pipeline_run["run_dir"] / "targets" / "tiny" / w / "customers.parquet"
+        )
+        assert coverage.metadata["inactive_share"].data[w] == {
+            "customers": pytest.approx(frame["inactive"].mean())
+        }
 
 
 # --------------------------------------------------------------------------- task vectors
@@ -403,6 +410,14 @@ def test_coverage_is_judged_over_the_run(pipeline_run, tmp_path):
         # every value target in the newest window, the empty one only in the two others
         assert v.metadata["run_values_compared"] == len(values) + 2
         assert v.metadata["empty_here_valued_elsewhere"] == {}  # not read where it had
+    run = quality.coverage_run_verdict(folders, defs, "tiny tve_targets", sample_windows=1)
+    assert not run.passed and run.metadata["all_null_targets"] == {"customers": [empty]}
+    assert run.description.startswith(
+        f"tiny tve_targets, 3 windows ({windows[0]} .. {windows[-1]}): 3 fail "
+        f"({windows[0]}, {windows[1]} and 1 more); first: tiny tve_targets window {windows[0]}:"
+    )
+    assert run.metadata["run_values_compared"] == len(values) + 2
+    assert set(run.metadata["inactive_share"]) == set(windows)
     verdicts = quality.coverage_verdicts(folders, defs, "tiny tve_targets")  # all 3 read whole
     for w in windows:
         v = verdicts[w]
@@ -416,17 +431,22 @@ def test_coverage_is_judged_over_the_run(pipeline_run, tmp_path):
     verdicts = quality.coverage_verdicts(folders, defs, "tiny tve_targets")
     assert all(v.passed for v in verdicts.values())
     assert "have values in other windows of the run" in verdicts[windows[1]].description
+    run = quality.coverage_run_verdict(folders, defs, "tiny tve_targets")
+    assert run.passed and "no target without a value in every window" in run.description
+    assert run.metadata["all_null_targets"] == {}
 
 
-def test_tve_run_ends_with_a_line_per_failed_check(
+def test_tve_run_and_tve_experiment_end_with_a_line_per_failed_check(
     pipeline_run, tmp_path, capsys, monkeypatch, keep_tve_environment
 ):
-    """`tve run`'s last lines: one per check that failed or warned in its latest evaluation
-    of a partition its asset has now; none for a clean database. Real instance and checks;
-    targets broken on purpose (one column off by one: no_leakage fails, blocking); the run
-    itself (Runner.run) is replaced by what it returns: the end of `tve run` is tested."""
+    """`tve run`'s and `tve experiment`'s last lines: one per check that failed or warned in
+    its latest evaluation of a partition its asset has now (an unpartitioned check's: its
+    latest); none for a clean database. Real instance and checks; targets broken on purpose
+    (one column off by one: no_leakage fails, blocking); what the commands run (Runner.run,
+    the experiment's backfill) is replaced by what it returns: their ends are tested."""
+    from assets import commands
     from assets.checks import failed_check_lines
-    from assets.commands import run_database
+    from assets.commands import run_database, run_experiment
 
     summary = pipeline_run["summary"]
 
@@ -459,6 +479,42 @@ def test_tve_run_ends_with_a_line_per_failed_check(
     )
     assert "orders__count" in line and "by 1" in line
     assert tve_run(run_dir)[-1] == line
+
+    # coverage (one evaluation per run, no partition) warns: its line has no partitions
+    warned = dg.AssetCheckEvaluation(
+        asset_key=runner.db.key("tve_targets"),
+        check_name="coverage",
+        passed=False,
+        severity=dg.AssetCheckSeverity.WARN,
+        description="tiny tve_targets, 9 windows: 1 fail",
+    )
+    runner.instance.report_runless_asset_event(warned)
+    coverage = "check warning: coverage on tiny/tve_targets: tiny tve_targets, 9 windows: 1 fail"
+    assert tve_run(run_dir)[-2:] == [coverage, line]
+
+    def tve_experiment(unfinished: set) -> list[str]:
+        capsys.readouterr()
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(Runner, "run_upstream", lambda self: None)
+            m.setattr(Runner, "unfinished", lambda self: unfinished)
+            m.setattr(Runner, "results", lambda self: summary)
+            m.setattr(commands, "create_tracking_store", lambda runner: None)
+            m.setattr(commands, "_launch_backfill", lambda runner, todo, title: "b1")
+            outcome = {"status": "COMPLETED_SUCCESS", "failed": []}
+            m.setattr(commands, "_run_backfill_with_daemon", lambda instance, b: outcome)
+            if unfinished:  # the backfill materialised no results in this run folder
+                with pytest.raises(RuntimeError, match="has no results"):
+                    run_experiment("tiny", run_dir, "test")
+            else:
+                run_experiment("tiny", run_dir, "test")
+        return capsys.readouterr().out.rstrip().splitlines()
+
+    out = tve_experiment(set())  # every cell finished: the results, then the checks
+    assert "every cell is finished: nothing to launch" in out
+    assert out[-2:] == [coverage, line]
+    out = tve_experiment({("results", None)})  # a backfill that left no results
+    assert "launched backfill b1 of 1 partitions" in " ".join(out)
+    assert out[-2:] == [coverage, line]
 
 
 # --------------------------------------------------------------------------- the database

@@ -51,12 +51,13 @@ def test_webserver_lists_assets_and_location_loads(webserver):
     stats = node["assetNodeOrError"]["partitionStats"]
     assert stats["numPartitions"] == len(node["assetNodeOrError"]["partitionKeys"]) == 9
     assert stats["numMaterialized"] == 9 and stats["numFailed"] == 0
-    # its checks (the Checks tab), each passed in every window of the one `tve run`
+    # its checks (the Checks tab): no_leakage passed in every window of the one `tve run`;
+    # coverage, judged per run (not partitioned), passed for the run
     node = _graphql(
         webserver,
         """{ assetNodeOrError(assetKey: {path: ["tiny", "tve_targets"]}) {
         ... on AssetNode { assetChecksOrError { ... on AssetChecks { checks {
-            name blocking partitionStatuses {
+            name blocking executionForLatestMaterialization { status } partitionStatuses {
             ... on AssetCheckDefaultPartitionStatuses { succeededPartitions } } } } } } } }""",
     )
     checks = node["assetNodeOrError"]["assetChecksOrError"]["checks"]
@@ -64,8 +65,11 @@ def test_webserver_lists_assets_and_location_loads(webserver):
         "no_leakage": True,
         "coverage": False,
     }
-    for c in checks:
-        assert len(c["partitionStatuses"]["succeededPartitions"]) == 9, c
+    statuses = {c["name"]: c["partitionStatuses"] for c in checks}
+    assert len(statuses["no_leakage"]["succeededPartitions"]) == 9
+    assert statuses["coverage"] is None
+    (coverage,) = [c for c in checks if c["name"] == "coverage"]
+    assert coverage["executionForLatestMaterialization"]["status"] == "SUCCEEDED"
 
 
 REPOSITORY = """{ repositoriesOrError { ... on RepositoryConnection { nodes { name

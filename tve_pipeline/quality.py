@@ -10,7 +10,8 @@ much it misses, with the numbers behind it as metadata:
   the next window's rows alone (:mod:`tve_pipeline.recompute`, independent of the SQL
   generator) agrees with the file, and the rows are the seeds at the seed time (the
   reference's "universal" table, :func:`tve_pipeline.recompute.existing_entities`);
-  :func:`coverage_verdict`, the share of inactive rows, and no target null in every row;
+  :func:`coverage_verdict`, the share of inactive rows, and no target null in every row
+  (:func:`coverage_run_verdict`: over a run's windows, one verdict);
   :func:`seed_time_verdict`, every row's seed time is the window's and its window
   ``(t, t+Δ]`` ends by the validation timestamp (a validation window's: by the test
   timestamp);
@@ -483,6 +484,51 @@ def coverage_verdicts(
         v.description += f" ({run})"
         verdicts[w] = v
     return verdicts
+
+
+def coverage_run_verdict(
+    folders: Mapping[str, Path],
+    defs_by_entity: Mapping[str, Sequence[TargetDef]],
+    where: str,
+    *,
+    sample_windows: int = COVERAGE_SAMPLE_WINDOWS,
+) -> Verdict:
+    """:func:`coverage_verdicts` of one run's windows as one verdict for the run (the
+    ``coverage`` check records one evaluation per run: its judgement is the run's, and each
+    evaluation Dagster records costs a few synced SQLite writes): failed when a window
+    fails (a target without a value in every window of the run, a missing file or column),
+    with the first failing window's line and how many fail; metadata: every window's
+    inactive share and rows, the targets empty in every window, null counts read."""
+    order = sorted(folders)
+    if not order:
+        return Verdict(True, f"{where}: no window in this run", {"windows": 0})
+    verdicts = coverage_verdicts(folders, defs_by_entity, where, sample_windows=sample_windows)
+    failed = [w for w in order if not verdicts[w].passed]
+    last = verdicts[order[-1]]
+    metadata = {
+        "windows": len(order),
+        "inactive_share": {w: verdicts[w].metadata["inactive_share"] for w in order},
+        "rows": {w: verdicts[w].metadata["rows"] for w in order},
+        "all_null_targets": verdicts[(failed or order)[0]].metadata["all_null_targets"],
+        "run_values_compared": last.metadata["run_values_compared"],
+        "run_windows_read": last.metadata["run_windows_read"],
+    }
+    span = f"{where}, {len(order)} windows ({' .. '.join(dict.fromkeys([order[0], order[-1]]))})"
+    if failed:
+        line = verdicts[failed[0]].description
+        return Verdict(
+            False, f"{span}: {len(failed)} fail ({_shown(failed, 2)}); first: {line}", metadata
+        )
+    shares = [
+        s for w in order for s in verdicts[w].metadata["inactive_share"].values() if s is not None
+    ]
+    share = f"; inactive share {min(shares):.2f} to {max(shares):.2f}" if shares else ""
+    return Verdict(
+        True,
+        f"{span}: no target without a value in every window{share} "
+        f"({metadata['run_values_compared']} null counts read)",
+        metadata,
+    )
 
 
 def seed_time_verdict(

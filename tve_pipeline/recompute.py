@@ -164,13 +164,25 @@ def _walk(
         spec, nxt = schema[hop.table], frames[hop.table]
         if hop.direction == "out":
             i, j = _join(rows[hop.via], nxt[spec.pkey])
-        else:
+        elif spec.time_col is None:
             i, j = _join(rows[schema[current].pkey], nxt[hop.via])
-            if spec.time_col is not None:  # in (τ - Δ2, τ] of the hop-1 row's τ (null: never)
-                later = nxt[spec.time_col].to_numpy()[j]
-                tau = hop1_time[i]
-                ok = ~pd.isna(later) & (later <= tau) & (later > tau - second)
-                i, j = i[ok], j[ok]
+        else:  # in (τ - Δ2, τ] of the hop-1 row's τ (null: never)
+            # only the rows that some hop-1 row's window can keep are joined (rel-flights: a
+            # week's flights, not the year's); then each pair is held to its own τ
+            times = nxt[spec.time_col]
+            near = (
+                np.flatnonzero(
+                    ((times > hop1_time.min() - second) & (times <= hop1_time.max())).to_numpy()
+                )
+                if len(rows)
+                else np.arange(0)
+            )
+            i, j = _join(rows[schema[current].pkey], nxt[hop.via].iloc[near])
+            j = near[j]
+            later = times.to_numpy()[j]
+            tau = hop1_time[i]
+            ok = ~pd.isna(later) & (later <= tau) & (later > tau - second)
+            i, j = i[ok], j[ok]
         rows = nxt.iloc[j].reset_index(drop=True)
         entity, hop1_time = entity[i], hop1_time[i]
         current = hop.table
