@@ -63,6 +63,18 @@ def _wait_for(path: Path, process: subprocess.Popen, seconds: float) -> bool:
     return False
 
 
+def _queued_behind(storage, holder: str, process: subprocess.Popen, seconds: float):
+    """The run id of a step waiting in the gpu pool behind ``holder`` (None: none in time)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and process.poll() is None:
+        pending = storage.get_concurrency_info("gpu").pending_steps
+        others = [p.run_id for p in pending if p.run_id != holder]
+        if others:
+            return others[0]
+        time.sleep(0.5)
+    return None
+
+
 def test_a_killed_runs_slot_is_given_back_and_the_waiting_run_goes_on(tmp_path):
     instance = prepare_run_dir(tmp_path, parallel=1)  # the gpu pool: one slot
     storage = instance.event_log_storage
@@ -80,11 +92,13 @@ def test_a_killed_runs_slot_is_given_back_and_the_waiting_run_goes_on(tmp_path):
             dead.run_id
         ]
 
-        # a second run needs the slot: it waits (its asset does not start) ...
+        # a second run needs the slot: its step queues for it and its asset does not start ...
         waiting = _start(tmp_path, tmp_path / "waiting.started", hold=0)
-        assert not _wait_for(tmp_path / "waiting.started", waiting, 15)
-        assert waiting.poll() is None
-        live = next(r for r in instance.get_runs() if r.run_id != dead.run_id)
+        queued = _queued_behind(storage, dead.run_id, waiting, 180)
+        assert queued is not None, "the second run never queued for the gpu slot"
+        time.sleep(3)  # the slot is polled about every second: it would have started by now
+        assert waiting.poll() is None and not (tmp_path / "waiting.started").exists()
+        live = instance.get_run_by_id(queued)
         assert live.status == DagsterRunStatus.STARTED
 
         # ... until the dead run is failed and its slot given back; the live one is left alone
