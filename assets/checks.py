@@ -37,10 +37,8 @@ meanwhile, so that SQLite does not checkpoint and delete the WAL on every write
 """
 
 import contextlib
-import json
 import os
 import sqlite3
-from pathlib import Path
 
 import dagster as dg
 import pandas as pd
@@ -52,13 +50,12 @@ from dagster._core.storage.event_log import SqliteEventLogStorage
 from assets.database_assets import database_timedelta
 from assets.partitions import cell_partitions, objective_partitions, parse_cell, window_partitions
 from assets.registry import Database
-from assets.training_assets import _cached_graph, _target_files, _task_of
+from assets.training_assets import _cached_graph, _target_files, trivial_baseline_of
 from resources import DeviceResource, RecipeResource, TVEStorage
-from tve_pipeline import baselines, quality
+from tve_pipeline import quality
 from tve_pipeline.database import open_dataset, table_files
 from tve_pipeline.recompute import read_tables
 from tve_pipeline.task_vectors import pretraining_task_vectors
-from tve_pipeline.tasks import label_set_name
 from tve_pipeline.traversal import TargetDef
 from tve_pipeline.windows import window_seed_time
 
@@ -395,7 +392,8 @@ def _metrics_check(db: Database, recipe) -> dg.AssetChecksDefinition:
     ):
         cell = context.op_execution_context.partition_key
         task_name, _, label_set, _ = parse_cell(cell)
-        trivial, metric, medians = _trivial_baseline(storage, raw_tables, task_name, label_set)
+        # written by the metrics asset, which had the task's tables loaded: a file read here
+        trivial, metric, medians = trivial_baseline_of(storage, raw_tables, task_name, label_set)
         scores = {
             split: dict(zip(rows["metric"], rows["value"]))
             for split, rows in pd.DataFrame(metrics).groupby("split")
@@ -406,41 +404,6 @@ def _metrics_check(db: Database, recipe) -> dg.AssetChecksDefinition:
         return _result(verdict, severity=WARN)
 
     return beats_trivial_baseline
-
-
-def _trivial_baseline(storage: TVEStorage, raw_tables, task_name: str, label_set):
-    """A task's trivial baseline (a restricted cell's: its restricted task's), its first
-    metric and its label medians, computed once per database version, task and label
-    setting: RelBench's task tables cost ~2.5 s (rel-flights), the metrics they check ~3.5 s,
-    and every cell of a task has the same baseline."""
-    path = (
-        Path(storage.run_dir)
-        / "cache"
-        / db_cache_name(raw_tables)
-        / "baselines"
-        / f"{task_name}-{label_set_name(label_set)}.json"
-    )
-    if path.exists():
-        saved = json.loads(path.read_text())
-        return pd.DataFrame(saved["trivial"]), saved["metric"], saved["medians"]
-    _, task, tables = _task_of(task_name, raw_tables, label_set, with_test_labels=True)
-    trivial = baselines.trivial_baseline(baselines.baseline_scores(task, tables))
-    metric, medians = task.metrics[0].__name__, baselines.label_medians(task, tables)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(
-        json.dumps(
-            {"trivial": trivial.to_dict("records"), "metric": metric, "medians": medians},
-            default=float,
-        )
-    )
-    tmp.replace(path)
-    return trivial, metric, medians
-
-
-def db_cache_name(raw_tables) -> str:
-    """``<database>/<first 16 of the data fingerprint>``: a cache folder per data version."""
-    return f"{raw_tables.name}/{raw_tables.fingerprint[:16]}"
 
 
 def failed_check_lines(instance, checks, assets_by_name: dict) -> list[str]:

@@ -12,13 +12,16 @@ from urllib.parse import parse_qs, urlparse
 
 import dagster as dg
 import duckdb
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from assets.partitions import parse_cell
 from tests.conftest import load_asset
 from tve_pipeline.schema_diagram import er_diagram
+from tve_pipeline.tasks import restricted_k
 
 ASSETS = (
     "raw_tables",
@@ -122,7 +125,18 @@ KEYS = {
     }
     | MLFLOW
     | IO_MANAGER,
-    "metrics": {"metric", "val_{metric}", "test_{metric}", "scores", "plot"} | MLFLOW | IO_MANAGER,
+    "metrics": {
+        "metric",
+        "val_{metric}",
+        "test_{metric}",
+        "trivial_val_{metric}",
+        "trivial_test_{metric}",
+        "trivial_predictor",
+        "scores",
+        "plot",
+    }
+    | MLFLOW
+    | IO_MANAGER,
     "probe_metrics": {
         "metric",
         "val_{metric}",
@@ -156,7 +170,7 @@ PLOTTED = {
     "tve_targets": ("rows", "targets", "inactive_rate", "active_share"),
     "pretrained_checkpoint": ("seeds", "val_loss", "train_seconds"),
     "finetuned_models": ("n_train", "best_epoch", "best_step", "lr", "val_{metric}"),
-    "metrics": ("val_{metric}", "test_{metric}"),
+    "metrics": ("val_{metric}", "test_{metric}", "trivial_val_{metric}", "trivial_test_{metric}"),
     "probe_metrics": ("val_{metric}", "test_{metric}", "strength", "seconds"),
 }
 # ``{metric}``: the partition's task's first metric (a key per metric, so the UI plots
@@ -396,6 +410,50 @@ def test_metrics_show_a_plot_and_the_evaluated_scores(pipeline_run):
         metric = meta["metric"].text
         assert meta[f"val_{metric}"].value == pytest.approx(rows[("val", metric)])
         assert meta[f"test_{metric}"].value == pytest.approx(rows[("test", metric)])
+
+
+def test_metrics_show_the_trivial_baseline_computed_by_hand(pipeline_run):
+    """Beside the model's scores, the constant best on val: for AUROC any constant scores
+    0.5; for NMAE the training labels' zero, mean or median, chosen on val (numpy here)."""
+    from tve_pipeline.database import open_dataset
+
+    dataset = open_dataset(pipeline_run["dataset_dir"])
+    seen = set()
+    for m in _materialisations(pipeline_run, "metrics"):
+        meta, (task_name, _, label_set, _) = m.metadata, parse_cell(m.partition)
+        metric = meta["metric"].text
+        val, test = meta[f"trivial_val_{metric}"].value, meta[f"trivial_test_{metric}"].value
+        seen.add(metric)
+        if metric == "roc_auc":
+            assert (val, test, meta["trivial_predictor"].text) == (0.5, 0.5, "majority")
+            continue
+        assert metric == "nmae"
+        if restricted_k(label_set) is not None:
+            continue  # a restricted cell's labels: the restricted task's (tests/test_restricted.py)
+        task = dataset.load_task(task_name)
+        labels = {
+            split: task.get_table(split, mask_input_cols=False).df[task.target_col].to_numpy()
+            for split in ("train", "val", "test")
+        }
+        constants = {
+            "global_zero": 0.0,
+            "global_mean": labels["train"].mean(),
+            "global_median": np.median(labels["train"]),
+        }
+        nmae = {
+            split: {
+                name: np.abs(labels[split] - c).mean() / task.nmae_std
+                for name, c in constants.items()
+            }
+            for split in ("val", "test")
+        }
+        best = min(nmae["val"], key=nmae["val"].get)
+        assert meta["trivial_predictor"].text == best
+        assert (val, test) == pytest.approx((nmae["val"][best], nmae["test"][best]), rel=1e-6)
+    assert seen == {"roc_auc", "nmae"}  # the tiny database's two tasks
+
+
+def test_every_png_metadata_value_is_an_image(pipeline_run):
     for asset, key in (
         ("pretrained_checkpoint", "loss_curves"),
         ("finetuned_models", "learning_curve"),
