@@ -42,25 +42,10 @@ def main() -> None:
     rows = []
     for split, table in tables.items():
         df, y = table.df, table.df[task.target_col]
+        args = (frames, dataset.manifest.tables, task.entity_table, task.entity_col, task.time_col)
         counts = {
-            "history": past_activity(
-                df,
-                frames,
-                dataset.manifest.tables,
-                task.entity_table,
-                task.entity_col,
-                task.time_col,
-                None,
-            ),
-            "window": past_activity(
-                df,
-                frames,
-                dataset.manifest.tables,
-                task.entity_table,
-                task.entity_col,
-                task.time_col,
-                task.timedelta,
-            ),
+            "history": past_activity(df, *args, None),
+            "window": past_activity(df, *args, task.timedelta),
         }
         rows.append(
             {
