@@ -622,7 +622,7 @@ def this_process() -> str:
 
 def _process_alive(tag: str) -> bool:
     """Whether the process a ``PROCESS_TAG`` names still runs (another host's: assumed so)."""
-    host, pid, start = tag.split(":")
+    host, pid, start = tag.rsplit(":", 2)
     if host != socket.gethostname():
         return True
     try:
