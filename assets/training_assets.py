@@ -908,9 +908,7 @@ def trivial_baseline_of(
     and every cell of a task has the same baseline. ``loaded``: the cell's (task, tables)
     (with test labels) when the caller has them already (the ``metrics`` asset)."""
     path = (
-        Path(storage.run_dir)
-        / "cache"
-        / db_cache_name(raw_tables)
+        storage.graph_cache(raw_tables.name, raw_tables.fingerprint)  # the data version's
         / "baselines"
         / f"{task_name}-{label_set_name(label_set)}.json"
     )
@@ -932,11 +930,6 @@ def trivial_baseline_of(
     )
     tmp.replace(path)
     return trivial, metric, medians
-
-
-def db_cache_name(raw_tables) -> str:
-    """``<database>/<first 16 of the data fingerprint>``: a cache folder per data version."""
-    return f"{raw_tables.name}/{raw_tables.fingerprint[:16]}"
 
 
 def trivial_metadata(trivial: pd.DataFrame, scores: dict) -> dict:
