@@ -125,16 +125,17 @@ def experiment_cells(
 
 def in_priority_order(cells: list[str], recipe) -> list[str]:
     """Cells in the order that gives an answer soonest when a long run stops part way:
-    scratch and the first fine-tuned objective (the method under test) first, each other
-    objective after them in the recipe's order (``finetune.objectives``); within a method,
-    seed by seed, so every task and label setting has paired seeds before any gets more."""
+    scratch and the first fine-tuned objective (the method under test) first, seed by seed;
+    then every other objective of ``finetune.objectives`` (the baselines), together seed by
+    seed, so that a run stopped part way has paired seeds of every baseline rather than all
+    seeds of one and none of the next."""
     order = list(recipe.finetune.objectives or recipe.pretrain.objectives)
 
     def rank(method: str) -> int:
         if method == SCRATCH:
             return 0
         objective = parse_budget_key(method)[0]
-        return order.index(objective) if objective in order else len(order)
+        return min(order.index(objective), 1) if objective in order else 2
 
     def key(cell: str):
         task, method, _, seed = parse_cell(cell)
