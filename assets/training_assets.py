@@ -745,8 +745,11 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
         rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
         scores = trivial_scores(rows, raw_tables)
         summary = summarise(rows, trivial_by_setting(scores))
+        ages = evaluation.test_input_ages(
+            open_dataset(raw_tables.dataset_dir), sorted(set(rows.get("task", ())))
+        )
         out = storage.results_dir(db.name)
-        write_results(out, rows, summary, scores)
+        write_results(out, rows, summary, scores, ages)
         with mlflow.run(context, run_name("results", db.name), database=db.name) as run:
             # one metric per summary row's mean and paired difference, named
             # task/readout/method/label_set/split/metric/statistic
@@ -761,6 +764,7 @@ def build_training_assets(db: Database, recipe) -> list[dg.AssetsDefinition]:
                 "cells_expected": cells_expected,
                 "probe_cells_expected": probe_cells_expected,
                 "summary": dg.MetadataValue.md(markdown_table(summary)),
+                "test_inputs": dg.MetadataValue.md(test_inputs_text(ages)),
                 "plots": dg.MetadataValue.md(
                     "\n\n".join(png_markdown(p.read_bytes(), p.stem) for p in plots) or "(no plot)"
                 ),
@@ -1018,19 +1022,47 @@ def trivial_by_setting(scores: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else None
 
 
+def test_inputs_text(ages: pd.DataFrame) -> str:
+    """The test seeds' input age per task, as the results' metadata and summary.md say it."""
+    if ages.empty:
+        return "(no task)"
+    lines = [
+        "Test seeds see the database up to the test timestamp (RelBench's protocol: the graph "
+        "is cut there), so their inputs are older than a val seed's (which sees its rows up "
+        "to its own time):",
+        "",
+        "| task | inputs until | test seeds | input age (days) |",
+        "|---|---|---|---:|",
+    ]
+    for r in ages.itertuples():
+        lines.append(
+            f"| {r.task} | {r.inputs_until} | {r.first_test_seed} to {r.last_test_seed} | "
+            f"{r.min_age_days:.0f} to {r.max_age_days:.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def write_results(
-    out: Path, rows: pd.DataFrame, summary: pd.DataFrame, scores: pd.DataFrame | None = None
+    out: Path,
+    rows: pd.DataFrame,
+    summary: pd.DataFrame,
+    scores: pd.DataFrame | None = None,
+    ages: pd.DataFrame | None = None,
 ) -> None:
     """summary.csv, cells.csv (every cell's metric), baselines.csv (every trivial
-    predictor's scores), summary.md and the plots, each atomically."""
+    predictor's scores), test_inputs.csv (how old the test seeds' inputs are), summary.md
+    and the plots, each atomically."""
     out.mkdir(parents=True, exist_ok=True)
     frames = [("summary.csv", summary), ("cells.csv", rows)]
     if scores is not None:
         frames.append(("baselines.csv", scores))
+    if ages is not None:
+        frames.append(("test_inputs.csv", ages))
     for name, frame in frames:
         with atomic_path(out / name) as tmp:
             frame.to_csv(tmp, index=False)
     with atomic_path(out / "summary.md") as tmp:
-        tmp.write_text(markdown_table(summary) + "\n")
+        notes = f"\n\n{test_inputs_text(ages)}\n" if ages is not None and len(ages) else "\n"
+        tmp.write_text(markdown_table(summary) + notes)
     plot_tasks(summary, out)
     plot_budget_benefit(summary, out)

@@ -5,6 +5,7 @@ recomputed with pandas from the parquet files, sklearn's metrics, the MLflow sto
 back through its own client.
 """
 
+import dagster as dg
 import numpy as np
 import pandas as pd
 import pytest
@@ -394,3 +395,39 @@ def test_probe_cells_probe_their_checkpoint_and_report_both_readouts(pipeline_ru
     meta = event.asset_materialization.metadata
     assert meta["strength"].value == again["strength"]
     assert meta["regularisation"].text == "C"
+
+
+def test_results_say_how_old_the_test_seeds_inputs_are(pipeline_run):
+    """test_inputs.csv and the results' metadata against DuckDB over the dataset's parquet
+    files: the last row at or before the test timestamp (the graph's cut, RelBench's
+    ``get_db()``), the test seed times of RelBench's own test table, the ages in days."""
+    import duckdb
+
+    dataset = open_dataset(pipeline_run["dataset_dir"])
+    cut = pd.Timestamp(dataset.manifest.test_timestamp)
+    con = duckdb.connect()
+    last = max(
+        con.execute(
+            f"SELECT max({t.time_col}) FROM '{dataset.db_dir}/{name}.parquet' "
+            f"WHERE {t.time_col} <= ?",
+            [cut.to_pydatetime()],
+        ).fetchone()[0]
+        for name, t in dataset.manifest.tables.items()
+        if t.time_col
+    )
+    out = pipeline_run["run_dir"] / "results" / "tiny"
+    ages = pd.read_csv(out / "test_inputs.csv", parse_dates=["inputs_until"]).set_index("task")
+    assert set(ages.index) == {"customer-churn", "customer-spend"}
+    for name, row in ages.iterrows():
+        task = dataset.load_task(name)
+        seeds = task.get_table("test", db=task.get_db(upto_test_timestamp=False)).df
+        first = pd.Timestamp(seeds[task.time_col].min())
+        assert row["inputs_until"] == pd.Timestamp(last)
+        assert pd.Timestamp(row["first_test_seed"]) == first
+        assert row["min_age_days"] == pytest.approx((first - pd.Timestamp(last)).days, abs=1)
+        assert row["max_age_days"] >= row["min_age_days"] >= 0
+    records = pipeline_run["instance"].fetch_materializations(
+        dg.AssetKey(["tiny", "results"]), limit=1
+    )
+    shown = records.records[0].asset_materialization.metadata["test_inputs"].value
+    assert "| customer-churn |" in shown and str(pd.Timestamp(last)) in shown

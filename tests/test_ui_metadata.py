@@ -156,6 +156,7 @@ KEYS = {
         "cells_expected",
         "probe_cells_expected",
         "summary",
+        "test_inputs",
         "plots",
         "folder",
         "mlflow_experiment",

@@ -11,6 +11,7 @@ classification, lower for regression.
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import torch
 from relbench.base import TaskType
 from torch_geometric.data import HeteroData
@@ -167,3 +168,47 @@ def evaluate(
         )
         for split in ("val", "test")
     }
+
+
+def test_input_ages(dataset, task_names) -> pd.DataFrame:
+    """How old the inputs of each task's test seeds are under RelBench's protocol.
+
+    The model's graph is the database cut at the test timestamp (``dataset.get_db()``, as
+    RelBench's RDL builds it): a test seed sees the rows up to the cut and none after, so a
+    seed ``d`` days after the cut's last row predicts from inputs ``d`` days old, while a val
+    seed sees its rows up to its own time. One row per task: the last input row's time, the
+    first and last test seed time, and the inputs' age at each, in days."""
+    db = dataset.get_db()  # upto_test_timestamp=True: the graph's rows
+    times = [
+        t.df[t.time_col].max()
+        for t in db.table_dict.values()
+        if t.time_col is not None and len(t.df)
+    ]
+    last = pd.Timestamp(max(times)) if times else pd.NaT
+    rows = []
+    for name in task_names:
+        task = dataset.load_task(name)
+        full = task.get_db(upto_test_timestamp=False)  # the labels need the rows after the cut
+        seeds = pd.to_datetime(task.get_table("test", db=full).df[task.time_col])
+        first, final = seeds.min(), seeds.max()
+        rows.append(
+            {
+                "task": name,
+                "inputs_until": last,
+                "first_test_seed": first,
+                "last_test_seed": final,
+                "min_age_days": (first - last) / pd.Timedelta(days=1),
+                "max_age_days": (final - last) / pd.Timedelta(days=1),
+            }
+        )
+    return pd.DataFrame(rows, columns=TEST_INPUT_COLUMNS)
+
+
+TEST_INPUT_COLUMNS = [
+    "task",
+    "inputs_until",
+    "first_test_seed",
+    "last_test_seed",
+    "min_age_days",
+    "max_age_days",
+]
