@@ -1,6 +1,6 @@
 """The README's answer tables from a results folder's summary.csv.
 
-    .venv/bin/python bench/answer_table.py results/rel-f1/summary.csv [--split test]
+    .venv/bin/python bench/answer_table.py results/rel-f1/summary.csv [--split test] [--spread]
 
 One row per task and label setting: scratch's mean ± std (probe and, where run, fine-tuned)
 and each checkpoint's paired gain over scratch with its 95% CI, signed so that + is better
@@ -73,15 +73,40 @@ def tables(summary: pd.DataFrame, split: str, only: list[str] | None = None) -> 
     return "\n".join(out)
 
 
+def spread(summary: pd.DataFrame, split: str, readout: str = "finetune") -> str:
+    """Each method's std over seeds per task and label setting with its 95% interval
+    (chi-square, n - 1 degrees of freedom): how far 5 or 10 seeds pin a spread down."""
+    from scipy import stats
+
+    part = summary[(summary["split"] == split) & (summary["readout"] == readout)]
+    first = part.groupby("task")["metric"].first()
+    part = part[(part["metric"] == part["task"].map(first)) & (part["n"] >= 2)]
+    out = [f"\n**std over seeds** ({readout}, {split}; 95% interval of the std)\n"]
+    out.append("| task | labels | method | n | std | interval |")
+    out.append("|---|---|---|---:|---:|---|")
+    for r in part.itertuples():
+        df = int(r.n) - 1
+        low = r.std * (df / stats.chi2.ppf(0.975, df)) ** 0.5
+        high = r.std * (df / stats.chi2.ppf(0.025, df)) ** 0.5
+        out.append(
+            f"| {r.task} | {label_text(r.label_set)} | `{r.method}` | {int(r.n)} | "
+            f"{r.std:.4f} | [{low:.4f}, {high:.4f}] |"
+        )
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("summary_csv")
     ap.add_argument("--split", default="test")
     ap.add_argument("--methods", default=None, help="comma-separated checkpoints to show")
+    ap.add_argument("--spread", action="store_true", help="also each std with its interval")
     args = ap.parse_args()
     summary = pd.read_csv(args.summary_csv, dtype={"label_set": str})
     only = args.methods.split(",") if args.methods else None
     print(tables(summary, args.split, only))
+    if args.spread:
+        print(spread(summary, args.split))
 
 
 if __name__ == "__main__":
