@@ -170,6 +170,17 @@ def evaluate(
     }
 
 
+#: :func:`test_input_ages`' columns (``results/<database>/test_inputs.csv``).
+TEST_INPUT_COLUMNS = [
+    "task",
+    "inputs_until",
+    "first_test_seed",
+    "last_test_seed",
+    "min_age_days",
+    "max_age_days",
+]
+
+
 def test_input_ages(dataset, task_names) -> pd.DataFrame:
     """How old the inputs of each task's test seeds are under RelBench's protocol.
 
@@ -185,10 +196,10 @@ def test_input_ages(dataset, task_names) -> pd.DataFrame:
         if t.time_col is not None and len(t.df)
     ]
     last = pd.Timestamp(max(times)) if times else pd.NaT
+    full = dataset.get_db(upto_test_timestamp=False)  # test labels need the rows after the cut
     rows = []
     for name in task_names:
         task = dataset.load_task(name)
-        full = task.get_db(upto_test_timestamp=False)  # the labels need the rows after the cut
         seeds = pd.to_datetime(task.get_table("test", db=full).df[task.time_col])
         first, final = seeds.min(), seeds.max()
         rows.append(
@@ -202,13 +213,3 @@ def test_input_ages(dataset, task_names) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows, columns=TEST_INPUT_COLUMNS)
-
-
-TEST_INPUT_COLUMNS = [
-    "task",
-    "inputs_until",
-    "first_test_seed",
-    "last_test_seed",
-    "min_age_days",
-    "max_age_days",
-]
