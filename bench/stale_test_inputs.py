@@ -150,6 +150,7 @@ def main() -> None:
             print(f"x{factor} from {dataset.manifest.test_timestamp}: " + "; ".join(changed))
     cols = ["val", *graphs]
     methods = a.methods.split(",")
+    stored = runner.instance.get_materialized_partitions(runner.db.key("finetuned_models"))
     rows = []
     logging.disable(logging.WARNING)
     for task_name in a.tasks.split(","):
@@ -161,9 +162,7 @@ def main() -> None:
             for method in methods:
                 for seed in [int(s) for s in a.seeds.split(",")]:
                     cell = f"{task_name}|{method}|{label_set}|s{seed}"
-                    if cell not in runner.instance.get_materialized_partitions(
-                        runner.db.key("finetuned_models")
-                    ):
+                    if cell not in stored:
                         continue
                     result = runner.load("finetuned_models", cell)
                     row = {"task": task_name, "label_set": label_set, "method": method}
