@@ -1,6 +1,7 @@
 """The README's answer tables from a results folder's summary.csv.
 
     .venv/bin/python bench/answer_table.py results/rel-f1/summary.csv [--split test] [--spread]
+        [--versus tve@4000,mae@1000]
 
 One row per task and label setting: scratch's mean ± std (probe and, where run, fine-tuned)
 and each checkpoint's paired gain over scratch with its 95% CI, signed so that + is better
@@ -9,6 +10,7 @@ zero. The task's first metric (the one fine-tuning and the probes choose by).
 """
 
 import argparse
+from pathlib import Path
 
 import pandas as pd
 
@@ -95,18 +97,57 @@ def spread(summary: pd.DataFrame, split: str, readout: str = "finetune") -> str:
     return "\n".join(out)
 
 
+def versus(cells: pd.DataFrame, split: str, a: str, b: str) -> str:
+    """``a``'s paired gain over ``b`` (seeds both have) per readout, task and label setting,
+    + where ``a`` is better, with its 95% t-interval: two pre-trained methods compared
+    directly rather than each against scratch. ``cells``: the results folder's cells.csv."""
+    from scipy import stats
+
+    part = cells[(cells["split"] == split) & cells["method"].isin([a, b])]
+    first = part.groupby("task")["metric"].first()
+    part = part[part["metric"] == part["task"].map(first)]
+    out = [f"\n**`{a}` against `{b}`** ({split}; paired by seed, + is better, 95% CI)\n"]
+    out.append("| readout | task | labels | n | gain |")
+    out.append("|---|---|---|---:|---:|")
+    for (readout, task), g in part.groupby(["readout", "task"]):
+        sign = 1.0 if metric_direction(first[task]) == "higher" else -1.0
+        for setting in label_order(g["label_set"].unique()):
+            d = g[g["label_set"] == setting].pivot_table(
+                index="seed", columns="method", values="value"
+            )
+            if a not in d or b not in d:
+                continue
+            x = (sign * (d[a] - d[b])).dropna()
+            if len(x) < 2:
+                continue
+            half = stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / len(x) ** 0.5
+            row = {"benefit": x.mean(), "low": x.mean() - half, "high": x.mean() + half}
+            out.append(f"| {readout} | {task} | {label_text(setting)} | {len(x)} | {_cell(row)} |")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("summary_csv")
     ap.add_argument("--split", default="test")
     ap.add_argument("--methods", default=None, help="comma-separated checkpoints to show")
     ap.add_argument("--spread", action="store_true", help="also each std with its interval")
+    ap.add_argument(
+        "--versus",
+        default=None,
+        metavar="A,B",
+        help="also A's paired gain over B (two checkpoints), from cells.csv beside the summary",
+    )
     args = ap.parse_args()
     summary = pd.read_csv(args.summary_csv, dtype={"label_set": str})
     only = args.methods.split(",") if args.methods else None
     print(tables(summary, args.split, only))
     if args.spread:
         print(spread(summary, args.split))
+    if args.versus:
+        a, b = args.versus.split(",")
+        cells = pd.read_csv(Path(args.summary_csv).with_name("cells.csv"), dtype={"label_set": str})
+        print(versus(cells, args.split, a, b))
 
 
 if __name__ == "__main__":
