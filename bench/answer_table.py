@@ -14,7 +14,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from tve_pipeline.results import budget_benefit, label_order, label_text, metric_direction
+from tve_pipeline.results import (
+    budget_benefit,
+    label_order,
+    label_text,
+    metric_direction,
+    t_interval,
+)
 
 
 def _cell(row) -> str:
@@ -101,8 +107,6 @@ def versus(cells: pd.DataFrame, split: str, a: str, b: str) -> str:
     """``a``'s paired gain over ``b`` (seeds both have) per readout, task and label setting,
     + where ``a`` is better, with its 95% t-interval: two pre-trained methods compared
     directly rather than each against scratch. ``cells``: the results folder's cells.csv."""
-    from scipy import stats
-
     part = cells[(cells["split"] == split) & cells["method"].isin([a, b])]
     first = part.groupby("task")["metric"].first()
     part = part[part["metric"] == part["task"].map(first)]
@@ -120,8 +124,8 @@ def versus(cells: pd.DataFrame, split: str, a: str, b: str) -> str:
             x = (sign * (d[a] - d[b])).dropna()
             if len(x) < 2:
                 continue
-            half = stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / len(x) ** 0.5
-            row = {"benefit": x.mean(), "low": x.mean() - half, "high": x.mean() + half}
+            mean, low, high = t_interval(x.to_numpy())
+            row = {"benefit": mean, "low": low, "high": high}
             out.append(f"| {readout} | {task} | {label_text(setting)} | {len(x)} | {_cell(row)} |")
     return "\n".join(out)
 
